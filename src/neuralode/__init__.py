@@ -1,0 +1,27 @@
+"""neuralode: differentiable ODE solvers as PyTorch layers.
+
+``odeint`` is torchdiffeq-compatible; ``solve`` is the full interface (per-sample grids and
+step sizes, statistics, status, dense output).
+"""
+
+from .compat import ODE_OPTIONS, odeint
+from .solution import Solution, SolverError, Stats, Status
+from .solve import solve
+from .tableaus import TABLEAUS, ButcherTableau, get_tableau
+
+__all__ = [
+    "odeint",
+    "solve",
+    "Solution",
+    "SolverError",
+    "Stats",
+    "Status",
+    "ButcherTableau",
+    "TABLEAUS",
+    "get_tableau",
+    "ODE_OPTIONS",
+    "METHODS",
+]
+
+METHODS = tuple(TABLEAUS)
+__version__ = "0.1.0"

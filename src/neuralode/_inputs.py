@@ -1,0 +1,257 @@
+"""Validation and normalisation of a solve's inputs, done once at the entry.
+
+After this, the loop sees one case: a single floating-point state tensor, a detached increasing time
+grid in the time dtype, and a vector field that takes and returns that tensor.  Tuple states are
+flattened, decreasing time is mirrored (``s = -t``, ``g(s, y) = -f(-s, y)``, per sample), and every
+bad input raises a ``TypeError``/``ValueError`` that names the argument and what was expected.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+Func = Callable[[torch.Tensor, Any], Any]
+
+
+@dataclass
+class Problem:
+    func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # internal time, flat state
+    y0: torch.Tensor  # internal state (tuple states flattened)
+    f0: torch.Tensor  # func at (t0, y0) in internal terms, already checked
+    s: torch.Tensor  # internal (mirrored) output times, differentiable, [T] or [B, T]
+    sign: torch.Tensor | float  # +1/-1 per sample (float when shared)
+    batched: bool
+    rtol: float | torch.Tensor
+    atol: float | torch.Tensor
+    unflatten: Callable[[torch.Tensor], Any]  # internal outputs -> user layout (tuples)
+
+
+def _is_tensor_tuple(y0: object) -> bool:
+    return isinstance(y0, (tuple, list))
+
+
+def check_state(y0: Any) -> tuple[torch.Tensor, ...]:
+    """``y0`` as a tuple of floating tensors on one device with one dtype."""
+    parts = tuple(y0) if _is_tensor_tuple(y0) else (y0,)
+    if not parts:
+        raise ValueError("y0 must be a tensor or a non-empty tuple of tensors, got an empty tuple")
+    for i, p in enumerate(parts):
+        name = f"y0[{i}]" if _is_tensor_tuple(y0) else "y0"
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(p).__name__}")
+        if not p.is_floating_point():
+            raise TypeError(
+                f"{name} must be a floating-point tensor, got dtype {p.dtype}; "
+                f"convert it with .float() or .double()"
+            )
+        if p.dtype != parts[0].dtype or p.device != parts[0].device:
+            raise TypeError(
+                f"all tensors of y0 must share one dtype and device; y0[0] is {parts[0].dtype} on "
+                f"{parts[0].device}, {name} is {p.dtype} on {p.device}"
+            )
+        if p.numel() == 0:
+            raise ValueError(f"{name} is empty (shape {tuple(p.shape)}); the state needs elements")
+        if not bool(torch.isfinite(p).all()):
+            raise ValueError(f"{name} contains NaN or Inf; the initial state must be finite")
+    return parts
+
+
+def check_times(t: Any, *, allow_2d: bool, t_dtype: torch.dtype | None,
+                device: torch.device) -> torch.Tensor:
+    """``t`` as a floating tensor on ``device``, checked for shape, finiteness and monotonicity."""
+    if not isinstance(t, torch.Tensor):
+        try:
+            t = torch.as_tensor(t, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(f"t must be a 1-D tensor of times, got {type(t).__name__}") from err
+    if t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"t must be a real tensor of times, got dtype {t.dtype}")
+    want = "1-D [T] or 2-D [batch, T]" if allow_2d else "1-D [T]"
+    if t.ndim not in ((1, 2) if allow_2d else (1,)):
+        raise ValueError(f"t must be {want}, got shape {tuple(t.shape)}")
+    if t.shape[-1] == 0:
+        raise ValueError("t must hold at least one time, got none")
+    if not t.is_floating_point():
+        t = t.to(torch.float64)
+    if t_dtype is not None:
+        if not t_dtype.is_floating_point:
+            raise TypeError(f"options['dtype'] (the time dtype) must be floating, got {t_dtype}")
+        t = t.to(t_dtype)
+    elif t.dtype in (torch.float16, torch.bfloat16, torch.float32):
+        t = t.to(torch.float64)  # time stays float64 where the state is lower precision
+    t = t.to(device)
+    tt = t.detach()
+    if not bool(torch.isfinite(tt).all()):
+        raise ValueError("t contains NaN or Inf; output times must be finite")
+    if t.shape[-1] > 1:
+        d = tt.diff(dim=-1)
+        inc = (d > 0).all(dim=-1)
+        dec = (d < 0).all(dim=-1)
+        bad = ~(inc | dec)
+        if bool(bad.any()):
+            where = "" if t.ndim == 1 else f" (row {int(bad.nonzero()[0, 0])})"
+            raise ValueError(
+                f"t must be strictly increasing or strictly decreasing{where}; "
+                f"found repeated or out-of-order times"
+            )
+    return t
+
+
+def check_tolerance(name: str, tol: Any, parts: Sequence[torch.Tensor], batched: bool,
+                    positive: bool) -> float | torch.Tensor:
+    """A scalar tolerance, or a per-component tensor that broadcasts against the internal state."""
+    need = "positive" if positive else "non-negative"
+    if isinstance(tol, (int, float)) and not isinstance(tol, bool):
+        v = float(tol)
+        if not math.isfinite(v) or v < 0 or (positive and v == 0):
+            raise ValueError(f"{name} must be a finite {need} number, got {tol!r}")
+        return v
+    items = tuple(tol) if _is_tensor_tuple(tol) else (tol,)
+    if len(items) != len(parts) or (len(parts) > 1 and not _is_tensor_tuple(tol)):
+        raise ValueError(f"{name} must be a number or one tensor per tensor of y0 ({len(parts)})")
+    flat = []
+    for item, p in zip(items, parts):
+        try:
+            v = torch.as_tensor(item, dtype=p.dtype, device=p.device)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(f"{name} must be a number or a tensor, got {type(item).__name__}") from err
+        if not bool(torch.isfinite(v).all()) or bool((v < 0).any()) or (positive and bool((v == 0).any())):
+            raise ValueError(f"{name} must be finite and {need} in every component")
+        try:
+            ok = torch.broadcast_shapes(v.shape, p.shape) == p.shape
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"{name} of shape {tuple(v.shape)} does not broadcast to the state shape {tuple(p.shape)}"
+            )
+        flat.append(v)
+    if len(parts) == 1:
+        return flat[0]
+    lead = (parts[0].shape[0],) if batched else ()
+    return torch.cat([v.expand(p.shape).reshape(lead + (-1,)) for v, p in zip(flat, parts)], dim=-1)
+
+
+def _check_f_output(out: Any, parts: Sequence[torch.Tensor], is_tuple: bool) -> None:
+    outs = tuple(out) if is_tuple and _is_tensor_tuple(out) else (out,)
+    if is_tuple and len(outs) != len(parts):
+        raise ValueError(
+            f"func must return a tuple of {len(parts)} tensors matching y0, got {type(out).__name__}"
+            f" of length {len(outs) if _is_tensor_tuple(out) else 1}"
+        )
+    for i, (o, p) in enumerate(zip(outs, parts)):
+        name = f"func(t, y)[{i}]" if is_tuple else "func(t, y)"
+        if not isinstance(o, torch.Tensor):
+            raise TypeError(f"{name} must return a tensor, got {type(o).__name__}")
+        if o.shape != p.shape:
+            raise ValueError(
+                f"{name} returned shape {tuple(o.shape)} but the state has shape {tuple(p.shape)}; "
+                f"the vector field must return dy/dt with the shape of y"
+            )
+
+
+def normalise(func: Func, y0: Any, t: Any, *, rtol: Any, atol: Any, batched: bool | None,
+              t_dtype: torch.dtype | None) -> Problem:
+    """Check every input once and build the :class:`Problem` the loop solves."""
+    if not callable(func):
+        raise TypeError(f"func must be callable as func(t, y), got {type(func).__name__}")
+    parts = check_state(y0)
+    is_tuple = _is_tensor_tuple(y0)
+    device, dtype = parts[0].device, parts[0].dtype
+    t = check_times(t, allow_2d=True, t_dtype=t_dtype, device=device)
+    if batched is None:
+        batched = t.ndim == 2
+    if t.ndim == 2 and not batched:
+        raise ValueError("t of shape [batch, T] (per-sample grids) needs batched=True")
+    if batched:
+        for i, p in enumerate(parts):
+            name = f"y0[{i}]" if is_tuple else "y0"
+            if p.ndim == 0:
+                raise ValueError(f"a batched solve needs {name} of shape [batch, ...], got a scalar")
+            if p.shape[0] != parts[0].shape[0]:
+                raise ValueError(f"{name} has batch size {p.shape[0]}, y0[0] has {parts[0].shape[0]}")
+        if t.ndim == 2 and t.shape[0] != parts[0].shape[0]:
+            raise ValueError(
+                f"t has {t.shape[0]} rows (per-sample grids) but y0 has batch size "
+                f"{parts[0].shape[0]}; they must match"
+            )
+    rtol_v = check_tolerance("rtol", rtol, parts, batched, positive=True)
+    atol_v = check_tolerance("atol", atol, parts, batched, positive=False)
+
+    # Flatten tuple states into one tensor (per sample when batched).
+    if is_tuple:
+        shapes = [p.shape[1:] if batched else p.shape for p in parts]
+        sizes = [math.prod(sh) for sh in shapes]
+
+        def unpack(y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            lead = y.shape[:-1]
+            return tuple(c.view(lead + sh) for c, sh in zip(y.split(sizes, dim=-1), shapes))
+
+        def pack(out: Sequence[torch.Tensor], lead: tuple[int, ...]) -> torch.Tensor:
+            return torch.cat([o.reshape(lead + (-1,)) for o in out], dim=-1)
+
+        lead0 = (parts[0].shape[0],) if batched else ()
+        y_flat = pack(parts, lead0)
+
+        def g(tt: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return pack(func(tt, unpack(y)), y.shape[:-1])
+
+        def unflatten(ys: torch.Tensor) -> Any:
+            return unpack(ys)
+    else:
+        y_flat = parts[0]
+        g = func
+
+        def pack(out: Sequence[torch.Tensor], lead: tuple[int, ...]) -> torch.Tensor:
+            return out  # type: ignore[return-value]
+
+        def unflatten(ys: torch.Tensor) -> Any:
+            return ys
+
+    # The first evaluation, in the user's own terms, checks what func returns.
+    t0_user = t.detach()[..., 0].to(dtype)
+    out0 = func(t0_user, y0 if not is_tuple else tuple(parts))
+    _check_f_output(out0, parts, is_tuple)
+    f0 = pack(out0, (parts[0].shape[0],) if batched else ())
+    if not bool(torch.isfinite(f0).all()):
+        raise ValueError(
+            f"func returned NaN or Inf at the initial time t={_fmt_time(t0_user)} and y0; "
+            f"the vector field must be finite at the initial state"
+        )
+
+    # Mirror decreasing rows into increasing ones: s = sign * t, g(s, y) = sign * f(sign * s, y).
+    tt = t.detach()
+    dec = tt[..., 1] < tt[..., 0] if t.shape[-1] > 1 else torch.zeros(
+        tt.shape[:-1], dtype=torch.bool, device=device)
+    sign: torch.Tensor | float = 1.0
+    s = t
+    if bool(dec.any()):
+        base = g
+        if t.ndim == 1:
+            sign = -1.0
+            s = -t
+
+            def g(tt: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+                return -base(-tt, y)
+        else:
+            sign_t = torch.where(dec, -1.0, 1.0).to(t.dtype)
+            sign = sign_t
+            s = t * sign_t.unsqueeze(-1)
+            sign_f = sign_t.to(dtype)
+            sign_y = sign_f.view((-1,) + (1,) * (y_flat.ndim - 1))
+
+            def g(tt: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+                return base(tt * sign_f, y) * sign_y
+
+        f0 = f0 * (sign if isinstance(sign, float) else sign_y)
+    return Problem(g, y_flat, f0, s, sign, batched, rtol_v, atol_v, unflatten)
+
+
+def _fmt_time(t: torch.Tensor) -> str:
+    v = t.reshape(-1)
+    return f"{float(v[0]):.6g}" if v.numel() == 1 else f"{[round(float(x), 6) for x in v[:4]]}..."

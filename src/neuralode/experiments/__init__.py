@@ -1,0 +1,37 @@
+"""Paper experiments, one module each, driven by the ``neuralode`` command.
+
+Every experiment module provides:
+
+- ``add_arguments(parser)``: its options for ``neuralode train NAME``;
+- ``train(args) -> dict``: run it into the run folder ``args.out`` and return the final metrics.
+
+Later commands (``evaluate``, ``resume``, ``plot``) will add matching module functions. To add an
+experiment, write ``neuralode/experiments/NAME.py`` and register it in :data:`EXPERIMENTS`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+__all__ = ["EXPERIMENTS", "load"]
+
+#: Experiment name -> module path. Modules are imported only when used, so ``neuralode --help``
+#: stays fast and one experiment's optional dependencies never burden another.
+EXPERIMENTS: dict[str, str] = {
+    "spiral": "neuralode.experiments.spiral",
+}
+
+
+def load(name: str) -> ModuleType:
+    """Import and return the module of experiment ``name``.
+
+    Raises:
+        ValueError: if ``name`` is not registered in :data:`EXPERIMENTS`.
+    """
+    try:
+        module_path = EXPERIMENTS[name]
+    except KeyError:
+        known = ", ".join(sorted(EXPERIMENTS))
+        raise ValueError(f"unknown experiment {name!r}; known experiments: {known}.") from None
+    return importlib.import_module(module_path)

@@ -1,0 +1,140 @@
+"""Shared helpers for experiments: run folders, atomic file writes, JSON results, seeding.
+
+Every experiment writes everything it produces (config, metrics, figures, checkpoints) into one
+run folder so that a reader can find, compare and later resume a run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import random
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "append_jsonl",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "environment_info",
+    "make_run_dir",
+    "read_json",
+    "seed_everything",
+    "to_jsonable",
+    "write_json",
+]
+
+
+def make_run_dir(path: str | os.PathLike[str]) -> Path:
+    """Create the run folder ``path`` (and its parents) if missing and return it as a ``Path``.
+
+    Raises:
+        NotADirectoryError: if ``path`` exists and is not a directory.
+    """
+    run_dir = Path(path)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise NotADirectoryError(f"run folder {str(run_dir)!r} exists and is not a directory")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: a temp file in the same folder, then ``os.replace``.
+
+    Readers never see a half-written file, and an interrupted run leaves the old file intact.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, target)
+    except BaseException:
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write UTF-8 ``text`` to ``path`` atomically (see :func:`atomic_write_bytes`)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def to_jsonable(value: Any) -> Any:
+    """Convert ``value`` into plain JSON types.
+
+    Handles tensors and numpy scalars/arrays (to numbers or lists), paths (to strings), mappings,
+    sequences, and non-finite floats (to ``None``, since strict JSON has no NaN/Infinity).
+    """
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        return to_jsonable(value.item() if value.numel() == 1 else value.tolist())
+    if isinstance(value, np.ndarray):
+        return to_jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return to_jsonable(value.item())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (bool, int, str)) or value is None:
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, Mapping):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [to_jsonable(v) for v in value]
+    raise TypeError(f"cannot convert {type(value).__name__} to JSON")
+
+
+def write_json(path: str | os.PathLike[str], data: Mapping[str, Any]) -> None:
+    """Atomically write ``data`` as indented, key-sorted JSON (values pass :func:`to_jsonable`)."""
+    text = json.dumps(to_jsonable(data), indent=2, sort_keys=True, allow_nan=False)
+    atomic_write_text(path, text + "\n")
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """Read a JSON file written by :func:`write_json`."""
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def append_jsonl(path: str | os.PathLike[str], record: Mapping[str, Any]) -> None:
+    """Append ``record`` as one compact JSON line to ``path`` and flush it to disk.
+
+    Each line is written with a single ``write`` call, so a crash loses at most the last record.
+    """
+    line = json.dumps(to_jsonable(record), sort_keys=True, allow_nan=False) + "\n"
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(line)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global generators so a run is reproducible."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def environment_info() -> dict[str, Any]:
+    """Versions and thread settings that a results file should record."""
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "torch_num_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+    }

@@ -1,0 +1,119 @@
+"""What a solve returns: the solution, its per-sample statistics and status."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["Solution", "Stats", "Status", "SolverError"]
+
+
+class Status(enum.IntEnum):
+    """Per-sample outcome of a solve; each member carries a message that says what to do."""
+
+    SUCCESS = 0
+    MAX_STEPS_REACHED = 1
+    STEP_SIZE_UNDERFLOW = 2
+    NONFINITE = 3
+
+    @property
+    def message(self) -> str:
+        return _MESSAGES[self]
+
+
+_MESSAGES = {
+    Status.SUCCESS: "The solve reached the last requested time.",
+    Status.MAX_STEPS_REACHED: (
+        "The maximum number of solver steps was reached. Increase it with "
+        "options={'max_num_steps': N}, loosen rtol/atol, or check the problem for stiffness "
+        "(explicit methods need tiny steps on stiff problems)."
+    ),
+    Status.STEP_SIZE_UNDERFLOW: (
+        "The step size fell below the resolution of the time variable. The solution is probably "
+        "blowing up or the problem is stiff; check the vector field, loosen rtol/atol, or keep "
+        "time in float64 (options={'dtype': torch.float64})."
+    ),
+    Status.NONFINITE: (
+        "The vector field returned NaN or Inf and smaller steps did not help. Check the vector "
+        "field (and its parameters) at the time named in the error."
+    ),
+}
+
+
+class SolverError(RuntimeError):
+    """Raised when a solve fails for at least one sample (see ``Solution.status`` for per-sample
+    outcomes when ``throw=False``)."""
+
+    def __init__(self, message: str, solution: Solution | None = None) -> None:
+        super().__init__(message)
+        self.solution = solution
+
+
+@dataclass
+class Stats:
+    """Work counters, per sample (shape ``[batch]``; shape ``[]`` for an unbatched solve).
+
+    Attributes:
+        nfe: vector-field evaluations this sample needed (batched evaluations count once per row).
+        n_steps: attempted steps (accepted + rejected).
+        n_accepted: accepted steps.
+        n_rejected: rejected steps.
+    """
+
+    nfe: torch.Tensor
+    n_steps: torch.Tensor
+    n_accepted: torch.Tensor
+    n_rejected: torch.Tensor
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v.tolist() for k, v in vars(self).items()}
+
+
+@dataclass
+class Solution:
+    """Result of :func:`neuralode.solve`.
+
+    Attributes:
+        ts: output times; ``[T]`` for a shared grid, ``[batch, T]`` for per-sample grids.
+        ys: states at ``ts``; ``[T, *y0.shape]`` unbatched (torchdiffeq layout),
+            ``[batch, T, *features]`` batched.  A tuple when ``y0`` was a tuple.
+        stats: per-sample work counters.
+        status: per-sample :class:`Status` codes (``int64`` tensor, ``[batch]`` or ``[]``).
+        t_end: the time each sample actually reached (differs from ``ts[..., -1]`` only on failure).
+    """
+
+    ts: torch.Tensor
+    ys: Any
+    stats: Stats
+    status: torch.Tensor
+    t_end: torch.Tensor
+    _interpolator: Callable[[torch.Tensor], Any] | None = field(default=None, repr=False)
+
+    @property
+    def success(self) -> bool:
+        """True when every sample reached its last requested time."""
+        return bool((self.status == Status.SUCCESS).all())
+
+    def messages(self) -> list[str]:
+        """The message of each distinct status among the samples."""
+        return [Status(int(s)).message for s in torch.unique(self.status.reshape(-1)).tolist()]
+
+    def evaluate(self, t: torch.Tensor | float) -> Any:
+        """Dense output: the solution at any time(s) inside the solved interval.
+
+        Args:
+            t: scalar or ``[M]`` (shared) or, for a batched solve, ``[batch, M]``.
+
+        Returns:
+            ``[*y0.shape]`` for a scalar ``t`` in an unbatched solve, ``[M, *y0.shape]`` for
+            ``[M]``; batched: ``[batch, M, *features]`` (``[batch, *features]`` for a scalar).
+            Uses the method's own interpolant (Hermite for methods without one) and is
+            differentiable.  Requires ``solve(..., dense=True)``.
+        """
+        if self._interpolator is None:
+            raise ValueError("Solution.evaluate needs dense output: call solve(..., dense=True).")
+        return self._interpolator(torch.as_tensor(t))

@@ -1,0 +1,456 @@
+"""The solve loop: step, accept or reject, write outputs, count work, per sample.
+
+Every row of a batched solve keeps its own time, step size, accept flag, counters and status
+(merged with ``torch.where``), so one hard sample does not shrink everyone's step.  An unbatched
+solve is the same loop with row shape ``[]``.  The loop synchronises with the host once per step
+(to learn whether any row still runs and how many outputs fell inside the step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ._inputs import Problem, _fmt_time, normalise
+from .controllers import NORMS, ControllerState, Norm, PIController, initial_step
+from .solution import Solution, SolverError, Stats, Status
+from .solvers.rk import RKStepper
+from .tableaus import ButcherTableau, get_tableau
+
+__all__ = ["solve", "DEFAULT_MAX_NUM_STEPS"]
+
+DEFAULT_MAX_NUM_STEPS = 100_000
+
+# Per-method PI coefficient beta (0 = integral control): Hairer's DOPRI5 uses 0.04; his DOP853
+# and the Bogacki-Shampine pair (scipy's RK23) use plain integral control.
+_BETA = {"dopri5": 0.04, "tsit5": 0.04}
+
+
+def solve(
+    func: Callable[[torch.Tensor, Any], Any],
+    y0: torch.Tensor | tuple[torch.Tensor, ...],
+    t: torch.Tensor,
+    *,
+    method: str = "dopri5",
+    rtol: float | torch.Tensor = 1e-7,
+    atol: float | torch.Tensor = 1e-9,
+    batched: bool | None = None,
+    step_size: float | None = None,
+    first_step: float | None = None,
+    max_num_steps: int = DEFAULT_MAX_NUM_STEPS,
+    t_dtype: torch.dtype | None = None,
+    norm: str | Norm = "rms",
+    safety: float = 0.9,
+    ifactor: float = 10.0,
+    dfactor: float = 0.2,
+    dense: bool = False,
+    throw: bool = True,
+) -> Solution:
+    """Solve ``dy/dt = func(t, y)`` from ``y(t[..., 0]) = y0`` and report the solution at ``t``.
+
+    Args:
+        func: vector field ``func(t, y) -> dy/dt`` with the shape (and tuple structure) of ``y``.
+            Unbatched, ``t`` is a 0-dim tensor; batched, ``t`` is ``[batch]`` (each row's own time).
+            ``t`` is passed in ``y``'s dtype.
+        y0: initial state, a floating tensor or tuple of tensors; batched, the first dimension of
+            every tensor is the batch.
+        t: output times, strictly increasing or strictly decreasing: ``[T]`` shared by all rows,
+            or ``[batch, T]`` per-sample grids (implies ``batched=True``).  ``t[..., 0]`` is the
+            initial time.  Gradients flow to ``t`` (through ``f`` at the output times).
+        method: one of :data:`neuralode.tableaus.TABLEAUS` (``"dopri5"``, ``"tsit5"``, ...).
+        rtol, atol: relative and absolute tolerance (adaptive methods), scalars or per-component
+            tensors broadcastable to the state (a tuple of them for a tuple state).
+        batched: treat the first dimension of ``y0`` as a batch of independent problems, each with
+            its own step size and status.  Default: ``t.ndim == 2``.
+        step_size: fixed-step methods only: the step (time units); default is one step between
+            consecutive output times.  The last step is shortened to land on the final time.
+        first_step: adaptive methods: the initial step (default: Hairer's selection).
+        max_num_steps: steps (accepted + rejected) allowed per sample.
+        t_dtype: dtype of time inside the solver (default float64 for float16/32/64 states).
+        norm: error norm over each sample's components: ``"rms"``, ``"max"`` or a callable
+            ``norm(x, dims) -> tensor``.
+        safety, ifactor, dfactor: controller's safety factor and step growth/shrink limits.
+        dense: keep every step's stages so that ``Solution.evaluate`` works anywhere.
+        throw: raise :class:`SolverError` when a sample fails; with ``False`` failures are only
+            reported in ``Solution.status`` and the outputs they did not reach are NaN.
+
+    Returns:
+        A :class:`Solution`: ``ys`` is ``[T, *y0.shape]`` unbatched and ``[batch, T, *features]``
+        batched.
+    """
+    tab = get_tableau(method)
+    _check_options(tab, step_size, first_step, max_num_steps, norm, safety, ifactor, dfactor)
+    prob = normalise(func, y0, t, rtol=rtol, atol=atol, batched=batched, t_dtype=t_dtype)
+    norm_fn = NORMS[norm] if isinstance(norm, str) else norm
+    controller = PIController(
+        error_order=tab.error_order or tab.order, beta=_BETA.get(tab.name, 0.0),
+        safety=safety, ifactor=ifactor, dfactor=dfactor,
+    )
+    s_det = prob.s.detach()
+    y0_int = prob.y0
+    needs_t_grad = prob.s.requires_grad and torch.is_grad_enabled()
+    if needs_t_grad:
+        # d y(t_i) / d t_0 = -Phi(t_i, t_0) f(t_0, y_0): shift y0 by zero with that derivative.
+        ds0 = (prob.s[..., 0] - s_det[..., 0]).to(y0_int.dtype)
+        y0_int = y0_int - _rows(ds0, y0_int, prob.batched) * prob.f0
+        # The first stage must see the shift too, or its derivative misses the t0 direction.
+        prob.f0 = prob.func(s_det[..., 0].to(y0_int.dtype), y0_int)
+    loop = _Loop(prob, tab, controller, norm_fn, s_det, y0_int, step_size=step_size,
+                 first_step=first_step, max_num_steps=max_num_steps, dense=dense)
+    ys, status, t_reached, stats = loop.run()
+    if needs_t_grad:
+        ys = _attach_time_gradients(prob, ys, s_det)
+    sign = prob.sign
+    t_end_user = t_reached * (sign if isinstance(sign, float) else sign)
+    sol = Solution(
+        ts=t if isinstance(t, torch.Tensor) else prob.s.detach() * sign,
+        ys=prob.unflatten(ys),
+        stats=stats,
+        status=status,
+        t_end=t_end_user,
+        _interpolator=loop.interpolator(prob) if dense else None,
+    )
+    if throw and not sol.success:
+        raise SolverError(_failure_message(status, t_end_user), sol)
+    return sol
+
+
+def _rows(v: torch.Tensor, like: torch.Tensor, batched: bool) -> torch.Tensor:
+    """Reshape a per-row quantity to broadcast against a state-shaped tensor."""
+    return v.view((-1,) + (1,) * (like.ndim - 1)) if batched else v
+
+
+def _check_options(tab: ButcherTableau, step_size: float | None, first_step: float | None,
+                   max_num_steps: int, norm: Any, safety: float, ifactor: float,
+                   dfactor: float) -> None:
+    if step_size is not None:
+        if tab.adaptive:
+            raise ValueError(
+                f"step_size applies to fixed-step methods; {tab.name!r} is adaptive (use "
+                f"first_step, or a fixed-step method such as 'rk4')"
+            )
+        if not isinstance(step_size, (int, float)) or not step_size > 0 or step_size == float("inf"):
+            raise ValueError(f"step_size must be a positive finite number, got {step_size!r}")
+    if first_step is not None:
+        if not tab.adaptive:
+            raise ValueError(f"first_step applies to adaptive methods; {tab.name!r} is fixed-step "
+                             f"(use step_size)")
+        if not isinstance(first_step, (int, float)) or not first_step > 0:
+            raise ValueError(f"first_step must be a positive number, got {first_step!r}")
+    if isinstance(max_num_steps, bool) or not isinstance(max_num_steps, int) or max_num_steps < 1:
+        raise ValueError(f"max_num_steps must be a positive integer, got {max_num_steps!r}")
+    if isinstance(norm, str) and norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}; known norms are {sorted(NORMS)} or a callable")
+    if not isinstance(norm, str) and not callable(norm):
+        raise TypeError(f"norm must be a name in {sorted(NORMS)} or a callable, got {norm!r}")
+    if not 0 < safety <= 1:
+        raise ValueError(f"safety must be in (0, 1], got {safety!r}")
+    if not ifactor >= 1:
+        raise ValueError(f"ifactor must be >= 1, got {ifactor!r}")
+    if not 0 < dfactor <= 1:
+        raise ValueError(f"dfactor must be in (0, 1], got {dfactor!r}")
+
+
+def _failure_message(status: torch.Tensor, t_end: torch.Tensor) -> str:
+    flat = status.reshape(-1)
+    bad = (flat != Status.SUCCESS).nonzero().reshape(-1)
+    first = int(bad[0])
+    code = Status(int(flat[first]))
+    where = f"sample {first} " if status.ndim else ""
+    count = f" ({bad.numel()} of {flat.numel()} samples failed)" if status.ndim else ""
+    return f"{where}stopped at t={_fmt_time(t_end.reshape(-1)[first])}{count}: {code.message}"
+
+
+def _attach_time_gradients(prob: Problem, ys: torch.Tensor, s_det: torch.Tensor) -> torch.Tensor:
+    """Give each output ``y(t_i)`` the derivative ``f(t_i, y_i)`` with respect to ``t_i``."""
+    ds = (prob.s - s_det).to(ys.dtype)  # zeros that carry the graph to t
+    if prob.batched:
+        fs = torch.stack(
+            [prob.func(s_det[:, i].to(ys.dtype), ys[:, i]) for i in range(ys.shape[1])], dim=1
+        )
+        return ys + ds.view(ds.shape + (1,) * (ys.ndim - 2)) * fs
+    fs = torch.stack([prob.func(s_det[i].to(ys.dtype), ys[i]) for i in range(ys.shape[0])])
+    return ys + ds.view((-1,) + (1,) * (ys.ndim - 1)) * fs
+
+
+class _Outputs:
+    """Collects outputs as the loop produces them; assembled once at the end.
+
+    Unbatched, outputs arrive in order and are stacked.  Batched, each row has its own output
+    indices: entries are scattered into ``[batch, T, ...]`` (invalid ones into a dropped slot).
+    """
+
+    def __init__(self, y0: torch.Tensor, T: int, batched: bool) -> None:
+        self.T, self.batched = T, batched
+        self.vals: list[torch.Tensor] = []
+        self.idx: list[torch.Tensor] = []
+        self.y0 = y0
+        if batched:
+            self.add(torch.zeros(y0.shape[0], 1, dtype=torch.long, device=y0.device),
+                     y0.unsqueeze(1), None)
+        else:
+            self.vals.append(y0.unsqueeze(0))
+
+    def add(self, idx: torch.Tensor, vals: torch.Tensor, valid: torch.Tensor | None) -> None:
+        """``idx``, ``valid``: ``[batch, m]``; ``vals``: ``[batch, m, ...]`` (batched), or just
+        ``vals`` ``[m, ...]`` in order (unbatched)."""
+        if self.batched:
+            if valid is not None:
+                idx = torch.where(valid, idx, self.T)
+            self.idx.append(idx)
+        self.vals.append(vals)
+
+    def assemble(self) -> torch.Tensor:
+        if not self.batched:
+            ys = torch.cat(self.vals)
+            if ys.shape[0] < self.T:  # a failed solve: the unreached outputs are NaN
+                pad = ys.new_full((self.T - ys.shape[0],) + ys.shape[1:], float("nan"))
+                ys = torch.cat([ys, pad])
+            return ys
+        vals = torch.cat(self.vals, dim=1)
+        idx = torch.cat(self.idx, dim=1)
+        idx = idx.view(idx.shape + (1,) * (vals.ndim - 2)).expand_as(vals)
+        B = vals.shape[0]
+        out = vals.new_full((B, self.T + 1) + vals.shape[2:], float("nan"))
+        return out.scatter(1, idx, vals)[:, : self.T]
+
+
+class _Loop:
+    """State and iteration of one solve (internal: increasing time, flat state)."""
+
+    def __init__(self, prob: Problem, tab: ButcherTableau, controller: PIController, norm: Norm,
+                 s: torch.Tensor, y0: torch.Tensor, *, step_size: float | None,
+                 first_step: float | None, max_num_steps: int, dense: bool) -> None:
+        self.prob, self.tab, self.controller, self.norm = prob, tab, controller, norm
+        self.batched = prob.batched
+        self.y0 = y0
+        self.dtype, self.device = y0.dtype, y0.device
+        self.t_dtype = s.dtype
+        B = y0.shape[0] if self.batched else None
+        if self.batched and s.ndim == 1:
+            s = s.unsqueeze(0).expand(B, -1)
+        self.s = s.contiguous()
+        self.T = s.shape[-1]
+        self.dims = tuple(range(1, y0.ndim)) if self.batched else tuple(range(y0.ndim))
+        self.bshape = ((-1,) + (1,) * (y0.ndim - 1)) if self.batched else ()
+        self.stepper = RKStepper(tab, self.dtype, self.t_dtype, self.device)
+        self.step_size, self.first_step = step_size, first_step
+        self.max_num_steps = max_num_steps
+        self.dense = dense
+        self.record: list[tuple[torch.Tensor, ...]] = []
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _row(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(self.bshape) if self.batched else x
+
+    def _gather_s(self, idx: torch.Tensor) -> torch.Tensor:
+        """Output times at per-row indices ``idx`` (``[B, m]``, or ``[m]``/``[]`` unbatched)."""
+        if self.batched:
+            return self.s.gather(1, idx)
+        return self.s[idx]
+
+    def _count_le(self, tv: torch.Tensor, right: bool) -> torch.Tensor:
+        if self.batched:
+            return torch.searchsorted(self.s, tv.unsqueeze(1), right=right).squeeze(1)
+        return torch.searchsorted(self.s, tv, right=right)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Stats]:
+        prob, stepper, tab = self.prob, self.stepper, self.tab
+        f = prob.func
+        y = self.y0
+        t = self.s[..., 0].clone()
+        t_end = self.s[..., -1]
+        rows = t.shape
+        zeros_l = torch.zeros(rows, dtype=torch.long, device=self.device)
+        status = zeros_l.clone()
+        n_steps, n_acc, nfe = zeros_l.clone(), zeros_l.clone(), zeros_l + 1
+        nxt = zeros_l + 1
+        outputs = _Outputs(y, self.T, self.batched)
+        running = t < t_end
+        if self.T == 1:
+            return outputs.assemble(), status, t, Stats(nfe, n_steps, n_acc, n_steps - n_acc)
+        k0: torch.Tensor | None = prob.f0
+        adaptive = tab.adaptive
+        grid_mode = not adaptive and self.step_size is None
+        cstate = ControllerState.initial(t)
+        if adaptive:
+            if self.first_step is not None:
+                h = torch.full(rows, self.first_step, dtype=self.t_dtype, device=self.device)
+            else:
+                with torch.no_grad():
+                    h = initial_step(f, t, y, prob.f0, tab.order, prob.rtol, prob.atol,
+                                     self.norm, self.dims, self.bshape)
+                nfe += 1
+        else:
+            h = torch.full(rows, self.step_size or torch.inf, dtype=self.t_dtype, device=self.device)
+        eps = torch.finfo(self.t_dtype).eps
+        last_nonfinite = torch.zeros(rows, dtype=torch.bool, device=self.device)
+        ratio = None
+
+        while True:
+            t_stop = self._gather_s(nxt.clamp(max=self.T - 1)) if grid_mode else t_end
+            gap = t_stop - t
+            hit = h >= gap
+            h_eff = torch.where(running, torch.minimum(h, gap), 0.0)
+            t_new = torch.where(hit, t_stop, t + h_eff)
+            h_y = self._row(h_eff.to(self.dtype))
+            if k0 is None:
+                k0 = f(t.to(self.dtype), y)
+                nfe += running
+            y1, ks = stepper.step(f, t, y, h_eff, h_y, k0)
+            nfe += running * stepper.evals_per_step
+            n_steps += running
+            if adaptive:
+                with torch.no_grad():  # step-size control is not differentiated
+                    ratio = stepper.error_ratio(y, y1, h_y, ks, prob.rtol, prob.atol, self.norm,
+                                                self.dims)
+                accept, h_next, cstate = self.controller.adapt(ratio, h_eff, cstate)
+                accept &= running
+                last_nonfinite = ~torch.isfinite(ratio)
+            else:
+                accept, h_next = running, h
+            n_acc += accept
+            t_new = torch.where(accept, t_new, t)
+            # Outputs strictly inside the step are interpolated; one on its end is y1 itself.
+            lt = self._count_le(t_new, right=False)
+            le = self._count_le(t_new, right=True)
+            n_in = torch.where(accept, lt - nxt, 0)
+            n_end = torch.where(accept, le - lt, 0)
+            done = accept & (t_new >= t_end)
+            still = running & ~done
+            if adaptive:
+                tiny = h_next <= 10 * eps * torch.maximum(t.abs(), t_end.abs())
+                under = still & ~accept & tiny
+                status = torch.where(
+                    under, torch.where(last_nonfinite, int(Status.NONFINITE),
+                                       int(Status.STEP_SIZE_UNDERFLOW)), status)
+                still = still & ~under
+            maxed = still & (n_steps >= self.max_num_steps)
+            status = torch.where(maxed, int(Status.MAX_STEPS_REACHED), status)
+            still = still & ~maxed
+            any_running, m_in, m_end = torch.stack(
+                (still.any().long(), n_in.max(), n_end.max())).tolist()
+            ks_all = None
+            if m_in > 0 or self.dense:
+                ks_all = stepper.extra_stages(f, t, y, h_eff, h_y, y1, ks)
+                nfe += running * stepper.evals_extra
+            if m_in > 0:
+                self._interior_outputs(outputs, y, h_eff, h_y, t, nxt, n_in, m_in, ks_all)
+            if m_end > 0:
+                if self.batched:
+                    outputs.add(lt.unsqueeze(1), y1.unsqueeze(1), (n_end > 0).unsqueeze(1))
+                else:
+                    outputs.add(lt, y1.unsqueeze(0), None)
+            if self.dense:
+                assert ks_all is not None
+                self.record.append((t, h_eff, y, torch.stack(ks_all, dim=1 if self.batched else 0)))
+            # Advance the accepted rows.
+            acc_y = self._row(accept)
+            y = torch.where(acc_y, y1, y) if (adaptive or self.batched) else y1
+            if tab.fsal:
+                k0 = torch.where(acc_y, ks[-1], k0) if adaptive else ks[-1]
+            elif ks_all is not None and stepper.extra_is_f1 and stepper.extra_is_f1[-1] and not adaptive:
+                k0 = ks_all[-1]  # the Hermite stage f(t + h, y1) is the next step's first stage
+            else:
+                k0 = None
+            t = t_new
+            nxt = torch.where(accept, le, nxt)
+            h = h_next
+            running = still
+            if not any_running:
+                break
+        ys = outputs.assemble()
+        if not bool(torch.isfinite(ys.detach()).all()):
+            status, t = self._flag_nonfinite(ys, status, t)
+        return ys, status, t, Stats(nfe, n_steps, n_acc, n_steps - n_acc)
+
+    def _interior_outputs(self, outputs: _Outputs, y: torch.Tensor, h: torch.Tensor,
+                          h_y: torch.Tensor, t: torch.Tensor, nxt: torch.Tensor,
+                          n_in: torch.Tensor, m: int, ks_all: list[torch.Tensor]) -> None:
+        j = torch.arange(m, device=self.device)
+        if self.batched:
+            idx = nxt.unsqueeze(1) + j
+            valid = j < n_in.unsqueeze(1)
+            ts = self._gather_s(idx.clamp(max=self.T - 1))
+            theta = torch.where(valid, (ts - t.unsqueeze(1)) / h.clamp(min=1e-300).unsqueeze(1), 0.0)
+            vals = self.stepper.interpolate(y, h_y, ks_all, theta.to(self.dtype), batched=True)
+            outputs.add(idx, vals, valid)
+        else:
+            theta = (self.s[nxt + j] - t) / h
+            vals = self.stepper.interpolate(y, h_y, ks_all, theta.to(self.dtype), batched=False)
+            outputs.add(nxt + j, vals, None)
+
+    def _flag_nonfinite(self, ys: torch.Tensor, status: torch.Tensor,
+                        t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Samples whose reached outputs hold NaN/Inf fail with NONFINITE, reported at the first
+        such output time (fixed-step methods have no error estimate to catch it in the loop)."""
+        bad = ~torch.isfinite(ys.detach())
+        if self.batched:
+            bad_t = bad.reshape(bad.shape[0], bad.shape[1], -1).any(dim=2)  # [B, T]
+        else:
+            bad_t = bad.reshape(1, bad.shape[0], -1).any(dim=2)
+        bad_t &= (status == Status.SUCCESS).reshape(-1, 1)
+        rows = bad_t.any(dim=1)
+        first = bad_t.long().argmax(dim=1)
+        s2 = self.s if self.batched else self.s.unsqueeze(0)
+        t_bad = s2.gather(1, first.unsqueeze(1)).squeeze(1)
+        if not self.batched:
+            rows, t_bad = rows[0], t_bad[0]
+        return (torch.where(rows, int(Status.NONFINITE), status), torch.where(rows, t_bad, t))
+
+    def interpolator(self, prob: Problem) -> Callable[[torch.Tensor], Any]:
+        """Dense output over the recorded steps (see :meth:`Solution.evaluate`)."""
+        ts = torch.stack([r[0] for r in self.record])  # [n, *rows]
+        hs = torch.stack([r[1] for r in self.record])
+        ys = torch.stack([r[2] for r in self.record])
+        Ks = torch.stack([r[3] for r in self.record])
+        # Steps of a row that had stopped (h == 0) come last: +inf keeps each row's keys sorted.
+        # A rejected step shares its start with the retry after it, which the search prefers.
+        key = torch.where(hs > 0, ts, torch.inf)
+        t0, t1 = self.s[..., 0], self.s[..., -1]
+        sign = prob.sign
+        batched, stepper = self.batched, self.stepper
+
+        def evaluate(t_user: torch.Tensor) -> Any:
+            tq = t_user.to(device=self.device, dtype=self.t_dtype)
+            scalar = tq.ndim == 0
+            if batched:
+                tq = tq.reshape(1, -1).expand(t0.shape[0], -1) if tq.ndim <= 1 else tq
+                sg = sign.unsqueeze(1) if isinstance(sign, torch.Tensor) else sign
+                sq = tq * sg
+                lo, hi = t0.unsqueeze(1), t1.unsqueeze(1)
+            else:
+                tq = tq.reshape(-1)
+                sq = tq * sign
+                lo, hi = t0, t1
+            if bool(((sq < lo - 1e-12 * (hi - lo).abs()) | (sq > hi + 1e-12 * (hi - lo).abs())).any()):
+                raise ValueError("Solution.evaluate: t lies outside the solved interval")
+            if batched:
+                i = torch.searchsorted(key.T.contiguous(), sq.contiguous(), right=True) - 1
+                i = i.clamp(0, key.shape[0] - 1)  # [B, M]
+                b = torch.arange(i.shape[0], device=self.device).unsqueeze(1)
+                tt, hh = ts[i, b], hs[i, b]
+                yy, KK = ys[i, b], Ks[i, b]  # [B, M, ...], [B, M, n_k, ...]
+                theta = ((sq - tt) / hh.clamp(min=1e-300)).clamp(0, 1).to(self.dtype)
+                w = theta.unsqueeze(-1).pow(stepper.powers) @ stepper.P.T  # [B, M, n_k]
+                dy = torch.einsum("bmk,bmkn->bmn", w, KK.flatten(3))
+                out = yy + (hh.to(self.dtype).view(hh.shape + (1,) * (yy.ndim - 2))
+                            * dy.view(yy.shape))
+                out = prob.unflatten(out)
+                return tuple(o[:, 0] for o in out) if scalar and isinstance(out, tuple) else (
+                    out[:, 0] if scalar else out)
+            i = (torch.searchsorted(key, sq, right=True) - 1).clamp(0, key.shape[0] - 1)
+            tt, hh, yy, KK = ts[i], hs[i], ys[i], Ks[i]
+            theta = ((sq - tt) / hh.clamp(min=1e-300)).clamp(0, 1).to(self.dtype)
+            w = theta.unsqueeze(-1).pow(stepper.powers) @ stepper.P.T  # [M, n_k]
+            dy = torch.einsum("mk,mkn->mn", w, KK.flatten(2))
+            out = yy + hh.to(self.dtype).view((-1,) + (1,) * (yy.ndim - 1)) * dy.view(yy.shape)
+            out = prob.unflatten(out)
+            if scalar:
+                return tuple(o[0] for o in out) if isinstance(out, tuple) else out[0]
+            return out
+
+        return evaluate

@@ -1,0 +1,132 @@
+"""One generic explicit Runge-Kutta stepper for every tableau in :mod:`neuralode.tableaus`.
+
+Stage combinations are chains of ``add_(k, alpha=a_ij)`` over the non-zero coefficients only, with
+the coefficients as Python floats: no tableau tensors, no stacking, and autograd sees one node per
+term.  Per-sample step sizes enter once per stage through ``addcmul``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ..controllers import Norm
+from ..tableaus import ButcherTableau
+
+__all__ = ["RKStepper"]
+
+Func = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Terms = tuple[tuple[int, float], ...]
+
+
+def _terms(row: Sequence[object]) -> Terms:
+    return tuple((j, float(x)) for j, x in enumerate(row) if x != 0)  # type: ignore[arg-type]
+
+
+def _combine(ks: Sequence[torch.Tensor], terms: Terms) -> torch.Tensor:
+    j0, a0 = terms[0]
+    acc = ks[j0] * a0
+    for j, a in terms[1:]:
+        acc.add_(ks[j], alpha=a)
+    return acc
+
+
+class RKStepper:
+    """Explicit Runge-Kutta steps of one tableau, for states of one dtype and device.
+
+    Shapes: the state ``y`` has any shape; ``t`` and ``h`` have the row shape (``[]`` or
+    ``[batch]``) in the time dtype; ``h_y`` is ``h`` cast to the state dtype and shaped to
+    broadcast against ``y`` (``[]`` or ``[batch, 1, ...]``).
+    """
+
+    def __init__(self, tableau: ButcherTableau, dtype: torch.dtype, t_dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.tableau = tableau
+        self.dtype = dtype
+        self.fsal = tableau.fsal
+        self.a_terms = [_terms(row) for row in tableau.a]
+        self.b_terms = _terms(tableau.b)
+        self.e_terms = _terms(tableau.b_err) if tableau.b_err is not None else None
+        self.e2_terms = _terms(tableau.b_err2) if tableau.b_err2 is not None else None
+        self.c = torch.tensor([float(x) for x in tableau.c[1:]], dtype=t_dtype, device=device)
+        dense = tableau.dense
+        assert dense is not None  # every registered tableau has one (Hermite by default)
+        self.extra_c = [float(x) for x in dense.extra_c]
+        self.extra_terms = [_terms(row) for row in dense.extra_a]
+        # An extra stage with node 1 and a-row b is f(t + h, y1): reuse y1 itself, exactly.
+        self.extra_is_f1 = [
+            c == 1.0 and tuple(row[: tableau.stages]) == tuple(tableau.b) and len(row) == tableau.stages
+            for c, row in zip(dense.extra_c, dense.extra_a)
+        ]
+        self.P = torch.tensor([[float(x) for x in r] for r in dense.P], dtype=dtype, device=device)
+        self.powers = torch.arange(1, dense.degree + 1, dtype=dtype, device=device)
+        self.evals_per_step = tableau.stages - 1  # k0 comes from the previous step (FSAL or f1)
+        self.evals_extra = len(dense.extra_c)
+
+    def step(
+        self, f: Func, t: torch.Tensor, y: torch.Tensor, h: torch.Tensor, h_y: torch.Tensor,
+        k0: torch.Tensor,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One step from ``(t, y)`` of size ``h``; returns ``(y1, stages)``.
+
+        ``k0 = f(t, y)`` is passed in (the previous step's last stage or first evaluation).
+        """
+        cs = self.c.view((-1,) + (1,) * t.ndim)
+        ts = torch.addcmul(t, cs, h).to(self.dtype).unbind(0)
+        ks = [k0]
+        y1: torch.Tensor | None = None
+        for i in range(1, len(self.a_terms)):
+            yi = torch.addcmul(y, h_y, _combine(ks, self.a_terms[i]))
+            ks.append(f(ts[i - 1], yi))
+            y1 = yi
+        if not self.fsal:
+            y1 = torch.addcmul(y, h_y, _combine(ks, self.b_terms))
+        assert y1 is not None
+        return y1, ks
+
+    def error_ratio(
+        self, y: torch.Tensor, y1: torch.Tensor, h_y: torch.Tensor, ks: list[torch.Tensor],
+        rtol: float | torch.Tensor, atol: float | torch.Tensor, norm: Norm, dims: tuple[int, ...],
+    ) -> torch.Tensor:
+        """Scaled error norm per sample (``<= 1`` accepts), ``atol + rtol * max(|y|, |y1|)``."""
+        assert self.e_terms is not None
+        scale = torch.maximum(y.abs(), y1.abs()).mul_(rtol).add_(atol)
+        hs = h_y / scale
+        err = norm(_combine(ks, self.e_terms).mul_(hs), dims)
+        if self.e2_terms is None:
+            return err
+        # Hairer's DOP853 estimator: err5^2 / sqrt(err5^2 + 0.01 err3^2), norms as RMS.
+        err3 = norm(_combine(ks, self.e2_terms).mul_(hs), dims)
+        e5sq = err.square()
+        den = (e5sq + 0.01 * err3.square()).sqrt()
+        return torch.where(den > 0, e5sq / den.clamp(min=torch.finfo(den.dtype).tiny), den)
+
+    def extra_stages(
+        self, f: Func, t: torch.Tensor, y: torch.Tensor, h: torch.Tensor, h_y: torch.Tensor,
+        y1: torch.Tensor, ks: list[torch.Tensor],
+    ) -> list[torch.Tensor]:
+        """The interpolant's extra stages, appended to a copy of ``ks``."""
+        ks = list(ks)
+        for c, terms, is_f1 in zip(self.extra_c, self.extra_terms, self.extra_is_f1):
+            yi = y1 if is_f1 else torch.addcmul(y, h_y, _combine(ks, terms))
+            ks.append(f((t + c * h).to(self.dtype), yi))
+        return ks
+
+    def interpolate(
+        self, y: torch.Tensor, h_y: torch.Tensor, ks: list[torch.Tensor], theta: torch.Tensor,
+        batched: bool,
+    ) -> torch.Tensor:
+        """Dense output at fractions ``theta`` of the step.
+
+        ``theta`` is ``[m]`` unbatched (returns ``[m, *y.shape]``) or ``[batch, m]`` batched
+        (returns ``[batch, m, *features]``).
+        """
+        w = theta.unsqueeze(-1).pow(self.powers) @ self.P.T  # [..., m, n_k]
+        if batched:
+            K = torch.stack([k.reshape(k.shape[0], -1) for k in ks], dim=1)  # [B, n_k, N]
+            dy = (w @ K).view((y.shape[0], theta.shape[-1]) + y.shape[1:])
+            return y.unsqueeze(1) + h_y.unsqueeze(1) * dy
+        K = torch.stack([k.reshape(-1) for k in ks], dim=0)  # [n_k, N]
+        dy = (w @ K).view((theta.shape[-1],) + y.shape)
+        return y + h_y * dy
