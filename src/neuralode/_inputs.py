@@ -61,8 +61,9 @@ def check_state(y0: Any) -> tuple[torch.Tensor, ...]:
     return parts
 
 
-def check_times(t: Any, *, allow_2d: bool, t_dtype: torch.dtype | None,
-                device: torch.device) -> torch.Tensor:
+def check_times(
+    t: Any, *, allow_2d: bool, t_dtype: torch.dtype | None, device: torch.device
+) -> torch.Tensor:
     """``t`` as a floating tensor on ``device``, checked for shape, finiteness and monotonicity."""
     if not isinstance(t, torch.Tensor):
         try:
@@ -102,15 +103,16 @@ def check_times(t: Any, *, allow_2d: bool, t_dtype: torch.dtype | None,
     return t
 
 
-def check_tolerance(name: str, tol: Any, parts: Sequence[torch.Tensor], batched: bool,
-                    positive: bool) -> float | torch.Tensor:
+def check_tolerance(
+    name: str, tol: Any, parts: Sequence[torch.Tensor], batched: bool, positive: bool
+) -> float | torch.Tensor:
     """A scalar tolerance, or a per-component tensor that broadcasts against the internal state."""
     need = "positive" if positive else "non-negative"
     if isinstance(tol, (int, float)) and not isinstance(tol, bool):
-        v = float(tol)
-        if not math.isfinite(v) or v < 0 or (positive and v == 0):
+        val = float(tol)
+        if not math.isfinite(val) or val < 0 or (positive and val == 0):
             raise ValueError(f"{name} must be a finite {need} number, got {tol!r}")
-        return v
+        return val
     items = tuple(tol) if _is_tensor_tuple(tol) else (tol,)
     if len(items) != len(parts) or (len(parts) > 1 and not _is_tensor_tuple(tol)):
         raise ValueError(f"{name} must be a number or one tensor per tensor of y0 ({len(parts)})")
@@ -119,8 +121,14 @@ def check_tolerance(name: str, tol: Any, parts: Sequence[torch.Tensor], batched:
         try:
             v = torch.as_tensor(item, dtype=p.dtype, device=p.device)
         except (TypeError, ValueError, RuntimeError) as err:
-            raise TypeError(f"{name} must be a number or a tensor, got {type(item).__name__}") from err
-        if not bool(torch.isfinite(v).all()) or bool((v < 0).any()) or (positive and bool((v == 0).any())):
+            raise TypeError(
+                f"{name} must be a number or a tensor, got {type(item).__name__}"
+            ) from err
+        if (
+            not bool(torch.isfinite(v).all())
+            or bool((v < 0).any())
+            or (positive and bool((v == 0).any()))
+        ):
             raise ValueError(f"{name} must be finite and {need} in every component")
         try:
             ok = torch.broadcast_shapes(v.shape, p.shape) == p.shape
@@ -128,7 +136,8 @@ def check_tolerance(name: str, tol: Any, parts: Sequence[torch.Tensor], batched:
             ok = False
         if not ok:
             raise ValueError(
-                f"{name} of shape {tuple(v.shape)} does not broadcast to the state shape {tuple(p.shape)}"
+                f"{name} of shape {tuple(v.shape)} does not broadcast to the state shape "
+                f"{tuple(p.shape)}"
             )
         flat.append(v)
     if len(parts) == 1:
@@ -141,7 +150,8 @@ def _check_f_output(out: Any, parts: Sequence[torch.Tensor], is_tuple: bool) -> 
     outs = tuple(out) if is_tuple and _is_tensor_tuple(out) else (out,)
     if is_tuple and len(outs) != len(parts):
         raise ValueError(
-            f"func must return a tuple of {len(parts)} tensors matching y0, got {type(out).__name__}"
+            f"func must return a tuple of {len(parts)} tensors matching y0, got "
+            f"{type(out).__name__}"
             f" of length {len(outs) if _is_tensor_tuple(out) else 1}"
         )
     for i, (o, p) in enumerate(zip(outs, parts)):
@@ -155,8 +165,16 @@ def _check_f_output(out: Any, parts: Sequence[torch.Tensor], is_tuple: bool) -> 
             )
 
 
-def normalise(func: Func, y0: Any, t: Any, *, rtol: Any, atol: Any, batched: bool | None,
-              t_dtype: torch.dtype | None) -> Problem:
+def normalise(
+    func: Func,
+    y0: Any,
+    t: Any,
+    *,
+    rtol: Any,
+    atol: Any,
+    batched: bool | None,
+    t_dtype: torch.dtype | None,
+) -> Problem:
     """Check every input once and build the :class:`Problem` the loop solves."""
     if not callable(func):
         raise TypeError(f"func must be callable as func(t, y), got {type(func).__name__}")
@@ -172,9 +190,13 @@ def normalise(func: Func, y0: Any, t: Any, *, rtol: Any, atol: Any, batched: boo
         for i, p in enumerate(parts):
             name = f"y0[{i}]" if is_tuple else "y0"
             if p.ndim == 0:
-                raise ValueError(f"a batched solve needs {name} of shape [batch, ...], got a scalar")
+                raise ValueError(
+                    f"a batched solve needs {name} of shape [batch, ...], got a scalar"
+                )
             if p.shape[0] != parts[0].shape[0]:
-                raise ValueError(f"{name} has batch size {p.shape[0]}, y0[0] has {parts[0].shape[0]}")
+                raise ValueError(
+                    f"{name} has batch size {p.shape[0]}, y0[0] has {parts[0].shape[0]}"
+                )
         if t.ndim == 2 and t.shape[0] != parts[0].shape[0]:
             raise ValueError(
                 f"t has {t.shape[0]} rows (per-sample grids) but y0 has batch size "
@@ -205,7 +227,7 @@ def normalise(func: Func, y0: Any, t: Any, *, rtol: Any, atol: Any, batched: boo
             return unpack(ys)
     else:
         y_flat = parts[0]
-        g = func
+        g = func  # type: ignore[assignment]
 
         def pack(out: Sequence[torch.Tensor], lead: tuple[int, ...]) -> torch.Tensor:
             return out  # type: ignore[return-value]
@@ -226,8 +248,11 @@ def normalise(func: Func, y0: Any, t: Any, *, rtol: Any, atol: Any, batched: boo
 
     # Mirror decreasing rows into increasing ones: s = sign * t, g(s, y) = sign * f(sign * s, y).
     tt = t.detach()
-    dec = tt[..., 1] < tt[..., 0] if t.shape[-1] > 1 else torch.zeros(
-        tt.shape[:-1], dtype=torch.bool, device=device)
+    dec = (
+        tt[..., 1] < tt[..., 0]
+        if t.shape[-1] > 1
+        else torch.zeros(tt.shape[:-1], dtype=torch.bool, device=device)
+    )
     sign: torch.Tensor | float = 1.0
     s = t
     if bool(dec.any()):

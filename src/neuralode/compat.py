@@ -61,10 +61,12 @@ def odeint(
     """
     kwargs = _options(options)
     if isinstance(t, torch.Tensor) and t.ndim != 1:
-        raise ValueError(f"t must be 1-D [T] for odeint, got shape {tuple(t.shape)}; "
-                         f"neuralode.solve takes per-sample grids [batch, T]")
+        raise ValueError(
+            f"t must be 1-D [T] for odeint, got shape {tuple(t.shape)}; "
+            f"neuralode.solve takes per-sample grids [batch, T]"
+        )
     sol = solve(func, y0, t, method=method, rtol=rtol, atol=atol, batched=False, **kwargs)
-    return sol.ys  # type: ignore[no-any-return]
+    return sol.ys
 
 
 def _options(options: dict[str, Any] | None) -> dict[str, Any]:

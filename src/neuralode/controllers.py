@@ -38,9 +38,9 @@ class PIController:
     """Proportional-integral step-size controller (Hairer, Norsett & Wanner, Solving ODEs I, IV.2;
     Gustafsson 1991).
 
-    ``factor = safety * err^(-alpha) * err_prev^beta`` with ``alpha = 1/q - 0.75 beta`` and ``q`` the
-    error order + 1; ``beta = 0`` is the classical (integral) controller.  Factors are clipped to
-    ``[dfactor, ifactor]``; right after a rejection the step may not grow (Hairer's rule).
+    ``factor = safety * err^(-alpha) * err_prev^beta`` with ``alpha = 1/q - 0.75 beta`` and
+    ``q`` the error order + 1; ``beta = 0`` is the classical (integral) controller.  Factors
+    are clipped to ``[dfactor, ifactor]``; right after a rejection the step may not grow (Hairer's rule).
     Non-finite errors reject the step and shrink it by ``dfactor``.
     """
 
@@ -76,7 +76,11 @@ class PIController:
         upper = torch.where(state.rejected_last, 1.0, self.ifactor)
         factor = torch.minimum(factor.nan_to_num_(nan=self.dfactor).clamp_(min=self.dfactor), upper)
         h_next = h * factor
-        prev = torch.where(accept, r.clamp(min=1e-4), state.prev_ratio) if self.beta else state.prev_ratio
+        prev = (
+            torch.where(accept, r.clamp(min=1e-4), state.prev_ratio)
+            if self.beta
+            else state.prev_ratio
+        )
         return accept, h_next, ControllerState(prev, ~accept)
 
 

@@ -85,8 +85,11 @@ def solve(
     prob = normalise(func, y0, t, rtol=rtol, atol=atol, batched=batched, t_dtype=t_dtype)
     norm_fn = NORMS[norm] if isinstance(norm, str) else norm
     controller = PIController(
-        error_order=tab.error_order or tab.order, beta=_BETA.get(tab.name, 0.0),
-        safety=safety, ifactor=ifactor, dfactor=dfactor,
+        error_order=tab.error_order or tab.order,
+        beta=_BETA.get(tab.name, 0.0),
+        safety=safety,
+        ifactor=ifactor,
+        dfactor=dfactor,
     )
     s_det = prob.s.detach()
     y0_int = prob.y0
@@ -97,8 +100,18 @@ def solve(
         y0_int = y0_int - _rows(ds0, y0_int, prob.batched) * prob.f0
         # The first stage must see the shift too, or its derivative misses the t0 direction.
         prob.f0 = prob.func(s_det[..., 0].to(y0_int.dtype), y0_int)
-    loop = _Loop(prob, tab, controller, norm_fn, s_det, y0_int, step_size=step_size,
-                 first_step=first_step, max_num_steps=max_num_steps, dense=dense)
+    loop = _Loop(
+        prob,
+        tab,
+        controller,
+        norm_fn,
+        s_det,
+        y0_int,
+        step_size=step_size,
+        first_step=first_step,
+        max_num_steps=max_num_steps,
+        dense=dense,
+    )
     ys, status, t_reached, stats = loop.run()
     if needs_t_grad:
         ys = _attach_time_gradients(prob, ys, s_det)
@@ -122,21 +135,34 @@ def _rows(v: torch.Tensor, like: torch.Tensor, batched: bool) -> torch.Tensor:
     return v.view((-1,) + (1,) * (like.ndim - 1)) if batched else v
 
 
-def _check_options(tab: ButcherTableau, step_size: float | None, first_step: float | None,
-                   max_num_steps: int, norm: Any, safety: float, ifactor: float,
-                   dfactor: float) -> None:
+def _check_options(
+    tab: ButcherTableau,
+    step_size: float | None,
+    first_step: float | None,
+    max_num_steps: int,
+    norm: Any,
+    safety: float,
+    ifactor: float,
+    dfactor: float,
+) -> None:
     if step_size is not None:
         if tab.adaptive:
             raise ValueError(
                 f"step_size applies to fixed-step methods; {tab.name!r} is adaptive (use "
                 f"first_step, or a fixed-step method such as 'rk4')"
             )
-        if not isinstance(step_size, (int, float)) or not step_size > 0 or step_size == float("inf"):
+        if (
+            not isinstance(step_size, (int, float))
+            or not step_size > 0
+            or step_size == float("inf")
+        ):
             raise ValueError(f"step_size must be a positive finite number, got {step_size!r}")
     if first_step is not None:
         if not tab.adaptive:
-            raise ValueError(f"first_step applies to adaptive methods; {tab.name!r} is fixed-step "
-                             f"(use step_size)")
+            raise ValueError(
+                f"first_step applies to adaptive methods; {tab.name!r} is fixed-step "
+                f"(use step_size)"
+            )
         if not isinstance(first_step, (int, float)) or not first_step > 0:
             raise ValueError(f"first_step must be a positive number, got {first_step!r}")
     if isinstance(max_num_steps, bool) or not isinstance(max_num_steps, int) or max_num_steps < 1:
@@ -188,8 +214,11 @@ class _Outputs:
         self.idx: list[torch.Tensor] = []
         self.y0 = y0
         if batched:
-            self.add(torch.zeros(y0.shape[0], 1, dtype=torch.long, device=y0.device),
-                     y0.unsqueeze(1), None)
+            self.add(
+                torch.zeros(y0.shape[0], 1, dtype=torch.long, device=y0.device),
+                y0.unsqueeze(1),
+                None,
+            )
         else:
             self.vals.append(y0.unsqueeze(0))
 
@@ -220,17 +249,27 @@ class _Outputs:
 class _Loop:
     """State and iteration of one solve (internal: increasing time, flat state)."""
 
-    def __init__(self, prob: Problem, tab: ButcherTableau, controller: PIController, norm: Norm,
-                 s: torch.Tensor, y0: torch.Tensor, *, step_size: float | None,
-                 first_step: float | None, max_num_steps: int, dense: bool) -> None:
+    def __init__(
+        self,
+        prob: Problem,
+        tab: ButcherTableau,
+        controller: PIController,
+        norm: Norm,
+        s: torch.Tensor,
+        y0: torch.Tensor,
+        *,
+        step_size: float | None,
+        first_step: float | None,
+        max_num_steps: int,
+        dense: bool,
+    ) -> None:
         self.prob, self.tab, self.controller, self.norm = prob, tab, controller, norm
         self.batched = prob.batched
         self.y0 = y0
         self.dtype, self.device = y0.dtype, y0.device
         self.t_dtype = s.dtype
-        B = y0.shape[0] if self.batched else None
         if self.batched and s.ndim == 1:
-            s = s.unsqueeze(0).expand(B, -1)
+            s = s.unsqueeze(0).expand(y0.shape[0], -1)
         self.s = s.contiguous()
         self.T = s.shape[-1]
         self.dims = tuple(range(1, y0.ndim)) if self.batched else tuple(range(y0.ndim))
@@ -281,11 +320,23 @@ class _Loop:
                 h = torch.full(rows, self.first_step, dtype=self.t_dtype, device=self.device)
             else:
                 with torch.no_grad():
-                    h = initial_step(f, t, y, prob.f0, tab.order, prob.rtol, prob.atol,
-                                     self.norm, self.dims, self.bshape)
+                    h = initial_step(
+                        f,
+                        t,
+                        y,
+                        prob.f0,
+                        tab.order,
+                        prob.rtol,
+                        prob.atol,
+                        self.norm,
+                        self.dims,
+                        self.bshape,
+                    )
                 nfe += 1
         else:
-            h = torch.full(rows, self.step_size or torch.inf, dtype=self.t_dtype, device=self.device)
+            h = torch.full(
+                rows, self.step_size or torch.inf, dtype=self.t_dtype, device=self.device
+            )
         eps = torch.finfo(self.t_dtype).eps
         last_nonfinite = torch.zeros(rows, dtype=torch.bool, device=self.device)
         ratio = None
@@ -305,8 +356,9 @@ class _Loop:
             n_steps += running
             if adaptive:
                 with torch.no_grad():  # step-size control is not differentiated
-                    ratio = stepper.error_ratio(y, y1, h_y, ks, prob.rtol, prob.atol, self.norm,
-                                                self.dims)
+                    ratio = stepper.error_ratio(
+                        y, y1, h_y, ks, prob.rtol, prob.atol, self.norm, self.dims
+                    )
                 accept, h_next, cstate = self.controller.adapt(ratio, h_eff, cstate)
                 accept &= running
                 last_nonfinite = ~torch.isfinite(ratio)
@@ -325,19 +377,25 @@ class _Loop:
                 tiny = h_next <= 10 * eps * torch.maximum(t.abs(), t_end.abs())
                 under = still & ~accept & tiny
                 status = torch.where(
-                    under, torch.where(last_nonfinite, int(Status.NONFINITE),
-                                       int(Status.STEP_SIZE_UNDERFLOW)), status)
+                    under,
+                    torch.where(
+                        last_nonfinite, int(Status.NONFINITE), int(Status.STEP_SIZE_UNDERFLOW)
+                    ),
+                    status,
+                )
                 still = still & ~under
             maxed = still & (n_steps >= self.max_num_steps)
             status = torch.where(maxed, int(Status.MAX_STEPS_REACHED), status)
             still = still & ~maxed
             any_running, m_in, m_end = torch.stack(
-                (still.any().long(), n_in.max(), n_end.max())).tolist()
+                (still.any().long(), n_in.max(), n_end.max())
+            ).tolist()
             ks_all = None
             if m_in > 0 or self.dense:
                 ks_all = stepper.extra_stages(f, t, y, h_eff, h_y, y1, ks)
                 nfe += running * stepper.evals_extra
             if m_in > 0:
+                assert ks_all is not None
                 self._interior_outputs(outputs, y, h_eff, h_y, t, nxt, n_in, m_in, ks_all)
             if m_end > 0:
                 if self.batched:
@@ -352,7 +410,12 @@ class _Loop:
             y = torch.where(acc_y, y1, y) if (adaptive or self.batched) else y1
             if tab.fsal:
                 k0 = torch.where(acc_y, ks[-1], k0) if adaptive else ks[-1]
-            elif ks_all is not None and stepper.extra_is_f1 and stepper.extra_is_f1[-1] and not adaptive:
+            elif (
+                ks_all is not None
+                and stepper.extra_is_f1
+                and stepper.extra_is_f1[-1]
+                and not adaptive
+            ):
                 k0 = ks_all[-1]  # the Hermite stage f(t + h, y1) is the next step's first stage
             else:
                 k0 = None
@@ -367,15 +430,26 @@ class _Loop:
             status, t = self._flag_nonfinite(ys, status, t)
         return ys, status, t, Stats(nfe, n_steps, n_acc, n_steps - n_acc)
 
-    def _interior_outputs(self, outputs: _Outputs, y: torch.Tensor, h: torch.Tensor,
-                          h_y: torch.Tensor, t: torch.Tensor, nxt: torch.Tensor,
-                          n_in: torch.Tensor, m: int, ks_all: list[torch.Tensor]) -> None:
+    def _interior_outputs(
+        self,
+        outputs: _Outputs,
+        y: torch.Tensor,
+        h: torch.Tensor,
+        h_y: torch.Tensor,
+        t: torch.Tensor,
+        nxt: torch.Tensor,
+        n_in: torch.Tensor,
+        m: int,
+        ks_all: list[torch.Tensor],
+    ) -> None:
         j = torch.arange(m, device=self.device)
         if self.batched:
             idx = nxt.unsqueeze(1) + j
             valid = j < n_in.unsqueeze(1)
             ts = self._gather_s(idx.clamp(max=self.T - 1))
-            theta = torch.where(valid, (ts - t.unsqueeze(1)) / h.clamp(min=1e-300).unsqueeze(1), 0.0)
+            theta = torch.where(
+                valid, (ts - t.unsqueeze(1)) / h.clamp(min=1e-300).unsqueeze(1), 0.0
+            )
             vals = self.stepper.interpolate(y, h_y, ks_all, theta.to(self.dtype), batched=True)
             outputs.add(idx, vals, valid)
         else:
@@ -383,8 +457,9 @@ class _Loop:
             vals = self.stepper.interpolate(y, h_y, ks_all, theta.to(self.dtype), batched=False)
             outputs.add(nxt + j, vals, None)
 
-    def _flag_nonfinite(self, ys: torch.Tensor, status: torch.Tensor,
-                        t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _flag_nonfinite(
+        self, ys: torch.Tensor, status: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Samples whose reached outputs hold NaN/Inf fail with NONFINITE, reported at the first
         such output time (fixed-step methods have no error estimate to catch it in the loop)."""
         bad = ~torch.isfinite(ys.detach())
@@ -426,7 +501,9 @@ class _Loop:
                 tq = tq.reshape(-1)
                 sq = tq * sign
                 lo, hi = t0, t1
-            if bool(((sq < lo - 1e-12 * (hi - lo).abs()) | (sq > hi + 1e-12 * (hi - lo).abs())).any()):
+            if bool(
+                ((sq < lo - 1e-12 * (hi - lo).abs()) | (sq > hi + 1e-12 * (hi - lo).abs())).any()
+            ):
                 raise ValueError("Solution.evaluate: t lies outside the solved interval")
             if batched:
                 i = torch.searchsorted(key.T.contiguous(), sq.contiguous(), right=True) - 1
@@ -437,11 +514,15 @@ class _Loop:
                 theta = ((sq - tt) / hh.clamp(min=1e-300)).clamp(0, 1).to(self.dtype)
                 w = theta.unsqueeze(-1).pow(stepper.powers) @ stepper.P.T  # [B, M, n_k]
                 dy = torch.einsum("bmk,bmkn->bmn", w, KK.flatten(3))
-                out = yy + (hh.to(self.dtype).view(hh.shape + (1,) * (yy.ndim - 2))
-                            * dy.view(yy.shape))
+                out = yy + (
+                    hh.to(self.dtype).view(hh.shape + (1,) * (yy.ndim - 2)) * dy.view(yy.shape)
+                )
                 out = prob.unflatten(out)
-                return tuple(o[:, 0] for o in out) if scalar and isinstance(out, tuple) else (
-                    out[:, 0] if scalar else out)
+                return (
+                    tuple(o[:, 0] for o in out)
+                    if scalar and isinstance(out, tuple)
+                    else (out[:, 0] if scalar else out)
+                )
             i = (torch.searchsorted(key, sq, right=True) - 1).clamp(0, key.shape[0] - 1)
             tt, hh, yy, KK = ts[i], hs[i], ys[i], Ks[i]
             theta = ((sq - tt) / hh.clamp(min=1e-300)).clamp(0, 1).to(self.dtype)

@@ -1,4 +1,4 @@
-"""Steppers: one generic explicit Runge-Kutta stepper (implicit steppers for stiff problems later)."""
+"""Steppers: one generic explicit Runge-Kutta stepper (implicit ones for stiff problems later)."""
 
 from .rk import RKStepper
 

@@ -40,8 +40,13 @@ class RKStepper:
     broadcast against ``y`` (``[]`` or ``[batch, 1, ...]``).
     """
 
-    def __init__(self, tableau: ButcherTableau, dtype: torch.dtype, t_dtype: torch.dtype,
-                 device: torch.device) -> None:
+    def __init__(
+        self,
+        tableau: ButcherTableau,
+        dtype: torch.dtype,
+        t_dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
         self.tableau = tableau
         self.dtype = dtype
         self.fsal = tableau.fsal
@@ -56,7 +61,9 @@ class RKStepper:
         self.extra_terms = [_terms(row) for row in dense.extra_a]
         # An extra stage with node 1 and a-row b is f(t + h, y1): reuse y1 itself, exactly.
         self.extra_is_f1 = [
-            c == 1.0 and tuple(row[: tableau.stages]) == tuple(tableau.b) and len(row) == tableau.stages
+            c == 1.0
+            and tuple(row[: tableau.stages]) == tuple(tableau.b)
+            and len(row) == tableau.stages
             for c, row in zip(dense.extra_c, dense.extra_a)
         ]
         self.P = torch.tensor([[float(x) for x in r] for r in dense.P], dtype=dtype, device=device)
@@ -65,7 +72,12 @@ class RKStepper:
         self.evals_extra = len(dense.extra_c)
 
     def step(
-        self, f: Func, t: torch.Tensor, y: torch.Tensor, h: torch.Tensor, h_y: torch.Tensor,
+        self,
+        f: Func,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        h: torch.Tensor,
+        h_y: torch.Tensor,
         k0: torch.Tensor,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """One step from ``(t, y)`` of size ``h``; returns ``(y1, stages)``.
@@ -86,8 +98,15 @@ class RKStepper:
         return y1, ks
 
     def error_ratio(
-        self, y: torch.Tensor, y1: torch.Tensor, h_y: torch.Tensor, ks: list[torch.Tensor],
-        rtol: float | torch.Tensor, atol: float | torch.Tensor, norm: Norm, dims: tuple[int, ...],
+        self,
+        y: torch.Tensor,
+        y1: torch.Tensor,
+        h_y: torch.Tensor,
+        ks: list[torch.Tensor],
+        rtol: float | torch.Tensor,
+        atol: float | torch.Tensor,
+        norm: Norm,
+        dims: tuple[int, ...],
     ) -> torch.Tensor:
         """Scaled error norm per sample (``<= 1`` accepts), ``atol + rtol * max(|y|, |y1|)``."""
         assert self.e_terms is not None
@@ -103,8 +122,14 @@ class RKStepper:
         return torch.where(den > 0, e5sq / den.clamp(min=torch.finfo(den.dtype).tiny), den)
 
     def extra_stages(
-        self, f: Func, t: torch.Tensor, y: torch.Tensor, h: torch.Tensor, h_y: torch.Tensor,
-        y1: torch.Tensor, ks: list[torch.Tensor],
+        self,
+        f: Func,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        h: torch.Tensor,
+        h_y: torch.Tensor,
+        y1: torch.Tensor,
+        ks: list[torch.Tensor],
     ) -> list[torch.Tensor]:
         """The interpolant's extra stages, appended to a copy of ``ks``."""
         ks = list(ks)
@@ -114,7 +139,11 @@ class RKStepper:
         return ks
 
     def interpolate(
-        self, y: torch.Tensor, h_y: torch.Tensor, ks: list[torch.Tensor], theta: torch.Tensor,
+        self,
+        y: torch.Tensor,
+        h_y: torch.Tensor,
+        ks: list[torch.Tensor],
+        theta: torch.Tensor,
         batched: bool,
     ) -> torch.Tensor:
         """Dense output at fractions ``theta`` of the step.
