@@ -24,6 +24,7 @@ ODE_OPTIONS = {
     "dtype": "dtype of time inside the solver (default float64)",
     "norm": "'rms', 'max' or a callable norm(x, dims)",
     "safety": "step-size controller safety factor (default 0.9)",
+    "beta": "PI stabilisation coefficient (default 0: integral control)",
     "ifactor": "largest step growth factor (default 10)",
     "dfactor": "smallest step shrink factor (default 0.2)",
 }

@@ -40,8 +40,8 @@ class PIController:
 
     ``factor = safety * err^(-alpha) * err_prev^beta`` with ``alpha = 1/q - 0.75 beta`` and
     ``q`` the error order + 1; ``beta = 0`` is the classical (integral) controller.  Factors
-    are clipped to ``[dfactor, ifactor]``; right after a rejection the step may not grow (Hairer's rule).
-    Non-finite errors reject the step and shrink it by ``dfactor``.
+    are clipped to ``[dfactor, ifactor]``; right after a rejection the step may not grow
+    (Hairer's rule).  Non-finite errors reject the step and shrink it by ``dfactor``.
     """
 
     error_order: int
