@@ -8,7 +8,7 @@ solve is the same loop with row shape ``[]``.  The loop synchronises with the ho
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -301,7 +301,83 @@ class _Loop:
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Stats]:
-        prob, stepper, tab = self.prob, self.stepper, self.tab
+        if self.T > 1 and not self.tab.adaptive:
+            ys, status, t, stats = self._run_fixed()
+        else:
+            ys, status, t, stats = self._run_adaptive()
+        if not bool(torch.isfinite(ys.detach()).all()):
+            status, t = self._flag_nonfinite(ys, status, t)
+        return ys, status, t, stats
+
+    def _run_fixed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Stats]:
+        """Fixed steps: the grid is known before the first step, so the loop has no host syncs
+        and no per-step control; outputs between grid points come from cubic Hermite
+        interpolation on the stored grid states and slopes (computed once, at the end)."""
+        stepper, f, s = self.stepper, self.prob.func, self.s
+        t0, t1 = s[..., 0], s[..., -1]
+        if self.step_size is None:
+            grid = s  # one step per output interval
+            n_row = torch.full(t0.shape, self.T - 1, dtype=torch.long, device=self.device)
+        else:
+            # ceil(span / step), letting the last step stretch by up to 1% rather than leaving a
+            # sliver; each row's grid is padded with its end time (zero steps) to the longest.
+            n_row = torch.ceil((t1 - t0) / self.step_size - 0.01).long().clamp_(min=1)
+            k = torch.arange(int(n_row.max()) + 1, device=self.device, dtype=s.dtype)
+            grid = t0.unsqueeze(-1) + k * self.step_size
+            grid = torch.where(k >= n_row.unsqueeze(-1), t1.unsqueeze(-1), grid)
+        n = grid.shape[-1] - 1
+        gT = grid.T if self.batched else grid  # [n + 1, *rows]
+        hs = gT.diff(dim=0)
+        stage_t = torch.addcmul(
+            gT[:-1].unsqueeze(1), stepper.c.view((1, -1) + (1,) * (gT.ndim - 1)), hs.unsqueeze(1)
+        ).to(self.dtype)  # [n, stages - 1, *rows]
+        h_list: Sequence[Any] = (
+            hs.to(self.dtype).view((n,) + self.bshape).unbind(0) if self.batched else hs.tolist()
+        )
+        y, k0 = self.y0, self.prob.f0
+        ys, fs = [y], [k0]
+        for i, ts_i in enumerate(stage_t.unbind(0)):
+            if i:
+                k0 = f(gT[i].to(self.dtype), y)
+                fs.append(k0)
+            y, _ = stepper.step(f, ts_i.unbind(0), y, h_list[i], k0)
+            ys.append(y)
+        stages = stepper.tableau.stages
+        nfe = n_row * stages
+        Y = torch.stack(ys)
+        if self.step_size is None and not self.dense:
+            ys_out = Y.transpose(0, 1) if self.batched else Y
+        else:
+            fs.append(f(gT[-1].to(self.dtype), y))
+            nfe += 1
+            self._hermite = (grid, Y, torch.stack(fs))
+            ys_out = self._hermite_eval(s)
+        status = torch.zeros_like(n_row)
+        return ys_out, status, t1.clone(), Stats(nfe, n_row, n_row.clone(), n_row * 0)
+
+    def _hermite_eval(self, sq: torch.Tensor) -> torch.Tensor:
+        """Cubic Hermite interpolation on the fixed-step grid at internal times ``sq``
+        (``[M]``, or ``[B, M]`` batched).  At grid points it returns the grid state exactly."""
+        grid, Y, F = self._hermite
+        n = grid.shape[-1] - 1
+        k = (torch.searchsorted(grid, sq.contiguous(), right=False) - 1).clamp_(0, n - 1)
+        g0, g1 = grid.gather(-1, k), grid.gather(-1, k + 1)
+        h = g1 - g0
+        th = ((sq - g0) / h.clamp(min=torch.finfo(h.dtype).tiny)).clamp(0, 1).to(self.dtype)
+        if self.batched:
+            b = torch.arange(k.shape[0], device=self.device).unsqueeze(1)
+            y0, y1, f0, f1 = Y[k, b], Y[k + 1, b], F[k, b], F[k + 1, b]  # [B, M, ...]
+        else:
+            y0, y1, f0, f1 = Y[k], Y[k + 1], F[k], F[k + 1]  # [M, ...]
+        shape = th.shape + (1,) * (Y.ndim - 1 - (1 if self.batched else 0))
+        th, hy = th.view(shape), h.to(self.dtype).view(shape)
+        th2 = th * th
+        th3 = th2 * th
+        h01 = 3 * th2 - 2 * th3
+        return y0 * (1 - h01) + y1 * h01 + hy * (f0 * (th - 2 * th2 + th3) + f1 * (th3 - th2))
+
+    def _run_adaptive(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Stats]:
+        prob, stepper = self.prob, self.stepper
         f = prob.func
         y = self.y0
         t = self.s[..., 0].clone()
@@ -310,89 +386,72 @@ class _Loop:
         zeros_l = torch.zeros(rows, dtype=torch.long, device=self.device)
         status = zeros_l.clone()
         n_steps, n_acc, nfe = zeros_l.clone(), zeros_l.clone(), zeros_l + 1
-        nxt = zeros_l + 1
         outputs = _Outputs(y, self.T, self.batched)
-        running = t < t_end
         if self.T == 1:
             return outputs.assemble(), status, t, Stats(nfe, n_steps, n_acc, n_steps - n_acc)
+        nxt = zeros_l + 1  # per row: index of the next output time to produce
+        running = t < t_end
         k0: torch.Tensor | None = prob.f0
-        adaptive = tab.adaptive
-        grid_mode = not adaptive and self.step_size is None
         cstate = ControllerState.initial(t)
-        if adaptive:
-            if self.first_step is not None:
-                h = torch.full(rows, self.first_step, dtype=self.t_dtype, device=self.device)
-            else:
-                with torch.no_grad():
-                    h = initial_step(
-                        f,
-                        t,
-                        y,
-                        prob.f0,
-                        tab.error_order or tab.order,
-                        prob.rtol,
-                        prob.atol,
-                        self.norm,
-                        self.dims,
-                        self.bshape,
-                    )
-                nfe += 1
+        if self.first_step is not None:
+            h = torch.full(rows, self.first_step, dtype=self.t_dtype, device=self.device)
         else:
-            h = torch.full(
-                rows, self.step_size or torch.inf, dtype=self.t_dtype, device=self.device
-            )
+            with torch.no_grad():
+                h = initial_step(
+                    f,
+                    t,
+                    y,
+                    prob.f0,
+                    stepper.tableau.error_order or 1,
+                    prob.rtol,
+                    prob.atol,
+                    self.norm,
+                    self.dims,
+                    self.bshape,
+                )
+            nfe += 1
         eps = torch.finfo(self.t_dtype).eps
-        last_nonfinite = torch.zeros(rows, dtype=torch.bool, device=self.device)
-        ratio = None
-
         while True:
-            t_stop = self._gather_s(nxt.clamp(max=self.T - 1)) if grid_mode else t_end
-            gap = t_stop - t
-            hit = h * 1.01 >= gap  # no sliver of a last step (Hairer)
+            gap = t_end - t
+            hit = h * 1.01 >= gap  # land on the end rather than leave a sliver of a step
             h_eff = torch.where(running, torch.minimum(h, gap), 0.0)
-            t_new = torch.where(hit, t_stop, t + h_eff)
             h_y = self._row(h_eff.to(self.dtype))
-            if k0 is None:
+            if k0 is None:  # a method without FSAL: the step starts with a fresh evaluation
                 k0 = f(t.to(self.dtype), y)
                 nfe += running
-            y1, ks = stepper.step(f, t, y, h_eff, h_y, k0)
+            y1, ks = stepper.step(f, stepper.stage_times(t, h_eff), y, h_y, k0)
             nfe += running * stepper.evals_per_step
             n_steps += running
-            if adaptive:
-                with torch.no_grad():  # step-size control is not differentiated
-                    ratio = stepper.error_ratio(
-                        y, y1, h_y, ks, prob.rtol, prob.atol, self.norm, self.dims
-                    )
-                accept, h_next, cstate = self.controller.adapt(ratio, h_eff, cstate)
-                accept &= running
-                last_nonfinite = ~torch.isfinite(ratio)
-            else:
-                accept, h_next = running, h
+            with torch.no_grad():  # step-size control is not differentiated
+                ratio = stepper.error_ratio(
+                    y, y1, h_y, ks, prob.rtol, prob.atol, self.norm, self.dims
+                )
+            accept, h, cstate = self.controller.adapt(ratio, h_eff, cstate)
+            accept &= running
             n_acc += accept
-            t_new = torch.where(accept, t_new, t)
+            t_new = torch.where(accept, torch.where(hit, t_end, t + h_eff), t)
+            done = accept & hit
             # Outputs strictly inside the step are interpolated; one on its end is y1 itself.
             lt = self._count_le(t_new, right=False)
             le = self._count_le(t_new, right=True)
             n_in = torch.where(accept, lt - nxt, 0)
             n_end = torch.where(accept, le - lt, 0)
-            done = accept & (t_new >= t_end)
+            # Failures: the step fell below the time resolution, or too many steps.
             still = running & ~done
-            if adaptive:
-                tiny = h_next <= 10 * eps * torch.maximum(t.abs(), t_end.abs())
-                under = still & ~accept & tiny
-                status = torch.where(
-                    under,
-                    torch.where(
-                        last_nonfinite, int(Status.NONFINITE), int(Status.STEP_SIZE_UNDERFLOW)
-                    ),
-                    status,
-                )
-                still = still & ~under
-            maxed = still & (n_steps >= self.max_num_steps)
+            tiny = h <= 10 * eps * torch.maximum(t.abs(), t_end.abs())
+            under = still & ~accept & tiny
+            code = torch.where(
+                ~torch.isfinite(ratio), int(Status.NONFINITE), int(Status.STEP_SIZE_UNDERFLOW)
+            )
+            status = torch.where(under, code, status)
+            maxed = still & ~under & (n_steps >= self.max_num_steps)
             status = torch.where(maxed, int(Status.MAX_STEPS_REACHED), status)
-            still = still & ~maxed
-            any_running, m_in, m_end = torch.stack(
-                (still.any().long(), n_in.max(), n_end.max())
+            still &= ~(under | maxed)
+            # The step's one host sync: does any row run on, how many outputs fell inside the
+            # step or on its end, and did every running row accept (then no merge is needed,
+            # and an unbatched rejected step leaves no trace in the autograd graph).
+            any_running, m_in, m_end, all_acc = torch.stack(
+                (still.any(), n_in.max(), n_end.max(), (accept | ~running).all())
             ).tolist()
             ks_all = None
             if m_in > 0 or self.dense:
@@ -409,30 +468,20 @@ class _Loop:
             if self.dense:
                 assert ks_all is not None
                 self.record.append((t, h_eff, y, torch.stack(ks_all, dim=1 if self.batched else 0)))
-            # Advance the accepted rows.
-            acc_y = self._row(accept)
-            y = torch.where(acc_y, y1, y) if (adaptive or self.batched) else y1
-            if tab.fsal:
-                k0 = torch.where(acc_y, ks[-1], k0) if adaptive else ks[-1]
-            elif (
-                ks_all is not None
-                and stepper.extra_is_f1
-                and stepper.extra_is_f1[-1]
-                and not adaptive
-            ):
-                k0 = ks_all[-1]  # the Hermite stage f(t + h, y1) is the next step's first stage
-            else:
-                k0 = None
+            # Advance the accepted rows (rows that stopped took a zero step: y1 == y there).
+            fsal = ks[-1] if stepper.fsal else None
+            if all_acc:
+                y, k0 = y1, fsal
+            elif self.batched:
+                acc_y = self._row(accept)
+                y = torch.where(acc_y, y1, y)
+                k0 = None if fsal is None else torch.where(acc_y, fsal, k0)
             t = t_new
             nxt = torch.where(accept, le, nxt)
-            h = h_next
             running = still
             if not any_running:
                 break
-        ys = outputs.assemble()
-        if not bool(torch.isfinite(ys.detach()).all()):
-            status, t = self._flag_nonfinite(ys, status, t)
-        return ys, status, t, Stats(nfe, n_steps, n_acc, n_steps - n_acc)
+        return outputs.assemble(), status, t, Stats(nfe, n_steps, n_acc, n_steps - n_acc)
 
     def _interior_outputs(
         self,

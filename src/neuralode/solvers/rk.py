@@ -32,6 +32,19 @@ def _combine(ks: Sequence[torch.Tensor], terms: Terms) -> torch.Tensor:
     return acc
 
 
+def _stage(
+    y: torch.Tensor, h: torch.Tensor | float, ks: Sequence[torch.Tensor], terms: Terms
+) -> torch.Tensor:
+    """``y + h * sum_j a_j k_j`` over the non-zero terms."""
+    if isinstance(h, float):
+        j0, a0 = terms[0]
+        acc = torch.add(y, ks[j0], alpha=h * a0)
+        for j, a in terms[1:]:
+            acc.add_(ks[j], alpha=h * a)
+        return acc
+    return torch.addcmul(y, h, _combine(ks, terms))
+
+
 class RKStepper:
     """Explicit Runge-Kutta steps of one tableau, for states of one dtype and device.
 
@@ -71,29 +84,34 @@ class RKStepper:
         self.evals_per_step = tableau.stages - 1  # k0 comes from the previous step (FSAL or f1)
         self.evals_extra = len(dense.extra_c)
 
+    def stage_times(self, t: torch.Tensor, h: torch.Tensor) -> Sequence[torch.Tensor]:
+        """Times of stages 1.. of a step from ``t`` of size ``h``, in the state dtype."""
+        cs = self.c.view((-1,) + (1,) * t.ndim)
+        return torch.addcmul(t, cs, h).to(self.dtype).unbind(0)
+
     def step(
         self,
         f: Func,
-        t: torch.Tensor,
+        ts: Sequence[torch.Tensor],
         y: torch.Tensor,
-        h: torch.Tensor,
-        h_y: torch.Tensor,
+        h_y: torch.Tensor | float,
         k0: torch.Tensor,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """One step from ``(t, y)`` of size ``h``; returns ``(y1, stages)``.
+        """One step from ``y`` with stage times ``ts`` (stages 1..) and size ``h_y``; returns
+        ``(y1, stages)``.
 
         ``k0 = f(t, y)`` is passed in (the previous step's last stage or first evaluation).
+        ``h_y`` is a tensor broadcastable against ``y`` (per-sample steps) or a Python float
+        (one step for the whole state: each stage is then a chain of ``add(alpha=...)``).
         """
-        cs = self.c.view((-1,) + (1,) * t.ndim)
-        ts = torch.addcmul(t, cs, h).to(self.dtype).unbind(0)
         ks = [k0]
         y1: torch.Tensor | None = None
         for i in range(1, len(self.a_terms)):
-            yi = torch.addcmul(y, h_y, _combine(ks, self.a_terms[i]))
+            yi = _stage(y, h_y, ks, self.a_terms[i])
             ks.append(f(ts[i - 1], yi))
             y1 = yi
         if not self.fsal:
-            y1 = torch.addcmul(y, h_y, _combine(ks, self.b_terms))
+            y1 = _stage(y, h_y, ks, self.b_terms)
         assert y1 is not None
         return y1, ks
 
