@@ -530,61 +530,58 @@ class _Loop:
         return (torch.where(rows, int(Status.NONFINITE), status), torch.where(rows, t_bad, t))
 
     def interpolator(self, prob: Problem) -> Callable[[torch.Tensor], Any]:
-        """Dense output over the recorded steps (see :meth:`Solution.evaluate`)."""
-        ts = torch.stack([r[0] for r in self.record])  # [n, *rows]
-        hs = torch.stack([r[1] for r in self.record])
-        ys = torch.stack([r[2] for r in self.record])
-        Ks = torch.stack([r[3] for r in self.record])
-        # Steps of a row that had stopped (h == 0) come last: +inf keeps each row's keys sorted.
-        # A rejected step shares its start with the retry after it, which the search prefers.
-        key = torch.where(hs > 0, ts, torch.inf)
+        """Dense output over the solved interval (see :meth:`Solution.evaluate`): the method's
+        own interpolant on the recorded steps, or Hermite on the fixed-step grid."""
+        core = self._recorded_eval() if self.tab.adaptive else self._hermite_eval
         t0, t1 = self.s[..., 0], self.s[..., -1]
         sign = prob.sign
-        batched, stepper = self.batched, self.stepper
 
         def evaluate(t_user: torch.Tensor) -> Any:
             tq = t_user.to(device=self.device, dtype=self.t_dtype)
             scalar = tq.ndim == 0
-            if batched:
+            if self.batched:
                 tq = tq.reshape(1, -1).expand(t0.shape[0], -1) if tq.ndim <= 1 else tq
-                sg = sign.unsqueeze(1) if isinstance(sign, torch.Tensor) else sign
-                sq = tq * sg
+                sq = tq * (sign.unsqueeze(1) if isinstance(sign, torch.Tensor) else sign)
                 lo, hi = t0.unsqueeze(1), t1.unsqueeze(1)
             else:
-                tq = tq.reshape(-1)
-                sq = tq * sign
+                sq = tq.reshape(-1) * sign
                 lo, hi = t0, t1
-            if bool(
-                ((sq < lo - 1e-12 * (hi - lo).abs()) | (sq > hi + 1e-12 * (hi - lo).abs())).any()
-            ):
-                raise ValueError("Solution.evaluate: t lies outside the solved interval")
-            if batched:
-                i = torch.searchsorted(key.T.contiguous(), sq.contiguous(), right=True) - 1
-                i = i.clamp(0, key.shape[0] - 1)  # [B, M]
-                b = torch.arange(i.shape[0], device=self.device).unsqueeze(1)
-                tt, hh = ts[i, b], hs[i, b]
-                yy, KK = ys[i, b], Ks[i, b]  # [B, M, ...], [B, M, n_k, ...]
-                theta = ((sq - tt) / hh.clamp(min=1e-300)).clamp(0, 1).to(self.dtype)
-                w = theta.unsqueeze(-1).pow(stepper.powers) @ stepper.P.T  # [B, M, n_k]
-                dy = torch.einsum("bmk,bmkn->bmn", w, KK.flatten(3))
-                out = yy + (
-                    hh.to(self.dtype).view(hh.shape + (1,) * (yy.ndim - 2)) * dy.view(yy.shape)
+            slack = 1e-12 * (hi - lo).abs()
+            if bool(((sq < lo - slack) | (sq > hi + slack)).any()):
+                raise ValueError(
+                    "Solution.evaluate: t lies outside the solved interval "
+                    f"[{_fmt_time(t0 * sign)}, {_fmt_time(t1 * sign)}]"
                 )
-                out = prob.unflatten(out)
-                return (
-                    tuple(o[:, 0] for o in out)
-                    if scalar and isinstance(out, tuple)
-                    else (out[:, 0] if scalar else out)
-                )
-            i = (torch.searchsorted(key, sq, right=True) - 1).clamp(0, key.shape[0] - 1)
-            tt, hh, yy, KK = ts[i], hs[i], ys[i], Ks[i]
-            theta = ((sq - tt) / hh.clamp(min=1e-300)).clamp(0, 1).to(self.dtype)
-            w = theta.unsqueeze(-1).pow(stepper.powers) @ stepper.P.T  # [M, n_k]
-            dy = torch.einsum("mk,mkn->mn", w, KK.flatten(2))
-            out = yy + hh.to(self.dtype).view((-1,) + (1,) * (yy.ndim - 1)) * dy.view(yy.shape)
-            out = prob.unflatten(out)
-            if scalar:
-                return tuple(o[0] for o in out) if isinstance(out, tuple) else out[0]
-            return out
+            out = prob.unflatten(core(sq))
+            if not scalar:
+                return out
+            pick = (lambda o: o[:, 0]) if self.batched else (lambda o: o[0])
+            return tuple(pick(o) for o in out) if isinstance(out, tuple) else pick(out)
 
         return evaluate
+
+    def _recorded_eval(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The method's interpolant on the steps recorded by a dense adaptive solve."""
+        ts = torch.stack([r[0] for r in self.record])  # [n, *rows]
+        hs = torch.stack([r[1] for r in self.record])
+        ys = torch.stack([r[2] for r in self.record])  # [n, *state]
+        Ks = torch.stack([r[3] for r in self.record])  # [n, (B,) n_k, *features]
+        if not self.batched:  # one row: give every record a batch dimension of 1
+            ts, hs, ys, Ks = ts[:, None], hs[:, None], ys[:, None], Ks[:, None]
+        # Steps of a row that had stopped (h == 0) come last: +inf keeps each row's keys sorted.
+        # A rejected step shares its start with the retry after it, which the search prefers.
+        key = torch.where(hs > 0, ts, torch.inf).T.contiguous()  # [B, n]
+        stepper = self.stepper
+
+        def core(sq: torch.Tensor) -> torch.Tensor:
+            sqb = sq if self.batched else sq.unsqueeze(0)  # [B, M]
+            i = (torch.searchsorted(key, sqb.contiguous(), right=True) - 1).clamp(0, len(ts) - 1)
+            b = torch.arange(i.shape[0], device=self.device).unsqueeze(1)
+            tt, hh, yy, KK = ts[i, b], hs[i, b], ys[i, b], Ks[i, b]  # [B, M, ...]
+            theta = ((sqb - tt) / hh.clamp(min=1e-300)).clamp(0, 1).to(self.dtype)
+            w = theta.unsqueeze(-1).pow(stepper.powers) @ stepper.P.T  # [B, M, n_k]
+            dy = torch.einsum("bmk,bmkn->bmn", w, KK.flatten(3)).view(yy.shape)
+            out = yy + hh.to(self.dtype).view(hh.shape + (1,) * (yy.ndim - 2)) * dy
+            return out if self.batched else out[0]
+
+        return core
