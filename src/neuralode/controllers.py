@@ -118,7 +118,7 @@ def initial_step(
     h0 = torch.where(small, torch.full_like(d0, 1e-6), 0.01 * d0 / d1.clamp(min=1e-300))
     h0 = h0.to(t0.dtype)
     y1 = y0 + h0.to(y0.dtype).view(bshape) * f0
-    f1 = f(t0 + h0, y1)
+    f1 = f((t0 + h0).to(y0.dtype), y1)
     d2 = (norm((f1 - f0) / scale, dims) / h0.to(d0.dtype)).to(t0.dtype)
     dmax = torch.maximum(d1.to(t0.dtype), d2)
     h1 = torch.where(

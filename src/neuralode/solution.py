@@ -116,4 +116,6 @@ class Solution:
         """
         if self._interpolator is None:
             raise ValueError("Solution.evaluate needs dense output: call solve(..., dense=True).")
-        return self._interpolator(torch.as_tensor(t))
+        if not isinstance(t, torch.Tensor):
+            t = torch.as_tensor(t, dtype=torch.float64)  # keep a Python float's precision
+        return self._interpolator(t)

@@ -322,9 +322,9 @@ class _Loop:
             # ceil(span / step), letting the last step stretch by up to 1% rather than leaving a
             # sliver; each row's grid is padded with its end time (zero steps) to the longest.
             n_row = torch.ceil((t1 - t0) / self.step_size - 0.01).long().clamp_(min=1)
-            k = torch.arange(int(n_row.max()) + 1, device=self.device, dtype=s.dtype)
-            grid = t0.unsqueeze(-1) + k * self.step_size
-            grid = torch.where(k >= n_row.unsqueeze(-1), t1.unsqueeze(-1), grid)
+            ks = torch.arange(int(n_row.max()) + 1, device=self.device, dtype=s.dtype)
+            grid = t0.unsqueeze(-1) + ks * self.step_size
+            grid = torch.where(ks >= n_row.unsqueeze(-1), t1.unsqueeze(-1), grid)
         n = grid.shape[-1] - 1
         gT = grid.T if self.batched else grid  # [n + 1, *rows]
         hs = gT.diff(dim=0)
@@ -345,8 +345,19 @@ class _Loop:
         stages = stepper.tableau.stages
         nfe = n_row * stages
         Y = torch.stack(ys)
-        if self.step_size is None and not self.dense:
-            ys_out = Y.transpose(0, 1) if self.batched else Y
+        if self.step_size is None:  # the grid is the output times
+            k: torch.Tensor | None = None
+            on_grid = True
+        else:  # do all outputs fall on grid points?  (one host sync per solve)
+            k = torch.searchsorted(grid, s).clamp_(max=n)
+            on_grid = bool((grid.gather(-1, k) == s).all())
+        if on_grid and not self.dense:
+            if k is None:
+                ys_out = Y.transpose(0, 1) if self.batched else Y
+            elif self.batched:
+                ys_out = Y[k, torch.arange(k.shape[0], device=self.device).unsqueeze(1)]
+            else:
+                ys_out = Y[k]
         else:
             fs.append(f(gT[-1].to(self.dtype), y))
             nfe += 1
@@ -450,13 +461,14 @@ class _Loop:
             # The step's one host sync: does any row run on, how many outputs fell inside the
             # step or on its end, and did every running row accept (then no merge is needed,
             # and an unbatched rejected step leaves no trace in the autograd graph).
-            any_running, m_in, m_end, all_acc = torch.stack(
-                (still.any(), n_in.max(), n_end.max(), (accept | ~running).all())
+            any_running, m_in, m_end, all_acc, any_acc = torch.stack(
+                (still.any(), n_in.max(), n_end.max(), (accept | ~running).all(), accept.any())
             ).tolist()
             ks_all = None
-            if m_in > 0 or self.dense:
+            if m_in > 0 or (self.dense and any_acc):
+                # The interpolant's extra stages (if any) are charged to the rows that use them.
                 ks_all = stepper.extra_stages(f, t, y, h_eff, h_y, y1, ks)
-                nfe += running * stepper.evals_extra
+                nfe += (accept if self.dense else n_in > 0) * stepper.evals_extra
             if m_in > 0:
                 assert ks_all is not None
                 self._interior_outputs(outputs, y, h_eff, h_y, t, nxt, n_in, m_in, ks_all)
@@ -465,7 +477,7 @@ class _Loop:
                     outputs.add(lt.unsqueeze(1), y1.unsqueeze(1), (n_end > 0).unsqueeze(1))
                 else:
                     outputs.add(lt, y1.unsqueeze(0), None)
-            if self.dense:
+            if self.dense and any_acc:
                 assert ks_all is not None
                 self.record.append((t, h_eff, y, torch.stack(ks_all, dim=1 if self.batched else 0)))
             # Advance the accepted rows (rows that stopped took a zero step: y1 == y there).

@@ -1,0 +1,219 @@
+"""``Solution.evaluate`` (dense output) is the solution between steps, for every adaptive method.
+
+* Against solving directly: adaptive steps do not depend on the output times, so a solve with the
+  query times as outputs takes the same steps and must agree with ``evaluate`` to round-off
+  (1e-12); both are within tolerance of the exact solution (``ERR_BOUND`` tolerance units, the
+  bound of ``test_reference``).
+* Shapes: scalar and ``[M]`` queries unbatched; ``[M]`` shared, ``[B, M]`` per-row and scalar
+  queries batched (per-sample grids, one row decreasing).
+* Step boundaries (constant steps, so they are known): the interpolant at a step start is the
+  step's state exactly; at the interval ends it is ``y0`` and the last output.
+* Errors: a time outside the solved interval, or ``evaluate`` without ``dense=True``, raise
+  ``ValueError``.
+* Gradients: ``evaluate`` is differentiable; its gradient w.r.t. ``y0`` is finite and equals the
+  one from ``odeint`` to the query times.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import neuralode
+from neuralode import get_tableau
+
+ALL_METHODS = neuralode.METHODS
+ADAPTIVE = tuple(m for m in ALL_METHODS if get_tableau(m).adaptive)
+DTYPE = torch.float64
+RTOL, ATOL = 1e-6, 1e-6
+ERR_BOUND = 100.0
+DECAY = 0.1
+
+
+def spiral(omega: torch.Tensor | float):
+    """Decaying rotation with a time-dependent speed ``omega (1 + cos t)`` (works batched)."""
+
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        w = omega * (1 + torch.cos(t))
+        x, v = y[..., 0], y[..., 1]
+        return torch.stack([-DECAY * x - w * v, w * x - DECAY * v], dim=-1)
+
+    return f
+
+
+def spiral_exact(t: torch.Tensor, t0: torch.Tensor, y0: torch.Tensor, omega) -> torch.Tensor:
+    """``y(t)`` from ``y(t0) = y0``; ``t`` is ``[..., M]``, ``y0`` is ``[..., 2]``."""
+    th = omega * ((t - t0) + torch.sin(t) - torch.sin(t0))
+    r = torch.exp(-DECAY * (t - t0))
+    c, s = torch.cos(th) * r, torch.sin(th) * r
+    x0, v0 = y0[..., :1], y0[..., 1:]
+    return torch.stack([c * x0 - s * v0, s * x0 + c * v0], dim=-1)
+
+
+def _tol_units(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float(((y - ref).abs() / (ATOL + RTOL * ref.abs())).max())
+
+
+Y0 = torch.tensor([1.0, 0.5], dtype=DTYPE)
+T_END = 5.0
+QUERIES = torch.tensor([0.013, 0.5, 1.2345, 2.0, 3.3, 4.99], dtype=DTYPE)
+
+
+@pytest.mark.parametrize("method", ADAPTIVE)
+def test_evaluate_matches_direct_solve_unbatched(method: str) -> None:
+    f = spiral(1.5)
+    sol = neuralode.solve(
+        f,
+        Y0,
+        torch.tensor([0.0, T_END], dtype=DTYPE),
+        method=method,
+        rtol=RTOL,
+        atol=ATOL,
+        dense=True,
+    )
+    grid = torch.cat([QUERIES.new_zeros(1), QUERIES, QUERIES.new_full((1,), T_END)])
+    direct = neuralode.solve(f, Y0, grid, method=method, rtol=RTOL, atol=ATOL)
+    assert int(direct.stats.n_steps) == int(sol.stats.n_steps)
+
+    vec = sol.evaluate(QUERIES)
+    assert vec.shape == (len(QUERIES), 2)
+    torch.testing.assert_close(vec, direct.ys[1:-1], rtol=1e-12, atol=1e-12)
+    exact = spiral_exact(QUERIES, torch.tensor(0.0, dtype=DTYPE), Y0, 1.5)
+    err = _tol_units(vec, exact)
+    print(f"{method}: dense error {err:.2f} tolerance units")
+    assert err <= ERR_BOUND
+
+    for i in (0, 2, 5):  # scalar queries: 0-dim tensors (Python floats: tested below)
+        one = sol.evaluate(QUERIES[i])
+        assert one.shape == (2,)
+        torch.testing.assert_close(one, vec[i], rtol=1e-13, atol=1e-13)
+
+    assert torch.equal(sol.evaluate(0.0), Y0)
+    torch.testing.assert_close(sol.evaluate(T_END), sol.ys[-1], rtol=1e-13, atol=1e-13)
+
+
+def test_evaluate_python_float_keeps_time_precision() -> None:
+    assert torch.get_default_dtype() == torch.float32
+    sol = neuralode.solve(
+        spiral(1.5), Y0, torch.tensor([0.0, T_END], dtype=DTYPE), rtol=RTOL, atol=ATOL, dense=True
+    )
+    want = sol.evaluate(torch.tensor(0.013, dtype=DTYPE))
+    torch.testing.assert_close(sol.evaluate(0.013), want, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("method", ADAPTIVE)
+def test_evaluate_at_step_boundaries(method: str) -> None:
+    """Constant steps of 0.25 (``first_step``, ``ifactor=1``, loose tolerance) put the step
+    boundaries on a known grid; the direct solve's outputs there are the steps' own states."""
+    f = spiral(1.5)
+    h = 0.25
+    grid = torch.arange(0, 21, dtype=DTYPE) * h  # [0, 5]
+    kw = dict(method=method, rtol=1e10, atol=1e10, first_step=h, ifactor=1.0)
+    sol = neuralode.solve(f, Y0, grid[[0, -1]], dense=True, **kw)
+    direct = neuralode.solve(f, Y0, grid, **kw)
+    assert int(sol.stats.n_accepted) == 20 and int(sol.stats.n_rejected) == 0
+    at = sol.evaluate(grid)
+    assert torch.equal(at[:-1], direct.ys[:-1])  # theta = 0 of the step starting there
+    torch.testing.assert_close(at[-1], direct.ys[-1], rtol=1e-13, atol=1e-13)  # theta = 1
+    # Just inside either side of a boundary, the two steps' interpolants meet (continuity).
+    b = grid[8]
+    eps = 1e-9
+    left, right = sol.evaluate(torch.stack([b - eps, b + eps]))
+    torch.testing.assert_close(left, right, rtol=0, atol=1e-7)
+
+
+GRIDS = torch.tensor(
+    [[0.0, 2.0, 4.0], [1.0, 3.0, 5.0], [4.0, 2.5, 0.5]], dtype=DTYPE
+)  # row 2 decreasing; every row covers [1, 4]
+OMEGAS = torch.tensor([0.5, 1.5, 3.0], dtype=DTYPE)
+Y0S = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, -1.0]], dtype=DTYPE)
+
+
+@pytest.mark.parametrize("method", ADAPTIVE)
+def test_evaluate_batched(method: str) -> None:
+    f = spiral(OMEGAS)
+    sol = neuralode.solve(
+        f, Y0S, GRIDS[:, [0, -1]], method=method, rtol=RTOL, atol=ATOL, dense=True
+    )
+    t0 = GRIDS[:, :1]
+
+    # Shared [M] queries inside every row's interval.
+    shared = torch.tensor([1.0, 1.7, 2.5, 3.9, 4.0], dtype=DTYPE)
+    out = sol.evaluate(shared)
+    assert out.shape == (3, 5, 2)
+    exact = spiral_exact(shared.expand(3, -1), t0, Y0S, OMEGAS.unsqueeze(1))
+    assert _tol_units(out, exact) <= ERR_BOUND
+
+    # Per-row [B, M] queries (row 2 in its own decreasing interval), against a direct solve with
+    # the same end points (same steps).
+    per_row = torch.tensor([[0.3, 1.1, 3.7], [1.2, 4.4, 4.9], [3.6, 2.0, 0.6]], dtype=DTYPE)
+    out = sol.evaluate(per_row)
+    assert out.shape == (3, 3, 2)
+    grid = torch.cat([GRIDS[:, :1], per_row, GRIDS[:, -1:]], dim=1)
+    direct = neuralode.solve(f, Y0S, grid, method=method, rtol=RTOL, atol=ATOL)
+    assert torch.equal(direct.stats.n_steps, sol.stats.n_steps)
+    torch.testing.assert_close(out, direct.ys[:, 1:-1], rtol=1e-12, atol=1e-12)
+    exact = spiral_exact(per_row, t0, Y0S, OMEGAS.unsqueeze(1))
+    err = _tol_units(out, exact)
+    print(f"{method}: batched dense error {err:.2f} tolerance units")
+    assert err <= ERR_BOUND
+
+    # A scalar query gives [B, features]; the interval ends give y0 and the last outputs.
+    one = sol.evaluate(2.5)
+    assert one.shape == (3, 2)
+    torch.testing.assert_close(one, sol.evaluate(shared)[:, 2], rtol=1e-12, atol=1e-13)
+    assert torch.equal(sol.evaluate(GRIDS[:, :1])[:, 0], Y0S)
+    torch.testing.assert_close(
+        sol.evaluate(GRIDS[:, -1:])[:, 0], sol.ys[:, -1], rtol=1e-13, atol=1e-13
+    )
+
+
+@pytest.mark.parametrize("method", ADAPTIVE)
+def test_evaluate_outside_interval_raises(method: str) -> None:
+    f = spiral(1.0)
+    t = torch.tensor([0.0, 2.0], dtype=DTYPE)
+    kw = dict(method=method, rtol=1e-4, atol=1e-6, dense=True)
+    sol = neuralode.solve(f, Y0, t, **kw)
+    for bad in (-0.1, 2.1, torch.tensor([0.5, 3.0], dtype=DTYPE)):
+        with pytest.raises(ValueError, match="outside"):
+            sol.evaluate(bad)
+    back = neuralode.solve(f, Y0, t.flip(0), **kw)
+    back.evaluate(1.0)
+    with pytest.raises(ValueError, match="outside"):
+        back.evaluate(2.5)
+    batched = neuralode.solve(spiral(OMEGAS), Y0S, GRIDS, **kw)
+    with pytest.raises(ValueError, match="outside"):
+        batched.evaluate(0.25)  # inside row 0's and row 2's intervals, not row 1's
+
+
+def test_evaluate_without_dense_raises() -> None:
+    sol = neuralode.solve(spiral(1.0), Y0, torch.tensor([0.0, 1.0], dtype=DTYPE))
+    with pytest.raises(ValueError, match="dense=True"):
+        sol.evaluate(0.5)
+
+
+@pytest.mark.parametrize("method", ADAPTIVE)
+def test_evaluate_is_differentiable(method: str) -> None:
+    f = spiral(1.5)
+    y0 = Y0.clone().requires_grad_(True)
+    sol = neuralode.solve(
+        f,
+        y0,
+        torch.tensor([0.0, T_END], dtype=DTYPE),
+        method=method,
+        rtol=RTOL,
+        atol=ATOL,
+        dense=True,
+    )
+    weights = torch.linspace(1.0, 2.0, 2 * len(QUERIES), dtype=DTYPE).view(-1, 2)
+    (g_dense,) = torch.autograd.grad((sol.evaluate(QUERIES) * weights).sum(), y0)
+    grid = torch.cat([QUERIES.new_zeros(1), QUERIES, QUERIES.new_full((1,), T_END)])
+    ys = neuralode.odeint(f, y0, grid, method=method, rtol=RTOL, atol=ATOL)
+    (g_direct,) = torch.autograd.grad((ys[1:-1] * weights).sum(), y0)
+    assert torch.isfinite(g_dense).all()
+    torch.testing.assert_close(g_dense, g_direct, rtol=1e-10, atol=1e-12)
+    # The flow is linear in y0: the exact gradient is sum_i w_i^T Phi(t_i).
+    eye = torch.eye(2, dtype=DTYPE)
+    phi = torch.stack([spiral_exact(QUERIES, torch.tensor(0.0, dtype=DTYPE), e, 1.5) for e in eye])
+    exact = (phi * weights).sum(dim=(1, 2))
+    torch.testing.assert_close(g_dense, exact, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,249 @@
+"""The solve loop, driven by a recording vector field: where it evaluates, and how it counts.
+
+A mock field records every ``(t, y)`` it is called with, so the tests see the loop from outside:
+
+* One step of every method evaluates its stages at exactly ``t0 + c_i h`` on the states
+  ``y0 + h sum_j a_ij k_j`` built from the recorded stage values, and returns
+  ``y0 + h sum_j b_j k_j``; rk4 forward and backward in time lands on the exact nodes.
+* ``stats.nfe`` equals the number of calls, and the exact counts follow from ``solve.py``:
+  ``f(t0, y0)`` is evaluated once at the entry (counted); each step evaluates stages ``1..s-1``;
+  the first stage comes from the previous step when the method is FSAL (adaptive tableaus here)
+  and is evaluated afresh otherwise; Hairer's initial step costs one probe unless
+  ``first_step`` is given; the interpolant's extra stages cost ``len(dense.extra_c)`` per step
+  that needs them (dopri8: 3).
+  So fixed grid: ``nfe = s (T - 1)``; fixed steps with ``dense`` or ``step_size`` (outputs by
+  Hermite interpolation on the grid, which needs ``f`` at the last grid point too):
+  ``s n_steps + 1``; adaptive: ``2 + (s - 1) n_steps`` (``1 + ...`` with ``first_step``,
+  ``+ extras * n_steps`` with ``dense``).
+* ``y' = 0`` takes a handful of steps (the step grows by ``ifactor`` each time) and returns
+  ``y0`` bit for bit.
+* A float32 state with float64 time: the field sees ``t`` in float32 while the loop's clock is
+  float64 (100 steps of 0.01 starting at t = 1000 stay exactly 100 steps).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import neuralode
+from neuralode import get_tableau
+
+ALL_METHODS = neuralode.METHODS
+FIXED = tuple(m for m in ALL_METHODS if not get_tableau(m).adaptive)
+ADAPTIVE = tuple(m for m in ALL_METHODS if get_tableau(m).adaptive)
+DTYPE = torch.float64
+
+
+class Recorder:
+    """A vector field that records its calls: ``t``, ``y`` and the returned ``dy/dt``."""
+
+    def __init__(self, field=None) -> None:
+        self.field = field or (lambda t, y: torch.sin(t) * y + 0.5 * y**2 * torch.cos(y))
+        self.ts: list[torch.Tensor] = []
+        self.ys: list[torch.Tensor] = []
+        self.ks: list[torch.Tensor] = []
+
+    def __call__(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        k = self.field(t, y)
+        self.ts.append(t.detach().clone())
+        self.ys.append(y.detach().clone())
+        self.ks.append(k.detach().clone())
+        return k
+
+    @property
+    def n(self) -> int:
+        return len(self.ts)
+
+
+Y0 = torch.tensor([0.5, -1.0, 2.0], dtype=DTYPE)
+
+
+def _one_step(method: str, t0: float, h: float, rec: Recorder) -> neuralode.Solution:
+    t = torch.tensor([t0, t0 + h], dtype=DTYPE)
+    if get_tableau(method).adaptive:
+        # rtol/atol huge: the first step (exactly h) is accepted.
+        return neuralode.solve(rec, Y0, t, method=method, first_step=abs(h), rtol=1e10, atol=1e10)
+    return neuralode.solve(rec, Y0, t, method=method)
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_one_step_evaluates_stages_at_nodes(method: str) -> None:
+    tab = get_tableau(method)
+    t0, h = 0.25, 0.5
+    rec = Recorder()
+    sol = _one_step(method, t0, h, rec)
+    s = tab.stages
+    assert rec.n == s == int(sol.stats.nfe)
+    assert int(sol.stats.n_steps) == 1
+    for t in rec.ts:
+        assert t.shape == () and t.dtype == DTYPE
+    for i in range(s):
+        want_t = t0 + float(tab.c[i]) * h
+        assert abs(float(rec.ts[i]) - want_t) <= 1e-15, (i, float(rec.ts[i]), want_t)
+        y_i = Y0 + h * sum((float(a) * rec.ks[j] for j, a in enumerate(tab.a[i])), Y0 * 0)
+        torch.testing.assert_close(rec.ys[i], y_i, rtol=1e-14, atol=1e-14)
+    y1 = Y0 + h * sum((float(b) * k for b, k in zip(tab.b, rec.ks)), Y0 * 0)
+    torch.testing.assert_close(sol.ys[-1], y1, rtol=1e-14, atol=1e-14)
+    assert torch.equal(sol.ys[0], Y0)
+
+
+@pytest.mark.parametrize("direction", [1.0, -1.0])
+def test_rk4_step_nodes_are_exact(direction: float) -> None:
+    rec = Recorder()
+    t0, h = 0.25, 0.5 * direction
+    _one_step("rk4", t0, h, rec)
+    want = [t0, t0 + h / 2, t0 + h / 2, t0 + h]  # dyadic: exact in float64
+    assert [float(t) for t in rec.ts] == want
+
+
+GRID = torch.tensor([0.0, 0.1, 0.3, 0.35, 0.8, 1.0], dtype=DTYPE)
+
+
+@pytest.mark.parametrize("method", FIXED)
+def test_fixed_grid_takes_one_step_per_interval(method: str) -> None:
+    s = get_tableau(method).stages
+    steps = len(GRID) - 1
+    rec = Recorder()
+    sol = neuralode.solve(rec, Y0, GRID, method=method)
+    assert int(sol.stats.n_steps) == int(sol.stats.n_accepted) == steps
+    assert int(sol.stats.n_rejected) == 0
+    # f(t0, y0) once, then s - 1 stages per step, plus a fresh first stage on steps 2..T-1.
+    assert int(sol.stats.nfe) == rec.n == s * steps
+    # Every call's time is a node of the step it belongs to.
+    c = [float(x) for x in get_tableau(method).c]
+    want = [float(GRID[n] + ci * (GRID[n + 1] - GRID[n])) for n in range(steps) for ci in c]
+    assert [float(t) for t in rec.ts] == pytest.approx(want, abs=1e-15)
+
+    # Dense output is Hermite interpolation on the grid states and slopes: the slopes are the
+    # steps' first stages, plus one evaluation at the last grid point.
+    rec_d = Recorder()
+    dense = neuralode.solve(rec_d, Y0, GRID, method=method, dense=True)
+    assert int(dense.stats.nfe) == rec_d.n == 1 + s * steps
+    torch.testing.assert_close(dense.ys, sol.ys, rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("method", FIXED)
+def test_fixed_step_size_counts(method: str) -> None:
+    s = get_tableau(method).stages
+    rec = Recorder()
+    sol = neuralode.solve(
+        rec, Y0, torch.tensor([0.0, 1.0], dtype=DTYPE), method=method, step_size=0.3
+    )
+    # Grid 0, 0.3, 0.6, 0.9 (as 3 * 0.3), then a last step shortened to land on 1.0.  Both
+    # outputs fall on grid points, so no interpolation and no evaluation beyond the steps.
+    assert int(sol.stats.n_steps) == 4
+    assert int(sol.stats.nfe) == rec.n == 4 * s
+    assert max(float(x) for x in rec.ts) <= 1.0  # never evaluated past the end
+    # An output inside the second step: the same steps; Hermite interpolation on the grid needs
+    # the slope at the last grid point, one evaluation more; the value is the grid's Hermite
+    # interpolant (as dense output of the grid solve gives it).
+    rec2 = Recorder()
+    t = torch.tensor([0.0, 0.45, 1.0], dtype=DTYPE)
+    sol2 = neuralode.solve(rec2, Y0, t, method=method, step_size=0.3)
+    assert int(sol2.stats.n_steps) == 4
+    assert int(sol2.stats.nfe) == rec2.n == 4 * s + 1
+    torch.testing.assert_close(sol2.ys[-1], sol.ys[-1], rtol=1e-14, atol=1e-14)
+    grid = torch.cat([torch.arange(4, dtype=DTYPE) * 0.3, torch.ones(1, dtype=DTYPE)])
+    on_grid = neuralode.solve(Recorder(), Y0, grid, method=method, dense=True)
+    torch.testing.assert_close(on_grid.ys[-1], sol.ys[-1], rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(sol2.ys[1], on_grid.evaluate(t[1]), rtol=1e-14, atol=1e-14)
+
+
+def _stiffish(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Fast relaxation onto a moving target: forces some rejected steps."""
+    return -30.0 * (y - torch.sin(3.0 * t)) + torch.cos(t)
+
+
+@pytest.mark.parametrize("method", ADAPTIVE)
+def test_adaptive_counts(method: str) -> None:
+    tab = get_tableau(method)
+    assert tab.fsal and tab.dense is not None
+    s, extras = tab.stages, len(tab.dense.extra_c)
+    t = torch.tensor([0.0, 3.0], dtype=DTYPE)
+    kw = dict(method=method, rtol=1e-6, atol=1e-8)
+
+    rec = Recorder(_stiffish)
+    sol = neuralode.solve(rec, Y0, t, **kw)
+    n = int(sol.stats.n_steps)
+    assert int(sol.stats.n_rejected) > 0, "the problem should force rejections"
+    assert n == int(sol.stats.n_accepted) + int(sol.stats.n_rejected)
+    assert int(sol.stats.nfe) == rec.n == 2 + (s - 1) * n
+
+    rec = Recorder(_stiffish)
+    sol = neuralode.solve(rec, Y0, t, first_step=1e-3, **kw)
+    n = int(sol.stats.n_steps)
+    assert int(sol.stats.nfe) == rec.n == 1 + (s - 1) * n
+
+    rec = Recorder(_stiffish)
+    sol = neuralode.solve(rec, Y0, t, dense=True, **kw)
+    n, n_acc = int(sol.stats.n_steps), int(sol.stats.n_accepted)
+    # Dense output computes the interpolant's extra stages on accepted steps only.
+    assert int(sol.stats.nfe) == rec.n == 2 + (s - 1) * n + extras * n_acc
+
+
+@pytest.mark.parametrize("method", ADAPTIVE)
+def test_zero_vector_field_takes_few_steps(method: str) -> None:
+    s = get_tableau(method).stages
+    rec = Recorder(lambda t, y: torch.zeros_like(y))
+    sol = neuralode.solve(rec, Y0, torch.tensor([0.0, 10.0], dtype=DTYPE), method=method)
+    n = int(sol.stats.n_steps)
+    # Initial step 1e-6 (Hairer's rule for f = 0), then x10 per step: 1e-6 * 10^7 > 10.
+    assert n <= 9 and int(sol.stats.n_rejected) == 0
+    assert int(sol.stats.nfe) == rec.n == 2 + (s - 1) * n
+    assert torch.equal(sol.ys[-1], Y0)
+    t = torch.linspace(0.0, 10.0, 6, dtype=DTYPE)  # outputs inside steps: the interpolant too
+    many = neuralode.solve(lambda t, y: torch.zeros_like(y), Y0, t, method=method, dense=True)
+    assert int(many.stats.n_steps) == n
+    assert torch.equal(many.ys, Y0.expand(6, 3))
+    assert torch.equal(many.evaluate(torch.tensor([0.3, 7.77], dtype=DTYPE)), Y0.expand(2, 3))
+
+
+def _float32_case(method: str, **kw):
+    seen: set[tuple[torch.dtype, torch.dtype]] = set()
+
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        seen.add((t.dtype, y.dtype))
+        return -0.5 * y + torch.cos(t)
+
+    y0 = torch.tensor([1.0, -1.0], dtype=torch.float32)
+    t = torch.tensor([1000.0, 1000.5, 1001.0], dtype=DTYPE)
+    sol = neuralode.solve(f, y0, t, method=method, **kw)
+    seen_float32 = set(seen)
+    ref = neuralode.solve(f, y0.double(), t, method=method, **kw).ys
+    return sol, ref, seen_float32, (f, y0, t)
+
+
+@pytest.mark.parametrize(
+    "method, kw",
+    [("rk4", dict(step_size=0.01)), ("dopri5", dict(rtol=1e-5, atol=1e-6, first_step=0.01))],
+)
+def test_float32_state_with_float64_time(method: str, kw: dict) -> None:
+    sol, ref, seen, (f, y0, t) = _float32_case(method, **kw)
+    assert seen == {(torch.float32, torch.float32)}
+    assert sol.ys.dtype == torch.float32 and sol.t_end.dtype == DTYPE
+    assert float(sol.t_end) == 1001.0
+    if method == "rk4":
+        assert int(sol.stats.n_steps) == 100  # a float32 clock at t = 1000 could not count 0.01s
+    torch.testing.assert_close(sol.ys.double(), ref, rtol=1e-4, atol=1e-4)
+    # float32 times are promoted: the clock is float64 by default.
+    sol32 = neuralode.solve(f, y0, t.float(), method=method, **kw)
+    assert sol32.t_end.dtype == DTYPE
+    torch.testing.assert_close(sol32.ys, sol.ys, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ADAPTIVE)
+def test_float32_state_initial_step_sees_float32_time(method: str) -> None:
+    _, _, seen, _ = _float32_case(method, rtol=1e-5, atol=1e-6)
+    assert seen == {(torch.float32, torch.float32)}
+
+
+def test_batched_field_sees_each_rows_time() -> None:
+    rec = Recorder(lambda t, y: -y * t.unsqueeze(-1))
+    t = torch.tensor([[0.0, 1.0], [2.0, 3.0], [5.0, 4.0]], dtype=DTYPE)
+    y0 = torch.ones(3, 2, dtype=DTYPE)
+    sol = neuralode.solve(rec, y0, t, method="rk4")
+    assert all(tt.shape == (3,) for tt in rec.ts)
+    assert rec.ts[0].tolist() == [0.0, 2.0, 5.0]
+    assert rec.ts[-1].tolist() == [1.0, 3.0, 4.0]  # rk4's last node, c = 1
+    assert sol.stats.nfe.tolist() == [4, 4, 4]
