@@ -80,7 +80,7 @@ def check_times(
     if not t.is_floating_point():
         t = t.to(torch.float64)
     if t_dtype is not None:
-        if not t_dtype.is_floating_point:
+        if not isinstance(t_dtype, torch.dtype) or not t_dtype.is_floating_point:
             raise TypeError(f"options['dtype'] (the time dtype) must be floating, got {t_dtype}")
         t = t.to(t_dtype)
     elif t.dtype in (torch.float16, torch.bfloat16, torch.float32):

@@ -8,6 +8,7 @@ solve is the same loop with row shape ``[]``.  The loop synchronises with the ho
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -159,14 +160,22 @@ def _check_options(
             or step_size == float("inf")
         ):
             raise ValueError(f"step_size must be a positive finite number, got {step_size!r}")
+    for name, value in (
+        ("safety", safety),
+        ("beta", beta),
+        ("ifactor", ifactor),
+        ("dfactor", dfactor),
+    ):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a number, got {value!r}")
     if first_step is not None:
         if not tab.adaptive:
             raise ValueError(
                 f"first_step applies to adaptive methods; {tab.name!r} is fixed-step "
                 f"(use step_size)"
             )
-        if not isinstance(first_step, (int, float)) or not first_step > 0:
-            raise ValueError(f"first_step must be a positive number, got {first_step!r}")
+        if not isinstance(first_step, (int, float)) or not 0 < first_step < math.inf:
+            raise ValueError(f"first_step must be a positive finite number, got {first_step!r}")
     if isinstance(max_num_steps, bool) or not isinstance(max_num_steps, int) or max_num_steps < 1:
         raise ValueError(f"max_num_steps must be a positive integer, got {max_num_steps!r}")
     if isinstance(norm, str) and norm not in NORMS:
@@ -177,8 +186,8 @@ def _check_options(
         raise ValueError(f"safety must be in (0, 1], got {safety!r}")
     if not 0 <= beta <= 0.2:
         raise ValueError(f"beta (PI coefficient) must be in [0, 0.2], got {beta!r}")
-    if not ifactor >= 1:
-        raise ValueError(f"ifactor must be >= 1, got {ifactor!r}")
+    if not 1 <= ifactor < math.inf:
+        raise ValueError(f"ifactor must be a finite number >= 1, got {ifactor!r}")
     if not 0 < dfactor <= 1:
         raise ValueError(f"dfactor must be in (0, 1], got {dfactor!r}")
 
@@ -385,7 +394,10 @@ class _Loop:
         th2 = th * th
         th3 = th2 * th
         h01 = 3 * th2 - 2 * th3
-        return y0 * (1 - h01) + y1 * h01 + hy * (f0 * (th - 2 * th2 + th3) + f1 * (th3 - th2))
+        out = y0 * (1 - h01) + y1 * h01 + hy * (f0 * (th - 2 * th2 + th3) + f1 * (th3 - th2))
+        # On grid points return the grid state itself: a non-finite slope there (the field may
+        # fail beyond this point) must not leak through its zero weight.
+        return torch.where(th == 1, y1, torch.where(th == 0, y0, out))
 
     def _run_adaptive(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Stats]:
         prob, stepper = self.prob, self.stepper
@@ -425,7 +437,7 @@ class _Loop:
         while True:
             gap = t_end - t
             hit = h * 1.01 >= gap  # land on the end rather than leave a sliver of a step
-            h_eff = torch.where(running, torch.minimum(h, gap), 0.0)
+            h_eff = torch.where(running, torch.where(hit, gap, h), 0.0)
             h_y = self._row(h_eff.to(self.dtype))
             if k0 is None:  # a method without FSAL: the step starts with a fresh evaluation
                 k0 = f(t.to(self.dtype), y)
@@ -449,8 +461,10 @@ class _Loop:
             n_end = torch.where(accept, le - lt, 0)
             # Failures: the step fell below the time resolution, or too many steps.
             still = running & ~done
-            tiny = h <= 10 * eps * torch.maximum(t.abs(), t_end.abs())
-            under = still & ~accept & tiny
+            # An accepted step that no longer moves t, or a next step below the resolution of t
+            # (or NaN), cannot make progress.
+            res = 10 * eps * torch.maximum(t.abs(), t_end.abs())
+            under = still & ((h_eff <= res) | ~(h > res))
             code = torch.where(
                 ~torch.isfinite(ratio), int(Status.NONFINITE), int(Status.STEP_SIZE_UNDERFLOW)
             )
