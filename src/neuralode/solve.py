@@ -287,7 +287,7 @@ class _Loop:
         self.T = s.shape[-1]
         self.dims = tuple(range(1, y0.ndim)) if self.batched else tuple(range(y0.ndim))
         self.bshape = ((-1,) + (1,) * (y0.ndim - 1)) if self.batched else ()
-        self.stepper = RKStepper(tab, self.dtype, self.t_dtype, self.device)
+        self.stepper = RKStepper.cached(tab, self.dtype, self.t_dtype, self.device)
         self.step_size, self.first_step = step_size, first_step
         self.max_num_steps = max_num_steps
         self.dense = dense

@@ -7,6 +7,7 @@ term.  Per-sample step sizes enter once per stage through ``addcmul``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -52,6 +53,14 @@ class RKStepper:
     ``[batch]``) in the time dtype; ``h_y`` is ``h`` cast to the state dtype and shaped to
     broadcast against ``y`` (``[]`` or ``[batch, 1, ...]``).
     """
+
+    @staticmethod
+    @functools.lru_cache(maxsize=64)
+    def cached(
+        tableau: ButcherTableau, dtype: torch.dtype, t_dtype: torch.dtype, device: torch.device
+    ) -> RKStepper:
+        """A shared stepper per (tableau, dtypes, device): tableau tensors are built once."""
+        return RKStepper(tableau, dtype, t_dtype, device)
 
     def __init__(
         self,
