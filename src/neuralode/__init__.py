@@ -4,13 +4,14 @@
 step sizes, statistics, status, dense output).
 """
 
-from .compat import ODE_OPTIONS, odeint
+from .compat import ODE_OPTIONS, odeint, odeint_adjoint
 from .solution import Solution, SolverError, Stats, Status
 from .solve import solve
 from .tableaus import TABLEAUS, ButcherTableau, get_tableau
 
 __all__ = [
     "odeint",
+    "odeint_adjoint",
     "solve",
     "Solution",
     "SolverError",

@@ -6,7 +6,7 @@ same layout; unknown option keys are errors rather than warnings.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -14,7 +14,7 @@ import torch
 from .controllers import Norm
 from .solve import DEFAULT_MAX_NUM_STEPS, solve
 
-__all__ = ["odeint", "ODE_OPTIONS"]
+__all__ = ["odeint", "odeint_adjoint", "ODE_OPTIONS"]
 
 #: Option keys ``odeint`` understands (torchdiffeq's names), with their meaning.
 ODE_OPTIONS = {
@@ -67,6 +67,58 @@ def odeint(
             f"neuralode.solve takes per-sample grids [batch, T]"
         )
     sol = solve(func, y0, t, method=method, rtol=rtol, atol=atol, batched=False, **kwargs)
+    return sol.ys
+
+
+def odeint_adjoint(
+    func: Callable[[torch.Tensor, Any], Any],
+    y0: torch.Tensor | tuple[torch.Tensor, ...],
+    t: torch.Tensor,
+    *,
+    rtol: float | torch.Tensor = 1e-7,
+    atol: float | torch.Tensor = 1e-9,
+    method: str = "dopri5",
+    options: dict[str, Any] | None = None,
+    adjoint_rtol: float | torch.Tensor | None = None,
+    adjoint_atol: float | torch.Tensor | None = None,
+    adjoint_method: str | None = None,
+    adjoint_options: dict[str, Any] | None = None,
+    adjoint_params: Sequence[torch.Tensor] | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """:func:`odeint` with gradients by the continuous adjoint method (torchdiffeq's API).
+
+    The forward solve keeps no autograd graph, so memory does not grow with the number of
+    steps; the backward pass solves the augmented system backwards in time (Chen et al. 2018,
+    Algorithm 1).  ``func`` may be an ``nn.Module`` (its trainable parameters are found) or a
+    plain callable with ``adjoint_params`` given.  ``adjoint_options`` takes ``norm``
+    (``"rms"``, ``"max"`` or ``"seminorm"``) and the keys of :data:`ODE_OPTIONS`; the other
+    ``adjoint_*`` arguments default to the forward ones.  See :func:`neuralode.solve`.
+
+    Returns:
+        ``[T, *y0.shape]`` (a tuple of such for a tuple ``y0``).
+    """
+    kwargs = _options(options)
+    if isinstance(t, torch.Tensor) and t.ndim != 1:
+        raise ValueError(
+            f"t must be 1-D [T] for odeint_adjoint, got shape {tuple(t.shape)}; "
+            f"neuralode.solve(..., gradient='adjoint') takes per-sample grids [batch, T]"
+        )
+    sol = solve(
+        func,
+        y0,
+        t,
+        method=method,
+        rtol=rtol,
+        atol=atol,
+        batched=False,
+        gradient="adjoint",
+        adjoint_params=adjoint_params,
+        adjoint_rtol=adjoint_rtol,
+        adjoint_atol=adjoint_atol,
+        adjoint_method=adjoint_method,
+        adjoint_options=adjoint_options,
+        **kwargs,
+    )
     return sol.ys
 
 

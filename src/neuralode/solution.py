@@ -92,6 +92,13 @@ class Solution:
     status: torch.Tensor
     t_end: torch.Tensor
     _interpolator: Callable[[torch.Tensor], Any] | None = field(default=None, repr=False)
+    _backward: dict[str, Stats] | None = field(default=None, repr=False)
+
+    @property
+    def backward_stats(self) -> Stats | None:
+        """Work counters of the adjoint's backward solve (summed over the output intervals),
+        once ``backward()`` has run; ``None`` before, and for ``gradient="backprop"``."""
+        return None if self._backward is None else self._backward.get("backward")
 
     @property
     def success(self) -> bool:

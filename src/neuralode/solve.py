@@ -16,6 +16,7 @@ import torch
 
 from ._inputs import Problem, _fmt_time, normalise
 from .controllers import NORMS, ControllerState, Norm, PIController, initial_step
+from .gradients import GRADIENTS, AdjointConfig, adjoint_apply, find_adjoint_params
 from .solution import Solution, SolverError, Stats, Status
 from .solvers.rk import RKStepper
 from .tableaus import ButcherTableau, get_tableau
@@ -45,6 +46,12 @@ def solve(
     dfactor: float = 0.2,
     dense: bool = False,
     throw: bool = True,
+    gradient: str = "backprop",
+    adjoint_params: Sequence[torch.Tensor] | None = None,
+    adjoint_rtol: float | torch.Tensor | None = None,
+    adjoint_atol: float | torch.Tensor | None = None,
+    adjoint_method: str | None = None,
+    adjoint_options: dict[str, Any] | None = None,
 ) -> Solution:
     """Solve ``dy/dt = func(t, y)`` from ``y(t[..., 0]) = y0`` and report the solution at ``t``.
 
@@ -77,6 +84,20 @@ def solve(
         dense: keep every step's stages so that ``Solution.evaluate`` works anywhere.
         throw: raise :class:`SolverError` when a sample fails; with ``False`` failures are only
             reported in ``Solution.status`` and the outputs they did not reach are NaN.
+        gradient: ``"backprop"`` (autograd through the solver's operations: the exact gradient
+            of the computed solution) or ``"adjoint"`` (the continuous adjoint of Chen et al.
+            2018: memory independent of the number of steps; the backward pass solves the
+            augmented system backwards in time, see :mod:`neuralode.gradients.adjoint`).
+            Gradients reach ``y0``, ``t`` and the parameters either way.
+        adjoint_params: ``"adjoint"``: the tensors to differentiate (default: the parameters of
+            an ``nn.Module`` func that require grad; required for a plain function).
+        adjoint_rtol, adjoint_atol, adjoint_method: the backward solve's tolerances and method
+            (default: the forward ones).
+        adjoint_options: the backward solve's options: ``norm`` (``"rms"``, ``"max"`` or
+            ``"seminorm"``: Kidger et al. 2021, parameter-gradient channels left out of the error
+            norm), ``step_size``, ``first_step``, ``max_num_steps``, ``dtype``, ``safety``,
+            ``beta``, ``ifactor``, ``dfactor``.  After ``backward()``, ``Solution.backward_stats``
+            holds the backward solve's work counters.
 
     Returns:
         A :class:`Solution`: ``ys`` is ``[T, *y0.shape]`` unbatched and ``[batch, T, *features]``
@@ -84,6 +105,26 @@ def solve(
     """
     tab = get_tableau(method)
     _check_options(tab, step_size, first_step, max_num_steps, norm, safety, beta, ifactor, dfactor)
+    if gradient not in GRADIENTS:
+        raise ValueError(f"unknown gradient {gradient!r}; known strategies are {list(GRADIENTS)}")
+    if gradient == "adjoint":
+        params = find_adjoint_params(func, adjoint_params)
+        adj_cfg = AdjointConfig.build(
+            method,
+            rtol,
+            atol,
+            adjoint_method,
+            adjoint_rtol,
+            adjoint_atol,
+            adjoint_options,
+            step_size,
+        )
+        get_tableau(adj_cfg.method)
+    elif any(
+        x is not None
+        for x in (adjoint_params, adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options)
+    ):
+        raise ValueError("adjoint_* arguments apply to gradient='adjoint' only")
     prob = normalise(func, y0, t, rtol=rtol, atol=atol, batched=batched, t_dtype=t_dtype)
     norm_fn = NORMS[norm] if isinstance(norm, str) else norm
     controller = PIController(
@@ -95,6 +136,13 @@ def solve(
     )
     s_det = prob.s.detach()
     y0_int = prob.y0
+    loop_kwargs = dict(
+        step_size=step_size, first_step=first_step, max_num_steps=max_num_steps, dense=dense
+    )
+    if gradient == "adjoint":
+        return _solve_adjoint(
+            prob, tab, controller, norm_fn, loop_kwargs, params, adj_cfg, t, func, throw
+        )
     needs_t_grad = prob.s.requires_grad and torch.is_grad_enabled()
     if needs_t_grad:
         # d y(t_i) / d t_0 = -Phi(t_i, t_0) f(t_0, y_0): shift y0 by zero with that derivative.
@@ -102,23 +150,27 @@ def solve(
         y0_int = y0_int - _rows(ds0, y0_int, prob.batched) * prob.f0
         # The first stage must see the shift too, or its derivative misses the t0 direction.
         prob.f0 = prob.func(s_det[..., 0].to(y0_int.dtype), y0_int)
-    loop = _Loop(
-        prob,
-        tab,
-        controller,
-        norm_fn,
-        s_det,
-        y0_int,
-        step_size=step_size,
-        first_step=first_step,
-        max_num_steps=max_num_steps,
-        dense=dense,
-    )
+    loop = _Loop(prob, tab, controller, norm_fn, s_det, y0_int, **loop_kwargs)  # type: ignore[arg-type]
     ys, status, t_reached, stats = loop.run()
     if needs_t_grad:
         ys = _attach_time_gradients(prob, ys, s_det)
+    return _finish(prob, t, loop, ys, status, t_reached, stats, dense, throw)
+
+
+def _finish(
+    prob: Problem,
+    t: Any,
+    loop: _Loop,
+    ys: torch.Tensor,
+    status: torch.Tensor,
+    t_reached: torch.Tensor,
+    stats: Stats,
+    dense: bool,
+    throw: bool,
+    backward: dict[str, Stats] | None = None,
+) -> Solution:
     sign = prob.sign
-    t_end_user = t_reached * (sign if isinstance(sign, float) else sign)
+    t_end_user = t_reached * sign
     sol = Solution(
         ts=t if isinstance(t, torch.Tensor) else prob.s.detach() * sign,
         ys=prob.unflatten(ys),
@@ -126,10 +178,50 @@ def solve(
         status=status,
         t_end=t_end_user,
         _interpolator=loop.interpolator(prob) if dense else None,
+        _backward=backward,
     )
     if throw and not sol.success:
         raise SolverError(_failure_message(status, t_end_user), sol)
     return sol
+
+
+def _solve_adjoint(
+    prob: Problem,
+    tab: ButcherTableau,
+    controller: PIController,
+    norm_fn: Norm,
+    loop_kwargs: dict[str, Any],
+    params: tuple[torch.Tensor, ...],
+    cfg: AdjointConfig,
+    t: Any,
+    func: Any,
+    throw: bool,
+) -> Solution:
+    """The forward solve inside the adjoint's autograd function (no graph is kept)."""
+    prob.f0 = prob.f0.detach()
+    held: dict[str, Any] = {}
+
+    def run_forward(y0: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        loop = _Loop(prob, tab, controller, norm_fn, s, y0, **loop_kwargs)
+        ys, held["status"], held["t_reached"], held["stats"] = loop.run()
+        held["loop"] = loop
+        return ys
+
+    ys, backward = adjoint_apply(
+        prob.func, func, prob.y0, prob.s, params, prob.batched, cfg, run_forward
+    )
+    return _finish(
+        prob,
+        t,
+        held["loop"],
+        ys,
+        held["status"],
+        held["t_reached"],
+        held["stats"],
+        loop_kwargs["dense"],
+        throw,
+        backward,
+    )
 
 
 def _rows(v: torch.Tensor, like: torch.Tensor, batched: bool) -> torch.Tensor:
