@@ -17,6 +17,7 @@ import torch
 from ._inputs import Problem, _fmt_time, normalise
 from .controllers import NORMS, ControllerState, Norm, PIController, initial_step
 from .gradients import GRADIENTS, AdjointConfig, adjoint_apply, find_adjoint_params
+from .gradients.checkpoint import StepRecord, checkpoint_apply
 from .solution import Solution, SolverError, Stats, Status
 from .solvers.rk import RKStepper
 from .tableaus import ButcherTableau, get_tableau
@@ -107,8 +108,9 @@ def solve(
     _check_options(tab, step_size, first_step, max_num_steps, norm, safety, beta, ifactor, dfactor)
     if gradient not in GRADIENTS:
         raise ValueError(f"unknown gradient {gradient!r}; known strategies are {list(GRADIENTS)}")
-    if gradient == "adjoint":
+    if gradient in ("adjoint", "checkpoint"):
         params = find_adjoint_params(func, adjoint_params)
+    if gradient == "adjoint":
         adj_cfg = AdjointConfig.build(
             method,
             rtol,
@@ -120,11 +122,10 @@ def solve(
             step_size,
         )
         get_tableau(adj_cfg.method)
-    elif any(
-        x is not None
-        for x in (adjoint_params, adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options)
-    ):
-        raise ValueError("adjoint_* arguments apply to gradient='adjoint' only")
+    elif any(x is not None for x in (adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options)):
+        raise ValueError("adjoint_rtol/atol/method/options apply to gradient='adjoint' only")
+    elif gradient == "backprop" and adjoint_params is not None:
+        raise ValueError("adjoint_params applies to gradient='adjoint' or 'checkpoint' only")
     prob = normalise(func, y0, t, rtol=rtol, atol=atol, batched=batched, t_dtype=t_dtype)
     norm_fn = NORMS[norm] if isinstance(norm, str) else norm
     controller = PIController(
@@ -139,6 +140,8 @@ def solve(
     loop_kwargs = dict(
         step_size=step_size, first_step=first_step, max_num_steps=max_num_steps, dense=dense
     )
+    if gradient == "checkpoint":
+        return _solve_checkpoint(prob, tab, controller, norm_fn, loop_kwargs, params, t, throw)
     if gradient == "adjoint":
         return _solve_adjoint(
             prob, tab, controller, norm_fn, loop_kwargs, params, adj_cfg, t, func, throw
@@ -183,6 +186,50 @@ def _finish(
     if throw and not sol.success:
         raise SolverError(_failure_message(status, t_end_user), sol)
     return sol
+
+
+def _solve_checkpoint(
+    prob: Problem,
+    tab: ButcherTableau,
+    controller: PIController,
+    norm_fn: Norm,
+    loop_kwargs: dict[str, Any],
+    params: tuple[torch.Tensor, ...],
+    t: Any,
+    throw: bool,
+) -> Solution:
+    """Backprop-exact gradients by replaying recorded steps (see gradients/checkpoint.py)."""
+    s_det = prob.s.detach()
+    y0_int = prob.y0
+    needs_t_grad = prob.s.requires_grad and torch.is_grad_enabled()
+    if needs_t_grad:  # as for backprop: a zero-valued shift that carries d/dt0
+        ds0 = (prob.s[..., 0] - s_det[..., 0]).to(y0_int.dtype)
+        y0_int = y0_int - _rows(ds0, y0_int, prob.batched) * prob.f0
+    loop = _Loop(prob, tab, controller, norm_fn, s_det, y0_int, **loop_kwargs)
+    held: dict[str, Any] = {}
+
+    def run_forward(y0: torch.Tensor) -> torch.Tensor:
+        loop.y0 = y0
+        prob.f0 = (
+            prob.f0.detach() if not needs_t_grad else prob.func(s_det[..., 0].to(y0.dtype), y0)
+        )
+        ys, held["status"], held["t_reached"], held["stats"] = loop.run()
+        return ys
+
+    ys = checkpoint_apply(loop, y0_int, params, run_forward)
+    if needs_t_grad:
+        ys = _attach_time_gradients(prob, ys, s_det)
+    return _finish(
+        prob,
+        t,
+        loop,
+        ys,
+        held["status"],
+        held["t_reached"],
+        held["stats"],
+        loop_kwargs["dense"],
+        throw,
+    )
 
 
 def _solve_adjoint(
@@ -384,6 +431,7 @@ class _Loop:
         self.max_num_steps = max_num_steps
         self.dense = dense
         self.record: list[tuple[torch.Tensor, ...]] = []
+        self.replay_records: list[StepRecord] | None = None  # gradient="checkpoint" fills it
 
     # -- helpers -----------------------------------------------------------------------------
     def _row(self, x: torch.Tensor) -> torch.Tensor:
@@ -464,8 +512,38 @@ class _Loop:
             nfe += 1
             self._hermite = (grid, Y, torch.stack(fs))
             ys_out = self._hermite_eval(s)
+        if self.replay_records is not None:
+            self._record_fixed(grid, gT, hs, ys)
         status = torch.zeros_like(n_row)
         return ys_out, status, t1.clone(), Stats(nfe, n_row, n_row.clone(), n_row * 0)
+
+    def _record_fixed(
+        self, grid: torch.Tensor, gT: torch.Tensor, hs: torch.Tensor, ys: list[torch.Tensor]
+    ) -> None:
+        """Describe the fixed-step solve as replayable steps (``gradient="checkpoint"``)."""
+        assert self.replay_records is not None
+        s = self.s
+        nxt = torch.searchsorted(s, grid[..., :-1].contiguous(), right=True)
+        lt = torch.searchsorted(s, grid[..., 1:].contiguous(), right=False)
+        le = torch.searchsorted(s, grid[..., 1:].contiguous(), right=True)
+        moved = grid.diff(dim=-1) > 0  # padding steps of rows that already ended produce nothing
+        n_in = torch.where(moved, lt - nxt, 0)
+        n_end = torch.where(moved, le - lt, 0)
+        if self.batched:  # [B, n] -> [n, B]
+            nxt, lt, n_in, n_end = nxt.T, lt.T, n_in.T, n_end.T
+            m_in, any_end = n_in.amax(1).tolist(), (n_end > 0).any(1).tolist()
+        else:
+            m_in, any_end = n_in.tolist(), (n_end > 0).tolist()
+        for k in range(hs.shape[0]):
+            self.replay_records.append(
+                StepRecord(
+                    gT[k],
+                    hs[k],
+                    ys[k],
+                    (nxt[k], n_in[k], m_in[k]) if m_in[k] > 0 else None,
+                    (lt[k], n_end[k] > 0) if any_end[k] else None,
+                )
+            )
 
     def _hermite_eval(self, sq: torch.Tensor) -> torch.Tensor:
         """Cubic Hermite interpolation on the fixed-step grid at internal times ``sq``
@@ -583,6 +661,16 @@ class _Loop:
                     outputs.add(lt.unsqueeze(1), y1.unsqueeze(1), (n_end > 0).unsqueeze(1))
                 else:
                     outputs.add(lt, y1.unsqueeze(0), None)
+            if self.replay_records is not None and any_acc:
+                self.replay_records.append(
+                    StepRecord(
+                        t,
+                        torch.where(accept, h_eff, 0.0),
+                        y,
+                        (nxt, n_in, m_in) if m_in > 0 else None,
+                        (lt, n_end > 0) if m_end > 0 else None,
+                    )
+                )
             if self.dense and any_acc:
                 assert ks_all is not None
                 self.record.append((t, h_eff, y, torch.stack(ks_all, dim=1 if self.batched else 0)))
