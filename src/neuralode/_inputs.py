@@ -274,6 +274,8 @@ def normalise(
                 return base(tt * sign_f, y) * sign_y
 
         f0 = f0 * (sign if isinstance(sign, float) else sign_y)
+    if batched and s.ndim == 1:  # one grid shared by every row: give each row its copy
+        s = s.unsqueeze(0).expand(y_flat.shape[0], -1)
     return Problem(g, y_flat, f0, s, sign, batched, rtol_v, atol_v, unflatten)
 
 

@@ -171,8 +171,14 @@ def _finish(
     dense: bool,
     throw: bool,
     backward: dict[str, Stats] | None = None,
+    detach_dense: bool = False,
 ) -> Solution:
     sign = prob.sign
+    interp = loop.interpolator(prob) if dense else None
+    if interp is not None and detach_dense:
+        # The adjoint and checkpoint forward passes keep no graph: dense output is a plain
+        # (non-differentiable) value there, computed without autograd.
+        interp = torch.no_grad()(interp)
     t_end_user = t_reached * sign
     sol = Solution(
         ts=t if isinstance(t, torch.Tensor) else prob.s.detach() * sign,
@@ -180,7 +186,7 @@ def _finish(
         stats=stats,
         status=status,
         t_end=t_end_user,
-        _interpolator=loop.interpolator(prob) if dense else None,
+        _interpolator=interp,
         _backward=backward,
     )
     if throw and not sol.success:
@@ -229,6 +235,7 @@ def _solve_checkpoint(
         held["stats"],
         loop_kwargs["dense"],
         throw,
+        detach_dense=True,
     )
 
 
@@ -268,6 +275,7 @@ def _solve_adjoint(
         loop_kwargs["dense"],
         throw,
         backward,
+        detach_dense=True,
     )
 
 

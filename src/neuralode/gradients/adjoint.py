@@ -182,23 +182,30 @@ class _Context:
         grad_ys: torch.Tensor,
         want_s: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor | None]]:
+        from ..solution import SolverError
         from ..solve import solve  # the backward system is solved by the same public solve
 
+        if not bool(torch.isfinite(ys).all()):
+            raise SolverError(
+                "gradient='adjoint': the forward solve failed (see Solution.status), so there "
+                "is no gradient to compute; fix the forward solve first"
+            )
         cfg, func, dtype = self.config, self.func, ys.dtype
         T = s.shape[-1]
-        a = self._out(grad_ys, T - 1).clone()
+        a = torch.zeros_like(self._out(ys, 0))  # adjoint of the state, dL/dy(s)
         g = [torch.zeros_like(p) for p in params]
-        checked = [False]
         names = _names(self.user_func, params)
+        used = [False] * len(params)
         totals = [torch.zeros((), dtype=torch.long) for _ in range(4)]
         grad_s = torch.zeros_like(s) if want_s else None
         for i in range(T - 1, 0, -1):
+            a = a + self._out(grad_ys, i)  # the jump at output time s_i
             if grad_s is not None:
-                yi = self._out(ys, i)
-                f_i = func(self._out(s, i).to(dtype), yi)
+                f_i = func(self._out(s, i).to(dtype), self._out(ys, i))
                 grad_s[..., i] = self._dot(self._out(grad_ys, i), f_i).to(s.dtype)
-            s_lo = self._out(s, i - 1) if self.batched else s[i - 1]
-            length = (self._out(s, i) if self.batched else s[i]) - s_lo
+                totals[0] = totals[0] + 1
+            s_lo = self._out(s, i - 1)
+            length = self._out(s, i) - s_lo
             len_y = self._rows(length.to(dtype), a)
 
             def aug(
@@ -214,55 +221,81 @@ class _Context:
                     y_ = y.detach().requires_grad_(True)
                     fy = func(s_now, y_)
                     vjps = torch.autograd.grad(fy, (y_, *params), -adj * len_y, allow_unused=True)
-                if not checked[0]:
-                    unused = [n for n, v in zip(names, vjps[1:]) if v is None]
-                    if unused:
-                        raise ValueError(
-                            f"gradient='adjoint': func's output does not depend on {unused}; "
-                            f"their gradients would silently be zero. Remove them from "
-                            f"adjoint_params (or freeze them with requires_grad_(False))"
-                        )
-                    checked[0] = True
+                dg = []
+                for k, v in enumerate(vjps[1:]):
+                    if v is None:
+                        v = torch.zeros_like(params[k])
+                    else:
+                        used[k] = True
+                    dg.append(v)
                 dy = fy.detach() * len_y
                 da = vjps[0] if vjps[0] is not None else torch.zeros_like(adj)
-                return (dy, da, *vjps[1:])
+                return (dy, da, *dg)
 
             y_start = self._out(ys, i)
-            n_ya = y_start.numel() + a.numel()
-            norm: Any = cfg.norm
-            if norm == "seminorm":
-
-                def norm(x: torch.Tensor, dims: tuple[int, ...], n: int = n_ya) -> torch.Tensor:
-                    return rms_norm(x[..., :n], dims)
-
-            tau = torch.tensor([1.0, 0.0], dtype=torch.float64, device=ys.device)
             kwargs = dict(cfg.solve_kwargs)
             if kwargs.get("step_size") is not None:  # time units -> this interval's tau units
                 kwargs["step_size"] = min(1.0, float(kwargs["step_size"]) / float(length.max()))
-            sol = solve(
-                aug,
-                (y_start, a, *g),
-                tau,
-                method=cfg.method,
-                rtol=cfg.rtol,
-                atol=cfg.atol,
-                batched=False,
-                norm=norm,
-                **kwargs,
-            )
+            tau = torch.tensor([1.0, 0.0], dtype=torch.float64, device=ys.device)
+            try:
+                sol = solve(
+                    aug,
+                    (y_start, a, *g),
+                    tau,
+                    method=cfg.method,
+                    rtol=cfg.rtol,
+                    atol=cfg.atol,
+                    batched=False,
+                    norm=_mixed_norm(cfg.norm, y_start.numel(), a.numel(), params),
+                    **kwargs,
+                )
+            except SolverError as err:
+                raise SolverError(
+                    f"gradient='adjoint': the backward solve failed on the output interval "
+                    f"between output times {i - 1} and {i}: {err.args[0]} (for the backward "
+                    f"solve, use adjoint_options={{'max_num_steps': N}}, adjoint_rtol and "
+                    f"adjoint_atol)"
+                ) from err
             out = sol.ys
             a = out[1][-1]
             g = [x[-1] for x in out[2:]]
             for k, name in enumerate(("nfe", "n_steps", "n_accepted", "n_rejected")):
                 totals[k] = totals[k] + getattr(sol.stats, name).cpu()
-            if i > 1:  # the jump at the output time s_{i-1}; s_0's is added below
-                a = a + self._out(grad_ys, i - 1)
-        if grad_s is not None:
+        if T > 1 and not all(used):
+            unused = [n for n, u in zip(names, used) if not u]
+            raise ValueError(
+                f"gradient='adjoint': func's output did not depend on {unused} anywhere in the "
+                f"solve; their gradients would silently be zero. Remove them from adjoint_params "
+                f"(or freeze them with requires_grad_(False))"
+            )
+        if grad_s is not None and T > 1:
             f_0 = func(self._out(s, 0).to(dtype), self._out(ys, 0))
             grad_s[..., 0] = -self._dot(a, f_0).to(s.dtype)
+            totals[0] = totals[0] + 1
         grad_y0 = a + self._out(grad_ys, 0)
         self.stats["backward"] = Stats(*totals)
         return grad_y0, grad_s, list(g)
+
+
+def _mixed_norm(kind: str, n_y: int, n_a: int, params: Sequence[torch.Tensor]) -> Any:
+    """The backward solve's error norm over its flat state ``[y, a, g_1, g_2, ...]``.
+
+    ``"rms"``: the largest RMS of the parts (torchdiffeq's mixed norm for tuple states);
+    ``"seminorm"``: the same over ``y`` and ``a`` only, so it is never larger than the full norm
+    (Kidger et al. 2021); ``"max"``: the largest absolute value over everything.
+    """
+    if kind == "max":
+        return "max"
+    bounds = [0, n_y, n_y + n_a]
+    if kind == "rms":
+        for p in params:
+            bounds.append(bounds[-1] + p.numel())
+    pieces = [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+
+    def norm(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+        return torch.stack([rms_norm(x[..., lo:hi], dims) for lo, hi in pieces]).amax(0)
+
+    return norm
 
 
 def adjoint_apply(
