@@ -140,3 +140,17 @@ def test_bad_params() -> None:
         neuralode.solve(
             lambda s, y: -y, y0, t, gradient="checkpoint", adjoint_params=(torch.ones(2),)
         )
+
+
+def test_backward_stats_count_the_replayed_steps() -> None:
+    field = Field()
+    y0 = torch.tensor([0.3, -0.8, 0.5], dtype=F64, requires_grad=True)
+    t = torch.tensor([0.0, 2.0], dtype=F64)  # no interior outputs: no interpolation stages
+    sol = neuralode.solve(field, y0, t, gradient="checkpoint", rtol=1e-6, atol=1e-6)
+    assert sol.backward_stats is None
+    sol.ys.sum().backward()
+    stats = sol.backward_stats
+    assert stats is not None
+    # One replay per accepted step, each re-evaluating all stages (the first one included).
+    assert int(stats.n_steps) == int(sol.stats.n_accepted)
+    assert int(stats.nfe) == int(sol.stats.n_accepted) * get_tableau("dopri5").stages

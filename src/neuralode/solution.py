@@ -96,8 +96,9 @@ class Solution:
 
     @property
     def backward_stats(self) -> Stats | None:
-        """Work counters of the adjoint's backward solve (summed over the output intervals),
-        once ``backward()`` has run; ``None`` before, and for ``gradient="backprop"``."""
+        """Work counters of the backward pass once ``backward()`` has run: the adjoint's backward
+        solve (summed over the output intervals), or the checkpoint's recomputed steps and
+        evaluations.  ``None`` before, and for ``gradient="backprop"``."""
         return None if self._backward is None else self._backward.get("backward")
 
     @property

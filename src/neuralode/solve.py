@@ -222,7 +222,7 @@ def _solve_checkpoint(
         ys, held["status"], held["t_reached"], held["stats"] = loop.run()
         return ys
 
-    ys = checkpoint_apply(loop, y0_int, params, run_forward)
+    ys, backward = checkpoint_apply(loop, y0_int, params, run_forward)
     if needs_t_grad:
         ys = _attach_time_gradients(prob, ys, s_det)
     return _finish(
@@ -235,6 +235,7 @@ def _solve_checkpoint(
         held["stats"],
         loop_kwargs["dense"],
         throw,
+        backward,
         detach_dense=True,
     )
 

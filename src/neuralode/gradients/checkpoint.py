@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from ..solution import Stats
+
 __all__ = ["StepRecord", "checkpoint_apply"]
 
 
@@ -48,6 +50,8 @@ class _Context:
     loop: Any  # the solve's _Loop: stepper, vector field, output times, layout helpers
     run_forward: Callable[[torch.Tensor], torch.Tensor]
     records: list[StepRecord] = field(default_factory=list)
+    stats: dict[str, Stats] = field(default_factory=dict)
+    nfe: int = 0  # vector-field evaluations of the backward pass's recomputation
 
     def replay(
         self, r: StepRecord, y_in: torch.Tensor
@@ -58,10 +62,12 @@ class _Context:
         h_y = loop._row(r.h.to(loop.dtype))
         k0 = f(r.t.to(loop.dtype), y_in)
         y1, ks = stepper.step(f, stepper.stage_times(r.t, r.h), y_in, h_y, k0)
+        self.nfe += 1 + stepper.evals_per_step
         outs: list[tuple[torch.Tensor, torch.Tensor, Any]] = []
         if r.interior is not None:
             nxt, n_in, m = r.interior
             ks_all = stepper.extra_stages(f, r.t, y_in, r.h, h_y, y1, ks)
+            self.nfe += stepper.evals_extra
             j = torch.arange(m, device=y_in.device)
             if loop.batched:
                 idx = nxt.unsqueeze(1) + j
@@ -129,6 +135,9 @@ class _Checkpoint(torch.autograd.Function):
                 prev = g_params[k]
                 if gk is not None:
                     g_params[k] = gk if prev is None else prev + gk
+        n = torch.tensor(len(context.records))
+        context.stats["backward"] = Stats(torch.tensor(context.nfe), n, n.clone(), n * 0)
+        context.nfe = 0
         first = grad_ys[:, 0] if loop.batched else grad_ys[0]
         grad_y0 = first if a is None else a + first
         return (None, grad_y0, *g_params)
@@ -139,10 +148,11 @@ def checkpoint_apply(
     y0: torch.Tensor,
     params: tuple[torch.Tensor, ...],
     run_forward: Callable[[torch.Tensor], torch.Tensor],
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, dict[str, Stats]]:
     """Run ``run_forward`` (which must fill ``loop.replay_records``) under the checkpointed
-    autograd function."""
+    autograd function; returns ``ys`` and a dict that receives the backward pass's
+    :class:`Stats` (recomputed evaluations and steps) under ``"backward"``."""
     context = _Context(loop, run_forward)
     loop.replay_records = context.records
     out: torch.Tensor = _Checkpoint.apply(context, y0, *params)
-    return out
+    return out, context.stats
