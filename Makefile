@@ -7,7 +7,7 @@ PYTHON = $(VENV)/bin/python
 PIP = $(PYTHON) -m pip
 STAMP = $(VENV)/.ready
 
-.PHONY: all demo test test-slow lint clean distclean
+.PHONY: all demo test test-slow lint bench clean distclean
 
 all: test
 
@@ -27,6 +27,13 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PYTHON) -m pytest -q -m slow
+
+# Timings against the peers (needs the bench extra: pip install -e '.[bench]'), memory, Figure 3.
+bench: $(STAMP)
+	$(PIP) install -e '.[bench]'
+	$(PYTHON) benchmarks/bench_core.py --out runs/bench/core.json
+	$(PYTHON) benchmarks/memory.py
+	$(PYTHON) benchmarks/figure3.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
