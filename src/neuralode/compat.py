@@ -61,11 +61,7 @@ def odeint(
         SolverError: the solve failed (too many steps, step size underflow, non-finite values).
     """
     kwargs = _options(options)
-    if isinstance(t, torch.Tensor) and t.ndim != 1:
-        raise ValueError(
-            f"t must be 1-D [T] for odeint, got shape {tuple(t.shape)}; "
-            f"neuralode.solve takes per-sample grids [batch, T]"
-        )
+    _check_1d(t, "odeint")
     sol = solve(func, y0, t, method=method, rtol=rtol, atol=atol, batched=False, **kwargs)
     return sol.ys
 
@@ -98,11 +94,7 @@ def odeint_adjoint(
         ``[T, *y0.shape]`` (a tuple of such for a tuple ``y0``).
     """
     kwargs = _options(options)
-    if isinstance(t, torch.Tensor) and t.ndim != 1:
-        raise ValueError(
-            f"t must be 1-D [T] for odeint_adjoint, got shape {tuple(t.shape)}; "
-            f"neuralode.solve(..., gradient='adjoint') takes per-sample grids [batch, T]"
-        )
+    _check_1d(t, "odeint_adjoint")
     sol = solve(
         func,
         y0,
@@ -120,6 +112,14 @@ def odeint_adjoint(
         **kwargs,
     )
     return sol.ys
+
+
+def _check_1d(t: Any, name: str) -> None:
+    if isinstance(t, torch.Tensor) and t.ndim != 1:
+        raise ValueError(
+            f"t must be 1-D [T] for {name}, got shape {tuple(t.shape)}; "
+            f"neuralode.solve takes per-sample grids [batch, T]"
+        )
 
 
 def _options(options: dict[str, Any] | None) -> dict[str, Any]:

@@ -148,9 +148,7 @@ def solve(
         )
     needs_t_grad = prob.s.requires_grad and torch.is_grad_enabled()
     if needs_t_grad:
-        # d y(t_i) / d t_0 = -Phi(t_i, t_0) f(t_0, y_0): shift y0 by zero with that derivative.
-        ds0 = (prob.s[..., 0] - s_det[..., 0]).to(y0_int.dtype)
-        y0_int = y0_int - _rows(ds0, y0_int, prob.batched) * prob.f0
+        y0_int = _t0_shift(prob, s_det)
         # The first stage must see the shift too, or its derivative misses the t0 direction.
         prob.f0 = prob.func(s_det[..., 0].to(y0_int.dtype), y0_int)
     loop = _Loop(prob, tab, controller, norm_fn, s_det, y0_int, **loop_kwargs)  # type: ignore[arg-type]
@@ -208,9 +206,8 @@ def _solve_checkpoint(
     s_det = prob.s.detach()
     y0_int = prob.y0
     needs_t_grad = prob.s.requires_grad and torch.is_grad_enabled()
-    if needs_t_grad:  # as for backprop: a zero-valued shift that carries d/dt0
-        ds0 = (prob.s[..., 0] - s_det[..., 0]).to(y0_int.dtype)
-        y0_int = y0_int - _rows(ds0, y0_int, prob.batched) * prob.f0
+    if needs_t_grad:  # as for backprop
+        y0_int = _t0_shift(prob, s_det)
     loop = _Loop(prob, tab, controller, norm_fn, s_det, y0_int, **loop_kwargs)
     held: dict[str, Any] = {}
 
@@ -278,6 +275,13 @@ def _solve_adjoint(
         backward,
         detach_dense=True,
     )
+
+
+def _t0_shift(prob: Problem, s_det: torch.Tensor) -> torch.Tensor:
+    """``y0`` shifted by zero, with derivative ``-f(t0, y0)`` with respect to ``t0``:
+    ``d y(t_i) / d t_0 = -Phi(t_i, t_0) f(t_0, y_0)`` then flows through the solve."""
+    ds0 = (prob.s[..., 0] - s_det[..., 0]).to(prob.y0.dtype)
+    return prob.y0 - _rows(ds0, prob.y0, prob.batched) * prob.f0
 
 
 def _rows(v: torch.Tensor, like: torch.Tensor, batched: bool) -> torch.Tensor:
