@@ -38,6 +38,7 @@ from typing import Any
 
 import pytest
 import torch
+from fields import _params, mlp
 from torch import nn
 from torch.autograd import gradcheck
 from torch.autograd.graph import saved_tensors_hooks
@@ -52,26 +53,6 @@ GC = {"eps": 1e-6, "atol": 1e-5, "rtol": 1e-5}
 
 
 # --------------------------------------------------------------------------- helpers
-def _params(dim: int = 2, hidden: int = 4, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    g = torch.Generator().manual_seed(seed)
-    w1 = 0.5 * torch.randn(hidden, dim, generator=g, dtype=F64)
-    b1 = 0.1 * torch.randn(hidden, generator=g, dtype=F64)
-    w2 = 0.5 * torch.randn(dim, hidden, generator=g, dtype=F64)
-    b2 = 0.1 * torch.randn(dim, generator=g, dtype=F64)
-    return w1, b1, w2, b2
-
-
-def mlp(params: Sequence[torch.Tensor]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """A non-autonomous tanh MLP ``f(t, y) = W2 tanh(W1 y + b1 + t) + b2`` with explicit weights.
-
-    ``t`` is 0-dim (unbatched) or ``[batch]`` (batched, one time per row)."""
-    w1, b1, w2, b2 = params
-
-    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        tt = t.unsqueeze(-1) if t.ndim else t
-        return torch.tanh(y @ w1.T + b1 + tt) @ w2.T + b2
-
-    return f
 
 
 class MLPField(nn.Module):

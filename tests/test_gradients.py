@@ -23,10 +23,11 @@ are checked column by column.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import pytest
 import torch
+from fields import _params, mlp
 from torch.autograd import gradcheck
 
 import neuralode
@@ -43,28 +44,6 @@ GC = {"eps": 1e-5, "atol": 1e-6, "rtol": 1e-5}
 def test_every_method_is_covered() -> None:
     assert set(ADAPTIVE) | set(FIXED) == set(neuralode.METHODS)
     assert set(ADAPTIVE) == set(TOL), "add a tolerance for the new adaptive method"
-
-
-def _params(dim: int = 2, hidden: int = 4, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    g = torch.Generator().manual_seed(seed)
-    w1 = 0.5 * torch.randn(hidden, dim, generator=g, dtype=F64)
-    b1 = 0.1 * torch.randn(hidden, generator=g, dtype=F64)
-    w2 = 0.5 * torch.randn(dim, hidden, generator=g, dtype=F64)
-    b2 = 0.1 * torch.randn(dim, generator=g, dtype=F64)
-    return w1, b1, w2, b2
-
-
-def mlp(params: Sequence[torch.Tensor]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """A non-autonomous tanh MLP ``f(t, y) = W2 tanh(W1 y + b1 + t) + b2`` with explicit weights.
-
-    ``t`` is 0-dim (unbatched) or ``[batch]`` (batched, one time per row)."""
-    w1, b1, w2, b2 = params
-
-    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        tt = t.unsqueeze(-1) if t.ndim else t
-        return torch.tanh(y @ w1.T + b1 + tt) @ w2.T + b2
-
-    return f
 
 
 def _req(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
