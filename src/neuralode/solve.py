@@ -8,6 +8,8 @@ solve is the same loop with row shape ``[]``.  The loop synchronises with the ho
 
 from __future__ import annotations
 
+import bisect
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -465,6 +467,8 @@ class _Loop:
     def run(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Stats]:
         if self.T > 1 and not self.tab.adaptive:
             ys, status, t, stats = self._run_fixed()
+        elif self.T > 1 and not self.batched:
+            ys, status, t, stats = self._run_adaptive_scalar()
         else:
             ys, status, t, stats = self._run_adaptive()
         if not bool(torch.isfinite(ys.detach()).all()):
@@ -581,6 +585,128 @@ class _Loop:
         # On grid points return the grid state itself: a non-finite slope there (the field may
         # fail beyond this point) must not leak through its zero weight.
         return torch.where(th == 1, y1, torch.where(th == 0, y0, out))
+
+    def _run_adaptive_scalar(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Stats]:
+        """The adaptive loop for an unbatched solve: one row, so the step's single host sync
+        (the error ratio) brings the whole control decision to Python floats.  Time, step
+        size, counters and output bookkeeping cost no tensor operations, and each stage is a
+        chain of ``add(alpha=h * a_ij)``.  Same decisions as :meth:`_run_adaptive` with one row
+        (same controller arithmetic, in float64)."""
+        prob, stepper, ctrl = self.prob, self.stepper, self.controller
+        f, dtype, device = prob.func, self.dtype, self.device
+        s_list: list[float] = self.s.tolist()
+        t, t_end = s_list[0], s_list[-1]
+        y = self.y0
+        k0 = prob.f0
+        nfe, n_steps, n_acc = 1, 0, 0
+        if self.first_step is not None:
+            h = float(self.first_step)
+        else:
+            with torch.no_grad():
+                h0 = initial_step(
+                    f,
+                    self.s[0],
+                    y,
+                    k0,
+                    stepper.tableau.error_order or 1,
+                    prob.rtol,
+                    prob.atol,
+                    self.norm,
+                    self.dims,
+                    self.bshape,
+                )
+            h, nfe = float(h0), nfe + 1
+        vals: list[torch.Tensor] = [y.unsqueeze(0)]
+        nxt = 1
+        status = Status.SUCCESS
+        prev, rejected_last = 1.0, False
+        eps = torch.finfo(self.t_dtype).eps
+        while True:
+            gap = t_end - t
+            hit = h * 1.01 >= gap
+            h_eff = gap if hit else h
+            y1, ks = stepper.step(f, stepper.stage_times_scalar(t, h_eff), y, h_eff, k0)
+            nfe += stepper.evals_per_step
+            n_steps += 1
+            with torch.no_grad():
+                r = float(
+                    stepper.error_ratio(
+                        y, y1, h_eff, ks, prob.rtol, prob.atol, self.norm, self.dims
+                    )
+                )
+            # PIController.adapt, in floats.
+            finite = math.isfinite(r)
+            r = r if finite else math.inf
+            accept = r <= 1.0
+            rc = max(r, 1e-10)
+            factor = ctrl.safety * rc ** (-ctrl.alpha)
+            if ctrl.beta:
+                factor *= prev**ctrl.beta
+                if accept:
+                    prev = max(rc, 1e-4)
+            factor = min(max(factor, ctrl.dfactor), 1.0 if rejected_last else ctrl.ifactor)
+            h_next, rejected_last = h_eff * factor, not accept
+            if accept:
+                n_acc += 1
+                t_new = t_end if hit else t + h_eff
+                lt = bisect.bisect_left(s_list, t_new, lo=nxt)
+                le = bisect.bisect_right(s_list, t_new, lo=lt)
+                ks_all = None
+                if lt > nxt or self.dense:
+                    ks_all = stepper.extra_stages(f, t, y, h_eff, h_eff, y1, ks)
+                    nfe += stepper.evals_extra
+                if lt > nxt:
+                    assert ks_all is not None
+                    theta = torch.tensor(
+                        [(x - t) / h_eff for x in s_list[nxt:lt]], dtype=dtype, device=device
+                    )
+                    vals.append(stepper.interpolate(y, h_eff, ks_all, theta, batched=False))
+                if le > lt:
+                    vals.append(y1.unsqueeze(0))
+                self._record_scalar(t, h_eff, y, ks_all, nxt, lt, le)
+                y, k0, t, nxt = y1, ks[-1], t_new, le
+                if hit:
+                    break
+            res = 10 * eps * max(abs(t), abs(t_end))
+            if h_eff <= res or not h_next > res:
+                status = Status.STEP_SIZE_UNDERFLOW if finite else Status.NONFINITE
+                break
+            if n_steps >= self.max_num_steps:
+                status = Status.MAX_STEPS_REACHED
+                break
+            h = h_next
+        outputs = _Outputs(self.y0, self.T, batched=False)
+        outputs.vals = vals
+        tt = functools.partial(torch.tensor, device=device)
+        stats = Stats(tt(nfe), tt(n_steps), tt(n_acc), tt(n_steps - n_acc))
+        return (outputs.assemble(), tt(int(status)), tt(t, dtype=self.t_dtype), stats)
+
+    def _record_scalar(
+        self,
+        t: float,
+        h: float,
+        y: torch.Tensor,
+        ks_all: list[torch.Tensor] | None,
+        nxt: int,
+        lt: int,
+        le: int,
+    ) -> None:
+        """Dense-output and checkpoint records of an accepted one-row step."""
+        if self.dense:
+            assert ks_all is not None
+            tt = functools.partial(torch.tensor, dtype=self.t_dtype, device=self.device)
+            self.record.append((tt(t), tt(h), y, torch.stack(ks_all)))
+        if self.replay_records is not None:
+            ti = functools.partial(torch.tensor, device=self.device)
+            self.replay_records.append(
+                StepRecord(
+                    ti(t, dtype=self.t_dtype),
+                    ti(h, dtype=self.t_dtype),
+                    y,
+                    (ti(nxt), ti(lt - nxt), lt - nxt) if lt > nxt else None,
+                    (ti(lt), ti(True)) if le > lt else None,
+                )
+            )
 
     def _run_adaptive(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Stats]:
         prob, stepper = self.prob, self.stepper

@@ -7,7 +7,6 @@ term.  Per-sample step sizes enter once per stage through ``addcmul``.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -46,6 +45,9 @@ def _stage(
     return torch.addcmul(y, h, _combine(ks, terms))
 
 
+_CACHE: dict[tuple[object, ...], RKStepper] = {}
+
+
 class RKStepper:
     """Explicit Runge-Kutta steps of one tableau, for states of one dtype and device.
 
@@ -55,12 +57,19 @@ class RKStepper:
     """
 
     @staticmethod
-    @functools.lru_cache(maxsize=64)
     def cached(
         tableau: ButcherTableau, dtype: torch.dtype, t_dtype: torch.dtype, device: torch.device
     ) -> RKStepper:
-        """A shared stepper per (tableau, dtypes, device): tableau tensors are built once."""
-        return RKStepper(tableau, dtype, t_dtype, device)
+        """A shared stepper per (tableau, dtypes, device): tableau tensors are built once.
+        Keyed by the tableau's identity (hashing its Fractions on every solve costs more than
+        a small solve's step)."""
+        key = (id(tableau), dtype, t_dtype, device)
+        hit = _CACHE.get(key)
+        if hit is None or hit.tableau is not tableau:
+            if len(_CACHE) >= 64:
+                _CACHE.clear()
+            hit = _CACHE[key] = RKStepper(tableau, dtype, t_dtype, device)
+        return hit
 
     def __init__(
         self,
@@ -77,6 +86,8 @@ class RKStepper:
         self.e_terms = _terms(tableau.b_err) if tableau.b_err is not None else None
         self.e2_terms = _terms(tableau.b_err2) if tableau.b_err2 is not None else None
         self.c = torch.tensor([float(x) for x in tableau.c[1:]], dtype=t_dtype, device=device)
+        self.c_list = [float(x) for x in tableau.c[1:]]
+        self.device = device
         dense = tableau.dense
         assert dense is not None  # every registered tableau has one (Hermite by default)
         self.extra_c = [float(x) for x in dense.extra_c]
@@ -97,6 +108,12 @@ class RKStepper:
         """Times of stages 1.. of a step from ``t`` of size ``h``, in the state dtype."""
         cs = self.c.view((-1,) + (1,) * t.ndim)
         return torch.addcmul(t, cs, h).to(self.dtype).unbind(0)
+
+    def stage_times_scalar(self, t: float, h: float) -> Sequence[torch.Tensor]:
+        """Stage times for a one-row solve whose time and step are Python floats."""
+        return torch.tensor(
+            [t + c * h for c in self.c_list], dtype=self.dtype, device=self.device
+        ).unbind(0)
 
     def step(
         self,
@@ -128,7 +145,7 @@ class RKStepper:
         self,
         y: torch.Tensor,
         y1: torch.Tensor,
-        h_y: torch.Tensor,
+        h_y: torch.Tensor | float,
         ks: list[torch.Tensor],
         rtol: float | torch.Tensor,
         atol: float | torch.Tensor,
@@ -151,24 +168,25 @@ class RKStepper:
     def extra_stages(
         self,
         f: Func,
-        t: torch.Tensor,
+        t: torch.Tensor | float,
         y: torch.Tensor,
-        h: torch.Tensor,
-        h_y: torch.Tensor,
+        h: torch.Tensor | float,
+        h_y: torch.Tensor | float,
         y1: torch.Tensor,
         ks: list[torch.Tensor],
     ) -> list[torch.Tensor]:
-        """The interpolant's extra stages, appended to a copy of ``ks``."""
+        """The interpolant's extra stages, appended to a copy of ``ks`` (times and steps as
+        row tensors, or as Python floats for a one-row solve)."""
         ks = list(ks)
         for c, terms, is_f1 in zip(self.extra_c, self.extra_terms, self.extra_is_f1):
-            yi = y1 if is_f1 else torch.addcmul(y, h_y, _combine(ks, terms))
-            ks.append(f((t + c * h).to(self.dtype), yi))
+            yi = y1 if is_f1 else _stage(y, h_y, ks, terms)
+            ks.append(f(torch.as_tensor(t + c * h, dtype=self.dtype, device=self.device), yi))
         return ks
 
     def interpolate(
         self,
         y: torch.Tensor,
-        h_y: torch.Tensor,
+        h_y: torch.Tensor | float,
         ks: list[torch.Tensor],
         theta: torch.Tensor,
         batched: bool,
@@ -180,6 +198,7 @@ class RKStepper:
         """
         w = theta.unsqueeze(-1).pow(self.powers) @ self.P.T  # [..., m, n_k]
         if batched:
+            assert isinstance(h_y, torch.Tensor)  # per-row steps
             K = torch.stack([k.reshape(k.shape[0], -1) for k in ks], dim=1)  # [B, n_k, N]
             dy = (w @ K).view((y.shape[0], theta.shape[-1]) + y.shape[1:])
             return y.unsqueeze(1) + h_y.unsqueeze(1) * dy
