@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 
-from .controllers import Norm
 from .solve import DEFAULT_MAX_NUM_STEPS, solve
 
 __all__ = ["odeint", "odeint_adjoint", "ODE_OPTIONS"]
@@ -131,6 +130,3 @@ def _options(options: dict[str, Any] | None) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"unknown option(s) {unknown}; known options are {sorted(ODE_OPTIONS)}")
     return {_RENAMED.get(k, k): v for k, v in options.items()}
-
-
-_ = Norm  # re-exported type for users writing custom norms
