@@ -6,6 +6,7 @@ batched), so each row of a batch keeps its own step size.  Nothing here synchron
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -53,6 +54,22 @@ class PIController:
     @property
     def alpha(self) -> float:
         return 1.0 / (self.error_order + 1) - 0.75 * self.beta
+
+    def adapt_scalar(
+        self, ratio: float, h: float, prev_ratio: float, rejected_last: bool
+    ) -> tuple[bool, float, float]:
+        """:meth:`adapt` for one sample in Python floats (the unbatched loop's host-side path):
+        returns ``(accept, h_next, prev_ratio)``; the same arithmetic, in float64."""
+        r = ratio if math.isfinite(ratio) else math.inf
+        accept = r <= 1.0
+        rc = max(r, 1e-10)
+        factor = self.safety * rc ** (-self.alpha)
+        if self.beta:
+            factor *= prev_ratio**self.beta
+            if accept:
+                prev_ratio = max(rc, 1e-4)
+        factor = min(max(factor, self.dfactor), 1.0 if rejected_last else self.ifactor)
+        return accept, h * factor, prev_ratio
 
     def adapt(
         self, ratio: torch.Tensor, h: torch.Tensor, state: ControllerState

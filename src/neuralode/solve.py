@@ -634,18 +634,9 @@ class _Loop:
                         y, y1, h_eff, ks, prob.rtol, prob.atol, self.norm, self.dims
                     )
                 )
-            # PIController.adapt, in floats.
             finite = math.isfinite(r)
-            r = r if finite else math.inf
-            accept = r <= 1.0
-            rc = max(r, 1e-10)
-            factor = ctrl.safety * rc ** (-ctrl.alpha)
-            if ctrl.beta:
-                factor *= prev**ctrl.beta
-                if accept:
-                    prev = max(rc, 1e-4)
-            factor = min(max(factor, ctrl.dfactor), 1.0 if rejected_last else ctrl.ifactor)
-            h_next, rejected_last = h_eff * factor, not accept
+            accept, h_next, prev = ctrl.adapt_scalar(r, h_eff, prev, rejected_last)
+            rejected_last = not accept
             if accept:
                 n_acc += 1
                 t_new = t_end if hit else t + h_eff
