@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(PYTHON) benchmarks/bench_core.py --out runs/bench/core.json
 	$(PYTHON) benchmarks/memory.py
 	$(PYTHON) benchmarks/figure3.py
+	$(PYTHON) benchmarks/compare.py --out runs/bench/compare
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
