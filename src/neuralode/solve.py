@@ -154,10 +154,10 @@ def solve(
         # The first stage must see the shift too, or its derivative misses the t0 direction.
         prob.f0 = prob.func(s_det[..., 0].to(y0_int.dtype), y0_int)
     loop = _Loop(prob, tab, controller, norm_fn, s_det, y0_int, **loop_kwargs)  # type: ignore[arg-type]
-    ys, status, t_reached, stats = loop.run()
+    ys, *result = loop.run()
     if needs_t_grad:
         ys = _attach_time_gradients(prob, ys, s_det)
-    return _finish(prob, t, loop, ys, status, t_reached, stats, dense, throw)
+    return _finish(prob, t, loop, ys, result, dense, throw)
 
 
 def _finish(
@@ -165,14 +165,14 @@ def _finish(
     t: Any,
     loop: _Loop,
     ys: torch.Tensor,
-    status: torch.Tensor,
-    t_reached: torch.Tensor,
-    stats: Stats,
+    result: Sequence[Any],
     dense: bool,
     throw: bool,
     backward: dict[str, Stats] | None = None,
     detach_dense: bool = False,
 ) -> Solution:
+    """Wrap a loop's outputs and ``(status, t_reached, stats)`` as a :class:`Solution`."""
+    status, t_reached, stats = result
     sign = prob.sign
     interp = loop.interpolator(prob) if dense else None
     if interp is not None and detach_dense:
@@ -211,32 +211,20 @@ def _solve_checkpoint(
     if needs_t_grad:  # as for backprop
         y0_int = _t0_shift(prob, s_det)
     loop = _Loop(prob, tab, controller, norm_fn, s_det, y0_int, **loop_kwargs)
-    held: dict[str, Any] = {}
+    result: list[Any] = []
 
     def run_forward(y0: torch.Tensor) -> torch.Tensor:
         loop.y0 = y0
         prob.f0 = (
             prob.f0.detach() if not needs_t_grad else prob.func(s_det[..., 0].to(y0.dtype), y0)
         )
-        ys, held["status"], held["t_reached"], held["stats"] = loop.run()
+        ys, *result[:] = loop.run()
         return ys
 
     ys, backward = checkpoint_apply(loop, y0_int, params, run_forward)
     if needs_t_grad:
         ys = _attach_time_gradients(prob, ys, s_det)
-    return _finish(
-        prob,
-        t,
-        loop,
-        ys,
-        held["status"],
-        held["t_reached"],
-        held["stats"],
-        loop_kwargs["dense"],
-        throw,
-        backward,
-        detach_dense=True,
-    )
+    return _finish(prob, t, loop, ys, result, loop_kwargs["dense"], throw, backward, True)
 
 
 def _solve_adjoint(
@@ -253,30 +241,18 @@ def _solve_adjoint(
 ) -> Solution:
     """The forward solve inside the adjoint's autograd function (no graph is kept)."""
     prob.f0 = prob.f0.detach()
-    held: dict[str, Any] = {}
+    loops: list[_Loop] = []
+    result: list[Any] = []
 
     def run_forward(y0: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        loop = _Loop(prob, tab, controller, norm_fn, s, y0, **loop_kwargs)
-        ys, held["status"], held["t_reached"], held["stats"] = loop.run()
-        held["loop"] = loop
+        loops.append(_Loop(prob, tab, controller, norm_fn, s, y0, **loop_kwargs))
+        ys, *result[:] = loops[-1].run()
         return ys
 
     ys, backward = adjoint_apply(
         prob.func, func, prob.y0, prob.s, params, prob.batched, cfg, run_forward
     )
-    return _finish(
-        prob,
-        t,
-        held["loop"],
-        ys,
-        held["status"],
-        held["t_reached"],
-        held["stats"],
-        loop_kwargs["dense"],
-        throw,
-        backward,
-        detach_dense=True,
-    )
+    return _finish(prob, t, loops[-1], ys, result, loop_kwargs["dense"], throw, backward, True)
 
 
 def _t0_shift(prob: Problem, s_det: torch.Tensor) -> torch.Tensor:
