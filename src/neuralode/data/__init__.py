@@ -1,0 +1,1 @@
+"""Datasets, generated or read from local files; nothing is downloaded at run time."""

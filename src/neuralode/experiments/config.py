@@ -1,0 +1,194 @@
+"""Experiment configs: frozen dataclasses, filled from defaults, a TOML file and command-line flags.
+
+An experiment declares its settings once, as a dataclass whose fields carry a help string::
+
+    @dataclass(frozen=True)
+    class MyConfig:
+        lr: float = field(default=0.1, metadata={"help": "learning rate"})
+
+:func:`add_config_arguments` turns every field into a ``--flag`` (``lr`` -> ``--lr``,
+``batch_size`` -> ``--batch-size``; booleans get ``--flag/--no-flag``; tuples take several
+values), and :func:`resolve_config` builds the config with this precedence (last wins):
+
+1. the dataclass defaults;
+2. the ``[config]`` table (or the top level) of the TOML file given by ``--config FILE``;
+3. flags given on the command line.
+
+Unknown keys in a config file and values of the wrong type are errors that name the key, so a
+typo never silently falls back to a default. The resolved config is written to the run folder as
+``config.json`` and is what ``neuralode resume`` reads back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 reads TOML with the tomli backport
+    import tomli as tomllib
+
+__all__ = ["add_config_arguments", "config_from_dict", "load_config_file", "resolve_config"]
+
+C = TypeVar("C")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """``(type, optional)`` for ``X | None`` annotations; ``(tp, False)`` otherwise."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(name: str, tp: Any, value: Any) -> Any:
+    """Check/convert one value for field ``name`` of annotated type ``tp``."""
+    base, optional = _base_type(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"config key {name!r} must not be empty (None)")
+    origin = typing.get_origin(base)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"config key {name!r} expects a list, got {value!r}")
+        (item,) = {a for a in typing.get_args(base) if a is not Ellipsis} or {Any}
+        return tuple(_coerce(name, item, v) for v in value)
+    if base is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"config key {name!r} expects true or false, got {value!r}")
+        return value
+    if base is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"config key {name!r} expects an integer, got {value!r}")
+        return value
+    if base is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"config key {name!r} expects a number, got {value!r}")
+        return float(value)
+    if base is str:
+        if not isinstance(value, str):
+            raise ValueError(f"config key {name!r} expects a string, got {value!r}")
+        return value
+    return value
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add ``--config FILE`` and one flag per field of dataclass ``cls`` to ``parser``.
+
+    Flags default to :data:`argparse.SUPPRESS`, so :func:`resolve_config` can tell a flag the
+    user gave from one left at its default. A field's ``metadata`` may hold ``help`` and
+    ``choices``.
+    """
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help="TOML file with settings (flags given on the command line override it)",
+    )
+    hints = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        base, optional = _base_type(hints[f.name])
+        help_text = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if default is not None:
+            help_text = f"{help_text} (default: {default})" if help_text else f"default: {default}"
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text, "dest": f.name}
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        if base is bool:
+            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
+            continue
+        if typing.get_origin(base) is tuple:
+            item = next(a for a in typing.get_args(base) if a is not Ellipsis)
+            parser.add_argument(_flag(f.name), nargs="*", type=item, metavar="V", **kwargs)
+            continue
+        convert = base if base in (int, float, str) else str
+        if optional:
+            parser.add_argument(_flag(f.name), type=_optional(convert), metavar="V", **kwargs)
+        else:
+            parser.add_argument(_flag(f.name), type=convert, metavar="V", **kwargs)
+
+
+def _optional(convert: Any) -> Any:
+    def parse(text: str) -> Any:
+        return None if text.lower() in ("none", "null", "") else convert(text)
+
+    parse.__name__ = getattr(convert, "__name__", "value")
+    return parse
+
+
+def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a TOML config file: its ``[config]`` table if present, else its top level.
+
+    Raises:
+        FileNotFoundError: if the file does not exist (the message names it).
+        ValueError: if the file is not valid TOML.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"config file {str(file)!r} does not exist")
+    try:
+        data = tomllib.loads(file.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"config file {str(file)!r} is not valid TOML: {exc}") from None
+    table = data.get("config", data)
+    if not isinstance(table, dict):
+        raise ValueError(f"config file {str(file)!r}: [config] must be a table")
+    return dict(table)
+
+
+def config_from_dict(cls: type[C], values: Mapping[str, Any], *, source: str = "config") -> C:
+    """Build dataclass ``cls`` from defaults overridden by ``values`` (type-checked).
+
+    Raises:
+        ValueError: for a key that is not a field of ``cls`` (listing the known ones) or a
+            value of the wrong type.
+    """
+    hints = _field_types(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(
+            f"{source}: unknown setting(s) {', '.join(unknown)}; known settings: "
+            f"{', '.join(sorted(names))}"
+        )
+    checked = {k: _coerce(k, hints[k], v) for k, v in values.items()}
+    config = cls(**checked)
+    validate = getattr(config, "validate", None)
+    if callable(validate):
+        validate()
+    return config
+
+
+def resolve_config(cls: type[C], args: argparse.Namespace) -> C:
+    """The config of ``cls`` from defaults < ``args.config`` TOML file < flags in ``args``."""
+    values: dict[str, Any] = {}
+    source = "command line"
+    config_file = getattr(args, "config", None)
+    if config_file:
+        values.update(load_config_file(config_file))
+        source = f"config file {config_file!r} or command line"
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for name in names:
+        if name in vars(args):
+            values[name] = getattr(args, name)
+    return config_from_dict(cls, values, source=source)

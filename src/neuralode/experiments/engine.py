@@ -1,0 +1,458 @@
+"""The training engine every experiment shares: steps, metrics, progress, checkpoints, resume, DDP.
+
+An experiment supplies a :class:`Task` (how to draw a batch and compute its loss for a given step,
+how to evaluate) plus a model, an optimizer and a per-step learning-rate scheduler; the
+:class:`Trainer` owns the loop::
+
+    for step in range(start, total_steps):
+        out = task.train_step(model, step)        # forward on this process's shard
+        out.loss.backward(); task.after_backward()  # backward NFE etc.
+        optimizer.step(); scheduler.step()
+        every log_every steps     -> a "train" line in metrics.jsonl
+        every steps_per_epoch     -> evaluate, an "epoch" line, a checkpoint
+        every checkpoint_every    -> a checkpoint (mid-epoch)
+
+**Exact resume.** A task must draw everything random from state that is either a function of
+``step`` (e.g. the epoch's permutation from ``seed + epoch``) or saved by its ``state_dict``
+(e.g. an augmentation generator). The checkpoint holds model, optimizer, scheduler, task state,
+the global RNG states, the step and the running metric sums, so ``resume`` repeats the exact
+computation an uninterrupted run would have done. On resume, lines of ``metrics.jsonl`` written
+after the checkpoint (by the run that died) are dropped before training continues.
+
+**Data parallel.** Under torchrun the model is wrapped in ``DistributedDataParallel``; a task
+computes the loss on its shard of the global batch (mean over the shard; shards are equal, so
+the averaged gradient is the global batch's), metric sums are all-reduced, and only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from neuralode.experiments.checkpoint import (
+    capture_rng,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from neuralode.experiments.common import append_jsonl, atomic_write_text, to_jsonable
+from neuralode.experiments.distributed import DistContext
+
+__all__ = [
+    "CHECKPOINT_NAME",
+    "METRICS_NAME",
+    "Schedule",
+    "StepOutput",
+    "Task",
+    "Trainer",
+    "load_run_config",
+    "read_metrics",
+    "start_run",
+]
+
+CHECKPOINT_NAME = "checkpoints/last.pt"
+METRICS_NAME = "metrics.jsonl"
+
+
+@dataclass
+class StepOutput:
+    """What one training step of a task produced on this process.
+
+    Attributes:
+        loss: scalar tensor to differentiate (the mean over this process's samples).
+        sums: per-sample sums over this process's samples (e.g. ``{"loss": loss * n,
+            "correct": k}``); reported as averages over all samples of an interval.
+        count: number of samples on this process.
+        values: per-step values (e.g. ``{"nfe_forward": 26}``), reported as averages over steps
+            (and over processes).
+    """
+
+    loss: torch.Tensor
+    sums: dict[str, float]
+    count: int
+    values: dict[str, float] = field(default_factory=dict)
+
+
+class Task(Protocol):
+    """The experiment-specific half of training (see the module docstring)."""
+
+    def train_step(self, model: nn.Module, step: int) -> StepOutput: ...
+
+    def after_backward(self, model: nn.Module) -> dict[str, float]: ...
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How long to train and how often to log, evaluate and checkpoint (all in steps).
+
+    ``steps_per_epoch`` is the evaluation period: an "epoch" line (train averages, evaluation
+    metrics, seconds) and a checkpoint are written at the end of each. ``checkpoint_every``
+    adds mid-epoch checkpoints (0: only at epoch ends). ``fault_step`` (testing only) kills the
+    process with SIGKILL right after that step, to prove that ``resume`` loses no finished work.
+    """
+
+    total_steps: int
+    steps_per_epoch: int
+    log_every: int = 50
+    checkpoint_every: int = 0
+    fault_step: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.total_steps < 1 or self.steps_per_epoch < 1:
+            raise ValueError("total_steps and steps_per_epoch must be at least 1")
+        if self.log_every < 1 or self.checkpoint_every < 0:
+            raise ValueError("log_every must be >= 1 and checkpoint_every >= 0")
+
+
+class _Meter:
+    """Running sums of per-sample and per-step metrics over an interval."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.count = 0
+        self.values: dict[str, float] = {}
+        self.steps = 0
+
+    def add(self, sums: dict[str, float], count: int, values: dict[str, float]) -> None:
+        for k, v in sums.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.count += count
+        for k, v in values.items():
+            self.values[k] = self.values.get(k, 0.0) + v
+        self.steps += 1
+
+    def averages(self) -> dict[str, float]:
+        out = {k: v / max(self.count, 1) for k, v in self.sums.items()}
+        out.update({k: v / max(self.steps, 1) for k, v in self.values.items()})
+        return out
+
+    def state(self) -> dict[str, Any]:
+        return {"sums": self.sums, "count": self.count, "values": self.values, "steps": self.steps}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.sums = dict(state["sums"])
+        self.count = int(state["count"])
+        self.values = dict(state["values"])
+        self.steps = int(state["steps"])
+
+
+def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The records of a run's ``metrics.jsonl`` (an incomplete last line is skipped)."""
+    import json
+
+    path = Path(run_dir) / METRICS_NAME
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a line torn by a crash: nothing after it was written by that run
+    return records
+
+
+def _truncate_metrics(run_dir: Path, step: int) -> None:
+    """Keep only metric lines up to ``step`` (those before the checkpoint we resume from)."""
+    import json
+
+    kept = [r for r in read_metrics(run_dir) if int(r.get("step", 0)) <= step]
+    text = "".join(json.dumps(to_jsonable(r), sort_keys=True) + "\n" for r in kept)
+    atomic_write_text(run_dir / METRICS_NAME, text)
+
+
+class Trainer:
+    """Runs a :class:`Task` for a :class:`Schedule` in a run folder (see the module docstring).
+
+    Args:
+        run_dir: the run folder (``metrics.jsonl`` and ``checkpoints/`` go here).
+        task: the experiment's task.
+        model: the (unwrapped) model; wrapped in DDP here when the context is distributed.
+        optimizer, scheduler: stepped once per training step (``scheduler`` may be ``None``).
+        schedule: steps, evaluation period, logging and checkpoint intervals.
+        ctx: the process's :class:`DistContext`.
+        quiet: no progress bar; one log line per epoch instead (rank 0 only).
+        grad_clip: clip the global gradient norm to this value (``None``: no clipping).
+        on_epoch: called on rank 0 with each "epoch" record after it is written (e.g. plots).
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike[str],
+        task: Task,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any | None,
+        schedule: Schedule,
+        ctx: DistContext,
+        *,
+        quiet: bool = False,
+        grad_clip: float | None = None,
+        on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.task = task
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.schedule = schedule
+        self.ctx = ctx
+        self.quiet = quiet
+        self.grad_clip = grad_clip
+        self.on_epoch = on_epoch
+        self.step = 0
+        self.epoch_seconds = 0.0
+        self.log_meter = _Meter()
+        self.epoch_meter = _Meter()
+        self.last_epoch: dict[str, Any] = {}
+        if ctx.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [ctx.device] if ctx.device.type == "cuda" else None
+            self.train_model: nn.Module = DistributedDataParallel(model, device_ids=ids)
+        else:
+            self.train_model = model
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.run_dir / CHECKPOINT_NAME
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "task": self.task.state_dict(),
+            "rng": capture_rng(),
+            "log_meter": self.log_meter.state(),
+            "epoch_meter": self.epoch_meter.state(),
+            "epoch_seconds": self.epoch_seconds,
+            "last_epoch": to_jsonable(self.last_epoch),
+            "world_size": self.ctx.world_size,
+        }
+
+    def save(self) -> None:
+        """Write the checkpoint (rank 0 only; all ranks hold the same state under DDP)."""
+        if self.ctx.is_main:
+            save_checkpoint(self.checkpoint_path, self.state_dict())
+        self.ctx.barrier()
+
+    def restore(self) -> None:
+        """Load the run's checkpoint and drop metric lines written after it."""
+        state = load_checkpoint(self.checkpoint_path, map_location=self.ctx.device)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.task.load_state_dict(state["task"])
+        restore_rng(state["rng"])
+        self.step = int(state["step"])
+        self.log_meter.load(state["log_meter"])
+        self.epoch_meter.load(state["epoch_meter"])
+        self.epoch_seconds = float(state["epoch_seconds"])
+        self.last_epoch = dict(state["last_epoch"])
+        if self.ctx.is_main:
+            _truncate_metrics(self.run_dir, self.step)
+        self.ctx.barrier()
+
+    # ------------------------------------------------------------------ the loop
+    def _reduce(self, out: StepOutput, extra: dict[str, float]) -> tuple[dict, int, dict]:
+        values = {**out.values, **extra}
+        if not self.ctx.distributed:
+            return out.sums, out.count, values
+        keys_s, keys_v = sorted(out.sums), sorted(values)
+        flat = [out.sums[k] for k in keys_s] + [float(out.count)] + [values[k] for k in keys_v]
+        total = self.ctx.all_reduce_sum(torch.tensor(flat, dtype=torch.float64)).tolist()
+        sums = dict(zip(keys_s, total[: len(keys_s)]))
+        count = int(round(total[len(keys_s)]))
+        world = self.ctx.world_size
+        vals = {k: v / world for k, v in zip(keys_v, total[len(keys_s) + 1 :])}
+        return sums, count, vals
+
+    def _one_step(self) -> None:
+        self.train_model.train()
+        out = self.task.train_step(self.train_model, self.step)
+        if not torch.isfinite(out.loss.detach()):
+            raise FloatingPointError(
+                f"training loss is {out.loss.item()} at step {self.step}; lower the learning "
+                "rate or tighten the solver tolerances"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        extra = self.task.after_backward(self.model)
+        if self.grad_clip is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        sums, count, values = self._reduce(out, extra)
+        self.log_meter.add(sums, count, values)
+        self.epoch_meter.add(sums, count, values)
+        self.step += 1
+
+    def _lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def _log_train(self, bar: Any) -> None:
+        record = {"kind": "train", "step": self.step, "epoch": self._epoch_float()}
+        record["lr"] = self._lr()
+        record.update(self.log_meter.averages())
+        self.log_meter = _Meter()
+        if self.ctx.is_main:
+            append_jsonl(self.run_dir / METRICS_NAME, record)
+            if bar is not None:
+                bar.set_postfix(_short(record), refresh=False)
+
+    def _epoch_float(self) -> float:
+        return self.step / self.schedule.steps_per_epoch
+
+    def _end_epoch(self) -> dict[str, Any]:
+        self.train_model.eval()
+        start = time.perf_counter()
+        with torch.no_grad():
+            evaluation = self.task.evaluate(self.model)
+        eval_seconds = time.perf_counter() - start
+        record: dict[str, Any] = {
+            "kind": "epoch",
+            "step": self.step,
+            "epoch": math.ceil(self._epoch_float()),
+            "lr": self._lr(),
+            "seconds": self.epoch_seconds,
+            "eval_seconds": eval_seconds,
+        }
+        record.update({f"train_{k}": v for k, v in self.epoch_meter.averages().items()})
+        record.update(evaluation)
+        self.epoch_meter = _Meter()
+        self.epoch_seconds = 0.0
+        self.last_epoch = record
+        if self.ctx.is_main:
+            append_jsonl(self.run_dir / METRICS_NAME, record)
+            if self.quiet:
+                print(_format_epoch(record), flush=True)
+            if self.on_epoch is not None:
+                self.on_epoch(record)
+        return record
+
+    def fit(self, resume: bool = False) -> dict[str, Any]:
+        """Train to ``schedule.total_steps`` (from the checkpoint when ``resume``).
+
+        Returns:
+            The last "epoch" record (train averages and evaluation metrics).
+        """
+        if resume:
+            self.restore()
+        schedule = self.schedule
+        bar = None
+        if self.ctx.is_main and not self.quiet:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(
+                total=schedule.total_steps, initial=self.step, unit="step", dynamic_ncols=True
+            )
+        try:
+            while self.step < schedule.total_steps:
+                start = time.perf_counter()
+                self._one_step()
+                self.epoch_seconds += time.perf_counter() - start
+                if bar is not None:
+                    bar.update(1)
+                done = self.step
+                if done % schedule.log_every == 0:
+                    self._log_train(bar)
+                end_of_epoch = done % schedule.steps_per_epoch == 0 or done == schedule.total_steps
+                if end_of_epoch:
+                    self._end_epoch()
+                if end_of_epoch or (
+                    schedule.checkpoint_every and done % schedule.checkpoint_every == 0
+                ):
+                    self.save()
+                if schedule.fault_step is not None and done == schedule.fault_step:
+                    sys.stdout.flush()
+                    os.kill(os.getpid(), signal.SIGKILL)  # simulate a crash (tests)
+        finally:
+            if bar is not None:
+                bar.close()
+        return self.last_epoch
+
+
+def _short(record: dict[str, Any]) -> dict[str, str]:
+    keep = ("loss", "accuracy", "nfe_forward", "nfe_backward", "lr")
+    return {k: f"{record[k]:.4g}" for k in keep if isinstance(record.get(k), (int, float))}
+
+
+def _format_epoch(record: dict[str, Any]) -> str:
+    parts = [f"epoch {record['epoch']} (step {record['step']})"]
+    for k, v in record.items():
+        if k in ("kind", "epoch", "step"):
+            continue
+        parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
+    return " ".join(parts)
+
+
+def start_run(
+    run_dir: str | os.PathLike[str],
+    experiment: str,
+    config: dict[str, Any],
+    ctx: DistContext,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Create a new run folder and write its ``config.json`` (rank 0), then sync processes.
+
+    Raises:
+        ValueError: if ``run_dir`` already holds a checkpoint (say ``neuralode resume`` instead
+            of overwriting finished work).
+    """
+    from neuralode.experiments.common import environment_info, make_run_dir, write_json
+
+    path = Path(run_dir)
+    if (path / CHECKPOINT_NAME).exists():
+        raise ValueError(
+            f"run folder {str(path)!r} already holds a run; continue it with "
+            f"'neuralode resume {path}' or choose another --out"
+        )
+    if ctx.is_main:
+        make_run_dir(path)
+        (path / "checkpoints").mkdir(exist_ok=True)
+        metrics = path / METRICS_NAME
+        if metrics.exists():
+            metrics.unlink()  # left by a run that died before its first checkpoint
+        info = {"world_size": ctx.world_size, "device": str(ctx.device), **environment_info()}
+        write_json(
+            path / "config.json",
+            {"experiment": experiment, **config, **(extra or {}), "env": info},
+        )
+    ctx.barrier()
+    return path
+
+
+def load_run_config(run_dir: str | os.PathLike[str], fields: set[str]) -> dict[str, Any]:
+    """The config values (restricted to ``fields``) stored in a run folder's ``config.json``."""
+    from neuralode.experiments.common import read_json
+
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{str(run_dir)!r} is not a run folder: {str(path)!r} is missing")
+    stored = read_json(path)
+    values = {k: v for k, v in stored.items() if k in fields}
+    for k, v in values.items():
+        if isinstance(v, list):
+            values[k] = tuple(v)
+    return values
