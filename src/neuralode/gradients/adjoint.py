@@ -148,8 +148,11 @@ class _Adjoint(torch.autograd.Function):
         ys, s, *params = ctx.saved_tensors
         context: _Context = ctx.context
         with torch.no_grad():
+            # ys is this Function's own output and still claims requires_grad; detach it so that a
+            # field differentiating inside itself (a CNF's trace) never sees a graph-less view
+            # that pretends to be differentiable.
             grad_y0, grad_s, grad_params = context.backward(
-                ys, s.detach(), tuple(params), grad_ys, ctx.needs_input_grad[2]
+                ys.detach(), s.detach(), tuple(params), grad_ys, ctx.needs_input_grad[2]
             )
         return (None, grad_y0, grad_s, *grad_params)
 

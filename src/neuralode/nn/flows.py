@@ -1,0 +1,152 @@
+"""Discrete planar normalizing flows (Rezende & Mohamed 2015, Section 4.1), the baseline of
+Chen et al. 2018, Figure 4.
+
+One planar layer maps ``z -> z + u_hat h(w^T z + b)`` with ``h = tanh``;
+``log|det df/dz| = log|1 + u_hat^T psi(z)|`` with ``psi(z) = h'(w^T z + b) w``.  The
+invertibility constraint (Rezende & Mohamed 2015, Appendix A.1) replaces ``u`` by::
+
+    u_hat = u + (m(w^T u) - w^T u) w / |w|^2,     m(x) = -1 + softplus(x),
+
+so that ``w^T u_hat = m(w^T u) > -1``, which makes the layer strictly increasing along ``w``
+and hence invertible.
+
+What :class:`PlanarFlow` supports:
+
+* ``forward(z)`` / :meth:`PlanarFlow.sample_and_log_prob`: base -> data with the exact
+  log-density, differentiable (reparameterised): training by reverse KL to a known
+  (unnormalised) density, as in Chen et al. 2018, Figure 4.
+* :meth:`PlanarFlow.inverse` / :meth:`PlanarFlow.log_prob`: data -> base.  A planar layer has
+  no closed-form inverse, but its inverse reduces to one monotone scalar equation per layer
+  (``alpha + (w^T u_hat) tanh(alpha + b) = w^T y``, whose root lies within ``|w^T u_hat|`` of
+  ``w^T y``), which we solve by bisection to round-off.  Gradients reach the parameters through
+  one Newton step at the root (the implicit-function theorem), so maximum likelihood training
+  works too, though slowly (the bisection costs ``iters`` evaluations per layer).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .cnf import standard_normal_log_prob
+
+__all__ = ["PlanarLayer", "PlanarFlow"]
+
+
+class PlanarLayer(nn.Module):
+    """One planar layer ``f(z) = z + u_hat tanh(w^T z + b)`` on ``[B, D]``.
+
+    Args:
+        dim: data dimension ``D``.
+        generator: random generator for the initialisation (``U(-1/sqrt(D), 1/sqrt(D))``).
+    """
+
+    def __init__(self, dim: int, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        bound = 1.0 / math.sqrt(dim)
+
+        def init(*shape: int) -> nn.Parameter:
+            return nn.Parameter((torch.rand(shape, generator=generator) * 2 - 1) * bound)
+
+        self.u = init(dim)
+        self.w = init(dim)
+        self.b = init(1)
+
+    def u_hat(self) -> torch.Tensor:
+        """``[D]``: ``u`` projected so that ``w^T u_hat = -1 + softplus(w^T u) > -1``."""
+        wu = self.w @ self.u
+        m = -1 + nn.functional.softplus(wu)
+        w_sq = (self.w @ self.w).clamp_min(torch.finfo(self.w.dtype).tiny)
+        return self.u + (m - wu) * self.w / w_sq
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(f(z) [B, D], log|det df/dz| [B])``."""
+        u = self.u_hat()
+        a = z @ self.w + self.b  # [B]
+        h = torch.tanh(a)
+        # 1 + u_hat^T psi = 1 + (w^T u_hat) h'(a) > 0 since w^T u_hat > -1 and 0 < h' <= 1.
+        log_det = torch.log1p((self.w @ u) * (1 - h.pow(2)))
+        return z + h.unsqueeze(1) * u, log_det
+
+    def inverse(self, y: torch.Tensor, iters: int = 60) -> torch.Tensor:
+        """``f^{-1}(y)`` (``[B, D]``), exact to round-off after ``iters`` bisection steps.
+
+        ``alpha = w^T z`` solves ``g(alpha) = alpha + c tanh(alpha + b) = w^T y`` with
+        ``c = w^T u_hat > -1`` (``g`` increasing); then ``z = y - u_hat tanh(alpha + b)``.
+        """
+        u = self.u_hat()
+        c = self.w @ u
+        target = y @ self.w
+        with torch.no_grad():
+            c_d, b_d, t_d = c.detach(), self.b.detach(), target.detach()
+            r = c_d.abs() + 1e-12
+            lo, hi = t_d - r, t_d + r
+            for _ in range(iters):
+                mid = 0.5 * (lo + hi)
+                above = mid + c_d * torch.tanh(mid + b_d) > t_d
+                hi = torch.where(above, mid, hi)
+                lo = torch.where(above, lo, mid)
+            root = 0.5 * (lo + hi)
+        # One Newton step at the root: same value, and the implicit-function-theorem gradient.
+        th = torch.tanh(root + self.b)
+        g = root + c * th - target
+        dg = 1 + c * (1 - th.pow(2))
+        alpha = root - g / dg
+        return y - torch.tanh(alpha + self.b).unsqueeze(1) * u
+
+
+class PlanarFlow(nn.Module):
+    """``K`` stacked planar layers on a standard normal base (Rezende & Mohamed 2015).
+
+    Args:
+        dim: data dimension ``D``.
+        num_layers: ``K``.
+        seed: seed of the initialisation (``None``: the global generator).
+
+    Shapes: samples ``[n, D]``, log-densities ``[n]`` (nats).
+    """
+
+    def __init__(self, dim: int = 2, num_layers: int = 8, seed: int | None = None) -> None:
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be at least 1, got {num_layers}")
+        gen = None if seed is None else torch.Generator().manual_seed(seed)
+        self.dim = dim
+        self.layers = nn.ModuleList(PlanarLayer(dim, gen) for _ in range(num_layers))
+
+    def _planar_layers(self) -> list[PlanarLayer]:
+        return [layer for layer in self.layers if isinstance(layer, PlanarLayer)]
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Base -> data: ``(x [B, D], sum_k log|det df_k/dz| [B])``."""
+        total = z.new_zeros(z.shape[0])
+        for layer in self.layers:
+            z, log_det = layer(z)
+            total = total + log_det
+        return z, total
+
+    def inverse(self, x: torch.Tensor, iters: int = 60) -> torch.Tensor:
+        """Data -> base: ``z [B, D]`` with ``forward(z)[0] == x`` (see
+        :meth:`PlanarLayer.inverse`)."""
+        for layer in reversed(self._planar_layers()):
+            x = layer.inverse(x, iters)
+        return x
+
+    def sample_and_log_prob(
+        self, n: int, *, generator: torch.Generator | None = None, z: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x [n, D], log q(x) [n])`` with ``log q(x) = log N(z_0) - sum_k log|det|``;
+        differentiable in the parameters (reparameterised), for reverse-KL training."""
+        if z is None:
+            p = self._planar_layers()[0].u
+            z = torch.randn(n, self.dim, dtype=p.dtype, device=p.device, generator=generator)
+        x, log_det = self(z)
+        return x, standard_normal_log_prob(z) - log_det
+
+    def log_prob(self, x: torch.Tensor, iters: int = 60) -> torch.Tensor:
+        """``log q(x)`` per sample (``[B]``) by numerical inversion (see the module docstring)."""
+        z = self.inverse(x, iters)
+        _, log_det = self(z)
+        return standard_normal_log_prob(z) - log_det
