@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pickle
@@ -111,6 +112,7 @@ class _Exploit:
         return (os.system, ("touch PWNED_BY_CHECKPOINT",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_malicious_pickle_is_refused_without_running_it(tmp_path: Path) -> None:
     path = tmp_path / "evil.pt"
     torch.save({"format": 1, "payload": _Exploit()}, path)
@@ -251,3 +253,16 @@ def test_cli_run_commands_explain_bad_run_folders(tmp_path: Path, capsys: Any) -
     (tmp_path / "config.json").write_text('{"experiment": "spiral"}')
     assert cli.main(["resume", str(tmp_path)]) == 2
     assert "does not support 'neuralode resume'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).parents[1] / "configs").glob("*.toml")), ids=lambda p: p.name
+)
+def test_shipped_configs_are_valid(path: Path) -> None:
+    """Every ``configs/NAME-*.toml`` fills experiment NAME's config class without error."""
+    from neuralode import experiments
+    from neuralode.experiments.config import load_config_file
+
+    module = experiments.load(path.stem.split("-")[0])
+    config = config_from_dict(module.CONFIG, load_config_file(path), source=str(path))
+    assert dataclasses.is_dataclass(config)

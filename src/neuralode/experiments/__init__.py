@@ -3,9 +3,11 @@
 Every experiment module provides:
 
 - ``add_arguments(parser)``: its options for ``neuralode train NAME``;
-- ``train(args) -> dict``: run it into the run folder ``args.out`` and return the final metrics.
-
-Later commands (``evaluate``, ``resume``, ``plot``) will add matching module functions. To add an
+- ``train(args) -> dict``: run it into the run folder ``args.out`` and return the final metrics;
+- optionally ``resume(run_dir, args)``, ``evaluate(run_dir, args)`` and ``plot(run_dir)`` for the
+  commands of the same names. Experiments built on :mod:`neuralode.experiments.engine` get
+  checkpoints, exact resume, metrics, progress bars and DDP from it.
+ To add an
 experiment, write ``neuralode/experiments/NAME.py`` and register it in :data:`EXPERIMENTS`.
 """
 
@@ -20,6 +22,9 @@ __all__ = ["EXPERIMENTS", "load"]
 #: stays fast and one experiment's optional dependencies never burden another.
 EXPERIMENTS: dict[str, str] = {
     "spiral": "neuralode.experiments.spiral",
+    "mnist": "neuralode.experiments.mnist",
+    "density": "neuralode.experiments.density",
+    "latent": "neuralode.experiments.latent",
 }
 
 

