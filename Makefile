@@ -7,7 +7,7 @@ PYTHON = $(VENV)/bin/python
 PIP = $(PYTHON) -m pip
 STAMP = $(VENV)/.ready
 
-.PHONY: all demo test test-slow lint bench clean distclean
+.PHONY: all demo test test-slow lint bench clean distclean mnist-quick mnist-paper
 
 all: test
 
@@ -37,6 +37,20 @@ bench: $(STAMP)
 	$(PYTHON) benchmarks/memory.py
 	$(PYTHON) benchmarks/figure3.py
 	$(PYTHON) benchmarks/compare.py --out runs/bench/compare
+
+# Paper experiments (slow; not part of `make test`). Each writes a run folder under runs/; a run
+# that was killed is resumed from its last checkpoint instead of started again.
+TRAIN = run() { if [ -f "$$1/checkpoints/last.pt" ]; then $(PYTHON) -m neuralode resume "$$1"; \
+	else out="$$1"; shift; $(PYTHON) -m neuralode train "$$@" --out "$$out"; fi; }; run
+
+mnist-quick: $(STAMP)
+	$(TRAIN) runs/mnist-quick mnist --config configs/mnist-quick.toml --model odenet
+
+# Table 1 of the paper: 160 epochs each (days on a CPU; hours on one GPU).
+mnist-paper: $(STAMP)
+	for m in mlp resnet rknet odenet; do \
+		$(TRAIN) runs/mnist-paper-$$m mnist --config configs/mnist-paper.toml --model $$m || exit 1; \
+	done
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -7,15 +7,13 @@ images, so the whole file takes well under a minute.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
+from clitools import env, free_port, neuralode, records
 
 from neuralode.experiments import engine
 
@@ -27,33 +25,9 @@ TINY = [
 ]  # fmt: skip
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def _neuralode(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "neuralode", *args],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        timeout=600,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"neuralode {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def _records(run: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl without wall-clock fields (they differ between any two runs)."""
-    return [
-        {k: v for k, v in r.items() if "seconds" not in k} for r in engine.read_metrics(run)
-    ]
-
-
 def test_train_evaluate_plot_and_refuse_overwrite(tmp_path: Path) -> None:
     run = tmp_path / "mlp"
-    _neuralode("train", "mnist", "--model", "mlp", *TINY, "--out", str(run))
+    neuralode("train", "mnist", "--model", "mlp", *TINY, "--out", str(run))
     config = json.loads((run / "config.json").read_text())
     assert config["experiment"] == "mnist" and config["model"] == "mlp"
     records = engine.read_metrics(run)
@@ -65,13 +39,13 @@ def test_train_evaluate_plot_and_refuse_overwrite(tmp_path: Path) -> None:
     assert summary["parameters"] == 238_510 and summary["steps"] == 16
     assert (run / "figures" / "training.png").stat().st_size > 10_000
 
-    evaluated = _neuralode("evaluate", str(run))
+    evaluated = neuralode("evaluate", str(run))
     result = json.loads(evaluated.stdout)
     assert result["test_accuracy"] == pytest.approx(epochs[-1]["test_accuracy"])
     assert (run / "evaluation.json").exists()
-    assert "training.png" in _neuralode("plot", str(run)).stdout
+    assert "training.png" in neuralode("plot", str(run)).stdout
 
-    again = _neuralode("train", "mnist", "--model", "mlp", *TINY, "--out", str(run), check=False)
+    again = neuralode("train", "mnist", "--model", "mlp", *TINY, "--out", str(run), check=False)
     assert again.returncode == 2 and "already holds a run" in again.stderr
 
 
@@ -81,24 +55,18 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path: Pa
     odenet = ["--model", "odenet", "--tol", "0.01", *TINY, "--train-limit", "128",
               "--batch-size", "16", "--test-limit", "32"]  # fmt: skip
     full, part = tmp_path / "full", tmp_path / "part"
-    _neuralode("train", "mnist", *odenet, "--out", str(full))
-    killed = _neuralode(
+    neuralode("train", "mnist", *odenet, "--out", str(full))
+    killed = neuralode(
         "train", "mnist", *odenet, "--out", str(part), "--fault-step", "11", check=False
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert not (part / "metrics.json").exists()
     assert max(r["step"] for r in engine.read_metrics(part)) == 10  # logged after checkpoint 9
-    _neuralode("resume", str(part))
-    expected = _records(full)
-    assert _records(part) == expected
+    neuralode("resume", str(part))
+    expected = records(full)
+    assert records(part) == expected
     assert any(r.get("nfe_forward", 0) > 0 for r in expected)
     assert json.loads((part / "metrics.json").read_text())["steps"] == 16
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_torchrun_two_processes_match_one_process(tmp_path: Path) -> None:
@@ -108,21 +76,31 @@ def test_torchrun_two_processes_match_one_process(tmp_path: Path) -> None:
     rknet = ["--model", "rknet", "--rk-method", "euler", "--rk-steps", "2", *TINY,
              "--train-limit", "128", "--test-limit", "64", "--epochs", "1"]  # fmt: skip
     single, multi = tmp_path / "single", tmp_path / "multi"
-    _neuralode("train", "mnist", *rknet, "--out", str(single))
+    neuralode("train", "mnist", *rknet, "--out", str(single))
     proc = subprocess.run(
         [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-            "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
-            "-m", "neuralode", "train", "mnist", *rknet, "--out", str(multi),
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}",
+            "-m",
+            "neuralode",
+            "train",
+            "mnist",
+            *rknet,
+            "--out",
+            str(multi),
         ],  # fmt: skip
         capture_output=True,
         text=True,
-        env=_env(),
+        env=env(),
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert json.loads((multi / "config.json").read_text())["env"]["world_size"] == 2
-    one, two = _records(single), _records(multi)
+    one, two = records(single), records(multi)
     assert [r["step"] for r in one] == [r["step"] for r in two]
     for a, b in zip(one, two):
         for key in ("loss", "accuracy", "train_loss", "test_loss", "test_accuracy"):

@@ -26,6 +26,7 @@ the averaged gradient is the global batch's), metric sums are all-reduced, and o
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
@@ -34,7 +35,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -57,8 +58,12 @@ __all__ = [
     "Trainer",
     "load_run_config",
     "read_metrics",
+    "run_experiment",
     "start_run",
+    "stored_config",
 ]
+
+C = TypeVar("C")
 
 CHECKPOINT_NAME = "checkpoints/last.pt"
 METRICS_NAME = "metrics.jsonl"
@@ -456,3 +461,49 @@ def load_run_config(run_dir: str | os.PathLike[str], fields: set[str]) -> dict[s
         if isinstance(v, list):
             values[k] = tuple(v)
     return values
+
+
+def stored_config(cls: type[C], run_dir: str | os.PathLike[str], args: Any = None) -> C:
+    """The config of a run folder, for ``resume``/``evaluate``: what ``config.json`` holds, with
+    ``out`` pointing at ``run_dir``, the command's ``--device``/``--quiet`` applied and any
+    ``fault_step`` (a testing crash) cleared."""
+    from neuralode.experiments.config import config_from_dict
+
+    fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    values = load_run_config(run_dir, fields)
+    overrides: dict[str, Any] = {"out": str(run_dir), "fault_step": None}
+    if args is not None:
+        if getattr(args, "device", None):
+            overrides["device"] = args.device
+        if getattr(args, "quiet", None):
+            overrides["quiet"] = True
+    values.update({k: v for k, v in overrides.items() if k in fields})
+    return config_from_dict(cls, values, source=f"{run_dir}/config.json")
+
+
+def run_experiment(
+    experiment: str,
+    config: Any,
+    make_trainer: Callable[[DistContext, Path], Trainer],
+    finish: Callable[[Trainer, Path], dict[str, Any]],
+    *,
+    resume_run: bool = False,
+) -> dict[str, Any]:
+    """The life cycle of one run: set up the process (group), create the run folder (or find
+    the one to resume), build the trainer, train, and finish (final metrics, figures).
+
+    A resumed run that died before its first checkpoint starts over in the same folder.
+    ``config`` must be a dataclass with ``out`` and ``device`` fields.
+    """
+    from neuralode.experiments.distributed import setup
+
+    ctx = setup(config.device)
+    try:
+        run_dir = Path(config.out)
+        if not resume_run:
+            start_run(run_dir, experiment, dataclasses.asdict(config), ctx)
+        trainer = make_trainer(ctx, run_dir)
+        trainer.fit(resume=resume_run and trainer.checkpoint_path.exists())
+        return finish(trainer, run_dir)
+    finally:
+        ctx.shutdown()

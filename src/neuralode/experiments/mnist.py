@@ -23,7 +23,6 @@ every global batch; only rank 0 writes).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,7 @@ from torch import nn
 
 from neuralode.experiments import engine
 from neuralode.experiments.common import read_json, seed_everything, write_json
-from neuralode.experiments.config import add_config_arguments, config_from_dict, resolve_config
+from neuralode.experiments.config import add_config_arguments, resolve_config
 from neuralode.experiments.distributed import DistContext, setup
 
 __all__ = ["MnistConfig", "MnistTask", "add_arguments", "evaluate", "plot", "resume", "train"]
@@ -334,18 +333,16 @@ def _finish(trainer: engine.Trainer, config: MnistConfig, run_dir: Path, data: A
 
 def run(config: MnistConfig, *, resume_run: bool = False) -> dict[str, Any]:
     """Train (or, with ``resume_run``, continue) one MNIST run; return its final metrics."""
-    ctx = setup(config.device)
-    try:
-        run_dir = Path(config.out)
-        if not resume_run:
-            engine.start_run(run_dir, "mnist", dataclasses.asdict(config), ctx)
-        trainer, data = _trainer(config, ctx, run_dir)
-        if resume_run and not trainer.checkpoint_path.exists():
-            resume_run = False  # killed before its first checkpoint: start over
-        trainer.fit(resume=resume_run)
-        return _finish(trainer, config, run_dir, data)
-    finally:
-        ctx.shutdown()
+    state: dict[str, Any] = {}
+
+    def make_trainer(ctx: DistContext, run_dir: Path) -> engine.Trainer:
+        trainer, state["data"] = _trainer(config, ctx, run_dir)
+        return trainer
+
+    def finish(trainer: engine.Trainer, run_dir: Path) -> dict[str, Any]:
+        return _finish(trainer, config, run_dir, state["data"])
+
+    return engine.run_experiment("mnist", config, make_trainer, finish, resume_run=resume_run)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -358,22 +355,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     return run(resolve_config(MnistConfig, args))
 
 
-def _stored_config(run_dir: Path, args: argparse.Namespace | None) -> MnistConfig:
-    names = {f.name for f in dataclasses.fields(MnistConfig)}
-    values = engine.load_run_config(run_dir, names)
-    values["out"] = str(run_dir)
-    if args is not None:
-        if getattr(args, "device", None):
-            values["device"] = args.device
-        if getattr(args, "quiet", None):
-            values["quiet"] = True
-    values["fault_step"] = None
-    return config_from_dict(MnistConfig, values, source=f"{run_dir}/config.json")
-
-
 def resume(run_dir: Path, args: argparse.Namespace | None = None) -> dict[str, Any]:
     """Entry point of ``neuralode resume RUN``: continue from the last checkpoint."""
-    return run(_stored_config(run_dir, args), resume_run=True)
+    return run(engine.stored_config(MnistConfig, run_dir, args), resume_run=True)
 
 
 def evaluate(run_dir: Path, args: argparse.Namespace | None = None) -> dict[str, Any]:
@@ -381,7 +365,7 @@ def evaluate(run_dir: Path, args: argparse.Namespace | None = None) -> dict[str,
     from neuralode.experiments.checkpoint import load_checkpoint
     from neuralode.nn.odenet import count_parameters
 
-    config = _stored_config(run_dir, args)
+    config = engine.stored_config(MnistConfig, run_dir, args)
     ctx = setup(config.device)
     data, model, task, _, _ = _build(config, ctx)
     state = load_checkpoint(run_dir / engine.CHECKPOINT_NAME, map_location=ctx.device)

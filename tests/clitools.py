@@ -1,0 +1,43 @@
+"""Helpers for tests that run the ``neuralode`` command in a subprocess, as a user would."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from neuralode.experiments import engine
+
+
+def env() -> dict[str, str]:
+    """The environment of a child run: one torch thread (tests share 2 cores), unbuffered."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def neuralode(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m neuralode ARGS``; with ``check``, fail the test showing its output."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "neuralode", *args],
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=600,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"neuralode {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def records(run: Path) -> list[dict[str, Any]]:
+    """A run's metrics.jsonl without wall-clock fields (they differ between any two runs)."""
+    return [{k: v for k, v in r.items() if "seconds" not in k} for r in engine.read_metrics(run)]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for torchrun's rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
