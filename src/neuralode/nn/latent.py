@@ -735,6 +735,8 @@ class RNNBaseline(nn.Module):
         b, n, _ = values.shape
         t_pred = torch.as_tensor(t_pred, dtype=values.dtype, device=values.device)
         t_pred = t_pred.expand(b, -1) if t_pred.ndim == 1 else t_pred
+        if t_pred.shape[-1] == 0:
+            raise ValueError("t_pred must hold at least one prediction time, got none")
         h = values.new_zeros(b, self.hidden_dim)
         for i in range(n - 1):
             m = None if mask is None else mask[:, i]

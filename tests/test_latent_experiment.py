@@ -1,0 +1,204 @@
+"""The latent-ODE experiment (Chen et al. 2018, Table 2) end to end on tiny configs.
+
+* The CLI as a user runs it: ``train`` (in a subprocess) writes the run folder (config, metric
+  lines with the test RMSE, final metrics, figures) and the loss falls; ``evaluate`` and
+  ``plot`` work; a SIGKILL mid-run (a subprocess killing itself) followed by ``neuralode
+  resume`` gives the metric lines of an uninterrupted run.
+* The RNN baselines and the periodic data run (in-process, to save interpreter start-ups).
+* The metric is the paper's: the targets are the 100 noise-free points right after each test
+  series' observation window, RMSE is pooled over entries, and the latent predictions land on
+  the right grid points when series start at different times.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from neuralode import cli
+from neuralode.data.timeseries import SpiralConfig, make_spirals, split_indices
+from neuralode.experiments import engine
+from neuralode.experiments import latent as lat
+from neuralode.experiments.config import config_from_dict, load_config_file
+from neuralode.nn.latent import LatentODE
+
+TINY = [
+    "--n-series", "40", "--iterations", "20", "--batch-size", "16", "--eval-every", "10",
+    "--log-every", "4", "--checkpoint-every", "6", "--rtol", "1e-3", "--atol", "1e-3",
+    "--quiet", "--device", "cpu",
+]  # fmt: skip
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _neuralode(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "neuralode", *args],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=600,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"neuralode {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def _records(run: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl without wall-clock fields (they differ between any two runs)."""
+    return [{k: v for k, v in r.items() if "seconds" not in k} for r in engine.read_metrics(run)]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("latent") / "full"
+    _neuralode("train", "latent", *TINY, "--out", str(run))
+    return run
+
+
+def test_train_writes_the_run_folder_and_evaluate_and_plot_work(
+    trained: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = json.loads((trained / "config.json").read_text())
+    assert config["experiment"] == "latent" and config["model"] == "latent-ode"
+    assert config["threads"] == 1 and config["observations"] == 30
+    epochs = [r for r in engine.read_metrics(trained) if r["kind"] == "epoch"]
+    assert [r["step"] for r in epochs] == [10, 20]
+    for key in ("test_extrap_rmse", "test_interp_rmse", "test_recon_rmse", "test_elbo",
+                "test_kl", "test_nfe", "train_nfe_forward", "train_elbo"):  # fmt: skip
+        assert all(isinstance(r[key], float) for r in epochs), key
+    assert epochs[-1]["train_loss"] < 0.5 * epochs[0]["train_loss"]
+    assert epochs[-1]["test_extrap_rmse"] < epochs[0]["test_extrap_rmse"]
+    summary = json.loads((trained / "metrics.json").read_text())
+    assert summary["steps"] == 20 and summary["train_size"] == 32 and summary["test_size"] == 8
+    assert summary["parameters"] == sum(
+        p.numel() for p in lat.build_model(lat.LatentConfig(), 2).parameters()
+    )
+    assert summary["test_extrap_rmse"] == epochs[-1]["test_extrap_rmse"]
+    assert summary["paper_test_extrap_rmse"] == 0.1642 and summary["seconds_per_iteration"] > 0
+    for name in ("training.png", "predictions.png", "latent.png"):
+        assert (trained / "figures" / name).stat().st_size > 10_000, name
+
+    # evaluate and plot in-process (the same commands; saves two interpreter start-ups)
+    capsys.readouterr()
+    assert cli.main(["evaluate", str(trained)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["step"] == 20
+    assert result["test_extrap_rmse"] == pytest.approx(epochs[-1]["test_extrap_rmse"], rel=1e-6)
+    assert (trained / "evaluation.json").exists()
+    assert cli.main(["plot", str(trained)]) == 0
+    assert "predictions.png" in capsys.readouterr().out
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(trained: Path, tmp_path: Path) -> None:
+    # Checkpoints at steps 6, 10 and 12 (every 6 steps and at each evaluation), a metric line
+    # at step 16: killed after step 17, resumed from step 12.
+    part = tmp_path / "part"
+    killed = _neuralode("train", "latent", *TINY, "--out", str(part), "--fault-step", "17",
+                        check=False)  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not (part / "metrics.json").exists()
+    assert max(r["step"] for r in engine.read_metrics(part)) == 16
+    assert cli.main(["resume", str(part), "--quiet"]) == 0
+    expected = _records(trained)
+    assert _records(part) == expected
+    assert json.loads((part / "metrics.json").read_text())["steps"] == 20
+
+
+@pytest.mark.parametrize(
+    ("model", "data", "task"),
+    [
+        ("rnn-gaps", "spirals", "extrapolation"),
+        ("rnn", "periodic", "interpolation"),
+        ("latent-ode", "periodic", "extrapolation"),
+    ],
+)
+def test_baselines_and_periodic_data_run(model: str, data: str, task: str, tmp_path: Path) -> None:
+    values = {
+        "model": model, "data": data, "periodic_task": task, "n_series": 40,
+        "iterations": 20, "batch_size": 16, "eval_every": 10, "log_every": 5,
+        "rtol": 1e-3, "atol": 1e-3, "quiet": True, "out": str(tmp_path / "run"),
+    }  # fmt: skip
+    metrics = lat.run(config_from_dict(lat.LatentConfig, values))
+    epochs = [r for r in engine.read_metrics(tmp_path / "run") if r["kind"] == "epoch"]
+    assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]
+    assert metrics["model"] == model and metrics["steps"] == 20
+    if task == "extrapolation":
+        assert metrics["test_extrap_rmse"] > 0
+        assert metrics["test_extrap_mse"] == pytest.approx(metrics["test_extrap_rmse"] ** 2)
+    if data == "periodic":
+        assert metrics["test_interp_rmse"] > 0 and "paper_test_extrap_rmse" not in metrics
+    else:
+        assert metrics["paper_test_extrap_rmse"] == 0.3937  # the paper's RNN, n = 30
+    assert (tmp_path / "run" / "figures" / "predictions.png").exists()
+
+
+def test_masked_rmse_by_hand() -> None:
+    target = torch.zeros(2, 3, 2)
+    pred = target.clone()
+    pred[0, 0, 0], pred[1, 2, 1] = 3.0, 4.0  # squared errors 9 and 16 among 12 entries
+    assert lat.masked_rmse(pred, target) == pytest.approx((25 / 12) ** 0.5)
+    assert lat.masked_rmse(target + 0.1, target) == pytest.approx(0.1)
+    mask = torch.zeros(2, 3, 1)
+    mask[0, 0], mask[1, 1] = 1, 1  # keeps the 9 and three zeros
+    assert lat.masked_rmse(pred, target, mask) == pytest.approx((9 / 4) ** 0.5)
+
+
+def test_the_targets_are_the_papers() -> None:
+    # Test series observed at n points of their 100-point window; the extrapolation targets are
+    # the 100 noise-free points right after it (Table 2: "100 time points extending beyond
+    # those used for training"); train and test series are disjoint.
+    config = lat.LatentConfig(n_series=20, observations=30)
+    train, test = lat.load_series(config)
+    data = make_spirals(SpiralConfig(n_spirals=20, noise_std=0.3, seed=0))
+    train_idx, test_idx = split_indices(20, 0.8)
+    assert (len(train), len(test)) == (16, 4) and set(train_idx).isdisjoint(test_idx)
+    assert test.grid.shape == (200,) and test.n_interp == 100
+    assert test.values.shape == (4, 30, 2) and bool((test.times < test.grid[100]).all())
+    expected = data.select(test_idx).targets().values
+    torch.testing.assert_close(test.grid_values[:, 100:], expected, rtol=0, atol=0)
+    torch.testing.assert_close(test.grid_values, data.clean[test_idx], rtol=0, atol=0)
+    # The observed values are the noisy ones; clean holds the truth at the same times.
+    assert float((test.values - test.clean).std()) == pytest.approx(0.3, rel=0.25)
+
+
+def test_grid_predictions_land_on_the_right_points() -> None:
+    # Series that start at different grid points: the value placed at grid index k is the
+    # model's prediction at grid[k], and points before each series' first observation are
+    # left out.
+    torch.manual_seed(0)
+    config = lat.LatentConfig(n_series=10, observations=5, rtol=1e-9, atol=1e-9)
+    _, test = lat.load_series(config)
+    series = test.to(torch.device("cpu"), torch.float64)
+    model = lat.build_model(config, 2).double()
+    assert isinstance(model, LatentODE)
+    with torch.no_grad():
+        samples, _, valid, nfe = lat.predict_on_grid(model, series)
+        i0 = torch.searchsorted(series.grid, series.times[:, 0].contiguous())
+        assert bool((i0 > 0).any()) and bool((valid.sum(1) == 200 - i0).all())
+        for b in range(len(series)):
+            one = series.select(slice(b, b + 1))
+            t_pred = series.grid[int(i0[b]) :: 17]
+            direct = model.predict(one.values, one.times, t_pred, use_mean=True).samples[0, 0]
+            torch.testing.assert_close(
+                samples[0, b, int(i0[b]) :: 17], direct, rtol=1e-6, atol=1e-6
+            )
+            assert float(samples[0, b, : int(i0[b])].abs().sum()) == 0.0
+    assert nfe.shape == (1, len(series))
+
+
+@pytest.mark.parametrize("name", ["latent-paper.toml", "latent-quick.toml"])
+def test_shipped_configs_are_valid(name: str) -> None:
+    config = config_from_dict(lat.LatentConfig, load_config_file(CONFIGS / name))
+    assert config.data == "spirals" and config.latent_dim == 4
