@@ -237,7 +237,7 @@ class MnistTask:
         pass
 
 
-def _build(config: MnistConfig, ctx: DistContext) -> tuple[Any, nn.Module, MnistTask, Any, Any]:
+def _build(config: MnistConfig, ctx: DistContext) -> tuple[Any, nn.Module, MnistTask]:
     from neuralode.data import mnist as mnist_data
     from neuralode.nn.odenet import build_model
 
@@ -259,8 +259,13 @@ def _build(config: MnistConfig, ctx: DistContext) -> tuple[Any, nn.Module, Mnist
     else:
         options = {}
     model = build_model(config.model, **options).to(ctx.device)
-    task = MnistTask(config, data, model, ctx)
-    total = config.epochs * task.steps_per_epoch
+    return data, model, MnistTask(config, data, model, ctx)
+
+
+def _optimizer(config: MnistConfig, model: nn.Module, total: int) -> tuple[Any, Any]:
+    """Optimizer and per-step scheduler (separate from :func:`_build`: creating a torch
+    optimizer imports torch._dynamo, seconds that ``evaluate`` does not need to spend)."""
+    steps_per_epoch = total // config.epochs
     optimizer: torch.optim.Optimizer
     if config.optimizer == "sgd":
         optimizer = torch.optim.SGD(
@@ -275,7 +280,7 @@ def _build(config: MnistConfig, ctx: DistContext) -> tuple[Any, nn.Module, Mnist
         )
     scheduler: Any
     if config.schedule == "step":
-        milestones = [m * task.steps_per_epoch for m in config.milestones]
+        milestones = [m * steps_per_epoch for m in config.milestones]
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, config.gamma)
     elif config.schedule == "onecycle":
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
@@ -285,11 +290,12 @@ def _build(config: MnistConfig, ctx: DistContext) -> tuple[Any, nn.Module, Mnist
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
     else:
         scheduler = None
-    return data, model, task, optimizer, scheduler
+    return optimizer, scheduler
 
 
 def _trainer(config: MnistConfig, ctx: DistContext, run_dir: Path) -> tuple[engine.Trainer, Any]:
-    data, model, task, optimizer, scheduler = _build(config, ctx)
+    data, model, task = _build(config, ctx)
+    optimizer, scheduler = _optimizer(config, model, config.epochs * task.steps_per_epoch)
     schedule = engine.Schedule(
         total_steps=config.epochs * task.steps_per_epoch,
         steps_per_epoch=task.steps_per_epoch,
@@ -367,7 +373,7 @@ def evaluate(run_dir: Path, args: argparse.Namespace | None = None) -> dict[str,
 
     config = engine.stored_config(MnistConfig, run_dir, args)
     ctx = setup(config.device)
-    data, model, task, _, _ = _build(config, ctx)
+    data, model, task = _build(config, ctx)
     state = load_checkpoint(run_dir / engine.CHECKPOINT_NAME, map_location=ctx.device)
     model.load_state_dict(state["model"])
     with torch.no_grad():
