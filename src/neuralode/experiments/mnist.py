@@ -399,16 +399,12 @@ def plot(run_dir: Path) -> list[Path]:
     out.mkdir(exist_ok=True)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     if train:
-        axes[0].plot([r["epoch"] for r in train], [r["loss"] for r in train], label="train (log)")
+        x = [r["epoch"] for r in train]
+        axes[0].plot(x, [r["loss"] for r in train], label="train (log)")
+        axes[1].plot(x, [100 * r["accuracy"] for r in train], label="train (log)")
     if epochs:
         axes[0].plot(
             [r["epoch"] for r in epochs], [r["test_loss"] for r in epochs], "o-", label="test"
-        )
-        axes[1].plot(
-            [r["epoch"] for r in epochs],
-            [100 * r["train_accuracy"] for r in epochs],
-            "o-",
-            label="train",
         )
         axes[1].plot(
             [r["epoch"] for r in epochs],
@@ -417,7 +413,7 @@ def plot(run_dir: Path) -> list[Path]:
             label="test",
         )
     axes[0].set(xlabel="epoch", ylabel="cross-entropy", yscale="log", title=f"{model}: loss")
-    axes[1].set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    axes[1].set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy", ylim=(80, 100))
     for key, label in (("nfe_forward", "forward"), ("nfe_backward", "backward")):
         if train and key in train[0]:
             axes[2].plot([r["epoch"] for r in train], [r[key] for r in train], label=label)
