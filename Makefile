@@ -7,7 +7,7 @@ PYTHON = $(VENV)/bin/python
 PIP = $(PYTHON) -m pip
 STAMP = $(VENV)/.ready
 
-.PHONY: all demo test test-slow lint bench clean distclean mnist-quick mnist-paper latent
+.PHONY: all demo test test-slow lint bench clean distclean mnist-quick mnist-paper latent density
 
 all: test
 
@@ -58,6 +58,17 @@ latent: $(STAMP)
 		$(TRAIN) runs/latent-$$m-$$n latent --config configs/latent-paper.toml --model $$m \
 			--observations $$n --quiet || exit 1; \
 	done; done
+
+# Section 4.1 (CNF vs planar NF) and FFJORD's toy sets, 1000 iterations each (about 2 CPU-hours).
+density: $(STAMP)
+	for d in moons circles; do for m in cnf planar-nf; do \
+		$(TRAIN) runs/density-$$m-$$d density --config configs/density-$$m.toml --data $$d \
+			--iterations 1000 --quiet || exit 1; \
+	done; done
+	for d in 8gaussians checkerboard moons circles rings 2spirals pinwheel swissroll; do \
+		$(TRAIN) runs/density-ffjord-$$d density --config configs/density-ffjord.toml --data $$d \
+			--iterations 1000 --quiet || exit 1; \
+	done
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
