@@ -9,10 +9,12 @@ Usage::
 
 Commands are subparsers of the top-level parser, each with a handler ``_cmd_NAME(args) -> int``.
 ``train`` has one sub-command per experiment registered in
-:data:`neuralode.experiments.EXPERIMENTS`; each experiment module supplies
-``add_arguments(parser)`` and ``train(args)``, and, where it supports them, ``resume(run_dir,
-args)``, ``evaluate(run_dir, args)`` and ``plot(run_dir)``. The other commands find the run's
-experiment in the ``experiment`` key of ``RUN/config.json``.
+:data:`neuralode.experiments.EXPERIMENTS`. An experiment on the training engine supplies
+``CONFIG`` (its config dataclass: every field becomes a flag, ``--config FILE`` fills them) and
+``run(config, resume_run=False)``, which serve ``train`` and ``resume``; one that is not
+supplies ``add_arguments(parser)`` and ``train(args)`` itself. Where they are supported,
+``evaluate(run_dir, args)`` and ``plot(run_dir)`` serve the commands of the same names. The
+commands other than ``train`` find the run's experiment in ``RUN/config.json``.
 """
 
 from __future__ import annotations
@@ -24,8 +26,11 @@ from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from neuralode import experiments
+from neuralode.experiments import engine
+from neuralode.experiments.config import add_config_arguments, resolve_config
 
 __all__ = ["build_parser", "main"]
 
@@ -71,7 +76,10 @@ def build_parser(load: str | None = None) -> argparse.ArgumentParser:
         if name == load:
             module = experiments.load(name)
             sub.description = (module.__doc__ or "").strip().split("\n\n")[0]
-            module.add_arguments(sub)
+            if hasattr(module, "add_arguments"):
+                module.add_arguments(sub)
+            else:  # an engine experiment: one flag per field of its config dataclass
+                add_config_arguments(sub, module.CONFIG)
 
     for name, summary in (
         ("resume", "continue a run from its last checkpoint (same config, same results)"),
@@ -95,7 +103,10 @@ def build_parser(load: str | None = None) -> argparse.ArgumentParser:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     module = experiments.load(args.experiment)
-    module.train(args)
+    if hasattr(module, "train"):
+        module.train(args)
+    else:
+        module.run(resolve_config(module.CONFIG, args))
     return 0
 
 
@@ -115,6 +126,12 @@ def _run_module(run: str) -> tuple[Path, ModuleType]:
 def _cmd_run_command(args: argparse.Namespace) -> int:
     run_dir, module = _run_module(args.run)
     handler = getattr(module, args.command, None)
+    if handler is None and args.command == "resume" and hasattr(module, "CONFIG"):
+
+        def handler(run_dir: Path, args: argparse.Namespace) -> Any:
+            config = engine.stored_config(module.CONFIG, run_dir, args)
+            return module.run(config, resume_run=True)
+
     if handler is None:
         raise ValueError(
             f"experiment {module.__name__.rsplit('.', 1)[-1]!r} does not support "

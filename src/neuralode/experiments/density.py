@@ -62,21 +62,19 @@ from neuralode.data import toy2d
 from neuralode.data.mnist import derive_generator
 from neuralode.experiments import engine
 from neuralode.experiments.common import read_json, seed_everything, write_json
-from neuralode.experiments.config import add_config_arguments, resolve_config
 from neuralode.experiments.distributed import DistContext, setup
 from neuralode.nn.cnf import CNF, ConcatSquashMLP, PlanarField
 from neuralode.nn.flows import PlanarFlow, PlanarLayer
 
 __all__ = [
+    "CONFIG",
     "DensityConfig",
     "DensityTask",
-    "add_arguments",
     "build_model",
     "evaluate",
     "plot",
-    "resume",
-    "train",
-]
+    "run",
+    ]
 
 MODELS = ("ffjord", "cnf", "planar-nf")
 TRACE_CHOICES = ("auto", "exact", "hutchinson")
@@ -526,22 +524,6 @@ def run(config: DensityConfig, *, resume_run: bool = False) -> dict[str, Any]:
         lambda trainer, run_dir: _finish(trainer, config, run_dir),
         resume_run=resume_run,
     )
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``neuralode train density`` (one per :class:`DensityConfig` field, +
-    ``--config``)."""
-    add_config_arguments(parser, DensityConfig)
-
-
-def train(args: argparse.Namespace) -> dict[str, Any]:
-    """Entry point of ``neuralode train density``."""
-    return run(resolve_config(DensityConfig, args))
-
-
-def resume(run_dir: Path, args: argparse.Namespace | None = None) -> dict[str, Any]:
-    """Entry point of ``neuralode resume RUN``: continue from the last checkpoint."""
-    return run(engine.stored_config(DensityConfig, Path(run_dir), args), resume_run=True)
 
 
 def _restore(

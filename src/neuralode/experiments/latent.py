@@ -69,26 +69,23 @@ from torch import Tensor, nn
 
 from neuralode.experiments import engine
 from neuralode.experiments.common import read_json, seed_everything, write_json
-from neuralode.experiments.config import add_config_arguments, resolve_config
 from neuralode.experiments.distributed import DistContext, setup
 from neuralode.nn.latent import ELBO, GRUEncoder, LatentODE, ODERNNEncoder, RNNBaseline
 
 __all__ = [
+    "CONFIG",
     "PAPER_TABLE2",
     "LatentConfig",
     "LatentTask",
     "SeriesSet",
-    "add_arguments",
     "build_model",
     "evaluate",
     "load_series",
     "masked_rmse",
     "plot",
     "predict_on_grid",
-    "resume",
     "run",
-    "train",
-]
+    ]
 
 MODELS = ("latent-ode", "rnn", "rnn-gaps")
 DATASETS = ("spirals", "periodic")
@@ -809,22 +806,6 @@ def run(config: LatentConfig, *, resume_run: bool = False) -> dict[str, Any]:
         lambda trainer, run_dir: _finish(trainer, config, run_dir),
         resume_run=resume_run,
     )
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``neuralode train latent`` (one per :class:`LatentConfig` field, +
-    ``--config``)."""
-    add_config_arguments(parser, LatentConfig)
-
-
-def train(args: argparse.Namespace) -> dict[str, Any]:
-    """Entry point of ``neuralode train latent``."""
-    return run(resolve_config(LatentConfig, args))
-
-
-def resume(run_dir: Path, args: argparse.Namespace | None = None) -> dict[str, Any]:
-    """Entry point of ``neuralode resume RUN``: continue from the last checkpoint."""
-    return run(engine.stored_config(LatentConfig, run_dir, args), resume_run=True)
 
 
 def _restore(run_dir: Path, args: argparse.Namespace | None) -> tuple[nn.Module, LatentTask, int]:

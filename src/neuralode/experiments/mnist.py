@@ -34,10 +34,9 @@ from torch import nn
 
 from neuralode.experiments import engine
 from neuralode.experiments.common import read_json, seed_everything, write_json
-from neuralode.experiments.config import add_config_arguments, resolve_config
 from neuralode.experiments.distributed import DistContext, setup
 
-__all__ = ["MnistConfig", "MnistTask", "add_arguments", "evaluate", "plot", "resume", "train"]
+__all__ = ["CONFIG", "MnistConfig", "MnistTask", "evaluate", "plot", "run"]
 
 MODELS = ("odenet", "resnet", "rknet", "mlp")
 
@@ -349,21 +348,6 @@ def run(config: MnistConfig, *, resume_run: bool = False) -> dict[str, Any]:
         return _finish(trainer, config, run_dir, state["data"])
 
     return engine.run_experiment("mnist", config, make_trainer, finish, resume_run=resume_run)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``neuralode train mnist`` (one per :class:`MnistConfig` field, + ``--config``)."""
-    add_config_arguments(parser, MnistConfig)
-
-
-def train(args: argparse.Namespace) -> dict[str, Any]:
-    """Entry point of ``neuralode train mnist``."""
-    return run(resolve_config(MnistConfig, args))
-
-
-def resume(run_dir: Path, args: argparse.Namespace | None = None) -> dict[str, Any]:
-    """Entry point of ``neuralode resume RUN``: continue from the last checkpoint."""
-    return run(engine.stored_config(MnistConfig, run_dir, args), resume_run=True)
 
 
 def evaluate(run_dir: Path, args: argparse.Namespace | None = None) -> dict[str, Any]:
