@@ -74,7 +74,7 @@ __all__ = [
     "evaluate",
     "plot",
     "run",
-    ]
+]
 
 MODELS = ("ffjord", "cnf", "planar-nf")
 TRACE_CHOICES = ("auto", "exact", "hutchinson")
@@ -531,29 +531,17 @@ def _restore(
 ) -> tuple[nn.Module, DensityTask, int, DensityConfig]:
     """The run's model with its last checkpoint's weights, its task, the checkpoint's step and
     the config."""
-    from neuralode.experiments.checkpoint import load_checkpoint
-
     config = engine.stored_config(DensityConfig, run_dir, args)
     ctx = setup(config.device)
     model, task = _build(config, ctx)  # no optimizer: its first construction costs seconds
-    path = run_dir / engine.CHECKPOINT_NAME
-    if not path.exists():
-        raise ValueError(f"run folder {str(run_dir)!r} has no checkpoint yet ({path} is missing)")
-    state = load_checkpoint(path, map_location=ctx.device)
-    model.load_state_dict(state["model"])
-    model.eval()
-    return model, task, int(state["step"]), config
+    return model, task, engine.load_weights(run_dir, model, ctx.device), config
 
 
 def evaluate(run_dir: Path, args: argparse.Namespace | None = None) -> dict[str, Any]:
     """Entry point of ``neuralode evaluate RUN``: test metrics of the run's last checkpoint,
     written to ``RUN/evaluation.json``."""
     model, task, step, _ = _restore(Path(run_dir), args)
-    with torch.no_grad():
-        result: dict[str, Any] = task.evaluate(model)
-    result.update({"step": step, "parameters": count_parameters(model)})
-    write_json(Path(run_dir) / "evaluation.json", result)
-    return result
+    return engine.write_evaluation(run_dir, task, model, step, task.ctx)
 
 
 # --------------------------------------------------------------------------------------------

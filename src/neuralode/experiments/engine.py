@@ -57,10 +57,12 @@ __all__ = [
     "Task",
     "Trainer",
     "load_run_config",
+    "load_weights",
     "read_metrics",
     "run_experiment",
     "start_run",
     "stored_config",
+    "write_evaluation",
 ]
 
 C = TypeVar("C")
@@ -507,3 +509,35 @@ def run_experiment(
         return finish(trainer, run_dir)
     finally:
         ctx.shutdown()
+
+
+def load_weights(run_dir: str | os.PathLike[str], model: nn.Module, device: Any = "cpu") -> int:
+    """Load the weights of a run's last checkpoint into ``model`` (set to eval mode); return
+    the checkpoint's step.
+
+    Raises:
+        ValueError: if the run has no checkpoint yet (the message names the missing file).
+    """
+    path = Path(run_dir) / CHECKPOINT_NAME
+    if not path.exists():
+        raise ValueError(f"run folder {str(run_dir)!r} has no checkpoint yet ({path} is missing)")
+    state = load_checkpoint(path, map_location=device)
+    model.load_state_dict(state["model"])
+    model.eval()
+    return int(state["step"])
+
+
+def write_evaluation(
+    run_dir: str | os.PathLike[str], task: Task, model: nn.Module, step: int, ctx: DistContext
+) -> dict[str, Any]:
+    """``neuralode evaluate``: the task's test metrics for ``model`` (the checkpoint of
+    ``step``), with its parameter count, written to ``RUN/evaluation.json`` by rank 0."""
+    from neuralode.experiments.common import write_json
+
+    with torch.no_grad():
+        result: dict[str, Any] = dict(task.evaluate(model))
+    parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    result.update({"step": step, "parameters": parameters})
+    if ctx.is_main:
+        write_json(Path(run_dir) / "evaluation.json", result)
+    return result

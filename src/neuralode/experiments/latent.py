@@ -85,7 +85,7 @@ __all__ = [
     "plot",
     "predict_on_grid",
     "run",
-    ]
+]
 
 MODELS = ("latent-ode", "rnn", "rnn-gaps")
 DATASETS = ("spirals", "periodic")
@@ -810,29 +810,17 @@ def run(config: LatentConfig, *, resume_run: bool = False) -> dict[str, Any]:
 
 def _restore(run_dir: Path, args: argparse.Namespace | None) -> tuple[nn.Module, LatentTask, int]:
     """The run's model with its last checkpoint's weights, its task and the checkpoint's step."""
-    from neuralode.experiments.checkpoint import load_checkpoint
-
     config = engine.stored_config(LatentConfig, run_dir, args)
     ctx = setup(config.device)
     model, task = _build(config, ctx)
-    path = run_dir / engine.CHECKPOINT_NAME
-    if not path.exists():
-        raise ValueError(f"run folder {str(run_dir)!r} has no checkpoint yet ({path} is missing)")
-    state = load_checkpoint(path, map_location=ctx.device)
-    model.load_state_dict(state["model"])
-    model.eval()
-    return model, task, int(state["step"])
+    return model, task, engine.load_weights(run_dir, model, ctx.device)
 
 
 def evaluate(run_dir: Path, args: argparse.Namespace | None = None) -> dict[str, Any]:
     """Entry point of ``neuralode evaluate RUN``: test metrics of the run's last checkpoint,
     written to ``RUN/evaluation.json``."""
     model, task, step = _restore(Path(run_dir), args)
-    with torch.no_grad():
-        result: dict[str, Any] = task.evaluate(model)
-    result.update({"step": step, "parameters": count_parameters(model)})
-    write_json(Path(run_dir) / "evaluation.json", result)
-    return result
+    return engine.write_evaluation(run_dir, task, model, step, task.ctx)
 
 
 # --------------------------------------------------------------------------------------------

@@ -352,20 +352,11 @@ def run(config: MnistConfig, *, resume_run: bool = False) -> dict[str, Any]:
 
 def evaluate(run_dir: Path, args: argparse.Namespace | None = None) -> dict[str, Any]:
     """Entry point of ``neuralode evaluate RUN``: test metrics of the run's last checkpoint."""
-    from neuralode.experiments.checkpoint import load_checkpoint
-    from neuralode.nn.odenet import count_parameters
-
     config = engine.stored_config(MnistConfig, run_dir, args)
     ctx = setup(config.device)
-    data, model, task = _build(config, ctx)
-    state = load_checkpoint(run_dir / engine.CHECKPOINT_NAME, map_location=ctx.device)
-    model.load_state_dict(state["model"])
-    with torch.no_grad():
-        result = task.evaluate(model)
-    result.update({"step": int(state["step"]), "parameters": count_parameters(model)})
-    if ctx.is_main:
-        write_json(run_dir / "evaluation.json", result)
-    return result
+    _, model, task = _build(config, ctx)
+    step = engine.load_weights(run_dir, model, ctx.device)
+    return engine.write_evaluation(run_dir, task, model, step, ctx)
 
 
 def plot(run_dir: Path) -> list[Path]:
