@@ -143,6 +143,23 @@ def test_elbo_shapes_and_consistency() -> None:
     assert kl_annealing(110) == pytest.approx(1 - 0.99**100)
 
 
+def test_elbo_on_target_points() -> None:
+    # Scoring the observations as explicit targets gives the default ELBO; scoring later points
+    # decodes there (Rubanova et al.'s extrapolation objective).
+    values, times = _series(b=4, n=6)
+    model = LatentODE(2, 3, rtol=1e-8, atol=1e-8).double()
+    gen = torch.Generator().manual_seed(0)
+    default = model(values, times, generator=gen)
+    gen = torch.Generator().manual_seed(0)
+    same = model(values, times, generator=gen, target_values=values, target_times=times)
+    torch.testing.assert_close(same.loss, default.loss)
+    later = times[:, -1:] + torch.tensor([0.5, 1.0], dtype=times.dtype)
+    out = model(values, times, target_values=values[:, :2], target_times=later)
+    assert out.mean.shape == (1, 4, 2, 2)
+    with pytest.raises(ValueError, match="target_values needs target_times"):
+        model(values, times, target_values=values)
+
+
 # --------------------------------------------------------------------------------------------
 # Per-sample time grids
 

@@ -461,38 +461,22 @@ def _elbo(
 ) -> ELBO:
     """The latent ODE's ELBO on ``batch``: of its observed points (``batch.fit is None``, Chen
     et al.) or of ``grid_values[:, fit]`` given the observed points (Rubanova et al.)."""
-    from neuralode.nn.latent import gaussian_log_likelihood, kl_standard_normal
-
-    if batch.fit is None:
-        out: ELBO = model(
-            batch.values,
-            batch.times,
-            batch.mask,
-            n_samples=n_samples,
-            kl_weight=kl_weight,
-            generator=generator,
-        )
-        return out
-    qz0_mean, qz0_logvar = model.encode(batch.values, batch.times, batch.mask)
-    z0 = model.sample_z0(qz0_mean, qz0_logvar, n_samples, generator)
-    targets, target_times = batch.grid_values[:, batch.fit], batch.grid[batch.fit]
-    z, nfe = model.latent_trajectory(z0, batch.times[:, 0], target_times)
-    mean = model.decode(z)
-    log_lik = gaussian_log_likelihood(targets, mean, model.obs_std).mean(dim=0)
-    kl = kl_standard_normal(qz0_mean, qz0_logvar)
-    mse = ((targets - mean) ** 2).mean(dim=(-2, -1)).mean(dim=0)
-    return ELBO(
-        loss=(kl_weight * kl - log_lik).mean(),
-        elbo=log_lik - kl,
-        log_likelihood=log_lik,
-        kl=kl,
-        mse=mse,
-        mean=mean,
-        z=z,
-        qz0_mean=qz0_mean,
-        qz0_logvar=qz0_logvar,
-        nfe=nfe,
+    targets: dict[str, Any] = {}
+    if batch.fit is not None:
+        targets = {
+            "target_values": batch.grid_values[:, batch.fit],
+            "target_times": batch.grid[batch.fit],
+        }
+    out: ELBO = model(
+        batch.values,
+        batch.times,
+        batch.mask,
+        n_samples=n_samples,
+        kl_weight=kl_weight,
+        generator=generator,
+        **targets,
     )
+    return out
 
 
 def _rnn_loss(model: RNNBaseline, batch: SeriesSet) -> tuple[Tensor, Tensor]:

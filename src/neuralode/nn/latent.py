@@ -545,8 +545,13 @@ class LatentODE(nn.Module):
         n_samples: int = 1,
         kl_weight: float = 1.0,
         generator: torch.Generator | None = None,
+        target_values: Tensor | None = None,
+        target_times: Tensor | None = None,
+        target_mask: Tensor | None = None,
     ) -> ELBO:
-        """The ELBO of a batch of series, reconstructed at their own observation times.
+        """The ELBO of a batch of series, reconstructed at their own observation times (Chen et
+        al.), or at other target points given the observed ones (Rubanova et al.'s
+        interpolation and extrapolation objectives).
 
         Args:
             values: ``[B, T, D]``.
@@ -557,6 +562,9 @@ class LatentODE(nn.Module):
             kl_weight: weight of the KL term in ``loss`` (annealing, e.g. :func:`kl_annealing`);
                 ``elbo`` is always unweighted.
             generator: random generator for ``eps``.
+            target_values, target_times, target_mask: score the reconstruction at these points
+                (``[B, T', D]``, ``[T']`` or ``[B, T']`` after each series' first observation,
+                and an optional mask) instead of at the observations.
 
         Returns:
             An :class:`ELBO`.
@@ -564,15 +572,26 @@ class LatentODE(nn.Module):
         values, times, mask = _series(values, times, mask)
         qz0_mean, qz0_logvar = self.encode(values, times, mask)
         z0 = self.sample_z0(qz0_mean, qz0_logvar, n_samples, generator)
-        z, nfe = self.latent_trajectory(z0, times[:, 0], times)
+        if target_values is None:
+            if target_times is not None or target_mask is not None:
+                raise ValueError("target_times and target_mask need target_values")
+            target_values, target_times, target_mask = values, times, mask
+        elif target_times is None:
+            raise ValueError("target_values needs target_times")
+        else:
+            target_values, target_times, target_mask = _series(
+                target_values, target_times, target_mask
+            )
+        z, nfe = self.latent_trajectory(z0, times[:, 0], target_times)
         mean = self.decode(z)
-        log_lik = gaussian_log_likelihood(values, mean, self.obs_std, mask).mean(dim=0)
+        log_lik = gaussian_log_likelihood(target_values, mean, self.obs_std, target_mask)
+        log_lik = log_lik.mean(dim=0)
         kl = kl_standard_normal(qz0_mean, qz0_logvar)
-        sq = (values - mean) ** 2
-        count: Tensor | int = values.shape[1] * values.shape[2]
-        if mask is not None:
-            sq = torch.where(mask, sq, sq.new_zeros(()))
-            count = mask.sum(dim=(-2, -1)).clamp(min=1)
+        sq = (target_values - mean) ** 2
+        count: Tensor | int = target_values.shape[1] * target_values.shape[2]
+        if target_mask is not None:
+            sq = torch.where(target_mask, sq, sq.new_zeros(()))
+            count = target_mask.sum(dim=(-2, -1)).clamp(min=1)
         mse = (sq.sum(dim=(-2, -1)) / count).mean(dim=0)
         return ELBO(
             loss=(kl_weight * kl - log_lik).mean(),
