@@ -7,7 +7,7 @@ PYTHON = $(VENV)/bin/python
 PIP = $(PYTHON) -m pip
 STAMP = $(VENV)/.ready
 
-.PHONY: all demo test test-slow lint bench clean distclean mnist-quick mnist-paper latent density
+.PHONY: all demo test test-slow lint bench bench-quick clean distclean mnist-quick mnist-paper latent density
 
 all: test
 
@@ -30,13 +30,28 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PYTHON) -m pytest -q -m slow
 
-# Timings against the peers (needs the bench extra: pip install -e '.[bench]'), memory, Figure 3.
-bench: $(STAMP)
-	$(PIP) install -e '.[bench]'
+# The peers for the benchmarks: the bench extra (torchdiffeq, torchode, JAX + diffrax, scipy),
+# and torchdyn with --no-deps (its requirements list torchvision, which would replace our torch;
+# its runtime imports are installed beside it with torch pinned in the same resolve).
+BENCH_STAMP = $(VENV)/.bench-ready
+$(BENCH_STAMP): $(STAMP)
+	$(PIP) install torch==2.13.0 -e '.[bench]' pytorch-lightning torchcde torchsde
+	$(PIP) install --no-deps torchdyn==1.0.6
+	touch $@
+
+# Timings against the peers (one process, every peer on one thread), memory, Figure 3.
+# Run on a quiet machine: a second busy process slows small PyTorch workloads many times over.
+bench: $(BENCH_STAMP)
+	$(PYTHON) benchmarks/compare.py --problems neural wp overhead hetero memory \
+		--repeats 15 --wp-tols 3 4 5 6 7 8 9 10 --memory-horizons 1 2 5 10 --out runs/bench/compare
 	$(PYTHON) benchmarks/bench_core.py --out runs/bench/core.json
-	$(PYTHON) benchmarks/memory.py
 	$(PYTHON) benchmarks/figure3.py
-	$(PYTHON) benchmarks/compare.py --out runs/bench/compare
+
+# The same comparison with fewer repeats and tolerances (about 4 minutes).
+bench-quick: $(BENCH_STAMP)
+	$(PYTHON) benchmarks/compare.py --problems neural wp overhead hetero memory \
+		--repeats 3 --wp-tols 3 5 7 --overhead-steps 2000 --memory-horizons 1 10 \
+		--out runs/bench/quick
 
 # Paper experiments (slow; not part of `make test`). Each writes a run folder under runs/; a run
 # that was killed is resumed from its last checkpoint instead of started again.

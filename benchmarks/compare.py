@@ -25,9 +25,11 @@ Problems (issue 4):
 For each timing: min/median/max over --repeats (after one warm-up; JAX jitted and warmed up, timed
 after block_until_ready), NFE, and the floor: the same number of vector-field evaluations without
 a solver (forward: chained under no_grad; forward+backward: chained under autograd, then backward;
-adjoint: forward NFE bare + backward NFE with a vector-Jacobian product each).  The floor is
-measured per evaluation and scaled by each peer's NFE.  Ratios ours / peer use min times.
-Writes compare.json and PNG figures to --out.
+adjoint: forward NFE bare + backward NFE with a vector-Jacobian product each), through the same
+counting wrapper the solvers call.  The peers and the floor of a case are timed in interleaved
+rounds (one call of each per round), so a slow spell of the machine hits all of them alike; the
+floor is timed for our NFE and scaled to each peer's.  Ratios ours / peer use min times.
+Writes compare.json, table.md and PNG figures to --out.
 """
 
 from __future__ import annotations
@@ -65,6 +67,30 @@ def timed(fn: Callable[[], Any], repeats: int) -> tuple[list[float], Any]:
         out = fn()
         ts.append(time.perf_counter() - t0)
     return ts, out
+
+
+def timed_interleaved(
+    fns: dict[str, Callable[[], Any]], repeats: int
+) -> dict[str, tuple[list[float], Any] | Exception]:
+    """Time several runners in rounds (one call of each per round, after one warm-up each), so
+    that a slow spell of a shared machine hits every peer alike rather than one of them.
+    A runner that raises is reported as its exception and left out of later rounds."""
+    out: dict[str, Any] = {}
+    ts: dict[str, list[float]] = {}
+    for name, fn in fns.items():
+        try:
+            out[name] = fn()
+            ts[name] = []
+        except Exception as e:  # a peer failing must not stop the others
+            out[name] = e
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            if name not in ts:
+                continue
+            t0 = time.perf_counter()
+            out[name] = fn()
+            ts[name].append(time.perf_counter() - t0)
+    return {k: (ts[k], v) if k in ts else v for k, v in out.items()}
 
 
 def summary(ts: list[float]) -> dict[str, float]:
@@ -125,9 +151,18 @@ def mlp_problem(
     return peers.Problem(name, Field(net), y0, 0.0, t1, f_jax, jax_args, {"sizes": sizes})
 
 
-def torch_floor(p: peers.Problem, n: int, repeats: int) -> dict[str, float]:
-    """Per-evaluation floor (ms): forward (no grad), forward+backward (chained), vjp."""
-    f, y0, t = p.f_torch, p.y0, torch.tensor(p.t0)
+def torch_floor(
+    p: peers.Problem, mode: str, n: int, n_bwd: int = 0
+) -> dict[str, Callable[[], None]]:
+    """Runners for the floor of ``mode``: the solve's evaluations without a solver.
+
+    ``forward``: ``n`` evaluations chained under ``no_grad``; ``backprop``: the same chain under
+    autograd, then backward; ``adjoint``: ``n`` bare evaluations (``floor``) and, timed apart,
+    ``n_bwd`` evaluations each with its vector-Jacobian product (``floor_vjp``).  The field is
+    called through the same :class:`peers.Counted` wrapper the solvers get, so the floor holds
+    exactly what every solver must pay per evaluation."""
+    f, y0, t = peers.Counted(p.f_torch), p.y0, torch.tensor(p.t0)
+    params = tuple(f.parameters())
 
     def fwd() -> None:
         with torch.no_grad():
@@ -142,18 +177,16 @@ def torch_floor(p: peers.Problem, n: int, repeats: int) -> dict[str, float]:
                 y = y + 1e-3 * f(t, y)
             y.square().sum().backward()
 
-    def vjp() -> None:  # one evaluation plus its vector-Jacobian product, n times
+    def vjps() -> None:
         with torch.enable_grad():
-            for _ in range(n):
+            for _ in range(n_bwd):
                 y = y0.detach().requires_grad_()
                 out = f(t, y)
-                torch.autograd.grad(out, (y, *f.parameters()), torch.ones_like(out))
+                torch.autograd.grad(out, (y, *params), torch.ones_like(out))
 
-    return {
-        "forward": min(timed(fwd, repeats)[0]) * 1e3 / n,
-        "forward+backward": min(timed(fwd_bwd, repeats)[0]) * 1e3 / n,
-        "vjp": min(timed(vjp, repeats)[0]) * 1e3 / n,
-    }
+    if mode == "adjoint":  # the two parts are timed apart, to scale each by a peer's NFE
+        return {"floor": fwd, "floor_vjp": vjps}
+    return {"floor": {"forward": fwd, "backprop": fwd_bwd}[mode]}
 
 
 def jax_floor(p: peers.Problem, n: int, repeats: int) -> float | None:
@@ -184,44 +217,57 @@ def neural(args: argparse.Namespace) -> dict[str, Any]:
             for mode in (None, "backprop", "adjoint"):
                 case = {"problem": p.name, "method": method, "mode": mode or "forward"}
                 case["peers"] = {}
+                runners = {}
                 for peer in peers.PEERS:
                     if mode and peer == "scipy":
                         continue
                     runner = peers.prepare(peer, p, method, 1e-6, 1e-6, mode)
                     if isinstance(runner, str):
                         case["peers"][peer] = {"skipped": runner}
+                    else:
+                        runners[peer] = runner
+                # The floor joins the same rounds, sized by our own NFE (one untimed run).
+                if "neuralode" in runners:
+                    r0 = runners["neuralode"]()
+                    runners.update(torch_floor(p, case["mode"], r0.nfe, r0.nfe_backward))
+                    case["floor"] = {"nfe": r0.nfe, "nfe_bwd": r0.nfe_backward}
+                results = timed_interleaved(runners, args.repeats)
+                for part in ("floor", "floor_vjp"):
+                    res_f = results.pop(part, None)
+                    if res_f is not None and not isinstance(res_f, Exception):
+                        case["floor"][part + "_ms"] = summary(res_f[0])["min_ms"]
+                for peer, res in results.items():
+                    if isinstance(res, Exception):
+                        case["peers"][peer] = {"skipped": f"{type(res).__name__}: {res}"[:300]}
                         continue
-                    try:
-                        ts, r = timed(runner, args.repeats)
-                    except Exception as e:  # a peer failing must not stop the others
-                        case["peers"][peer] = {"skipped": f"{type(e).__name__}: {e}"[:300]}
-                        continue
+                    ts, r = res
                     case["peers"][peer] = {**summary(ts), "nfe": r.nfe, "nfe_bwd": r.nfe_backward}
                     msg = f"{min(ts) * 1e3:9.2f} ms  nfe {r.nfe}+{r.nfe_backward}"
                     print(f"  {p.name} {method} {case['mode']:9s} {peer:12s} {msg}", flush=True)
                 out["cases"].append(case)
         ours = [c for c in out["cases"] if c["problem"] == p.name]
         nfe = max(c["peers"]["neuralode"].get("nfe", 1) for c in ours)
-        fl = torch_floor(p, nfe, args.repeats)
         jfl = jax_floor(p, nfe, args.repeats)
-        out.setdefault("floor_ms_per_eval", {})[p.name] = {"torch": fl, "jax_forward": jfl}
+        out.setdefault("floor_ms_per_eval", {})[p.name] = {"jax_forward": jfl}
         for c in ours:
-            add_floor_and_ratios(c, fl, jfl)
+            add_floor_and_ratios(c, jfl)
     return out
 
 
-def add_floor_and_ratios(c: dict[str, Any], fl: dict[str, float], jfl: float | None) -> None:
+def add_floor_and_ratios(c: dict[str, Any], jfl: float | None) -> None:
+    """Each peer's floor: the case's floor (timed beside the peers, for our NFE) scaled to the
+    peer's NFE; for the adjoint the forward and the vjp parts are scaled separately."""
+    fl = c.get("floor")
     for peer, r in c["peers"].items():
         if "min_ms" not in r:
             continue
+        floor = None
         if peer == "diffrax":
             floor = jfl * r["nfe"] if (jfl and c["mode"] == "forward") else None
-        elif c["mode"] == "forward":
-            floor = fl["forward"] * r["nfe"]
-        elif c["mode"] == "backprop":
-            floor = fl["forward+backward"] * r["nfe"]
-        else:
-            floor = fl["forward"] * r["nfe"] + fl["vjp"] * r["nfe_bwd"]
+        elif fl is not None and "floor_ms" in fl:
+            floor = fl["floor_ms"] * r["nfe"] / fl["nfe"]
+            if fl["nfe_bwd"]:
+                floor += fl.get("floor_vjp_ms", math.nan) * r["nfe_bwd"] / fl["nfe_bwd"]
         r["floor_ms"] = floor
         r["over_floor"] = r["min_ms"] / floor if floor else None
     ours = c["peers"].get("neuralode", {})
@@ -329,7 +375,11 @@ def wp_checks(points: list[dict[str, Any]]) -> dict[str, Any]:
             err_vs_scipy.append((prob, method, tol, q["error"], sp["error"]))
     # Same tableau and the same steps give the same error up to round-off: allow 1% slack.
     slack = 1.01
+    matched = _nfe_at_equal_error(points, "torchdiffeq")
     return {
+        "nfe_at_torchdiffeq_error": matched,
+        "nfe_at_equal_error_le_torchdiffeq": all(r <= 1.0 for *_, r in matched),
+        "nfe_at_equal_error_over_torchdiffeq_max": max((r for *_, r in matched), default=None),
         "nfe_le_torchdiffeq": all(a <= b for *_, a, b in nfe_vs_tdq),
         "nfe_violations": [x for x in nfe_vs_tdq if x[4] > x[5]],
         "nfe_over_torchdiffeq_max": max((a / b for *_, a, b in nfe_vs_tdq), default=None),
@@ -338,6 +388,36 @@ def wp_checks(points: list[dict[str, Any]]) -> dict[str, Any]:
         "error_over_scipy_max": max((a / b for *_, a, b in err_vs_scipy if b), default=None),
         "n_compared": [len(nfe_vs_tdq), len(err_vs_scipy)],
     }
+
+
+def _nfe_at_equal_error(points: list[dict[str, Any]], peer: str) -> list[tuple[Any, ...]]:
+    """Our NFE at the peer's error, per (problem, method, tolerance): log-log interpolation along
+    our work-precision curve (our points at every tolerance, sorted by error), divided by the
+    peer's NFE.  Solvers that read the same tolerance differently (torchdiffeq's dopri5 estimates
+    the error with Shampine's embedded pair, 2/3 of Hairer's and scipy's estimate, so it takes
+    larger steps and makes larger errors at the same ``rtol``) compare fairly only at equal
+    error.  Peer points whose error lies outside our curve's range are left out."""
+    out = []
+    keys = {(q["problem"], q["method"]) for q in points if q["peer"] == peer}
+    for prob, method in sorted(keys):
+        ours = sorted(
+            (q for q in points if (q["problem"], q["method"], q["peer"]) == (prob, method,
+             "neuralode") and q["error"] > 0), key=lambda q: q["error"],
+        )  # fmt: skip
+        if len(ours) < 2:
+            continue
+        le = np.log([q["error"] for q in ours])
+        ln = np.log([q["nfe"] for q in ours])
+        for q in points:
+            if (q["problem"], q["method"], q["peer"]) != (prob, method, peer) or q["error"] <= 0:
+                continue
+            x = math.log(q["error"])
+            if not le[0] <= x <= le[-1]:
+                continue
+            nfe = float(np.exp(np.interp(x, le, ln)))
+            ratio = nfe / q["nfe"]
+            out.append((prob, method, q["tol"], q["error"], round(nfe, 1), q["nfe"], ratio))
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -356,19 +436,32 @@ def overhead(args: argparse.Namespace) -> dict[str, Any]:
     )
     t = torch.tensor(0.0)
     reps = args.overhead_repeats
-    floor_ts, _ = timed(lambda: [f_torch(t, p.y0) for _ in range(4 * steps)], reps)
-    floor = min(floor_ts)
+    counted = peers.Counted(f_torch)  # the callable every solver gets
+    runners: dict[str, Callable[[], Any]] = {
+        "floor": lambda: [counted(t, p.y0) for _ in range(4 * steps)]
+    }
+    skipped: dict[str, str] = {}
+    for peer in peers.PEERS:
+        runner = peers.prepare(peer, p, "rk4", gradient=None, step_size=1.0 / steps)
+        if isinstance(runner, str):
+            skipped[peer] = runner
+        else:
+            runners[peer] = runner
+    res = timed_interleaved(runners, reps)
+    floor = min(res["floor"][0])  # type: ignore[index]
     out: dict[str, Any] = {"steps": steps, "torch_floor_us_per_step": floor / steps * 1e6}
     jfl = jax_floor(p, 4 * steps, reps)
     if jfl is not None:
         out["jax_floor_us_per_step"] = jfl * 4 * steps / steps * 1e3
     out["peers"] = {}
     for peer in peers.PEERS:
-        runner = peers.prepare(peer, p, "rk4", gradient=None, step_size=1.0 / steps)
-        if isinstance(runner, str):
-            out["peers"][peer] = {"skipped": runner}
+        if peer in skipped:
+            out["peers"][peer] = {"skipped": skipped[peer]}
             continue
-        ts, r = timed(runner, reps)
+        if isinstance(res[peer], Exception):
+            out["peers"][peer] = {"skipped": f"{res[peer]}"[:300]}
+            continue
+        ts, r = res[peer]  # type: ignore[misc]
         fl = out["jax_floor_us_per_step"] if peer == "diffrax" else out["torch_floor_us_per_step"]
         per_step = min(ts) / steps * 1e6
         out["peers"][peer] = {
@@ -555,6 +648,99 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+TORCH_PEERS = ("torchdiffeq", "torchode", "torchdyn")
+
+
+def targets(results: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
+    """Issue 4's targets, each as ``(target, measured, met)`` (``met`` is None when a peer or a
+    problem was not run)."""
+    out: list[tuple[str, str, bool | None]] = []
+    cases = {(c["problem"], c["method"], c["mode"]): c for c in results.get("neural", {}).get(
+        "cases", [])}  # fmt: skip
+
+    def peer(c: dict[str, Any] | None, name: str) -> dict[str, Any]:
+        return (c or {}).get("peers", {}).get(name, {})
+
+    for method in ("dopri5", "tsit5"):
+        key = "mlp-32-128-b256"
+        for mode in ("forward", "backprop"):
+            r = peer(cases.get((key, method, mode)), "neuralode")
+            of = r.get("over_floor")
+            out.append(
+                (f"{key} {method} {mode} <= 1.25x floor",
+                 f"{of:.2f}x" if of else "-", None if of is None else of <= 1.25)
+            )  # fmt: skip
+        for mode in ("backprop", "adjoint"):
+            c = cases.get((key, method, mode))
+            ratios = {q: v for q, v in (c or {}).get("ours_over_peer", {}).items()
+                      if q in TORCH_PEERS}  # fmt: skip
+            txt = ", ".join(f"{q} {v:.2f}" for q, v in ratios.items())
+            out.append(
+                (f"{key} {method} {mode} faster than every PyTorch peer (ours/peer)", txt,
+                 None if not ratios else all(v < 1 for v in ratios.values()))
+            )  # fmt: skip
+            if mode == "adjoint" and c is not None:
+                ours = peer(c, "neuralode")
+                tot = ours.get("nfe", 0) + ours.get("nfe_bwd", 0)
+                others = {q: peer(c, q).get("nfe", 0) + peer(c, q).get("nfe_bwd", 0)
+                          for q in TORCH_PEERS if "nfe" in peer(c, q)}  # fmt: skip
+                txt = f"ours {tot} vs " + ", ".join(f"{q} {v}" for q, v in others.items())
+                out.append(
+                    (f"{key} {method} adjoint NFE (fwd + bwd) <= every PyTorch peer's", txt,
+                     None if not others else all(tot <= v for v in others.values()))
+                )  # fmt: skip
+    for key, mode in (
+        ("mlp-32-128-b256", "adjoint"), ("tiny-2-16-b16", "backprop"),
+        ("tiny-2-16-b16", "adjoint"), ("diffrax-4-32-b64", "adjoint"),
+    ):  # fmt: skip
+        c = cases.get((key, "dopri5", mode))
+        v = (c or {}).get("ours_over_peer", {}).get("torchdiffeq")
+        limit = 0.5
+        out.append(
+            (f"{key} dopri5 {mode} <= {limit}x torchdiffeq", f"{v:.2f}x" if v else "-",
+             None if v is None else v <= limit)
+        )  # fmt: skip
+    ov = results.get("overhead", {}).get("ours_overhead_over_peer", {}).get("torchdiffeq")
+    out.append(
+        ("rk4 overhead above the floor <= 1/3 of torchdiffeq's", f"{ov:.2f}" if ov else "-",
+         None if ov is None else ov <= 1 / 3)
+    )  # fmt: skip
+    ch = results.get("wp", {}).get("checks")
+    if ch:
+        n = ch["n_compared"]
+        out.append(
+            ("work-precision: NFE <= torchdiffeq's at the same tolerance",
+             f"{n[0] - len(ch['nfe_violations'])}/{n[0]} points, max "
+             f"{ch['nfe_over_torchdiffeq_max']:.3f}x", ch["nfe_le_torchdiffeq"])
+        )  # fmt: skip
+        m = ch["nfe_at_torchdiffeq_error"]
+        out.append(
+            ("work-precision: NFE <= torchdiffeq's at torchdiffeq's error (interpolated)",
+             f"{sum(r[-1] <= 1 for r in m)}/{len(m)} points, median "
+             f"{statistics.median(r[-1] for r in m):.2f}x, max "
+             f"{ch['nfe_at_equal_error_over_torchdiffeq_max']:.2f}x" if m else "-",
+             ch["nfe_at_equal_error_le_torchdiffeq"] if m else None)
+        )  # fmt: skip
+        out.append(
+            ("work-precision: error <= scipy's (same tableau, 1% slack)",
+             f"{n[1] - len(ch['error_violations'])}/{n[1]} points, max "
+             f"{ch['error_over_scipy_max']:.3f}x", ch["error_le_scipy"])
+        )  # fmt: skip
+    h = results.get("hetero", {}).get("per_sample_over_shared_nfe")
+    out.append(
+        ("per-sample stepping: fewer total NFE than one shared step",
+         f"{h:.2f}x" if h else "-", None if h is None else h < 1)
+    )  # fmt: skip
+    return out
+
+
+def targets_table(rows: list[tuple[str, str, bool | None]]) -> str:
+    lines = ["| target | measured | met |", "| --- | --- | --- |"]
+    for name, txt, met in rows:
+        lines.append(f"| {name} | {txt} | {'-' if met is None else ('yes' if met else 'NO')} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -600,8 +786,12 @@ def main() -> None:
         results[name]["seconds"] = time.perf_counter() - t0
         (out / "compare.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     meta["figures"] = figures(results, out)
+    rows = targets(results)
+    results["targets"] = [{"target": a, "measured": b, "met": c} for a, b, c in rows]
     (out / "compare.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    print(table(results))
+    md = f"{targets_table(rows)}\n\n{table(results)}\n"
+    (out / "table.md").write_text(md)
+    print(md)
     for k in ("wp", "overhead", "hetero"):
         if k in results:
             keep = {"checks", "ours_overhead_over_peer", "per_sample_over_shared_nfe"}

@@ -86,8 +86,8 @@ def odeint_adjoint(
     steps; the backward pass solves the augmented system backwards in time (Chen et al. 2018,
     Algorithm 1).  ``func`` may be an ``nn.Module`` (its trainable parameters are found) or a
     plain callable with ``adjoint_params`` given.  ``adjoint_options`` takes ``norm``
-    (``"rms"``, ``"max"`` or ``"seminorm"``) and the keys of :data:`ODE_OPTIONS`; the other
-    ``adjoint_*`` arguments default to the forward ones.  See :func:`neuralode.solve`.
+    (``"seminorm"``, the default; ``"rms"``, torchdiffeq's default; or ``"max"``) and the keys
+    of :data:`ODE_OPTIONS`; the other ``adjoint_*`` arguments default to the forward ones.  See :func:`neuralode.solve`.
 
     Returns:
         ``[T, *y0.shape]`` (a tuple of such for a tuple ``y0``).

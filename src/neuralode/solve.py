@@ -96,9 +96,10 @@ def solve(
             an ``nn.Module`` func that require grad; required for a plain function).
         adjoint_rtol, adjoint_atol, adjoint_method: the backward solve's tolerances and method
             (default: the forward ones).
-        adjoint_options: the backward solve's options: ``norm`` (``"rms"``, ``"max"`` or
-            ``"seminorm"``: Kidger et al. 2021, parameter-gradient channels left out of the error
-            norm), ``step_size``, ``first_step``, ``max_num_steps``, ``dtype``, ``safety``,
+        adjoint_options: the backward solve's options: ``norm`` (``"seminorm"``, the default:
+            Kidger et al. 2021, parameter-gradient channels left out of the error norm;
+            ``"rms"``: the largest RMS over the parts, every channel counted, torchdiffeq's
+            default; ``"max"``), ``step_size``, ``first_step``, ``max_num_steps``, ``dtype``, ``safety``,
             ``beta``, ``ifactor``, ``dfactor``.  After ``backward()``, ``Solution.backward_stats``
             holds the backward solve's work counters.
 
@@ -470,19 +471,27 @@ class _Loop:
         n = grid.shape[-1] - 1
         gT = grid.T if self.batched else grid  # [n + 1, *rows]
         hs = gT.diff(dim=0)
-        stage_t = torch.addcmul(
-            gT[:-1].unsqueeze(1), stepper.c.view((1, -1) + (1,) * (gT.ndim - 1)), hs.unsqueeze(1)
-        ).to(self.dtype)  # [n, stages - 1, *rows]
+        # Every evaluation time of the solve, in the state dtype, built once: row i holds the
+        # step's start and its stage times.  One unbind up front leaves the step loop with
+        # no tensor work besides the stages themselves.
+        c0 = torch.cat([stepper.c.new_zeros(1), stepper.c])
+        all_t = torch.addcmul(
+            gT[:-1].unsqueeze(1), c0.view((1, -1) + (1,) * (gT.ndim - 1)), hs.unsqueeze(1)
+        ).to(self.dtype)  # [n, stages, *rows]
+        n_st = all_t.shape[1]
+        flat_t = all_t.reshape((n * n_st,) + all_t.shape[2:]).unbind(0)
         h_list: Sequence[Any] = (
             hs.to(self.dtype).view((n,) + self.bshape).unbind(0) if self.batched else hs.tolist()
         )
         y, k0 = self.y0, self.prob.f0
         ys, fs = [y], [k0]
-        for i, ts_i in enumerate(stage_t.unbind(0)):
+        step = stepper.step
+        for i in range(n):
+            j = i * n_st
             if i:
-                k0 = f(gT[i].to(self.dtype), y)
+                k0 = f(flat_t[j], y)
                 fs.append(k0)
-            y, _ = stepper.step(f, ts_i.unbind(0), y, h_list[i], k0)
+            y, _ = step(f, flat_t[j + 1 : j + n_st], y, h_list[i], k0)
             ys.append(y)
         stages = stepper.tableau.stages
         nfe = n_row * stages
