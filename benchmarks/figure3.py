@@ -14,10 +14,11 @@ for tol in 1e-2 .. 1e-8 (half decades).  The reference solution is dopri8 at rto
       ``--repeats`` timings after a warm-up, taken round-robin over the tolerances).
   (c) Backward NFE of the continuous adjoint relative to forward NFE (the paper finds about half),
       with the full error norm (``adjoint_options={"norm": "rms"}``) and with the seminorm, the
-      default (Kidger et al. 2021: parameter-gradient channels left out of the step-size norm).  Backward NFE is
-      ``Solution.backward_stats.nfe`` after ``backward()`` of ``sum(y(T)**2)``; the relative error
-      of the adjoint gradient (w.r.t. ``y0`` and the parameters) against backprop through dopri8 at
-      1e-12 is reported beside it, so that fewer evaluations are not bought with a wrong gradient.
+      default (Kidger et al. 2021: parameter-gradient channels left out of the step-size norm).
+      Backward NFE is ``Solution.backward_stats.nfe`` after ``backward()`` of ``sum(y(T)**2)``;
+      the relative error of the adjoint gradient (w.r.t. ``y0`` and the parameters) against
+      backprop through dopri8 at 1e-12 is reported beside it, so that fewer evaluations are not
+      bought with a wrong gradient.
       The backward NFE depends on the size of the loss: ``atol`` is absolute, so a loss scaled
       down (``--loss-scale``, e.g. a mean over the batch instead of a sum) makes the adjoint and
       parameter-gradient channels negligible in the error norm and the backward solve follows

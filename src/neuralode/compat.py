@@ -87,7 +87,8 @@ def odeint_adjoint(
     Algorithm 1).  ``func`` may be an ``nn.Module`` (its trainable parameters are found) or a
     plain callable with ``adjoint_params`` given.  ``adjoint_options`` takes ``norm``
     (``"seminorm"``, the default; ``"rms"``, torchdiffeq's default; or ``"max"``) and the keys
-    of :data:`ODE_OPTIONS`; the other ``adjoint_*`` arguments default to the forward ones.  See :func:`neuralode.solve`.
+    of :data:`ODE_OPTIONS`; the other ``adjoint_*`` arguments default to the forward ones.
+    See :func:`neuralode.solve`.
 
     Returns:
         ``[T, *y0.shape]`` (a tuple of such for a tuple ``y0``).

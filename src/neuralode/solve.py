@@ -99,9 +99,9 @@ def solve(
         adjoint_options: the backward solve's options: ``norm`` (``"seminorm"``, the default:
             Kidger et al. 2021, parameter-gradient channels left out of the error norm;
             ``"rms"``: the largest RMS over the parts, every channel counted, torchdiffeq's
-            default; ``"max"``), ``step_size``, ``first_step``, ``max_num_steps``, ``dtype``, ``safety``,
-            ``beta``, ``ifactor``, ``dfactor``.  After ``backward()``, ``Solution.backward_stats``
-            holds the backward solve's work counters.
+            default; ``"max"``), ``step_size``, ``first_step``, ``max_num_steps``, ``dtype``,
+            ``safety``, ``beta``, ``ifactor``, ``dfactor``.  After ``backward()``,
+            ``Solution.backward_stats`` holds the backward solve's work counters.
 
     Returns:
         A :class:`Solution`: ``ys`` is ``[T, *y0.shape]`` unbatched and ``[batch, T, *features]``
