@@ -12,6 +12,8 @@ What this proves:
   by the method's accuracy.
 * The solve ends exactly at the last requested time, and a tolerance below the dtype's
   resolution fails fast.
+* The fast finiteness check (a sum first, the elementwise check only when the sum is not finite)
+  agrees with ``isfinite(x).all()`` on random values with overflowing sums, NaN and Inf.
 
 Examples are derandomized so that a run is reproducible; ``max_examples`` keeps the file short.
 """
@@ -290,3 +292,25 @@ def test_dopri5_final_value_within_tolerance() -> None:
     t = torch.tensor([0.0, 2.0], dtype=F64)
     ys = neuralode.odeint(lambda _t, y: a @ y, y0, t, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(ys[-1], torch.linalg.matrix_exp(2 * a) @ y0, rtol=0, atol=1e-8)
+
+
+# --------------------------------------------------------------------------- the finite check
+@FUZZ
+@given(
+    values=st.lists(
+        st.one_of(
+            st.floats(allow_nan=True, allow_infinity=True, width=32),
+            st.sampled_from([3e38, -3e38, 6e4, float("inf"), -float("inf"), float("nan")]),
+        ),
+        min_size=1,
+        max_size=40,
+    ),
+    dtype=st.sampled_from([torch.float16, torch.float32, torch.float64]),
+)
+def test_all_finite_agrees_with_the_elementwise_check(values: list[float], dtype: Any) -> None:
+    # The fast path sums first: a sum that overflows (3e38 + 3e38 in float32, 6e4 + 6e4 in
+    # float16) must not be mistaken for a non-finite element, and inf - inf must not hide one.
+    from neuralode._inputs import all_finite
+
+    x = torch.tensor(values, dtype=torch.float64).to(dtype)
+    assert all_finite(x) == bool(torch.isfinite(x).all())

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ._inputs import Problem, _fmt_time, normalise
+from ._inputs import Problem, _fmt_time, all_finite, normalise
 from .controllers import NORMS, ControllerState, Norm, PIController, initial_step
 from .gradients import GRADIENTS, AdjointConfig, adjoint_apply, find_adjoint_params
 from .gradients.checkpoint import StepRecord, checkpoint_apply
@@ -448,7 +448,7 @@ class _Loop:
             ys, status, t, stats = self._run_adaptive_scalar()
         else:
             ys, status, t, stats = self._run_adaptive()
-        if not bool(torch.isfinite(ys.detach()).all()):
+        if not all_finite(ys):
             status, t = self._flag_nonfinite(ys, status, t)
         return ys, status, t, stats
 

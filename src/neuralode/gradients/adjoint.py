@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from .._inputs import all_finite
 from ..controllers import NORMS, rms_norm
 from ..solution import Stats
 
@@ -191,7 +192,7 @@ class _Context:
         from ..solution import SolverError
         from ..solve import solve  # the backward system is solved by the same public solve
 
-        if not bool(torch.isfinite(ys).all()):
+        if not all_finite(ys):
             raise SolverError(
                 "gradient='adjoint': the forward solve failed (see Solution.status), so there "
                 "is no gradient to compute; fix the forward solve first"
