@@ -100,7 +100,7 @@ def check_times(
         t = t.to(torch.float64)  # time stays float64 where the state is lower precision
     t = t.to(device)
     tt = t.detach()
-    if not bool(torch.isfinite(tt).all()):
+    if not all_finite(tt):
         raise ValueError("t contains NaN or Inf; output times must be finite")
     if t.shape[-1] > 1:
         d = tt.diff(dim=-1)
@@ -137,11 +137,7 @@ def check_tolerance(
             raise TypeError(
                 f"{name} must be a number or a tensor, got {type(item).__name__}"
             ) from err
-        if (
-            not bool(torch.isfinite(v).all())
-            or bool((v < 0).any())
-            or (positive and bool((v == 0).any()))
-        ):
+        if not all_finite(v) or bool((v < 0).any()) or (positive and bool((v == 0).any())):
             raise ValueError(f"{name} must be finite and {need} in every component")
         try:
             ok = torch.broadcast_shapes(v.shape, p.shape) == p.shape
