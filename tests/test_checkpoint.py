@@ -128,7 +128,7 @@ def test_forward_keeps_no_stage_graph() -> None:
     field = Field()
     y0 = torch.tensor([0.3, -0.8, 0.5], dtype=F64, requires_grad=True)
     sol = neuralode.solve(field, y0, torch.tensor([0.0, 2.0], dtype=F64), gradient="checkpoint")
-    assert type(sol.ys.grad_fn).__name__ == "_CheckpointBackward"
+    assert type(sol.ys.grad_fn).__name__ == "_CheckpointFnBackward"
 
 
 def test_bad_params() -> None:

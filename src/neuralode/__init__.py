@@ -7,7 +7,8 @@ step sizes, statistics, status, dense output).
 from .compat import ODE_OPTIONS, odeint, odeint_adjoint
 from .solution import Solution, SolverError, Stats, Status
 from .solve import solve
-from .tableaus import TABLEAUS, ButcherTableau, get_tableau
+from .solvers import METHODS, ButcherTableau, Solver, get_solver
+from .tableaus import TABLEAUS, get_tableau
 
 __all__ = [
     "odeint",
@@ -18,11 +19,12 @@ __all__ = [
     "Stats",
     "Status",
     "ButcherTableau",
+    "Solver",
+    "get_solver",
     "TABLEAUS",
     "get_tableau",
     "ODE_OPTIONS",
     "METHODS",
 ]
 
-METHODS = tuple(TABLEAUS)
 __version__ = "0.1.0"

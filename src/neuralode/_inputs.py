@@ -291,3 +291,72 @@ def normalise(
 def _fmt_time(t: torch.Tensor) -> str:
     v = t.reshape(-1)
     return f"{float(v[0]):.6g}" if v.numel() == 1 else f"{[round(float(x), 6) for x in v[:4]]}..."
+
+
+def check_solver_options(
+    solver: Any,
+    *,
+    step_size: Any,
+    first_step: Any,
+    max_num_steps: Any,
+    safety: Any,
+    beta: Any,
+    ifactor: Any,
+    dfactor: Any,
+    prefix: str = "",
+) -> None:
+    """Check the stepping options against the method (``solver`` has ``adaptive`` and ``name``).
+
+    ``prefix`` names the dict the options came from in messages (``adjoint_options``)."""
+
+    def name(key: str) -> str:
+        return f"{prefix}[{key!r}]" if prefix else key
+
+    if step_size is not None:
+        if solver.adaptive:
+            raise ValueError(
+                f"{name('step_size')} applies to fixed-step methods; {solver.name!r} is adaptive "
+                f"(use first_step, or a fixed-step method such as 'rk4')"
+            )
+        if (
+            isinstance(step_size, bool)
+            or not isinstance(step_size, (int, float))
+            or not 0 < step_size < math.inf
+        ):
+            raise ValueError(
+                f"{name('step_size')} must be a positive finite number, got {step_size!r}"
+            )
+    for key, value in (
+        ("safety", safety),
+        ("beta", beta),
+        ("ifactor", ifactor),
+        ("dfactor", dfactor),
+    ):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name(key)} must be a number, got {value!r}")
+    if first_step is not None:
+        if not solver.adaptive:
+            raise ValueError(
+                f"{name('first_step')} applies to adaptive methods; {solver.name!r} is fixed-step "
+                f"(use step_size)"
+            )
+        if (
+            isinstance(first_step, bool)
+            or not isinstance(first_step, (int, float))
+            or not 0 < first_step < math.inf
+        ):
+            raise ValueError(
+                f"{name('first_step')} must be a positive finite number, got {first_step!r}"
+            )
+    if isinstance(max_num_steps, bool) or not isinstance(max_num_steps, int) or max_num_steps < 1:
+        raise ValueError(
+            f"{name('max_num_steps')} must be a positive integer, got {max_num_steps!r}"
+        )
+    if not 0 < safety <= 1:
+        raise ValueError(f"{name('safety')} must be in (0, 1], got {safety!r}")
+    if not 0 <= beta <= 0.2:
+        raise ValueError(f"{name('beta')} (PI coefficient) must be in [0, 0.2], got {beta!r}")
+    if not 1 <= ifactor < math.inf:
+        raise ValueError(f"{name('ifactor')} must be a finite number >= 1, got {ifactor!r}")
+    if not 0 < dfactor <= 1:
+        raise ValueError(f"{name('dfactor')} must be in (0, 1], got {dfactor!r}")

@@ -1,18 +1,38 @@
-"""Step-size control: error norms, Hairer's initial step, and a PI controller.
+"""Step-size control: tolerances, error norms, Hairer's initial step, a PI controller, fixed grids.
 
-Every quantity here is per sample: tensors of the solve's row shape (``[]`` unbatched, ``[batch]``
-batched), so each row of a batch keeps its own step size.  Nothing here synchronises with the host.
+The controller owns the tolerances and the norm: a solver reports its error estimate unscaled,
+and :meth:`PIController.error_ratio` scales it (``atol + rtol * max(|y0|, |y1|)``, as scipy and
+Hairer do) and reduces it per row.  As in diffrax's ``PIDController.adapt_step_size`` and
+torchode's ``merge_states``, every quantity is per row (the solve's row shape: ``[]`` or
+``[batch]``), so each row of a batch keeps its own step size, and the controller merges its own
+per-row state.  Nothing in the tensor path synchronises with the host.
+
+Each decision has two implementations with the same arithmetic: :meth:`PIController.adapt` on
+row tensors (the batched driver) and :meth:`PIController.adapt_float` on Python floats (the
+unbatched driver, which keeps one row's clock on the host); a test holds them equal.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
-__all__ = ["PIController", "ControllerState", "rms_norm", "max_norm", "NORMS", "initial_step"]
+from ._rows import per_row
+
+__all__ = [
+    "Norm",
+    "rms_norm",
+    "max_norm",
+    "NORMS",
+    "PIController",
+    "ControllerState",
+    "FloatControllerState",
+    "FixedGrid",
+]
 
 Norm = Callable[[torch.Tensor, tuple[int, ...]], torch.Tensor]
 
@@ -36,17 +56,42 @@ def max_norm(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
 NORMS: dict[str, Norm] = {"rms": rms_norm, "max": max_norm}
 
 
+class ControllerState(NamedTuple):
+    """Per-row controller memory: the last accepted error ratio (PI control) and whether the
+    last attempt was rejected (then the next step may not grow: Hairer's rule)."""
+
+    prev_ratio: torch.Tensor
+    rejected_last: torch.Tensor
+
+
+class FloatControllerState(NamedTuple):
+    """:class:`ControllerState` of a one-row solve, in Python values."""
+
+    prev_ratio: float
+    rejected_last: bool
+
+
 @dataclass(frozen=True)
 class PIController:
-    """Proportional-integral step-size controller (Hairer, Norsett & Wanner, Solving ODEs I, IV.2;
-    Gustafsson 1991).
+    """Proportional-integral step-size controller (Hairer, Norsett & Wanner, Solving ODEs I,
+    IV.2; Gustafsson 1991).
 
-    ``factor = safety * err^(-alpha) * err_prev^beta`` with ``alpha = 1/q - 0.75 beta`` and
-    ``q`` the error order + 1; ``beta = 0`` is the classical (integral) controller.  Factors
-    are clipped to ``[dfactor, ifactor]``; right after a rejection the step may not grow
-    (Hairer's rule).  Non-finite errors reject the step and shrink it by ``dfactor``.
+    ``factor = safety * err^(-alpha) * err_prev^beta`` with ``alpha = 1/q - 0.75 beta`` and ``q``
+    the error order + 1; ``beta = 0`` is the classical (integral) controller, as in scipy and
+    torchdiffeq.  Factors are clipped to ``[dfactor, ifactor]``; right after a rejection the step
+    may not grow.  A non-finite error rejects the step and shrinks it by ``dfactor``.
+
+    Attributes:
+        rtol, atol: tolerances, scalars or tensors broadcastable against the state.
+        norm: reduces a scaled error over ``dims`` to one value per row.
+        dims: the state dimensions the norm reduces (all but the batch dimension).
+        error_order: order of the method's embedded solution.
     """
 
+    rtol: float | torch.Tensor
+    atol: float | torch.Tensor
+    norm: Norm
+    dims: tuple[int, ...]
     error_order: int
     beta: float = 0.0
     safety: float = 0.9
@@ -57,34 +102,41 @@ class PIController:
     def alpha(self) -> float:
         return 1.0 / (self.error_order + 1) - 0.75 * self.beta
 
-    def adapt_scalar(
-        self, ratio: float, h: float, prev_ratio: float, rejected_last: bool
-    ) -> tuple[bool, float, float]:
-        """:meth:`adapt` for one sample in Python floats (the unbatched loop's host-side path):
-        returns ``(accept, h_next, prev_ratio)``; the same arithmetic, in float64."""
-        r = ratio if math.isfinite(ratio) else math.inf
-        accept = r <= 1.0
-        rc = max(r, 1e-10)
-        factor = self.safety * rc ** (-self.alpha)
-        if self.beta:
-            factor *= prev_ratio**self.beta
-            if accept:
-                prev_ratio = max(rc, 1e-4)
-        factor = min(max(factor, self.dfactor), 1.0 if rejected_last else self.ifactor)
-        return accept, h * factor, prev_ratio
+    def error_ratio(
+        self,
+        y0: torch.Tensor,
+        y1: torch.Tensor,
+        y_error: torch.Tensor | tuple[torch.Tensor, ...],
+        combine: Callable[[Sequence[torch.Tensor]], torch.Tensor],
+    ) -> torch.Tensor:
+        """The scaled error per row (``<= 1`` accepts): ``norm(err / (atol + rtol max(|y0|,
+        |y1|)))``, each estimate of a tuple scaled alike and combined by the solver's
+        ``combine`` (its :meth:`~neuralode.solvers.Solver.error_norm`)."""
+        with torch.no_grad():
+            scale = torch.maximum(y0.abs(), y1.abs()).mul_(self.rtol).add_(self.atol)
+            if isinstance(y_error, torch.Tensor):
+                return self.norm(y_error / scale, self.dims)
+            return combine([self.norm(e / scale, self.dims) for e in y_error])
+
+    def init(self, like: torch.Tensor) -> ControllerState:
+        """The state before the first step, with the row shape of ``like``."""
+        return ControllerState(torch.ones_like(like), torch.zeros_like(like, dtype=torch.bool))
+
+    def init_float(self) -> FloatControllerState:
+        return FloatControllerState(1.0, False)
 
     def adapt(
         self, ratio: torch.Tensor, h: torch.Tensor, state: ControllerState
     ) -> tuple[torch.Tensor, torch.Tensor, ControllerState]:
-        """Decide acceptance and the next step.
+        """Accept or reject each row's step and propose the next one.
 
         Args:
-            ratio: scaled error norm per sample (accept when ``<= 1``), any float dtype.
-            h: the step just attempted, per sample (time dtype, ``>= 0``).
-            state: previous error ratio and whether the last step was rejected.
+            ratio: scaled error per row (accept when ``<= 1``), any float dtype.
+            h: the step just attempted, per row (time dtype, ``>= 0``).
+            state: this controller's per-row state.
 
         Returns:
-            ``(accept, h_next, new_state)``.
+            ``(accept, h_next, state)``, the state merged per row.
         """
         ratio = torch.nan_to_num(ratio.to(h.dtype), nan=torch.inf)
         accept = ratio <= 1.0
@@ -94,55 +146,87 @@ class PIController:
             factor.mul_(state.prev_ratio.pow(self.beta))
         upper = torch.where(state.rejected_last, 1.0, self.ifactor)
         factor = torch.minimum(factor.nan_to_num_(nan=self.dfactor).clamp_(min=self.dfactor), upper)
-        h_next = h * factor
         prev = (
             torch.where(accept, r.clamp(min=1e-4), state.prev_ratio)
             if self.beta
             else state.prev_ratio
         )
-        return accept, h_next, ControllerState(prev, ~accept)
+        return accept, h * factor, ControllerState(prev, ~accept)
+
+    def adapt_float(
+        self, ratio: float, h: float, state: FloatControllerState
+    ) -> tuple[bool, float, FloatControllerState]:
+        """:meth:`adapt` for one row in Python floats (float64), with the same arithmetic."""
+        r = ratio if math.isfinite(ratio) else math.inf
+        accept = r <= 1.0
+        rc = max(r, 1e-10)
+        factor = self.safety * rc ** (-self.alpha)
+        prev = state.prev_ratio
+        if self.beta:
+            factor *= prev**self.beta
+            if accept:
+                prev = max(rc, 1e-4)
+        factor = min(max(factor, self.dfactor), 1.0 if state.rejected_last else self.ifactor)
+        return accept, h * factor, FloatControllerState(prev, not accept)
+
+    def initial_step(
+        self,
+        f: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        t0: torch.Tensor,
+        y0: torch.Tensor,
+        f0: torch.Tensor,
+    ) -> torch.Tensor:
+        """Hairer's starting step (Solving ODEs I, II.4, p. 169), per row, in ``t0``'s dtype.
+
+        Costs one evaluation of ``f``; ``t0`` has the row shape in the time dtype.  The exponent
+        uses the error order: the step is chosen so that the *error estimate* is about right.
+        """
+        with torch.no_grad():
+            dims = self.dims
+            scale = y0.abs().mul(self.rtol).add(self.atol)
+            d0 = self.norm(y0 / scale, dims)
+            d1 = self.norm(f0 / scale, dims)
+            small = (d0 < 1e-5) | (d1 < 1e-5)
+            h0 = torch.where(small, torch.full_like(d0, 1e-6), 0.01 * d0 / d1.clamp(min=1e-300))
+            h0 = h0.to(t0.dtype)
+            y1 = y0 + per_row(h0.to(y0.dtype), y0.ndim) * f0
+            f1 = f((t0 + h0).to(y0.dtype), y1)
+            d2 = (self.norm((f1 - f0) / scale, dims) / h0.to(d0.dtype)).to(t0.dtype)
+            dmax = torch.maximum(d1.to(t0.dtype), d2)
+            h1 = torch.where(
+                dmax <= 1e-15,
+                torch.clamp(h0 * 1e-3, min=1e-6),
+                (0.01 / dmax.clamp(min=1e-300)).pow(1.0 / (self.error_order + 1)),
+            )
+            return torch.minimum(100 * h0, h1)
 
 
-@dataclass
-class ControllerState:
-    prev_ratio: torch.Tensor
-    rejected_last: torch.Tensor
+class FixedGrid:
+    """The steps of a fixed-step solve, known before the first one: every step is accepted.
 
-    @classmethod
-    def initial(cls, like: torch.Tensor) -> ControllerState:
-        return cls(torch.ones_like(like), torch.zeros_like(like, dtype=torch.bool))
+    ``step_size=None`` steps from output time to output time.  Otherwise each row takes
+    ``ceil(span / step_size)`` steps of ``step_size`` (the last one stretched by up to 1% rather
+    than leaving a sliver, or shortened to land on the row's last time), and rows with fewer steps
+    are padded with zero steps at their end time so that all rows share one step counter.
 
-
-def initial_step(
-    f: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    t0: torch.Tensor,
-    y0: torch.Tensor,
-    f0: torch.Tensor,
-    order: int,
-    rtol: float | torch.Tensor,
-    atol: float | torch.Tensor,
-    norm: Norm,
-    dims: tuple[int, ...],
-    bshape: tuple[int, ...],
-) -> torch.Tensor:
-    """Hairer's starting step size (Solving ODEs I, II.4, algorithm of p. 169), per sample.
-
-    Costs one extra evaluation of ``f``.  ``t0`` has the row shape in the time dtype; the result
-    does too.  ``bshape`` broadcasts a row quantity against the state.
+    Attributes:
+        times: ``[n + 1, *rows]`` grid times (internal, increasing, time dtype).
+        steps: ``[n, *rows]`` step sizes, 0 for the padding of rows that already ended.
+        n_steps: ``[*rows]`` steps each row takes.
     """
-    scale = y0.abs().mul(rtol).add(atol)
-    d0 = norm(y0 / scale, dims)
-    d1 = norm(f0 / scale, dims)
-    small = (d0 < 1e-5) | (d1 < 1e-5)
-    h0 = torch.where(small, torch.full_like(d0, 1e-6), 0.01 * d0 / d1.clamp(min=1e-300))
-    h0 = h0.to(t0.dtype)
-    y1 = y0 + h0.to(y0.dtype).view(bshape) * f0
-    f1 = f((t0 + h0).to(y0.dtype), y1)
-    d2 = (norm((f1 - f0) / scale, dims) / h0.to(d0.dtype)).to(t0.dtype)
-    dmax = torch.maximum(d1.to(t0.dtype), d2)
-    h1 = torch.where(
-        dmax <= 1e-15,
-        torch.clamp(h0 * 1e-3, min=1e-6),
-        (0.01 / dmax.clamp(min=1e-300)).pow(1.0 / (order + 1)),
-    )
-    return torch.minimum(100 * h0, h1)
+
+    def __init__(self, s: torch.Tensor, step_size: float | None, batched: bool) -> None:
+        t0, t1 = s[..., 0], s[..., -1]
+        if step_size is None:
+            grid = s
+            n_row = torch.full(t0.shape, s.shape[-1] - 1, dtype=torch.long, device=s.device)
+        else:
+            n_row = torch.ceil((t1 - t0) / step_size - 0.01).long().clamp_(min=1)
+            ks = torch.arange(int(n_row.max()) + 1, device=s.device, dtype=s.dtype)
+            grid = t0.unsqueeze(-1) + ks * step_size
+            grid = torch.where(ks >= n_row.unsqueeze(-1), t1.unsqueeze(-1), grid)
+        self.grid = grid.contiguous()  # [*rows, n + 1]
+        self.times = grid.T if batched else grid
+        self.steps = self.times.diff(dim=0)
+        self.n_steps = n_row
+        self.n = self.steps.shape[0]

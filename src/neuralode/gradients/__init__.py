@@ -1,12 +1,25 @@
-"""Gradient strategies: what autograd sees of a solve.
+"""Gradient strategies: what autograd sees of a solve (``solve(..., gradient=name)``).
 
-``"backprop"`` (the default) is autograd through the solver's own operations (in
-:mod:`neuralode.solve`); ``"adjoint"`` is the continuous adjoint of :mod:`.adjoint`;
-``"checkpoint"`` replays recorded steps one at a time (:mod:`.checkpoint`).
+- ``"backprop"`` (:class:`Backprop`, the default): autograd through the solver's own operations.
+- ``"adjoint"`` (:class:`Adjoint`): the continuous adjoint of Chen et al. (2018).
+- ``"checkpoint"`` (:class:`Checkpoint`): recorded steps replayed one at a time.
 """
 
-from .adjoint import ADJOINT_OPTIONS, AdjointConfig, adjoint_apply, find_adjoint_params
+from .adjoint import ADJOINT_OPTIONS, Adjoint, AdjointConfig, find_adjoint_params
+from .base import Backprop, GradientStrategy, Outcome
+from .checkpoint import Checkpoint
 
+#: The names ``gradient=`` accepts.
 GRADIENTS = ("backprop", "adjoint", "checkpoint")
 
-__all__ = ["ADJOINT_OPTIONS", "AdjointConfig", "GRADIENTS", "adjoint_apply", "find_adjoint_params"]
+__all__ = [
+    "ADJOINT_OPTIONS",
+    "Adjoint",
+    "AdjointConfig",
+    "Backprop",
+    "Checkpoint",
+    "GRADIENTS",
+    "GradientStrategy",
+    "Outcome",
+    "find_adjoint_params",
+]

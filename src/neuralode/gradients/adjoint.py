@@ -8,35 +8,46 @@ backwards from the last output time, one output interval at a time; at each outp
 incoming gradient is added to the adjoint ``a`` (a jump) and the state is reset to the stored
 forward output.  Memory is independent of the number of solver steps.
 
-Each interval ``[s_{i-1}, s_i]`` is integrated in its own normalised time ``tau`` in ``[0, 1]``
-(``s = s_{i-1} + tau (s_i - s_{i-1})``), so that per-sample time grids (every row with its own
-interval) share one backward solve and the parameter gradient stays one tensor per parameter:
-each row's vector-Jacobian product is weighted by its own interval length.
+The step size carries across output times and across those jumps: each interval starts with the
+step the controller proposed at the end of the previous one (a last step shortened to land on the
+output time does not shrink it), so only the first interval pays Hairer's initial-step selection.
+torchdiffeq restarts the step selection on every interval.
+
+Time in the backward solve: with one output grid shared by every row, the backward loop runs in
+the original time units (reversed), so a carried step means the same thing on every interval.
+With per-sample grids (every row with its own intervals) each interval is integrated in its own
+normalised time ``tau`` in ``[0, 1]``, so that the rows share one backward solve and the
+parameter gradient stays one tensor per parameter: each row's vector-Jacobian product is
+weighted by its own interval length.
 
 Gradients for the times: ``dL/ds_i = <dL/dy_i, f(s_i, y_i)>`` for ``i >= 1`` and
 ``dL/ds_0 = -<a(s_0), f(s_0, y_0)>``.
 
 The backward solve's default error norm is the seminorm of Kidger, Chen & Lyons (2021, "Hey,
 that's not an ODE"): it leaves the parameter-gradient channels out of the step-size control,
-because they do not feed back into the dynamics, so their error need not control the step.  On the
-diffrax benchmark's shape (MLP 4-32-4, batch 64, t in [0, 100], dopri5 at 1e-6) the full norm
-costs 1448 backward evaluations and the seminorm 206 (torchdiffeq's default: 1316; torchdyn: 238).
-``adjoint_options={"norm": "rms"}`` restores the full (mixed RMS) norm, torchdiffeq's default.
+because they do not feed back into the dynamics.  ``adjoint_options={"norm": "rms"}`` restores the
+full (mixed RMS) norm, torchdiffeq's default; ``"max"`` the max norm.  The README's speed section
+measures both.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .._inputs import all_finite
-from ..controllers import NORMS, rms_norm
-from ..solution import Stats
+from .._inputs import Problem, all_finite, check_solver_options
+from .._loop import LoopResult, LoopSpec
+from .._rows import per_row
+from ..controllers import NORMS, PIController, rms_norm
+from ..solution import SolverError, Stats
+from ..solvers.registry import get_solver
+from .base import GradientStrategy, Outcome, refuse_double_backward
 
-__all__ = ["AdjointConfig", "ADJOINT_OPTIONS", "find_adjoint_params", "adjoint_apply"]
+__all__ = ["Adjoint", "AdjointConfig", "ADJOINT_OPTIONS", "find_adjoint_params"]
 
 #: Keys of ``adjoint_options``.
 ADJOINT_OPTIONS = (
@@ -54,26 +65,30 @@ ADJOINT_OPTIONS = (
 
 @dataclass
 class AdjointConfig:
-    """How the backward (augmented) system is solved."""
+    """How the backward (augmented) system is solved: method, tolerances and options, checked."""
 
-    method: str
-    rtol: float | torch.Tensor
-    atol: float | torch.Tensor
+    method: Any
+    rtol: float
+    atol: float
     norm: str = "seminorm"
-    solve_kwargs: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def build(
         cls,
-        method: str,
-        rtol: Any,
-        atol: Any,
-        adjoint_method: str | None,
+        method: Any,
+        rtol: float | torch.Tensor,
+        atol: float | torch.Tensor,
+        adjoint_method: Any,
         adjoint_rtol: Any,
         adjoint_atol: Any,
         adjoint_options: dict[str, Any] | None,
         step_size: float | None = None,
     ) -> AdjointConfig:
+        """Check the ``adjoint_*`` arguments (``rtol``/``atol`` are the forward ones, already
+        checked) and fill in the defaults from the forward solve."""
+        if adjoint_options is not None and not isinstance(adjoint_options, dict):
+            raise TypeError(f"adjoint_options must be a dict, got {type(adjoint_options).__name__}")
         opts = dict(adjoint_options or {})
         if step_size is not None and "step_size" not in opts and adjoint_method in (None, method):
             opts["step_size"] = step_size  # a fixed-step backward pass steps like the forward
@@ -88,33 +103,48 @@ class AdjointConfig:
             raise ValueError(
                 f"adjoint_options['norm'] must be one of {[*NORMS, 'seminorm']}, got {norm!r}"
             )
-        if "dtype" in opts:
-            opts["t_dtype"] = opts.pop("dtype")
-        if not isinstance(rtol, (int, float)) and adjoint_rtol is None:
-            adjoint_rtol = float(torch.as_tensor(rtol).min())  # per-component: use the tightest
-        if not isinstance(atol, (int, float)) and adjoint_atol is None:
-            adjoint_atol = float(torch.as_tensor(atol).min())
-        return cls(
-            method=adjoint_method or method,
-            rtol=rtol if adjoint_rtol is None else adjoint_rtol,
-            atol=atol if adjoint_atol is None else adjoint_atol,
-            norm=norm,
-            solve_kwargs=opts,
+        # The backward state mixes y, the adjoint and the parameter gradients, so its tolerances
+        # are scalars; per-component forward tolerances give their tightest value.
+        rtol_b = _scalar_tolerance("adjoint_rtol", adjoint_rtol, rtol, positive=True)
+        atol_b = _scalar_tolerance("adjoint_atol", adjoint_atol, atol, positive=False)
+        return cls(adjoint_method or method, rtol_b, atol_b, norm, opts)
+
+
+def _scalar_tolerance(
+    name: str, value: Any, forward: float | torch.Tensor, positive: bool
+) -> float:
+    if value is None:
+        return forward if isinstance(forward, float) else float(forward.min())
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
+        value = float(value)
+    need = "positive" if positive else "non-negative"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"{name} must be a number (the backward state mixes y, the adjoint and the "
+            f"parameter gradients, so it has one tolerance), got {type(value).__name__}"
         )
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be a finite {need} number, got {value!r}")
+    return value
 
 
 def find_adjoint_params(
-    func: Any, adjoint_params: Sequence[torch.Tensor] | None
+    func: Any, adjoint_params: Sequence[torch.Tensor] | None, gradient: str
 ) -> tuple[torch.Tensor, ...]:
     """The tensors the backward pass differentiates: ``adjoint_params`` if given, else the
     trainable parameters of an ``nn.Module`` func."""
     if adjoint_params is None:
         if not isinstance(func, torch.nn.Module):
             raise TypeError(
-                "gradient='adjoint' needs to know the parameters of func: func is not an "
-                "nn.Module, so pass adjoint_params=(tensors func uses), or () if it has none"
+                f"gradient={gradient!r} needs to know the parameters of func: func is not an "
+                f"nn.Module, so pass adjoint_params=(tensors func uses), or () if it has none"
             )
         return tuple(p for p in func.parameters() if p.requires_grad)
+    if isinstance(adjoint_params, torch.Tensor) or not isinstance(adjoint_params, Sequence):
+        raise TypeError(
+            f"adjoint_params must be a sequence of tensors, got {type(adjoint_params).__name__}"
+        )
     params = tuple(adjoint_params)
     for i, p in enumerate(params):
         if not isinstance(p, torch.Tensor):
@@ -127,59 +157,94 @@ def find_adjoint_params(
     return params
 
 
-def _names(func: Any, params: Sequence[torch.Tensor]) -> list[str]:
-    named = {}
-    if isinstance(func, torch.nn.Module):
-        named = {id(p): n for n, p in func.named_parameters()}
-    return [named.get(id(p), f"adjoint_params[{i}]") for i, p in enumerate(params)]
+class Adjoint(GradientStrategy):
+    """Gradients by the continuous adjoint: memory independent of the number of steps.
+
+    Args:
+        params: the tensors to differentiate besides ``y0`` and ``t``.
+        config: the backward solve's method, tolerances and options.
+        user_func: ``func`` as the user gave it (to name unused parameters in errors).
+    """
+
+    name = "adjoint"
+
+    def __init__(self, params: tuple[torch.Tensor, ...], config: AdjointConfig, user_func: Any):
+        self.params, self.config, self.user_func = params, config, user_func
+        self.solver = get_solver(config.method)  # an unknown adjoint_method fails here
+        opts = config.options
+        check_solver_options(
+            self.solver,
+            step_size=opts.get("step_size"),
+            first_step=opts.get("first_step"),
+            max_num_steps=opts.get("max_num_steps", 100_000),
+            safety=opts.get("safety", 0.9),
+            beta=opts.get("beta", 0.0),
+            ifactor=opts.get("ifactor", 10.0),
+            dfactor=opts.get("dfactor", 0.2),
+            prefix="adjoint_options",
+        )
+        t_dtype = opts.get("dtype")
+        if t_dtype is not None and (
+            not isinstance(t_dtype, torch.dtype) or not t_dtype.is_floating_point
+        ):
+            raise TypeError(
+                f"adjoint_options['dtype'] (the time dtype) must be floating, got {t_dtype!r}"
+            )
+        self.options = opts
+
+    def solve(self, prob: Problem, spec: LoopSpec) -> Outcome:
+        prob.f0 = prob.f0.detach()
+        context = _Context(self, prob, spec)
+        ys = _AdjointFn.apply(context, prob.y0, prob.s, *self.params)
+        assert context.result is not None
+        return Outcome(ys, context.result, context.stats, True)
 
 
-class _Adjoint(torch.autograd.Function):
-    """Inputs: (context, y0, s, *params) -> ys.  ``context`` carries the forward runner and the
-    backward configuration (non-tensor)."""
+class _AdjointFn(torch.autograd.Function):
+    """Inputs: (context, y0, s, *params) -> ys."""
 
     @staticmethod
     def forward(
         ctx: Any, context: _Context, y0: torch.Tensor, s: torch.Tensor, *params: torch.Tensor
     ) -> torch.Tensor:
-        ys = context.run_forward(y0, s.detach())
+        ys = context.forward(y0, s.detach())
         ctx.context = context
         ctx.save_for_backward(ys, s, *params)
         return ys
 
     @staticmethod
     def backward(ctx: Any, grad_ys: torch.Tensor) -> tuple[Any, ...]:
+        refuse_double_backward("adjoint")
         ys, s, *params = ctx.saved_tensors
         context: _Context = ctx.context
-        with torch.no_grad():
-            # ys is this Function's own output and still claims requires_grad; detach it so that a
-            # field differentiating inside itself (a CNF's trace) never sees a graph-less view
-            # that pretends to be differentiable.
-            grad_y0, grad_s, grad_params = context.backward(
-                ys.detach(), s.detach(), tuple(params), grad_ys, ctx.needs_input_grad[2]
-            )
+        # ys is this Function's own output and still claims requires_grad; detach it so that a
+        # field differentiating inside itself (a CNF's trace) never sees a graph-less view that
+        # pretends to be differentiable.
+        grad_y0, grad_s, grad_params = context.backward(
+            ys.detach(), s.detach(), tuple(params), grad_ys, ctx.needs_input_grad[2]
+        )
         return (None, grad_y0, grad_s, *grad_params)
 
 
 @dataclass
 class _Context:
-    func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # internal vector field
-    user_func: Any
-    batched: bool
-    config: AdjointConfig
-    run_forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    strategy: Adjoint
+    prob: Problem
+    spec: LoopSpec
+    result: LoopResult | None = None
     stats: dict[str, Stats] = field(default_factory=dict)
 
-    def _out(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        return x[:, i] if self.batched else x[i]
+    def forward(self, y0: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        self.result = self.spec.run(y0, self.prob.f0, s)
+        return self.result.ys
 
-    def _rows(self, v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return v.view((-1,) + (1,) * (like.ndim - 1)) if self.batched else v
+    def _out(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        return x[:, i] if self.prob.batched else x[i]
 
     def _dot(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Per-row inner product (a scalar unbatched)."""
         p = a * b
-        return p.reshape(p.shape[0], -1).sum(1) if self.batched else p.sum()
+        return p.reshape(p.shape[0], -1).sum(1) if self.prob.batched else p.sum()
 
     def backward(
         self,
@@ -188,135 +253,204 @@ class _Context:
         params: tuple[torch.Tensor, ...],
         grad_ys: torch.Tensor,
         want_s: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor | None]]:
-        from ..solution import SolverError
-        from ..solve import solve  # the backward system is solved by the same public solve
-
+    ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
         if not all_finite(ys):
             raise SolverError(
                 "gradient='adjoint': the forward solve failed (see Solution.status), so there "
                 "is no gradient to compute; fix the forward solve first"
             )
-        cfg, func, dtype = self.config, self.func, ys.dtype
-        T = s.shape[-1]
+        func, T = self.prob.func, s.shape[-1]
+        aug = _Augmented(func, params, self.prob.batched, ys, s, self.strategy.options.get("dtype"))
+        spec = self._backward_spec(aug)
         a = torch.zeros_like(self._out(ys, 0))  # adjoint of the state, dL/dy(s)
         g = [torch.zeros_like(p) for p in params]
-        names = _names(self.user_func, params)
-        used = [False] * len(params)
         totals = [torch.zeros((), dtype=torch.long) for _ in range(4)]
         grad_s = torch.zeros_like(s) if want_s else None
+        h: float | None = None  # the step carried from one interval to the next
         for i in range(T - 1, 0, -1):
             a = a + self._out(grad_ys, i)  # the jump at output time s_i
             if grad_s is not None:
-                f_i = func(self._out(s, i).to(dtype), self._out(ys, i))
+                f_i = func(self._out(s, i).to(ys.dtype), self._out(ys, i))
                 grad_s[..., i] = self._dot(self._out(grad_ys, i), f_i).to(s.dtype)
                 totals[0] = totals[0] + 1
-            s_lo = self._out(s, i - 1)
-            length = self._out(s, i) - s_lo
-            len_y = self._rows(length.to(dtype), a)
-
-            def aug(
-                tau: torch.Tensor,
-                state: tuple[torch.Tensor, ...],
-                s_lo: torch.Tensor = s_lo,
-                length: torch.Tensor = length,
-                len_y: torch.Tensor = len_y,
-            ) -> tuple[torch.Tensor, ...]:
-                y, adj = state[0], state[1]
-                s_now = (s_lo + tau.to(s_lo.dtype) * length).to(dtype)
-                with torch.enable_grad():
-                    y_ = y.detach().requires_grad_(True)
-                    fy = func(s_now, y_)
-                    vjps = torch.autograd.grad(fy, (y_, *params), -adj * len_y, allow_unused=True)
-                dg = []
-                for k, v in enumerate(vjps[1:]):
-                    if v is None:
-                        v = torch.zeros_like(params[k])
-                    else:
-                        used[k] = True
-                    dg.append(v)
-                dy = fy.detach() * len_y
-                da = vjps[0] if vjps[0] is not None else torch.zeros_like(adj)
-                return (dy, da, *dg)
-
-            y_start = self._out(ys, i)
-            kwargs = dict(cfg.solve_kwargs)
-            if kwargs.get("step_size") is not None:  # time units -> this interval's tau units
-                kwargs["step_size"] = min(1.0, float(kwargs["step_size"]) / float(length.max()))
-            tau = torch.tensor([1.0, 0.0], dtype=torch.float64, device=ys.device)
-            try:
-                sol = solve(
-                    aug,
-                    (y_start, a, *g),
-                    tau,
-                    method=cfg.method,
-                    rtol=cfg.rtol,
-                    atol=cfg.atol,
-                    batched=False,
-                    norm=_mixed_norm(cfg.norm, y_start.numel(), a.numel(), params),
-                    **kwargs,
-                )
-            except SolverError as err:
-                raise SolverError(
-                    f"gradient='adjoint': the backward solve failed on the output interval "
-                    f"between output times {i - 1} and {i}: {err.args[0]} (for the backward "
-                    f"solve, use adjoint_options={{'max_num_steps': N}}, adjoint_rtol and "
-                    f"adjoint_atol)"
-                ) from err
-            out = sol.ys
-            a = out[1][-1]
-            g = [x[-1] for x in out[2:]]
+            a, g, stats, h = self._interval(aug, spec, i, a, g, h)
             for k, name in enumerate(("nfe", "n_steps", "n_accepted", "n_rejected")):
-                totals[k] = totals[k] + getattr(sol.stats, name).cpu()
-        if T > 1 and not all(used):
-            unused = [n for n, u in zip(names, used) if not u]
+                totals[k] = totals[k] + getattr(stats, name).cpu()
+        if T > 1 and not all(aug.used):
+            names = _names(self.strategy.user_func, params)
+            unused = [n for n, u in zip(names, aug.used) if not u]
             raise ValueError(
                 f"gradient='adjoint': func's output did not depend on {unused} anywhere in the "
                 f"solve; their gradients would silently be zero. Remove them from adjoint_params "
                 f"(or freeze them with requires_grad_(False))"
             )
         if grad_s is not None and T > 1:
-            f_0 = func(self._out(s, 0).to(dtype), self._out(ys, 0))
+            f_0 = func(self._out(s, 0).to(ys.dtype), self._out(ys, 0))
             grad_s[..., 0] = -self._dot(a, f_0).to(s.dtype)
             totals[0] = totals[0] + 1
-        grad_y0 = a + self._out(grad_ys, 0)
         self.stats["backward"] = Stats(*totals)
-        return grad_y0, grad_s, list(g)
+        return a + self._out(grad_ys, 0), grad_s, g
+
+    def _backward_spec(self, aug: _Augmented) -> LoopSpec:
+        strategy = self.strategy
+        solver, cfg, opts = strategy.solver, strategy.config, dict(strategy.options)
+        controller = None
+        if solver.adaptive:
+            assert solver.error_order is not None
+            controller = PIController(
+                rtol=cfg.rtol,
+                atol=cfg.atol,
+                norm=aug.norm(cfg.norm),
+                dims=(0,),
+                error_order=solver.error_order,
+                **{k: opts[k] for k in ("safety", "beta", "ifactor", "dfactor") if k in opts},
+            )
+        step_size = opts.get("step_size") if not solver.adaptive else None
+        if step_size is not None and aug.per_row:  # time units -> the intervals' tau units
+            step_size = min(1.0, float(step_size) / float(aug.lengths.max()))
+        return LoopSpec(
+            func=aug,
+            solver=solver,
+            controller=controller,
+            batched=False,
+            step_size=step_size,
+            first_step=opts.get("first_step") if solver.adaptive else None,
+            max_num_steps=opts.get("max_num_steps", 100_000),
+        )
+
+    def _interval(
+        self,
+        aug: _Augmented,
+        spec: LoopSpec,
+        i: int,
+        a: torch.Tensor,
+        g: list[torch.Tensor],
+        h: float | None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor], Stats, float | None]:
+        """Solve the augmented system over output interval ``i`` (from ``s_i`` back to
+        ``s_{i-1}``), starting from the stored output and the jumped adjoint."""
+        y_i = self._out(aug.ys, i)
+        x0 = torch.cat([y_i.reshape(-1), a.reshape(-1), *(p.reshape(-1) for p in g)])
+        aug.interval = i
+        span = aug.span(i)
+        sigma = torch.tensor([0.0, span], dtype=aug.t_dtype, device=x0.device)
+        f0 = None
+        if h is None and spec.controller is not None and spec.first_step is None:
+            f0 = aug(sigma[0].to(x0.dtype), x0)  # Hairer's selection needs it (and counts it)
+        out = spec.run(x0, f0, sigma, first_step=h, carry_step=True)
+        if not bool((out.status == 0).all()):
+            raise SolverError(
+                f"gradient='adjoint': the backward solve failed on the output interval between "
+                f"output times {i - 1} and {i}: {_status_message(out.status)} (for the backward "
+                f"solve, use adjoint_options={{'max_num_steps': N}}, adjoint_rtol and "
+                f"adjoint_atol)"
+            )
+        x1 = out.ys[-1]
+        n_y, n_a = y_i.numel(), a.numel()
+        a_new = x1[n_y : n_y + n_a].view_as(a)
+        g_new, start = [], n_y + n_a
+        for p in g:
+            g_new.append(x1[start : start + p.numel()].view_as(p))
+            start += p.numel()
+        h_next = out.h_next if isinstance(out.h_next, float) else None
+        return a_new, g_new, out.stats, h_next
 
 
-def _mixed_norm(kind: str, n_y: int, n_a: int, params: Sequence[torch.Tensor]) -> Any:
-    """The backward solve's error norm over its flat state ``[y, a, g_1, g_2, ...]``.
+def _status_message(status: torch.Tensor) -> str:
+    from ..solution import Status
 
-    ``"rms"``: the largest RMS of the parts (torchdiffeq's mixed norm for tuple states);
-    ``"seminorm"``: the same over ``y`` and ``a`` only, so it is never larger than the full norm
-    (Kidger et al. 2021); ``"max"``: the largest absolute value over everything.
+    return Status(int(status.reshape(-1)[0])).message
+
+
+class _Augmented:
+    """The augmented vector field of the backward solve, on the flat state ``[y, a, g...]``.
+
+    In the backward loop's internal time ``sigma`` (increasing from 0 over the interval),
+    ``s = s_i - sigma * scale`` with ``scale = 1`` for a shared grid and each row's interval length
+    for per-sample grids (``tau`` units), so ``dx/dsigma = (-scale f, scale a^T df/dy,
+    scale a^T df/dtheta)``.
     """
-    if kind == "max":
-        return "max"
-    bounds = [0, n_y, n_y + n_a]
-    if kind == "rms":
-        for p in params:
-            bounds.append(bounds[-1] + p.numel())
-    pieces = [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
 
-    def norm(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
-        return torch.stack([rms_norm(x[..., lo:hi], dims) for lo, hi in pieces]).amax(0)
+    def __init__(
+        self,
+        func: Any,
+        params: tuple[torch.Tensor, ...],
+        batched: bool,
+        ys: torch.Tensor,
+        s: torch.Tensor,
+        t_dtype: torch.dtype | None,
+    ) -> None:
+        self.func, self.params, self.batched, self.ys, self.s = func, params, batched, ys, s
+        self.t_dtype = t_dtype or s.dtype
+        self.used = [False] * len(params)
+        self.interval = s.shape[-1] - 1
+        y_like = ys[:, 0] if batched else ys[0]
+        self.y_shape, self.n_y = y_like.shape, y_like.numel()
+        # Per-sample grids are integrated in normalised time; one shared grid in its own units.
+        self.per_row = batched and s.shape[-1] > 1 and not bool((s == s[:1]).all())
+        self.lengths = s.diff(dim=-1)  # [(B,) T-1]
 
-    return norm
+    def span(self, i: int) -> float:
+        """The length of interval ``i`` in the backward loop's time units."""
+        if self.per_row:
+            return 1.0
+        row = self.s[0] if self.batched else self.s
+        return float(row[i] - row[i - 1])
+
+    def __call__(self, sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        i, dtype = self.interval, x.dtype
+        n_y = self.n_y
+        y = x[:n_y].view(self.y_shape)
+        adj = x[n_y : 2 * n_y].view(self.y_shape)
+        s_hi = self.s[:, i] if self.batched else self.s[i]
+        if self.per_row:
+            length = self.lengths[:, i - 1]
+            s_now = (s_hi - sigma.to(s_hi.dtype) * length).to(dtype)
+            scale: torch.Tensor | None = per_row(length.to(dtype), y.ndim)
+        else:
+            s_now = (s_hi - sigma.to(s_hi.dtype)).to(dtype)
+            scale = None
+        with torch.enable_grad():
+            y_ = y.detach().requires_grad_(True)
+            fy = self.func(s_now, y_)
+            cot = adj if scale is None else adj * scale
+            vjps: Sequence[torch.Tensor | None] = (None,) * (1 + len(self.params))
+            if fy.requires_grad:  # else f depends on neither y nor a parameter: zero vjps
+                vjps = torch.autograd.grad(fy, (y_, *self.params), cot, allow_unused=True)
+        dy = -fy.detach() if scale is None else -fy.detach() * scale
+        da = vjps[0] if vjps[0] is not None else torch.zeros_like(adj)
+        parts = [dy.reshape(-1), da.reshape(-1)]
+        for k, v in enumerate(vjps[1:]):
+            if v is None:
+                v = torch.zeros_like(self.params[k])
+            else:
+                self.used[k] = True
+            parts.append(v.reshape(-1))
+        return torch.cat(parts)
+
+    def norm(self, kind: str) -> Any:
+        """The backward solve's error norm over ``[y, a, g_1, g_2, ...]``.
+
+        ``"rms"``: the largest RMS of the parts (torchdiffeq's mixed norm for tuple states);
+        ``"seminorm"``: the same over ``y`` and ``a`` only, so it is never larger than the full
+        norm (Kidger et al. 2021); ``"max"``: the largest absolute value over everything.
+        """
+        if kind == "max":
+            return NORMS["max"]
+        bounds = [0, self.n_y, 2 * self.n_y]
+        if kind == "rms":
+            for p in self.params:
+                bounds.append(bounds[-1] + p.numel())
+        pieces = [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+
+        def mixed(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+            return torch.stack([rms_norm(x[lo:hi], dims) for lo, hi in pieces]).amax(0)
+
+        return mixed
 
 
-def adjoint_apply(
-    func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    user_func: Any,
-    y0: torch.Tensor,
-    s: torch.Tensor,
-    params: tuple[torch.Tensor, ...],
-    batched: bool,
-    config: AdjointConfig,
-    run_forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-) -> tuple[torch.Tensor, dict[str, Stats]]:
-    """Run the forward solve through the adjoint autograd function; returns ``ys`` and a dict
-    that receives the backward pass's :class:`Stats` under ``"backward"``."""
-    context = _Context(func, user_func, batched, config, run_forward)
-    ys = _Adjoint.apply(context, y0, s, *params)
-    return ys, context.stats
+def _names(func: Any, params: Sequence[torch.Tensor]) -> list[str]:
+    named = {}
+    if isinstance(func, torch.nn.Module):
+        named = {id(p): n for n, p in func.named_parameters()}
+    return [named.get(id(p), f"adjoint_params[{i}]") for i, p in enumerate(params)]

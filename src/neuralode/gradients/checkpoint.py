@@ -4,129 +4,148 @@ instead of the autograd graph of every stage.
 
 The forward solve runs without a graph and records, for every step that moved at least one row,
 its start time, per-row step (0 for rows that did not move), start state, and which outputs it
-produced (interpolated inside the step, or its end state).  The backward pass replays the steps
-in reverse, one at a time: it recomputes the step from its start state with autograd on, and
-pulls the running adjoint of the step's end state, plus the incoming gradients of the step's
-outputs, back to its start state and to the parameters.  The first stage is recomputed as
-``f(t, y)`` (in the forward pass it is the previous step's last stage, the same value).
+produced (:class:`~neuralode._outputs.StepRecord`).  The backward pass replays the steps in
+reverse, one at a time, through the solver's public ``init``/``step``/``dense`` and the one
+interpolation evaluator: it recomputes the step from its start state with autograd on, and pulls
+the running adjoint of the step's end state, plus the incoming gradients of the step's outputs,
+back to its start state and to the parameters.  The first stage is recomputed as ``f(t, y)`` (in
+the forward pass it may be the previous step's last stage: the same value).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from .._inputs import Problem
+from .._loop import LoopResult, LoopSpec
+from .._outputs import StepRecord
+from ..interpolation import evaluate
 from ..solution import Stats
+from .base import GradientStrategy, Outcome, attach_time_gradients, refuse_double_backward, t0_shift
 
-__all__ = ["StepRecord", "checkpoint_apply"]
+__all__ = ["Checkpoint"]
 
 
-@dataclass
-class StepRecord:
-    """One recorded step.  Row quantities have the row shape (``[]`` or ``[batch]``).
+class Checkpoint(GradientStrategy):
+    """Gradients by replaying recorded steps (memory: the accepted steps' start states).
 
-    Attributes:
-        t: start time (internal, time dtype).
-        h: step per row, 0 where the row did not move.
-        y: start state.
-        interior: ``(nxt, n_in, m)``: outputs ``nxt .. nxt + n_in - 1`` of each row lie strictly
-            inside the step (``m`` is the largest ``n_in``), or ``None``.
-        end: ``(idx, has)``: output ``idx`` of the rows with ``has`` is the step's end state,
-            or ``None``.
+    Args:
+        params: the tensors to differentiate besides ``y0`` and ``t`` (the vector field's
+            parameters).
     """
 
-    t: torch.Tensor
-    h: torch.Tensor
-    y: torch.Tensor
-    interior: tuple[torch.Tensor, torch.Tensor, int] | None
-    end: tuple[torch.Tensor, torch.Tensor] | None
+    name = "checkpoint"
+
+    def __init__(self, params: tuple[torch.Tensor, ...]) -> None:
+        self.params = params
+
+    def solve(self, prob: Problem, spec: LoopSpec) -> Outcome:
+        s_det = prob.s.detach()
+        y0 = prob.y0
+        needs_t_grad = prob.s.requires_grad and torch.is_grad_enabled()
+        if needs_t_grad:  # as for backprop
+            y0 = t0_shift(prob, s_det)
+        replay = _Replay(spec, prob, s_det, needs_t_grad)
+        ys = _CheckpointFn.apply(replay, y0, *self.params)
+        if needs_t_grad:
+            ys = attach_time_gradients(prob, ys, s_det)
+        assert replay.result is not None
+        return Outcome(ys, replay.result, replay.stats, True)
 
 
 @dataclass
-class _Context:
-    loop: Any  # the solve's _Loop: stepper, vector field, output times, layout helpers
-    run_forward: Callable[[torch.Tensor], torch.Tensor]
-    records: list[StepRecord] = field(default_factory=list)
+class _Replay:
+    spec: LoopSpec
+    prob: Problem
+    s: torch.Tensor  # internal output times, detached
+    needs_t_grad: bool
+    result: LoopResult | None = None
     stats: dict[str, Stats] = field(default_factory=dict)
     nfe: int = 0  # vector-field evaluations of the backward pass's recomputation
 
-    def replay(
+    def forward(self, y0: torch.Tensor) -> torch.Tensor:
+        prob = self.prob
+        f0 = prob.f0.detach()
+        if self.needs_t_grad:  # the shifted start needs its own first evaluation
+            f0 = prob.func(self.s[..., 0].to(y0.dtype), y0)
+        self.result = self.spec.run(y0, f0, self.s, record=True)
+        return self.result.ys
+
+    def step(
         self, r: StepRecord, y_in: torch.Tensor
-    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor, Any]]]:
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, Any, Any]]]:
         """Recompute one step with autograd; returns ``(y1, [(vals, idx, valid), ...])``."""
-        loop = self.loop
-        stepper, f = loop.stepper, loop.prob.func
-        h_y = loop._row(r.h.to(loop.dtype))
-        k0 = f(r.t.to(loop.dtype), y_in)
-        y1, ks = stepper.step(f, stepper.stage_times(r.t, r.h), y_in, h_y, k0)
-        self.nfe += 1 + stepper.evals_per_step
-        outs: list[tuple[torch.Tensor, torch.Tensor, Any]] = []
+        solver, f, batched = self.spec.solver, self.spec.func, self.spec.batched
+        res = solver.step(f, r.t, r.h, y_in, solver.init(f, r.t, y_in, None))
+        self.nfe += res.nfe
+        outs: list[tuple[torch.Tensor, Any, Any]] = []
         if r.interior is not None:
             nxt, n_in, m = r.interior
-            ks_all = stepper.extra_stages(f, r.t, y_in, r.h, h_y, y1, ks)
-            self.nfe += stepper.evals_extra
+            d, extra, _ = solver.dense(f, r.t, r.h, y_in, res)
+            self.nfe += extra
             j = torch.arange(m, device=y_in.device)
-            if loop.batched:
+            if batched:
+                assert isinstance(nxt, torch.Tensor) and isinstance(n_in, torch.Tensor)
+                assert isinstance(r.t, torch.Tensor) and isinstance(r.h, torch.Tensor)
                 idx = nxt.unsqueeze(1) + j
-                valid = j < n_in.unsqueeze(1)
-                ts = loop.s.gather(1, idx.clamp(max=loop.T - 1))
+                valid: Any = j < n_in.unsqueeze(1)
+                ts = self.s.gather(1, idx.clamp(max=self.s.shape[-1] - 1))
                 theta = torch.where(
                     valid, (ts - r.t.unsqueeze(1)) / r.h.clamp(min=1e-300).unsqueeze(1), 0.0
                 )
             else:
                 idx, valid = nxt + j, None
-                theta = (loop.s[idx] - r.t) / r.h
-            vals = stepper.interpolate(y_in, h_y, ks_all, theta.to(loop.dtype), loop.batched)
-            outs.append((vals, idx, valid))
+                theta = (self.s[idx] - r.t) / r.h
+            outs.append((evaluate(d, theta, batched), idx, valid))
         if r.end is not None:
-            idx, has = r.end
-            if loop.batched:
-                outs.append((y1.unsqueeze(1), idx.unsqueeze(1), has.unsqueeze(1)))
+            idx_end, has = r.end
+            if batched:
+                assert isinstance(idx_end, torch.Tensor) and isinstance(has, torch.Tensor)
+                outs.append((res.y1.unsqueeze(1), idx_end.unsqueeze(1), has.unsqueeze(1)))
             else:
-                outs.append((y1.unsqueeze(0), idx.reshape(1), None))
-        return y1, outs
+                outs.append((res.y1.unsqueeze(0), idx_end, None))
+        return res.y1, outs
 
-    def grads_of(self, grad_ys: torch.Tensor, idx: torch.Tensor, valid: Any) -> torch.Tensor:
+    def grads_of(self, grad_ys: torch.Tensor, idx: Any, valid: Any) -> torch.Tensor:
         """The incoming gradients of outputs ``idx`` (zero where not ``valid``)."""
-        loop = self.loop
-        if not loop.batched:
-            return grad_ys[idx]
-        gi = idx.clamp(max=loop.T - 1)
+        if not self.spec.batched:
+            return grad_ys[idx] if isinstance(idx, torch.Tensor) else grad_ys[idx : idx + 1]
+        gi = idx.clamp(max=self.s.shape[-1] - 1)
         g = grad_ys[torch.arange(gi.shape[0], device=gi.device).unsqueeze(1), gi]
         return g * valid.view(valid.shape + (1,) * (g.ndim - 2)).to(g.dtype)
 
 
-class _Checkpoint(torch.autograd.Function):
+class _CheckpointFn(torch.autograd.Function):
     @staticmethod
-    def forward(
-        ctx: Any, context: _Context, y0: torch.Tensor, *params: torch.Tensor
-    ) -> torch.Tensor:
-        ys = context.run_forward(y0)
-        ctx.context = context
+    def forward(ctx: Any, replay: _Replay, y0: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        ys = replay.forward(y0)
+        ctx.replay = replay
         ctx.save_for_backward(*params)
         return ys
 
     @staticmethod
     def backward(ctx: Any, grad_ys: torch.Tensor) -> tuple[Any, ...]:
-        context: _Context = ctx.context
+        refuse_double_backward("checkpoint")
+        replay: _Replay = ctx.replay
         params = ctx.saved_tensors
-        loop = context.loop
+        assert replay.result is not None and replay.result.records is not None
+        records = replay.result.records
         a: torch.Tensor | None = None  # adjoint of the current step's end state
         g_params: list[torch.Tensor | None] = [None] * len(params)
-        for r in reversed(context.records):
+        for r in reversed(records):
             with torch.enable_grad():
                 y_in = r.y.detach().requires_grad_(True)
-                y1, outs = context.replay(r, y_in)
+                y1, outs = replay.step(r, y_in)
                 targets, cotangents = [], []
                 if a is not None:
                     targets.append(y1)
                     cotangents.append(a)
                 for vals, idx, valid in outs:
                     targets.append(vals)
-                    cotangents.append(context.grads_of(grad_ys, idx, valid))
+                    cotangents.append(replay.grads_of(grad_ys, idx, valid))
                 if not targets:
                     continue
                 got = torch.autograd.grad(targets, (y_in, *params), cotangents, allow_unused=True)
@@ -135,24 +154,9 @@ class _Checkpoint(torch.autograd.Function):
                 prev = g_params[k]
                 if gk is not None:
                     g_params[k] = gk if prev is None else prev + gk
-        n = torch.tensor(len(context.records))
-        context.stats["backward"] = Stats(torch.tensor(context.nfe), n, n.clone(), n * 0)
-        context.nfe = 0
-        first = grad_ys[:, 0] if loop.batched else grad_ys[0]
+        n = torch.tensor(len(records))
+        replay.stats["backward"] = Stats(torch.tensor(replay.nfe), n, n.clone(), n * 0)
+        replay.nfe = 0
+        first = grad_ys[:, 0] if replay.spec.batched else grad_ys[0]
         grad_y0 = first if a is None else a + first
         return (None, grad_y0, *g_params)
-
-
-def checkpoint_apply(
-    loop: Any,
-    y0: torch.Tensor,
-    params: tuple[torch.Tensor, ...],
-    run_forward: Callable[[torch.Tensor], torch.Tensor],
-) -> tuple[torch.Tensor, dict[str, Stats]]:
-    """Run ``run_forward`` (which must fill ``loop.replay_records``) under the checkpointed
-    autograd function; returns ``ys`` and a dict that receives the backward pass's
-    :class:`Stats` (recomputed evaluations and steps) under ``"backward"``."""
-    context = _Context(loop, run_forward)
-    loop.replay_records = context.records
-    out: torch.Tensor = _Checkpoint.apply(context, y0, *params)
-    return out, context.stats

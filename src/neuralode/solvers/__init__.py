@@ -1,5 +1,26 @@
-"""Steppers: one generic explicit Runge-Kutta stepper (implicit ones for stiff problems later)."""
+"""Solvers: the protocol the loop drives, and the methods that implement it.
 
-from .rk import RKStepper
+- :mod:`.base`: :class:`Solver` (``init``, ``step``, ``dense``, ``merge``, ``error_norm``) and
+  :class:`StepResult`.
+- :mod:`.tableaus`: Butcher tableaus as validated exact data.
+- :mod:`.rk`: :class:`ExplicitRK`, one solver for every explicit tableau.
+- :mod:`.registry`: :data:`METHODS` and :func:`get_solver` (a name, a tableau or a solver).
+"""
 
-__all__ = ["RKStepper"]
+from .base import DenseStep, Solver, StepResult
+from .registry import METHODS, get_solver
+from .rk import ExplicitRK
+from .tableaus import TABLEAUS, ButcherTableau, DenseOutput, get_tableau
+
+__all__ = [
+    "Solver",
+    "StepResult",
+    "DenseStep",
+    "ExplicitRK",
+    "METHODS",
+    "get_solver",
+    "ButcherTableau",
+    "DenseOutput",
+    "TABLEAUS",
+    "get_tableau",
+]

@@ -1,22 +1,30 @@
-"""One generic explicit Runge-Kutta stepper for every tableau in :mod:`neuralode.tableaus`.
+"""Explicit Runge-Kutta methods: one solver for every :class:`ButcherTableau`.
 
 Stage combinations are chains of ``add_(k, alpha=a_ij)`` over the non-zero coefficients only, with
 the coefficients as Python floats: no tableau tensors, no stacking, and autograd sees one node per
-term.  Per-sample step sizes enter once per stage through ``addcmul``.
+term.  Per-row step sizes enter once per stage through ``addcmul``; a step given as a Python float
+(the one-row driver) is folded into the coefficients instead.  Stacking the stages and forming
+each one with a single ``addmm`` was measured slower on CPU (``benchmarks/``, README), so the
+chains stay.
+
+First-same-as-last is carried state, not a loop assumption: the carried state is ``f(t, y)`` at
+the step's start when it is known (the previous step's last stage for an FSAL tableau, the
+interpolant's ``f(t + h, y1)`` when one was computed), else ``None`` and the step evaluates it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
-from ..controllers import Norm
-from ..tableaus import ButcherTableau
+from .._rows import per_row
+from .base import DenseStep, Func, Solver, StepResult, Time
+from .tableaus import ButcherTableau
 
-__all__ = ["RKStepper"]
+__all__ = ["ExplicitRK"]
 
-Func = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Terms = tuple[tuple[int, float], ...]
 
 
@@ -25,6 +33,7 @@ def _terms(row: Sequence[object]) -> Terms:
 
 
 def _combine(ks: Sequence[torch.Tensor], terms: Terms) -> torch.Tensor:
+    """``sum_j a_j k_j`` over the non-zero terms (a fresh tensor)."""
     j0, a0 = terms[0]
     acc = ks[j0] * a0
     for j, a in terms[1:]:
@@ -35,7 +44,9 @@ def _combine(ks: Sequence[torch.Tensor], terms: Terms) -> torch.Tensor:
 def _stage(
     y: torch.Tensor, h: torch.Tensor | float, ks: Sequence[torch.Tensor], terms: Terms
 ) -> torch.Tensor:
-    """``y + h * sum_j a_j k_j`` over the non-zero terms."""
+    """``y + h * sum_j a_j k_j``; ``h`` a float, or a tensor broadcastable against ``y``."""
+    if not terms:
+        return y
     if isinstance(h, float):
         j0, a0 = terms[0]
         acc = torch.add(y, ks[j0], alpha=h * a0)
@@ -45,163 +56,149 @@ def _stage(
     return torch.addcmul(y, h, _combine(ks, terms))
 
 
-_CACHE: dict[tuple[object, ...], RKStepper] = {}
+def _h_state(h: Time, y: torch.Tensor) -> torch.Tensor | float:
+    """The step in the state's dtype, shaped to broadcast against ``y`` (per-row steps)."""
+    if isinstance(h, float):
+        return h
+    return per_row(h.to(y.dtype), y.ndim)
 
 
-class RKStepper:
-    """Explicit Runge-Kutta steps of one tableau, for states of one dtype and device.
+def _time(t: Time, y: torch.Tensor) -> torch.Tensor:
+    """A time in the state dtype, as ``f`` receives it."""
+    if isinstance(t, float):
+        return torch.tensor(t, dtype=y.dtype, device=y.device)
+    return t.to(y.dtype)
 
-    Shapes: the state ``y`` has any shape; ``t`` and ``h`` have the row shape (``[]`` or
-    ``[batch]``) in the time dtype; ``h_y`` is ``h`` cast to the state dtype and shaped to
-    broadcast against ``y`` (``[]`` or ``[batch, 1, ...]``).
+
+class ExplicitRK(Solver):
+    """An explicit Runge-Kutta method given by its tableau.
+
+    Args:
+        tableau: a validated :class:`ButcherTableau` (``b_err`` makes it adaptive; ``dense``
+            gives its interpolant, cubic Hermite when the tableau has none of its own).
+
+    Example:
+        >>> import torch, neuralode
+        >>> from neuralode.solvers import ExplicitRK
+        >>> rk4 = ExplicitRK(neuralode.get_tableau("rk4"))
+        >>> ys = neuralode.odeint(lambda t, y: -y, torch.ones(2), torch.tensor([0.0, 1.0]),
+        ...                       method=rk4)
     """
 
-    @staticmethod
-    def cached(
-        tableau: ButcherTableau, dtype: torch.dtype, t_dtype: torch.dtype, device: torch.device
-    ) -> RKStepper:
-        """A shared stepper per (tableau, dtypes, device): tableau tensors are built once.
-        Keyed by the tableau's identity (hashing its Fractions on every solve costs more than
-        a small solve's step)."""
-        key = (id(tableau), dtype, t_dtype, device)
-        hit = _CACHE.get(key)
-        if hit is None or hit.tableau is not tableau:
-            if len(_CACHE) >= 64:
-                _CACHE.clear()
-            hit = _CACHE[key] = RKStepper(tableau, dtype, t_dtype, device)
-        return hit
-
-    def __init__(
-        self,
-        tableau: ButcherTableau,
-        dtype: torch.dtype,
-        t_dtype: torch.dtype,
-        device: torch.device,
-    ) -> None:
+    def __init__(self, tableau: ButcherTableau) -> None:
+        if not isinstance(tableau, ButcherTableau):
+            raise TypeError(f"ExplicitRK needs a ButcherTableau, got {type(tableau).__name__}")
+        dense = tableau.dense
+        if dense is None:
+            raise ValueError(
+                f"tableau {tableau.name!r} has no dense output; give it one (for example "
+                f"neuralode.tableaus.hermite_dense_output(b, order))"
+            )
         self.tableau = tableau
-        self.dtype = dtype
+        self.name = tableau.name
+        self.order = tableau.order
+        self.error_order = tableau.error_order
+        self.dense_order = dense.order
         self.fsal = tableau.fsal
+        self.n_stages = tableau.stages
         self.a_terms = [_terms(row) for row in tableau.a]
         self.b_terms = _terms(tableau.b)
         self.e_terms = _terms(tableau.b_err) if tableau.b_err is not None else None
         self.e2_terms = _terms(tableau.b_err2) if tableau.b_err2 is not None else None
-        self.c = torch.tensor([float(x) for x in tableau.c[1:]], dtype=t_dtype, device=device)
-        self.c_list = [float(x) for x in tableau.c[1:]]
-        self.device = device
-        dense = tableau.dense
-        assert dense is not None  # every registered tableau has one (Hermite by default)
+        self.c_list = [float(x) for x in tableau.c]
         self.extra_c = [float(x) for x in dense.extra_c]
         self.extra_terms = [_terms(row) for row in dense.extra_a]
-        # An extra stage with node 1 and a-row b is f(t + h, y1): reuse y1 itself, exactly.
+        # An extra stage with node 1 and a-row b is f(t + h, y1): its input is y1 itself, and its
+        # value starts the next step.
         self.extra_is_f1 = [
-            c == 1.0
-            and tuple(row[: tableau.stages]) == tuple(tableau.b)
-            and len(row) == tableau.stages
+            c == 1.0 and len(row) == tableau.stages and tuple(row) == tuple(tableau.b)
             for c, row in zip(dense.extra_c, dense.extra_a)
         ]
-        self.P = torch.tensor([[float(x) for x in r] for r in dense.P], dtype=dtype, device=device)
-        self.powers = torch.arange(1, dense.degree + 1, dtype=dtype, device=device)
-        self.evals_per_step = tableau.stages - 1  # k0 comes from the previous step (FSAL or f1)
-        self.evals_extra = len(dense.extra_c)
+        self._P = [[float(x) for x in row] for row in dense.P]
+        self._c_cache: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+        self._P_cache: dict[torch.device, torch.Tensor] = {}
 
-    def stage_times(self, t: torch.Tensor, h: torch.Tensor) -> Sequence[torch.Tensor]:
-        """Times of stages 1.. of a step from ``t`` of size ``h``, in the state dtype."""
-        cs = self.c.view((-1,) + (1,) * t.ndim)
-        return torch.addcmul(t, cs, h).to(self.dtype).unbind(0)
+    def _nodes(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The nodes ``c`` in the time dtype, built once per dtype and device."""
+        c = self._c_cache.get((dtype, device))
+        if c is None:
+            c = self._c_cache[(dtype, device)] = torch.tensor(
+                self.c_list, dtype=dtype, device=device
+            )
+        return c
 
-    def stage_times_scalar(self, t: float, h: float) -> Sequence[torch.Tensor]:
-        """Stage times for a one-row solve whose time and step are Python floats."""
-        return torch.tensor(
-            [t + c * h for c in self.c_list], dtype=self.dtype, device=self.device
-        ).unbind(0)
+    def _coefficients(self, device: torch.device) -> torch.Tensor:
+        """The interpolant's ``P`` in float64, built once per device."""
+        P = self._P_cache.get(device)
+        if P is None:
+            P = self._P_cache[device] = torch.tensor(self._P, dtype=torch.float64, device=device)
+        return P
+
+    def init(self, f: Func, t: Time, y: torch.Tensor, f0: torch.Tensor | None) -> Any:
+        return f0
+
+    def stage_times(self, t: torch.Tensor, h: torch.Tensor, dtype: torch.dtype) -> Any:
+        c = self._nodes(t.dtype, t.device)
+        shape = (1, -1) + (1,) * (t.ndim - 1)
+        n, s = t.shape[0], c.shape[0]
+        times = torch.addcmul(t.unsqueeze(1), c.view(shape), h.unsqueeze(1)).to(dtype)
+        flat = times.reshape((n * s,) + times.shape[2:]).unbind(0)
+        return [flat[i * s : (i + 1) * s] for i in range(n)]
+
+    def _step_times(self, t: Time, h: Time, y: torch.Tensor) -> Sequence[torch.Tensor]:
+        if isinstance(t, float) and isinstance(h, float):
+            return torch.tensor(
+                [t + c * h for c in self.c_list], dtype=y.dtype, device=y.device
+            ).unbind(0)
+        assert isinstance(t, torch.Tensor) and isinstance(h, torch.Tensor)
+        c = self._nodes(t.dtype, t.device).view((-1,) + (1,) * t.ndim)
+        return torch.addcmul(t, c, h).to(y.dtype).unbind(0)
 
     def step(
-        self,
-        f: Func,
-        ts: Sequence[torch.Tensor],
-        y: torch.Tensor,
-        h_y: torch.Tensor | float,
-        k0: torch.Tensor,
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """One step from ``y`` with stage times ``ts`` (stages 1..) and size ``h_y``; returns
-        ``(y1, stages)``.
-
-        ``k0 = f(t, y)`` is passed in (the previous step's last stage or first evaluation).
-        ``h_y`` is a tensor broadcastable against ``y`` (per-sample steps) or a Python float
-        (one step for the whole state: each stage is then a chain of ``add(alpha=...)``).
-        """
+        self, f: Func, t: Time, h: Time, y: torch.Tensor, state: Any, times: Any = None
+    ) -> StepResult:
+        ts = times if times is not None else self._step_times(t, h, y)
+        h_y = _h_state(h, y)
+        k0 = state
+        nfe = self.n_stages - 1
+        if k0 is None:
+            k0 = f(ts[0], y)
+            nfe += 1
         ks = [k0]
-        y1: torch.Tensor | None = None
-        for i in range(1, len(self.a_terms)):
-            yi = _stage(y, h_y, ks, self.a_terms[i])
-            ks.append(f(ts[i - 1], yi))
-            y1 = yi
+        y1 = y
+        for i in range(1, self.n_stages):
+            y1 = _stage(y, h_y, ks, self.a_terms[i])
+            ks.append(f(ts[i], y1))
         if not self.fsal:
             y1 = _stage(y, h_y, ks, self.b_terms)
-        assert y1 is not None
-        return y1, ks
+        y_error: torch.Tensor | tuple[torch.Tensor, ...] | None = None
+        if self.e_terms is not None:
+            with torch.no_grad():  # step-size control is not differentiated
+                y_error = _combine(ks, self.e_terms).mul_(h_y)
+                if self.e2_terms is not None:
+                    y_error = (y_error, _combine(ks, self.e2_terms).mul_(h_y))
+        return StepResult(y1, y_error, ks, ks[-1] if self.fsal else None, nfe)
 
-    def error_ratio(
-        self,
-        y: torch.Tensor,
-        y1: torch.Tensor,
-        h_y: torch.Tensor | float,
-        ks: list[torch.Tensor],
-        rtol: float | torch.Tensor,
-        atol: float | torch.Tensor,
-        norm: Norm,
-        dims: tuple[int, ...],
-    ) -> torch.Tensor:
-        """Scaled error norm per sample (``<= 1`` accepts), ``atol + rtol * max(|y|, |y1|)``."""
-        assert self.e_terms is not None
-        scale = torch.maximum(y.abs(), y1.abs()).mul_(rtol).add_(atol)
-        hs = h_y / scale
-        err = norm(_combine(ks, self.e_terms).mul_(hs), dims)
-        if self.e2_terms is None:
-            return err
+    def error_norm(self, norms: Sequence[torch.Tensor]) -> torch.Tensor:
+        if len(norms) == 1:
+            return norms[0]
         # Hairer's DOP853 estimator: err5^2 / sqrt(err5^2 + 0.01 err3^2), norms as RMS.
-        err3 = norm(_combine(ks, self.e2_terms).mul_(hs), dims)
-        e5sq = err.square()
-        den = (e5sq + 0.01 * err3.square()).sqrt()
+        e5sq = norms[0].square()
+        den = (e5sq + 0.01 * norms[1].square()).sqrt()
         return torch.where(den > 0, e5sq / den.clamp(min=torch.finfo(den.dtype).tiny), den)
 
-    def extra_stages(
-        self,
-        f: Func,
-        t: torch.Tensor | float,
-        y: torch.Tensor,
-        h: torch.Tensor | float,
-        h_y: torch.Tensor | float,
-        y1: torch.Tensor,
-        ks: list[torch.Tensor],
-    ) -> list[torch.Tensor]:
-        """The interpolant's extra stages, appended to a copy of ``ks`` (times and steps as
-        row tensors, or as Python floats for a one-row solve)."""
-        ks = list(ks)
-        for c, terms, is_f1 in zip(self.extra_c, self.extra_terms, self.extra_is_f1):
-            yi = y1 if is_f1 else _stage(y, h_y, ks, terms)
-            ks.append(f(torch.as_tensor(t + c * h, dtype=self.dtype, device=self.device), yi))
-        return ks
-
-    def interpolate(
-        self,
-        y: torch.Tensor,
-        h_y: torch.Tensor | float,
-        ks: list[torch.Tensor],
-        theta: torch.Tensor,
-        batched: bool,
-    ) -> torch.Tensor:
-        """Dense output at fractions ``theta`` of the step.
-
-        ``theta`` is ``[m]`` unbatched (returns ``[m, *y.shape]``) or ``[batch, m]`` batched
-        (returns ``[batch, m, *features]``).
-        """
-        w = theta.unsqueeze(-1).pow(self.powers) @ self.P.T  # [..., m, n_k]
-        if batched:
-            assert isinstance(h_y, torch.Tensor)  # per-row steps
-            K = torch.stack([k.reshape(k.shape[0], -1) for k in ks], dim=1)  # [B, n_k, N]
-            dy = (w @ K).view((y.shape[0], theta.shape[-1]) + y.shape[1:])
-            return y.unsqueeze(1) + h_y.unsqueeze(1) * dy
-        K = torch.stack([k.reshape(-1) for k in ks], dim=0)  # [n_k, N]
-        dy = (w @ K).view((theta.shape[-1],) + y.shape)
-        return y + h_y * dy
+    def dense(
+        self, f: Func, t: Time, h: Time, y: torch.Tensor, result: StepResult
+    ) -> tuple[DenseStep, int, Any]:
+        ks = list(result.dense_info)
+        next_state = None
+        if self.extra_c:
+            h_y = _h_state(h, y)
+            for c, terms, is_f1 in zip(self.extra_c, self.extra_terms, self.extra_is_f1):
+                yi = result.y1 if is_f1 else _stage(y, h_y, ks, terms)
+                tc = t + c * h
+                ks.append(f(_time(tc, y), yi))
+                if is_f1:
+                    next_state = ks[-1]
+        P = self._coefficients(y.device)
+        return DenseStep(y, h, ks, P), len(self.extra_c), next_state

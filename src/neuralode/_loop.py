@@ -1,0 +1,567 @@
+"""The solve loop: attempt a step, control it, commit it; per row.
+
+Every iteration is two parts:
+
+* the **attempt** (:meth:`_Run._attempt`): the solver's step, the controller's error ratio and
+  decision, and the per-row merge of time, state, solver state and controller state.  It uses
+  tensors only, with shapes fixed for the whole solve, and it may not synchronise with the host,
+  branch in Python on tensor values, or touch outputs and records: it is what a compiled or
+  CUDA-graph path wraps.
+* the **commit** (:meth:`_Run._commit`): outputs inside or at the end of the accepted steps
+  (interpolated through :mod:`neuralode.interpolation`), dense-output and replay records, and the
+  decision to go on, with at most one host synchronisation (none on a fixed grid, whose plan is
+  known before the first step).
+
+Two drivers run this protocol.  The tensor driver (batched solves) keeps every row's time, step,
+accept flag, counters and status in row tensors, so one hard sample does not shrink everyone's
+step.  The float driver (unbatched solves: one row) keeps the clock and the decisions in Python
+floats, where the step's one synchronisation (the error ratio) brings the whole decision to the
+host and the bookkeeping costs no tensor operations.  Both call the same solver and controller
+arithmetic; a test holds them to the same outputs and counts.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+
+from ._inputs import all_finite
+from ._outputs import Outputs, StepRecord
+from ._rows import per_row
+from .controllers import FixedGrid, PIController
+from .interpolation import DenseRecord, evaluate
+from .solution import Stats, Status
+from .solvers.base import DenseStep, Func, Solver, StepResult
+
+__all__ = ["LoopSpec", "LoopResult"]
+
+#: Steps whose stage times a fixed-step solve builds at once: enough to amortise the building,
+#: few enough that what the loop holds stays bounded (one tensor per evaluation time).
+_TIMES_CHUNK = 256
+
+
+class LoopResult(NamedTuple):
+    """What a loop returns (internal time, flat state).
+
+    Attributes:
+        ys: outputs, ``[T, *state]`` unbatched or ``[batch, T, *features]``.
+        status: per-row :class:`Status` codes.
+        t_end: the time each row reached (time dtype).
+        stats: per-row work counters.
+        h_next: the step the controller would take next, per row (a float unbatched), for a
+            solve that continues from ``t_end`` (the adjoint's next output interval); a final step
+            shortened to land on ``t_end`` does not shrink it.  ``None`` for fixed steps.
+        dense: the accepted steps' interpolants (``dense=True``), else ``None``.
+        records: the accepted steps for replay (``record=True``), else ``None``.
+    """
+
+    ys: torch.Tensor
+    status: torch.Tensor
+    t_end: torch.Tensor
+    stats: Stats
+    h_next: torch.Tensor | float | None
+    dense: list[DenseRecord] | None
+    records: list[StepRecord] | None
+
+
+@dataclass(frozen=True)
+class LoopSpec:
+    """Everything a loop needs besides where it starts: a way to run the loop, handed to the
+    gradient strategies (they run it forward, and replay its records with ``solver``).
+
+    Attributes:
+        func: the internal vector field (increasing time, flat state).
+        solver: the method.
+        controller: the step-size controller (adaptive methods), ``None`` for fixed steps.
+        batched: whether rows are independent problems (the tensor driver).
+        step_size: fixed steps: the step, or ``None`` for one step per output interval.
+        first_step: adaptive methods: the first step, or ``None`` for Hairer's selection.
+        max_num_steps: attempted steps allowed per row (adaptive methods).
+        dense: keep every accepted step's interpolant for :meth:`Solution.evaluate`.
+    """
+
+    func: Func
+    solver: Solver
+    controller: PIController | None
+    batched: bool
+    step_size: float | None = None
+    first_step: float | None = None
+    max_num_steps: int = 100_000
+    dense: bool = False
+
+    def run(
+        self,
+        y0: torch.Tensor,
+        f0: torch.Tensor | None,
+        s: torch.Tensor,
+        *,
+        first_step: torch.Tensor | float | None = None,
+        record: bool = False,
+        carry_step: bool = False,
+    ) -> LoopResult:
+        """Solve from ``y0`` at ``s[..., 0]`` and return the outputs at ``s``.
+
+        Args:
+            y0: start state (internal layout).
+            f0: ``func(s[..., 0], y0)`` when known (counted as one evaluation), else ``None``.
+            s: increasing output times, ``[T]``, or ``[batch, T]`` batched (time dtype).
+            first_step: adaptive methods: the first step, instead of ``self.first_step``.
+            record: keep the accepted steps for replay (the checkpoint strategy).
+            carry_step: report ``LoopResult.h_next`` (a solve that continues from the end).
+        """
+        return _Run(self, y0, f0, s, first_step, record, carry_step).run()
+
+
+class _Attempt(NamedTuple):
+    """The attempt's results that the commit needs (row tensors)."""
+
+    t: torch.Tensor  # start of the step
+    h: torch.Tensor  # the step taken (0 on rows that did not run)
+    h_proposed: torch.Tensor  # the step the controller proposed before landing on the end
+    running: torch.Tensor  # rows that attempted this step
+    y: torch.Tensor  # start state
+    result: StepResult
+    accept: torch.Tensor
+    t_new: torch.Tensor
+    still: torch.Tensor  # rows that run on after this step
+    ratio: torch.Tensor | None
+
+
+class _Carry(NamedTuple):
+    """The tensor driver's state between attempts."""
+
+    t: torch.Tensor
+    y: torch.Tensor
+    h: torch.Tensor
+    solver_state: Any
+    controller_state: Any
+    running: torch.Tensor
+    status: torch.Tensor
+    nfe: torch.Tensor
+    n_steps: torch.Tensor
+    n_accepted: torch.Tensor
+
+
+class _Run:
+    """One solve's loop (internal: increasing time, flat state)."""
+
+    def __init__(
+        self,
+        spec: LoopSpec,
+        y0: torch.Tensor,
+        f0: torch.Tensor | None,
+        s: torch.Tensor,
+        first_step: torch.Tensor | float | None,
+        record: bool,
+        carry_step: bool,
+    ) -> None:
+        self.spec, self.f, self.solver = spec, spec.func, spec.solver
+        self.controller = spec.controller
+        self.batched = spec.batched
+        self.y0, self.f0 = y0, f0
+        self.dtype, self.device = y0.dtype, y0.device
+        if self.batched and s.ndim == 1:
+            s = s.unsqueeze(0).expand(y0.shape[0], -1)
+        self.s = s.contiguous()
+        self.t_dtype = s.dtype
+        self.T = s.shape[-1]
+        self.first_step = first_step if first_step is not None else spec.first_step
+        self.grid = (
+            FixedGrid(self.s, spec.step_size, self.batched)
+            if self.controller is None and self.T > 1
+            else None
+        )
+        self.dense: list[DenseRecord] | None = [] if spec.dense else None
+        self.records: list[StepRecord] | None = [] if record else None
+        self.carry_step = carry_step
+        self._chunk: Any = None
+
+    # -- shared ---------------------------------------------------------------------------------
+    def run(self) -> LoopResult:
+        if self.T == 1:
+            ys, status, t_end, stats, h_next = self._no_steps()
+        elif self.batched:
+            ys, status, t_end, stats, h_next = self._tensor_driver()
+        else:
+            ys, status, t_end, stats, h_next = self._float_driver()
+        if not all_finite(ys):
+            status, t_end = self._flag_nonfinite(ys, status, t_end)
+        return LoopResult(ys, status, t_end, stats, h_next, self.dense, self.records)
+
+    def _no_steps(self) -> tuple[Any, ...]:
+        rows = self.s.shape[:-1]
+        zeros = torch.zeros(rows, dtype=torch.long, device=self.device)
+        ys = Outputs(self.y0, 1, self.batched).assemble()
+        nfe = zeros + int(self.f0 is not None)
+        return ys, zeros.clone(), self.s[..., 0].clone(), Stats(nfe, zeros, zeros, zeros), None
+
+    def _dense_step(self, t: Any, h: Any, y: torch.Tensor, res: StepResult) -> tuple[Any, ...]:
+        return self.solver.dense(self.f, t, h, y, res)
+
+    def _keep_dense(self, t: Any, h: Any, d: DenseStep) -> None:
+        """Keep an accepted step's interpolant for :meth:`Solution.evaluate`."""
+        assert self.dense is not None
+        dim = 1 if self.batched else 0
+        tt = torch.as_tensor(t, dtype=self.t_dtype, device=self.device)
+        hh = torch.as_tensor(h, dtype=self.t_dtype, device=self.device)
+        self.dense.append(DenseRecord(tt, hh, d.y0, torch.stack(list(d.ks), dim=dim), d.P))
+
+    def _flag_nonfinite(
+        self, ys: torch.Tensor, status: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows whose reached outputs hold NaN/Inf fail with NONFINITE, reported at the first
+        such output time (fixed-step methods have no error estimate to catch it in the loop)."""
+        bad = ~torch.isfinite(ys.detach())
+        if self.batched:
+            bad_t = bad.reshape(bad.shape[0], bad.shape[1], -1).any(dim=2)  # [B, T]
+        else:
+            bad_t = bad.reshape(1, bad.shape[0], -1).any(dim=2)
+        bad_t &= (status == Status.SUCCESS).reshape(-1, 1)
+        rows = bad_t.any(dim=1)
+        first = bad_t.long().argmax(dim=1)
+        s2 = self.s if self.batched else self.s.unsqueeze(0)
+        t_bad = s2.gather(1, first.unsqueeze(1)).squeeze(1)
+        if not self.batched:
+            rows, t_bad = rows[0], t_bad[0]
+        return (torch.where(rows, int(Status.NONFINITE), status), torch.where(rows, t_bad, t))
+
+    # -- the tensor driver ------------------------------------------------------------------------
+    def _tensor_driver(self) -> tuple[Any, ...]:
+        f, solver, s = self.f, self.solver, self.s
+        t = s[:, 0].clone()
+        t_end = s[:, -1]
+        zeros = torch.zeros(t.shape, dtype=torch.long, device=self.device)
+        c = _Carry(
+            t=t,
+            y=self.y0,
+            h=torch.zeros_like(t),
+            solver_state=solver.init(f, t, self.y0, self.f0),
+            controller_state=None,
+            running=t < t_end,
+            status=zeros.clone(),
+            nfe=zeros + int(self.f0 is not None),
+            n_steps=zeros.clone(),
+            n_accepted=zeros.clone(),
+        )
+        if self.controller is not None:
+            h, nfe = self._first_step_tensor(t, c.solver_state)
+            c = c._replace(h=h, controller_state=self.controller.init(t), nfe=c.nfe + nfe)
+        outputs = Outputs(self.y0, self.T, batched=True)
+        nxt = zeros + 1  # per row: index of the next output time to produce
+        plan = self._fixed_plan() if self.grid is not None else None
+        h_next = c.h
+        k = 0
+        while True:
+            c, att = self._attempt(c, k)
+            c, nxt, go_on = self._commit(c, att, nxt, outputs, plan, k)
+            if self.carry_step:
+                # A step shortened to land on the end says nothing against the one proposed.
+                landed = att.accept & ~att.still
+                h_next = torch.where(landed, torch.maximum(c.h, att.h_proposed), h_next)
+            k += 1
+            if not go_on:
+                break
+        stats = Stats(c.nfe, c.n_steps, c.n_accepted, c.n_steps - c.n_accepted)
+        return outputs.assemble(), c.status, c.t, stats, h_next if self.carry_step else None
+
+    def _first_step_tensor(self, t: torch.Tensor, solver_state: Any) -> tuple[torch.Tensor, int]:
+        if self.first_step is not None:
+            h = torch.as_tensor(self.first_step, dtype=self.t_dtype, device=self.device)
+            return h.expand(t.shape).clone(), 0
+        assert self.controller is not None
+        if self.f0 is None:
+            raise ValueError("the initial step needs f(t0, y0): pass f0 or first_step")
+        return self.controller.initial_step(self.f, t, self.y0, self.f0), 1
+
+    def _attempt(self, c: _Carry, k: int) -> tuple[_Carry, _Attempt]:
+        """One attempt on every row (pure: tensors only, no host synchronisation)."""
+        solver, ctrl, t, y = self.solver, self.controller, c.t, c.y
+        if self.grid is not None:  # fixed steps: the grid's step k
+            h = self.grid.steps[k]
+            res = solver.step(self.f, t, h, y, c.solver_state, self._times(k))
+            ratio = None
+            accept = c.running
+            t_new = torch.where(accept, self.grid.times[k + 1], t)
+            done = accept & (k + 1 == self.grid.n_steps)
+            h_prop = c.h
+        else:
+            assert ctrl is not None
+            t_end = self.s[:, -1]
+            gap = t_end - t
+            hit = c.h * 1.01 >= gap  # land on the end rather than leave a sliver of a step
+            h = torch.where(c.running, torch.where(hit, gap, c.h), 0.0)
+            res = solver.step(self.f, t, h, y, c.solver_state)
+            assert res.y_error is not None, f"adaptive solver {solver!r} gave no error estimate"
+            ratio = ctrl.error_ratio(y, res.y1, res.y_error, solver.error_norm)
+            if res.status is not None:  # a step that failed on its own is rejected
+                ratio = torch.where(res.status == 0, ratio, torch.inf)
+            accept, h_prop, cstate = ctrl.adapt(ratio, h, c.controller_state)
+            accept &= c.running
+            t_new = torch.where(accept, torch.where(hit, t_end, t + h), t)
+            done = accept & hit
+            c = c._replace(controller_state=cstate)
+        running = c.running
+        n_steps = c.n_steps + running
+        still = running & ~done
+        status = c.status
+        if ratio is not None:
+            # An accepted step that no longer moves t, or a next step below the resolution of t
+            # (or NaN), cannot make progress; nor can a row out of steps.
+            eps = torch.finfo(self.t_dtype).eps
+            res_t = 10 * eps * torch.maximum(t.abs(), self.s[:, -1].abs())
+            under = still & ((h <= res_t) | ~(h_prop > res_t))
+            code = torch.where(
+                torch.isfinite(ratio), int(Status.STEP_SIZE_UNDERFLOW), int(Status.NONFINITE)
+            )
+            status = torch.where(under, code, status)
+            maxed = still & ~under & (n_steps >= self.spec.max_num_steps)
+            status = torch.where(maxed, int(Status.MAX_STEPS_REACHED), status)
+            still = still & ~(under | maxed)
+        carry = c._replace(
+            t=t_new,
+            h=h_prop,
+            solver_state=solver.merge(accept, res.state, c.solver_state),
+            running=still,
+            status=status,
+            nfe=c.nfe + running * res.nfe,
+            n_steps=n_steps,
+            n_accepted=c.n_accepted + accept,
+        )
+        return carry, _Attempt(t, h, c.h, running, y, res, accept, t_new, still, ratio)
+
+    def _times(self, k: int) -> Any:
+        """The solver's stage times of fixed step ``k``, built a chunk of steps at a time."""
+        assert self.grid is not None
+        if k % _TIMES_CHUNK == 0:
+            steps = self.grid.steps[k : k + _TIMES_CHUNK]
+            starts = self.grid.times[k : k + steps.shape[0]]
+            self._chunk = self.solver.stage_times(starts, steps, self.dtype)
+        return None if self._chunk is None else self._chunk[k % _TIMES_CHUNK]
+
+    def _fixed_plan(self) -> list[tuple[int, int]]:
+        """For each fixed step, the most outputs a row has inside it and at its end (one host
+        synchronisation for the whole solve)."""
+        assert self.grid is not None
+        g, s = self.grid.grid, self.s
+        nxt = torch.searchsorted(s, g[..., :-1].contiguous(), right=True)
+        lt = torch.searchsorted(s, g[..., 1:].contiguous(), right=False)
+        le = torch.searchsorted(s, g[..., 1:].contiguous(), right=True)
+        moved = g.diff(dim=-1) > 0
+        m_in = torch.where(moved, lt - nxt, 0).amax(0)
+        m_end = torch.where(moved, le - lt, 0).amax(0)
+        return list(zip(m_in.tolist(), m_end.tolist()))
+
+    def _commit(
+        self,
+        c: _Carry,
+        att: _Attempt,
+        nxt: torch.Tensor,
+        outputs: Outputs,
+        plan: list[tuple[int, int]] | None,
+        k: int,
+    ) -> tuple[_Carry, torch.Tensor, bool]:
+        """Outputs, records and the decision to go on, for the accepted rows of an attempt."""
+        accept, res = att.accept, att.result
+        lt = torch.searchsorted(self.s, att.t_new.unsqueeze(1), right=False).squeeze(1)
+        le = torch.searchsorted(self.s, att.t_new.unsqueeze(1), right=True).squeeze(1)
+        n_in = torch.where(accept, lt - nxt, 0)
+        n_end = torch.where(accept, le - lt, 0)
+        if plan is not None:  # a fixed grid: everything known in advance
+            assert self.grid is not None
+            go_on, (m_in, m_end), all_acc, any_acc = k + 1 < self.grid.n, plan[k], True, True
+        else:
+            # The step's one host sync: does any row run on, how many outputs fell inside the
+            # step or on its end, and did every running row accept.
+            go_on, m_in, m_end, all_acc, any_acc = torch.stack(
+                (
+                    att.still.any(),
+                    n_in.max(),
+                    n_end.max(),
+                    (accept | ~att.running).all(),
+                    accept.any(),
+                )
+            ).tolist()
+        d = None
+        if m_in > 0 or (self.dense is not None and any_acc):
+            d, extra, next_state = self._dense_step(att.t, att.h, att.y, res)
+            uses = n_in > 0 if self.dense is None else accept
+            if next_state is not None and all_acc:
+                # The interpolant evaluated f(t + h, y1): it starts the next step of every row.
+                c = c._replace(solver_state=next_state)
+                uses = uses | att.still
+            c = c._replace(nfe=c.nfe + (accept & uses) * extra)
+        if m_in > 0:
+            assert d is not None
+            j = torch.arange(m_in, device=self.device)
+            idx = nxt.unsqueeze(1) + j
+            valid = j < n_in.unsqueeze(1)
+            ts = self.s.gather(1, idx.clamp(max=self.T - 1))
+            theta = torch.where(
+                valid, (ts - att.t.unsqueeze(1)) / att.h.clamp(min=1e-300).unsqueeze(1), 0.0
+            )
+            outputs.add(idx, evaluate(d, theta, batched=True), valid)
+        if m_end > 0:
+            outputs.add(lt.unsqueeze(1), res.y1.unsqueeze(1), (n_end > 0).unsqueeze(1))
+        if any_acc:
+            h_acc = torch.where(accept, att.h, 0.0)
+            if self.records is not None:
+                self.records.append(
+                    StepRecord(
+                        att.t,
+                        h_acc,
+                        att.y,
+                        (nxt, n_in, m_in) if m_in > 0 else None,
+                        (lt, n_end > 0) if m_end > 0 else None,
+                    )
+                )
+            if self.dense is not None:
+                # A row that rejected keeps its start time as its key (its retry, recorded later
+                # with the same start, is the one the search finds): the keys stay sorted.
+                assert d is not None
+                self._keep_dense(att.t, att.h, d)
+        # Advance the accepted rows (rows that stopped took a zero step: y1 == y there).
+        y = res.y1 if all_acc else torch.where(per_row(accept, att.y.ndim), res.y1, att.y)
+        return c._replace(y=y), torch.where(accept, le, nxt), bool(go_on)
+
+    # -- the float driver -------------------------------------------------------------------------
+    def _float_driver(self) -> tuple[Any, ...]:
+        if self.grid is not None:
+            return self._float_fixed()
+        return self._float_adaptive()
+
+    def _float_fixed(self) -> tuple[Any, ...]:
+        """Fixed steps of one row: the grid is known, so there is no host synchronisation."""
+        assert self.grid is not None
+        solver, f = self.solver, self.f
+        times: list[float] = self.grid.times.tolist()
+        steps: list[float] = self.grid.steps.tolist()
+        commit = _FloatCommit(self)
+        y, state = self.y0, solver.init(f, times[0], self.y0, self.f0)
+        nfe = int(self.f0 is not None)
+        for k in range(self.grid.n):
+            res = solver.step(f, times[k], steps[k], y, state, self._times(k))
+            nfe += res.nfe
+            extra, next_state = commit.accepted(times[k], steps[k], times[k + 1], y, res)
+            nfe += extra
+            y, state = res.y1, (res.state if next_state is None else next_state)
+        n = torch.tensor(self.grid.n, device=self.device)
+        stats = Stats(torch.tensor(nfe, device=self.device), n, n.clone(), n * 0)
+        return commit.assemble(), n * 0, self.s[-1].clone(), stats, None
+
+    def _float_adaptive(self) -> tuple[Any, ...]:
+        """Adaptive steps of one row: the error ratio is the step's one host synchronisation,
+        and brings the whole control decision to Python floats."""
+        solver, f = self.solver, self.f
+        ctrl = self.controller
+        assert ctrl is not None
+        s_list: list[float] = self.s.tolist()
+        t, t_end = s_list[0], s_list[-1]
+        y = self.y0
+        state = solver.init(f, t, y, self.f0)
+        nfe = int(self.f0 is not None)
+        if self.first_step is not None:
+            h = float(self.first_step)
+        else:
+            if self.f0 is None:
+                raise ValueError("the initial step needs f(t0, y0): pass f0 or first_step")
+            h = float(ctrl.initial_step(f, self.s[0], y, self.f0))
+            nfe += 1
+        cstate = ctrl.init_float()
+        commit = _FloatCommit(self)
+        n_steps = n_acc = 0
+        status = Status.SUCCESS
+        h_next = h
+        eps = torch.finfo(self.t_dtype).eps
+        while True:
+            hit = h * 1.01 >= t_end - t  # land on the end rather than leave a sliver of a step
+            h_eff = t_end - t if hit else h
+            res = solver.step(f, t, h_eff, y, state)
+            nfe += res.nfe
+            n_steps += 1
+            assert res.y_error is not None, f"adaptive solver {solver!r} gave no error estimate"
+            ratio = ctrl.error_ratio(y, res.y1, res.y_error, solver.error_norm)
+            if res.status is not None:
+                ratio = torch.where(res.status == 0, ratio, torch.inf)
+            r = float(ratio)
+            accept, h_next, cstate = ctrl.adapt_float(r, h_eff, cstate)
+            if accept:
+                n_acc += 1
+                t_new = t_end if hit else t + h_eff
+                extra, next_state = commit.accepted(t, h_eff, t_new, y, res)
+                nfe += extra
+                y, state, t = res.y1, (res.state if next_state is None else next_state), t_new
+                if hit:
+                    h_next = max(h_next, h)  # landing on the end does not shrink the next step
+                    break
+            res_t = 10 * eps * max(abs(t), abs(t_end))
+            if h_eff <= res_t or not h_next > res_t:
+                status = Status.STEP_SIZE_UNDERFLOW if math.isfinite(r) else Status.NONFINITE
+                break
+            if n_steps >= self.spec.max_num_steps:
+                status = Status.MAX_STEPS_REACHED
+                break
+            h = h_next
+        tt = torch.tensor
+        d = self.device
+        stats = Stats(
+            tt(nfe, device=d),
+            tt(n_steps, device=d),
+            tt(n_acc, device=d),
+            tt(n_steps - n_acc, device=d),
+        )
+        t_reached = tt(t, dtype=self.t_dtype, device=d)
+        return commit.assemble(), tt(int(status), device=d), t_reached, stats, h_next
+
+
+class _FloatCommit:
+    """The commit of the float driver: outputs of one row, found by bisection on the host."""
+
+    def __init__(self, run: _Run) -> None:
+        self.run = run
+        self.s_list: list[float] = run.s.tolist()
+        self.nxt = 1
+        self.vals: list[torch.Tensor] = [run.y0.unsqueeze(0)]
+
+    def accepted(
+        self, t: float, h: float, t_new: float, y: torch.Tensor, res: StepResult
+    ) -> tuple[int, Any]:
+        """Place the outputs of an accepted step; returns the interpolant's evaluations and the
+        carried state it computed (or ``None``)."""
+        run, nxt = self.run, self.nxt
+        lt = bisect.bisect_left(self.s_list, t_new, lo=nxt)
+        le = bisect.bisect_right(self.s_list, t_new, lo=lt)
+        extra, next_state, d = 0, None, None
+        if lt > nxt or run.dense is not None:
+            d, extra, next_state = run._dense_step(t, h, y, res)
+        if lt > nxt:
+            assert d is not None
+            theta = torch.tensor(
+                [(x - t) / h for x in self.s_list[nxt:lt]], dtype=torch.float64, device=y.device
+            )
+            self.vals.append(evaluate(d, theta, batched=False))
+        if le > lt:
+            self.vals.append(res.y1.unsqueeze(0))
+        if run.records is not None:
+            run.records.append(
+                StepRecord(
+                    t,
+                    h,
+                    y,
+                    (nxt, lt - nxt, lt - nxt) if lt > nxt else None,
+                    (lt, True) if le > lt else None,
+                )
+            )
+        if run.dense is not None:
+            assert d is not None
+            run._keep_dense(t, h, d)
+        self.nxt = le
+        return extra, next_state
+
+    def assemble(self) -> torch.Tensor:
+        outputs = Outputs(self.run.y0, self.run.T, batched=False)
+        outputs.vals = self.vals
+        return outputs.assemble()

@@ -1,0 +1,146 @@
+"""Dense output: the one evaluator of a step's interpolant, for every place that needs one.
+
+The loop's outputs between step ends, :meth:`Solution.evaluate` and the checkpoint strategy's
+replay all evaluate a :class:`~neuralode.solvers.base.DenseStep` here:
+
+    y(t + theta h) = y0 + h * sum_j B_j(theta) k_j,    B_j(theta) = sum_p P[j, p] theta^(p+1).
+
+The weights ``B_j(theta)`` are formed in float64 and cast to the state's dtype: DOP853's
+coefficients reach ``|P| = 545``, and forming them in float32 cost about two digits.  A method's
+own interpolant and cubic Hermite (the fixed-step methods' interpolant, a ``DenseStep`` over the
+stages and ``f(t + h, y1)``) are the same computation with other coefficients.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+
+from ._rows import per_row
+from .solvers.base import DenseStep
+
+__all__ = ["weights", "evaluate", "DenseRecord", "recorded_evaluator"]
+
+
+@functools.lru_cache(maxsize=32)
+def _powers(degree: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(1, degree + 1, dtype=torch.float64, device=device)
+
+
+def weights(theta: torch.Tensor, P: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``B_j(theta)`` for every ``j``: ``theta`` ``[...]`` -> ``[..., len(P)]`` in ``dtype``,
+    computed in float64."""
+    th = theta.to(torch.float64).unsqueeze(-1)
+    return (th.pow(_powers(P.shape[1], P.device)) @ P.T).to(dtype)
+
+
+def evaluate(step: DenseStep, theta: torch.Tensor, batched: bool) -> torch.Tensor:
+    """The interpolant at fractions ``theta`` of the step.
+
+    ``theta`` is ``[m]`` unbatched (returns ``[m, *y0.shape]``) or ``[batch, m]`` batched, one
+    row per sample (returns ``[batch, m, *features]``).
+    """
+    y0 = step.y0
+    w = weights(theta, step.P, y0.dtype)  # [(B,) m, n_k]
+    h = step.h if isinstance(step.h, float) else step.h.to(y0.dtype)
+    if batched:
+        B = y0.shape[0]
+        K = torch.stack([k.reshape(B, -1) for k in step.ks], dim=1)  # [B, n_k, N]
+        dy = (w @ K).view((B, theta.shape[-1]) + y0.shape[1:])
+        h_y = h if isinstance(h, float) else per_row(h, dy.ndim)
+        return y0.unsqueeze(1) + h_y * dy
+    K = torch.stack([k.reshape(-1) for k in step.ks], dim=0)  # [n_k, N]
+    dy = (w @ K).view((theta.shape[-1],) + y0.shape)
+    return y0 + h * dy
+
+
+class DenseRecord(NamedTuple):
+    """An accepted step kept for :meth:`Solution.evaluate`: start time and step per row (step 0
+    for rows that did not move), start state and the stacked vectors ``K``
+    (``[(B,) n_k, *features]``)."""
+
+    t: torch.Tensor
+    h: torch.Tensor
+    y0: torch.Tensor
+    K: torch.Tensor
+    P: torch.Tensor
+
+
+def recorded_evaluator(
+    records: list[DenseRecord], y0: torch.Tensor, batched: bool
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Evaluate the recorded steps' interpolants at internal times ``sq`` (``[M]``, or
+    ``[batch, M]`` batched); each time uses the step that contains it.  Without steps (a solve
+    with one output time) the solution is ``y0``."""
+    if not records:
+        return lambda sq: (
+            y0.unsqueeze(1).expand((y0.shape[0], sq.shape[-1]) + y0.shape[1:])
+            if batched
+            else y0.expand((sq.shape[-1],) + y0.shape)
+        )
+    P = records[0].P
+    ts = torch.stack([r.t for r in records])  # [n, *rows]
+    hs = torch.stack([r.h for r in records])
+    ys = torch.stack([r.y0 for r in records])  # [n, *state]
+    Ks = torch.stack([r.K for r in records])  # [n, (B,) n_k, *features]
+    if not batched:  # one row: give every record a batch dimension of 1
+        ts, hs, ys, Ks = ts[:, None], hs[:, None], ys[:, None], Ks[:, None]
+    # Steps of a row that had stopped (h == 0) come last: +inf keeps each row's keys sorted.
+    key = torch.where(hs > 0, ts, torch.inf).T.contiguous()  # [B, n]
+    n, dtype = len(records), ys.dtype
+
+    def core(sq: torch.Tensor) -> torch.Tensor:
+        sqb = sq if batched else sq.unsqueeze(0)  # [B, M]
+        i = (torch.searchsorted(key, sqb.contiguous(), right=True) - 1).clamp(0, n - 1)
+        b = torch.arange(i.shape[0], device=i.device).unsqueeze(1)
+        tt, hh, yy, KK = ts[i, b], hs[i, b], ys[i, b], Ks[i, b]  # [B, M, ...]
+        theta = ((sqb - tt) / hh.clamp(min=1e-300)).clamp(0, 1)
+        w = weights(theta, P, dtype)  # [B, M, n_k]
+        dy = torch.einsum("bmk,bmkn->bmn", w, KK.flatten(3)).view(yy.shape)
+        out = yy + per_row(hh.to(dtype), yy.ndim) * dy
+        # At a step's start return its state itself: a non-finite slope there (the field may
+        # fail beyond this point) must not leak through its zero weight.
+        out = torch.where(per_row(theta == 0, yy.ndim), yy, out)
+        return out if batched else out[0]
+
+    return core
+
+
+def make_evaluate(
+    core: Callable[[torch.Tensor], torch.Tensor],
+    s: torch.Tensor,
+    sign: torch.Tensor | float,
+    batched: bool,
+    unflatten: Callable[[torch.Tensor], Any],
+    fmt_time: Callable[[torch.Tensor], str],
+) -> Callable[[torch.Tensor], Any]:
+    """:meth:`Solution.evaluate` over ``core``: user times (any direction) -> internal times,
+    checked against the solved interval, and outputs in the user's layout."""
+    t0, t1 = s[..., 0], s[..., -1]
+
+    def evaluate_at(t_user: torch.Tensor) -> Any:
+        tq = t_user.to(device=s.device, dtype=s.dtype)
+        scalar = tq.ndim == 0
+        if batched:
+            tq = tq.reshape(1, -1).expand(t0.shape[0], -1) if tq.ndim <= 1 else tq
+            sq = tq * (sign.unsqueeze(1) if isinstance(sign, torch.Tensor) else sign)
+            lo, hi = t0.unsqueeze(1), t1.unsqueeze(1)
+        else:
+            sq = tq.reshape(-1) * sign
+            lo, hi = t0, t1
+        slack = 1e-12 * (hi - lo).abs()
+        if bool(((sq < lo - slack) | (sq > hi + slack)).any()):
+            raise ValueError(
+                "Solution.evaluate: t lies outside the solved interval "
+                f"[{fmt_time(t0 * sign)}, {fmt_time(t1 * sign)}]"
+            )
+        out = unflatten(core(sq))
+        if not scalar:
+            return out
+        pick = (lambda o: o[:, 0]) if batched else (lambda o: o[0])
+        return tuple(pick(o) for o in out) if isinstance(out, tuple) else pick(out)
+
+    return evaluate_at

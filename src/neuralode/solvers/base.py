@@ -1,0 +1,168 @@
+"""The solver protocol: what the loop asks of a method, and nothing more.
+
+A solver advances a state by one step and says how good the step was; the loop (``_loop.py``)
+decides with a controller whether to keep it, where the next step goes and what to write out.
+The loop never asks which family a solver belongs to: an explicit Runge-Kutta method, a
+Rosenbrock method or an implicit one all answer the same calls.
+
+Time and step come in one of two forms, and a solver must take both:
+
+* tensors of the solve's *row shape* (``[]`` for an unbatched solve, ``[batch]`` when every row
+  has its own time and step), in the time dtype (float64 by default);
+* Python floats, from the unbatched driver, which keeps one row's clock on the host.  A solver may
+  then build each stage as a chain of ``add(alpha=h * a_ij)`` with no tensor for ``h`` at all.
+
+The state ``y`` is one flat-or-shaped tensor in the state dtype (tuple states were flattened at
+the entry); batched, its first dimension is the batch.  ``f(t, y)`` takes ``t`` in the state dtype
+with the row shape.
+
+Modelled on diffrax's ``AbstractSolver`` (``init``/``step`` returning ``y1, y_error, dense_info,
+state, result``) and torchode's per-row step results; unlike diffrax the dense output is computed
+lazily (``dense``), only for steps that have outputs inside them, because an interpolant's extra
+stages cost evaluations (DOP853's: three per step).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+
+__all__ = ["Func", "Time", "StepResult", "DenseStep", "Solver"]
+
+Func = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: A time or step: a row tensor in the time dtype, or a Python float (one-row driver).
+Time = torch.Tensor | float
+
+
+class StepResult(NamedTuple):
+    """What one attempted step produced (rows that the loop masked out took ``h = 0``).
+
+    Attributes:
+        y1: the state at ``t + h``, shaped like ``y``.
+        y_error: the local error estimate, *unscaled* (``y1`` minus the embedded solution), shaped
+            like ``y``; a tuple of such when the method combines several estimates (see
+            :meth:`Solver.error_norm`); ``None`` for fixed-step methods.
+        dense_info: whatever :meth:`Solver.dense` needs to build the interpolant of this step
+            (the stages, for a Runge-Kutta method).  Opaque to the loop.
+        state: the solver's carried state after this step, used if the step is accepted (for an
+            FSAL method, the last stage, which is ``f(t + h, y1)``).
+        nfe: evaluations of ``f`` this step spent on every row it advanced.
+        status: per-row :class:`~neuralode.Status` codes of a step that failed on its own (a
+            Newton iteration that did not converge), or ``None`` when no row failed.  A failed
+            row's step is rejected and retried smaller, as a step with a large error would be.
+    """
+
+    y1: torch.Tensor
+    y_error: torch.Tensor | tuple[torch.Tensor, ...] | None
+    dense_info: Any
+    state: Any
+    nfe: int
+    status: torch.Tensor | None = None
+
+
+class DenseStep(NamedTuple):
+    """A step's continuous extension in polynomial form (evaluated by
+    :mod:`neuralode.interpolation`):
+
+    ``y(t + theta h) = y0 + h sum_j B_j(theta) k_j``, ``B_j(theta) = sum_p P[j, p] theta^(p+1)``.
+
+    Attributes:
+        y0: the step's start state.
+        h: the step, as the solver received it (row tensor in the time dtype, or a float).
+        ks: the vectors ``k_j`` (stages and extra stages), each shaped like ``y0``.
+        P: ``[len(ks), degree]`` coefficients in float64: forming the weights in the state dtype
+            loses digits when ``|P|`` is large (DOP853's reach 545).
+    """
+
+    y0: torch.Tensor
+    h: Time
+    ks: Sequence[torch.Tensor]
+    P: torch.Tensor
+
+
+class Solver(abc.ABC):
+    """A method for one step of ``dy/dt = f(t, y)``.
+
+    Subclasses set ``name``, ``order`` (of the propagated solution), ``error_order`` (of the
+    embedded solution that the error estimate compares against; ``None`` for a fixed-step method)
+    and ``dense_order`` (of the interpolant), and implement :meth:`init`, :meth:`step` and
+    :meth:`dense`.  They must not keep per-solve mutable state on ``self``: one instance serves
+    every solve, and all that changes between steps goes through ``state``.
+    """
+
+    name: str = "solver"
+    order: int = 1
+    error_order: int | None = None
+    dense_order: int = 1
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether the method estimates its error (and so can run under a step-size controller)."""
+        return self.error_order is not None
+
+    @abc.abstractmethod
+    def init(self, f: Func, t: Time, y: torch.Tensor, f0: torch.Tensor | None) -> Any:
+        """The carried state at the start of a solve, or after a jump of the state.
+
+        ``f0`` is ``f(t, y)`` when the caller already has it (the entry evaluates it to check what
+        ``f`` returns), else ``None``; a solver that needs it evaluates it in its first step.
+        """
+
+    @abc.abstractmethod
+    def step(
+        self, f: Func, t: Time, h: Time, y: torch.Tensor, state: Any, times: Any = None
+    ) -> StepResult:
+        """Attempt one step of size ``h`` (``>= 0``) from ``(t, y)``.
+
+        Must be a pure function of its arguments (no host synchronisation, no Python branching on
+        tensor values): a compiled loop wraps it.  ``times`` is this solver's own
+        :meth:`stage_times` for the step when the loop precomputed them for a known grid.
+        """
+
+    @abc.abstractmethod
+    def dense(
+        self, f: Func, t: Time, h: Time, y: torch.Tensor, result: StepResult
+    ) -> tuple[DenseStep, int, Any]:
+        """The interpolant of an accepted step: ``(dense_step, nfe, state)``.
+
+        ``nfe`` counts the evaluations the interpolant added (its extra stages).  ``state`` is a
+        carried state to use instead of ``result.state`` when those evaluations include
+        ``f(t + h, y1)`` (which then starts the next step), else ``None``.
+        """
+
+    def merge(self, accept: torch.Tensor, new: Any, old: Any) -> Any:
+        """The carried state per row: ``new`` where ``accept`` (``[batch]``), else ``old``.
+
+        The default suits states that are ``None``, a tensor of the state's shape, or a tuple of
+        such; a solver with other state overrides it.
+        """
+        return _merge_tree(accept, new, old)
+
+    def error_norm(self, norms: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Combine the norms of the scaled error estimates into one error ratio per row.
+
+        Called with one norm per estimate in ``StepResult.y_error`` (one, for most methods)."""
+        return norms[0]
+
+    def stage_times(self, t: torch.Tensor, h: torch.Tensor, dtype: torch.dtype) -> Any:
+        """Evaluation times of many steps at once, for a loop that knows its grid in advance
+        (fixed steps): ``t`` and ``h`` are ``[n, *rows]`` in the time dtype, ``dtype`` is the
+        state's; returns a sequence whose ``i``-th item the loop passes back as ``times`` to
+        step ``i``, or ``None`` if the solver has no use for it."""
+        return None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+
+def _merge_tree(accept: torch.Tensor, new: Any, old: Any) -> Any:
+    if new is None or old is None:
+        return None
+    if isinstance(new, torch.Tensor):
+        mask = accept.view(accept.shape + (1,) * (new.ndim - accept.ndim))
+        return torch.where(mask, new, old)
+    merged = [_merge_tree(accept, a, b) for a, b in zip(new, old)]
+    return type(new)(*merged) if hasattr(new, "_fields") else type(new)(merged)

@@ -1,0 +1,64 @@
+"""Method names: ``method=`` takes one of :data:`METHODS`, a :class:`ButcherTableau` or a
+:class:`~neuralode.solvers.base.Solver`.
+
+The registry is data (a name -> factory table built once); an unknown name is a ``ValueError``
+that lists the known ones, never a bare ``KeyError``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+from .base import Solver
+from .rk import ExplicitRK
+from .tableaus import TABLEAUS, ButcherTableau
+
+__all__ = ["METHODS", "get_solver"]
+
+_FACTORIES: dict[str, Callable[[], Solver]] = {
+    name: functools.partial(ExplicitRK, tab) for name, tab in TABLEAUS.items()
+}
+
+#: The registered method names, in the order the README lists them.
+METHODS: tuple[str, ...] = tuple(_FACTORIES)
+
+_SOLVERS: dict[str, Solver] = {}
+_FROM_TABLEAU: dict[int, tuple[ButcherTableau, Solver]] = {}
+
+
+def get_solver(method: str | ButcherTableau | Solver) -> Solver:
+    """The solver for ``method``: a registered name, a tableau, or a solver (returned as is).
+
+    One solver instance serves every solve of a name or tableau (its constant tensors are built
+    once per dtype and device); a tableau is keyed by identity, as hashing its fractions on every
+    solve would cost more than a small solve's step.
+
+    Raises:
+        ValueError: an unknown name (the message lists :data:`METHODS`).
+        TypeError: anything else.
+    """
+    if isinstance(method, str):
+        solver = _SOLVERS.get(method)
+        if solver is None:
+            factory = _FACTORIES.get(method)
+            if factory is None:
+                raise ValueError(
+                    f"unknown method {method!r}; known methods are: {', '.join(sorted(METHODS))} "
+                    f"(or pass a neuralode.ButcherTableau or a neuralode.solvers.Solver)"
+                )
+            solver = _SOLVERS[method] = factory()
+        return solver
+    if isinstance(method, Solver):
+        return method
+    if isinstance(method, ButcherTableau):
+        hit = _FROM_TABLEAU.get(id(method))
+        if hit is None or hit[0] is not method:
+            if len(_FROM_TABLEAU) >= 64:
+                _FROM_TABLEAU.clear()
+            hit = _FROM_TABLEAU[id(method)] = (method, ExplicitRK(method))
+        return hit[1]
+    raise TypeError(
+        f"method must be a name in {list(METHODS)}, a neuralode.ButcherTableau or a "
+        f"neuralode.solvers.Solver, got {type(method).__name__}"
+    )

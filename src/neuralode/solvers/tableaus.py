@@ -1,0 +1,744 @@
+"""Butcher tableaus of the explicit Runge-Kutta methods, as validated data.
+
+Every method is a :class:`ButcherTableau`: nodes ``c``, the strictly lower-triangular matrix ``a``,
+the propagating weights ``b``, the error weights ``b_err = b - b_hat`` of the embedded pair, and a
+:class:`DenseOutput` that gives the continuous extension
+
+    y(t0 + theta h) = y0 + h * sum_j  B_j(theta) k_j,    B_j(theta) = sum_p P[j][p] theta^(p+1),
+
+over the stages ``k_j`` followed by any extra stages of the interpolant (each extra stage is one
+more ``f`` evaluation with its own node and ``a`` row over all earlier stages).
+
+Coefficients are exact :class:`fractions.Fraction` where the method is rational; methods published
+only as decimals (Tsit5, DOP853) are stored from their decimal strings and checked to a tolerance.
+A new explicit method is one tableau and one registry entry: it then joins every parametrised test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+__all__ = [
+    "ButcherTableau",
+    "DenseOutput",
+    "TABLEAUS",
+    "get_tableau",
+    "hermite_dense_output",
+]
+
+F = Fraction
+Coeff = Fraction
+Row = tuple[Coeff, ...]
+
+
+def _frac(x: str | int | Fraction) -> Fraction:
+    return x if isinstance(x, Fraction) else Fraction(x)
+
+
+def _row(*xs: str | int | Fraction) -> Row:
+    return tuple(_frac(x) for x in xs)
+
+
+def _poly(scale: str | int | Fraction, *factors: tuple[str | int | Fraction, ...]) -> Row:
+    """``scale * prod(factors)`` as exact coefficients in ascending powers of theta.
+
+    Each factor is its coefficients in ascending powers: ``("-1.2", 1)`` is ``theta - 1.2``.
+    """
+    out = [_frac(scale)]
+    for factor in factors:
+        f = [_frac(x) for x in factor]
+        prod = [F(0)] * (len(out) + len(f) - 1)
+        for i, x in enumerate(out):
+            for j, y in enumerate(f):
+                prod[i + j] += x * y
+        out = prod
+    return tuple(out)
+
+
+def _theta_rows(*polys: Row) -> tuple[Row, ...]:
+    """``DenseOutput.P`` from the ``B_j`` as ascending coefficient lists (constant term 0)."""
+    degree = max(len(p) for p in polys) - 1
+    if any(p[0] != 0 for p in polys):
+        raise ValueError("dense output polynomials must vanish at theta = 0")
+    return tuple(tuple(p[1:]) + (F(0),) * (degree + 1 - len(p)) for p in polys)
+
+
+def _dop853_dense(b: Row, d: tuple[Row, ...]) -> tuple[Row, ...]:
+    """``DenseOutput.P`` of DOP853's interpolant over its 12 stages, the FSAL stage and 3 extras.
+
+    DOP853 (and scipy's ``Dop853DenseOutput``) evaluates, with ``x = theta``,
+    ``y = y0 + x (F0 + (1-x) (F1 + x (F2 + (1-x) (F3 + x (F4 + (1-x) (F5 + x F6))))))``, where
+    ``F0 = y1 - y0 = h sum_j b_j k_j``, ``F1 = h k_0 - F0``, ``F2 = 2 F0 - h (k_fsal + k_0)`` and
+    ``F(3+i) = h sum_j d[i][j] k_j`` (``b`` ends with the FSAL stage's 0).  Each ``F_m`` is ``h``
+    times a weight vector over the stages and enters ``y`` through the polynomial
+    ``w_m = x, x(1-x), x^2(1-x), x^2(1-x)^2, ...``; expanding gives ``B_j = sum_m F_m[j] w_m``.
+    """
+    n = len(d[0])
+    fsal = len(b) - 1
+    f0 = list(b) + [F(0)] * (n - len(b))
+    f1 = [(1 if j == 0 else 0) - x for j, x in enumerate(f0)]
+    f2 = [2 * x - (1 if j in (0, fsal) else 0) for j, x in enumerate(f0)]
+    weights = [f0, f1, f2, *d]
+    w = _poly(1, (0, 1))
+    polys = [[F(0)] * (len(weights) + 1) for _ in range(n)]
+    for m, fm in enumerate(weights):
+        for j in range(n):
+            for p, coeff in enumerate(w):
+                polys[j][p] += fm[j] * coeff
+        w = _poly(1, w, (1, -1) if m % 2 == 0 else (0, 1))
+    return _theta_rows(*(tuple(p) for p in polys))
+
+
+@dataclass(frozen=True)
+class DenseOutput:
+    """Continuous extension of a Runge-Kutta step.
+
+    Attributes:
+        P: ``P[j][p]`` is the coefficient of ``theta^(p+1)`` in ``B_j(theta)``; one row per stage,
+            then one row per extra stage.
+        extra_c: nodes of the extra stages (empty for most methods).
+        extra_a: ``a`` rows of the extra stages, each over all earlier stages (the method's stages,
+            then earlier extra stages).
+        order: order of the interpolant (its error is ``O(h^(order+1))`` locally).
+    """
+
+    P: tuple[Row, ...]
+    extra_c: Row = ()
+    extra_a: tuple[Row, ...] = ()
+    order: int = 3
+
+    @property
+    def degree(self) -> int:
+        return len(self.P[0])
+
+
+@dataclass(frozen=True)
+class ButcherTableau:
+    """An explicit Runge-Kutta method.
+
+    Attributes:
+        name: registry name.
+        order: order ``p`` of the propagated solution (global error ``O(h^p)``).
+        c: nodes, length ``s``.
+        a: rows ``a[i]`` of length ``i`` (strictly lower triangular), ``len(a) == s``.
+        b: weights of the propagated solution, length ``s``.
+        b_err: ``b - b_hat`` for the embedded lower-order solution, or ``None`` (fixed-step only).
+        error_order: order of the embedded solution; the controller exponent is
+            ``1 / (error_order + 1)``.
+        b_err2: a second error estimator (DOP853's 3rd-order one), combined as in Hairer's DOP853.
+        dense: continuous extension, or ``None`` to use cubic Hermite interpolation.
+        tol: tolerance of the order-condition checks (0 for exact rational tableaus).
+    """
+
+    name: str
+    order: int
+    c: Row
+    a: tuple[Row, ...]
+    b: Row
+    b_err: Row | None = None
+    error_order: int | None = None
+    b_err2: Row | None = None
+    dense: DenseOutput | None = None
+    tol: float = 0.0
+    fsal: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        s = len(self.c)
+        name = self.name
+        if len(self.a) != s or len(self.b) != s:
+            raise ValueError(f"tableau {name!r}: c, a and b must have one entry per stage ({s})")
+        for i, row in enumerate(self.a):
+            if len(row) != i:
+                raise ValueError(f"tableau {name!r}: a[{i}] must have {i} entries, has {len(row)}")
+            self._close(sum(row, F(0)), self.c[i], f"row {i} of a sums to c[{i}]")
+        self._close(sum(self.b, F(0)), F(1), "sum(b) == 1")
+        for label, e in (("b_err", self.b_err), ("b_err2", self.b_err2)):
+            if e is not None:
+                if len(e) != s:
+                    raise ValueError(f"tableau {name!r}: {label} must have {s} entries")
+                self._close(sum(e, F(0)), F(0), f"sum({label}) == 0")
+        if (self.b_err is None) != (self.error_order is None):
+            raise ValueError(f"tableau {name!r}: b_err and error_order go together")
+        fsal = (
+            s > 1
+            and self.c[-1] == 1
+            and all(abs(float(x - y)) <= self.tol for x, y in zip(self.a[-1], self.b[:-1]))
+            and self.b[-1] == 0
+        )
+        object.__setattr__(self, "fsal", fsal)
+        if self.dense is not None:
+            d = self.dense
+            n_k = s + len(d.extra_c)
+            if len(d.P) != n_k or len({len(r) for r in d.P}) != 1:
+                raise ValueError(f"tableau {name!r}: dense P must have {n_k} rows of equal length")
+            for i, (ci, row) in enumerate(zip(d.extra_c, d.extra_a)):
+                if len(row) != s + i:
+                    raise ValueError(f"tableau {name!r}: extra stage {i} needs {s + i} a entries")
+                self._close(sum(row, F(0)), ci, f"extra stage {i} row sums to its node")
+            # B_j(1) == b_j: the interpolant ends on the step's solution.
+            for j in range(n_k):
+                bj = self.b[j] if j < s else F(0)
+                self._close(sum(d.P[j], F(0)), bj, f"dense output B_{j}(1) == b_{j}")
+
+    def _close(self, x: Fraction, y: Fraction, what: str) -> None:
+        if abs(float(x - y)) > self.tol or (self.tol == 0 and x != y):
+            raise ValueError(
+                f"tableau {self.name!r} fails its check {what}: {float(x)} vs {float(y)}"
+            )
+
+    @property
+    def stages(self) -> int:
+        return len(self.c)
+
+    @property
+    def adaptive(self) -> bool:
+        return self.b_err is not None
+
+
+def hermite_dense_output(b: Row, order: int) -> DenseOutput:
+    """Cubic Hermite interpolation through (y0, f0) and (y1, f1) in the tableau's own terms.
+
+    ``f1 = f(t0 + h, y1)`` is added as one extra stage (node 1, ``a`` row = ``b``), which the solver
+    reuses as the first stage of the next step, so interpolation costs no extra evaluation except
+    at the last step.  With ``y1 - y0 = h sum_j b_j k_j``:
+    ``B_j = (3 theta^2 - 2 theta^3) b_j + [j=0] (theta - 2 theta^2 + theta^3)
+    + [j=f1] (theta^3 - theta^2)``.
+    """
+    s = len(b)
+    rows: list[Row] = []
+    for j in range(s):
+        rows.append(
+            (
+                F(1) if j == 0 else F(0),
+                3 * b[j] - (2 if j == 0 else 0),
+                -2 * b[j] + (1 if j == 0 else 0),
+            )
+        )
+    rows.append((F(0), F(-1), F(1)))
+    return DenseOutput(P=tuple(rows), extra_c=(F(1),), extra_a=(tuple(b),), order=min(order, 3))
+
+
+def _fixed(name: str, order: int, c: Row, a: tuple[Row, ...], b: Row) -> ButcherTableau:
+    return ButcherTableau(
+        name=name, order=order, c=c, a=a, b=b, dense=hermite_dense_output(b, order)
+    )
+
+
+EULER = _fixed("euler", 1, _row(0), ((),), _row(1))
+
+MIDPOINT = _fixed("midpoint", 2, _row(0, F(1, 2)), ((), _row(F(1, 2))), _row(0, 1))
+
+# Heun's method (explicit trapezoidal rule), the 2-stage order-2 method with b = (1/2, 1/2).
+HEUN = _fixed("heun", 2, _row(0, 1), ((), _row(1)), _row(F(1, 2), F(1, 2)))
+
+RK4 = _fixed(
+    "rk4",
+    4,
+    _row(0, F(1, 2), F(1, 2), 1),
+    ((), _row(F(1, 2)), _row(0, F(1, 2)), _row(0, 0, 1)),
+    _row(F(1, 6), F(1, 3), F(1, 3), F(1, 6)),
+)
+
+# Bogacki & Shampine (1989), "A 3(2) pair of Runge-Kutta formulas", Appl. Math. Lett. 2(4).
+# FSAL; the embedded solution is order 2.  Dense output: cubic Hermite on (y0, f0, y1, f1), which
+# here uses the FSAL stage as f1 (the same interpolant as scipy's RK23).
+_BOSH3_B = _row(F(2, 9), F(1, 3), F(4, 9), 0)
+_BOSH3_BHAT = _row(F(7, 24), F(1, 4), F(1, 3), F(1, 8))
+BOSH3 = ButcherTableau(
+    name="bosh3",
+    order=3,
+    c=_row(0, F(1, 2), F(3, 4), 1),
+    a=((), _row(F(1, 2)), _row(0, F(3, 4)), _row(F(2, 9), F(1, 3), F(4, 9))),
+    b=_BOSH3_B,
+    b_err=tuple(x - y for x, y in zip(_BOSH3_B, _BOSH3_BHAT)),
+    error_order=2,
+    dense=DenseOutput(
+        P=(
+            _row(1, F(-4, 3), F(5, 9)),
+            _row(0, 1, F(-2, 3)),
+            _row(0, F(4, 3), F(-8, 9)),
+            _row(0, -1, 1),
+        ),
+        order=3,
+    ),
+)
+
+# Dormand & Prince (1980), "A family of embedded Runge-Kutta formulae", J. Comp. Appl. Math. 6(1).
+# FSAL, 5th-order solution, 4th-order embedded.  Dense output: Shampine's 4th-order continuous
+# extension (Hairer, Norsett & Wanner, Solving ODEs I, II.6), as the theta-polynomial matrix.
+_DOPRI5_B = _row(F(35, 384), 0, F(500, 1113), F(125, 192), F(-2187, 6784), F(11, 84), 0)
+_DOPRI5_BHAT = _row(
+    F(5179, 57600), 0, F(7571, 16695), F(393, 640), F(-92097, 339200), F(187, 2100), F(1, 40)
+)
+DOPRI5 = ButcherTableau(
+    name="dopri5",
+    order=5,
+    c=_row(0, F(1, 5), F(3, 10), F(4, 5), F(8, 9), 1, 1),
+    a=(
+        (),
+        _row(F(1, 5)),
+        _row(F(3, 40), F(9, 40)),
+        _row(F(44, 45), F(-56, 15), F(32, 9)),
+        _row(F(19372, 6561), F(-25360, 2187), F(64448, 6561), F(-212, 729)),
+        _row(F(9017, 3168), F(-355, 33), F(46732, 5247), F(49, 176), F(-5103, 18656)),
+        _DOPRI5_B[:6],
+    ),
+    b=_DOPRI5_B,
+    b_err=tuple(x - y for x, y in zip(_DOPRI5_B, _DOPRI5_BHAT)),
+    error_order=4,
+    dense=DenseOutput(
+        P=(
+            _row(
+                1,
+                F(-8048581381, 2820520608),
+                F(8663915743, 2820520608),
+                F(-12715105075, 11282082432),
+            ),
+            _row(0, 0, 0, 0),
+            _row(
+                0,
+                F(131558114200, 32700410799),
+                F(-68118460800, 10900136933),
+                F(87487479700, 32700410799),
+            ),
+            _row(
+                0,
+                F(-1754552775, 470086768),
+                F(14199869525, 1410260304),
+                F(-10690763975, 1880347072),
+            ),
+            _row(
+                0,
+                F(127303824393, 49829197408),
+                F(-318862633887, 49829197408),
+                F(701980252875, 199316789632),
+            ),
+            _row(0, F(-282668133, 205662961), F(2019193451, 616988883), F(-1453857185, 822651844)),
+            _row(0, F(40617522, 29380423), F(-110615467, 29380423), F(69997945, 29380423)),
+        ),
+        order=4,
+    ),
+)
+
+# Tsitouras (2011), "Runge-Kutta pairs of order 5(4) satisfying only the first column simplifying
+# assumption", Computers & Mathematics with Applications 62(2), 770-775.  FSAL, 5th-order solution,
+# 4th-order embedded (whose weight on the FSAL stage is 1/66).  The paper prints ~16 digits; the
+# values below are the same coefficients to ~85 digits (as tabulated in OrdinaryDiffEq.jl and
+# torchdiffeq), which round to the paper's decimals and satisfy the order conditions to ~1e-76.
+# Dense output: the paper's 4th-order b_j(theta), printed there in factored form with ~17-19
+# digits and expanded here exactly; B_j(1) == b_j and its order conditions hold to ~5e-17: ``tol``.
+_TSIT5_B = _row(
+    "0.09646076681806522951816731316512876333711995238157997181903319145764851595234062815396",
+    "0.01",
+    "0.4798896504144995747752495322905965199130404621990332488332634944254542060153074523509",
+    "1.379008574103741893192274821856872770756462643091360525934940067397245698027561293331",
+    "-3.290069515436080679901047585711363850115683290894936158531296799594813811049925401677",
+    "2.324710524099773982415355918398765796109060233222962411944060046314465391054716027841",
+    0,
+)
+# b - b_hat, where b_hat are the embedded 4th-order weights (b_hat_6 = 1/66 on the FSAL stage).
+_TSIT5_B_ERR = _row(
+    "1.780011052225771443378550607539534775944678804333659557637450799792588061629796e-03",
+    "8.164344596567469032236360633546862401862537590159047610940604670770447527463931e-04",
+    "-7.880878010261996010314727672526304238628733777103128603258129604952959142646516e-03",
+    "1.44711007173262907537165147972635116720922712343167677619514233896760819649515e-01",
+    "-5.823571654525552250199376106520421794260781239567387797673045438803694038950012e-01",
+    "4.580821059291869466616365188325542974428047279788398179474684434732070620889539e-01",
+    F(-1, 66),
+)
+TSIT5 = ButcherTableau(
+    name="tsit5",
+    order=5,
+    c=_row(
+        0,
+        "0.161",
+        "0.327",
+        "0.9",
+        "0.9800255409045096857298102862870245954942137979563024768854764293221195950761080302604",
+        1,
+        1,
+    ),
+    a=(
+        (),
+        _row("0.161"),
+        _row(
+            "-0.008480655492356988544426874250230774675121177393430391537369234245294192976164141156943",
+            "0.3354806554923569885444268742502307746751211773934303915373692342452941929761641411569",
+        ),
+        _row(
+            "2.897153057105493432130432594192938764924887287701866490314866693455023795137503079289",
+            "-6.359448489975074843148159912383825625952700647415626703305928850207288721235210244366",
+            "4.362295432869581411017727318190886861027813359713760212991062156752264926097707165077",
+        ),
+        _row(
+            "5.325864828439256604428877920840511317836476253097040101202360397727981648835607691791",
+            "-11.74888356406282787774717033978577296188744178259862899288666928009020615663593781589",
+            "7.495539342889836208304604784564358155658679161518186721010132816213648793440552049753",
+            "-0.09249506636175524925650207933207191611349983406029535244034750452930469056411389539635",
+        ),
+        _row(
+            "5.861455442946420028659251486982647890394337666164814434818157239052507339770711679748",
+            "-12.92096931784710929170611868178335939541780751955743459166312250439928519268343184452",
+            "8.159367898576158643180400794539253485181918321135053305748355423955009222648673734986",
+            "-0.07158497328140099722453054252582973869127213147363544882721139659546372402303777878835",
+            "-0.02826905039406838290900305721271224146717633626879770007617876201276764571291579142206",
+        ),
+        _TSIT5_B[:6],
+    ),
+    b=_TSIT5_B,
+    b_err=_TSIT5_B_ERR,
+    error_order=4,
+    dense=DenseOutput(
+        P=_theta_rows(
+            # b1 = -1.0530884977290216 t (t - 1.3299890189751412)
+            #      * (t^2 - 1.4364028541716351 t + 0.7139816917074209)
+            _poly(
+                "-1.0530884977290216",
+                (0, 1),
+                ("-1.3299890189751412", 1),
+                ("0.7139816917074209", "-1.4364028541716351", 1),
+            ),
+            # b2 = 0.1017 t^2 (t^2 - 2.1966568338249754 t + 1.2949852507374631)
+            _poly("0.1017", (0, 0, 1), ("1.2949852507374631", "-2.1966568338249754", 1)),
+            # b3 = 2.490627285651252793 t^2 (t^2 - 2.38535645472061657 t + 1.57803468208092486)
+            _poly(
+                "2.490627285651252793",
+                (0, 0, 1),
+                ("1.57803468208092486", "-2.38535645472061657", 1),
+            ),
+            # b4 = -16.54810288924490272 (t - 1.21712927295533244) (t - 0.61620406037800089) t^2
+            _poly(
+                "-16.54810288924490272",
+                ("-1.21712927295533244", 1),
+                ("-0.61620406037800089", 1),
+                (0, 0, 1),
+            ),
+            # b5 = 47.37952196281928122 (t - 1.203071208372362603) (t - 0.658047292653547382) t^2
+            _poly(
+                "47.37952196281928122",
+                ("-1.203071208372362603", 1),
+                ("-0.658047292653547382", 1),
+                (0, 0, 1),
+            ),
+            # b6 = -34.87065786149660974 (t - 1.2) (t - 0.666666666666666667) t^2
+            _poly("-34.87065786149660974", ("-1.2", 1), ("-0.666666666666666667", 1), (0, 0, 1)),
+            # b7 = 2.5 (t - 1) (t - 0.6) t^2
+            _poly("2.5", (-1, 1), ("-0.6", 1), (0, 0, 1)),
+        ),
+        order=4,
+    ),
+    tol=1e-16,
+)
+
+
+# Prince & Dormand (1981), "High order embedded Runge-Kutta formulae", J. Comp. Appl. Math. 7(1), in
+# the 8(5,3) form of Hairer's DOP853 (Hairer, Norsett & Wanner, Solving Ordinary Differential
+# Equations I, 2nd ed., Sec. II), with DOP853's 30-digit coefficients as in scipy's
+# ``dop853_coefficients.py``.  Stages 0..11 are DOP853's; stage 12 (node 1, ``a`` row = b) is
+# f(t + h, y1), which DOP853 evaluates every step and reuses as the next step's first stage, so the
+# tableau is FSAL.  Two error estimators, ``b_err`` (5th-order, E5) and ``b_err2`` (3rd-order, E3),
+# combined as err = err5^2 / sqrt(err5^2 + 0.01 err3^2), which behaves as O(h^8): hence
+# ``error_order=7``.  Dense output: DOP853's 7th-order interpolant (three extra stages), expanded
+# exactly into ``P`` by :func:`_dop853_dense`.  The decimals satisfy the checks and the order
+# conditions (8 for b, 5 and 3 for the estimators, 7 for the interpolant) to ~3e-26: ``tol``.
+_DOP853_C = _row(
+    0,
+    "0.526001519587677318785587544488e-01",
+    "0.789002279381515978178381316732e-01",
+    "0.118350341907227396726757197510",
+    "0.281649658092772603273242802490",
+    "0.333333333333333333333333333333",
+    "0.25",
+    "0.307692307692307692307692307692",
+    "0.651282051282051282051282051282",
+    "0.6",
+    "0.857142857142857142857142857142",
+    1,
+    1,
+)
+_DOP853_B = _row(
+    "5.42937341165687622380535766363e-2",
+    0,
+    0,
+    0,
+    0,
+    "4.45031289275240888144113950566",
+    "1.89151789931450038304281599044",
+    "-5.8012039600105847814672114227",
+    "3.1116436695781989440891606237e-1",
+    "-1.52160949662516078556178806805e-1",
+    "2.01365400804030348374776537501e-1",
+    "4.47106157277725905176885569043e-2",
+    0,
+)
+_DOP853_A = (
+    (),
+    _row("5.26001519587677318785587544488e-2"),
+    _row("1.97250569845378994544595329183e-2", "5.91751709536136983633785987549e-2"),
+    _row("2.95875854768068491816892993775e-2", 0, "8.87627564304205475450678981324e-2"),
+    _row(
+        "2.41365134159266685502369798665e-1",
+        0,
+        "-8.84549479328286085344864962717e-1",
+        "9.24834003261792003115737966543e-1",
+    ),
+    _row(
+        "3.7037037037037037037037037037e-2",
+        0,
+        0,
+        "1.70828608729473871279604482173e-1",
+        "1.25467687566822425016691814123e-1",
+    ),
+    _row(
+        "3.7109375e-2",
+        0,
+        0,
+        "1.70252211019544039314978060272e-1",
+        "6.02165389804559606850219397283e-2",
+        "-1.7578125e-2",
+    ),
+    _row(
+        "3.70920001185047927108779319836e-2",
+        0,
+        0,
+        "1.70383925712239993810214054705e-1",
+        "1.07262030446373284651809199168e-1",
+        "-1.53194377486244017527936158236e-2",
+        "8.27378916381402288758473766002e-3",
+    ),
+    _row(
+        "6.24110958716075717114429577812e-1",
+        0,
+        0,
+        "-3.36089262944694129406857109825",
+        "-8.68219346841726006818189891453e-1",
+        "2.75920996994467083049415600797e1",
+        "2.01540675504778934086186788979e1",
+        "-4.34898841810699588477366255144e1",
+    ),
+    _row(
+        "4.77662536438264365890433908527e-1",
+        0,
+        0,
+        "-2.48811461997166764192642586468",
+        "-5.90290826836842996371446475743e-1",
+        "2.12300514481811942347288949897e1",
+        "1.52792336328824235832596922938e1",
+        "-3.32882109689848629194453265587e1",
+        "-2.03312017085086261358222928593e-2",
+    ),
+    _row(
+        "-9.3714243008598732571704021658e-1",
+        0,
+        0,
+        "5.18637242884406370830023853209",
+        "1.09143734899672957818500254654",
+        "-8.14978701074692612513997267357",
+        "-1.85200656599969598641566180701e1",
+        "2.27394870993505042818970056734e1",
+        "2.49360555267965238987089396762",
+        "-3.0467644718982195003823669022",
+    ),
+    _row(
+        "2.27331014751653820792359768449",
+        0,
+        0,
+        "-1.05344954667372501984066689879e1",
+        "-2.00087205822486249909675718444",
+        "-1.79589318631187989172765950534e1",
+        "2.79488845294199600508499808837e1",
+        "-2.85899827713502369474065508674",
+        "-8.87285693353062954433549289258",
+        "1.23605671757943030647266201528e1",
+        "6.43392746015763530355970484046e-1",
+    ),
+    _DOP853_B[:12],
+)
+# The 3rd-order embedded weights (at stages 0, 8 and 11); E3 = b - b_hat3.
+_DOP853_BHAT3 = _row(
+    "0.244094488188976377952755905512",
+    0,
+    0,
+    0,
+    0,
+    0,
+    0,
+    0,
+    "0.733846688281611857341361741547",
+    0,
+    0,
+    "0.220588235294117647058823529412e-1",
+    0,
+)
+_DOP853_E5 = _row(
+    "0.1312004499419488073250102996e-1",
+    0,
+    0,
+    0,
+    0,
+    "-0.1225156446376204440720569753e+1",
+    "-0.4957589496572501915214079952",
+    "0.1664377182454986536961530415e+1",
+    "-0.3503288487499736816886487290",
+    "0.3341791187130174790297318841",
+    "0.8192320648511571246570742613e-1",
+    "-0.2235530786388629525884427845e-1",
+    0,
+)
+# Interpolant coefficients d[i][j] over the 16 stages (DOP853's D, scipy's ``D``).
+_DOP853_D = (
+    _row(
+        "-0.84289382761090128651353491142e+1",
+        0,
+        0,
+        0,
+        0,
+        "0.56671495351937776962531783590",
+        "-0.30689499459498916912797304727e+1",
+        "0.23846676565120698287728149680e+1",
+        "0.21170345824450282767155149946e+1",
+        "-0.87139158377797299206789907490",
+        "0.22404374302607882758541771650e+1",
+        "0.63157877876946881815570249290",
+        "-0.88990336451333310820698117400e-1",
+        "0.18148505520854727256656404962e+2",
+        "-0.91946323924783554000451984436e+1",
+        "-0.44360363875948939664310572000e+1",
+    ),
+    _row(
+        "0.10427508642579134603413151009e+2",
+        0,
+        0,
+        0,
+        0,
+        "0.24228349177525818288430175319e+3",
+        "0.16520045171727028198505394887e+3",
+        "-0.37454675472269020279518312152e+3",
+        "-0.22113666853125306036270938578e+2",
+        "0.77334326684722638389603898808e+1",
+        "-0.30674084731089398182061213626e+2",
+        "-0.93321305264302278729567221706e+1",
+        "0.15697238121770843886131091075e+2",
+        "-0.31139403219565177677282850411e+2",
+        "-0.93529243588444783865713862664e+1",
+        "0.35816841486394083752465898540e+2",
+    ),
+    _row(
+        "0.19985053242002433820987653617e+2",
+        0,
+        0,
+        0,
+        0,
+        "-0.38703730874935176555105901742e+3",
+        "-0.18917813819516756882830838328e+3",
+        "0.52780815920542364900561016686e+3",
+        "-0.11573902539959630126141871134e+2",
+        "0.68812326946963000169666922661e+1",
+        "-0.10006050966910838403183860980e+1",
+        "0.77771377980534432092869265740",
+        "-0.27782057523535084065932004339e+1",
+        "-0.60196695231264120758267380846e+2",
+        "0.84320405506677161018159903784e+2",
+        "0.11992291136182789328035130030e+2",
+    ),
+    _row(
+        "-0.25693933462703749003312586129e+2",
+        0,
+        0,
+        0,
+        0,
+        "-0.15418974869023643374053993627e+3",
+        "-0.23152937917604549567536039109e+3",
+        "0.35763911791061412378285349910e+3",
+        "0.93405324183624310003907691704e+2",
+        "-0.37458323136451633156875139351e+2",
+        "0.10409964950896230045147246184e+3",
+        "0.29840293426660503123344363579e+2",
+        "-0.43533456590011143754432175058e+2",
+        "0.96324553959188282948394950600e+2",
+        "-0.39177261675615439165231486172e+2",
+        "-0.14972683625798562581422125276e+3",
+    ),
+)
+# The interpolant's three extra stages (nodes 0.1, 0.2, 7/9), over the 13 stages and earlier extras.
+_DOP853_EXTRA_A = (
+    _row(
+        "5.61675022830479523392909219681e-2",
+        0,
+        0,
+        0,
+        0,
+        0,
+        "2.53500210216624811088794765333e-1",
+        "-2.46239037470802489917441475441e-1",
+        "-1.24191423263816360469010140626e-1",
+        "1.5329179827876569731206322685e-1",
+        "8.20105229563468988491666602057e-3",
+        "7.56789766054569976138603589584e-3",
+        "-8.298e-3",
+    ),
+    _row(
+        "3.18346481635021405060768473261e-2",
+        0,
+        0,
+        0,
+        0,
+        "2.83009096723667755288322961402e-2",
+        "5.35419883074385676223797384372e-2",
+        "-5.49237485713909884646569340306e-2",
+        0,
+        0,
+        "-1.08347328697249322858509316994e-4",
+        "3.82571090835658412954920192323e-4",
+        "-3.40465008687404560802977114492e-4",
+        "1.41312443674632500278074618366e-1",
+    ),
+    _row(
+        "-4.28896301583791923408573538692e-1",
+        0,
+        0,
+        0,
+        0,
+        "-4.69762141536116384314449447206",
+        "7.68342119606259904184240953878",
+        "4.06898981839711007970213554331",
+        "3.56727187455281109270669543021e-1",
+        0,
+        0,
+        0,
+        "-1.39902416515901462129418009734e-3",
+        "2.9475147891527723389556272149",
+        "-9.15095847217987001081870187138",
+    ),
+)
+DOPRI8 = ButcherTableau(
+    name="dopri8",
+    order=8,
+    c=_DOP853_C,
+    a=_DOP853_A,
+    b=_DOP853_B,
+    b_err=_DOP853_E5,
+    error_order=7,
+    b_err2=tuple(x - y for x, y in zip(_DOP853_B, _DOP853_BHAT3, strict=True)),
+    dense=DenseOutput(
+        P=_dop853_dense(_DOP853_B, _DOP853_D),
+        extra_c=_row("0.1", "0.2", "0.777777777777777777777777777778"),
+        extra_a=_DOP853_EXTRA_A,
+        order=7,
+    ),
+    tol=1e-25,
+)
+
+TABLEAUS: dict[str, ButcherTableau] = {
+    t.name: t for t in (EULER, MIDPOINT, HEUN, RK4, BOSH3, DOPRI5, TSIT5, DOPRI8)
+}
+
+
+def get_tableau(method: str) -> ButcherTableau:
+    """Return the tableau registered as ``method``; raise ``ValueError`` listing the known ones."""
+    try:
+        return TABLEAUS[method]
+    except (KeyError, TypeError):
+        known = ", ".join(sorted(TABLEAUS))
+        raise ValueError(f"unknown method {method!r}; known methods are: {known}") from None
