@@ -38,6 +38,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import ADAPTIVE, FIXED
 from fields import _params, mlp
 from torch import nn
 from torch.autograd import gradcheck
@@ -46,8 +47,6 @@ from torch.autograd.graph import saved_tensors_hooks
 import neuralode
 
 F64 = torch.float64
-ADAPTIVE = [m for m in neuralode.METHODS if neuralode.get_tableau(m).adaptive]
-FIXED = [m for m in neuralode.METHODS if not neuralode.get_tableau(m).adaptive]
 TIGHT = {"rtol": 1e-12, "atol": 1e-12, "adjoint_rtol": 1e-12, "adjoint_atol": 1e-12}
 GC = {"eps": 1e-6, "atol": 1e-5, "rtol": 1e-5}
 
@@ -651,3 +650,84 @@ def test_backward_failure_names_the_adjoint_options() -> None:
     ys = neuralode.odeint_adjoint(net, Y0, t, adjoint_options={"max_num_steps": 2})
     with pytest.raises(neuralode.SolverError, match="adjoint_options"):
         ys.sum().backward()
+
+
+# --------------------------------------------------------------------------- defects fixed
+class TimeOnly(nn.Module):
+    """``dy/dt = -0.1 exp(-0.1 t)``: no autograd path from the output to ``y`` or to any
+    parameter (it has none)."""
+
+    def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return -0.1 * torch.exp(-0.1 * t) * torch.ones_like(y)
+
+
+def test_field_without_an_autograd_path_gets_the_right_y0_gradient() -> None:
+    t = torch.linspace(0.0, 2.0, 4, dtype=F64)
+    grads = []
+    for odeint in (neuralode.odeint, neuralode.odeint_adjoint):
+        y0 = torch.tensor([1.0, 2.0], dtype=F64, requires_grad=True)
+        ys = odeint(TimeOnly(), y0, t)
+        (ys * torch.arange(1.0, 5.0, dtype=F64).view(4, 1)).sum().backward()
+        grads.append(y0.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads[0], torch.full((2,), 10.0, dtype=F64))  # y(t) = y0 + c(t)
+
+
+@pytest.mark.parametrize("gradient", ["adjoint", "checkpoint"])
+def test_double_backward_is_refused_with_the_alternative(gradient: str) -> None:
+    net = MLPField(2, 4, seed=1)
+    y0 = torch.tensor([0.3, -0.2], dtype=F64, requires_grad=True)
+    sol = neuralode.solve(net, y0, T_INC, gradient=gradient)
+    with pytest.raises(RuntimeError, match=rf"gradient='{gradient}' does not support double "
+                       r"backward.*Use gradient='backprop'"):
+        torch.autograd.grad(sol.ys.sum(), y0, create_graph=True)
+    # backprop's graph supports it: a second derivative by double backward vs finite differences.
+    sol = neuralode.solve(net, y0, T_INC, rtol=1e-10, atol=1e-10)
+    (g,) = torch.autograd.grad(sol.ys[-1].square().sum(), y0, create_graph=True)
+    (gg,) = torch.autograd.grad(g[0], y0)
+    eps = 1e-5
+
+    def first(y: torch.Tensor) -> float:
+        y = y.detach().requires_grad_(True)
+        s = neuralode.solve(net, y, T_INC, rtol=1e-10, atol=1e-10)
+        return float(torch.autograd.grad(s.ys[-1].square().sum(), y)[0][0])
+
+    e0 = torch.tensor([eps, 0.0], dtype=F64)
+    fd = (first(y0 + e0) - first(y0 - e0)) / (2 * eps)
+    assert float(gg[0]) == pytest.approx(fd, rel=1e-5)
+
+
+def _spiral_demo_backward_nfe(n_out: int, span: float = 2.5) -> tuple[int, int]:
+    """Backward NFE and steps of the adjoint on torchdiffeq's ode_demo shape: an MLP on y**3,
+    batch of 20 windows, ``n_out`` output times over ``span``."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 50, dtype=F64), nn.Tanh(), nn.Linear(50, 2, dtype=F64))
+
+    class Field(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return self.net(y**3)
+
+    y0 = 0.5 * torch.randn(20, 1, 2, dtype=F64)
+    t = torch.linspace(0.0, span, n_out, dtype=F64)
+    sol = neuralode.solve(Field(), y0, t, gradient="adjoint")
+    sol.ys.abs().mean().backward()
+    return int(sol.backward_stats.nfe), int(sol.backward_stats.n_steps)
+
+
+def test_adjoint_step_size_carries_across_output_times() -> None:
+    """With many output times the backward pass takes about the steps of one interval over the
+    whole span plus one landing step per output time, not a fresh start (Hairer's selection and
+    a growing step) on every interval."""
+    nfe_1, steps_1 = _spiral_demo_backward_nfe(2)
+    nfe_10, steps_10 = _spiral_demo_backward_nfe(10)
+    nfe_50, steps_50 = _spiral_demo_backward_nfe(50)
+    print(f"\nbackward steps / NFE: 1 interval {steps_1}/{nfe_1}, 9 {steps_10}/{nfe_10}, "
+          f"49 {steps_50}/{nfe_50}")
+    assert steps_10 <= steps_1 + 9
+    assert steps_50 <= max(steps_1, 49) + 49
+    # Evaluations: per step 6 (dopri5) and one fresh first stage per interval after the jump.
+    assert nfe_50 <= 6 * steps_50 + 50

@@ -18,12 +18,11 @@ import functools
 
 import pytest
 import torch
+from conftest import ADAPTIVE, ALL_METHODS
 
 import neuralode
 from neuralode import Status, get_tableau
 
-ALL_METHODS = neuralode.METHODS
-ADAPTIVE = tuple(m for m in ALL_METHODS if get_tableau(m).adaptive)
 DTYPE = torch.float64
 
 

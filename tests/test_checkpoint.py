@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import ALL_METHODS
 
 import neuralode
 from neuralode import get_tableau
 
 F64 = torch.float64
-ALL_METHODS = neuralode.METHODS
 
 
 class Field(torch.nn.Module):

@@ -29,7 +29,6 @@ What this proves:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -54,14 +53,7 @@ from neuralode.nn.flows import PlanarFlow, PlanarLayer
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Small tensors: OpenMP threads only contend on a shared 2-core box (a 128x32 tanh took
-    8 ms with 2 threads and 5 us with 1), so this module runs on one thread."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 A_MAT = torch.tensor([[0.3, -1.0], [0.6, -0.8]], dtype=F64)  # non-normal, tr = -0.5

@@ -27,11 +27,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import ALL_METHODS
 
 import neuralode
 from neuralode import get_tableau
 
-ALL_METHODS = neuralode.METHODS
 DTYPE = torch.float64
 
 

@@ -14,13 +14,12 @@ import re
 
 import pytest
 import torch
+from conftest import ADAPTIVE, FIXED
 
 import neuralode
 from neuralode import SolverError, Status
 
 F64 = torch.float64
-ADAPTIVE = [m for m in neuralode.METHODS if neuralode.get_tableau(m).adaptive]
-FIXED = [m for m in neuralode.METHODS if not neuralode.get_tableau(m).adaptive]
 T01 = torch.tensor([0.0, 1.0], dtype=F64)
 Y0 = torch.ones(2, dtype=F64)
 
@@ -274,6 +273,37 @@ def test_options_must_be_a_dict() -> None:
 def test_bad_tolerances(kwargs: dict, pattern: str) -> None:
     with pytest.raises(ValueError, match=pattern):
         neuralode.odeint(decay, Y0, T01, **kwargs)
+
+
+@pytest.mark.parametrize("gradient", ["backprop", "adjoint", "checkpoint"])
+def test_bad_tolerance_is_named_under_every_gradient_strategy(gradient: str) -> None:
+    """The tolerances are checked before any strategy uses them (the adjoint once passed a
+    string tolerance to torch, which said ``new(): invalid data type 'str'``)."""
+    kw = {} if gradient == "backprop" else {"adjoint_params": ()}
+    with pytest.raises(TypeError, match=r"rtol must be a number or a tensor, got str"):
+        neuralode.solve(decay, Y0, T01, rtol="1e-6", gradient=gradient, **kw)  # type: ignore
+    with pytest.raises(ValueError, match=r"atol must be a finite non-negative number"):
+        neuralode.solve(decay, Y0, T01, atol=-1.0, gradient=gradient, **kw)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "pattern"),
+    [
+        ({"adjoint_rtol": "1e-6"}, TypeError, r"adjoint_rtol must be a number .*got str"),
+        ({"adjoint_atol": -1.0}, ValueError, r"adjoint_atol must be a finite non-negative"),
+        ({"adjoint_rtol": 0.0}, ValueError, r"adjoint_rtol must be a finite positive number"),
+        ({"adjoint_options": {"max_num_steps": 0}}, ValueError,
+         r"adjoint_options\['max_num_steps'\] must be a positive integer"),
+        ({"adjoint_options": {"step_size": 0.1}}, ValueError,
+         r"adjoint_options\['step_size'\] applies to fixed-step methods"),
+        ({"adjoint_options": {"dtype": "float64"}}, TypeError, r"adjoint_options\['dtype'\]"),
+        ({"adjoint_options": [("norm", "rms")]}, TypeError, r"adjoint_options must be a dict"),
+    ],
+    ids=["rtol-str", "atol-neg", "rtol-zero", "max-steps", "step-size", "dtype", "not-dict"],
+)
+def test_bad_adjoint_arguments_are_named(kwargs: dict, error: type, pattern: str) -> None:
+    with pytest.raises(error, match=pattern):
+        neuralode.solve(decay, Y0, T01, gradient="adjoint", adjoint_params=(), **kwargs)
 
 
 def test_per_component_tolerance_of_wrong_shape() -> None:

@@ -27,14 +27,13 @@ from collections.abc import Sequence
 
 import pytest
 import torch
+from conftest import ADAPTIVE, FIXED
 from fields import _params, mlp
 from torch.autograd import gradcheck
 
 import neuralode
 
 F64 = torch.float64
-ADAPTIVE = [m for m in neuralode.METHODS if neuralode.get_tableau(m).adaptive]
-FIXED = [m for m in neuralode.METHODS if not neuralode.get_tableau(m).adaptive]
 # Tolerance per adaptive method: tight enough that the discrete flow matches the exact one to
 # well under gradcheck's atol, loose enough for the low-order bosh3 to stay quick.
 TOL = {"bosh3": 1e-8, "dopri5": 1e-10, "tsit5": 1e-10, "dopri8": 1e-11}

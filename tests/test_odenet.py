@@ -11,14 +11,7 @@ from torch import nn
 import neuralode
 from neuralode.nn import odenet as on
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only contend (20x slower on a loaded 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # Exact counts with the reference code's "conv" downsampling, and the paper's Table 1.

@@ -29,13 +29,11 @@ import functools
 import numpy as np
 import pytest
 import torch
+from conftest import ADAPTIVE
 from scipy.integrate import solve_ivp
 
 import neuralode
-from neuralode import get_tableau
 
-ALL_METHODS = neuralode.METHODS
-ADAPTIVE = tuple(m for m in ALL_METHODS if get_tableau(m).adaptive)
 SCIPY_MATCH = {"bosh3": "RK23", "dopri5": "RK45", "tsit5": "RK45", "dopri8": "DOP853"}
 TOLS = (1e-4, 1e-6, 1e-8)
 ERR_BOUND = 100.0

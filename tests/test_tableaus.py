@@ -22,13 +22,11 @@ import functools
 from fractions import Fraction
 
 import pytest
+from conftest import ALL_METHODS
 
 import neuralode
 from neuralode import ButcherTableau, get_tableau
 from neuralode.tableaus import DenseOutput
-
-ALL_METHODS = neuralode.METHODS
-ADAPTIVE = tuple(m for m in ALL_METHODS if get_tableau(m).adaptive)
 
 # Orders of the embedded solutions ``b - b_err`` (and ``b - b_err2``).  ``error_order`` is the
 # controller's exponent; for dopri8 it is 7 because Hairer's combined estimator behaves as O(h^8),

@@ -124,6 +124,7 @@ class _Attempt(NamedTuple):
     h_proposed: torch.Tensor  # the step the controller proposed before landing on the end
     running: torch.Tensor  # rows that attempted this step
     y: torch.Tensor  # start state
+    solver_state: Any  # the solver's carried state before the step
     result: StepResult
     accept: torch.Tensor
     t_new: torch.Tensor
@@ -317,6 +318,8 @@ class _Run:
             code = torch.where(
                 torch.isfinite(ratio), int(Status.STEP_SIZE_UNDERFLOW), int(Status.NONFINITE)
             )
+            if res.status is not None:  # a row whose step kept failing says why
+                code = torch.where(res.status == 0, code, res.status)
             status = torch.where(under, code, status)
             maxed = still & ~under & (n_steps >= self.spec.max_num_steps)
             status = torch.where(maxed, int(Status.MAX_STEPS_REACHED), status)
@@ -331,7 +334,8 @@ class _Run:
             n_steps=n_steps,
             n_accepted=c.n_accepted + accept,
         )
-        return carry, _Attempt(t, h, c.h, running, y, res, accept, t_new, still, ratio)
+        attempt = _Attempt(t, h, c.h, running, y, c.solver_state, res, accept, t_new, still, ratio)
+        return carry, attempt
 
     def _times(self, k: int) -> Any:
         """The solver's stage times of fixed step ``k``, built a chunk of steps at a time."""
@@ -385,6 +389,10 @@ class _Run:
                     accept.any(),
                 )
             ).tolist()
+        if not any_acc:
+            # No row moved: every row keeps the carried state it had (the float driver does the
+            # same; a merge with a state a step could not carry, None, would have dropped it).
+            c = c._replace(solver_state=att.solver_state)
         d = None
         if m_in > 0 or (self.dense is not None and any_acc):
             d, extra, next_state = self._dense_step(att.t, att.h, att.y, res)
@@ -476,6 +484,7 @@ class _Run:
         status = Status.SUCCESS
         h_next = h
         eps = torch.finfo(self.t_dtype).eps
+        step_status = 0
         while True:
             hit = h * 1.01 >= t_end - t  # land on the end rather than leave a sliver of a step
             h_eff = t_end - t if hit else h
@@ -486,6 +495,7 @@ class _Run:
             ratio = ctrl.error_ratio(y, res.y1, res.y_error, solver.error_norm)
             if res.status is not None:
                 ratio = torch.where(res.status == 0, ratio, torch.inf)
+                step_status = int(res.status)
             r = float(ratio)
             accept, h_next, cstate = ctrl.adapt_float(r, h_eff, cstate)
             if accept:
@@ -500,6 +510,8 @@ class _Run:
             res_t = 10 * eps * max(abs(t), abs(t_end))
             if h_eff <= res_t or not h_next > res_t:
                 status = Status.STEP_SIZE_UNDERFLOW if math.isfinite(r) else Status.NONFINITE
+                if step_status:  # a step that kept failing says why
+                    status = Status(step_status)
                 break
             if n_steps >= self.spec.max_num_steps:
                 status = Status.MAX_STEPS_REACHED

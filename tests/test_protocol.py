@@ -1,0 +1,258 @@
+"""The solver protocol, seen from outside: drivers, controllers, user methods, per-row status.
+
+* The two drivers of the loop (the float driver of an unbatched solve and the tensor driver of a
+  batched one) run the same protocol: for every registered method, and for user tableaus that are
+  not FSAL, a one-row solve and the same problem as a batch give the same outputs (to 1e-12) and
+  the same counts, with outputs inside steps and dense output.
+* A non-FSAL tableau runs its own method in both drivers: the first stage of each step is a fresh
+  ``f(t, y)``, never the previous step's last stage (which is another point for such a tableau).
+* The controller's tensor and float paths make the same decisions with the same numbers.
+* ``method=`` takes a name, a ``ButcherTableau`` or a ``Solver``; a user's solver that reports a
+  per-row failure has that step rejected and retried smaller.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction as Fr
+
+import pytest
+import torch
+from conftest import ADAPTIVE, ALL_METHODS
+
+import neuralode
+from neuralode import ButcherTableau, Status
+from neuralode.controllers import FloatControllerState, PIController, rms_norm
+from neuralode.solvers import ExplicitRK, Solver, StepResult
+from neuralode.tableaus import hermite_dense_output
+
+F64 = torch.float64
+
+# Heun-Euler 2(1): not FSAL (its last stage is f(t + h, y0 + h k0), not f(t + h, y1)).
+_HE_B = (Fr(1, 2), Fr(1, 2))
+HEUN_EULER = ButcherTableau(
+    name="heun_euler",
+    order=2,
+    c=(Fr(0), Fr(1)),
+    a=((), (Fr(1),)),
+    b=_HE_B,
+    b_err=(Fr(-1, 2), Fr(1, 2)),  # b - b_hat with b_hat = Euler's (1, 0)
+    error_order=1,
+    dense=hermite_dense_output(_HE_B, 2),
+)
+# Ralston's 3rd-order method with a 2nd-order embedded pair, not FSAL either.
+_RA_B = (Fr(2, 9), Fr(1, 3), Fr(4, 9))
+RALSTON3 = ButcherTableau(
+    name="ralston3",
+    order=3,
+    c=(Fr(0), Fr(1, 2), Fr(3, 4)),
+    a=((), (Fr(1, 2),), (Fr(0), Fr(3, 4))),
+    b=_RA_B,
+    b_err=tuple(x - y for x, y in zip(_RA_B, (Fr(0), Fr(1), Fr(0)))),  # vs the midpoint rule
+    error_order=2,
+    dense=hermite_dense_output(_RA_B, 3),
+)
+USER_TABLEAUS = (HEUN_EULER, RALSTON3)
+
+
+def field(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Forced Van der Pol (mu = 2) for one row (``t: []``) or a batch (``t: [B]``)."""
+    x, v = y[..., 0], y[..., 1]
+    return torch.stack([v, 2.0 * (1 - x**2) * v - x + 0.5 * torch.cos(t)], dim=-1)
+
+
+Y0 = torch.tensor([1.5, -0.5], dtype=F64)
+T = torch.tensor([0.0, 0.37, 1.2, 2.05, 3.0], dtype=F64)  # outputs inside steps
+
+
+def _kw(method: object) -> dict:
+    adaptive = neuralode.get_solver(method).adaptive  # type: ignore[arg-type]
+    return dict(rtol=1e-6, atol=1e-8) if adaptive else dict(step_size=0.09)
+
+
+@pytest.mark.parametrize("method", [*ALL_METHODS, *USER_TABLEAUS], ids=str)
+@pytest.mark.parametrize("rows", [1, 3])
+def test_float_and_tensor_drivers_agree(method: object, rows: int) -> None:
+    one = neuralode.solve(field, Y0, T, method=method, dense=True, **_kw(method))
+    many = neuralode.solve(
+        field, Y0.expand(rows, 2), T, method=method, batched=True, dense=True, **_kw(method)
+    )
+    for r in range(rows):
+        torch.testing.assert_close(many.ys[r], one.ys, rtol=1e-12, atol=1e-12)
+        for name in ("nfe", "n_steps", "n_accepted", "n_rejected"):
+            assert int(getattr(many.stats, name)[r]) == int(getattr(one.stats, name)), name
+    tq = torch.tensor([0.05, 0.8, 2.9], dtype=F64)
+    torch.testing.assert_close(many.evaluate(tq)[0], one.evaluate(tq), rtol=1e-12, atol=1e-12)
+
+
+def test_drivers_agree_with_rejected_steps() -> None:
+    """Rejections leave the carried state as it was in both drivers: the counts of a non-FSAL
+    method agree when steps are rejected (the float driver keeps ``f(t, y)`` after a rejection,
+    so must the tensor driver)."""
+
+    def stiffish(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return -30.0 * (y - torch.sin(3.0 * t).unsqueeze(-1)) + torch.cos(t).unsqueeze(-1)
+
+    y0 = torch.tensor([0.5, -1.0], dtype=F64)
+    t = torch.tensor([0.0, 3.0], dtype=F64)
+    for tab in USER_TABLEAUS:
+        one = neuralode.solve(stiffish, y0, t, method=tab, rtol=1e-6, atol=1e-8)
+        batch = neuralode.solve(
+            stiffish, y0.unsqueeze(0), t, method=tab, rtol=1e-6, atol=1e-8, batched=True
+        )
+        assert int(one.stats.n_rejected) > 0
+        assert int(batch.stats.nfe[0]) == int(one.stats.nfe)
+        torch.testing.assert_close(batch.ys[0], one.ys, rtol=1e-12, atol=1e-12)
+
+
+class Counter:
+    def __init__(self, f):
+        self.f, self.points = f, []
+
+    def __call__(self, t, y):
+        self.points.append((float(t.reshape(-1)[0]), y.detach().reshape(-1).clone()))
+        return self.f(t, y)
+
+
+def test_non_fsal_tableau_evaluates_a_fresh_first_stage() -> None:
+    """Heun-Euler: every step starts with f(t, y) at its own start; the error is that of the
+    method, the same in both drivers (the float driver once reused the last stage, which for
+    this tableau is another point, and ran a different method)."""
+    lam = -2.0
+    rec = Counter(lambda t, y: lam * y)
+    y0 = torch.tensor([1.0], dtype=F64)
+    t = torch.tensor([0.0, 1.0], dtype=F64)
+    sol = neuralode.solve(rec, y0, t, method=HEUN_EULER, rtol=1e-5, atol=1e-7)
+    batch = neuralode.solve(
+        lambda t, y: lam * y, y0.unsqueeze(0), t, method=HEUN_EULER, rtol=1e-5, atol=1e-7,
+        batched=True,
+    )
+    n = int(sol.stats.n_steps)
+    assert int(sol.stats.n_rejected) == 0
+    # f0 and the initial-step probe; the first step starts from f0, every later one with a
+    # fresh f(t, y) before its stage.
+    assert int(sol.stats.nfe) == len(rec.points) == 1 + 2 * n
+    # Each later step's first evaluation is at the previous step's last node (t + h) but on its
+    # end state y1, not on the last stage's state y0 + h k0, which a reused stage would be.
+    last_stages, firsts = rec.points[2::2], rec.points[3::2]
+    assert len(firsts) == n - 1
+    for (t_stage, y_stage), (t_first, y_first) in zip(last_stages, firsts):
+        assert t_first == pytest.approx(t_stage, abs=1e-15)
+        assert not torch.equal(y_first, y_stage)
+    assert int(batch.stats.nfe[0]) == int(sol.stats.nfe)
+    err = abs(float(sol.ys[-1, 0]) - math.exp(lam))
+    assert err == pytest.approx(abs(float(batch.ys[0, -1, 0]) - math.exp(lam)), rel=1e-9)
+    assert err < 1e-4
+
+
+def test_controller_tensor_and_float_paths_agree() -> None:
+    ratios = [0.0, 1e-12, 1e-3, 0.5, 1.0, 1.0 + 1e-9, 7.0, 1e6, math.inf, math.nan]
+    for beta in (0.0, 0.04, 0.2):
+        ctrl = PIController(
+            rtol=1e-6, atol=1e-9, norm=rms_norm, dims=(0,), error_order=4, beta=beta,
+            safety=0.85, ifactor=5.0, dfactor=0.3,
+        )
+        for prev in (1.0, 0.02, 3.0):
+            for rejected in (False, True):
+                for r in ratios:
+                    h = 0.37
+                    state = ctrl.init(torch.zeros((), dtype=F64))
+                    state = state._replace(
+                        prev_ratio=torch.tensor(prev, dtype=F64),
+                        rejected_last=torch.tensor(rejected),
+                    )
+                    acc_t, h_t, st_t = ctrl.adapt(
+                        torch.tensor(r, dtype=F64), torch.tensor(h, dtype=F64), state
+                    )
+                    acc_f, h_f, st_f = ctrl.adapt_float(r, h, FloatControllerState(prev, rejected))
+                    assert bool(acc_t) == acc_f, (beta, prev, rejected, r)
+                    assert float(h_t) == pytest.approx(h_f, rel=1e-14), (beta, prev, rejected, r)
+                    assert float(st_t.prev_ratio) == pytest.approx(st_f.prev_ratio, rel=1e-14)
+                    assert bool(st_t.rejected_last) == st_f.rejected_last
+
+
+def test_controller_beta_uses_the_previous_ratio() -> None:
+    """PI control: a small previous error lets the step grow less (``err_prev^beta``)."""
+    ctrl = PIController(rtol=1e-6, atol=1e-9, norm=rms_norm, dims=(0,), error_order=4, beta=0.1)
+    _, h_small_prev, _ = ctrl.adapt_float(0.5, 1.0, FloatControllerState(0.01, False))
+    _, h_large_prev, _ = ctrl.adapt_float(0.5, 1.0, FloatControllerState(1.0, False))
+    alpha = 1 / 5 - 0.75 * 0.1
+    assert h_large_prev == pytest.approx(0.9 * 0.5**-alpha)
+    assert h_small_prev == pytest.approx(0.9 * 0.5**-alpha * 0.01**0.1)
+
+
+@pytest.mark.parametrize("method", ADAPTIVE)
+def test_method_as_name_tableau_or_solver(method: str) -> None:
+    tab = neuralode.get_tableau(method)
+    by_name = neuralode.solve(field, Y0, T, method=method, rtol=1e-6, atol=1e-8)
+    by_tab = neuralode.solve(field, Y0, T, method=tab, rtol=1e-6, atol=1e-8)
+    by_solver = neuralode.solve(field, Y0, T, method=ExplicitRK(tab), rtol=1e-6, atol=1e-8)
+    for other in (by_tab, by_solver):
+        assert torch.equal(other.ys, by_name.ys)
+        assert int(other.stats.nfe) == int(by_name.stats.nfe)
+    ys = neuralode.odeint(field, Y0, T, method=tab, rtol=1e-6, atol=1e-8)
+    assert torch.equal(ys, by_name.ys)
+
+
+def test_user_tableau_converges_at_its_order() -> None:
+    """A tableau passed as ``method=`` is a real method: Ralston's 3rd order, measured."""
+    tab = ButcherTableau(name="ralston3_fixed", order=3, c=RALSTON3.c, a=RALSTON3.a, b=RALSTON3.b,
+                         dense=RALSTON3.dense)
+    errs = []
+    for n in (20, 40, 80):
+        t = torch.linspace(0, 1, n + 1, dtype=F64)
+        ys = neuralode.odeint(lambda t, y: torch.cos(t) * y, torch.ones(1, dtype=F64), t,
+                              method=tab)
+        errs.append(abs(float(ys[-1, 0]) - math.exp(math.sin(1.0))))
+    slope = math.log(errs[0] / errs[-1]) / math.log(4)
+    assert abs(slope - 3) < 0.3, slope
+
+
+def test_unknown_methods_are_named() -> None:
+    with pytest.raises(ValueError, match=r"unknown method 'rk5'; known methods are: bosh3, "):
+        neuralode.solve(field, Y0, T, method="rk5")
+    with pytest.raises(TypeError, match=r"method must be a name in .*ButcherTableau.*Solver"):
+        neuralode.solve(field, Y0, T, method=5)  # type: ignore[arg-type]
+
+
+class CappedStep(Solver):
+    """dopri5 that refuses (per row) any step longer than its row's cap: a stand-in for an
+    implicit method whose Newton iteration does not converge on large steps."""
+
+    def __init__(self, cap: torch.Tensor | float) -> None:
+        self.inner = ExplicitRK(neuralode.get_tableau("dopri5"))
+        self.cap = cap
+        self.name, self.order, self.error_order = "capped", 5, 4
+        self.dense_order = self.inner.dense_order
+
+    def init(self, f, t, y, f0):
+        return self.inner.init(f, t, y, f0)
+
+    def step(self, f, t, h, y, state, times=None) -> StepResult:
+        res = self.inner.step(f, t, h, y, state, times)
+        h_t = torch.as_tensor(h, dtype=F64)
+        failed = h_t > torch.as_tensor(self.cap, dtype=F64)
+        return res._replace(status=torch.where(failed, int(Status.NONFINITE), 0))
+
+    def dense(self, f, t, h, y, result):
+        return self.inner.dense(f, t, h, y, result)
+
+    def error_norm(self, norms):
+        return self.inner.error_norm(norms)
+
+
+def test_a_step_that_fails_on_its_own_is_rejected_and_retried() -> None:
+    t = torch.tensor([0.0, 4.0], dtype=F64)
+    free = neuralode.solve(field, Y0, t, method="dopri5", rtol=1e-4, atol=1e-6, dense=True)
+    capped = neuralode.solve(field, Y0, t, method=CappedStep(0.05), rtol=1e-4, atol=1e-6,
+                             dense=True)
+    assert capped.success
+    assert int(capped.stats.n_accepted) >= 4.0 / 0.05
+    assert int(capped.stats.n_accepted) > int(free.stats.n_accepted)
+    torch.testing.assert_close(capped.ys[-1], free.ys[-1], rtol=1e-3, atol=1e-4)
+    # Per row: only the row with the small cap takes small steps.
+    caps = torch.tensor([0.05, 10.0], dtype=F64)
+    both = neuralode.solve(field, Y0.expand(2, 2), t, method=CappedStep(caps), rtol=1e-4,
+                           atol=1e-6, batched=True)
+    assert int(both.stats.n_accepted[0]) >= 80
+    assert int(both.stats.n_accepted[1]) == int(free.stats.n_accepted)
