@@ -88,6 +88,7 @@ density: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/mypy src
+	$(VENV)/bin/lint-imports
 
 # Build outputs and caches; keeps .venv and runs/ (results).
 clean:

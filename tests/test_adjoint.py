@@ -678,8 +678,11 @@ def test_double_backward_is_refused_with_the_alternative(gradient: str) -> None:
     net = MLPField(2, 4, seed=1)
     y0 = torch.tensor([0.3, -0.2], dtype=F64, requires_grad=True)
     sol = neuralode.solve(net, y0, T_INC, gradient=gradient)
-    with pytest.raises(RuntimeError, match=rf"gradient='{gradient}' does not support double "
-                       r"backward.*Use gradient='backprop'"):
+    with pytest.raises(
+        RuntimeError,
+        match=rf"gradient='{gradient}' does not support double "
+        r"backward.*Use gradient='backprop'",
+    ):
         torch.autograd.grad(sol.ys.sum(), y0, create_graph=True)
     # backprop's graph supports it: a second derivative by double backward vs finite differences.
     sol = neuralode.solve(net, y0, T_INC, rtol=1e-10, atol=1e-10)
@@ -725,8 +728,10 @@ def test_adjoint_step_size_carries_across_output_times() -> None:
     nfe_1, steps_1 = _spiral_demo_backward_nfe(2)
     nfe_10, steps_10 = _spiral_demo_backward_nfe(10)
     nfe_50, steps_50 = _spiral_demo_backward_nfe(50)
-    print(f"\nbackward steps / NFE: 1 interval {steps_1}/{nfe_1}, 9 {steps_10}/{nfe_10}, "
-          f"49 {steps_50}/{nfe_50}")
+    print(
+        f"\nbackward steps / NFE: 1 interval {steps_1}/{nfe_1}, 9 {steps_10}/{nfe_10}, "
+        f"49 {steps_50}/{nfe_50}"
+    )
     assert steps_10 <= steps_1 + 9
     assert steps_50 <= max(steps_1, 49) + 49
     # Evaluations: per step 6 (dopri5) and one fresh first stage per interval after the jump.

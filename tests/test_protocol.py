@@ -124,7 +124,12 @@ def test_non_fsal_tableau_evaluates_a_fresh_first_stage() -> None:
     t = torch.tensor([0.0, 1.0], dtype=F64)
     sol = neuralode.solve(rec, y0, t, method=HEUN_EULER, rtol=1e-5, atol=1e-7)
     batch = neuralode.solve(
-        lambda t, y: lam * y, y0.unsqueeze(0), t, method=HEUN_EULER, rtol=1e-5, atol=1e-7,
+        lambda t, y: lam * y,
+        y0.unsqueeze(0),
+        t,
+        method=HEUN_EULER,
+        rtol=1e-5,
+        atol=1e-7,
         batched=True,
     )
     n = int(sol.stats.n_steps)
@@ -149,8 +154,15 @@ def test_controller_tensor_and_float_paths_agree() -> None:
     ratios = [0.0, 1e-12, 1e-3, 0.5, 1.0, 1.0 + 1e-9, 7.0, 1e6, math.inf, math.nan]
     for beta in (0.0, 0.04, 0.2):
         ctrl = PIController(
-            rtol=1e-6, atol=1e-9, norm=rms_norm, dims=(0,), error_order=4, beta=beta,
-            safety=0.85, ifactor=5.0, dfactor=0.3,
+            rtol=1e-6,
+            atol=1e-9,
+            norm=rms_norm,
+            dims=(0,),
+            error_order=4,
+            beta=beta,
+            safety=0.85,
+            ifactor=5.0,
+            dfactor=0.3,
         )
         for prev in (1.0, 0.02, 3.0):
             for rejected in (False, True):
@@ -196,13 +208,20 @@ def test_method_as_name_tableau_or_solver(method: str) -> None:
 
 def test_user_tableau_converges_at_its_order() -> None:
     """A tableau passed as ``method=`` is a real method: Ralston's 3rd order, measured."""
-    tab = ButcherTableau(name="ralston3_fixed", order=3, c=RALSTON3.c, a=RALSTON3.a, b=RALSTON3.b,
-                         dense=RALSTON3.dense)
+    tab = ButcherTableau(
+        name="ralston3_fixed",
+        order=3,
+        c=RALSTON3.c,
+        a=RALSTON3.a,
+        b=RALSTON3.b,
+        dense=RALSTON3.dense,
+    )
     errs = []
     for n in (20, 40, 80):
         t = torch.linspace(0, 1, n + 1, dtype=F64)
-        ys = neuralode.odeint(lambda t, y: torch.cos(t) * y, torch.ones(1, dtype=F64), t,
-                              method=tab)
+        ys = neuralode.odeint(
+            lambda t, y: torch.cos(t) * y, torch.ones(1, dtype=F64), t, method=tab
+        )
         errs.append(abs(float(ys[-1, 0]) - math.exp(math.sin(1.0))))
     slope = math.log(errs[0] / errs[-1]) / math.log(4)
     assert abs(slope - 3) < 0.3, slope
@@ -244,15 +263,17 @@ class CappedStep(Solver):
 def test_a_step_that_fails_on_its_own_is_rejected_and_retried() -> None:
     t = torch.tensor([0.0, 4.0], dtype=F64)
     free = neuralode.solve(field, Y0, t, method="dopri5", rtol=1e-4, atol=1e-6, dense=True)
-    capped = neuralode.solve(field, Y0, t, method=CappedStep(0.05), rtol=1e-4, atol=1e-6,
-                             dense=True)
+    capped = neuralode.solve(
+        field, Y0, t, method=CappedStep(0.05), rtol=1e-4, atol=1e-6, dense=True
+    )
     assert capped.success
     assert int(capped.stats.n_accepted) >= 4.0 / 0.05
     assert int(capped.stats.n_accepted) > int(free.stats.n_accepted)
     torch.testing.assert_close(capped.ys[-1], free.ys[-1], rtol=1e-3, atol=1e-4)
     # Per row: only the row with the small cap takes small steps.
     caps = torch.tensor([0.05, 10.0], dtype=F64)
-    both = neuralode.solve(field, Y0.expand(2, 2), t, method=CappedStep(caps), rtol=1e-4,
-                           atol=1e-6, batched=True)
+    both = neuralode.solve(
+        field, Y0.expand(2, 2), t, method=CappedStep(caps), rtol=1e-4, atol=1e-6, batched=True
+    )
     assert int(both.stats.n_accepted[0]) >= 80
     assert int(both.stats.n_accepted[1]) == int(free.stats.n_accepted)

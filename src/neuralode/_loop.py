@@ -97,23 +97,24 @@ class LoopSpec:
         self,
         y0: torch.Tensor,
         f0: torch.Tensor | None,
-        s: torch.Tensor,
+        out_times: torch.Tensor,
         *,
         first_step: torch.Tensor | float | None = None,
         record: bool = False,
         carry_step: bool = False,
     ) -> LoopResult:
-        """Solve from ``y0`` at ``s[..., 0]`` and return the outputs at ``s``.
+        """Solve from ``y0`` at ``out_times[..., 0]`` and return the outputs at ``out_times``.
 
         Args:
             y0: start state (internal layout).
-            f0: ``func(s[..., 0], y0)`` when known (counted as one evaluation), else ``None``.
-            s: increasing output times, ``[T]``, or ``[batch, T]`` batched (time dtype).
+            f0: ``func(out_times[..., 0], y0)`` when known (counted as one evaluation), else
+                ``None``.
+            out_times: increasing output times, ``[T]``, or ``[batch, T]`` batched (time dtype).
             first_step: adaptive methods: the first step, instead of ``self.first_step``.
             record: keep the accepted steps for replay (the checkpoint strategy).
             carry_step: report ``LoopResult.h_next`` (a solve that continues from the end).
         """
-        return _Run(self, y0, f0, s, first_step, record, carry_step).run()
+        return _Run(self, y0, f0, out_times, first_step, record, carry_step).run()
 
 
 class _Attempt(NamedTuple):
@@ -155,7 +156,7 @@ class _Run:
         spec: LoopSpec,
         y0: torch.Tensor,
         f0: torch.Tensor | None,
-        s: torch.Tensor,
+        out_times: torch.Tensor,
         first_step: torch.Tensor | float | None,
         record: bool,
         carry_step: bool,
@@ -165,14 +166,14 @@ class _Run:
         self.batched = spec.batched
         self.y0, self.f0 = y0, f0
         self.dtype, self.device = y0.dtype, y0.device
-        if self.batched and s.ndim == 1:
-            s = s.unsqueeze(0).expand(y0.shape[0], -1)
-        self.s = s.contiguous()
-        self.t_dtype = s.dtype
-        self.T = s.shape[-1]
+        if self.batched and out_times.ndim == 1:
+            out_times = out_times.unsqueeze(0).expand(y0.shape[0], -1)
+        self.out_times = out_times.contiguous()
+        self.t_dtype = out_times.dtype
+        self.T = out_times.shape[-1]
         self.first_step = first_step if first_step is not None else spec.first_step
         self.grid = (
-            FixedGrid(self.s, spec.step_size, self.batched)
+            FixedGrid(self.out_times, spec.step_size, self.batched)
             if self.controller is None and self.T > 1
             else None
         )
@@ -194,11 +195,17 @@ class _Run:
         return LoopResult(ys, status, t_end, stats, h_next, self.dense, self.records)
 
     def _no_steps(self) -> tuple[Any, ...]:
-        rows = self.s.shape[:-1]
+        rows = self.out_times.shape[:-1]
         zeros = torch.zeros(rows, dtype=torch.long, device=self.device)
         ys = Outputs(self.y0, 1, self.batched).assemble()
         nfe = zeros + int(self.f0 is not None)
-        return ys, zeros.clone(), self.s[..., 0].clone(), Stats(nfe, zeros, zeros, zeros), None
+        return (
+            ys,
+            zeros.clone(),
+            self.out_times[..., 0].clone(),
+            Stats(nfe, zeros, zeros, zeros),
+            None,
+        )
 
     def _dense_step(self, t: Any, h: Any, y: torch.Tensor, res: StepResult) -> tuple[Any, ...]:
         return self.solver.dense(self.f, t, h, y, res)
@@ -224,7 +231,7 @@ class _Run:
         bad_t &= (status == Status.SUCCESS).reshape(-1, 1)
         rows = bad_t.any(dim=1)
         first = bad_t.long().argmax(dim=1)
-        s2 = self.s if self.batched else self.s.unsqueeze(0)
+        s2 = self.out_times if self.batched else self.out_times.unsqueeze(0)
         t_bad = s2.gather(1, first.unsqueeze(1)).squeeze(1)
         if not self.batched:
             rows, t_bad = rows[0], t_bad[0]
@@ -232,9 +239,9 @@ class _Run:
 
     # -- the tensor driver ------------------------------------------------------------------------
     def _tensor_driver(self) -> tuple[Any, ...]:
-        f, solver, s = self.f, self.solver, self.s
-        t = s[:, 0].clone()
-        t_end = s[:, -1]
+        f, solver = self.f, self.solver
+        t = self.out_times[:, 0].clone()
+        t_end = self.out_times[:, -1]
         zeros = torch.zeros(t.shape, dtype=torch.long, device=self.device)
         c = _Carry(
             t=t,
@@ -252,13 +259,13 @@ class _Run:
             h, nfe = self._first_step_tensor(t, c.solver_state)
             c = c._replace(h=h, controller_state=self.controller.init(t), nfe=c.nfe + nfe)
         outputs = Outputs(self.y0, self.T, batched=True)
-        nxt = zeros + 1  # per row: index of the next output time to produce
+        next_out = zeros + 1  # per row: index of the next output time to produce
         plan = self._fixed_plan() if self.grid is not None else None
         h_next = c.h
         k = 0
         while True:
             c, att = self._attempt(c, k)
-            c, nxt, go_on = self._commit(c, att, nxt, outputs, plan, k)
+            c, next_out, go_on = self._commit(c, att, next_out, outputs, plan, k)
             if self.carry_step:
                 # A step shortened to land on the end says nothing against the one proposed.
                 landed = att.accept & ~att.still
@@ -291,7 +298,7 @@ class _Run:
             h_prop = c.h
         else:
             assert ctrl is not None
-            t_end = self.s[:, -1]
+            t_end = self.out_times[:, -1]
             gap = t_end - t
             hit = c.h * 1.01 >= gap  # land on the end rather than leave a sliver of a step
             h = torch.where(c.running, torch.where(hit, gap, c.h), 0.0)
@@ -313,7 +320,7 @@ class _Run:
             # An accepted step that no longer moves t, or a next step below the resolution of t
             # (or NaN), cannot make progress; nor can a row out of steps.
             eps = torch.finfo(self.t_dtype).eps
-            res_t = 10 * eps * torch.maximum(t.abs(), self.s[:, -1].abs())
+            res_t = 10 * eps * torch.maximum(t.abs(), self.out_times[:, -1].abs())
             under = still & ((h <= res_t) | ~(h_prop > res_t))
             code = torch.where(
                 torch.isfinite(ratio), int(Status.STEP_SIZE_UNDERFLOW), int(Status.NONFINITE)
@@ -350,41 +357,46 @@ class _Run:
         """For each fixed step, the most outputs a row has inside it and at its end (one host
         synchronisation for the whole solve)."""
         assert self.grid is not None
-        g, s = self.grid.grid, self.s
-        nxt = torch.searchsorted(s, g[..., :-1].contiguous(), right=True)
-        lt = torch.searchsorted(s, g[..., 1:].contiguous(), right=False)
-        le = torch.searchsorted(s, g[..., 1:].contiguous(), right=True)
-        moved = g.diff(dim=-1) > 0
-        m_in = torch.where(moved, lt - nxt, 0).amax(0)
-        m_end = torch.where(moved, le - lt, 0).amax(0)
-        return list(zip(m_in.tolist(), m_end.tolist()))
+        grid, out = self.grid.grid, self.out_times
+        next_out = torch.searchsorted(out, grid[..., :-1].contiguous(), right=True)
+        below = torch.searchsorted(out, grid[..., 1:].contiguous(), right=False)
+        upto = torch.searchsorted(out, grid[..., 1:].contiguous(), right=True)
+        moved = grid.diff(dim=-1) > 0
+        most_inside = torch.where(moved, below - next_out, 0).amax(0)
+        most_at_end = torch.where(moved, upto - below, 0).amax(0)
+        return list(zip(most_inside.tolist(), most_at_end.tolist()))
 
     def _commit(
         self,
         c: _Carry,
         att: _Attempt,
-        nxt: torch.Tensor,
+        next_out: torch.Tensor,
         outputs: Outputs,
         plan: list[tuple[int, int]] | None,
         k: int,
     ) -> tuple[_Carry, torch.Tensor, bool]:
         """Outputs, records and the decision to go on, for the accepted rows of an attempt."""
         accept, res = att.accept, att.result
-        lt = torch.searchsorted(self.s, att.t_new.unsqueeze(1), right=False).squeeze(1)
-        le = torch.searchsorted(self.s, att.t_new.unsqueeze(1), right=True).squeeze(1)
-        n_in = torch.where(accept, lt - nxt, 0)
-        n_end = torch.where(accept, le - lt, 0)
+        below = torch.searchsorted(self.out_times, att.t_new.unsqueeze(1), right=False).squeeze(1)
+        upto = torch.searchsorted(self.out_times, att.t_new.unsqueeze(1), right=True).squeeze(1)
+        n_inside = torch.where(accept, below - next_out, 0)
+        n_at_end = torch.where(accept, upto - below, 0)
         if plan is not None:  # a fixed grid: everything known in advance
             assert self.grid is not None
-            go_on, (m_in, m_end), all_acc, any_acc = k + 1 < self.grid.n, plan[k], True, True
+            go_on, (most_inside, most_at_end), all_acc, any_acc = (
+                k + 1 < self.grid.n,
+                plan[k],
+                True,
+                True,
+            )
         else:
             # The step's one host sync: does any row run on, how many outputs fell inside the
             # step or on its end, and did every running row accept.
-            go_on, m_in, m_end, all_acc, any_acc = torch.stack(
+            go_on, most_inside, most_at_end, all_acc, any_acc = torch.stack(
                 (
                     att.still.any(),
-                    n_in.max(),
-                    n_end.max(),
+                    n_inside.max(),
+                    n_at_end.max(),
                     (accept | ~att.running).all(),
                     accept.any(),
                 )
@@ -394,26 +406,26 @@ class _Run:
             # same; a merge with a state a step could not carry, None, would have dropped it).
             c = c._replace(solver_state=att.solver_state)
         d = None
-        if m_in > 0 or (self.dense is not None and any_acc):
+        if most_inside > 0 or (self.dense is not None and any_acc):
             d, extra, next_state = self._dense_step(att.t, att.h, att.y, res)
-            uses = n_in > 0 if self.dense is None else accept
+            uses = n_inside > 0 if self.dense is None else accept
             if next_state is not None and all_acc:
                 # The interpolant evaluated f(t + h, y1): it starts the next step of every row.
                 c = c._replace(solver_state=next_state)
                 uses = uses | att.still
             c = c._replace(nfe=c.nfe + (accept & uses) * extra)
-        if m_in > 0:
+        if most_inside > 0:
             assert d is not None
-            j = torch.arange(m_in, device=self.device)
-            idx = nxt.unsqueeze(1) + j
-            valid = j < n_in.unsqueeze(1)
-            ts = self.s.gather(1, idx.clamp(max=self.T - 1))
+            j = torch.arange(most_inside, device=self.device)
+            idx = next_out.unsqueeze(1) + j
+            valid = j < n_inside.unsqueeze(1)
+            ts = self.out_times.gather(1, idx.clamp(max=self.T - 1))
             theta = torch.where(
                 valid, (ts - att.t.unsqueeze(1)) / att.h.clamp(min=1e-300).unsqueeze(1), 0.0
             )
             outputs.add(idx, evaluate(d, theta, batched=True), valid)
-        if m_end > 0:
-            outputs.add(lt.unsqueeze(1), res.y1.unsqueeze(1), (n_end > 0).unsqueeze(1))
+        if most_at_end > 0:
+            outputs.add(below.unsqueeze(1), res.y1.unsqueeze(1), (n_at_end > 0).unsqueeze(1))
         if any_acc:
             h_acc = torch.where(accept, att.h, 0.0)
             if self.records is not None:
@@ -422,8 +434,8 @@ class _Run:
                         att.t,
                         h_acc,
                         att.y,
-                        (nxt, n_in, m_in) if m_in > 0 else None,
-                        (lt, n_end > 0) if m_end > 0 else None,
+                        (next_out, n_inside, most_inside) if most_inside > 0 else None,
+                        (below, n_at_end > 0) if most_at_end > 0 else None,
                     )
                 )
             if self.dense is not None:
@@ -433,7 +445,7 @@ class _Run:
                 self._keep_dense(att.t, att.h, d)
         # Advance the accepted rows (rows that stopped took a zero step: y1 == y there).
         y = res.y1 if all_acc else torch.where(per_row(accept, att.y.ndim), res.y1, att.y)
-        return c._replace(y=y), torch.where(accept, le, nxt), bool(go_on)
+        return c._replace(y=y), torch.where(accept, upto, next_out), bool(go_on)
 
     # -- the float driver -------------------------------------------------------------------------
     def _float_driver(self) -> tuple[Any, ...]:
@@ -458,7 +470,7 @@ class _Run:
             y, state = res.y1, (res.state if next_state is None else next_state)
         n = torch.tensor(self.grid.n, device=self.device)
         stats = Stats(torch.tensor(nfe, device=self.device), n, n.clone(), n * 0)
-        return commit.assemble(), n * 0, self.s[-1].clone(), stats, None
+        return commit.assemble(), n * 0, self.out_times[-1].clone(), stats, None
 
     def _float_adaptive(self) -> tuple[Any, ...]:
         """Adaptive steps of one row: the error ratio is the step's one host synchronisation,
@@ -466,8 +478,8 @@ class _Run:
         solver, f = self.solver, self.f
         ctrl = self.controller
         assert ctrl is not None
-        s_list: list[float] = self.s.tolist()
-        t, t_end = s_list[0], s_list[-1]
+        out_list: list[float] = self.out_times.tolist()
+        t, t_end = out_list[0], out_list[-1]
         y = self.y0
         state = solver.init(f, t, y, self.f0)
         nfe = int(self.f0 is not None)
@@ -476,7 +488,7 @@ class _Run:
         else:
             if self.f0 is None:
                 raise ValueError("the initial step needs f(t0, y0): pass f0 or first_step")
-            h = float(ctrl.initial_step(f, self.s[0], y, self.f0))
+            h = float(ctrl.initial_step(f, self.out_times[0], y, self.f0))
             nfe += 1
         cstate = ctrl.init_float()
         commit = _FloatCommit(self)
@@ -534,8 +546,8 @@ class _FloatCommit:
 
     def __init__(self, run: _Run) -> None:
         self.run = run
-        self.s_list: list[float] = run.s.tolist()
-        self.nxt = 1
+        self.out_list: list[float] = run.out_times.tolist()
+        self.next_out = 1
         self.vals: list[torch.Tensor] = [run.y0.unsqueeze(0)]
 
     def accepted(
@@ -543,19 +555,21 @@ class _FloatCommit:
     ) -> tuple[int, Any]:
         """Place the outputs of an accepted step; returns the interpolant's evaluations and the
         carried state it computed (or ``None``)."""
-        run, nxt = self.run, self.nxt
-        lt = bisect.bisect_left(self.s_list, t_new, lo=nxt)
-        le = bisect.bisect_right(self.s_list, t_new, lo=lt)
+        run, next_out = self.run, self.next_out
+        below = bisect.bisect_left(self.out_list, t_new, lo=next_out)
+        upto = bisect.bisect_right(self.out_list, t_new, lo=below)
         extra, next_state, d = 0, None, None
-        if lt > nxt or run.dense is not None:
+        if below > next_out or run.dense is not None:
             d, extra, next_state = run._dense_step(t, h, y, res)
-        if lt > nxt:
+        if below > next_out:
             assert d is not None
             theta = torch.tensor(
-                [(x - t) / h for x in self.s_list[nxt:lt]], dtype=torch.float64, device=y.device
+                [(x - t) / h for x in self.out_list[next_out:below]],
+                dtype=torch.float64,
+                device=y.device,
             )
             self.vals.append(evaluate(d, theta, batched=False))
-        if le > lt:
+        if upto > below:
             self.vals.append(res.y1.unsqueeze(0))
         if run.records is not None:
             run.records.append(
@@ -563,14 +577,14 @@ class _FloatCommit:
                     t,
                     h,
                     y,
-                    (nxt, lt - nxt, lt - nxt) if lt > nxt else None,
-                    (lt, True) if le > lt else None,
+                    (next_out, below - next_out, below - next_out) if below > next_out else None,
+                    (below, True) if upto > below else None,
                 )
             )
         if run.dense is not None:
             assert d is not None
             run._keep_dense(t, h, d)
-        self.nxt = le
+        self.next_out = upto
         return extra, next_state
 
     def assemble(self) -> torch.Tensor:

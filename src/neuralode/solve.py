@@ -215,11 +215,11 @@ def _finish(prob: Problem, t: Any, out: Outcome, dense: bool, throw: bool) -> So
             # (non-differentiable) value there, computed without autograd.
             core = torch.no_grad()(core)
         evaluate = make_evaluate(
-            core, prob.s.detach(), sign, prob.batched, prob.unflatten, _fmt_time
+            core, prob.times.detach(), sign, prob.batched, prob.unflatten, _fmt_time
         )
     t_end_user = res.t_end * sign
     sol = Solution(
-        ts=t if isinstance(t, torch.Tensor) else prob.s.detach() * sign,
+        ts=t if isinstance(t, torch.Tensor) else prob.times.detach() * sign,
         ys=prob.unflatten(out.ys),
         stats=res.stats,
         status=res.status,

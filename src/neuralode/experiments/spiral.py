@@ -43,7 +43,7 @@ from neuralode.experiments.common import (
 
 __all__ = [
     "CountingField",
-    "SpiralConfig",
+    "SpiralDemoConfig",
     "SpiralField",
     "add_arguments",
     "make_data",
@@ -58,7 +58,7 @@ LOSSES = ("l1", "mse", "relative")
 
 
 @dataclass(frozen=True)
-class SpiralConfig:
+class SpiralDemoConfig:
     """Resolved settings of one spiral run (written to ``config.json``).
 
     The defaults run in about a minute on 2 CPU threads and reach a full-trajectory RMSE of about
@@ -178,7 +178,7 @@ def _odeint(func: nn.Module, y0: Tensor, t: Tensor, **kwargs: Any) -> Tensor:
     return ys
 
 
-def make_data(config: SpiralConfig) -> tuple[Tensor, Tensor]:
+def make_data(config: SpiralDemoConfig) -> tuple[Tensor, Tensor]:
     """Sample the true trajectory.
 
     Returns:
@@ -221,7 +221,7 @@ def _loss(pred: Tensor, target: Tensor, kind: str) -> Tensor:
 
 
 def _evaluate(
-    field: CountingField, t: Tensor, y_true: Tensor, config: SpiralConfig
+    field: CountingField, t: Tensor, y_true: Tensor, config: SpiralDemoConfig
 ) -> dict[str, Any]:
     """Integrate the learned field from ``y0`` over the whole grid and compare with the truth.
 
@@ -246,7 +246,7 @@ class _Recorder:
     """Evaluates the learned field on the full trajectory and appends a ``metrics.jsonl`` line."""
 
     def __init__(
-        self, path: Path, field: CountingField, t: Tensor, y_true: Tensor, config: SpiralConfig
+        self, path: Path, field: CountingField, t: Tensor, y_true: Tensor, config: SpiralDemoConfig
     ) -> None:
         self.path, self.field, self.t, self.y_true, self.config = path, field, t, y_true, config
         self.start = time.perf_counter()
@@ -270,7 +270,7 @@ class _Recorder:
         return self.last
 
 
-def run(config: SpiralConfig) -> dict[str, Any]:
+def run(config: SpiralDemoConfig) -> dict[str, Any]:
     """Train and evaluate one spiral run into ``config.out``; return the final metrics.
 
     Two phases: ``iters`` Adam steps on ``batch_size`` random windows (the paper's demo), then
@@ -470,7 +470,7 @@ def _plot(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the spiral experiment's options to ``parser`` (``neuralode train spiral ...``)."""
-    d = SpiralConfig()
+    d = SpiralDemoConfig()
     parser.add_argument("--out", default=d.out, help=f"run folder (default: {d.out})")
     parser.add_argument(
         "--iters", type=int, default=d.iters, help=f"Adam iterations (default: {d.iters})"
@@ -514,12 +514,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary line")
 
 
-def config_from_args(args: argparse.Namespace) -> SpiralConfig:
-    """Build a :class:`SpiralConfig` from parsed ``neuralode train spiral`` arguments."""
-    names = {f.name for f in dataclasses.fields(SpiralConfig)}
+def config_from_args(args: argparse.Namespace) -> SpiralDemoConfig:
+    """Build a :class:`SpiralDemoConfig` from parsed ``neuralode train spiral`` arguments."""
+    names = {f.name for f in dataclasses.fields(SpiralDemoConfig)}
     values = {k: v for k, v in vars(args).items() if k in names}
-    values["out"] = os.fspath(values.get("out", SpiralConfig.out))
-    return SpiralConfig(**values)
+    values["out"] = os.fspath(values.get("out", SpiralDemoConfig.out))
+    return SpiralDemoConfig(**values)
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:

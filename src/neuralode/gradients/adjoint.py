@@ -194,8 +194,8 @@ class Adjoint(GradientStrategy):
 
     def solve(self, prob: Problem, spec: LoopSpec) -> Outcome:
         prob.f0 = prob.f0.detach()
-        context = _Context(self, prob, spec)
-        ys = _AdjointFn.apply(context, prob.y0, prob.s, *self.params)
+        context = _AdjointRun(self, prob, spec)
+        ys = _AdjointFn.apply(context, prob.y0, prob.times, *self.params)
         assert context.result is not None
         return Outcome(ys, context.result, context.stats, True)
 
@@ -205,7 +205,7 @@ class _AdjointFn(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, context: _Context, y0: torch.Tensor, s: torch.Tensor, *params: torch.Tensor
+        ctx: Any, context: _AdjointRun, y0: torch.Tensor, s: torch.Tensor, *params: torch.Tensor
     ) -> torch.Tensor:
         ys = context.forward(y0, s.detach())
         ctx.context = context
@@ -216,7 +216,7 @@ class _AdjointFn(torch.autograd.Function):
     def backward(ctx: Any, grad_ys: torch.Tensor) -> tuple[Any, ...]:
         refuse_double_backward("adjoint")
         ys, s, *params = ctx.saved_tensors
-        context: _Context = ctx.context
+        context: _AdjointRun = ctx.context
         # ys is this Function's own output and still claims requires_grad; detach it so that a
         # field differentiating inside itself (a CNF's trace) never sees a graph-less view that
         # pretends to be differentiable.
@@ -227,7 +227,7 @@ class _AdjointFn(torch.autograd.Function):
 
 
 @dataclass
-class _Context:
+class _AdjointRun:
     strategy: Adjoint
     prob: Problem
     spec: LoopSpec

@@ -69,9 +69,9 @@ class Backprop(GradientStrategy):
     name = "backprop"
 
     def solve(self, prob: Problem, spec: LoopSpec) -> Outcome:
-        s_det = prob.s.detach()
+        s_det = prob.times.detach()
         y0, f0 = prob.y0, prob.f0
-        needs_t_grad = prob.s.requires_grad and torch.is_grad_enabled()
+        needs_t_grad = prob.times.requires_grad and torch.is_grad_enabled()
         if needs_t_grad:
             y0 = t0_shift(prob, s_det)
             # The first stage must see the shift too, or its derivative misses the t0 direction.
@@ -84,13 +84,13 @@ class Backprop(GradientStrategy):
 def t0_shift(prob: Problem, s_det: torch.Tensor) -> torch.Tensor:
     """``y0`` shifted by zero, with derivative ``-f(t0, y0)`` with respect to ``t0``:
     ``d y(t_i) / d t_0 = -Phi(t_i, t_0) f(t_0, y_0)`` then flows through the solve."""
-    ds0 = (prob.s[..., 0] - s_det[..., 0]).to(prob.y0.dtype)
+    ds0 = (prob.times[..., 0] - s_det[..., 0]).to(prob.y0.dtype)
     return prob.y0 - per_row(ds0, prob.y0.ndim) * prob.f0
 
 
 def attach_time_gradients(prob: Problem, ys: torch.Tensor, s_det: torch.Tensor) -> torch.Tensor:
     """Give each output ``y(t_i)`` the derivative ``f(t_i, y_i)`` with respect to ``t_i``."""
-    ds = (prob.s - s_det).to(ys.dtype)  # zeros that carry the graph to t
+    ds = (prob.times - s_det).to(ys.dtype)  # zeros that carry the graph to t
     if prob.batched:
         fs = torch.stack(
             [prob.func(s_det[:, i].to(ys.dtype), ys[:, i]) for i in range(ys.shape[1])], dim=1

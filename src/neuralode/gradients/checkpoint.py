@@ -43,9 +43,9 @@ class Checkpoint(GradientStrategy):
         self.params = params
 
     def solve(self, prob: Problem, spec: LoopSpec) -> Outcome:
-        s_det = prob.s.detach()
+        s_det = prob.times.detach()
         y0 = prob.y0
-        needs_t_grad = prob.s.requires_grad and torch.is_grad_enabled()
+        needs_t_grad = prob.times.requires_grad and torch.is_grad_enabled()
         if needs_t_grad:  # as for backprop
             y0 = t0_shift(prob, s_det)
         replay = _Replay(spec, prob, s_det, needs_t_grad)
@@ -60,7 +60,7 @@ class Checkpoint(GradientStrategy):
 class _Replay:
     spec: LoopSpec
     prob: Problem
-    s: torch.Tensor  # internal output times, detached
+    out_times: torch.Tensor  # internal output times, detached
     needs_t_grad: bool
     result: LoopResult | None = None
     stats: dict[str, Stats] = field(default_factory=dict)
@@ -70,8 +70,8 @@ class _Replay:
         prob = self.prob
         f0 = prob.f0.detach()
         if self.needs_t_grad:  # the shifted start needs its own first evaluation
-            f0 = prob.func(self.s[..., 0].to(y0.dtype), y0)
-        self.result = self.spec.run(y0, f0, self.s, record=True)
+            f0 = prob.func(self.out_times[..., 0].to(y0.dtype), y0)
+        self.result = self.spec.run(y0, f0, self.out_times, record=True)
         return self.result.ys
 
     def step(
@@ -83,22 +83,22 @@ class _Replay:
         self.nfe += res.nfe
         outs: list[tuple[torch.Tensor, Any, Any]] = []
         if r.interior is not None:
-            nxt, n_in, m = r.interior
+            first, count, m = r.interior
             d, extra, _ = solver.dense(f, r.t, r.h, y_in, res)
             self.nfe += extra
             j = torch.arange(m, device=y_in.device)
             if batched:
-                assert isinstance(nxt, torch.Tensor) and isinstance(n_in, torch.Tensor)
+                assert isinstance(first, torch.Tensor) and isinstance(count, torch.Tensor)
                 assert isinstance(r.t, torch.Tensor) and isinstance(r.h, torch.Tensor)
-                idx = nxt.unsqueeze(1) + j
-                valid: Any = j < n_in.unsqueeze(1)
-                ts = self.s.gather(1, idx.clamp(max=self.s.shape[-1] - 1))
+                idx = first.unsqueeze(1) + j
+                valid: Any = j < count.unsqueeze(1)
+                ts = self.out_times.gather(1, idx.clamp(max=self.out_times.shape[-1] - 1))
                 theta = torch.where(
                     valid, (ts - r.t.unsqueeze(1)) / r.h.clamp(min=1e-300).unsqueeze(1), 0.0
                 )
             else:
-                idx, valid = nxt + j, None
-                theta = (self.s[idx] - r.t) / r.h
+                idx, valid = first + j, None
+                theta = (self.out_times[idx] - r.t) / r.h
             outs.append((evaluate(d, theta, batched), idx, valid))
         if r.end is not None:
             idx_end, has = r.end
@@ -113,7 +113,7 @@ class _Replay:
         """The incoming gradients of outputs ``idx`` (zero where not ``valid``)."""
         if not self.spec.batched:
             return grad_ys[idx] if isinstance(idx, torch.Tensor) else grad_ys[idx : idx + 1]
-        gi = idx.clamp(max=self.s.shape[-1] - 1)
+        gi = idx.clamp(max=self.out_times.shape[-1] - 1)
         g = grad_ys[torch.arange(gi.shape[0], device=gi.device).unsqueeze(1), gi]
         return g * valid.view(valid.shape + (1,) * (g.ndim - 2)).to(g.dtype)
 
