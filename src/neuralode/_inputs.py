@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from ._rows import per_row
+
 Func = Callable[[torch.Tensor, Any], Any]
 
 
@@ -277,7 +279,7 @@ def normalise(
             sign = sign_t
             s = t * sign_t.unsqueeze(-1)
             sign_f = sign_t.to(dtype)
-            sign_y = sign_f.view((-1,) + (1,) * (y_flat.ndim - 1))
+            sign_y = per_row(sign_f, y_flat.ndim)
 
             def g(tt: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
                 return base(tt * sign_f, y) * sign_y

@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import torch
 
+from ._rows import per_row
 from .solvers.base import Time
 
 __all__ = ["Outputs", "StepRecord"]
@@ -54,7 +55,7 @@ class Outputs:
             return ys
         vals = torch.cat(self.vals, dim=1)
         idx = torch.cat(self.idx, dim=1)
-        idx = idx.view(idx.shape + (1,) * (vals.ndim - 2)).expand_as(vals)
+        idx = per_row(idx, vals.ndim).expand_as(vals)
         out = vals.new_full((vals.shape[0], self.T + 1) + vals.shape[2:], float("nan"))
         return out.scatter(1, idx, vals)[:, : self.T]
 

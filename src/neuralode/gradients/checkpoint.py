@@ -22,6 +22,7 @@ import torch
 from .._inputs import Problem
 from .._loop import LoopResult, LoopSpec
 from .._outputs import StepRecord
+from .._rows import per_row
 from ..interpolation import evaluate
 from ..solution import Stats
 from .base import GradientStrategy, Outcome, attach_time_gradients, refuse_double_backward, t0_shift
@@ -115,7 +116,7 @@ class _Replay:
             return grad_ys[idx] if isinstance(idx, torch.Tensor) else grad_ys[idx : idx + 1]
         gi = idx.clamp(max=self.out_times.shape[-1] - 1)
         g = grad_ys[torch.arange(gi.shape[0], device=gi.device).unsqueeze(1), gi]
-        return g * valid.view(valid.shape + (1,) * (g.ndim - 2)).to(g.dtype)
+        return g * per_row(valid, g.ndim).to(g.dtype)
 
 
 class _CheckpointFn(torch.autograd.Function):

@@ -30,6 +30,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .._rows import per_row
+
 __all__ = ["Func", "Time", "StepResult", "DenseStep", "Solver"]
 
 Func = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -162,7 +164,6 @@ def _merge_tree(accept: torch.Tensor, new: Any, old: Any) -> Any:
     if new is None or old is None:
         return None
     if isinstance(new, torch.Tensor):
-        mask = accept.view(accept.shape + (1,) * (new.ndim - accept.ndim))
-        return torch.where(mask, new, old)
+        return torch.where(per_row(accept, new.ndim), new, old)
     merged = [_merge_tree(accept, a, b) for a, b in zip(new, old)]
     return type(new)(*merged) if hasattr(new, "_fields") else type(new)(merged)
