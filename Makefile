@@ -39,12 +39,14 @@ $(BENCH_STAMP): $(STAMP)
 	$(PIP) install --no-deps torchdyn==1.0.6
 	touch $@
 
-# Timings against the peers (one process, every peer on one thread), memory, Figure 3.
+# Timings against the peers (one process, every peer on one thread), memory, the adjoint's
+# backward NFE against torchdiffeq's over 1-100 output intervals, Figure 3.
 # Run on a quiet machine: a second busy process slows small PyTorch workloads many times over.
 bench: $(BENCH_STAMP)
 	$(PYTHON) benchmarks/compare.py --problems neural wp overhead hetero memory \
 		--repeats 15 --wp-tols 3 4 5 6 7 8 9 10 --memory-horizons 1 2 5 10 --out runs/bench/compare
 	$(PYTHON) benchmarks/bench_core.py --out runs/bench/core.json
+	$(PYTHON) benchmarks/adjoint_nfe.py --out runs/bench/adjoint_nfe.json
 	$(PYTHON) benchmarks/figure3.py
 
 # The same comparison with fewer repeats and tolerances (about 4 minutes).

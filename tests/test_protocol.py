@@ -66,11 +66,17 @@ T = torch.tensor([0.0, 0.37, 1.2, 2.05, 3.0], dtype=F64)  # outputs inside steps
 
 
 def _kw(method: object) -> dict:
+    if isinstance(method, ButcherTableau):  # low order: a looser tolerance keeps it quick
+        return dict(rtol=1e-4, atol=1e-6)
     adaptive = neuralode.get_solver(method).adaptive  # type: ignore[arg-type]
     return dict(rtol=1e-6, atol=1e-8) if adaptive else dict(step_size=0.09)
 
 
-@pytest.mark.parametrize("method", [*ALL_METHODS, *USER_TABLEAUS], ids=str)
+def _name(method: object) -> str:
+    return method.name if isinstance(method, ButcherTableau) else str(method)
+
+
+@pytest.mark.parametrize("method", [*ALL_METHODS, *USER_TABLEAUS], ids=_name)
 @pytest.mark.parametrize("rows", [1, 3])
 def test_float_and_tensor_drivers_agree(method: object, rows: int) -> None:
     one = neuralode.solve(field, Y0, T, method=method, dense=True, **_kw(method))
@@ -96,9 +102,9 @@ def test_drivers_agree_with_rejected_steps() -> None:
     y0 = torch.tensor([0.5, -1.0], dtype=F64)
     t = torch.tensor([0.0, 3.0], dtype=F64)
     for tab in USER_TABLEAUS:
-        one = neuralode.solve(stiffish, y0, t, method=tab, rtol=1e-6, atol=1e-8)
+        one = neuralode.solve(stiffish, y0, t, method=tab, rtol=1e-4, atol=1e-6)
         batch = neuralode.solve(
-            stiffish, y0.unsqueeze(0), t, method=tab, rtol=1e-6, atol=1e-8, batched=True
+            stiffish, y0.unsqueeze(0), t, method=tab, rtol=1e-4, atol=1e-6, batched=True
         )
         assert int(one.stats.n_rejected) > 0
         assert int(batch.stats.nfe[0]) == int(one.stats.nfe)

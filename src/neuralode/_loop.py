@@ -207,9 +207,6 @@ class _Run:
             None,
         )
 
-    def _dense_step(self, t: Any, h: Any, y: torch.Tensor, res: StepResult) -> tuple[Any, ...]:
-        return self.solver.dense(self.f, t, h, y, res)
-
     def _keep_dense(self, t: Any, h: Any, d: DenseStep) -> None:
         """Keep an accepted step's interpolant for :meth:`Solution.evaluate`."""
         assert self.dense is not None
@@ -231,8 +228,8 @@ class _Run:
         bad_t &= (status == Status.SUCCESS).reshape(-1, 1)
         rows = bad_t.any(dim=1)
         first = bad_t.long().argmax(dim=1)
-        s2 = self.out_times if self.batched else self.out_times.unsqueeze(0)
-        t_bad = s2.gather(1, first.unsqueeze(1)).squeeze(1)
+        times = self.out_times if self.batched else self.out_times.unsqueeze(0)
+        t_bad = times.gather(1, first.unsqueeze(1)).squeeze(1)
         if not self.batched:
             rows, t_bad = rows[0], t_bad[0]
         return (torch.where(rows, int(Status.NONFINITE), status), torch.where(rows, t_bad, t))
@@ -256,7 +253,7 @@ class _Run:
             n_accepted=zeros.clone(),
         )
         if self.controller is not None:
-            h, nfe = self._first_step_tensor(t, c.solver_state)
+            h, nfe = self._first_step_tensor(t)
             c = c._replace(h=h, controller_state=self.controller.init(t), nfe=c.nfe + nfe)
         outputs = Outputs(self.y0, self.T, batched=True)
         next_out = zeros + 1  # per row: index of the next output time to produce
@@ -276,7 +273,7 @@ class _Run:
         stats = Stats(c.nfe, c.n_steps, c.n_accepted, c.n_steps - c.n_accepted)
         return outputs.assemble(), c.status, c.t, stats, h_next if self.carry_step else None
 
-    def _first_step_tensor(self, t: torch.Tensor, solver_state: Any) -> tuple[torch.Tensor, int]:
+    def _first_step_tensor(self, t: torch.Tensor) -> tuple[torch.Tensor, int]:
         if self.first_step is not None:
             h = torch.as_tensor(self.first_step, dtype=self.t_dtype, device=self.device)
             return h.expand(t.shape).clone(), 0
@@ -377,18 +374,19 @@ class _Run:
     ) -> tuple[_Carry, torch.Tensor, bool]:
         """Outputs, records and the decision to go on, for the accepted rows of an attempt."""
         accept, res = att.accept, att.result
-        below = torch.searchsorted(self.out_times, att.t_new.unsqueeze(1), right=False).squeeze(1)
-        upto = torch.searchsorted(self.out_times, att.t_new.unsqueeze(1), right=True).squeeze(1)
-        n_inside = torch.where(accept, below - next_out, 0)
-        n_at_end = torch.where(accept, upto - below, 0)
+        if plan is not None and plan[k] == (0, 0):
+            # A fixed step that reaches no output: no search, nothing to place.
+            below = upto = next_out
+            n_inside = n_at_end = torch.zeros_like(next_out)
+        else:
+            out_times, t_new = self.out_times, att.t_new.unsqueeze(1)
+            below = torch.searchsorted(out_times, t_new, right=False).squeeze(1)
+            upto = torch.searchsorted(out_times, t_new, right=True).squeeze(1)
+            n_inside = torch.where(accept, below - next_out, 0)
+            n_at_end = torch.where(accept, upto - below, 0)
         if plan is not None:  # a fixed grid: everything known in advance
-            assert self.grid is not None
-            go_on, (most_inside, most_at_end), all_acc, any_acc = (
-                k + 1 < self.grid.n,
-                plan[k],
-                True,
-                True,
-            )
+            go_on, all_acc, any_acc = k + 1 < len(plan), True, True
+            most_inside, most_at_end = plan[k]
         else:
             # The step's one host sync: does any row run on, how many outputs fell inside the
             # step or on its end, and did every running row accept.
@@ -407,7 +405,7 @@ class _Run:
             c = c._replace(solver_state=att.solver_state)
         d = None
         if most_inside > 0 or (self.dense is not None and any_acc):
-            d, extra, next_state = self._dense_step(att.t, att.h, att.y, res)
+            d, extra, next_state = self.solver.dense(self.f, att.t, att.h, att.y, res)
             uses = n_inside > 0 if self.dense is None else accept
             if next_state is not None and all_acc:
                 # The interpolant evaluated f(t + h, y1): it starts the next step of every row.
@@ -443,9 +441,14 @@ class _Run:
                 # with the same start, is the one the search finds): the keys stay sorted.
                 assert d is not None
                 self._keep_dense(att.t, att.h, d)
-        # Advance the accepted rows (rows that stopped took a zero step: y1 == y there).
-        y = res.y1 if all_acc else torch.where(per_row(accept, att.y.ndim), res.y1, att.y)
-        return c._replace(y=y), torch.where(accept, upto, next_out), bool(go_on)
+        return self._advance(c, att, all_acc), torch.where(accept, upto, next_out), bool(go_on)
+
+    @staticmethod
+    def _advance(c: _Carry, att: _Attempt, all_acc: bool) -> _Carry:
+        """The accepted rows move to ``y1`` (rows that stopped took a zero step: y1 == y)."""
+        if all_acc:
+            return c._replace(y=att.result.y1)
+        return c._replace(y=torch.where(per_row(att.accept, att.y.ndim), att.result.y1, att.y))
 
     # -- the float driver -------------------------------------------------------------------------
     def _float_driver(self) -> tuple[Any, ...]:
@@ -560,7 +563,7 @@ class _FloatCommit:
         upto = bisect.bisect_right(self.out_list, t_new, lo=below)
         extra, next_state, d = 0, None, None
         if below > next_out or run.dense is not None:
-            d, extra, next_state = run._dense_step(t, h, y, res)
+            d, extra, next_state = run.solver.dense(run.f, t, h, y, res)
         if below > next_out:
             assert d is not None
             theta = torch.tensor(

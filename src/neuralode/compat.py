@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from .solve import DEFAULT_MAX_NUM_STEPS, solve
+from .solvers import ButcherTableau, Solver
 
 __all__ = ["odeint", "odeint_adjoint", "ODE_OPTIONS"]
 
@@ -37,7 +38,7 @@ def odeint(
     *,
     rtol: float | torch.Tensor = 1e-7,
     atol: float | torch.Tensor = 1e-9,
-    method: str = "dopri5",
+    method: str | ButcherTableau | Solver = "dopri5",
     options: dict[str, Any] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Solve ``dy/dt = func(t, y)`` and return ``y`` at the times ``t`` (torchdiffeq's API).
@@ -49,7 +50,8 @@ def odeint(
         t: 1-D strictly increasing or strictly decreasing output times ``[T]``.
         rtol, atol: tolerances of adaptive methods (scalars or per-component tensors).
         method: ``euler``, ``midpoint``, ``heun``, ``rk4``, ``bosh3``, ``dopri5``, ``tsit5`` or
-            ``dopri8``.
+            ``dopri8`` (:data:`neuralode.METHODS`), or your own :class:`~neuralode.ButcherTableau`
+            or :class:`~neuralode.solvers.Solver`.
         options: keys of :data:`ODE_OPTIONS` (unknown keys raise ``ValueError``).
 
     Returns:
@@ -72,11 +74,11 @@ def odeint_adjoint(
     *,
     rtol: float | torch.Tensor = 1e-7,
     atol: float | torch.Tensor = 1e-9,
-    method: str = "dopri5",
+    method: str | ButcherTableau | Solver = "dopri5",
     options: dict[str, Any] | None = None,
     adjoint_rtol: float | torch.Tensor | None = None,
     adjoint_atol: float | torch.Tensor | None = None,
-    adjoint_method: str | None = None,
+    adjoint_method: str | ButcherTableau | Solver | None = None,
     adjoint_options: dict[str, Any] | None = None,
     adjoint_params: Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, ...]:
@@ -88,10 +90,17 @@ def odeint_adjoint(
     plain callable with ``adjoint_params`` given.  ``adjoint_options`` takes ``norm``
     (``"seminorm"``, the default; ``"rms"``, torchdiffeq's default; or ``"max"``) and the keys
     of :data:`ODE_OPTIONS`; the other ``adjoint_*`` arguments default to the forward ones.
+    The backward solve carries its step size from one output interval to the next.
     See :func:`neuralode.solve`.
 
     Returns:
         ``[T, *y0.shape]`` (a tuple of such for a tuple ``y0``).
+
+    Raises:
+        ValueError, TypeError: bad input, naming the argument.
+        SolverError: the forward or the backward solve failed.
+        RuntimeError: at backward, when asked for higher-order gradients (``create_graph=True``):
+            the adjoint's backward pass is not differentiable; use :func:`odeint` instead.
     """
     kwargs = _options(options)
     _check_1d(t, "odeint_adjoint")

@@ -46,7 +46,7 @@ from torch import nn
 from ..gradients import GRADIENTS
 from ..solution import Solution
 from ..solve import solve
-from ..tableaus import get_tableau
+from ..solvers import get_solver
 
 __all__ = [
     "CNF",
@@ -307,7 +307,7 @@ class CNF(nn.Module):
         for name, w in (("kinetic_weight", kinetic_weight), ("jacobian_weight", jacobian_weight)):
             if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
                 raise ValueError(f"{name} must be a non-negative number, got {w!r}")
-        get_tableau(method)  # unknown methods fail here, naming the known ones
+        get_solver(method)  # unknown methods fail here, naming the known ones
         if gradient not in GRADIENTS:
             raise ValueError(f"gradient must be one of {list(GRADIENTS)}, got {gradient!r}")
         opts = dict(solve_options or {})
