@@ -181,6 +181,10 @@ class _Run:
         self.records: list[StepRecord] | None = [] if record else None
         self.carry_step = carry_step
         self._chunk: Any = None
+        self._t_end = self.out_times[..., -1]
+        self._t_end_abs = self._t_end.abs()
+        # Steps below 10 ulps of the clock cannot make progress.
+        self._resolution = 10 * torch.finfo(self.t_dtype).eps
 
     # -- shared ---------------------------------------------------------------------------------
     def run(self) -> LoopResult:
@@ -283,41 +287,42 @@ class _Run:
         return self.controller.initial_step(self.f, t, self.y0, self.f0), 1
 
     def _attempt(self, c: _Carry, k: int) -> tuple[_Carry, _Attempt]:
-        """One attempt on every row (pure: tensors only, no host synchronisation)."""
-        solver, ctrl, t, y = self.solver, self.controller, c.t, c.y
+        """One attempt on every row (pure: tensors only, no host synchronisation).
+
+        The new carry has the rows' new times, proposed steps, controller states, counters and
+        statuses.  The state and the solver's carried state are merged per row by the commit
+        (:meth:`_advance`): its synchronisation says whether every row accepted, and then the
+        two ``where`` over the whole state are skipped (a compiled attempt merges them itself).
+        """
+        solver, ctrl, t, y, running = self.solver, self.controller, c.t, c.y, c.running
         if self.grid is not None:  # fixed steps: the grid's step k
             h = self.grid.steps[k]
             res = solver.step(self.f, t, h, y, c.solver_state, self._times(k))
-            ratio = None
-            accept = c.running
+            ratio, accept, cstate, h_prop = None, running, c.controller_state, c.h
             t_new = torch.where(accept, self.grid.times[k + 1], t)
             done = accept & (k + 1 == self.grid.n_steps)
-            h_prop = c.h
         else:
             assert ctrl is not None
-            t_end = self.out_times[:, -1]
+            t_end = self._t_end
             gap = t_end - t
             hit = c.h * 1.01 >= gap  # land on the end rather than leave a sliver of a step
-            h = torch.where(c.running, torch.where(hit, gap, c.h), 0.0)
+            h = torch.where(running, torch.where(hit, gap, c.h), 0.0)
             res = solver.step(self.f, t, h, y, c.solver_state)
             assert res.y_error is not None, f"adaptive solver {solver!r} gave no error estimate"
             ratio = ctrl.error_ratio(y, res.y1, res.y_error, solver.error_norm)
             if res.status is not None:  # a step that failed on its own is rejected
                 ratio = torch.where(res.status == 0, ratio, torch.inf)
             accept, h_prop, cstate = ctrl.adapt(ratio, h, c.controller_state)
-            accept &= c.running
+            accept &= running
             t_new = torch.where(accept, torch.where(hit, t_end, t + h), t)
             done = accept & hit
-            c = c._replace(controller_state=cstate)
-        running = c.running
         n_steps = c.n_steps + running
         still = running & ~done
         status = c.status
         if ratio is not None:
             # An accepted step that no longer moves t, or a next step below the resolution of t
             # (or NaN), cannot make progress; nor can a row out of steps.
-            eps = torch.finfo(self.t_dtype).eps
-            res_t = 10 * eps * torch.maximum(t.abs(), self.out_times[:, -1].abs())
+            res_t = torch.maximum(t.abs(), self._t_end_abs).mul_(self._resolution)
             under = still & ((h <= res_t) | ~(h_prop > res_t))
             code = torch.where(
                 torch.isfinite(ratio), int(Status.STEP_SIZE_UNDERFLOW), int(Status.NONFINITE)
@@ -328,15 +333,17 @@ class _Run:
             maxed = still & ~under & (n_steps >= self.spec.max_num_steps)
             status = torch.where(maxed, int(Status.MAX_STEPS_REACHED), status)
             still = still & ~(under | maxed)
-        carry = c._replace(
-            t=t_new,
-            h=h_prop,
-            solver_state=solver.merge(accept, res.state, c.solver_state),
-            running=still,
-            status=status,
-            nfe=c.nfe + running * res.nfe,
-            n_steps=n_steps,
-            n_accepted=c.n_accepted + accept,
+        carry = _Carry(
+            t_new,
+            y,
+            h_prop,
+            c.solver_state,
+            cstate,
+            still,
+            status,
+            c.nfe + running * res.nfe,
+            n_steps,
+            c.n_accepted + accept,
         )
         attempt = _Attempt(t, h, c.h, running, y, c.solver_state, res, accept, t_new, still, ratio)
         return carry, attempt
@@ -399,10 +406,7 @@ class _Run:
                     accept.any(),
                 )
             ).tolist()
-        if not any_acc:
-            # No row moved: every row keeps the carried state it had (the float driver does the
-            # same; a merge with a state a step could not carry, None, would have dropped it).
-            c = c._replace(solver_state=att.solver_state)
+        c = self._advance(c, att, all_acc, any_acc)
         d = None
         if most_inside > 0 or (self.dense is not None and any_acc):
             d, extra, next_state = self.solver.dense(self.f, att.t, att.h, att.y, res)
@@ -441,14 +445,21 @@ class _Run:
                 # with the same start, is the one the search finds): the keys stay sorted.
                 assert d is not None
                 self._keep_dense(att.t, att.h, d)
-        return self._advance(c, att, all_acc), torch.where(accept, upto, next_out), bool(go_on)
+        return c, torch.where(accept, upto, next_out), bool(go_on)
 
-    @staticmethod
-    def _advance(c: _Carry, att: _Attempt, all_acc: bool) -> _Carry:
-        """The accepted rows move to ``y1`` (rows that stopped took a zero step: y1 == y)."""
+    def _advance(self, c: _Carry, att: _Attempt, all_acc: bool, any_acc: bool) -> _Carry:
+        """The accepted rows take the step's state and carried state (rows that stopped took a
+        zero step: y1 == y there); with no row accepted, every row keeps what it had (as in the
+        float driver: a merge with a state a step could not carry, ``None``, would drop it)."""
+        res = att.result
         if all_acc:
-            return c._replace(y=att.result.y1)
-        return c._replace(y=torch.where(per_row(att.accept, att.y.ndim), att.result.y1, att.y))
+            return c._replace(y=res.y1, solver_state=res.state)
+        if not any_acc:
+            return c
+        y = torch.where(per_row(att.accept, att.y.ndim), res.y1, att.y)
+        return c._replace(
+            y=y, solver_state=self.solver.merge(att.accept, res.state, c.solver_state)
+        )
 
     # -- the float driver -------------------------------------------------------------------------
     def _float_driver(self) -> tuple[Any, ...]:
