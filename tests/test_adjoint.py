@@ -476,9 +476,9 @@ def _seminorm_case(
 
 
 def test_seminorm_needs_fewer_backward_evaluations() -> None:
-    # Kidger et al. 2021 report a median 40% saving.  Measured here (seeds 11-15, rtol 1e-6,
-    # atol 1e-9): 0-17% fewer; the parameter-gradient channels only drive the step when atol
-    # is well below rtol (they start at zero, so their error scale is atol).
+    # Kidger et al. 2021 report a median 40% saving; here the parameter-gradient channels only
+    # drive the step when atol is well below rtol (they start at zero, so their error scale is
+    # atol).  The README's gradients section has the counts this prints.
     full, nfe_full = _seminorm_case(11, 1e-6, 1e-9, "rms")
     semi, nfe_semi = _seminorm_case(11, 1e-6, 1e-9, None)  # the default
     again, _ = _seminorm_case(11, 1e-6, 1e-9, "rms")
@@ -494,11 +494,9 @@ def test_seminorm_needs_fewer_backward_evaluations() -> None:
 
 @pytest.mark.parametrize(("seed", "rtol", "atol"), [(11, 1e-6, 1e-6), (15, 1e-7, 1e-9)])
 def test_seminorm_never_costs_more_than_full_norm(seed: int, rtol: float, atol: float) -> None:
-    # A seminorm leaves channels out of the norm, so it is never larger than the norm:
-    # every step the full norm accepts, the seminorm accepts.  Measured: seed 11 at 1e-6/1e-6
-    # needs 46 backward NFE with the seminorm vs 40 with the full norm; seed 15 at the default
-    # tolerances 1e-7/1e-9 needs 100 vs 82.  With the RMS over all N channels and the
-    # parameter channels set to zero, the same cases need 40 vs 40 and 76 vs 82.
+    # A seminorm leaves channels out of the norm, so it is never larger than the norm: every
+    # step the full norm accepts, the seminorm accepts.  (An RMS over all channels with the
+    # parameter channels merely set to zero would be a different norm, and could cost more.)
     _, nfe_full = _seminorm_case(seed, rtol, atol, "rms")
     _, nfe_semi = _seminorm_case(seed, rtol, atol, "seminorm")
     assert nfe_semi <= nfe_full, f"seminorm {nfe_semi} NFE vs full norm {nfe_full}"
