@@ -314,20 +314,26 @@ def check_solver_options(
     def name(key: str) -> str:
         return f"{prefix}[{key!r}]" if prefix else key
 
-    if step_size is not None:
-        if solver.adaptive:
+    # step_size belongs to fixed-step methods, first_step to adaptive ones; each is a positive
+    # finite number of time units.
+    for key, value, wants_adaptive, other in (
+        ("step_size", step_size, False, "first_step, or a fixed-step method such as 'rk4'"),
+        ("first_step", first_step, True, "step_size"),
+    ):
+        if value is None:
+            continue
+        if solver.adaptive != wants_adaptive:
+            kind = "adaptive" if solver.adaptive else "fixed-step"
             raise ValueError(
-                f"{name('step_size')} applies to fixed-step methods; {solver.name!r} is adaptive "
-                f"(use first_step, or a fixed-step method such as 'rk4')"
+                f"{name(key)} applies to {'adaptive' if wants_adaptive else 'fixed-step'} methods; "
+                f"{solver.name!r} is {kind} (use {other})"
             )
         if (
-            isinstance(step_size, bool)
-            or not isinstance(step_size, (int, float))
-            or not 0 < step_size < math.inf
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not 0 < value < math.inf
         ):
-            raise ValueError(
-                f"{name('step_size')} must be a positive finite number, got {step_size!r}"
-            )
+            raise ValueError(f"{name(key)} must be a positive finite number, got {value!r}")
     for key, value in (
         ("safety", safety),
         ("beta", beta),
@@ -336,20 +342,6 @@ def check_solver_options(
     ):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{name(key)} must be a number, got {value!r}")
-    if first_step is not None:
-        if not solver.adaptive:
-            raise ValueError(
-                f"{name('first_step')} applies to adaptive methods; {solver.name!r} is fixed-step "
-                f"(use step_size)"
-            )
-        if (
-            isinstance(first_step, bool)
-            or not isinstance(first_step, (int, float))
-            or not 0 < first_step < math.inf
-        ):
-            raise ValueError(
-                f"{name('first_step')} must be a positive finite number, got {first_step!r}"
-            )
     if isinstance(max_num_steps, bool) or not isinstance(max_num_steps, int) or max_num_steps < 1:
         raise ValueError(
             f"{name('max_num_steps')} must be a positive integer, got {max_num_steps!r}"
