@@ -19,10 +19,11 @@ from typing import Any, NamedTuple
 
 import torch
 
+from ._inputs import _fmt_time
 from ._rows import per_row
 from .solvers.base import DenseStep
 
-__all__ = ["weights", "evaluate", "DenseRecord", "recorded_evaluator"]
+__all__ = ["weights", "evaluate", "DenseRecord", "recorded_evaluator", "make_evaluate"]
 
 
 @functools.lru_cache(maxsize=32)
@@ -115,7 +116,6 @@ def make_evaluate(
     sign: torch.Tensor | float,
     batched: bool,
     unflatten: Callable[[torch.Tensor], Any],
-    fmt_time: Callable[[torch.Tensor], str],
 ) -> Callable[[torch.Tensor], Any]:
     """:meth:`Solution.evaluate` over ``core``: user times (any direction) -> internal times,
     checked against the solved interval, and outputs in the user's layout."""
@@ -135,7 +135,7 @@ def make_evaluate(
         if bool(((sq < lo - slack) | (sq > hi + slack)).any()):
             raise ValueError(
                 "Solution.evaluate: t lies outside the solved interval "
-                f"[{fmt_time(t0 * sign)}, {fmt_time(t1 * sign)}]"
+                f"[{_fmt_time(t0 * sign)}, {_fmt_time(t1 * sign)}]"
             )
         out = unflatten(core(sq))
         if not scalar:

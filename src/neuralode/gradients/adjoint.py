@@ -193,7 +193,6 @@ class Adjoint(GradientStrategy):
         self.options = opts
 
     def solve(self, prob: Problem, spec: LoopSpec) -> Outcome:
-        prob.f0 = prob.f0.detach()
         context = _AdjointRun(self, prob, spec)
         ys = _AdjointFn.apply(context, prob.y0, prob.times, *self.params)
         assert context.result is not None
@@ -235,7 +234,7 @@ class _AdjointRun:
     stats: dict[str, Stats] = field(default_factory=dict)
 
     def forward(self, y0: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        self.result = self.spec.run(y0, self.prob.f0, s)
+        self.result = self.spec.run(y0, self.prob.f0.detach(), s)
         return self.result.ys
 
     def _out(self, x: torch.Tensor, i: int) -> torch.Tensor:
