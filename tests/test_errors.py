@@ -361,6 +361,20 @@ def test_bad_norm_name_lists_the_norms() -> None:
         neuralode.odeint(decay, Y0, T01, options={"norm": "l2"})
 
 
+@pytest.mark.parametrize(
+    ("norm", "pattern"),
+    [
+        (len, r"norm must be callable as norm\(x, dims\).*raised TypeError"),
+        (lambda x, dims: x.abs(), r"norm\(x, dims\) must return one value per row.*got \(2,\)"),
+        (lambda x, dims: 1.0, r"norm\(x, dims\) must return one value per row.*got float"),
+    ],
+    ids=["wrong-signature", "not-reduced", "not-a-tensor"],
+)
+def test_callable_norm_is_checked_at_the_entry(norm: object, pattern: str) -> None:
+    with pytest.raises(TypeError, match=pattern):
+        neuralode.solve(decay, Y0, T01, norm=norm)  # type: ignore[arg-type]
+
+
 def test_norm_of_wrong_type() -> None:
     with pytest.raises(TypeError, match=r"norm must be a name in .* or a callable, got 2"):
         neuralode.odeint(decay, Y0, T01, options={"norm": 2})

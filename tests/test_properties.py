@@ -21,6 +21,7 @@ Examples are derandomized so that a run is reproducible; ``max_examples`` keeps 
 from __future__ import annotations
 
 import math
+import re
 from datetime import timedelta
 from typing import Any
 
@@ -69,24 +70,146 @@ def decay(t: torch.Tensor, y: Any) -> Any:
     return tuple(-p for p in y) if isinstance(y, tuple) else -y
 
 
-def _call(y0: Any, t: Any, method: Any = "dopri5", options: Any = None, **tols: Any) -> None:
-    """Run a solve that must end in a result or in one of the clear errors.
+# --------------------------------------------------------------------------- the oracle
+# Each fuzz test classifies its draw with the rules the API documents (written here, apart from
+# the code), and then requires: an invalid draw raises ValueError/TypeError whose message names
+# one of the invalid arguments; a valid draw solves (or fails with a SolverError whose status
+# says the request could not be met) and returns outputs of the documented shape and value.
+NUMBER = (int, float)
 
-    ``max_num_steps`` defaults to 5000 here: some valid but impossible requests (``first_step``
-    of 1e-300 with ``ifactor=1``) rightly take every allowed step, and 100000 of them would
-    exceed the deadline without saying anything about error handling."""
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, NUMBER) and not isinstance(x, bool)
+
+
+def _bad_state(y0: Any) -> bool:
+    parts = tuple(y0) if isinstance(y0, (tuple, list)) else (y0,)
+    if not parts:
+        return True
+    for p in parts:
+        if not isinstance(p, torch.Tensor) or not p.is_floating_point() or p.numel() == 0:
+            return True
+        if not bool(torch.isfinite(p).all()):
+            return True
+    return len({p.dtype for p in parts}) > 1
+
+
+def _as_grid(t: Any) -> torch.Tensor | None:
+    """``t`` as the float64 grid the documentation promises to read, or None if it is none."""
+    if isinstance(t, torch.Tensor):
+        if t.is_complex() or t.dtype == torch.bool:
+            return None
+        return t.to(F64)
+    if isinstance(t, (list, tuple)) and all(_is_number(v) for v in t):
+        return torch.tensor(t, dtype=F64) if t else torch.zeros(0, dtype=F64)
+    return None  # None, strings, dtypes, callables, lone numbers (not a 1-D grid)
+
+
+def _bad_grid(t: Any) -> bool:
+    g = _as_grid(t)
+    if g is None or g.ndim != 1 or g.numel() == 0 or not bool(torch.isfinite(g).all()):
+        return True
+    d = g.diff()
+    return not (bool((d > 0).all()) or bool((d < 0).all()))
+
+
+def _tolerance_value(tol: Any, positive: bool, n: int) -> torch.Tensor | None:
+    """A tolerance for a one-tensor state of ``n`` components: a number, a tensor that
+    broadcasts to ``[n]``, or a one-entry sequence of such; None if it is not one."""
+    if isinstance(tol, (list, tuple)):
+        return _tolerance_value(tol[0], positive, n) if len(tol) == 1 else None
+    if _is_number(tol):
+        v = torch.tensor(float(tol), dtype=F64)
+    elif isinstance(tol, torch.Tensor) and not tol.is_complex() and tol.dtype != torch.bool:
+        v = tol.to(F64)
+        if v.ndim > 1 or (v.ndim == 1 and v.shape[0] not in (1, n)):
+            return None
+    else:
+        return None
+    if not bool(torch.isfinite(v).all()) or bool((v < 0).any()):
+        return None
+    if positive and bool((v == 0).any()):
+        return None
+    return v
+
+
+def _bad_tolerances(rtol: Any, atol: Any, n: int, dtype: torch.dtype) -> set[str]:
+    r = _tolerance_value(rtol, True, n)
+    a = _tolerance_value(atol, False, n)
+    bad = {name for name, v in (("rtol", r), ("atol", a)) if v is None}
+    if not bad and float(r.max()) < torch.finfo(dtype).eps and float(a.max()) == 0:
+        bad.add("rtol")  # below the dtype's resolution with no absolute tolerance
+    return bad
+
+
+def _bad_options(options: Any, method: Any) -> set[str]:
+    """Names of the invalid parts of ``(options, method)`` (empty if both are valid)."""
+    bad = set()
+    method_ok = isinstance(method, str) and method in neuralode.METHODS
+    if not method_ok:
+        bad.add("method")
+    if options is None:
+        return bad
+    if not isinstance(options, dict):
+        return bad | {"options"}
+    if any(k not in neuralode.ODE_OPTIONS for k in options):
+        bad.add("option")
+    kinds = [neuralode.get_solver(method).adaptive] if method_ok else [True, False]
+    for key, v in options.items():
+        if key in neuralode.ODE_OPTIONS and not all(_option_ok(key, v, a) for a in kinds):
+            bad.add(key)
+    return bad
+
+
+def _option_ok(key: str, v: Any, adaptive: bool) -> bool:
+    positive = _is_number(v) and 0 < v < math.inf
+    if key == "step_size":
+        return v is None or (not adaptive and positive)
+    if key == "first_step":
+        return v is None or (adaptive and positive)
+    if key == "max_num_steps":
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+    if key == "dtype":
+        return v is None or (isinstance(v, torch.dtype) and v.is_floating_point)
+    if key == "norm":
+        return v in ("rms", "max")  # the one callable drawn, len, is not a norm
+    ranges = {"safety": (0, 1), "beta": (0, 0.2), "ifactor": (1, math.inf), "dfactor": (0, 1)}
+    lo, hi = ranges[key]
+    inside = _is_number(v) and lo <= v <= hi and v < math.inf
+    return inside and not (key in ("safety", "dfactor") and v == 0)
+
+
+def _names_one_of(message: str, names: set[str]) -> bool:
+    return any(re.search(rf"\b{re.escape(n)}\b", message) for n in names)
+
+
+def _solve(y0: Any, t: Any, method: Any = "dopri5", options: Any = None, **tols: Any) -> Any:
+    """``odeint`` with ``max_num_steps`` 5000 unless given: some valid but impossible requests
+    (``first_step`` 1e-300 with ``ifactor=1``) rightly take every allowed step, and 100000 of
+    them would exceed the deadline without saying anything about error handling."""
     if options is None:
         options = {"max_num_steps": 5000}
     elif isinstance(options, dict) and "max_num_steps" not in options:
         options = {**options, "max_num_steps": 5000}
+    return neuralode.odeint(decay, y0, t, method=method, options=options, **tols)
+
+
+def _expect(bad: set[str], run: Any) -> Any:
+    """Run ``run()``: invalid input (``bad`` non-empty) must raise ValueError/TypeError naming
+    one of ``bad``; valid input must return, or fail with a SolverError whose status says the
+    request could not be met.  Returns the outputs (or None)."""
     try:
-        out = neuralode.odeint(decay, y0, t, method=method, options=options, **tols)
-    except CLEAR as err:
-        assert str(err), "an error without a message"
-        return
-    parts = out if isinstance(out, tuple) else (out,)
-    for p in parts:
-        assert isinstance(p, torch.Tensor)
+        out = run()
+    except SolverError as err:
+        assert not bad, f"invalid {sorted(bad)} reached the solver: {err}"
+        assert err.solution is not None and not err.solution.success
+        return None
+    except (ValueError, TypeError) as err:
+        assert bad, f"valid input refused: {err}"
+        assert _names_one_of(str(err), bad), f"{err!r} does not name any of {sorted(bad)}"
+        return None
+    assert not bad, f"invalid {sorted(bad)} accepted"
+    return out
 
 
 @st.composite
@@ -120,16 +243,32 @@ def bad_grids(draw: st.DrawFn) -> Any:
 
 
 # --------------------------------------------------------------------------- bad input
+T01 = torch.tensor([0.0, 0.5], dtype=F64)
+
+
 @FUZZ
 @given(y0=st.one_of(tensors(), junk, st.tuples(tensors(), tensors())))
 def test_random_states_fail_clearly(y0: Any) -> None:
-    _call(y0, torch.tensor([0.0, 0.5], dtype=F64))
+    bad = {"y0"} if _bad_state(y0) else set()
+    out = _expect(bad, lambda: _solve(y0, T01))
+    if out is not None:
+        for o, y in zip(
+            out if isinstance(y0, tuple) else (out,), y0 if isinstance(y0, tuple) else (y0,)
+        ):
+            assert o.shape == (2, *y.shape) and torch.equal(o[0], y)
+            torch.testing.assert_close(o[1], y * math.exp(-0.5), rtol=1e-5, atol=1e-6)
 
 
 @FUZZ
 @given(t=bad_grids())
 def test_random_time_grids_fail_clearly(t: Any) -> None:
-    _call(torch.ones(2, dtype=F64), t)
+    y0 = torch.ones(2, dtype=F64)
+    out = _expect({"t"} if _bad_grid(t) else set(), lambda: _solve(y0, t))
+    if out is not None:
+        g = _as_grid(t)
+        assert out.shape == (g.shape[0], 2)
+        exact = torch.exp(-(g - g[0])).unsqueeze(1).expand(-1, 2)
+        torch.testing.assert_close(out, exact, rtol=1e-6, atol=1e-7)
 
 
 @FUZZ
@@ -146,7 +285,10 @@ def test_random_time_grids_fail_clearly(t: Any) -> None:
 )
 def test_random_options_and_methods_fail_clearly(options: Any, method: Any) -> None:
     # A short, easy solve: whatever the options, it ends quickly or is refused.
-    _call(torch.ones(2, dtype=F64), torch.tensor([0.0, 0.1], dtype=F64), method, options)
+    y0, t = torch.ones(2, dtype=F64), torch.tensor([0.0, 0.1], dtype=F64)
+    out = _expect(_bad_options(options, method), lambda: _solve(y0, t, method, options))
+    if out is not None:
+        assert out.shape == (2, 2) and bool(torch.isfinite(out).all())
 
 
 @FUZZ
@@ -155,7 +297,11 @@ def test_random_options_and_methods_fail_clearly(options: Any, method: Any) -> N
     atol=st.one_of(odd_floats, junk, tensors(max_dims=2, dtypes=[F64, torch.int64])),
 )
 def test_random_tolerances_fail_clearly(rtol: Any, atol: Any) -> None:
-    _call(torch.ones(2, dtype=F64), torch.tensor([0.0, 0.1], dtype=F64), rtol=rtol, atol=atol)
+    y0, t = torch.ones(2, dtype=F64), torch.tensor([0.0, 0.1], dtype=F64)
+    bad = _bad_tolerances(rtol, atol, 2, F64)
+    out = _expect(bad, lambda: _solve(y0, t, rtol=rtol, atol=atol))
+    if out is not None:
+        assert out.shape == (2, 2) and bool(torch.isfinite(out).all())
 
 
 @FUZZ
@@ -166,7 +312,16 @@ def test_random_tolerances_fail_clearly(rtol: Any, atol: Any) -> None:
     rtol=odd_floats,
 )
 def test_random_combinations_fail_clearly(y0: Any, t: Any, method: str, rtol: float) -> None:
-    _call(y0, t, method, rtol=rtol)
+    bad = {"y0"} if _bad_state(y0) else set()
+    bad |= {"t"} if _bad_grid(t) else set()
+    if not bad and neuralode.get_solver(method).adaptive:
+        n = y0.numel()
+        bad |= _bad_tolerances(rtol, 1e-9, n, y0.dtype)
+    elif not bad and _tolerance_value(rtol, True, y0.numel()) is None:
+        bad.add("rtol")  # checked for fixed-step methods too, where it is unused
+    out = _expect(bad, lambda: _solve(y0, t, method, rtol=rtol))
+    if out is not None:
+        assert out.shape == (_as_grid(t).shape[0], *y0.shape)
 
 
 # --------------------------------------------------------------------------- valid input
@@ -268,22 +423,24 @@ def test_last_step_lands_on_the_final_time(batched: bool) -> None:
     torch.testing.assert_close(sol.ys[..., -1, :], torch.ones_like(y0), rtol=0, atol=1e-12)
 
 
-def test_tolerance_below_resolution_fails_fast() -> None:
+@pytest.mark.parametrize("batched", [False, True])
+def test_tolerance_below_resolution_fails_fast(batched: bool) -> None:
+    """``rtol`` below the dtype's resolution with ``atol = 0`` is refused at the entry, naming
+    rtol.  With a tiny positive ``atol`` the solve runs, and when the step size underflows it
+    says so: the step's numbers are finite, only the error ratio overflowed (this was once
+    reported as "the vector field returned NaN or Inf")."""
     t = torch.tensor([0.0, 0.1], dtype=F64)
-    try:
-        sol = neuralode.solve(
-            decay,
-            torch.ones(2, dtype=F64),
-            t,
-            rtol=1e-300,
-            atol=0.0,
-            max_num_steps=300,
-            throw=False,
-        )
-    except ValueError:
-        return  # refusing a tolerance below the dtype's resolution is a fine answer too
-    stuck = int(sol.status) == neuralode.Status.MAX_STEPS_REACHED and float(sol.t_end) == 0.0
-    assert not stuck, f"no progress in {int(sol.stats.n_steps)} steps, reported as max steps"
+    y0 = torch.ones(3, 2, dtype=F64) if batched else torch.ones(2, dtype=F64)
+    with pytest.raises(ValueError, match=r"rtol=1e-300 is below the resolution of torch.float64"):
+        neuralode.solve(decay, y0, t, rtol=1e-300, atol=0.0, batched=batched)
+    with pytest.raises(ValueError, match=r"rtol=1e-08 is below the resolution of torch.float32"):
+        neuralode.solve(decay, y0.float(), t, rtol=1e-8, atol=0.0, batched=batched)
+    sol = neuralode.solve(
+        decay, y0, t, rtol=1e-300, atol=1e-300, max_num_steps=2000, throw=False, batched=batched
+    )
+    codes = set(sol.status.reshape(-1).tolist())
+    assert codes == {int(neuralode.Status.STEP_SIZE_UNDERFLOW)}, codes
+    assert int(sol.stats.n_steps.reshape(-1)[0]) < 2000  # it failed fast, not by max steps
 
 
 def test_dopri5_final_value_within_tolerance() -> None:

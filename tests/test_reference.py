@@ -38,6 +38,8 @@ SCIPY_MATCH = {"bosh3": "RK23", "dopri5": "RK45", "tsit5": "RK45", "dopri8": "DO
 TOLS = (1e-4, 1e-6, 1e-8)
 ERR_BOUND = 100.0
 SCIPY_ERR_FACTOR = 3.0
+# (method, problem, tol) where scipy's RK45 ends with a sliver step (see the test).
+SLIVER = {("dopri5", "linear", 1e-4)}
 NFE_FACTOR = 1.15
 T_END = 10.0
 T_EVAL = np.linspace(0.0, T_END, 21)
@@ -129,6 +131,20 @@ def test_against_scipy_reference(method: str, problem: str, tol: float) -> None:
     assert ours <= ERR_BOUND, f"error {ours:.1f} tolerance units > {ERR_BOUND}"
     assert ours <= SCIPY_ERR_FACTOR * theirs, f"error {ours:.2f} vs scipy's {theirs:.2f} units"
     assert nfe <= NFE_FACTOR * nfev, f"nfe {nfe} vs scipy's {nfev}"
+    # What the README claims, exactly: bosh3 and dopri5 are scipy's RK23 and RK45 step for step
+    # (same error estimate, scale, controller and initial step), and dopri8 is DOP853 at
+    # 0.97-1.0x its evaluations.
+    if (method, problem, tol) in SLIVER:
+        # scipy leaves a 0.004 sliver as its last step where we stretch the last step by up to
+        # 1%: exactly one step (6 evaluations) fewer, and the same error.
+        assert nfev - nfe == 6, (nfe, nfev)
+        assert ours == pytest.approx(theirs, rel=0.1)
+    elif method in ("bosh3", "dopri5"):
+        assert nfe == nfev, f"nfe {nfe} vs scipy's {nfev}: not the same steps"
+        assert ours == pytest.approx(theirs, rel=1e-3), "not the same solution"
+    elif method == "dopri8":
+        assert 0.97 <= nfe / nfev <= 1.0, f"nfe {nfe} vs DOP853's {nfev}"
+        assert ours == pytest.approx(theirs, rel=1e-2)
 
 
 def _reversed_case(problem: str):

@@ -133,6 +133,10 @@ def check_tolerance(
         raise ValueError(f"{name} must be a number or one tensor per tensor of y0 ({len(parts)})")
     flat = []
     for item, p in zip(items, parts):
+        if isinstance(item, bool) or (
+            isinstance(item, torch.Tensor) and (item.dtype == torch.bool or item.is_complex())
+        ):
+            raise TypeError(f"{name} must be a real number or tensor, got {item!r}")
         try:
             v = torch.as_tensor(item, dtype=p.dtype, device=p.device)
         except (TypeError, ValueError, RuntimeError) as err:
@@ -155,6 +159,23 @@ def check_tolerance(
         return flat[0]
     lead = (parts[0].shape[0],) if batched else ()
     return torch.cat([v.expand(p.shape).reshape(lead + (-1,)) for v, p in zip(flat, parts)], dim=-1)
+
+
+def _check_resolution(
+    rtol: float | torch.Tensor, atol: float | torch.Tensor, dtype: torch.dtype
+) -> None:
+    """A relative tolerance below the state dtype's resolution, with no absolute tolerance,
+    asks for an error no step can reach: refuse it here rather than let the step size shrink
+    until it underflows."""
+    eps = torch.finfo(dtype).eps
+    rtol_max = rtol if isinstance(rtol, float) else float(rtol.max())
+    atol_max = atol if isinstance(atol, float) else float(atol.max())
+    if rtol_max < eps and atol_max == 0:
+        raise ValueError(
+            f"rtol={rtol_max:.3g} is below the resolution of {dtype} (eps {eps:.3g}) and atol "
+            f"is 0: no step can meet it; use rtol >= {eps:.3g} (10 eps or more is practical) "
+            f"or a positive atol"
+        )
 
 
 def _check_f_output(out: Any, parts: Sequence[torch.Tensor], is_tuple: bool) -> None:
@@ -215,6 +236,7 @@ def normalise(
             )
     rtol_v = check_tolerance("rtol", rtol, parts, batched, positive=True)
     atol_v = check_tolerance("atol", atol, parts, batched, positive=False)
+    _check_resolution(rtol_v, atol_v, dtype)
 
     # Flatten tuple states into one tensor (per sample when batched).
     if is_tuple:

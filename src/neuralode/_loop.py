@@ -23,7 +23,6 @@ arithmetic; a test holds them to the same outputs and counts.
 from __future__ import annotations
 
 import bisect
-import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -131,6 +130,7 @@ class _Attempt(NamedTuple):
     t_new: torch.Tensor
     still: torch.Tensor  # rows that run on after this step
     ratio: torch.Tensor | None
+    under: torch.Tensor | None  # rows whose step size underflowed (adaptive methods)
 
 
 class _Carry(NamedTuple):
@@ -324,12 +324,8 @@ class _Run:
             # (or NaN), cannot make progress; nor can a row out of steps.
             res_t = torch.maximum(t.abs(), self._t_end_abs).mul_(self._resolution)
             under = still & ((h <= res_t) | ~(h_prop > res_t))
-            code = torch.where(
-                torch.isfinite(ratio), int(Status.STEP_SIZE_UNDERFLOW), int(Status.NONFINITE)
-            )
-            if res.status is not None:  # a row whose step kept failing says why
-                code = torch.where(res.status == 0, code, res.status)
-            status = torch.where(under, code, status)
+            # The commit says why (step size, non-finite values, the solver's own failure).
+            status = torch.where(under, int(Status.STEP_SIZE_UNDERFLOW), status)
             maxed = still & ~under & (n_steps >= self.spec.max_num_steps)
             status = torch.where(maxed, int(Status.MAX_STEPS_REACHED), status)
             still = still & ~(under | maxed)
@@ -345,7 +341,20 @@ class _Run:
             n_steps,
             c.n_accepted + accept,
         )
-        attempt = _Attempt(t, h, c.h, running, y, c.solver_state, res, accept, t_new, still, ratio)
+        attempt = _Attempt(
+            t,
+            h,
+            c.h,
+            running,
+            y,
+            c.solver_state,
+            res,
+            accept,
+            t_new,
+            still,
+            ratio,
+            under if ratio is not None else None,
+        )
         return carry, attempt
 
     def _times(self, k: int) -> Any:
@@ -396,16 +405,20 @@ class _Run:
             most_inside, most_at_end = plan[k]
         else:
             # The step's one host sync: does any row run on, how many outputs fell inside the
-            # step or on its end, and did every running row accept.
-            go_on, most_inside, most_at_end, all_acc, any_acc = torch.stack(
+            # step or on its end, did every running row accept, did a row's step underflow.
+            assert att.under is not None
+            go_on, most_inside, most_at_end, all_acc, any_acc, any_under = torch.stack(
                 (
                     att.still.any(),
                     n_inside.max(),
                     n_at_end.max(),
                     (accept | ~att.running).all(),
                     accept.any(),
+                    att.under.any(),
                 )
             ).tolist()
+            if any_under:
+                c = c._replace(status=self._why_underflow(c.status, att))
         c = self._advance(c, att, all_acc, any_acc)
         d = None
         if most_inside > 0 or (self.dense is not None and any_acc):
@@ -446,6 +459,21 @@ class _Run:
                 assert d is not None
                 self._keep_dense(att.t, att.h, d)
         return c, torch.where(accept, upto, next_out), bool(go_on)
+
+    def _why_underflow(self, status: torch.Tensor, att: _Attempt) -> torch.Tensor:
+        """The status of rows whose step size underflowed: their solver's own failure, else
+        non-finite values in the step, else the step size (a tolerance the dtype cannot
+        resolve makes the error ratio overflow while the step's numbers are finite)."""
+        assert att.under is not None
+        res = att.result
+        code = torch.where(
+            _finite_rows(res, self.batched),
+            int(Status.STEP_SIZE_UNDERFLOW),
+            int(Status.NONFINITE),
+        )
+        if res.status is not None:
+            code = torch.where(res.status == 0, code, res.status)
+        return torch.where(att.under, code, status)
 
     def _advance(self, c: _Carry, att: _Attempt, all_acc: bool, any_acc: bool) -> _Carry:
         """The accepted rows take the step's state and carried state (rows that stopped took a
@@ -535,7 +563,8 @@ class _Run:
                     break
             res_t = 10 * eps * max(abs(t), abs(t_end))
             if h_eff <= res_t or not h_next > res_t:
-                status = Status.STEP_SIZE_UNDERFLOW if math.isfinite(r) else Status.NONFINITE
+                finite = bool(_finite_rows(res, False))
+                status = Status.STEP_SIZE_UNDERFLOW if finite else Status.NONFINITE
                 if step_status:  # a step that kept failing says why
                     status = Status(step_status)
                 break
@@ -553,6 +582,20 @@ class _Run:
         )
         t_reached = tt(t, dtype=self.t_dtype, device=d)
         return commit.assemble(), tt(int(status), device=d), t_reached, stats, h_next
+
+
+def _finite_rows(res: StepResult, batched: bool) -> torch.Tensor:
+    """Per row: are the step's state and error estimate finite?"""
+    parts = [res.y1]
+    if isinstance(res.y_error, torch.Tensor):
+        parts.append(res.y_error)
+    elif res.y_error is not None:
+        parts.extend(res.y_error)
+    ok = [torch.isfinite(p).flatten(1 if batched else 0).all(-1) for p in parts]
+    out = ok[0]
+    for x in ok[1:]:
+        out = out & x
+    return out
 
 
 class _FloatCommit:

@@ -186,8 +186,11 @@ class PIController:
             scale = y0.abs().mul(self.rtol).add(self.atol)
             d0 = self.norm(y0 / scale, dims)
             d1 = self.norm(f0 / scale, dims)
-            small = (d0 < 1e-5) | (d1 < 1e-5)
-            h0 = torch.where(small, torch.full_like(d0, 1e-6), 0.01 * d0 / d1.clamp(min=1e-300))
+            # d0 and d1 overflow (inf / inf) when the tolerances are far below the state's
+            # size: fall back to the small step, as when either is tiny.
+            guess = 0.01 * d0 / d1.clamp(min=1e-300)
+            small = (d0 < 1e-5) | (d1 < 1e-5) | ~torch.isfinite(guess)
+            h0 = torch.where(small, torch.full_like(d0, 1e-6), guess)
             h0 = h0.to(t0.dtype)
             y1 = y0 + per_row(h0.to(y0.dtype), y0.ndim) * f0
             f1 = f((t0 + h0).to(y0.dtype), y1)

@@ -177,11 +177,13 @@ def solve(
         strategy = Backprop()
     controller = None
     if solver.error_order is not None:
+        dims = row_dims(prob.y0.ndim, prob.batched)
+        norm_fn = NORMS[norm] if isinstance(norm, str) else _check_norm(norm, prob, dims)
         controller = PIController(
             rtol=prob.rtol,
             atol=prob.atol,
-            norm=NORMS[norm] if isinstance(norm, str) else norm,
-            dims=row_dims(prob.y0.ndim, prob.batched),
+            norm=norm_fn,
+            dims=dims,
             error_order=solver.error_order,
             beta=beta,
             safety=safety,
@@ -199,6 +201,26 @@ def solve(
         dense=dense,
     )
     return _finish(prob, t, strategy.solve(prob, spec), dense, throw)
+
+
+def _check_norm(norm: Norm, prob: Problem, dims: tuple[int, ...]) -> Norm:
+    """A user's norm, called once on a state-shaped tensor: it must take ``(x, dims)`` and
+    return one value per row, or the first step would fail with an unrelated message."""
+    rows = prob.y0.shape[:1] if prob.batched else ()
+    try:
+        out = norm(torch.ones_like(prob.y0), dims)
+    except Exception as err:
+        raise TypeError(
+            f"norm must be callable as norm(x, dims) -> one value per row; calling it on a "
+            f"tensor of the state's shape {tuple(prob.y0.shape)} raised {err!r}"
+        ) from err
+    if not isinstance(out, torch.Tensor) or out.shape != rows:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise TypeError(
+            f"norm(x, dims) must return one value per row (a tensor of shape {tuple(rows)}), "
+            f"got {got}"
+        )
+    return norm
 
 
 def _finish(prob: Problem, t: Any, out: Outcome, dense: bool, throw: bool) -> Solution:

@@ -1,0 +1,133 @@
+"""Step-size control, seen through its options: norms, PI control, the end of the interval.
+
+* ``rms_norm`` and ``max_norm`` are what they say, per row, against numpy.
+* ``norm=`` reaches the controller in a real solve: a callable norm equal to twice the RMS makes
+  the same decisions as the RMS norm at half the tolerances (same steps, same outputs, in both
+  drivers), and ``norm="max"`` is the max norm (it needs more steps than the RMS norm when one
+  component dominates the error, and is the RMS norm on a one-component state).
+* ``beta`` reaches the controller: PI control changes the step sequence of a real solve, and its
+  decisions follow Hairer's formula (``test_protocol`` checks the formula on single decisions).
+* The end of the interval: a last step up to 1% longer than the proposal lands on the end; a
+  longer remainder is a step of its own (both drivers).
+* The adjoint's seminorm covers the state and the adjoint and leaves the parameter-gradient
+  channels out; the full norm covers all three; ``"max"`` is the max over everything.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import neuralode
+from neuralode.controllers import max_norm, rms_norm
+
+F64 = torch.float64
+
+
+@pytest.mark.parametrize("dims", [(0,), (1,), (1, 2), (0, 1, 2)])
+def test_norms_against_numpy(dims: tuple[int, ...]) -> None:
+    x = torch.randn(4, 3, 5, generator=torch.Generator().manual_seed(0), dtype=F64)
+    xn = x.numpy()
+    np.testing.assert_allclose(rms_norm(x, dims).numpy(), np.sqrt((xn**2).mean(axis=dims)))
+    np.testing.assert_allclose(max_norm(x, dims).numpy(), np.abs(xn).max(axis=dims))
+    # A 0-dim state (no dims to reduce) is its own absolute value.
+    assert float(rms_norm(torch.tensor(-2.0), ())) == 2.0
+    assert float(max_norm(torch.tensor(-2.0), ())) == 2.0
+
+
+def field(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Three decoupled components with very different speeds (works batched)."""
+    rates = torch.tensor([-0.2, -3.0, -0.05], dtype=F64)
+    return rates * y + torch.cos(t).unsqueeze(-1) * torch.tensor([0.0, 1.0, 0.0], dtype=F64)
+
+
+Y0 = torch.tensor([1.0, -0.5, 2.0], dtype=F64)
+T = torch.tensor([0.0, 1.3, 4.0], dtype=F64)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_callable_norm_is_the_norm_the_controller_uses(batched: bool) -> None:
+    y0 = Y0.expand(2, 3) if batched else Y0
+    calls = []
+
+    def twice_rms(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+        calls.append(dims)
+        return 2.0 * rms_norm(x, dims)
+
+    kw = dict(method="dopri5", batched=batched)
+    custom = neuralode.solve(field, y0, T, norm=twice_rms, rtol=1e-6, atol=1e-8, **kw)
+    halved = neuralode.solve(field, y0, T, norm="rms", rtol=5e-7, atol=5e-9, **kw)
+    assert calls and set(calls) == {(1,) if batched else (0,)}
+    assert torch.equal(custom.stats.n_steps, halved.stats.n_steps)
+    assert torch.equal(custom.stats.nfe, halved.stats.nfe)
+    torch.testing.assert_close(custom.ys, halved.ys, rtol=1e-12, atol=1e-14)
+
+
+def test_max_norm_in_a_real_solve() -> None:
+    rms = neuralode.solve(field, Y0, T, norm="rms", rtol=1e-6, atol=1e-8)
+    mx = neuralode.solve(field, Y0, T, norm="max", rtol=1e-6, atol=1e-8)
+    by_callable = neuralode.solve(field, Y0, T, norm=max_norm, rtol=1e-6, atol=1e-8)
+    assert int(mx.stats.n_steps) > int(rms.stats.n_steps)  # max >= rms: never larger steps
+    assert torch.equal(mx.ys, by_callable.ys)
+    # One component: the max and the RMS norm are the same number.
+    one = [
+        neuralode.solve(lambda t, y: -y + torch.sin(t), Y0[:1], T, norm=n, rtol=1e-6, atol=1e-8)
+        for n in ("rms", "max")
+    ]
+    assert torch.equal(one[0].ys, one[1].ys)
+
+
+def test_beta_changes_the_steps_of_a_real_solve() -> None:
+    kw = dict(method="dopri5", rtol=1e-8, atol=1e-10)
+    integral = neuralode.solve(field, Y0, T, beta=0.0, **kw)
+    pi = neuralode.solve(field, Y0, T, beta=0.08, **kw)
+    assert int(pi.stats.n_steps) != int(integral.stats.n_steps)
+    torch.testing.assert_close(pi.ys, integral.ys, rtol=1e-6, atol=1e-8)
+    # err_prev^beta with err_prev <= 1 after an accepted step: PI control grows the step less,
+    # so on this smooth, slowly varying problem it never takes fewer steps.
+    assert int(pi.stats.n_steps) > int(integral.stats.n_steps)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+@pytest.mark.parametrize(("t_end", "steps"), [(1.001, 4), (1.0025, 4), (1.003, 5), (1.2, 5)])
+def test_the_last_step_stretches_by_at_most_one_percent(
+    batched: bool, t_end: float, steps: int
+) -> None:
+    """Constant steps of 0.25 (``ifactor=1`` and a loose tolerance keep the proposal at 0.25):
+    a remainder up to 0.2525 is one step; beyond it, one more step."""
+    y0 = torch.ones(2, 1, dtype=F64) if batched else torch.ones(1, dtype=F64)
+    t = torch.tensor([0.0, t_end], dtype=F64)
+    sol = neuralode.solve(
+        lambda t, y: -y, y0, t, first_step=0.25, ifactor=1.0, rtol=1e6, atol=1e6,
+        batched=batched,
+    )  # fmt: skip
+    assert int(sol.stats.n_steps.reshape(-1)[0]) == steps
+    assert float(sol.t_end.reshape(-1)[0]) == t_end
+
+
+def test_adjoint_norms_cover_the_right_channels() -> None:
+    """The backward state is ``[y, a, g]``; each norm is checked on an error in one part only."""
+    from neuralode.gradients.adjoint import _Augmented
+
+    params = (torch.zeros(4, dtype=F64, requires_grad=True),)
+    ys = torch.zeros(3, 2, dtype=F64)
+    aug = _Augmented(lambda t, y: y, params, False, ys, torch.arange(3.0, dtype=F64), None)
+    n_y = 2
+
+    def err(part: str) -> torch.Tensor:
+        x = torch.full((2 * n_y + 4,), 1e-3, dtype=F64)
+        lo, hi = {"y": (0, n_y), "a": (n_y, 2 * n_y), "g": (2 * n_y, 2 * n_y + 4)}[part]
+        x[lo:hi] = 5.0
+        return x
+
+    semi, full, mx = aug.norm("seminorm"), aug.norm("rms"), aug.norm("max")
+    assert float(semi(err("y"), (0,))) == pytest.approx(5.0)
+    assert float(semi(err("a"), (0,))) == pytest.approx(5.0)
+    assert float(semi(err("g"), (0,))) == pytest.approx(1e-3)  # left out
+    for part in ("y", "a", "g"):
+        assert float(full(err(part), (0,))) == pytest.approx(5.0)
+        assert float(mx(err(part), (0,))) == 5.0
+    mixed = err("y")
+    mixed[n_y : 2 * n_y] = torch.tensor([3.0, 4.0], dtype=F64)  # RMS of the a part: 3.54
+    assert float(semi(mixed, (0,))) == pytest.approx(5.0)  # the largest part's RMS
