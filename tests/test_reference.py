@@ -30,9 +30,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import ADAPTIVE
-from scipy.integrate import solve_ivp
 
 import neuralode
+
+solve_ivp = pytest.importorskip(
+    "scipy.integrate", reason="needs scipy: pip install -e '.[dev]'"
+).solve_ivp
 
 SCIPY_MATCH = {"bosh3": "RK23", "dopri5": "RK45", "tsit5": "RK45", "dopri8": "DOP853"}
 TOLS = (1e-4, 1e-6, 1e-8)

@@ -22,8 +22,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import EXPERIMENTS_EXTRA, requires
 
 from neuralode.data import toy2d
+
+pytestmark = requires("sklearn", install=EXPERIMENTS_EXTRA)
 
 NAMES = sorted(toy2d.DATASETS)
 
