@@ -541,7 +541,7 @@ def test_unused_parameter_is_named_at_backward() -> None:
     net = WithUnused()
     y0 = Y0.clone().requires_grad_()
     ys = neuralode.odeint_adjoint(net, y0, T_INC)  # the forward cannot know yet
-    with pytest.raises((ValueError, TypeError), match="unused"):
+    with pytest.raises(ValueError, match=r"did not depend on \['unused.weight', 'unused.bias'\]"):
         ys.sum().backward()
 
 
@@ -549,7 +549,7 @@ def test_unused_explicit_parameter_raises_at_backward() -> None:
     params = _req(*_params())
     stray = torch.ones(3, dtype=F64, requires_grad=True)
     ys = neuralode.odeint_adjoint(mlp(params), Y0, T_INC, adjoint_params=(*params, stray))
-    with pytest.raises((ValueError, TypeError), match="depend|unused"):
+    with pytest.raises(ValueError, match=r"did not depend on \['adjoint_params\[4\]'\]"):
         ys.sum().backward()
 
 
@@ -664,7 +664,11 @@ def test_backward_failure_names_the_adjoint_options() -> None:
     net = MLPField(2, 4, seed=0)
     t = torch.tensor([0.0, 1.0], dtype=F64)
     ys = neuralode.odeint_adjoint(net, Y0, t, adjoint_options={"max_num_steps": 2})
-    with pytest.raises(neuralode.SolverError, match="adjoint_options"):
+    pattern = (
+        r"backward solve failed on the output interval between output times 0 and 1: The "
+        r"maximum number of solver steps was reached.*adjoint_options=\{'max_num_steps': N\}"
+    )
+    with pytest.raises(neuralode.SolverError, match=pattern):
         ys.sum().backward()
 
 

@@ -456,3 +456,38 @@ def test_solver_error_carries_the_status_message() -> None:
         )
     assert Status.MAX_STEPS_REACHED.message in str(info.value)
     assert isinstance(info.value, RuntimeError)
+
+
+def test_each_row_of_a_batch_fails_for_its_own_reason() -> None:
+    """Four rows, four outcomes, each the status the row gets when solved alone: success; a
+    field that turns NaN (NONFINITE); a blow-up (STEP_SIZE_UNDERFLOW); a fast oscillation that
+    runs out of steps (MAX_STEPS_REACHED)."""
+    which = torch.arange(4, dtype=F64)
+
+    def field(t: torch.Tensor, y: torch.Tensor, rows: torch.Tensor = which) -> torch.Tensor:
+        w = rows.unsqueeze(-1) if rows.ndim else rows
+        nan = torch.where((w == 1) & (t.unsqueeze(-1) >= 0.5), torch.nan, 1.0)
+        return torch.where(
+            w == 0,
+            -y,
+            torch.where(
+                w == 1,
+                -y * nan,
+                torch.where(w == 2, y**2, 5000 * torch.cos(5000 * t).unsqueeze(-1)),
+            ),
+        )
+
+    y0 = torch.tensor([[1.0], [1.0], [1.0], [0.0]], dtype=F64)
+    t = torch.tensor([0.0, 2.0], dtype=F64)
+    kw = dict(rtol=1e-8, atol=1e-10, max_num_steps=1000, throw=False)
+    sol = neuralode.solve(field, y0, t, batched=True, **kw)
+    want = [Status.SUCCESS, Status.NONFINITE, Status.STEP_SIZE_UNDERFLOW, Status.MAX_STEPS_REACHED]
+    assert sol.status.tolist() == [int(s) for s in want]
+    for i in range(4):
+        alone = neuralode.solve(
+            lambda t, y, i=i: field(t, y, torch.tensor(float(i), dtype=F64)), y0[i], t, **kw
+        )
+        assert int(alone.status) == int(want[i]), i
+        assert float(alone.t_end) == pytest.approx(float(sol.t_end[i]), rel=1e-9), i
+    assert float(sol.t_end[0]) == 2.0 and float(sol.t_end[1]) < 0.5 + 1e-6
+    assert float(sol.t_end[2]) == pytest.approx(1.0, abs=1e-3)

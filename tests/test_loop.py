@@ -271,3 +271,23 @@ def test_fixed_steps_hold_states_in_proportion_to_the_outputs(batched: bool) -> 
     assert int(sol.stats.n_steps.reshape(-1)[0]) == 10_000
     assert len(alive) == 40_000
     assert peak[0] <= 12, peak[0]
+
+
+@pytest.mark.parametrize("method", ["dopri5", "rk4"])
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_single_output_time_takes_no_step(method: str, batched: bool) -> None:
+    rec = Recorder(lambda t, y: -y)
+    y0 = Y0.expand(2, 3).clone() if batched else Y0
+    t = torch.tensor([[0.7], [1.5]], dtype=DTYPE) if batched else torch.tensor([0.7], dtype=DTYPE)
+    sol = neuralode.solve(rec, y0, t, method=method, batched=batched, dense=True)
+    assert rec.n == 1  # f(t0, y0), evaluated once at the entry to check what f returns
+    rows = (2,) if batched else ()
+    assert sol.ys.shape == ((2, 1, 3) if batched else (1, 3))
+    assert torch.equal(sol.ys.reshape(-1, 3), y0.reshape(-1, 3))
+    assert sol.stats.nfe.shape == rows and bool((sol.stats.nfe == 1).all())
+    for name in ("n_steps", "n_accepted", "n_rejected"):
+        assert bool((getattr(sol.stats, name) == 0).all()), name
+    assert bool((sol.status == 0).all()) and sol.success
+    assert torch.equal(sol.t_end, t[..., 0])
+    at = sol.evaluate(t[..., 0] if not batched else t)  # dense output at t0 is y0
+    torch.testing.assert_close(at.reshape(-1, 3), y0.reshape(-1, 3))

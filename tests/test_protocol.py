@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction as Fr
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -283,3 +284,28 @@ def test_a_step_that_fails_on_its_own_is_rejected_and_retried() -> None:
     )
     assert int(both.stats.n_accepted[0]) >= 80
     assert int(both.stats.n_accepted[1]) == int(free.stats.n_accepted)
+
+
+class _Pair(NamedTuple):
+    k: torch.Tensor
+    j: torch.Tensor
+
+
+def test_default_merge_keeps_rows_per_state_kind() -> None:
+    """``Solver.merge``: tensors (and tuples and named tuples of them) take ``new`` on accepted
+    rows and ``old`` elsewhere; a state a step cannot carry (``None``) stays ``None``."""
+    solver = neuralode.get_solver("dopri5")
+    accept = torch.tensor([True, False, True])
+    new, old = torch.ones(3, 2), torch.zeros(3, 2)
+    want = torch.tensor([[1.0, 1.0], [0.0, 0.0], [1.0, 1.0]])
+    assert torch.equal(solver.merge(accept, new, old), want)
+    merged = solver.merge(accept, (new, new * 2), (old, old))
+    assert isinstance(merged, tuple) and torch.equal(merged[1], 2 * want)
+    pair = solver.merge(accept, _Pair(new, new), _Pair(old, old + 5))
+    assert isinstance(pair, _Pair) and torch.equal(pair.j, torch.where(want > 0, 1.0, 5.0))
+    assert solver.merge(accept, None, old) is None
+    assert solver.merge(accept, new, None) is None
+    # one row, no batch dimension: a 0-dim accept flag
+    assert torch.equal(
+        solver.merge(torch.tensor(False), torch.ones(2), torch.zeros(2)), torch.zeros(2)
+    )

@@ -19,13 +19,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
+import sys
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 from conftest import ALL_METHODS
 
 import neuralode
 from neuralode import ButcherTableau, get_tableau
+from neuralode.solvers import ExplicitRK
 from neuralode.tableaus import DenseOutput
 
 # Orders of the embedded solutions ``b - b_err`` (and ``b - b_err2``).  ``error_order`` is the
@@ -257,3 +261,47 @@ def test_get_tableau_unknown_lists_all_methods() -> None:
 def test_methods_is_the_registry() -> None:
     assert tuple(neuralode.TABLEAUS) == ALL_METHODS
     assert set(ALL_METHODS) >= {"euler", "midpoint", "heun", "rk4", "bosh3", "dopri5", "tsit5"}
+
+
+# -- built at test time --------------------------------------------------------------------------
+def _fresh_tableaus_module():
+    """The tableau module executed anew, apart from the imported one: the tableaus are built at
+    import, so a test that only reads them sees the code as it was when the package loaded (a
+    mutation tester switches mutants on at test time)."""
+    path = Path(neuralode.solvers.tableaus.__file__)
+    spec = importlib.util.spec_from_file_location("_fresh_tableaus", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while being built
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[spec.name]
+    return module
+
+
+def test_tableaus_built_now_are_the_registered_ones() -> None:
+    fresh = _fresh_tableaus_module()
+    assert list(fresh.TABLEAUS) == list(neuralode.TABLEAUS)
+    for name, tab in neuralode.TABLEAUS.items():
+        # every coefficient, exactly (as data: the two modules' classes are different objects)
+        assert dataclasses.astuple(fresh.TABLEAUS[name]) == dataclasses.astuple(tab), name
+    # The helpers, called now, rebuild the interpolants of the registered tableaus.
+    for name in ("euler", "midpoint", "heun", "rk4"):
+        tab = neuralode.get_tableau(name)
+        got = fresh.hermite_dense_output(tab.b, tab.order)
+        assert dataclasses.astuple(got) == dataclasses.astuple(tab.dense)
+    assert fresh.get_tableau("dopri5") is fresh.TABLEAUS["dopri5"]
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        fresh.get_tableau("nope")
+
+
+@pytest.mark.parametrize("name", ALL_METHODS)
+def test_solver_built_now_matches_the_registered_one(name: str) -> None:
+    """``ExplicitRK`` derives its stage terms from the tableau once; built now, it holds what
+    the registry's instance (built at import) holds."""
+    registered = neuralode.get_solver(name)
+    fresh = ExplicitRK(neuralode.get_tableau(name))
+    skip = {"_c_cache", "_P_cache"}  # per-device caches, filled on use
+    got = {k: v for k, v in vars(fresh).items() if k not in skip}
+    want = {k: v for k, v in vars(registered).items() if k not in skip}
+    assert got == want
