@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import neuralode
-from neuralode.controllers import max_norm, rms_norm
+from neuralode.controllers import FixedGrid, PIController, max_norm, rms_norm
 
 F64 = torch.float64
 
@@ -131,3 +131,81 @@ def test_adjoint_norms_cover_the_right_channels() -> None:
     mixed = err("y")
     mixed[n_y : 2 * n_y] = torch.tensor([3.0, 4.0], dtype=F64)  # RMS of the a part: 3.54
     assert float(semi(mixed, (0,))) == pytest.approx(5.0)  # the largest part's RMS
+
+
+# -- the initial step against scipy's implementation of the same algorithm ---------------------
+def _scipy_initial_step(f, y0: np.ndarray, rtol: float, atol: float, order: int) -> float:
+    common = pytest.importorskip("scipy.integrate._ivp.common", reason="needs scipy (dev extra)")
+    f0 = f(0.0, y0)
+    return float(common.select_initial_step(f, 0.0, y0, 1e9, np.inf, f0, 1, order, rtol, atol))
+
+
+INITIAL_CASES = {
+    # name: (numpy field, y0): ordinary, tiny state (d0 < 1e-5), zero field (d1 = d2 = 0),
+    # tiny field (d1 < 1e-5) and a fast field.
+    "decay": (lambda t, y: -0.5 * y + np.sin(t), [1.0, -2.0, 0.5]),
+    "tiny_state": (lambda t, y: np.cos(t) * np.ones_like(y), [1e-12, -2e-13]),
+    "zero_field": (lambda t, y: 0.0 * y, [3.0, 1.0]),
+    "tiny_field": (lambda t, y: 1e-9 * np.ones_like(y), [1.0, 2.0]),
+    "fast": (lambda t, y: -300.0 * y + 40.0 * np.cos(50 * t), [2.0, -1.0]),
+}
+
+
+@pytest.mark.parametrize("order", [2, 4, 7])
+@pytest.mark.parametrize(("rtol", "atol"), [(1e-6, 1e-8), (1e-3, 1e-3), (1e-9, 0.0)])
+@pytest.mark.parametrize("case", sorted(INITIAL_CASES))
+def test_initial_step_is_hairers_as_scipy_computes_it(
+    case: str, rtol: float, atol: float, order: int
+) -> None:
+    f_np, y0 = INITIAL_CASES[case]
+    y0_np = np.array(y0, dtype=np.float64)
+    want = _scipy_initial_step(f_np, y0_np, rtol, atol, order)
+    ctrl = PIController(rtol=rtol, atol=atol, norm=rms_norm, dims=(0,), error_order=order)
+
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(f_np(float(t), y.numpy()), dtype=F64)
+
+    y = torch.tensor(y0, dtype=F64)
+    t0 = torch.tensor(0.0, dtype=F64)
+    got = ctrl.initial_step(f, t0, y, f(t0, y))
+    assert got.dtype == F64 and got.shape == ()
+    assert float(got) == pytest.approx(want, rel=1e-12)
+    # Per row: a batch of the same problem gives each row that step.
+    ctrl_b = PIController(rtol=rtol, atol=atol, norm=rms_norm, dims=(1,), error_order=order)
+    rows = ctrl_b.initial_step(
+        lambda t, yb: torch.stack([f(ti, yi) for ti, yi in zip(t, yb)]),
+        t0.expand(3),
+        y.expand(3, -1),
+        f(t0, y).expand(3, -1),
+    )
+    assert rows.shape == (3,)
+    torch.testing.assert_close(rows, got.expand(3), rtol=1e-12, atol=0)
+
+
+def test_controller_starts_with_no_history() -> None:
+    """Before the first step: no previous error (err_prev = 1, so PI control starts as integral
+    control) and no rejection."""
+    ctrl = PIController(rtol=1e-6, atol=1e-9, norm=rms_norm, dims=(1,), error_order=4, beta=0.1)
+    state = ctrl.init(torch.zeros(3, dtype=F64))
+    assert torch.equal(state.prev_ratio, torch.ones(3, dtype=F64))
+    assert state.rejected_last.dtype == torch.bool and not bool(state.rejected_last.any())
+    assert ctrl.init_float() == (1.0, False)
+
+
+@pytest.mark.parametrize(
+    ("span", "steps"), [(0.3 * 3, 3), (0.3 * 3.005, 3), (0.3 * 3.0099, 3), (0.3 * 3.02, 4)]
+)
+def test_fixed_grid_stretches_the_last_step_by_at_most_one_percent(span: float, steps: int) -> None:
+    s = torch.tensor([[1.0, 1.0 + span], [2.0, 2.0 + 0.3 * 1.5]], dtype=F64)
+    grid = FixedGrid(s, 0.3, batched=True)
+    assert grid.n_steps.tolist() == [steps, 2]
+    assert grid.n == steps
+    assert grid.times.shape == (steps + 1, 2)
+    assert float(grid.times[-1, 0]) == 1.0 + span and float(grid.times[-1, 1]) == 2.45
+    assert torch.equal(grid.times[0], s[:, 0])
+    torch.testing.assert_close(grid.steps[: steps - 1, 0], torch.full((steps - 1,), 0.3, dtype=F64))
+    assert bool((grid.steps[2:, 1] == 0).all())  # the shorter row is padded with zero steps
+    one = FixedGrid(s[0], 0.3, batched=False)
+    assert torch.equal(one.times, grid.times[:, 0]) and one.n_steps.shape == ()
+    per_output = FixedGrid(s, None, batched=True)  # one step per output interval
+    assert torch.equal(per_output.times, s.T) and per_output.n_steps.tolist() == [1, 1]

@@ -237,3 +237,45 @@ def test_dopri8_dense_output_in_float32_keeps_its_digits() -> None:
     mid = sol.evaluate(torch.tensor([2.345, 7.891], dtype=DTYPE)).double()
     want = torch.stack([torch.linalg.matrix_exp(A * x) @ y0 for x in (2.345, 7.891)])
     assert float(((mid - want).norm(dim=1) / want.norm(dim=1)).max()) < 1e-5
+
+
+def test_evaluate_at_the_ends_within_round_off_and_not_beyond() -> None:
+    """The interval's ends are accepted up to 1e-12 of its length (a time computed in floating
+    point may miss an end by an ulp); beyond that, a clear error naming the interval."""
+    t = torch.tensor([1.0, 3.0], dtype=DTYPE)
+    sol = neuralode.solve(spiral(1.0), Y0, t, rtol=1e-8, atol=1e-10, dense=True)
+    span = 2.0
+    for inside in (1.0 - 0.5e-12 * span, 3.0 + 0.5e-12 * span):
+        sol.evaluate(torch.tensor(inside, dtype=DTYPE))
+    for outside in (1.0 - 5e-12 * span, 3.0 + 5e-12 * span):
+        with pytest.raises(ValueError, match=r"outside the solved interval \[1, 3\]"):
+            sol.evaluate(torch.tensor(outside, dtype=DTYPE))
+    torch.testing.assert_close(sol.evaluate(3.0), sol.ys[-1], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sol.evaluate(1.0), Y0, rtol=0, atol=0)
+
+
+def test_evaluate_shapes_and_tuple_states() -> None:
+    """A scalar time gives one state, ``[M]`` times give ``[M, ...]``; batched ``[B, ...]`` and
+    ``[B, M, ...]``; tuple states come back as tuples of those (each with its own features)."""
+    f = spiral(1.0)
+
+    def f_tuple(t: torch.Tensor, y: tuple) -> tuple:
+        out = f(t, torch.cat(y, dim=-1))
+        return out[..., :1], out[..., 1:]
+
+    t = torch.tensor([0.0, 2.0], dtype=DTYPE)
+    plain = neuralode.solve(f, Y0, t, dense=True)
+    tup = neuralode.solve(f_tuple, (Y0[:1], Y0[1:]), t, dense=True)
+    q = torch.tensor([0.3, 1.7], dtype=DTYPE)
+    assert plain.evaluate(0.3).shape == (2,) and plain.evaluate(q).shape == (2, 2)
+    one, two = tup.evaluate(0.3)
+    assert one.shape == (1,) and two.shape == (1,)
+    torch.testing.assert_close(torch.cat([one, two]), plain.evaluate(0.3), rtol=1e-12, atol=0)
+    many = tup.evaluate(q)
+    assert many[0].shape == (2, 1)
+    torch.testing.assert_close(torch.cat(many, dim=-1), plain.evaluate(q), rtol=1e-12, atol=0)
+    batched = neuralode.solve(spiral(OMEGAS), Y0S, GRIDS[:, [0, -1]], dense=True)
+    assert batched.evaluate(2.0).shape == (3, 2)
+    assert batched.evaluate(torch.tensor([1.5, 2.5], dtype=DTYPE)).shape == (3, 2, 2)
+    per_row = torch.tensor([[0.3], [1.2], [3.6]], dtype=DTYPE)
+    assert batched.evaluate(per_row).shape == (3, 1, 2)

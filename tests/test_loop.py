@@ -291,3 +291,30 @@ def test_a_single_output_time_takes_no_step(method: str, batched: bool) -> None:
     assert torch.equal(sol.t_end, t[..., 0])
     at = sol.evaluate(t[..., 0] if not batched else t)  # dense output at t0 is y0
     torch.testing.assert_close(at.reshape(-1, 3), y0.reshape(-1, 3))
+
+
+@pytest.mark.parametrize("method", FIXED)
+def test_batched_fixed_steps_evaluate_only_what_outputs_need(method: str) -> None:
+    """A batch on fixed steps evaluates ``f`` exactly as often as one row would: the interpolant's
+    ``f(t + h, y1)`` only for a step with an output strictly inside it (it then starts the next
+    step), never for an output on a grid point, whatever the rows' grids."""
+    s = neuralode.get_tableau(method).stages
+    y0 = torch.ones(2, 1, dtype=DTYPE)
+
+    def calls(t: torch.Tensor) -> tuple[int, list[int]]:
+        rec = Recorder(lambda t, y: -y)
+        sol = neuralode.solve(rec, y0, t, method=method, step_size=0.1, batched=True)
+        return rec.n, sol.stats.nfe.tolist()
+
+    # Outputs on grid points only, one of them the last step's start: s per step, nothing more.
+    n, per_row = calls(torch.tensor([0.0, 0.9, 1.0], dtype=DTYPE))
+    assert n == 10 * s and per_row == [10 * s] * 2
+    # An output inside the last step: one more evaluation, f(1.0, y(1.0)), for the interpolant.
+    n, per_row = calls(torch.tensor([0.0, 0.95, 1.0], dtype=DTYPE))
+    assert n == 10 * s + 1 and per_row == [10 * s + 1] * 2
+    # Rows of different lengths (the shorter row's grid is padded): the batch makes the longer
+    # row's calls, and each row is charged its own.
+    t = torch.tensor([[0.0, 0.5, 0.9], [0.0, 0.3, 0.6]], dtype=DTYPE)
+    n, per_row = calls(t)
+    assert per_row == [9 * s, 6 * s]
+    assert n == 9 * s
