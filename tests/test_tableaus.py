@@ -227,35 +227,91 @@ def test_good_template_builds() -> None:
 
 
 @pytest.mark.parametrize(
-    "change, what",
+    "change, message",
     [
-        ({"a": ((), (F(1, 3),))}, "row of a not summing to c"),
-        ({"b": (F(1, 2), F(1, 3))}, "sum(b) != 1"),
-        ({"b": (F(1),)}, "b too short"),
-        ({"c": (F(0), F(1, 2), F(1))}, "c too long"),
-        ({"a": ((), (F(1, 4), F(1, 4)))}, "a row of the wrong length"),
-        ({"a": ((),)}, "a with too few rows"),
-        ({"b_err": (F(1), F(-1), F(0)), "error_order": 1}, "b_err of the wrong length"),
-        ({"b_err": (F(1), F(-1, 2)), "error_order": 1}, "sum(b_err) != 0"),
-        ({"b_err": (F(1), F(-1))}, "b_err without error_order"),
-        ({"dense": DenseOutput(P=((F(1),),))}, "dense P with too few rows"),
-        ({"dense": DenseOutput(P=((F(1),), (F(0),)))}, "dense B_j(1) != b_j"),
+        ({"a": ((), (F(1, 3),))}, r"fails its check row 1 of a sums to c\[1\]: 0.333"),
+        ({"b": (F(1, 2), F(1, 3))}, r"fails its check sum\(b\) == 1: 0.833"),
+        ({"b": (F(1),)}, r"c, a and b must have one entry per stage \(2\)"),
+        ({"c": (F(0), F(1, 2), F(1))}, r"c, a and b must have one entry per stage \(3\)"),
+        ({"a": ((), (F(1, 4), F(1, 4)))}, r"a\[1\] must have 1 entries, has 2"),
+        ({"a": ((),)}, r"c, a and b must have one entry per stage \(2\)"),
+        (
+            {"b_err": (F(1), F(-1), F(0)), "error_order": 1},
+            r"b_err must have 2 entries",
+        ),
+        ({"b_err": (F(1), F(-1, 2)), "error_order": 1}, r"check sum\(b_err\) == 0: 0.5"),
+        (
+            {"b_err": (F(1), F(-1)), "error_order": 1, "b_err2": (F(1), F(0))},
+            r"check sum\(b_err2\) == 0: 1",
+        ),
+        ({"b_err2": (F(1),), "b_err": (F(1), F(-1)), "error_order": 1}, r"b_err2 must have 2"),
+        ({"b_err": (F(1), F(-1))}, r"b_err and error_order go together"),
+        ({"error_order": 1}, r"b_err and error_order go together"),
+        ({"dense": DenseOutput(P=((F(1),),))}, r"dense P must have 2 rows of equal length"),
+        (
+            {"dense": DenseOutput(P=((F(0), F(0)), (F(1),)))},
+            r"dense P must have 2 rows of equal length",
+        ),
+        (
+            {"dense": DenseOutput(P=((F(1),), (F(0),)))},
+            r"check dense output B_0\(1\) == b_0: 1.0 vs 0.0",
+        ),
         (
             {"dense": DenseOutput(P=((F(0),), (F(1),), (F(0),)), extra_c=(F(1),), extra_a=((),))},
-            "extra stage row of the wrong length",
+            r"extra stage 0 needs 2 a entries",
         ),
+        (
+            {
+                "dense": DenseOutput(
+                    P=((F(0),), (F(1),), (F(0),)), extra_c=(F(1),), extra_a=((F(1), F(1)),)
+                )
+            },
+            r"check extra stage 0 row sums to its node: 2.0 vs 1.0",
+        ),
+        # Off by far less than a double can resolve: exact arithmetic still sees it.
+        ({"a": ((), (F(1, 2) + F(1, 10**400),))}, r"check row 1 of a sums to c\[1\]"),
+        # A decimal tableau (tol > 0) is checked to its tolerance, not beyond it.
+        ({"b": (F(0), F(1) + F(1, 10**6)), "tol": 1e-9}, r"check sum\(b\) == 1"),
     ],
 )
-def test_bad_tableau_raises_value_error_naming_it(change: dict, what: str) -> None:
-    with pytest.raises(ValueError, match="mybad"):
+def test_bad_tableau_raises_value_error_naming_it(change: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=r"tableau 'mybad'.*" + message):
         ButcherTableau(**{**_GOOD, **change})
 
 
+def test_decimal_tableau_within_its_tolerance_builds() -> None:
+    tab = ButcherTableau(**{**_GOOD, "b": (F(0), F(1) + F(1, 10**12)), "tol": 1e-9})
+    assert tab.b[1] != 1
+
+
+@pytest.mark.parametrize(
+    ("c", "a", "b", "fsal"),
+    [
+        # Two stages: the last stage is f(t + h, y1) exactly when its row is b.
+        ((F(0), F(1)), ((), (F(1),)), (F(1), F(0)), True),
+        # Three stages, last node 1 and b ending in 0, but the last row is not b: not FSAL.
+        ((F(0), F(1, 2), F(1)), ((), (F(1, 2),), (F(1, 2), F(1, 2))), (F(0), F(1), F(0)), False),
+        ((F(0), F(1, 2), F(1)), ((), (F(1, 2),), (F(0), F(1))), (F(0), F(1), F(0)), True),
+        # Four stages whose last row agrees with b in its first entry only.
+        (
+            (F(0), F(1, 2), F(1, 2), F(1)),
+            ((), (F(1, 2),), (F(0), F(1, 2)), (F(1, 6), F(1, 2), F(1, 3))),
+            (F(1, 6), F(1, 3), F(1, 2), F(0)),
+            False,
+        ),
+        # Last row equal to b's leading entries but b's last entry not 0.
+        ((F(0), F(1)), ((), (F(1),)), (F(1, 2), F(1, 2)), False),
+    ],
+)
+def test_fsal_is_detected_from_the_coefficients(c, a, b, fsal: bool) -> None:
+    tab = ButcherTableau(name="t", order=1, c=c, a=a, b=b)
+    assert tab.fsal is fsal
+
+
 def test_get_tableau_unknown_lists_all_methods() -> None:
-    with pytest.raises(ValueError, match="nope") as info:
+    known = ", ".join(sorted(ALL_METHODS))
+    with pytest.raises(ValueError, match=rf"^unknown method 'nope'; known methods are: {known}$"):
         get_tableau("nope")
-    for name in ALL_METHODS:
-        assert name in str(info.value)
 
 
 def test_methods_is_the_registry() -> None:
@@ -268,14 +324,15 @@ def _fresh_tableaus_module():
     """The tableau module executed anew, apart from the imported one: the tableaus are built at
     import, so a test that only reads them sees the code as it was when the package loaded (a
     mutation tester switches mutants on at test time)."""
-    path = Path(neuralode.solvers.tableaus.__file__)
-    spec = importlib.util.spec_from_file_location("_fresh_tableaus", path)
+    name = "neuralode.solvers.tableaus"  # its own name: a mutation tester maps calls by it
+    imported = sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, Path(imported.__file__))
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while being built
+    sys.modules[name] = module  # dataclasses look their module up while being built
     try:
         spec.loader.exec_module(module)
     finally:
-        del sys.modules[spec.name]
+        sys.modules[name] = imported
     return module
 
 

@@ -151,18 +151,18 @@ class ButcherTableau:
         for i, row in enumerate(self.a):
             if len(row) != i:
                 raise ValueError(f"tableau {name!r}: a[{i}] must have {i} entries, has {len(row)}")
-            self._close(sum(row, F(0)), self.c[i], f"row {i} of a sums to c[{i}]")
-        self._close(sum(self.b, F(0)), F(1), "sum(b) == 1")
+            self._close(sum(row), self.c[i], f"row {i} of a sums to c[{i}]")
+        self._close(sum(self.b), F(1), "sum(b) == 1")
         for label, e in (("b_err", self.b_err), ("b_err2", self.b_err2)):
             if e is not None:
                 if len(e) != s:
                     raise ValueError(f"tableau {name!r}: {label} must have {s} entries")
-                self._close(sum(e, F(0)), F(0), f"sum({label}) == 0")
+                self._close(sum(e), F(0), f"sum({label}) == 0")
         if (self.b_err is None) != (self.error_order is None):
             raise ValueError(f"tableau {name!r}: b_err and error_order go together")
+        # c[0] is 0 (the first row of a is empty), so a one-stage tableau is never FSAL.
         fsal = (
-            s > 1
-            and self.c[-1] == 1
+            self.c[-1] == 1
             and all(abs(float(x - y)) <= self.tol for x, y in zip(self.a[-1], self.b[:-1]))
             and self.b[-1] == 0
         )
@@ -175,13 +175,13 @@ class ButcherTableau:
             for i, (ci, row) in enumerate(zip(d.extra_c, d.extra_a)):
                 if len(row) != s + i:
                     raise ValueError(f"tableau {name!r}: extra stage {i} needs {s + i} a entries")
-                self._close(sum(row, F(0)), ci, f"extra stage {i} row sums to its node")
+                self._close(sum(row), ci, f"extra stage {i} row sums to its node")
             # B_j(1) == b_j: the interpolant ends on the step's solution.
             for j in range(n_k):
                 bj = self.b[j] if j < s else F(0)
-                self._close(sum(d.P[j], F(0)), bj, f"dense output B_{j}(1) == b_{j}")
+                self._close(sum(d.P[j]), bj, f"dense output B_{j}(1) == b_{j}")
 
-    def _close(self, x: Fraction, y: Fraction, what: str) -> None:
+    def _close(self, x: Fraction | int, y: Fraction, what: str) -> None:
         if abs(float(x - y)) > self.tol or (self.tol == 0 and x != y):
             raise ValueError(
                 f"tableau {self.name!r} fails its check {what}: {float(x)} vs {float(y)}"
