@@ -192,20 +192,36 @@ def test_controller_starts_with_no_history() -> None:
     assert ctrl.init_float() == (1.0, False)
 
 
+def test_adapt_computes_in_the_time_dtype() -> None:
+    """A float32 error ratio (a float32 state) is controlled in float64, the time dtype."""
+    ctrl = PIController(rtol=1e-6, atol=1e-9, norm=rms_norm, dims=(0,), error_order=4)
+    state = ctrl.init(torch.zeros((), dtype=F64))
+    r = torch.tensor(0.3, dtype=torch.float32)
+    _, h32, _ = ctrl.adapt(r, torch.tensor(0.1, dtype=F64), state)
+    _, h64, _ = ctrl.adapt(r.double(), torch.tensor(0.1, dtype=F64), state)
+    assert h32.dtype == F64 and torch.equal(h32, h64)
+
+
+@pytest.mark.filterwarnings("error")  # no deprecated transpose of a 1-D grid, either
 @pytest.mark.parametrize(
-    ("span", "steps"), [(0.3 * 3, 3), (0.3 * 3.005, 3), (0.3 * 3.0099, 3), (0.3 * 3.02, 4)]
+    ("span", "steps"),
+    [(0.3 * 3, 3), (0.3 * 3.005, 3), (0.3 * 3.0099, 3), (0.3 * 3.02, 4), (0.3 * 0.5, 1)],
 )
 def test_fixed_grid_stretches_the_last_step_by_at_most_one_percent(span: float, steps: int) -> None:
     s = torch.tensor([[1.0, 1.0 + span], [2.0, 2.0 + 0.3 * 1.5]], dtype=F64)
     grid = FixedGrid(s, 0.3, batched=True)
     assert grid.n_steps.tolist() == [steps, 2]
-    assert grid.n == steps
-    assert grid.times.shape == (steps + 1, 2)
+    assert grid.n == max(steps, 2)
+    assert grid.times.shape == (max(steps, 2) + 1, 2)
     assert float(grid.times[-1, 0]) == 1.0 + span and float(grid.times[-1, 1]) == 2.45
     assert torch.equal(grid.times[0], s[:, 0])
     torch.testing.assert_close(grid.steps[: steps - 1, 0], torch.full((steps - 1,), 0.3, dtype=F64))
-    assert bool((grid.steps[2:, 1] == 0).all())  # the shorter row is padded with zero steps
+    assert bool((grid.steps[steps:, 0] == 0).all()) and bool((grid.steps[2:, 1] == 0).all())
+    assert grid.n_steps.dtype == torch.long
     one = FixedGrid(s[0], 0.3, batched=False)
-    assert torch.equal(one.times, grid.times[:, 0]) and one.n_steps.shape == ()
+    assert torch.equal(one.times, grid.times[: steps + 1, 0]) and one.n_steps.shape == ()
     per_output = FixedGrid(s, None, batched=True)  # one step per output interval
     assert torch.equal(per_output.times, s.T) and per_output.n_steps.tolist() == [1, 1]
+    assert per_output.n_steps.dtype == torch.long
+    three = FixedGrid(torch.tensor([0.0, 0.5, 0.7, 2.0], dtype=F64), None, batched=False)
+    assert int(three.n_steps) == 3 and three.n == 3

@@ -245,13 +245,47 @@ def test_evaluate_at_the_ends_within_round_off_and_not_beyond() -> None:
     t = torch.tensor([1.0, 3.0], dtype=DTYPE)
     sol = neuralode.solve(spiral(1.0), Y0, t, rtol=1e-8, atol=1e-10, dense=True)
     span = 2.0
-    for inside in (1.0 - 0.5e-12 * span, 3.0 + 0.5e-12 * span):
-        sol.evaluate(torch.tensor(inside, dtype=DTYPE))
-    for outside in (1.0 - 5e-12 * span, 3.0 + 5e-12 * span):
-        with pytest.raises(ValueError, match=r"outside the solved interval \[1, 3\]"):
+    # Within the slack the ends are held: the state at t0, and the last step's end.
+    assert torch.equal(sol.evaluate(torch.tensor(1.0 - 0.5e-12 * span, dtype=DTYPE)), Y0)
+    end = sol.evaluate(torch.tensor(3.0, dtype=DTYPE))
+    assert torch.equal(sol.evaluate(torch.tensor(3.0 + 0.5e-12 * span, dtype=DTYPE)), end)
+    torch.testing.assert_close(end, sol.ys[-1], rtol=1e-12, atol=1e-12)
+    for outside in (1.0 - 1.5e-12 * span, 3.0 + 1.5e-12 * span, 3.0 + 5e-12 * span):
+        with pytest.raises(
+            ValueError, match=r"^Solution.evaluate: t lies outside the solved interval \[1, 3\]$"
+        ):
             sol.evaluate(torch.tensor(outside, dtype=DTYPE))
-    torch.testing.assert_close(sol.evaluate(3.0), sol.ys[-1], rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(sol.evaluate(1.0), Y0, rtol=0, atol=0)
+    back = neuralode.solve(spiral(1.0), Y0, t.flip(0), rtol=1e-8, atol=1e-10, dense=True)
+    with pytest.raises(ValueError, match=r"outside the solved interval \[3, 1\]$"):
+        back.evaluate(0.5)
+    # A query in another float dtype is read in the solver's time dtype.
+    torch.testing.assert_close(
+        sol.evaluate(torch.tensor([1.5, 2.5])), sol.evaluate(torch.tensor([1.5, 2.5], dtype=DTYPE))
+    )
+
+
+def test_dense_output_of_a_single_step() -> None:
+    sol = neuralode.solve(
+        spiral(1.0), Y0, torch.tensor([0.0, 0.5], dtype=DTYPE), method="rk4", dense=True
+    )
+    assert int(sol.stats.n_steps) == 1
+    mid = sol.evaluate(0.25)
+    exact = spiral_exact(torch.tensor([0.25], dtype=DTYPE), torch.tensor(0.0, dtype=DTYPE), Y0, 1.0)
+    torch.testing.assert_close(mid, exact[0], rtol=2e-2, atol=2e-2)  # Hermite over h = 0.5
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_float32_outputs_stay_float32(batched: bool) -> None:
+    """Outputs inside steps, dense output and the error control keep a float32 state in float32
+    (time stays float64 inside)."""
+    y0 = (Y0S if batched else Y0).float()
+    f = spiral(OMEGAS.float() if batched else 1.0)
+    t = torch.tensor([0.0, 0.37, 1.2, 2.0], dtype=DTYPE)
+    for method, kw in (("dopri5", {}), ("rk4", {"step_size": 0.1})):
+        sol = neuralode.solve(f, y0, t, method=method, batched=batched, dense=True, **kw)
+        assert sol.ys.dtype == torch.float32, method
+        assert sol.evaluate(torch.tensor([0.5, 1.9], dtype=DTYPE)).dtype == torch.float32
+        assert sol.t_end.dtype == DTYPE
 
 
 def test_evaluate_shapes_and_tuple_states() -> None:

@@ -145,7 +145,9 @@ class PIController:
         if self.beta:
             factor.mul_(state.prev_ratio.pow(self.beta))
         upper = torch.where(state.rejected_last, 1.0, self.ifactor)
-        factor = torch.minimum(factor.nan_to_num_(nan=self.dfactor).clamp_(min=self.dfactor), upper)
+        # ratio has no NaN (made inf above) and prev_ratio none (an accepted ratio), so factor
+        # has none either: clamping is all it needs.
+        factor = torch.minimum(factor.clamp_(min=self.dfactor), upper)
         prev = (
             torch.where(accept, r.clamp(min=1e-4), state.prev_ratio)
             if self.beta

@@ -47,12 +47,12 @@ def evaluate(step: DenseStep, theta: torch.Tensor, batched: bool) -> torch.Tenso
     y0 = step.y0
     w = weights(theta, step.P, y0.dtype)  # [(B,) m, n_k]
     h = step.h if isinstance(step.h, float) else step.h.to(y0.dtype)
-    if batched:
+    if batched:  # the tensor driver: h is a per-row tensor
+        assert isinstance(h, torch.Tensor)
         B = y0.shape[0]
         K = torch.stack([k.reshape(B, -1) for k in step.ks], dim=1)  # [B, n_k, N]
         dy = (w @ K).view((B, theta.shape[-1]) + y0.shape[1:])
-        h_y = h if isinstance(h, float) else per_row(h, dy.ndim)
-        return y0.unsqueeze(1) + h_y * dy
+        return y0.unsqueeze(1) + per_row(h, dy.ndim) * dy
     K = torch.stack([k.reshape(-1) for k in step.ks], dim=0)  # [n_k, N]
     dy = (w @ K).view((theta.shape[-1],) + y0.shape)
     return y0 + h * dy
@@ -89,18 +89,21 @@ def recorded_evaluator(
     Ks = torch.stack([r.K for r in records])  # [n, (B,) n_k, *features]
     if not batched:  # one row: give every record a batch dimension of 1
         ts, hs, ys, Ks = ts[:, None], hs[:, None], ys[:, None], Ks[:, None]
-    # Steps of a row that had stopped (h == 0) come last: +inf keeps each row's keys sorted.
-    key = torch.where(hs > 0, ts, torch.inf).T.contiguous()  # [B, n]
-    n, dtype = len(records), ys.dtype
+    # Each row's step starts are sorted: a rejected attempt shares its start with the retry
+    # recorded after it (which the search prefers), and the zero steps of a row that stopped
+    # start at its last time (where a query gets the state it stopped with).
+    key = ts.T.contiguous()  # [B, n]
+    dtype = ys.dtype
 
     def core(sq: torch.Tensor) -> torch.Tensor:
         sqb = sq if batched else sq.unsqueeze(0)  # [B, M]
-        i = (torch.searchsorted(key, sqb.contiguous(), right=True) - 1).clamp(0, n - 1)
+        # A query up to the evaluator's slack before the first step uses the first step.
+        i = (torch.searchsorted(key, sqb.contiguous(), right=True) - 1).clamp(min=0)
         b = torch.arange(i.shape[0], device=i.device).unsqueeze(1)
         tt, hh, yy, KK = ts[i, b], hs[i, b], ys[i, b], Ks[i, b]  # [B, M, ...]
         theta = ((sqb - tt) / hh.clamp(min=1e-300)).clamp(0, 1)
         w = weights(theta, P, dtype)  # [B, M, n_k]
-        dy = torch.einsum("bmk,bmkn->bmn", w, KK.flatten(3)).view(yy.shape)
+        dy = (w.unsqueeze(-2) @ KK.flatten(3)).view(yy.shape)
         out = yy + per_row(hh.to(dtype), yy.ndim) * dy
         # At a step's start return its state itself: a non-finite slope there (the field may
         # fail beyond this point) must not leak through its zero weight.
@@ -125,7 +128,7 @@ def make_evaluate(
         tq = t_user.to(device=s.device, dtype=s.dtype)
         scalar = tq.ndim == 0
         if batched:
-            tq = tq.reshape(1, -1).expand(t0.shape[0], -1) if tq.ndim <= 1 else tq
+            tq = tq.reshape(-1).expand(t0.shape[0], -1) if tq.ndim <= 1 else tq
             sq = tq * (sign.unsqueeze(1) if isinstance(sign, torch.Tensor) else sign)
             lo, hi = t0.unsqueeze(1), t1.unsqueeze(1)
         else:
