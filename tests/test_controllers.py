@@ -148,6 +148,8 @@ INITIAL_CASES = {
     "zero_field": (lambda t, y: 0.0 * y, [3.0, 1.0]),
     "tiny_field": (lambda t, y: 1e-9 * np.ones_like(y), [1.0, 2.0]),
     "fast": (lambda t, y: -300.0 * y + 40.0 * np.cos(50 * t), [2.0, -1.0]),
+    # Nonlinear and not even in t: the probe's direction (forward) shows in d2, which dominates.
+    "quadratic": (lambda t, y: y**2 + np.sin(3 * t + 0.2), [1.5, 3.0]),
 }
 
 
@@ -225,3 +227,19 @@ def test_fixed_grid_stretches_the_last_step_by_at_most_one_percent(span: float, 
     assert per_output.n_steps.dtype == torch.long
     three = FixedGrid(torch.tensor([0.0, 0.5, 0.7, 2.0], dtype=F64), None, batched=False)
     assert int(three.n_steps) == 3 and three.n == 3
+
+
+def test_initial_step_of_a_float32_state_is_in_the_time_dtype() -> None:
+    f_np, y0 = INITIAL_CASES["quadratic"]
+    ctrl = PIController(rtol=1e-5, atol=1e-7, norm=rms_norm, dims=(0,), error_order=4)
+
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(f_np(float(t), y.double().numpy()), dtype=y.dtype)
+
+    t0 = torch.tensor(0.0, dtype=F64)
+    h = {}
+    for dtype in (torch.float32, F64):
+        y = torch.tensor(y0, dtype=dtype)
+        h[dtype] = ctrl.initial_step(f, t0, y, f(t0, y))
+    assert h[torch.float32].dtype == F64
+    assert float(h[torch.float32]) == pytest.approx(float(h[F64]), rel=1e-5)
