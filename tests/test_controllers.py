@@ -150,6 +150,8 @@ INITIAL_CASES = {
     "fast": (lambda t, y: -300.0 * y + 40.0 * np.cos(50 * t), [2.0, -1.0]),
     # Nonlinear and not even in t: the probe's direction (forward) shows in d2, which dominates.
     "quadratic": (lambda t, y: y**2 + np.sin(3 * t + 0.2), [1.5, 3.0]),
+    # A slow field: at rtol = atol = 1e-3, 1e-5 <= d1 < 1 (the first guess is 0.01 * d0 / d1).
+    "slow": (lambda t, y: 1e-4 * (np.cos(t) - y), [1.0, 2.0]),
 }
 
 
@@ -184,6 +186,32 @@ def test_initial_step_is_hairers_as_scipy_computes_it(
     torch.testing.assert_close(rows, got.expand(3), rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize(
+    "case",
+    [
+        # d0 = 1e-5 exactly (not "small": scipy's and Hairer's test is d0 < 1e-5)
+        (lambda t, y: 1.0 + 50.0 * y + t, [1e-5]),
+        # d1 = 1e-5 exactly
+        (lambda t, y: 1e-5 + 0.0 * y, [1.0]),
+        (lambda t, y: 1e-5 + 1e-3 * (y - 1.0) ** 2, [1.0]),
+        # max(d1, d2) = 1e-15 exactly: the "no information" fallback applies (<=)
+        (lambda t, y: 1e-15 + 0.0 * y, [1.0]),
+    ],
+)
+def test_initial_step_at_the_small_norm_thresholds(case) -> None:
+    """At atol = 1, rtol = 0 the norms d0 = |y0| and d1 = |f0| equal the thresholds exactly."""
+    f_np, y0 = case
+    want = _scipy_initial_step(f_np, np.array(y0), 0.0, 1.0, 4)
+    ctrl = PIController(rtol=0.0, atol=1.0, norm=rms_norm, dims=(0,), error_order=4)
+
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(f_np(float(t), y.numpy()), dtype=F64)
+
+    y = torch.tensor(y0, dtype=F64)
+    t0 = torch.tensor(0.0, dtype=F64)
+    assert float(ctrl.initial_step(f, t0, y, f(t0, y))) == pytest.approx(want, rel=1e-12)
+
+
 def test_controller_starts_with_no_history() -> None:
     """Before the first step: no previous error (err_prev = 1, so PI control starts as integral
     control) and no rejection."""
@@ -211,7 +239,7 @@ def test_adapt_computes_in_the_time_dtype() -> None:
 )
 def test_fixed_grid_stretches_the_last_step_by_at_most_one_percent(span: float, steps: int) -> None:
     s = torch.tensor([[1.0, 1.0 + span], [2.0, 2.0 + 0.3 * 1.5]], dtype=F64)
-    grid = FixedGrid(s, 0.3, batched=True)
+    grid = FixedGrid(s, 0.3)
     assert grid.n_steps.tolist() == [steps, 2]
     assert grid.n == max(steps, 2)
     assert grid.times.shape == (max(steps, 2) + 1, 2)
@@ -220,12 +248,12 @@ def test_fixed_grid_stretches_the_last_step_by_at_most_one_percent(span: float, 
     torch.testing.assert_close(grid.steps[: steps - 1, 0], torch.full((steps - 1,), 0.3, dtype=F64))
     assert bool((grid.steps[steps:, 0] == 0).all()) and bool((grid.steps[2:, 1] == 0).all())
     assert grid.n_steps.dtype == torch.long
-    one = FixedGrid(s[0], 0.3, batched=False)
+    one = FixedGrid(s[0], 0.3)
     assert torch.equal(one.times, grid.times[: steps + 1, 0]) and one.n_steps.shape == ()
-    per_output = FixedGrid(s, None, batched=True)  # one step per output interval
+    per_output = FixedGrid(s, None)  # one step per output interval
     assert torch.equal(per_output.times, s.T) and per_output.n_steps.tolist() == [1, 1]
     assert per_output.n_steps.dtype == torch.long
-    three = FixedGrid(torch.tensor([0.0, 0.5, 0.7, 2.0], dtype=F64), None, batched=False)
+    three = FixedGrid(torch.tensor([0.0, 0.5, 0.7, 2.0], dtype=F64), None)
     assert int(three.n_steps) == 3 and three.n == 3
 
 
@@ -233,13 +261,16 @@ def test_initial_step_of_a_float32_state_is_in_the_time_dtype() -> None:
     f_np, y0 = INITIAL_CASES["quadratic"]
     ctrl = PIController(rtol=1e-5, atol=1e-7, norm=rms_norm, dims=(0,), error_order=4)
 
-    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return torch.as_tensor(f_np(float(t), y.double().numpy()), dtype=y.dtype)
-
     t0 = torch.tensor(0.0, dtype=F64)
     h = {}
     for dtype in (torch.float32, F64):
+
+        def f(t: torch.Tensor, y: torch.Tensor, dtype: torch.dtype = dtype) -> torch.Tensor:
+            # A float32 network would fail on a float64 probe: the field sees the state's dtype.
+            assert t.dtype == y.dtype == dtype, (t.dtype, y.dtype)
+            return torch.as_tensor(f_np(float(t), y.double().numpy()), dtype=dtype)
+
         y = torch.tensor(y0, dtype=dtype)
-        h[dtype] = ctrl.initial_step(f, t0, y, f(t0, y))
+        h[dtype] = ctrl.initial_step(f, t0, y, f(t0.to(dtype), y))
     assert h[torch.float32].dtype == F64
     assert float(h[torch.float32]) == pytest.approx(float(h[F64]), rel=1e-5)

@@ -213,6 +213,49 @@ def test_method_as_name_tableau_or_solver(method: str) -> None:
     assert torch.equal(ys, by_name.ys)
 
 
+def test_solvers_and_their_constants_are_built_once() -> None:
+    """One solver per name and per tableau object; its nodes per (dtype, device) and its
+    interpolant's coefficients per device are built once, with the tableau's values."""
+    from neuralode.solvers import get_solver
+
+    solver = get_solver("dopri5")
+    assert get_solver("dopri5") is solver and get_solver(solver) is solver
+    assert repr(solver) == "ExplicitRK('dopri5')"
+    assert repr(CappedStep(0.1)) == "CappedStep('capped')"
+    assert get_solver("bosh3") is not solver
+    tab = neuralode.get_tableau("bosh3")
+    from_tab = get_solver(tab)
+    assert isinstance(from_tab, ExplicitRK) and from_tab.tableau is tab
+    assert get_solver(tab) is from_tab and from_tab is not get_solver("bosh3")
+    assert isinstance(solver, ExplicitRK)
+    cpu = torch.device("cpu")
+    c64 = solver._nodes(F64, cpu)
+    c32 = solver._nodes(torch.float32, cpu)
+    assert solver._nodes(F64, cpu) is c64 and solver._nodes(torch.float32, cpu) is c32
+    assert c64.dtype == F64 and c32.dtype == torch.float32
+    want = [float(x) for x in solver.tableau.c]
+    assert c64.tolist() == want and c32.tolist() == torch.tensor(want).tolist()
+    P = solver._coefficients(cpu)
+    assert solver._coefficients(cpu) is P and P.dtype == F64
+    assert P.tolist() == [[float(x) for x in row] for row in solver.tableau.dense.P]
+
+
+def test_the_tableau_cache_is_bounded() -> None:
+    """Solvers built from tableau objects are kept for at most 64 tableaus (a training loop that
+    builds a tableau per call must not grow memory without bound)."""
+    import dataclasses
+
+    from neuralode.solvers import get_solver, registry
+
+    registry._FROM_TABLEAU.clear()
+    tabs = [dataclasses.replace(neuralode.get_tableau("rk4")) for _ in range(65)]
+    for i, tab in enumerate(tabs[:64]):
+        get_solver(tab)
+        assert len(registry._FROM_TABLEAU) == i + 1
+    get_solver(tabs[64])
+    assert len(registry._FROM_TABLEAU) == 1
+
+
 def test_user_tableau_converges_at_its_order() -> None:
     """A tableau passed as ``method=`` is a real method: Ralston's 3rd order, measured."""
     tab = ButcherTableau(
@@ -263,8 +306,7 @@ class CappedStep(Solver):
     def dense(self, f, t, h, y, result):
         return self.inner.dense(f, t, h, y, result)
 
-    def error_norm(self, norms):
-        return self.inner.error_norm(norms)
+    # error_norm: Solver's default (the one estimate's norm), as dopri5 has one estimate.
 
 
 def test_a_step_that_fails_on_its_own_is_rejected_and_retried() -> None:

@@ -362,3 +362,19 @@ def test_solver_built_now_matches_the_registered_one(name: str) -> None:
     got = {k: v for k, v in vars(fresh).items() if k not in skip}
     want = {k: v for k, v in vars(registered).items() if k not in skip}
     assert got == want
+
+
+def test_theta_rows_drop_the_constant_term_and_pad_to_one_degree() -> None:
+    """The helper behind every interpolant's ``P``: polynomials ``B_j`` (ascending coefficients,
+    constant term 0) become rows of ``theta^1 .. theta^degree`` coefficients, shorter ones padded
+    with zeros; a non-zero constant term is refused."""
+    from neuralode.solvers.tableaus import _theta_rows
+
+    F = Fraction
+    assert _theta_rows((F(0), F(1)), (F(0), F(0), F(2)), (F(0), F(3), F(-1), F(5))) == (
+        (F(1), F(0), F(0)),
+        (F(0), F(2), F(0)),
+        (F(3), F(-1), F(5)),
+    )
+    with pytest.raises(ValueError, match=r"^dense output polynomials must vanish at theta = 0$"):
+        _theta_rows((F(0), F(1)), (F(1, 2), F(1)))

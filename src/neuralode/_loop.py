@@ -173,7 +173,7 @@ class _Run:
         self.T = out_times.shape[-1]
         self.first_step = first_step if first_step is not None else spec.first_step
         self.grid = (
-            FixedGrid(self.out_times, spec.step_size, self.batched)
+            FixedGrid(self.out_times, spec.step_size)
             if self.controller is None and self.T > 1
             else None
         )

@@ -196,8 +196,8 @@ class PIController:
             h0 = h0.to(t0.dtype)
             y1 = y0 + per_row(h0.to(y0.dtype), y0.ndim) * f0
             f1 = f((t0 + h0).to(y0.dtype), y1)
-            d2 = (self.norm((f1 - f0) / scale, dims) / h0.to(d0.dtype)).to(t0.dtype)
-            dmax = torch.maximum(d1.to(t0.dtype), d2)
+            d2 = self.norm((f1 - f0) / scale, dims) / h0.to(d0.dtype)
+            dmax = torch.maximum(d1, d2).to(t0.dtype)
             h1 = torch.where(
                 dmax <= 1e-15,
                 torch.clamp(h0 * 1e-3, min=1e-6),
@@ -220,18 +220,18 @@ class FixedGrid:
         n_steps: ``[*rows]`` steps each row takes.
     """
 
-    def __init__(self, s: torch.Tensor, step_size: float | None, batched: bool) -> None:
+    def __init__(self, s: torch.Tensor, step_size: float | None) -> None:
         t0, t1 = s[..., 0], s[..., -1]
         if step_size is None:
             grid = s
-            n_row = torch.full(t0.shape, s.shape[-1] - 1, dtype=torch.long, device=s.device)
+            n_row = torch.full(t0.shape, s.shape[-1] - 1, device=s.device)  # int64
         else:
             n_row = torch.ceil((t1 - t0) / step_size - 0.01).long().clamp_(min=1)
             ks = torch.arange(int(n_row.max()) + 1, device=s.device, dtype=s.dtype)
             grid = t0.unsqueeze(-1) + ks * step_size
             grid = torch.where(ks >= n_row.unsqueeze(-1), t1.unsqueeze(-1), grid)
         self.grid = grid.contiguous()  # [*rows, n + 1]
-        self.times = grid.T if batched else grid
+        self.times = grid.movedim(-1, 0)
         self.steps = self.times.diff(dim=0)
         self.n_steps = n_row
         self.n = self.steps.shape[0]

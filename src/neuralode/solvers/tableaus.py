@@ -33,7 +33,7 @@ Row = tuple[Coeff, ...]
 
 
 def _frac(x: str | int | Fraction) -> Fraction:
-    return x if isinstance(x, Fraction) else Fraction(x)
+    return Fraction(x)
 
 
 def _row(*xs: str | int | Fraction) -> Row:
@@ -83,9 +83,9 @@ def _dop853_dense(b: Row, d: tuple[Row, ...]) -> tuple[Row, ...]:
     w = _poly(1, (0, 1))
     polys = [[F(0)] * (len(weights) + 1) for _ in range(n)]
     for m, fm in enumerate(weights):
-        for j in range(n):
+        for poly, x in zip(polys, fm, strict=True):
             for p, coeff in enumerate(w):
-                polys[j][p] += fm[j] * coeff
+                poly[p] += x * coeff
         w = _poly(1, w, (1, -1) if m % 2 == 0 else (0, 1))
     return _theta_rows(*(tuple(p) for p in polys))
 
