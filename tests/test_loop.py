@@ -277,7 +277,7 @@ def test_fixed_steps_hold_states_in_proportion_to_the_outputs(batched: bool) -> 
 @pytest.mark.parametrize("batched", [False, True])
 def test_a_single_output_time_takes_no_step(method: str, batched: bool) -> None:
     rec = Recorder(lambda t, y: -y)
-    y0 = Y0.expand(2, 3).clone() if batched else Y0
+    y0 = torch.stack([Y0, 2 * Y0]) if batched else Y0
     t = torch.tensor([[0.7], [1.5]], dtype=DTYPE) if batched else torch.tensor([0.7], dtype=DTYPE)
     sol = neuralode.solve(rec, y0, t, method=method, batched=batched, dense=True)
     assert rec.n == 1  # f(t0, y0), evaluated once at the entry to check what f returns
@@ -291,6 +291,12 @@ def test_a_single_output_time_takes_no_step(method: str, batched: bool) -> None:
     assert torch.equal(sol.t_end, t[..., 0])
     at = sol.evaluate(t[..., 0] if not batched else t)  # dense output at t0 is y0
     torch.testing.assert_close(at.reshape(-1, 3), y0.reshape(-1, 3))
+    # Several queries (all at t0, the only time the solution has): [(batch,) M, 3].
+    queries = t.expand(2, 4) if batched else t.expand(4)
+    many = sol.evaluate(queries)
+    assert many.shape == ((2, 4, 3) if batched else (4, 3))
+    want = y0.unsqueeze(-2).expand(many.shape)
+    assert torch.equal(many, want)
 
 
 @pytest.mark.parametrize("method", FIXED)

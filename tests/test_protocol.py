@@ -213,6 +213,18 @@ def test_method_as_name_tableau_or_solver(method: str) -> None:
     assert torch.equal(ys, by_name.ys)
 
 
+def test_explicit_rk_refuses_what_it_cannot_run() -> None:
+    with pytest.raises(TypeError, match=r"^ExplicitRK needs a ButcherTableau, got str$"):
+        ExplicitRK("dopri5")  # type: ignore[arg-type]
+    no_dense = ButcherTableau(name="euler_bare", order=1, c=(Fr(0),), a=((),), b=(Fr(1),))
+    with pytest.raises(ValueError) as info:
+        ExplicitRK(no_dense)
+    assert str(info.value) == (
+        "tableau 'euler_bare' has no dense output; give it one (for example "
+        "neuralode.tableaus.hermite_dense_output(b, order))"
+    )
+
+
 def test_solvers_and_their_constants_are_built_once() -> None:
     """One solver per name and per tableau object; its nodes per (dtype, device) and its
     interpolant's coefficients per device are built once, with the tableau's values."""
@@ -238,6 +250,42 @@ def test_solvers_and_their_constants_are_built_once() -> None:
     P = solver._coefficients(cpu)
     assert solver._coefficients(cpu) is P and P.dtype == F64
     assert P.tolist() == [[float(x) for x in row] for row in solver.tableau.dense.P]
+
+
+def test_only_f_at_the_step_end_of_y1_starts_the_next_step() -> None:
+    """An extra stage at node 1 whose row is not ``b`` is evaluated at its own input, and its
+    value does not replace the next step's first evaluation (3 evaluations per step here)."""
+    from neuralode.tableaus import DenseOutput
+
+    half = Fr(1, 2)
+    tab = ButcherTableau(
+        name="heun_extra",
+        order=2,
+        c=(Fr(0), Fr(1)),
+        a=((), (Fr(1),)),
+        b=(half, half),
+        dense=DenseOutput(
+            P=((half,), (half,), (Fr(0),)), extra_c=(Fr(1),), extra_a=((Fr(1), Fr(0)),)
+        ),
+    )
+    solver = ExplicitRK(tab)
+    assert solver.extra_is_f1 == [False]
+    calls = []
+
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        calls.append((float(t), y.clone()))
+        return torch.cos(t) * y
+
+    t = torch.linspace(0, 1, 5, dtype=F64)
+    sol = neuralode.solve(f, torch.ones(1, dtype=F64), t, method=solver, dense=True)
+    plain = neuralode.solve(
+        lambda t, y: torch.cos(t) * y, torch.ones(1, dtype=F64), t, method="heun"
+    )
+    torch.testing.assert_close(sol.ys, plain.ys, rtol=1e-14, atol=0)
+    assert len(calls) == int(sol.stats.nfe) == 3 * 4
+    # The extra stage's input is y0 + h k0 (an Euler step), not y1.
+    t_extra, y_extra = calls[2]
+    assert t_extra == 0.25 and float(y_extra) == pytest.approx(1.25, rel=1e-14)
 
 
 def test_the_tableau_cache_is_bounded() -> None:

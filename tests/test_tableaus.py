@@ -263,6 +263,16 @@ def test_good_template_builds() -> None:
         (
             {
                 "dense": DenseOutput(
+                    P=((F(0),), (F(1),), (F(0),), (F(0),)),
+                    extra_c=(F(1), F(1)),
+                    extra_a=((F(0), F(1)), (F(0), F(1))),
+                )
+            },
+            r"extra stage 1 needs 3 a entries",
+        ),
+        (
+            {
+                "dense": DenseOutput(
                     P=((F(0),), (F(1),), (F(0),)), extra_c=(F(1),), extra_a=((F(1), F(1)),)
                 )
             },

@@ -111,7 +111,7 @@ class ExplicitRK(Solver):
         # An extra stage with node 1 and a-row b is f(t + h, y1): its input is y1 itself, and its
         # value starts the next step.
         self.extra_is_f1 = [
-            c == 1.0 and len(row) == tableau.stages and tuple(row) == tuple(tableau.b)
+            c == 1 and tuple(row) == tuple(tableau.b)
             for c, row in zip(dense.extra_c, dense.extra_a)
         ]
         self._P = [[float(x) for x in row] for row in dense.P]

@@ -160,11 +160,10 @@ class ButcherTableau:
                 self._close(sum(e), F(0), f"sum({label}) == 0")
         if (self.b_err is None) != (self.error_order is None):
             raise ValueError(f"tableau {name!r}: b_err and error_order go together")
-        # c[0] is 0 (the first row of a is empty), so a one-stage tableau is never FSAL.
-        fsal = (
-            self.c[-1] == 1
-            and all(abs(float(x - y)) <= self.tol for x, y in zip(self.a[-1], self.b[:-1]))
-            and self.b[-1] == 0
+        # FSAL: the last stage is f(t + h, y1), i.e. node 1 and row (a[-1], 0) == b.  c[0] is 0
+        # (the first row of a is empty), so a one-stage tableau is never FSAL.
+        fsal = self.c[-1] == 1 and all(
+            abs(float(x - y)) <= self.tol for x, y in zip((*self.a[-1], F(0)), self.b, strict=True)
         )
         object.__setattr__(self, "fsal", fsal)
         if self.dense is not None:
