@@ -313,3 +313,23 @@ def test_evaluate_shapes_and_tuple_states() -> None:
     assert batched.evaluate(torch.tensor([1.5, 2.5], dtype=DTYPE)).shape == (3, 2, 2)
     per_row = torch.tensor([[0.3], [1.2], [3.6]], dtype=DTYPE)
     assert batched.evaluate(per_row).shape == (3, 1, 2)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_evaluate_takes_query_times_in_any_dtype(batched: bool) -> None:
+    """Query times are converted to the solve's time dtype: float32, float64 and Python floats
+    that are the same numbers give the same states (the query times here are exact in float16)."""
+    if batched:
+        f, y0, t = spiral(OMEGAS), Y0S, GRIDS[:, [0, -1]]
+        q = [1.25, 2.5, 3.75]
+    else:
+        f, y0, t = spiral(1.5), Y0, torch.tensor([0.0, T_END], dtype=DTYPE)
+        q = [0.25, 2.5, 4.75]
+    sol = neuralode.solve(f, y0, t, rtol=RTOL, atol=ATOL, dense=True, batched=batched)
+    want = sol.evaluate(torch.tensor(q, dtype=torch.float64))
+    assert want.dtype == DTYPE
+    for dtype in (torch.float32, torch.float16):
+        got = sol.evaluate(torch.tensor(q, dtype=dtype))
+        assert got.dtype == DTYPE and torch.equal(got, want), dtype
+    one = sol.evaluate(q[1])
+    assert torch.equal(one, want[:, 1] if batched else want[1])

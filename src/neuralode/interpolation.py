@@ -78,9 +78,9 @@ def recorded_evaluator(
     with one output time) the solution is ``y0``."""
     if not records:
         return lambda sq: (
-            y0.unsqueeze(1).expand((y0.shape[0], sq.shape[-1]) + y0.shape[1:])
+            y0.unsqueeze(1).expand((y0.shape[0], sq.shape[1]) + y0.shape[1:])  # sq: [B, M]
             if batched
-            else y0.expand((sq.shape[-1],) + y0.shape)
+            else y0.expand((sq.shape[0],) + y0.shape)  # sq: [M]
         )
     P = records[0].P
     ts = torch.stack([r.t for r in records])  # [n, *rows]
@@ -103,7 +103,7 @@ def recorded_evaluator(
         tt, hh, yy, KK = ts[i, b], hs[i, b], ys[i, b], Ks[i, b]  # [B, M, ...]
         theta = ((sqb - tt) / hh.clamp(min=1e-300)).clamp(0, 1)
         w = weights(theta, P, dtype)  # [B, M, n_k]
-        dy = (w.unsqueeze(-2) @ KK.flatten(3)).view(yy.shape)
+        dy = (w.unsqueeze(2) @ KK.flatten(3)).view(yy.shape)  # [B, M, 1, n_k] @ [B, M, n_k, N]
         out = yy + per_row(hh.to(dtype), yy.ndim) * dy
         # At a step's start return its state itself: a non-finite slope there (the field may
         # fail beyond this point) must not leak through its zero weight.
