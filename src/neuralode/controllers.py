@@ -114,9 +114,8 @@ class PIController:
         ``combine`` (its :meth:`~neuralode.solvers.Solver.error_norm`)."""
         with torch.no_grad():
             scale = torch.maximum(y0.abs(), y1.abs()).mul_(self.rtol).add_(self.atol)
-            if isinstance(y_error, torch.Tensor):
-                return self.norm(y_error / scale, self.dims)
-            return combine([self.norm(e / scale, self.dims) for e in y_error])
+            errors = (y_error,) if isinstance(y_error, torch.Tensor) else y_error
+            return combine([self.norm(e / scale, self.dims) for e in errors])
 
     def init(self, like: torch.Tensor) -> ControllerState:
         """The state before the first step, with the row shape of ``like``."""

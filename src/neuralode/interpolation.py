@@ -34,7 +34,7 @@ def _powers(degree: int, device: torch.device) -> torch.Tensor:
 def weights(theta: torch.Tensor, P: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``B_j(theta)`` for every ``j``: ``theta`` ``[...]`` -> ``[..., len(P)]`` in ``dtype``,
     computed in float64."""
-    th = theta.to(torch.float64).unsqueeze(-1)
+    th = theta.unsqueeze(-1)  # a float32 theta is promoted by the float64 powers, exactly
     return (th.pow(_powers(P.shape[1], P.device)) @ P.T).to(dtype)
 
 
@@ -51,10 +51,10 @@ def evaluate(step: DenseStep, theta: torch.Tensor, batched: bool) -> torch.Tenso
         assert isinstance(h, torch.Tensor)
         B = y0.shape[0]
         K = torch.stack([k.reshape(B, -1) for k in step.ks], dim=1)  # [B, n_k, N]
-        dy = (w @ K).view((B, theta.shape[-1]) + y0.shape[1:])
+        dy = (w @ K).view((B, theta.shape[1]) + y0.shape[1:])  # theta: [B, m]
         return y0.unsqueeze(1) + per_row(h, dy.ndim) * dy
-    K = torch.stack([k.reshape(-1) for k in step.ks], dim=0)  # [n_k, N]
-    dy = (w @ K).view((theta.shape[-1],) + y0.shape)
+    K = torch.stack([k.reshape(-1) for k in step.ks])  # [n_k, N]
+    dy = (w @ K).view((theta.shape[0],) + y0.shape)  # theta: [m]
     return y0 + h * dy
 
 

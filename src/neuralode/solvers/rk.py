@@ -142,8 +142,8 @@ class ExplicitRK(Solver):
         shape = (1, -1) + (1,) * (t.ndim - 1)
         n, s = t.shape[0], c.shape[0]
         times = torch.addcmul(t.unsqueeze(1), c.view(shape), h.unsqueeze(1)).to(dtype)
-        flat = times.reshape((n * s,) + times.shape[2:]).unbind(0)
-        return [flat[i * s : (i + 1) * s] for i in range(n)]
+        flat = iter(times.reshape((n * s,) + times.shape[2:]).unbind(0))
+        return list(zip(*[flat] * s))  # n groups of s consecutive times, one unbind
 
     def _step_times(self, t: Time, h: Time, y: torch.Tensor) -> Sequence[torch.Tensor]:
         if isinstance(t, float) and isinstance(h, float):
@@ -185,7 +185,7 @@ class ExplicitRK(Solver):
         # Hairer's DOP853 estimator: err5^2 / sqrt(err5^2 + 0.01 err3^2), norms as RMS.
         e5sq = norms[0].square()
         den = (e5sq + 0.01 * norms[1].square()).sqrt()
-        return torch.where(den > 0, e5sq / den.clamp(min=torch.finfo(den.dtype).tiny), den)
+        return e5sq / den.clamp(min=torch.finfo(den.dtype).tiny)  # 0 where den = 0 (then e5 = 0)
 
     def dense(
         self, f: Func, t: Time, h: Time, y: torch.Tensor, result: StepResult
