@@ -76,16 +76,16 @@ def _dop853_dense(b: Row, d: tuple[Row, ...]) -> tuple[Row, ...]:
     """
     n = len(d[0])
     fsal = len(b) - 1
-    f0 = list(b) + [F(0)] * (n - len(b))
+    f0 = [b[j] if j < len(b) else F(0) for j in range(n)]  # b padded to the n stages
     f1 = [(1 if j == 0 else 0) - x for j, x in enumerate(f0)]
     f2 = [2 * x - (1 if j in (0, fsal) else 0) for j, x in enumerate(f0)]
     weights = [f0, f1, f2, *d]
     w = _poly(1, (0, 1))
     polys = [[F(0)] * (len(weights) + 1) for _ in range(n)]
     for m, fm in enumerate(weights):
-        for poly, x in zip(polys, fm, strict=True):
+        for j in range(n):
             for p, coeff in enumerate(w):
-                poly[p] += x * coeff
+                polys[j][p] += fm[j] * coeff
         w = _poly(1, w, (1, -1) if m % 2 == 0 else (0, 1))
     return _theta_rows(*(tuple(p) for p in polys))
 
@@ -162,9 +162,8 @@ class ButcherTableau:
             raise ValueError(f"tableau {name!r}: b_err and error_order go together")
         # FSAL: the last stage is f(t + h, y1), i.e. node 1 and row (a[-1], 0) == b.  c[0] is 0
         # (the first row of a is empty), so a one-stage tableau is never FSAL.
-        fsal = self.c[-1] == 1 and all(
-            abs(float(x - y)) <= self.tol for x, y in zip((*self.a[-1], F(0)), self.b, strict=True)
-        )
+        last = (*self.a[-1], F(0))  # as long as b: the lengths are checked above
+        fsal = self.c[-1] == 1 and all(abs(float(x - y)) <= self.tol for x, y in zip(last, self.b))
         object.__setattr__(self, "fsal", fsal)
         if self.dense is not None:
             d = self.dense
