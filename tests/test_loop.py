@@ -324,3 +324,21 @@ def test_batched_fixed_steps_evaluate_only_what_outputs_need(method: str) -> Non
     n, per_row = calls(t)
     assert per_row == [9 * s, 6 * s]
     assert n == 9 * s
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_failed_solve_keeps_one_row_per_output_time(batched: bool) -> None:
+    """The outputs a failed solve did not reach are NaN, and there are still exactly T of them."""
+    t = torch.linspace(0.0, 10.0, 6, dtype=DTYPE)
+    y0 = torch.stack([Y0, 2 * Y0]) if batched else Y0
+    with pytest.raises(neuralode.SolverError) as info:
+        neuralode.solve(lambda t, y: -y, y0, t, max_num_steps=3, batched=batched)
+    sol = info.value.solution
+    assert sol is not None
+    ys = sol.ys if batched else sol.ys.unsqueeze(0)
+    assert ys.shape == (y0.shape[0] if batched else 1, 6, 3)
+    for row in ys:
+        reached = ~torch.isnan(row).any(dim=-1)
+        assert bool(reached[0]) and not bool(reached[-1])
+        n = int(reached.sum())
+        assert bool(reached[:n].all()) and not bool(reached[n:].any())  # NaN after the failure

@@ -8,6 +8,7 @@ never to the steps.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -50,13 +51,13 @@ class Outputs:
         if not self.batched:
             ys = torch.cat(self.vals)
             if ys.shape[0] < self.T:  # a failed solve: the unreached outputs are NaN
-                pad = ys.new_full((self.T - ys.shape[0],) + ys.shape[1:], float("nan"))
+                pad = ys.new_full((self.T - ys.shape[0],) + ys.shape[1:], math.nan)
                 ys = torch.cat([ys, pad])
             return ys
         vals = torch.cat(self.vals, dim=1)
         idx = torch.cat(self.idx, dim=1)
         idx = per_row(idx, vals.ndim).expand_as(vals)
-        out = vals.new_full((vals.shape[0], self.T + 1) + vals.shape[2:], float("nan"))
+        out = vals.new_full((vals.shape[0], self.T + 1) + vals.shape[2:], math.nan)
         return out.scatter(1, idx, vals)[:, : self.T]
 
 
