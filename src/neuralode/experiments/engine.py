@@ -359,13 +359,23 @@ class Trainer:
         return record
 
     def fit(self, resume: bool = False) -> dict[str, Any]:
-        """Train to ``schedule.total_steps`` (from the checkpoint when ``resume``).
+        """Train to ``schedule.total_steps``.
+
+        With ``resume``, training continues from the run's checkpoint, and the metric lines
+        written after it are dropped; a run without a checkpoint starts over, its metric lines
+        all dropped. Either way ``metrics.jsonl`` ends as an uninterrupted run's.
 
         Returns:
             The last "epoch" record (train averages and evaluation metrics).
         """
-        if resume:
+        if resume and self.checkpoint_path.exists():
             self.restore()
+        elif resume:
+            # The run died before its first checkpoint, or its checkpoint was deleted: it starts
+            # over, so every metric line it wrote goes (or the new run would repeat them).
+            if self.ctx.is_main:
+                _truncate_metrics(self.run_dir, 0)
+            self.ctx.barrier()
         schedule = self.schedule
         bar = None
         if self.ctx.is_main and not self.quiet:
@@ -505,7 +515,7 @@ def run_experiment(
         if not resume_run:
             start_run(run_dir, experiment, dataclasses.asdict(config), ctx)
         trainer = make_trainer(ctx, run_dir)
-        trainer.fit(resume=resume_run and trainer.checkpoint_path.exists())
+        trainer.fit(resume=resume_run)
         return finish(trainer, run_dir)
     finally:
         ctx.shutdown()
