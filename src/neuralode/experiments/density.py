@@ -57,7 +57,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from neuralode import solve
+from neuralode import METHODS, solve
 from neuralode.data import toy2d
 from neuralode.data.mnist import derive_generator
 from neuralode.experiments import engine
@@ -93,7 +93,7 @@ class DensityConfig:
 
     data: str = field(default="8gaussians", metadata={"help": "toy dataset", "choices": _DATASETS})
     model: str = field(default="ffjord", metadata={"help": "flow", "choices": MODELS})
-    out: str = field(default="runs/density", metadata={"help": "run folder"})
+    out: str = field(default="runs/density", metadata={"help": "run folder", "metavar": "DIR"})
     iterations: int = field(default=10000, metadata={"help": "training iterations"})
     batch_size: int = field(default=100, metadata={"help": "fresh samples per iteration"})
     test_size: int = field(default=5000, metadata={"help": "fixed test points"})
@@ -137,7 +137,7 @@ class DensityConfig:
         default="gaussian",
         metadata={"help": "Hutchinson noise", "choices": ("gaussian", "rademacher")},
     )
-    method: str = field(default="dopri5", metadata={"help": "ODE solver"})
+    method: str = field(default="dopri5", metadata={"help": "ODE solver", "choices": METHODS})
     rtol: float = field(default=1e-5, metadata={"help": "solver relative tolerance"})
     atol: float = field(default=1e-5, metadata={"help": "solver absolute tolerance"})
     step_size: float | None = field(
@@ -169,8 +169,21 @@ class DensityConfig:
     )
     quiet: bool = field(default=False, metadata={"help": "no progress bar; a line per eval"})
     fault_step: int | None = field(
-        default=None, metadata={"help": "testing: SIGKILL the process after this step"}
+        default=None,
+        metadata={"help": "testing: SIGKILL the process after this step", "hidden": True},
     )
+
+    def data_requirements(self) -> dict[str, str]:
+        """Optional packages the data needs (import name -> what for)."""
+        if self.data in ("swissroll", "moons", "circles"):
+            return {"sklearn": f"the {self.data!r} data set"}
+        return {}
+
+    def extension_blocker(self) -> str | None:
+        """Why ``neuralode resume RUN --LENGTH N`` cannot extend this run exactly (None: it can;
+        the weights and metric lines then equal a run given that length from the start, plus the
+        evaluation that ended the shorter run where that was not an evaluation step)."""
+        return None  # a constant learning rate; every random draw is keyed by its step
 
     def validate(self) -> None:
         if self.data not in _DATASETS:

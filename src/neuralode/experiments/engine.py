@@ -48,6 +48,7 @@ from neuralode.experiments.checkpoint import (
 )
 from neuralode.experiments.common import append_jsonl, atomic_write_text, to_jsonable
 from neuralode.experiments.distributed import DistContext
+from neuralode.solution import SolverError
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -55,7 +56,12 @@ __all__ = [
     "Schedule",
     "StepOutput",
     "Task",
+    "RunFinished",
     "Trainer",
+    "TrainingFailed",
+    "TrainingInterrupted",
+    "check_new_run",
+    "extended",
     "load_run_config",
     "load_weights",
     "read_metrics",
@@ -66,6 +72,47 @@ __all__ = [
 ]
 
 C = TypeVar("C")
+
+
+class TrainingFailed(RuntimeError):
+    """Training stopped on a numerical failure (a non-finite loss, a solver that failed).
+
+    The run folder keeps its last checkpoint and its metrics, and ``failure.json`` records the
+    step and the error; the message says so in one line.
+    """
+
+
+class RunFinished(ValueError):
+    """``resume`` of a run that has trained all its steps."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped training after a complete step, whose checkpoint was saved."""
+
+
+class _StopRequest:
+    """Turns the first SIGINT into a request that the loop honours after its current step (so
+    the checkpoint holds a consistent state); a second SIGINT interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _StopRequest:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
 
 CHECKPOINT_NAME = "checkpoints/last.pt"
 METRICS_NAME = "metrics.jsonl"
@@ -224,6 +271,7 @@ class Trainer:
         self.grad_clip = grad_clip
         self.on_epoch = on_epoch
         self.step = 0
+        self.saved_step: int | None = None  # the step of the checkpoint on disk
         self.epoch_seconds = 0.0
         self.log_meter = _Meter()
         self.epoch_meter = _Meter()
@@ -260,6 +308,7 @@ class Trainer:
         """Write the checkpoint (rank 0 only; all ranks hold the same state under DDP)."""
         if self.ctx.is_main:
             save_checkpoint(self.checkpoint_path, self.state_dict())
+        self.saved_step = self.step
         self.ctx.barrier()
 
     def restore(self) -> None:
@@ -271,7 +320,7 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
         self.task.load_state_dict(state["task"])
         restore_rng(state["rng"])
-        self.step = int(state["step"])
+        self.step = self.saved_step = int(state["step"])
         self.log_meter.load(state["log_meter"])
         self.epoch_meter.load(state["epoch_meter"])
         self.epoch_seconds = float(state["epoch_seconds"])
@@ -370,6 +419,11 @@ class Trainer:
         """
         if resume and self.checkpoint_path.exists():
             self.restore()
+            if self.step >= self.schedule.total_steps:
+                raise RunFinished(
+                    f"run {str(self.run_dir)!r} is finished ({self.step} of "
+                    f"{self.schedule.total_steps} steps)"
+                )
         elif resume:
             # The run died before its first checkpoint, or its checkpoint was deleted: it starts
             # over, so every metric line it wrote goes (or the new run would repeat them).
@@ -385,29 +439,71 @@ class Trainer:
                 total=schedule.total_steps, initial=self.step, unit="step", dynamic_ncols=True
             )
         try:
-            while self.step < schedule.total_steps:
-                start = time.perf_counter()
-                self._one_step()
-                self.epoch_seconds += time.perf_counter() - start
-                if bar is not None:
-                    bar.update(1)
-                done = self.step
-                if done % schedule.log_every == 0:
-                    self._log_train(bar)
-                end_of_epoch = done % schedule.steps_per_epoch == 0 or done == schedule.total_steps
-                if end_of_epoch:
-                    self._end_epoch()
-                if end_of_epoch or (
-                    schedule.checkpoint_every and done % schedule.checkpoint_every == 0
-                ):
-                    self.save()
-                if schedule.fault_step is not None and done == schedule.fault_step:
-                    sys.stdout.flush()
-                    os.kill(os.getpid(), signal.SIGKILL)  # simulate a crash (tests)
+            with _StopRequest() as stop:
+                self._loop(bar, stop)
+        except (FloatingPointError, SolverError) as exc:
+            raise self._failed(exc) from exc
         finally:
             if bar is not None:
                 bar.close()
         return self.last_epoch
+
+    def _stop_requested(self, stop: _StopRequest) -> bool:
+        if not self.ctx.distributed:
+            return stop.requested
+        # Every process stops at the same step (torchrun passes Ctrl-C to all of them).
+        flag = torch.tensor([float(stop.requested)], dtype=torch.float64)
+        return bool(self.ctx.all_reduce_sum(flag).item() > 0)
+
+    def _failed(self, exc: BaseException) -> TrainingFailed:
+        """Record a numerical failure in ``failure.json`` and say in one line what is kept."""
+        from neuralode.experiments.common import write_json
+
+        checkpoint, kept = self.saved_step, self.saved_step is not None
+        error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if self.ctx.is_main:
+            write_json(
+                self.run_dir / "failure.json",
+                {"step": self.step, "error": str(exc), "type": type(exc).__name__,
+                 "checkpoint_step": checkpoint},
+            )  # fmt: skip
+        where = (
+            f"its checkpoint of step {checkpoint} and metrics are kept"
+            if kept
+            else "no checkpoint had been written"
+        )
+        return TrainingFailed(
+            f"training failed at step {self.step} ({error}); {where}, and "
+            f"{self.run_dir / 'failure.json'} records the failure"
+        )
+
+    def _loop(self, bar: Any, stop: _StopRequest) -> None:
+        schedule = self.schedule
+        while self.step < schedule.total_steps:
+            start = time.perf_counter()
+            self._one_step()
+            self.epoch_seconds += time.perf_counter() - start
+            if bar is not None:
+                bar.update(1)
+            done = self.step
+            if done % schedule.log_every == 0:
+                self._log_train(bar)
+            end_of_epoch = done % schedule.steps_per_epoch == 0 or done == schedule.total_steps
+            if end_of_epoch:
+                self._end_epoch()
+            if end_of_epoch or (
+                schedule.checkpoint_every and done % schedule.checkpoint_every == 0
+            ):
+                self.save()
+            if schedule.fault_step is not None and done == schedule.fault_step:
+                sys.stdout.flush()
+                os.kill(os.getpid(), signal.SIGKILL)  # simulate a crash (tests)
+            if self._stop_requested(stop):
+                self.save()
+                raise TrainingInterrupted(
+                    f"interrupted after step {done}; its checkpoint is saved: continue "
+                    f"with 'neuralode resume {self.run_dir}'"
+                )
 
 
 def _short(record: dict[str, Any]) -> dict[str, str]:
@@ -422,6 +518,24 @@ def _format_epoch(record: dict[str, Any]) -> str:
             continue
         parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
     return " ".join(parts)
+
+
+def check_new_run(run_dir: str | os.PathLike[str]) -> Path:
+    """Check that a new run may be trained into ``run_dir`` (before anything is written).
+
+    Raises:
+        ValueError: if ``run_dir`` already holds a run (say ``neuralode resume`` instead of
+            overwriting finished work), or is a file or lies under one.
+    """
+    from neuralode.experiments.common import check_run_folder
+
+    path = check_run_folder(run_dir)
+    if (path / CHECKPOINT_NAME).exists():
+        raise ValueError(
+            f"run folder {str(path)!r} already holds a run; continue it with "
+            f"'neuralode resume {path}' or choose another --out"
+        )
+    return path
 
 
 def start_run(
@@ -439,12 +553,7 @@ def start_run(
     """
     from neuralode.experiments.common import environment_info, make_run_dir, write_json
 
-    path = Path(run_dir)
-    if (path / CHECKPOINT_NAME).exists():
-        raise ValueError(
-            f"run folder {str(path)!r} already holds a run; continue it with "
-            f"'neuralode resume {path}' or choose another --out"
-        )
+    path = check_new_run(run_dir)
     if ctx.is_main:
         make_run_dir(path)
         (path / "checkpoints").mkdir(exist_ok=True)
@@ -504,21 +613,92 @@ def run_experiment(
     """The life cycle of one run: set up the process (group), create the run folder (or find
     the one to resume), build the trainer, train, and finish (final metrics, figures).
 
-    A resumed run that died before its first checkpoint starts over in the same folder.
-    ``config`` must be a dataclass with ``out`` and ``device`` fields.
+    Everything is checked before the run folder is created: the optional packages the run
+    needs, the folder, and every setting (building the data and the model checks those that
+    only they can). A resumed run that died before its first checkpoint starts over in the same
+    folder. ``config`` must be a dataclass with ``out``, ``device`` and ``quiet`` fields and a
+    ``data_requirements()`` method.
     """
+    from neuralode.experiments.common import require, run_requirements
     from neuralode.experiments.distributed import setup
 
+    require(run_requirements(config.data_requirements(), quiet=config.quiet))
+    run_dir = Path(config.out)
+    if not resume_run:
+        check_new_run(run_dir)
+    length = _length_field(config)
+    if resume_run:
+        stored = load_run_config(run_dir, {length})[length]
+        if getattr(config, length) != stored:
+            _check_extension(config, length, stored)
     ctx = setup(config.device)
     try:
-        run_dir = Path(config.out)
-        if not resume_run:
-            start_run(run_dir, experiment, dataclasses.asdict(config), ctx)
         trainer = make_trainer(ctx, run_dir)
-        trainer.fit(resume=resume_run)
+        if resume_run and getattr(config, length) != stored and ctx.is_main:
+            from neuralode.experiments.common import read_json, write_json
+
+            record = read_json(run_dir / "config.json")
+            record[length] = getattr(config, length)
+            write_json(run_dir / "config.json", record)
+        if not resume_run:
+            recorded = {
+                f.name: getattr(config, f.name)
+                for f in dataclasses.fields(config)
+                if not f.metadata.get("hidden")  # testing-only settings stay out of the record
+            }
+            start_run(run_dir, experiment, recorded, ctx)
+        try:
+            trainer.fit(resume=resume_run)
+        except RunFinished as exc:
+            flag = "--" + length.replace("_", "-")
+            raise RunFinished(
+                f"{exc}; train it longer with 'neuralode resume {run_dir} {flag} N' "
+                f"(N > {getattr(config, length)})"
+            ) from None
         return finish(trainer, run_dir)
     finally:
         ctx.shutdown()
+
+
+def _length_field(config: Any) -> str:
+    """The setting that says how long a run trains: ``epochs`` or ``iterations``."""
+    names = {f.name for f in dataclasses.fields(config)}
+    return "epochs" if "epochs" in names else "iterations"
+
+
+def _check_extension(config: Any, length: str, stored: int) -> None:
+    """Check that a finished or running run may be trained to the new length ``config.<length>``
+    with the result of a run given that length from the start (the exactness of resume).
+
+    Raises:
+        ValueError: if the new length is not longer, or the run's learning-rate schedule is
+            shaped by its length (then the steps already taken would differ).
+    """
+    new = getattr(config, length)
+    flag = "--" + length.replace("_", "-")
+    if new < stored:
+        raise ValueError(f"{flag} {new} is shorter than the run's {stored}; a run cannot shrink")
+    blocker = config.extension_blocker()
+    if blocker:
+        raise ValueError(
+            f"{flag} cannot extend this run: {blocker}, so a longer run would have taken "
+            "different steps from the start; train a new run instead"
+        )
+
+
+def extended(config: C, args: Any) -> C:
+    """``config`` with the length the ``resume`` command asked for (``--epochs N`` or
+    ``--iterations N``), checked against the experiment's own length setting."""
+    length = _length_field(config)
+    given = {
+        name: getattr(args, name) for name in ("epochs", "iterations") if getattr(args, name, None)
+    }
+    if not given:
+        return config
+    wrong = set(given) - {length}
+    if wrong:
+        raise ValueError(f"this experiment's length is set by --{length}, not --{wrong.pop()}")
+    return dataclasses.replace(config, **{length: given[length]})  # type: ignore[type-var]
 
 
 def load_weights(run_dir: str | os.PathLike[str], model: nn.Module, device: Any = "cpu") -> int:

