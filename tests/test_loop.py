@@ -342,3 +342,85 @@ def test_a_failed_solve_keeps_one_row_per_output_time(batched: bool) -> None:
         assert bool(reached[0]) and not bool(reached[-1])
         n = int(reached.sum())
         assert bool(reached[:n].all()) and not bool(reached[n:].any())  # NaN after the failure
+
+
+def test_finite_rows_looks_at_the_state_and_every_error_estimate_per_row() -> None:
+    from neuralode._loop import _finite_rows
+    from neuralode.solvers import StepResult
+
+    nan = torch.nan
+    ok = torch.ones(3, 2)
+    bad_row1 = torch.tensor([[1.0, 1.0], [1.0, nan], [1.0, 1.0]])
+    bad_row2 = torch.tensor([[1.0, 1.0], [1.0, 1.0], [torch.inf, 1.0]])
+
+    def rows(y1, err):
+        return _finite_rows(StepResult(y1, err, None, None, 0), True).tolist()
+
+    assert rows(ok, None) == [True, True, True]
+    assert rows(bad_row1, None) == [True, False, True]  # the state alone
+    assert rows(ok, bad_row2) == [True, True, False]  # the error estimate alone
+    assert rows(bad_row1, ok) == [True, False, True]  # the state, with an estimate
+    assert rows(ok, (ok, bad_row2)) == [True, True, False]  # the second of two estimates
+    assert rows(ok, (bad_row1, ok)) == [True, False, True]
+    # One row without a batch dimension: one verdict over every component.
+    one = _finite_rows(StepResult(torch.ones(2), (torch.ones(2), torch.tensor([1.0, nan])), None,
+                                  None, 0), False)  # fmt: skip
+    assert one.shape == () and not bool(one)
+
+
+def test_rows_that_underflow_in_one_attempt_each_get_their_own_reason() -> None:
+    # Row 0 underflowed with finite numbers, row 1 with a NaN in its step, row 2 did not
+    # underflow (it keeps its status), row 3 underflowed where its solver failed on its own.
+    from types import SimpleNamespace
+
+    from neuralode._loop import _Run
+    from neuralode.solution import Status
+    from neuralode.solvers import StepResult
+
+    y1 = torch.tensor([[1.0], [torch.nan], [torch.nan], [1.0]])
+    solver_status = torch.tensor([0, 0, 0, int(Status.MAX_STEPS_REACHED)])
+    att = SimpleNamespace(
+        under=torch.tensor([True, True, False, True]),
+        result=StepResult(y1, torch.zeros(4, 1), None, None, 0, solver_status),
+    )
+    status = torch.tensor([0, 0, 0, 0])
+    got = _Run._why_underflow(SimpleNamespace(batched=True), status, att)  # type: ignore[arg-type]
+    want = [Status.STEP_SIZE_UNDERFLOW, Status.NONFINITE, Status.SUCCESS, Status.MAX_STEPS_REACHED]
+    assert got.tolist() == [int(s) for s in want]
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_solve_with_one_output_time_reports_integer_work_and_status(batched: bool) -> None:
+    y0 = torch.ones(3, 2, dtype=torch.float64) if batched else torch.ones(2, dtype=torch.float64)
+    sol = neuralode.solve(lambda t, y: -y, y0, torch.tensor([0.5]), batched=batched)
+    shape = (3,) if batched else ()
+    for name in ("nfe", "n_steps", "n_accepted", "n_rejected"):
+        counter = getattr(sol.stats, name)
+        assert counter.dtype == torch.long and counter.shape == shape, name
+    assert sol.status.dtype == torch.long and sol.status.shape == shape
+    assert sol.ys.shape == (3, 1, 2) if batched else sol.ys.shape == (1, 2)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_fixed_step_row_that_turns_nan_fails_at_its_first_nan_output(batched: bool) -> None:
+    # rk4 has no error estimate: the loop finds NaN in the outputs. Row 1's field is NaN from
+    # t = 1.5, so its outputs from t = 2 on are NaN: it fails there, and row 0 succeeds.
+    t = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+
+    def field(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if batched:  # t: [2], one time per row
+            late = (t >= 1.5) & (torch.arange(2) == 1)
+            return -y * torch.where(late, torch.nan, 1.0).unsqueeze(-1)
+        return -y * torch.where(t >= 1.5, torch.nan, 1.0)
+
+    y0 = torch.ones(2, 2, dtype=torch.float64) if batched else torch.ones(2, dtype=torch.float64)
+    sol = neuralode.solve(field, y0, t, method="rk4", step_size=0.25, batched=batched, throw=False)
+    if batched:
+        assert sol.status.tolist() == [
+            int(neuralode.Status.SUCCESS),
+            int(neuralode.Status.NONFINITE),
+        ]
+        assert sol.t_end.tolist() == [4.0, 2.0]
+    else:
+        assert sol.status.shape == () and int(sol.status) == neuralode.Status.NONFINITE
+        assert sol.t_end.shape == () and float(sol.t_end) == 2.0

@@ -410,3 +410,94 @@ def test_default_merge_keeps_rows_per_state_kind() -> None:
     assert torch.equal(
         solver.merge(torch.tensor(False), torch.ones(2), torch.zeros(2)), torch.zeros(2)
     )
+
+
+class StateChecker(Solver):
+    """An explicit Runge-Kutta method that takes nothing on trust. ``init`` evaluates
+    ``f(t, y)`` itself, from the time and state it is handed (not from ``f0``); ``step`` ignores
+    the precomputed stage ``times`` and checks, row by row, that the carried state it is handed
+    is ``f`` at its own ``(t, y)``; each step carries ``f(t + h, y1)`` on, as an FSAL method
+    does. A loop that hands a solver the wrong time, state or carried state fails here."""
+
+    def __init__(self, method: str) -> None:
+        self.inner = ExplicitRK(neuralode.get_tableau(method))
+        self.name, self.order = f"checked_{method}", self.inner.order
+        self.error_order, self.dense_order = self.inner.error_order, self.inner.dense_order
+        self.checked = 0
+
+    def init(self, f, t, y, f0):
+        k0 = f(torch.as_tensor(t, dtype=F64), y)
+        if f0 is not None:
+            torch.testing.assert_close(f0, k0, rtol=0, atol=0)
+        return k0
+
+    def step(self, f, t, h, y, state, times=None) -> StepResult:
+        t, h = torch.as_tensor(t, dtype=F64), torch.as_tensor(h, dtype=F64)
+        torch.testing.assert_close(state, f(t, y), rtol=1e-12, atol=1e-12)
+        self.checked += 1
+        res = self.inner.step(f, t, h, y, state)
+        return res._replace(state=f(t + h, res.y1))
+
+    def dense(self, f, t, h, y, result):
+        d, nfe, _ = self.inner.dense(f, t, h, y, result)
+        return d, nfe, None
+
+    def stage_times(self, t, h, dtype):
+        return self.inner.stage_times(t, h, dtype)
+
+
+@pytest.mark.parametrize(
+    ("method", "kw"),
+    [("rk4", dict(step_size=0.1)), ("dopri5", dict(rtol=1e-6, atol=1e-8))],
+    ids=["fixed", "adaptive"],
+)
+@pytest.mark.parametrize("rows", [0, 3], ids=["one_row", "batch"])
+@pytest.mark.parametrize("gradient", ["backprop", "checkpoint", "adjoint"])
+def test_every_step_is_handed_its_own_time_state_and_carried_state(
+    method: str, kw: dict, rows: int, gradient: str
+) -> None:
+    # The float driver (one row) and the tensor driver (a batch), fixed and adaptive, forward
+    # and in the backward pass of each strategy: the results equal the plain method's, and
+    # every step saw f(t, y) as its carried state.
+    y0 = (Y0 if rows == 0 else Y0 + 0.1 * torch.arange(rows, dtype=F64).unsqueeze(1)).clone()
+    checker = StateChecker(method)
+    if gradient != "backprop":
+        kw = {**kw, "adjoint_params": ()}
+    sols = []
+    for solver in (method, checker):
+        y = y0.clone().requires_grad_()
+        sol = neuralode.solve(field, y, T, method=solver, batched=rows > 0, gradient=gradient, **kw)
+        (grad,) = torch.autograd.grad(sol.ys.square().sum(), y)
+        sols.append((sol.ys.detach(), grad))
+    torch.testing.assert_close(sols[1][0], sols[0][0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sols[1][1], sols[0][1], rtol=1e-9, atol=1e-10)
+    assert checker.checked > 0
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_row_whose_steps_always_fail_ends_with_the_solvers_own_status(batched: bool) -> None:
+    # A solver that refuses every step of a row (cap 0) with its own status: the step size
+    # underflows, and the row's status is the solver's reason (here NONFINITE, though every
+    # number is finite), not STEP_SIZE_UNDERFLOW. In the batch, a row the solver lets through
+    # blows up (y' = y^2 from y = 1, at t = 1): its underflow is its own, STEP_SIZE_UNDERFLOW.
+    t = torch.tensor([0.0, 2.0], dtype=F64)
+    caps = torch.tensor([0.0, 10.0, 10.0], dtype=F64) if batched else 0.0
+    y0 = torch.tensor([[-1.0], [1.0], [-1.0]], dtype=F64) if batched else torch.tensor([-1.0])
+    sol = neuralode.solve(
+        lambda t, y: y**2,
+        y0.to(F64),
+        t,
+        method=CappedStep(caps),
+        rtol=1e-6,
+        atol=1e-8,
+        batched=batched,
+        throw=False,
+    )
+    if batched:
+        want = [Status.NONFINITE, Status.STEP_SIZE_UNDERFLOW, Status.SUCCESS]
+        assert sol.status.tolist() == [int(s) for s in want]
+        assert float(sol.t_end[0]) == 0.0 and float(sol.t_end[2]) == 2.0
+        assert float(sol.t_end[1]) == pytest.approx(1.0, abs=1e-3)
+    else:
+        assert sol.status.shape == () and int(sol.status) == Status.NONFINITE
+        assert float(sol.t_end) == 0.0
