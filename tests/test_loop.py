@@ -424,3 +424,26 @@ def test_a_fixed_step_row_that_turns_nan_fails_at_its_first_nan_output(batched: 
     else:
         assert sol.status.shape == () and int(sol.status) == neuralode.Status.NONFINITE
         assert sol.t_end.shape == () and float(sol.t_end) == 2.0
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_the_loop_needs_f0_or_a_first_step(batched: bool) -> None:
+    from neuralode._loop import LoopSpec
+    from neuralode.controllers import PIController, rms_norm
+
+    controller = PIController(1e-6, 1e-8, rms_norm, (1,) if batched else (0,), 4)
+    spec = LoopSpec(lambda t, y: -y, neuralode.get_solver("dopri5"), controller, batched)
+    y0 = torch.ones(2, 3, dtype=torch.float64) if batched else torch.ones(3, dtype=torch.float64)
+    times = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    with pytest.raises(
+        ValueError, match=r"^the initial step needs f\(t0, y0\): pass f0 or first_step$"
+    ):
+        spec.run(y0, None, times)
+    # With a first step and no f0, the first step's stage evaluates f itself: the work is the
+    # same in both drivers, and the steps and states are the float driver's.
+    got = spec.run(y0, None, times, first_step=0.1)
+    one_row = LoopSpec(spec.func, spec.solver, PIController(1e-6, 1e-8, rms_norm, (0,), 4), False)
+    ref = one_row.run(y0[0] if batched else y0, None, times, first_step=0.1)
+    nfe = got.stats.nfe[0] if batched else got.stats.nfe
+    assert int(nfe) == int(ref.stats.nfe)
+    torch.testing.assert_close(got.ys[0] if batched else got.ys, ref.ys, rtol=1e-15, atol=0)
