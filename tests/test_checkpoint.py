@@ -173,3 +173,70 @@ def test_backward_stats_count_the_replayed_steps(t: torch.Tensor) -> None:
     assert stats is not None
     assert int(stats.nfe) == field.calls - before > 0
     assert int(stats.n_steps) == int(sol.stats.n_accepted)
+    assert int(stats.n_accepted) == int(stats.n_steps) and int(stats.n_rejected) == 0
+
+
+def test_backward_stats_count_the_interpolants_extra_stages_and_each_pass_alone() -> None:
+    # dopri8's interpolant adds stages (3 per step with outputs inside it): the replay spends
+    # them again, and a second backward pass (retain_graph) counts its own work only.
+    field = Counting()
+    y0 = torch.tensor([0.3, -0.8, 0.5], dtype=F64, requires_grad=True)
+    t = torch.linspace(0, 2, 9, dtype=F64)
+    sol = neuralode.solve(field, y0, t, method="dopri8", gradient="checkpoint", rtol=1e-5)
+    counts = []
+    for _ in range(2):
+        before = field.calls
+        sol.ys.sum().backward(retain_graph=True)
+        stats = sol.backward_stats
+        assert stats is not None
+        assert int(stats.nfe) == field.calls - before
+        counts.append(int(stats.nfe))
+    assert counts[0] == counts[1] > 12 * int(sol.stats.n_accepted)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_equals_backprop_with_many_outputs_inside_each_step(batched: bool) -> None:
+    # Loose tolerances, long steps, 25 outputs: several outputs fall inside each step, and the
+    # batch (2 rows) is smaller than the number of outputs.
+    field = Field()
+    y0 = torch.tensor([[0.3, -0.8, 0.5], [1.0, 0.2, -0.4]], dtype=F64)
+    t = torch.stack([torch.linspace(0, 2, 25), torch.linspace(0.5, 3, 25)]).to(F64)
+    w = torch.randn(2, 25, 3, dtype=F64, generator=torch.Generator().manual_seed(3))
+    if not batched:
+        y0, t, w = y0[0], t[0], w[0]
+    kw = dict(method="dopri5", rtol=1e-3, atol=1e-3, batched=batched)
+    a = _grads(field, y0, t, w, "backprop", **kw)
+    b = _grads(field, y0, t, w, "checkpoint", **kw)
+    for x, z in zip(a, b):
+        torch.testing.assert_close(z, x, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_solve_with_one_output_time_passes_the_gradient_through(batched: bool) -> None:
+    field = Field()
+    y0 = torch.randn(2, 3, dtype=F64) if batched else torch.randn(3, dtype=F64)
+    y0.requires_grad_(True)
+    sol = neuralode.solve(field, y0, torch.tensor([0.7], dtype=F64), gradient="checkpoint",
+                          batched=batched)  # fmt: skip
+    (grad,) = torch.autograd.grad((sol.ys * 3.0).sum(), y0)
+    torch.testing.assert_close(grad, torch.full_like(y0, 3.0))
+
+
+def test_a_parameter_the_field_does_not_use_gets_no_gradient_as_under_backprop() -> None:
+    w = torch.tensor([[0.5, -1.0], [1.2, 0.3]], dtype=F64)
+    unused = torch.tensor([2.0], dtype=F64)
+    grads = []
+    for gradient in ("backprop", "checkpoint"):
+        w_, unused_ = w.clone().requires_grad_(), unused.clone().requires_grad_()
+        params = {"adjoint_params": (w_, unused_)} if gradient == "checkpoint" else {}
+        sol = neuralode.solve(
+            lambda s, y, w_=w_: torch.tanh(y @ w_),
+            torch.tensor([0.4, -0.7], dtype=F64),
+            torch.tensor([0.0, 0.5, 1.0], dtype=F64),
+            gradient=gradient,
+            **params,
+        )
+        sol.ys.sum().backward()
+        assert unused_.grad is None
+        grads.append(w_.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=1e-12)

@@ -147,10 +147,10 @@ class _CheckpointFn(torch.autograd.Function):
                 for vals, idx, valid in outs:
                     targets.append(vals)
                     cotangents.append(replay.grads_of(grad_ys, idx, valid))
-                if not targets:
-                    continue
+                # Never empty: the last step ends on the last output, and sets ``a``.  A
+                # parameter the field does not use gets no gradient (None), as under backprop.
                 got = torch.autograd.grad(targets, (y_in, *params), cotangents, allow_unused=True)
-            a = got[0] if got[0] is not None else torch.zeros_like(y_in)
+            a = got[0]  # every target (y1, the interpolants) starts from y_in
             for k, gk in enumerate(got[1:]):
                 prev = g_params[k]
                 if gk is not None:
