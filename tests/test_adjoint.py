@@ -756,3 +756,97 @@ def test_adjoint_step_size_carries_across_output_times() -> None:
     assert steps_50 <= max(steps_1, 49) + 49
     # Evaluations: per step 6 (dopri5) and one fresh first stage per interval after the jump.
     assert nfe_50 <= 6 * steps_50 + 50
+
+
+@pytest.mark.parametrize("layout", ["one_row", "batch", "per_row_grids"])
+def test_the_backward_solve_selects_its_first_step_once_and_carries_it_on(
+    layout: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each output interval is a backward solve of its own, of one flat augmented state (for a
+    # batch too, and for a grid per row, whose intervals all map to [0, 1]): the step it would
+    # have taken next starts the next interval, so Hairer's selection runs once, in the first.
+    from neuralode.controllers import PIController
+
+    calls = []
+    select = PIController.initial_step
+
+    def counted(self: PIController, *args: Any) -> Any:
+        calls.append(1)
+        return select(self, *args)
+
+    monkeypatch.setattr(PIController, "initial_step", counted)
+    a = torch.tensor([0.7], dtype=F64, requires_grad=True)
+    y0 = torch.tensor([[1.0, 0.5], [0.3, -0.2]], dtype=F64)
+    t = torch.linspace(0, 2, 6, dtype=F64)
+    if layout == "per_row_grids":
+        t = torch.stack([t, 1.5 * t])
+    sol = neuralode.solve(lambda s, y: -a * y + torch.sin(y),
+                          y0[0] if layout == "one_row" else y0, t, batched=layout != "one_row",
+                          gradient="adjoint", adjoint_params=(a,))  # fmt: skip
+    assert len(calls) == 1  # the forward solve's
+    sol.ys.sum().backward()
+    assert len(calls) - 1 == 1
+
+
+@pytest.mark.parametrize("grids", ["one", "per_row"])
+def test_the_field_sees_time_in_the_state_dtype_in_both_passes(grids: str) -> None:
+    # float32 state, float64 time: the forward loop and the backward solve call the field
+    # with t in float32, so a field mixing t and y keeps the state's dtype (with one grid, and
+    # with a grid per row, whose backward intervals are rescaled to [0, 1]).
+    seen = set()
+    a = torch.tensor(0.5, requires_grad=True)
+
+    def field(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        seen.add(t.dtype)
+        return -a * y * torch.cos(t).unsqueeze(-1)
+
+    y0 = torch.tensor([[1.0, -0.5], [0.3, 0.2]])
+    t = torch.tensor([0.0, 0.6, 1.5], dtype=F64)
+    if grids == "per_row":
+        t = torch.stack([t, 2 * t])
+    sol = neuralode.solve(
+        field, y0, t, batched=True, gradient="adjoint", adjoint_params=(a,), rtol=1e-5
+    )
+    sol.ys.sum().backward()
+    assert seen == {torch.float32} and a.grad is not None and a.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("norm", ["seminorm", "rms", "max"])
+def test_a_scalar_state_has_the_exact_adjoint_under_every_norm(norm: str) -> None:
+    # y' = -k y: y(T) = y0 exp(-k T), so dy(T)/dy0 = exp(-k T) and dy(T)/dk = -T y0 exp(-k T).
+    # A one-element state and a zero-size parameter make empty slices of the norm's parts.
+    k = torch.tensor([0.8], dtype=F64, requires_grad=True)
+    empty = torch.zeros(0, dtype=F64, requires_grad=True)
+    y0 = torch.tensor([1.5], dtype=F64, requires_grad=True)
+    T = 2.0
+    sol = neuralode.solve(
+        lambda s, y: -k * y + empty.sum(),
+        y0,
+        torch.tensor([0.0, T], dtype=F64),
+        gradient="adjoint",
+        adjoint_params=(k, empty),
+        adjoint_options={"norm": norm},
+        rtol=1e-10,
+        atol=1e-12,
+    )
+    sol.ys[-1].sum().backward()
+    decay = torch.exp(-k.detach() * T)
+    torch.testing.assert_close(y0.grad, decay, rtol=1e-8, atol=0)
+    torch.testing.assert_close(k.grad, -T * 1.5 * decay, rtol=1e-8, atol=0)
+
+
+def test_the_backward_norms_take_each_part_of_the_augmented_state_whole() -> None:
+    # [y (2), a (2), g (3)]: "rms" is the largest RMS of the three parts, "seminorm" of y and
+    # a only, "max" the largest magnitude of all.
+    from neuralode.gradients.adjoint import _Augmented
+
+    aug = _Augmented(None, (torch.zeros(3),), False, torch.zeros(2, 2), torch.zeros(2), None)
+
+    def norms(*x: float) -> list[float]:
+        v = torch.tensor(x, dtype=F64)
+        return [float(aug.norm(k)(v, (0,))) for k in ("rms", "seminorm", "max")]
+
+    assert norms(4, 0, 0, 0, 0, 0, 0) == pytest.approx([8**0.5, 8**0.5, 4])  # y's first
+    assert norms(0, 0, 0, 3, 0, 0, 0) == pytest.approx([4.5**0.5, 4.5**0.5, 3])
+    assert norms(0, 0, 0, 0, 0, 0, 6) == pytest.approx([12**0.5, 0, 6])
+    assert norms(1, 1, 2, 2, 3, 3, 3) == pytest.approx([3, 2, 3])

@@ -333,9 +333,9 @@ class _AdjointRun:
         aug.interval = i
         span = aug.span(i)
         sigma = torch.tensor([0.0, span], dtype=aug.t_dtype, device=x0.device)
-        f0 = None
-        if h is None and spec.controller is not None and spec.first_step is None:
-            f0 = aug(sigma[0].to(x0.dtype), x0)  # Hairer's selection needs it (and counts it)
+        # f at the interval's start: Hairer's selection needs it, and otherwise the first step
+        # would evaluate it as its first stage (the loop counts it either way).
+        f0 = aug(sigma[0].to(x0.dtype), x0)
         out = spec.run(x0, f0, sigma, first_step=h, carry_step=True)
         if not bool((out.status == 0).all()):
             raise SolverError(
@@ -351,14 +351,15 @@ class _AdjointRun:
         for p in g:
             g_new.append(x1[start : start + p.numel()].view_as(p))
             start += p.numel()
-        h_next = out.h_next if isinstance(out.h_next, float) else None
-        return a_new, g_new, out.stats, h_next
+        # The augmented state is one flat row, so the next step is a float (None: fixed steps).
+        assert not isinstance(out.h_next, torch.Tensor)
+        return a_new, g_new, out.stats, out.h_next
 
 
 def _status_message(status: torch.Tensor) -> str:
     from ..solution import Status
 
-    return Status(int(status.reshape(-1)[0])).message
+    return Status(int(status)).message  # one flat row: one status
 
 
 class _Augmented:
@@ -443,7 +444,8 @@ class _Augmented:
         pieces = [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
 
         def mixed(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
-            return torch.stack([rms_norm(x[lo:hi], dims) for lo, hi in pieces]).amax(0)
+            # x is one flat row: each part's RMS is a scalar, and the norm their maximum.
+            return torch.stack([rms_norm(x[lo:hi], dims) for lo, hi in pieces]).max()
 
         return mixed
 
