@@ -446,21 +446,28 @@ class StateChecker(Solver):
         return self.inner.stage_times(t, h, dtype)
 
 
+class StateCheckerWithoutTimes(StateChecker):
+    """The same, with the protocol's default ``stage_times`` (no precomputed stage times)."""
+
+    stage_times = Solver.stage_times
+
+
 @pytest.mark.parametrize(
     ("method", "kw"),
     [("rk4", dict(step_size=0.1)), ("dopri5", dict(rtol=1e-6, atol=1e-8))],
     ids=["fixed", "adaptive"],
 )
+@pytest.mark.parametrize("checker_type", [StateChecker, StateCheckerWithoutTimes])
 @pytest.mark.parametrize("rows", [0, 3], ids=["one_row", "batch"])
 @pytest.mark.parametrize("gradient", ["backprop", "checkpoint", "adjoint"])
 def test_every_step_is_handed_its_own_time_state_and_carried_state(
-    method: str, kw: dict, rows: int, gradient: str
+    method: str, kw: dict, rows: int, gradient: str, checker_type: type[StateChecker]
 ) -> None:
     # The float driver (one row) and the tensor driver (a batch), fixed and adaptive, forward
     # and in the backward pass of each strategy: the results equal the plain method's, and
     # every step saw f(t, y) as its carried state.
     y0 = (Y0 if rows == 0 else Y0 + 0.1 * torch.arange(rows, dtype=F64).unsqueeze(1)).clone()
-    checker = StateChecker(method)
+    checker = checker_type(method)
     if gradient != "backprop":
         kw = {**kw, "adjoint_params": ()}
     sols = []
