@@ -804,11 +804,18 @@ def test_the_field_sees_time_in_the_state_dtype_in_both_passes(grids: str) -> No
     t = torch.tensor([0.0, 0.6, 1.5], dtype=F64)
     if grids == "per_row":
         t = torch.stack([t, 2 * t])
+    t.requires_grad_(True)  # the gradient of the times calls the field at each output too
     sol = neuralode.solve(
         field, y0, t, batched=True, gradient="adjoint", adjoint_params=(a,), rtol=1e-5
     )
     sol.ys.sum().backward()
     assert seen == {torch.float32} and a.grad is not None and a.grad.dtype == torch.float32
+    assert t.grad is not None and t.grad.dtype == F64
+    stats = sol.backward_stats
+    assert stats is not None
+    assert {getattr(stats, k).dtype for k in ("nfe", "n_steps", "n_accepted", "n_rejected")} == {
+        torch.long
+    }
 
 
 @pytest.mark.parametrize("norm", ["seminorm", "rms", "max"])
@@ -850,3 +857,30 @@ def test_the_backward_norms_take_each_part_of_the_augmented_state_whole() -> Non
     assert norms(0, 0, 0, 3, 0, 0, 0) == pytest.approx([4.5**0.5, 4.5**0.5, 3])
     assert norms(0, 0, 0, 0, 0, 0, 6) == pytest.approx([12**0.5, 0, 6])
     assert norms(1, 1, 2, 2, 3, 3, 3) == pytest.approx([3, 2, 3])
+
+
+def test_a_field_of_time_alone_with_an_unused_parameter_is_named() -> None:
+    # f depends on neither y nor the parameter: no vector-Jacobian product at all, and the
+    # parameter is named as unused (not an IndexError from the missing products).
+    stray = torch.ones(2, dtype=F64, requires_grad=True)
+    y0 = torch.tensor([1.0, 2.0], dtype=F64, requires_grad=True)
+    t = torch.tensor([0.0, 1.0, 2.0], dtype=F64)
+    ys = neuralode.odeint_adjoint(lambda tt, _y: torch.cos(tt).expand(2), y0, t,
+                                  adjoint_params=(stray,))  # fmt: skip
+    with pytest.raises(ValueError, match=r"did not depend on \['adjoint_params\[0\]'\]"):
+        ys.sum().backward()
+
+
+def test_the_gradient_of_a_failed_forward_solve_is_refused_with_the_reason() -> None:
+    y0 = torch.tensor([1.0], dtype=F64, requires_grad=True)
+    sol = neuralode.solve(
+        lambda t, y: y**2, y0, torch.tensor([0.0, 2.0], dtype=F64), gradient="adjoint",
+        adjoint_params=(), throw=False,
+    )  # fmt: skip
+    assert not sol.success
+    with pytest.raises(
+        neuralode.SolverError,
+        match=r"^gradient='adjoint': the forward solve failed \(see Solution\.status\), so there "
+        r"is no gradient to compute; fix the forward solve first$",
+    ):
+        sol.ys.sum().backward()
