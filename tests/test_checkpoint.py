@@ -240,3 +240,19 @@ def test_a_parameter_the_field_does_not_use_gets_no_gradient_as_under_backprop()
         assert unused_.grad is None
         grads.append(w_.grad)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=1e-12)
+
+
+def test_the_field_sees_time_in_the_state_dtype_in_both_passes() -> None:
+    seen = set()
+    a = torch.tensor(0.5, requires_grad=True)
+
+    def field(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        seen.add(t.dtype)
+        return -a * y * torch.cos(t)
+
+    y0 = torch.tensor([1.0, -0.5])
+    t = torch.tensor([0.0, 0.6, 1.5], dtype=F64, requires_grad=True)
+    sol = neuralode.solve(field, y0, t, gradient="checkpoint", adjoint_params=(a,), rtol=1e-5)
+    sol.ys.sum().backward()
+    assert seen == {torch.float32} and a.grad is not None and a.grad.dtype == torch.float32
+    assert t.grad is not None and t.grad.dtype == F64

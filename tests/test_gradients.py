@@ -253,3 +253,9 @@ def test_backprop_matches_central_differences_for_scalar_loss() -> None:
             with torch.no_grad():
                 fd.view(-1)[i] = (loss(plus) - loss(minus)) / (2 * eps)
         torch.testing.assert_close(auto[k], fd, rtol=1e-6, atol=1e-9)
+
+
+def test_a_strategy_without_settings_shows_its_name() -> None:
+    from neuralode.gradients import Backprop
+
+    assert repr(Backprop()) == "Backprop()"
