@@ -884,3 +884,28 @@ def test_the_gradient_of_a_failed_forward_solve_is_refused_with_the_reason() -> 
         r"is no gradient to compute; fix the forward solve first$",
     ):
         sol.ys.sum().backward()
+
+
+def test_the_backward_solve_keeps_time_in_the_dtype_asked_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Forward time in float32 (options), backward time in float64 (adjoint_options): each
+    # loop runs its clock in its own dtype.
+    from neuralode._loop import LoopSpec
+
+    clocks = []
+    run = LoopSpec.run
+
+    def spy(self: LoopSpec, y0: torch.Tensor, f0: Any, out_times: torch.Tensor, **kw: Any) -> Any:
+        clocks.append(out_times.dtype)
+        return run(self, y0, f0, out_times, **kw)
+
+    monkeypatch.setattr(LoopSpec, "run", spy)
+    a = torch.tensor(0.5, requires_grad=True)
+    sol = neuralode.solve(
+        lambda t, y: -a * y, torch.tensor([1.0, -0.5]), torch.tensor([0.0, 0.5, 1.0]),
+        gradient="adjoint", adjoint_params=(a,), t_dtype=torch.float32,
+        adjoint_options={"dtype": F64},
+    )  # fmt: skip
+    sol.ys.sum().backward()
+    assert clocks == [torch.float32, F64, F64]  # the forward solve, then two intervals
