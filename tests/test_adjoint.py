@@ -909,3 +909,23 @@ def test_the_backward_solve_keeps_time_in_the_dtype_asked_for(
     )  # fmt: skip
     sol.ys.sum().backward()
     assert clocks == [torch.float32, F64, F64]  # the forward solve, then two intervals
+
+
+def test_an_unused_parameter_is_named_with_one_output_interval_too() -> None:
+    stray = torch.ones(2, dtype=F64, requires_grad=True)
+    y0 = torch.tensor([1.0, 2.0], dtype=F64, requires_grad=True)
+    ys = neuralode.odeint_adjoint(lambda tt, y: -y, y0, torch.tensor([0.0, 1.0], dtype=F64),
+                                  adjoint_params=(stray,))  # fmt: skip
+    with pytest.raises(ValueError, match=r"did not depend on \['adjoint_params\[0\]'\]"):
+        ys.sum().backward()
+
+
+def test_a_one_time_solve_costs_the_backward_pass_nothing() -> None:
+    y0 = torch.tensor([1.0, 2.0], dtype=F64, requires_grad=True)
+    t = torch.tensor([0.3], dtype=F64, requires_grad=True)
+    sol = neuralode.solve(lambda tt, y: -y, y0, t, gradient="adjoint", adjoint_params=())
+    (sol.ys * 2.0).sum().backward()
+    torch.testing.assert_close(y0.grad, torch.full((2,), 2.0, dtype=F64))
+    assert t.grad is not None and float(t.grad.abs().sum()) == 0.0
+    stats = sol.backward_stats
+    assert stats is not None and int(stats.nfe) == 0 and int(stats.n_steps) == 0
