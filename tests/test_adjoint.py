@@ -929,3 +929,62 @@ def test_a_one_time_solve_costs_the_backward_pass_nothing() -> None:
     assert t.grad is not None and float(t.grad.abs().sum()) == 0.0
     stats = sol.backward_stats
     assert stats is not None and int(stats.nfe) == 0 and int(stats.n_steps) == 0
+
+
+def test_adjoint_options_reach_the_backward_controller(monkeypatch: pytest.MonkeyPatch) -> None:
+    from neuralode.controllers import PIController
+    from neuralode.gradients import adjoint as adjoint_module
+
+    built: list[PIController] = []
+
+    def record(**kw: Any) -> PIController:
+        built.append(PIController(**kw))
+        return built[-1]
+
+    monkeypatch.setattr(adjoint_module, "PIController", record)
+    selected = []
+    select = PIController.initial_step
+    monkeypatch.setattr(
+        PIController, "initial_step", lambda self, *a: selected.append(1) or select(self, *a)
+    )
+    a = torch.tensor(0.5, dtype=F64, requires_grad=True)
+    knobs = {"safety": 0.8, "beta": 0.04, "ifactor": 5.0, "dfactor": 0.3, "first_step": 1e-3}
+    sol = neuralode.solve(
+        lambda t, y: -a * y, torch.tensor([1.0, -0.5], dtype=F64),
+        torch.tensor([0.0, 0.5, 1.0], dtype=F64), gradient="adjoint", adjoint_params=(a,),
+        adjoint_options=knobs,
+    )  # fmt: skip
+    selected.clear()
+    sol.ys.sum().backward()
+    (ctrl,) = built
+    assert (ctrl.safety, ctrl.beta, ctrl.ifactor, ctrl.dfactor) == (0.8, 0.04, 5.0, 0.3)
+    assert not selected  # the given first step, not Hairer's selection
+
+
+def test_a_fixed_step_adjoint_on_per_row_grids_takes_the_steps_asked_for() -> None:
+    # Rows with intervals of length 0.5 and 2: adjoint_options' step 0.05 (time units) is
+    # 1/40 of the longest interval, 40 steps per interval of the rescaled backward clock.
+    a = torch.tensor(0.5, dtype=F64, requires_grad=True)
+    t = torch.stack([torch.linspace(0, 2, 5), torch.linspace(0, 8, 5)]).to(F64)
+    y0 = torch.tensor([[1.0], [-0.5]], dtype=F64)
+    sol = neuralode.solve(
+        lambda s, y: -a * y, y0, t, method="rk4", step_size=0.05, batched=True,
+        gradient="adjoint", adjoint_params=(a,), adjoint_options={"step_size": 0.05},
+    )  # fmt: skip
+    sol.ys.sum().backward()
+    stats = sol.backward_stats
+    assert stats is not None and int(stats.n_steps) == 4 * 40
+
+
+def test_the_gradient_of_both_times_of_one_interval() -> None:
+    y0 = torch.tensor([1.0, -0.5], dtype=F64)
+    grads = []
+    for gradient in ("backprop", "adjoint"):
+        t = torch.tensor([0.2, 1.1], dtype=F64, requires_grad=True)
+        kw = {"adjoint_params": ()} if gradient == "adjoint" else {}
+        sol = neuralode.solve(lambda s, y: -y * torch.cos(s), y0, t, gradient=gradient,
+                              rtol=1e-10, atol=1e-12, **kw)  # fmt: skip
+        (g,) = torch.autograd.grad(sol.ys[-1].square().sum(), t)
+        grads.append(g)
+    assert float(grads[1][0].abs()) > 0.1
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-7, atol=1e-9)

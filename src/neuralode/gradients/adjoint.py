@@ -304,9 +304,10 @@ class _AdjointRun:
                 error_order=solver.error_order,
                 **{k: opts[k] for k in ("safety", "beta", "ifactor", "dfactor") if k in opts},
             )
-        step_size = opts.get("step_size") if not solver.adaptive else None
+        step_size = opts.get("step_size")  # fixed steps only (a controller ignores it)
         if step_size is not None and aug.per_row:  # time units -> the intervals' tau units
-            step_size = min(1.0, float(step_size) / float(aug.lengths.max()))
+            # (a step longer than an interval is cut to it, one step, by the fixed grid)
+            step_size = float(step_size) / float(aug.lengths.max())
         return LoopSpec(
             func=aug,
             solver=solver,
