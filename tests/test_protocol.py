@@ -508,3 +508,24 @@ def test_a_row_whose_steps_always_fail_ends_with_the_solvers_own_status(batched:
     else:
         assert sol.status.shape == () and int(sol.status) == Status.NONFINITE
         assert float(sol.t_end) == 0.0
+
+
+def test_precomputed_stage_times_take_the_nodes_in_the_time_dtype() -> None:
+    # Heun's third-order method on y' = cos(50 t), fixed steps of 0.1: the same sums by hand in
+    # float64. Nodes 1/3 and 2/3 rounded to float32 would move each stage time by ~1e-9 and
+    # the result by more than 1e-13.
+    h, n = 0.1, 10
+    y_ref, t_k = 0.0, 0.0
+    for k in range(n):
+        t_k = k * h
+        k1 = math.cos(50 * t_k)
+        k3 = math.cos(50 * (t_k + 2 * h / 3))
+        y_ref += h * (k1 / 4 + 3 * k3 / 4)
+    for batched in (False, True):
+        y0 = torch.zeros(1, 1, dtype=F64) if batched else torch.zeros(1, dtype=F64)
+        sol = neuralode.solve(
+            lambda t, y: torch.cos(50 * t).reshape(t.shape + (1,) * (y.ndim - t.ndim)).expand_as(y),
+            y0, torch.tensor([0.0, n * h], dtype=F64), method=HEUN3, step_size=h,
+            batched=batched,
+        )  # fmt: skip
+        assert float(sol.ys[..., -1, 0]) == pytest.approx(y_ref, rel=0, abs=1e-14)

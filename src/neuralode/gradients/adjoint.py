@@ -176,7 +176,7 @@ class Adjoint(GradientStrategy):
             self.solver,
             step_size=opts.get("step_size"),
             first_step=opts.get("first_step"),
-            max_num_steps=opts.get("max_num_steps", 100_000),
+            max_num_steps=opts.get("max_num_steps", LoopSpec.max_num_steps),
             safety=opts.get("safety", 0.9),
             beta=opts.get("beta", 0.0),
             ifactor=opts.get("ifactor", 10.0),
@@ -315,7 +315,7 @@ class _AdjointRun:
             batched=False,
             step_size=step_size,
             first_step=opts.get("first_step") if solver.adaptive else None,
-            max_num_steps=opts.get("max_num_steps", 100_000),
+            max_num_steps=opts.get("max_num_steps", LoopSpec.max_num_steps),
         )
 
     def _interval(
@@ -384,7 +384,7 @@ class _Augmented:
         self.func, self.params, self.batched, self.ys, self.s = func, params, batched, ys, s
         self.t_dtype = t_dtype or s.dtype
         self.used = [False] * len(params)
-        self.interval = s.shape[-1] - 1
+        self.interval: int  # the output interval being solved, set before each solve
         y_like = ys[:, 0] if batched else ys[0]
         self.y_shape, self.n_y = y_like.shape, y_like.numel()
         # Per-sample grids are integrated in normalised time; one shared grid in its own units.
