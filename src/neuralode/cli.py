@@ -33,7 +33,12 @@ from typing import Any
 from neuralode import experiments
 from neuralode.experiments import engine
 from neuralode.experiments.common import FIGURE_NEEDS, require
-from neuralode.experiments.config import add_config_arguments, load_config_file, resolve_config
+from neuralode.experiments.config import (
+    add_config_arguments,
+    flag_name,
+    load_config_file,
+    resolve_config,
+)
 
 __all__ = ["build_parser", "main"]
 
@@ -142,7 +147,7 @@ def _as_flags(message: str, cls: type, args: argparse.Namespace) -> str:
         name = f.name
         if name in from_file and name not in vars(args):
             continue
-        flag = "--" + name.replace("_", "-")
+        flag = flag_name(name)
         # Names with an underscore are unmistakable anywhere; a one-word name ("model") is
         # replaced only where it is the subject of a requirement, not where it is plain English.
         pattern = rf"(?<![\w-]){name}(?!\w)" if "_" in name else rf"(?<![\w-]){name}(?= must)"

@@ -41,6 +41,7 @@ __all__ = [
     "check_at_least",
     "check_positive",
     "config_from_dict",
+    "flag_name",
     "load_config_file",
     "resolve_config",
 ]
@@ -48,7 +49,8 @@ __all__ = [
 C = TypeVar("C")
 
 
-def _flag(name: str) -> str:
+def flag_name(name: str) -> str:
+    """The command-line flag of config field ``name`` (``batch_size`` -> ``--batch-size``)."""
     return "--" + name.replace("_", "-")
 
 
@@ -116,6 +118,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     )
     hints = _field_types(cls)
     for f in dataclasses.fields(cls):
+        flag = flag_name(f.name)
         base, optional = _base_type(hints[f.name])
         help_text = f.metadata.get("help", "")
         default = f.default if f.default is not dataclasses.MISSING else None
@@ -131,17 +134,19 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             kwargs["choices"] = f.metadata["choices"]
             metavar = None  # argparse then shows {a,b,c}
         if base is bool:
-            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
             continue
         if typing.get_origin(base) is tuple:
             item = next(a for a in typing.get_args(base) if a is not Ellipsis)
-            parser.add_argument(_flag(f.name), nargs="*", type=item, metavar=metavar, **kwargs)
+            parser.add_argument(flag, nargs="*", type=item, metavar=metavar, **kwargs)
             continue
         convert = base if base in (int, float, str) else str
         if optional:
-            parser.add_argument(_flag(f.name), type=_optional(convert), metavar=metavar, **kwargs)
+            parser.add_argument(
+                flag_name(f.name), type=_optional(convert), metavar=metavar, **kwargs
+            )
         else:
-            parser.add_argument(_flag(f.name), type=convert, metavar=metavar, **kwargs)
+            parser.add_argument(flag, type=convert, metavar=metavar, **kwargs)
 
 
 def _optional(convert: Any) -> Any:

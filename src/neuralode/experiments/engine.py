@@ -47,6 +47,7 @@ from neuralode.experiments.checkpoint import (
     save_checkpoint,
 )
 from neuralode.experiments.common import append_jsonl, atomic_write_text, to_jsonable
+from neuralode.experiments.config import flag_name
 from neuralode.experiments.distributed import DistContext
 from neuralode.solution import SolverError
 
@@ -650,7 +651,7 @@ def run_experiment(
         try:
             trainer.fit(resume=resume_run)
         except RunFinished as exc:
-            flag = "--" + length.replace("_", "-")
+            flag = flag_name(length)
             raise RunFinished(
                 f"{exc}; train it longer with 'neuralode resume {run_dir} {flag} N' "
                 f"(N > {getattr(config, length)})"
@@ -675,7 +676,7 @@ def _check_extension(config: Any, length: str, stored: int) -> None:
             shaped by its length (then the steps already taken would differ).
     """
     new = getattr(config, length)
-    flag = "--" + length.replace("_", "-")
+    flag = flag_name(length)
     if new < stored:
         raise ValueError(f"{flag} {new} is shorter than the run's {stored}; a run cannot shrink")
     blocker = config.extension_blocker()
