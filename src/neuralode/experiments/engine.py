@@ -46,7 +46,7 @@ from neuralode.experiments.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from neuralode.experiments.common import append_jsonl, atomic_write_text, to_jsonable
+from neuralode.experiments.common import append_jsonl, atomic_write_text, progress_bar, to_jsonable
 from neuralode.experiments.config import flag_name
 from neuralode.experiments.distributed import DistContext
 from neuralode.solution import SolverError
@@ -375,8 +375,7 @@ class Trainer:
         self.log_meter = _Meter()
         if self.ctx.is_main:
             append_jsonl(self.run_dir / METRICS_NAME, record)
-            if bar is not None:
-                bar.set_postfix(_short(record), refresh=False)
+            bar.set_postfix(_short(record), refresh=False)
 
     def _epoch_float(self) -> float:
         return self.step / self.schedule.steps_per_epoch
@@ -431,22 +430,20 @@ class Trainer:
             if self.ctx.is_main:
                 _truncate_metrics(self.run_dir, 0)
             self.ctx.barrier()
-        schedule = self.schedule
-        bar = None
-        if self.ctx.is_main and not self.quiet:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(
-                total=schedule.total_steps, initial=self.step, unit="step", dynamic_ncols=True
-            )
+        bar = progress_bar(
+            quiet=self.quiet or not self.ctx.is_main,
+            total=self.schedule.total_steps,
+            initial=self.step,
+            unit="step",
+            dynamic_ncols=True,
+        )
         try:
             with _StopRequest() as stop:
                 self._loop(bar, stop)
         except (FloatingPointError, SolverError) as exc:
             raise self._failed(exc) from exc
         finally:
-            if bar is not None:
-                bar.close()
+            bar.close()
         return self.last_epoch
 
     def _stop_requested(self, stop: _StopRequest) -> bool:
@@ -460,7 +457,7 @@ class Trainer:
         """Record a numerical failure in ``failure.json`` and say in one line what is kept."""
         from neuralode.experiments.common import write_json
 
-        checkpoint, kept = self.saved_step, self.saved_step is not None
+        checkpoint = self.saved_step
         error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if self.ctx.is_main:
             write_json(
@@ -470,7 +467,7 @@ class Trainer:
             )  # fmt: skip
         where = (
             f"its checkpoint of step {checkpoint} and metrics are kept"
-            if kept
+            if checkpoint is not None
             else "no checkpoint had been written"
         )
         return TrainingFailed(
@@ -484,8 +481,7 @@ class Trainer:
             start = time.perf_counter()
             self._one_step()
             self.epoch_seconds += time.perf_counter() - start
-            if bar is not None:
-                bar.update(1)
+            bar.update(1)
             done = self.step
             if done % schedule.log_every == 0:
                 self._log_train(bar)
@@ -628,14 +624,16 @@ def run_experiment(
     if not resume_run:
         check_new_run(run_dir)
     length = _length_field(config)
+    extending = False
     if resume_run:
         stored = load_run_config(run_dir, {length})[length]
-        if getattr(config, length) != stored:
+        extending = getattr(config, length) != stored
+        if extending:
             _check_extension(config, length, stored)
     ctx = setup(config.device)
     try:
         trainer = make_trainer(ctx, run_dir)
-        if resume_run and getattr(config, length) != stored and ctx.is_main:
+        if extending and ctx.is_main:
             from neuralode.experiments.common import read_json, write_json
 
             record = read_json(run_dir / "config.json")
