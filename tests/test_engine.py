@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import pickle
@@ -226,6 +225,28 @@ def test_trainer_resume_mid_epoch_equals_uninterrupted_run(tmp_path: Path) -> No
         assert torch.equal(a, b)
 
 
+def test_a_run_of_more_than_an_hour_says_so_early(tmp_path: Path, capsys: Any) -> None:
+    # A clock that advances 200 s per reading: the first step takes over 30 s, so its pace
+    # (800 s from the start to the estimate) gives the estimate, printed once, at step 1.
+    now = iter(range(0, 10**6, 200))
+    trainer = _toy_trainer(tmp_path)
+    trainer._clock = lambda: float(next(now))
+    trainer.long_run_hint = "; a shorter recipe: --preset quick"
+    trainer.fit()
+    err = capsys.readouterr().err.splitlines()
+    warnings = [line for line in err if "steps left take about" in line]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("neuralode: 800 s per step: the 29 steps left take about 6.4 ")
+    assert warnings[0].endswith(
+        "hours at this pace (Ctrl-C saves a checkpoint; 'neuralode "
+        f"resume {tmp_path}' continues); a shorter recipe: --preset quick"
+    )
+    # A fast run says nothing.
+    quick = _toy_trainer(tmp_path / "quick")
+    quick.fit()
+    assert "steps left" not in capsys.readouterr().err
+
+
 def test_metrics_reader_skips_a_torn_last_line(tmp_path: Path) -> None:
     (tmp_path / engine.METRICS_NAME).write_text('{"step": 1}\n{"step": 2}\n{"ste')
     assert engine.read_metrics(tmp_path) == [{"step": 1}, {"step": 2}]
@@ -254,19 +275,52 @@ def test_start_run_refuses_to_overwrite_a_run(tmp_path: Path) -> None:
 def test_cli_run_commands_explain_bad_run_folders(tmp_path: Path, capsys: Any) -> None:
     assert cli.main(["evaluate", str(tmp_path / "nope")]) == 2
     assert "is not a run folder" in capsys.readouterr().err
-    (tmp_path / "config.json").write_text('{"experiment": "spiral"}')
+    (tmp_path / "config.json").write_text('{"experiment": "nope"}')
     assert cli.main(["resume", str(tmp_path)]) == 2
-    assert "does not support 'neuralode resume'" in capsys.readouterr().err
+    assert "unknown experiment 'nope'; known experiments: density" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(
-    "path", sorted((Path(__file__).parents[1] / "configs").glob("*.toml")), ids=lambda p: p.name
-)
-def test_shipped_configs_are_valid(path: Path) -> None:
-    """Every ``configs/NAME-*.toml`` fills experiment NAME's config class without error."""
+SHIPPED = {
+    "mnist": ["paper", "quick"],
+    "density": ["cnf", "ffjord", "planar-nf", "quick"],
+    "latent": ["paper", "quick"],
+    "spiral": [],
+}
+
+
+@pytest.mark.parametrize("experiment", sorted(SHIPPED))
+def test_shipped_presets_are_valid(experiment: str) -> None:
+    """Every preset of every experiment (read through importlib.resources, as an installed
+    package reads it) fills the experiment's config class without error."""
     from neuralode import experiments
-    from neuralode.experiments.config import load_config_file
+    from neuralode.experiments.config import load_preset, presets
 
-    module = experiments.load(path.stem.split("-")[0])
-    config = config_from_dict(module.CONFIG, load_config_file(path), source=str(path))
-    assert dataclasses.is_dataclass(config)
+    assert sorted(presets(experiment)) == SHIPPED[experiment]
+    module = experiments.load(experiment)
+    for name in SHIPPED[experiment]:
+        settings = load_preset(experiment, name)
+        assert settings, name
+        config = config_from_dict(module.CONFIG, settings, source=name)
+        assert all(getattr(config, k) == (tuple(v) if isinstance(v, list) else v)
+                   for k, v in settings.items())  # fmt: skip
+
+
+def test_a_preset_is_overridden_by_the_config_file_and_then_by_flags(tmp_path: Path) -> None:
+    from neuralode.experiments import mnist
+    from neuralode.experiments.config import add_config_arguments
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, mnist.CONFIG, "mnist")
+    file = tmp_path / "c.toml"
+    file.write_text("lr = 0.5\nepochs = 3\n")
+    quick = resolve_config(mnist.CONFIG, parser.parse_args(["--preset", "quick"]), "mnist")
+    assert (quick.epochs, quick.optimizer, quick.lr) == (1, "adam", 0.002)
+    both = parser.parse_args(["--preset", "quick", "--config", str(file), "--epochs", "2"])
+    config = resolve_config(mnist.CONFIG, both, "mnist")
+    assert (config.epochs, config.optimizer, config.lr) == (2, "adam", 0.5)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--preset", "nope"])
+    with pytest.raises(ValueError, match="presets: paper, quick"):
+        from neuralode.experiments.config import load_preset
+
+        load_preset("mnist", "nope")

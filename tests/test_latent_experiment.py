@@ -25,7 +25,7 @@ from neuralode import cli
 from neuralode.data.timeseries import SpiralConfig, make_spirals, split_indices
 from neuralode.experiments import engine
 from neuralode.experiments import latent as lat
-from neuralode.experiments.config import config_from_dict, load_config_file
+from neuralode.experiments.config import config_from_dict, load_preset
 from neuralode.nn.latent import LatentODE
 
 pytestmark = requires("matplotlib", "tqdm", install=EXPERIMENTS_EXTRA)
@@ -33,9 +33,8 @@ pytestmark = requires("matplotlib", "tqdm", install=EXPERIMENTS_EXTRA)
 TINY = [
     "--n-series", "40", "--iterations", "20", "--batch-size", "16", "--eval-every", "10",
     "--log-every", "4", "--checkpoint-every", "6", "--rtol", "1e-3", "--atol", "1e-3",
-    "--quiet", "--device", "cpu",
+    "--quiet", "--device", "cpu", "--threads", "1",
 ]  # fmt: skip
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # Chen et al. (2018), Table 2: predictive RMSE on the spirals at n observed points.
 TABLE2 = {
     ("rnn", 30): 0.3937, ("rnn", 50): 0.3202, ("rnn", 100): 0.1813,
@@ -184,9 +183,9 @@ def test_grid_predictions_land_on_the_right_points() -> None:
     assert nfe.shape == (1, len(series))
 
 
-@pytest.mark.parametrize("name", ["latent-paper.toml", "latent-quick.toml"])
-def test_shipped_configs_are_valid(name: str) -> None:
-    config = config_from_dict(lat.LatentConfig, load_config_file(CONFIGS / name))
+@pytest.mark.parametrize("name", ["paper", "quick"])
+def test_shipped_presets_are_valid(name: str) -> None:
+    config = config_from_dict(lat.LatentConfig, load_preset("latent", name))
     assert config.data == "spirals" and config.latent_dim == 4
 
 
@@ -198,7 +197,7 @@ def test_latent_ode_beats_the_rnn_baseline_on_held_out_spirals(tmp_path: Path) -
     for model in ("latent-ode", "rnn-gaps"):
         run = tmp_path / model
         neuralode(
-            "train", "latent", "--config", str(CONFIGS / "latent-quick.toml"), "--model", model,
+            "train", "latent", "--preset", "quick", "--model", model,
             "--out", str(run), "--quiet",
         )  # fmt: skip
         rmse[model] = json.loads((run / "metrics.json").read_text())["test_extrap_rmse"]

@@ -9,11 +9,10 @@ Usage::
 
 Commands are subparsers of the top-level parser, each with a handler ``_cmd_NAME(args) -> int``.
 ``train`` has one sub-command per experiment registered in
-:data:`neuralode.experiments.EXPERIMENTS`. An experiment on the training engine supplies
-``CONFIG`` (its config dataclass: every field becomes a flag, ``--config FILE`` fills them) and
-``run(config, resume_run=False)``, which serve ``train`` and ``resume``; one that is not
-supplies ``add_arguments(parser)`` and ``train(args)`` itself. Where they are supported,
-``evaluate(run_dir, args)`` and ``plot(run_dir)`` serve the commands of the same names. The
+:data:`neuralode.experiments.EXPERIMENTS`. Every experiment runs on the training engine and
+supplies ``CONFIG`` (its config dataclass: every field becomes a flag, ``--config FILE`` fills
+them), ``run(config, resume_run=False)``, which serves ``train`` and ``resume``, and
+``evaluate(run_dir, args)`` and ``plot(run_dir)`` for the commands of the same names. The
 commands other than ``train`` find the run's experiment in ``RUN/config.json``.
 """
 
@@ -28,7 +27,6 @@ from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 from neuralode import experiments
 from neuralode.experiments import engine
@@ -37,6 +35,7 @@ from neuralode.experiments.config import (
     add_config_arguments,
     flag_name,
     load_config_file,
+    load_preset,
     resolve_config,
 )
 
@@ -86,10 +85,7 @@ def build_parser(load: str | None = None) -> argparse.ArgumentParser:
         if name == load:
             module = experiments.load(name)
             sub.description = (module.__doc__ or "").strip().split("\n\n")[0]
-            if hasattr(module, "add_arguments"):
-                module.add_arguments(sub)
-            else:  # an engine experiment: one flag per field of its config dataclass
-                add_config_arguments(sub, module.CONFIG)
+            add_config_arguments(sub, module.CONFIG, name)  # one flag per field of its config
 
     for name, summary in (
         ("resume", "continue a run from its last checkpoint (same config, same results)"),
@@ -123,11 +119,8 @@ def build_parser(load: str | None = None) -> argparse.ArgumentParser:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     module = experiments.load(args.experiment)
-    if hasattr(module, "train"):
-        module.train(args)
-        return 0
     try:
-        config = resolve_config(module.CONFIG, args)
+        config = resolve_config(module.CONFIG, args, args.experiment)
         module.run(config)
     except ValueError as exc:
         raise ValueError(_as_flags(str(exc), module.CONFIG, args)) from None
@@ -136,13 +129,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _as_flags(message: str, cls: type, args: argparse.Namespace) -> str:
     """``message`` with the settings a user gave as flags, or left at their defaults, named as
-    the flags (``--batch-size``); those that came from a ``--config`` file keep their key."""
+    the flags (``--batch-size``); those that came from a ``--config`` file or a ``--preset``
+    keep their key."""
     from_file: set[str] = set()
-    if getattr(args, "config", None):
-        try:
-            from_file = set(load_config_file(args.config))
-        except (OSError, ValueError):
-            pass
+    try:
+        if getattr(args, "preset", None):
+            from_file |= set(load_preset(args.experiment, args.preset))
+        if getattr(args, "config", None):
+            from_file |= set(load_config_file(args.config))
+    except (OSError, ValueError):
+        pass
     for f in dataclasses.fields(cls):
         name = f.name
         if name in from_file and name not in vars(args):
@@ -174,19 +170,12 @@ def _run_module(run: str) -> tuple[Path, ModuleType]:
 
 def _cmd_run_command(args: argparse.Namespace) -> int:
     run_dir, module = _run_module(args.run)
-    handler = getattr(module, args.command, None)
-    if handler is None and args.command == "resume" and hasattr(module, "CONFIG"):
-
-        def handler(run_dir: Path, args: argparse.Namespace) -> Any:
-            config = engine.extended(engine.stored_config(module.CONFIG, run_dir, args), args)
-            return module.run(config, resume_run=True)
-
-    if handler is None:
-        raise ValueError(
-            f"experiment {module.__name__.rsplit('.', 1)[-1]!r} does not support "
-            f"'neuralode {args.command}'"
-        )
-    if args.command == "evaluate" and hasattr(module, "CONFIG"):
+    if args.command == "resume":
+        config = engine.extended(engine.stored_config(module.CONFIG, run_dir, args), args)
+        module.run(config, resume_run=True)
+        return 0
+    handler = getattr(module, args.command)
+    if args.command == "evaluate":
         require(engine.stored_config(module.CONFIG, run_dir, args).data_requirements())
     if args.command == "plot":
         require(FIGURE_NEEDS)

@@ -11,8 +11,10 @@ An experiment declares its settings once, as a dataclass whose fields carry a he
 values), and :func:`resolve_config` builds the config with this precedence (last wins):
 
 1. the dataclass defaults;
-2. the ``[config]`` table (or the top level) of the TOML file given by ``--config FILE``;
-3. flags given on the command line.
+2. a recipe shipped inside the package, ``--preset NAME`` (the TOML files
+   ``neuralode/experiments/presets/EXPERIMENT-NAME.toml``, listed by :func:`presets`);
+3. the ``[config]`` table (or the top level) of the TOML file given by ``--config FILE``;
+4. flags given on the command line.
 
 Unknown keys in a config file and values of the wrong type are errors that name the key, so a
 typo never silently falls back to a default. The resolved config is written to the run folder as
@@ -38,6 +40,8 @@ else:  # pragma: no cover - Python 3.10 reads TOML with the tomli backport
 
 __all__ = [
     "add_config_arguments",
+    "load_preset",
+    "presets",
     "check_at_least",
     "check_positive",
     "config_from_dict",
@@ -103,13 +107,25 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
 _METAVARS = {int: "N", float: "X", str: "TEXT"}
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add ``--config FILE`` and one flag per field of dataclass ``cls`` to ``parser``.
+def add_config_arguments(
+    parser: argparse.ArgumentParser, cls: type, experiment: str | None = None
+) -> None:
+    """Add ``--config FILE``, ``--preset NAME`` (when ``experiment`` ships presets) and one flag
+    per field of dataclass ``cls`` to ``parser``.
 
     Flags default to :data:`argparse.SUPPRESS`, so :func:`resolve_config` can tell a flag the
-    user gave from one left at its default. A field's ``metadata`` may hold ``help`` and
-    ``choices``.
+    user gave from one left at its default. A field's ``metadata`` may hold ``help``,
+    ``choices``, ``metavar`` and ``hidden`` (testing-only settings, not shown in ``--help``).
     """
+    shipped = sorted(presets(experiment)) if experiment else []
+    if shipped:
+        parser.add_argument(
+            "--preset",
+            choices=shipped,
+            default=argparse.SUPPRESS,
+            help="a recipe shipped with neuralode (the README says what each one is and how "
+            "long it takes); --config and flags override its settings",
+        )
     parser.add_argument(
         "--config",
         metavar="FILE",
@@ -162,21 +178,52 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: if the file does not exist (the message names it).
-        ValueError: if the file is not valid TOML.
+        ValueError: if the file is a folder or not valid TOML.
     """
     file = Path(path)
     if file.is_dir():
         raise ValueError(f"--config {str(file)!r} is a folder; give a TOML file")
     if not file.is_file():
         raise FileNotFoundError(f"config file {str(file)!r} does not exist")
+    return _parse_toml(file.read_text(encoding="utf-8"), f"config file {str(file)!r}")
+
+
+def _parse_toml(text: str, where: str) -> dict[str, Any]:
     try:
-        data = tomllib.loads(file.read_text(encoding="utf-8"))
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"config file {str(file)!r} is not valid TOML: {exc}") from None
+        raise ValueError(f"{where} is not valid TOML: {exc}") from None
     table = data.get("config", data)
     if not isinstance(table, dict):
-        raise ValueError(f"config file {str(file)!r}: [config] must be a table")
+        raise ValueError(f"{where}: [config] must be a table")
     return dict(table)
+
+
+def presets(experiment: str) -> dict[str, Any]:
+    """The recipes shipped for ``experiment``: preset name -> its TOML file (an
+    :mod:`importlib.resources` traversable, so they are found in any installation)."""
+    from importlib import resources
+
+    folder = resources.files("neuralode.experiments") / "presets"
+    prefix = f"{experiment}-"
+    return {
+        entry.name[len(prefix) : -len(".toml")]: entry
+        for entry in folder.iterdir()
+        if entry.name.startswith(prefix) and entry.name.endswith(".toml")
+    }
+
+
+def load_preset(experiment: str, name: str) -> dict[str, Any]:
+    """The settings of preset ``name`` of ``experiment``.
+
+    Raises:
+        ValueError: if there is no such preset (the message lists the ones there are).
+    """
+    shipped = presets(experiment)
+    if name not in shipped:
+        known = ", ".join(sorted(shipped)) or "none"
+        raise ValueError(f"--preset {name!r} is not a recipe of {experiment!r}; presets: {known}")
+    return _parse_toml(shipped[name].read_text(encoding="utf-8"), f"preset {name!r}")
 
 
 def check_at_least(config: Any, minimum: float, *names: str) -> None:
@@ -227,16 +274,24 @@ def config_from_dict(cls: type[C], values: Mapping[str, Any], *, source: str = "
     return config
 
 
-def resolve_config(cls: type[C], args: argparse.Namespace) -> C:
-    """The config of ``cls`` from defaults < ``args.config`` TOML file < flags in ``args``."""
+def resolve_config(cls: type[C], args: argparse.Namespace, experiment: str | None = None) -> C:
+    """The config of ``cls`` from defaults < ``args.preset`` (a recipe of ``experiment``) <
+    ``args.config`` TOML file < flags in ``args``."""
     values: dict[str, Any] = {}
-    source = "command line"
+    sources = []
+    preset = getattr(args, "preset", None)
+    if preset:
+        if experiment is None:
+            raise ValueError("--preset needs the experiment it belongs to")
+        values.update(load_preset(experiment, preset))
+        sources.append(f"preset {preset!r}")
     config_file = getattr(args, "config", None)
     if config_file:
         values.update(load_config_file(config_file))
-        source = f"config file {config_file!r} or command line"
+        sources.append(f"config file {config_file!r}")
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     for name in names:
         if name in vars(args):
             values[name] = getattr(args, name)
+    source = " or ".join([*sources, "command line"])
     return config_from_dict(cls, values, source=source)

@@ -40,8 +40,8 @@ samples carried to data at t = T ... 0, the paper's Figure 5; layer by layer for
 ``training.png`` (test NLL and NFE over iterations). One process only (the models are small:
 use one CPU thread per run).
 
-Recipes (``configs/``): ``density-ffjord.toml``, ``density-cnf.toml``, ``density-planar-nf.toml``
-and ``density-quick.toml`` (a tiny run for tests).
+Recipes (``--preset NAME``, files in ``neuralode/experiments/presets/``): ``ffjord``, ``cnf``,
+``planar-nf`` and ``quick`` (a tiny run for tests).
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ class DensityConfig:
         default="auto", metadata={"help": "device", "choices": ("auto", "cpu", "cuda")}
     )
     threads: int | None = field(
-        default=None, metadata={"help": "torch CPU threads (default: torch's choice)"}
+        default=None, metadata={"help": "torch CPU threads (default: torch's choice, one per core)"}
     )
     log_every: int = field(default=10, metadata={"help": "steps between 'train' metric lines"})
     checkpoint_every: int = field(
@@ -233,7 +233,7 @@ class DensityConfig:
         return "hutchinson" if self.model == "ffjord" else "exact"
 
 
-#: The experiment's config class (``configs/density-*.toml`` files fill it).
+#: The experiment's config class (its ``--preset`` files and ``--config`` files fill it).
 CONFIG = DensityConfig
 
 
@@ -536,6 +536,7 @@ def run(config: DensityConfig, *, resume_run: bool = False) -> dict[str, Any]:
         lambda ctx, run_dir: _trainer(config, ctx, run_dir),
         lambda trainer, run_dir: _finish(trainer, config, run_dir),
         resume_run=resume_run,
+        headline=("test_nll", "true_nll", "test_nfe"),
     )
 
 

@@ -54,6 +54,7 @@ from neuralode.solution import SolverError
 __all__ = [
     "CHECKPOINT_NAME",
     "METRICS_NAME",
+    "Phases",
     "Schedule",
     "StepOutput",
     "Task",
@@ -175,6 +176,61 @@ class Schedule:
             raise ValueError("log_every must be >= 1 and checkpoint_every >= 0")
 
 
+class Phases:
+    """Optimizers that take turns: the first for its number of steps, then the next, and so on
+    (for example Adam on mini-batches, then L-BFGS on the full batch).
+
+    It has what the :class:`Trainer` uses of a torch optimizer: ``step(closure)``,
+    ``zero_grad``, ``param_groups`` (the current phase's: the logged learning rate is that of
+    the optimizer at work), and ``state_dict``/``load_state_dict`` over all phases (with the
+    steps taken, so a resumed run continues in the right phase).
+
+    Args:
+        phases: ``(optimizer, steps)`` pairs in order; the last one also takes any steps past
+            the sum of the others.
+    """
+
+    def __init__(self, phases: list[tuple[torch.optim.Optimizer, int]]) -> None:
+        if not phases:
+            raise ValueError("phases must hold at least one (optimizer, steps) pair")
+        self.phases = phases
+        self.steps_taken = 0
+
+    @property
+    def current(self) -> torch.optim.Optimizer:
+        """The optimizer of the phase the next step belongs to."""
+        left = self.steps_taken
+        for optimizer, steps in self.phases[:-1]:
+            if left < steps:
+                return optimizer
+            left -= steps
+        return self.phases[-1][0]
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.current.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer, _ in self.phases:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure: Callable[[], float]) -> Any:
+        loss = self.current.step(closure)
+        self.steps_taken += 1
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "steps_taken": self.steps_taken,
+            "phases": [optimizer.state_dict() for optimizer, _ in self.phases],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps_taken = int(state["steps_taken"])
+        for (optimizer, _), saved in zip(self.phases, state["phases"], strict=True):
+            optimizer.load_state_dict(saved)
+
+
 class _Meter:
     """Running sums of per-sample and per-step metrics over an interval."""
 
@@ -239,7 +295,9 @@ class Trainer:
         run_dir: the run folder (``metrics.jsonl`` and ``checkpoints/`` go here).
         task: the experiment's task.
         model: the (unwrapped) model; wrapped in DDP here when the context is distributed.
-        optimizer, scheduler: stepped once per training step (``scheduler`` may be ``None``).
+        optimizer, scheduler: stepped once per training step (``scheduler`` may be ``None``);
+            the optimizer through ``step(closure)``, so one that evaluates the loss several
+            times per step (L-BFGS) works, and :class:`Phases` runs optimizers in turn.
         schedule: steps, evaluation period, logging and checkpoint intervals.
         ctx: the process's :class:`DistContext`.
         quiet: no progress bar; one log line per epoch instead (rank 0 only).
@@ -252,7 +310,7 @@ class Trainer:
         run_dir: str | os.PathLike[str],
         task: Task,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer | Phases,
         scheduler: Any | None,
         schedule: Schedule,
         ctx: DistContext,
@@ -277,6 +335,9 @@ class Trainer:
         self.log_meter = _Meter()
         self.epoch_meter = _Meter()
         self.last_epoch: dict[str, Any] = {}
+        #: Appended to the one-time warning of a run that will take more than an hour.
+        self.long_run_hint = ""
+        self._clock = time.perf_counter  # replaced by tests of the pace warning
         if ctx.distributed:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -346,20 +407,29 @@ class Trainer:
 
     def _one_step(self) -> None:
         self.train_model.train()
-        out = self.task.train_step(self.train_model, self.step)
-        if not torch.isfinite(out.loss.detach()):
-            raise FloatingPointError(
-                f"training loss is {out.loss.item()} at step {self.step}; lower the learning "
-                "rate or tighten the solver tolerances"
-            )
-        self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        extra = self.task.after_backward(self.model)
-        if self.grad_clip is not None:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        self.optimizer.step()
+        evaluations: list[tuple[StepOutput, dict[str, float]]] = []
+
+        def closure() -> float:
+            # The torch convention: every optimizer's step(closure) calls this (SGD and Adam
+            # once; L-BFGS once per function evaluation of its line search).
+            out = self.task.train_step(self.train_model, self.step)
+            if not torch.isfinite(out.loss.detach()):
+                raise FloatingPointError(
+                    f"training loss is {out.loss.item()} at step {self.step}; lower the "
+                    "learning rate or tighten the solver tolerances"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            extra = self.task.after_backward(self.model)
+            if self.grad_clip is not None:
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            evaluations.append((out, extra))
+            return float(out.loss.detach())  # synchronised already by the finiteness check
+
+        self.optimizer.step(closure)
         if self.scheduler is not None:
             self.scheduler.step()
+        out, extra = evaluations[0]  # the step's metrics: those at the weights it started from
         sums, count, values = self._reduce(out, extra)
         self.log_meter.add(sums, count, values)
         self.epoch_meter.add(sums, count, values)
@@ -477,12 +547,17 @@ class Trainer:
 
     def _loop(self, bar: Any, stop: _StopRequest) -> None:
         schedule = self.schedule
+        began, first = self._clock(), self.step
+        warned = False
         while self.step < schedule.total_steps:
-            start = time.perf_counter()
+            start = self._clock()
             self._one_step()
-            self.epoch_seconds += time.perf_counter() - start
+            self.epoch_seconds += self._clock() - start
             bar.update(1)
             done = self.step
+            if not warned and (done - first >= _PACE_STEPS or self._clock() - began > 30):
+                warned = True
+                self._warn_if_long((self._clock() - began) / (done - first))
             if done % schedule.log_every == 0:
                 self._log_train(bar)
             end_of_epoch = done % schedule.steps_per_epoch == 0 or done == schedule.total_steps
@@ -502,9 +577,36 @@ class Trainer:
                     f"with 'neuralode resume {self.run_dir}'"
                 )
 
+    def _warn_if_long(self, seconds_per_step: float) -> None:
+        """Say once, early, how long the rest of a run will take when that is over an hour (the
+        pace of its first steps, evaluations not included), so nobody waits days unawares."""
+        left = (self.schedule.total_steps - self.step) * seconds_per_step
+        if left < 3600 or not self.ctx.is_main:
+            return
+        steps = self.schedule.total_steps - self.step
+        print(
+            f"neuralode: {seconds_per_step:.3g} s per step: the {steps} steps left take about "
+            f"{_duration(left)} at this pace (Ctrl-C saves a checkpoint; 'neuralode resume "
+            f"{self.run_dir}' continues){self.long_run_hint}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+#: Steps timed before the one-time estimate of a run's length.
+_PACE_STEPS = 5
+
+
+def _duration(seconds: float) -> str:
+    """``seconds`` in the largest unit that keeps the number at least 1 (``"2.1 days"``)."""
+    for unit, size in (("days", 86400.0), ("hours", 3600.0), ("minutes", 60.0)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"
+
 
 def _short(record: dict[str, Any]) -> dict[str, str]:
-    keep = ("loss", "accuracy", "nfe_forward", "nfe_backward", "lr")
+    keep = ("loss", "accuracy", "rmse", "nfe_forward", "nfe_backward", "lr")
     return {k: f"{record[k]:.4g}" for k in keep if isinstance(record.get(k), (int, float))}
 
 
@@ -606,9 +708,12 @@ def run_experiment(
     finish: Callable[[Trainer, Path], dict[str, Any]],
     *,
     resume_run: bool = False,
+    headline: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """The life cycle of one run: set up the process (group), create the run folder (or find
-    the one to resume), build the trainer, train, and finish (final metrics, figures).
+    the one to resume), build the trainer, train, and finish (final metrics, figures), then
+    print one line (rank 0, ``--quiet`` too) with the ``headline`` metrics, the seconds trained
+    and where the run folder and its figures are.
 
     Everything is checked before the run folder is created: the optional packages the run
     needs, the folder, and every setting (building the data and the model checks those that
@@ -633,6 +738,7 @@ def run_experiment(
     ctx = setup(config.device)
     try:
         trainer = make_trainer(ctx, run_dir)
+        trainer.long_run_hint = _shorter_recipe(experiment, config)
         if extending and ctx.is_main:
             from neuralode.experiments.common import read_json, write_json
 
@@ -649,14 +755,50 @@ def run_experiment(
         try:
             trainer.fit(resume=resume_run)
         except RunFinished as exc:
+            blocker = config.extension_blocker()
+            if blocker:
+                raise RunFinished(
+                    f"{exc}; it cannot be trained longer exactly ({blocker}): train a new run "
+                    "instead"
+                ) from None
             flag = flag_name(length)
             raise RunFinished(
                 f"{exc}; train it longer with 'neuralode resume {run_dir} {flag} N' "
                 f"(N > {getattr(config, length)})"
             ) from None
-        return finish(trainer, run_dir)
+        metrics = finish(trainer, run_dir)
+        if ctx.is_main:
+            print(_headline(experiment, metrics, headline, run_dir), flush=True)
+        return metrics
     finally:
         ctx.shutdown()
+
+
+def _headline(
+    experiment: str, metrics: dict[str, Any], keys: tuple[str, ...], run_dir: Path
+) -> str:
+    """``EXPERIMENT: KEY VALUE, ... after S steps (T s of training); run folder RUN, figures in
+    RUN/figures`` (the seconds of every epoch, evaluations included, across resumes)."""
+    shown = [
+        f"{key} {metrics[key]:.4g}" if isinstance(metrics[key], float) else f"{key} {metrics[key]}"
+        for key in keys
+        if metrics.get(key) is not None
+    ]
+    epochs = [r for r in read_metrics(run_dir) if r.get("kind") == "epoch"]
+    seconds = sum(r.get("seconds", 0.0) + r.get("eval_seconds", 0.0) for r in epochs)
+    steps = epochs[-1]["step"] if epochs else 0
+    figures = run_dir / "figures"
+    where = f"run folder {run_dir}" + (f", figures in {figures}" if figures.is_dir() else "")
+    return f"{experiment}: {', '.join(shown)} after {steps} steps ({seconds:.1f} s); {where}"
+
+
+def _shorter_recipe(experiment: str, config: Any) -> str:
+    """The hint of the long-run warning: the experiment's quick preset, if it has one."""
+    from neuralode.experiments.config import presets
+
+    if "quick" in presets(experiment):
+        return f"; a shorter recipe: 'neuralode train {experiment} --preset quick'"
+    return ""
 
 
 def _length_field(config: Any) -> str:

@@ -7,11 +7,11 @@ head. ``--model resnet`` replaces the ODE block by 6 residual blocks, ``rknet`` 
 fixed-step Runge-Kutta method and backpropagates through the steps, ``mlp`` is the 1-layer
 baseline. The models are in :mod:`neuralode.nn.odenet`, the data in :mod:`neuralode.data.mnist`.
 
-Recipes (``configs/``):
+Recipes (``--preset NAME``, files in ``neuralode/experiments/presets/``):
 
-- ``mnist-paper.toml``: the paper's recipe (SGD momentum 0.9, lr 0.1, batch 128, 160 epochs,
+- ``paper``: the paper's recipe (SGD momentum 0.9, lr 0.1, batch 128, 160 epochs,
   lr x0.1 at epochs 60, 100 and 140, random crops with 4-pixel padding, no weight decay).
-- ``mnist-quick.toml``: a CPU recipe (Adam with a one-cycle schedule, a few epochs).
+- ``quick``: a CPU recipe (Adam with a one-cycle schedule, a few epochs).
 
 The run folder holds ``config.json``, ``metrics.jsonl`` ("train" lines every ``log_every`` steps
 with loss, accuracy and forward/backward NFE; "epoch" lines with test metrics and seconds),
@@ -95,7 +95,7 @@ class MnistConfig:
         default="auto", metadata={"help": "device", "choices": ("auto", "cpu", "cuda")}
     )
     threads: int | None = field(
-        default=None, metadata={"help": "torch CPU threads (default: torch's choice)"}
+        default=None, metadata={"help": "torch CPU threads (default: torch's choice, one per core)"}
     )
     log_every: int = field(default=50, metadata={"help": "steps between 'train' metric lines"})
     checkpoint_every: int = field(
@@ -127,7 +127,7 @@ class MnistConfig:
         check_positive(self, "lr", "tol")
 
 
-#: The experiment's config class (``configs/mnist-*.toml`` files fill it).
+#: The experiment's config class (its ``--preset`` files and ``--config`` files fill it).
 CONFIG = MnistConfig
 
 
@@ -361,7 +361,14 @@ def run(config: MnistConfig, *, resume_run: bool = False) -> dict[str, Any]:
     def finish(trainer: engine.Trainer, run_dir: Path) -> dict[str, Any]:
         return _finish(trainer, config, run_dir, state["data"])
 
-    return engine.run_experiment("mnist", config, make_trainer, finish, resume_run=resume_run)
+    return engine.run_experiment(
+        "mnist",
+        config,
+        make_trainer,
+        finish,
+        resume_run=resume_run,
+        headline=("test_accuracy", "test_error", "parameters"),
+    )
 
 
 def evaluate(run_dir: Path, args: argparse.Namespace | None = None) -> dict[str, Any]:

@@ -7,24 +7,26 @@ in the public ``ode_demo.py`` of torchdiffeq::
 
 sampled at 1000 evenly spaced times in [0, 25]. A small MLP vector field (``y ** 3 -> 50 tanh ->
 2``) is trained on short windows of the true trajectory: each window starts on the true state and
-is integrated for ``batch_time`` samples with :func:`neuralode.odeint`. Training has two phases:
-Adam on random mini-batches of windows (as in the paper's demo), then L-BFGS on the mean squared
-error over all windows, which removes the residual error that Adam's sampling noise leaves and
-that the long-horizon trajectory is very sensitive to. The learned field is then integrated from
-``y0`` over the whole interval and compared with the truth.
+is integrated for ``batch_time`` samples with :func:`neuralode.odeint`. Training has two phases
+(one :class:`~neuralode.experiments.engine.Phases` optimizer): ``iterations`` Adam steps on
+random mini-batches of windows (as in the paper's demo), then ``polish_steps`` L-BFGS steps on
+the loss over all windows, which removes the residual error that Adam's sampling noise leaves and
+that the long-horizon trajectory is very sensitive to. Every ``eval_every`` steps (the engine's
+epoch) the learned field is integrated from ``y0`` over the whole interval and compared with the
+truth (``rmse``, ``max_error``).
 
-Run it with ``neuralode train spiral --out runs/spiral`` (or ``make demo``). The run folder gets
-``config.json``, ``metrics.jsonl`` (one line per evaluation during training), ``metrics.json``
-(final results) and ``spiral.png``.
+It runs on the training engine like the other experiments: ``neuralode train spiral --out RUN``
+(or ``make demo``) writes ``config.json``, ``metrics.jsonl`` ("train" lines with the loss and
+NFE, "epoch" lines with the full-trajectory errors), ``checkpoints/last.pt``, ``metrics.json``
+(final results) and ``figures/spiral.png`` and ``figures/training.png``; ``neuralode resume``,
+``evaluate`` and ``plot`` work on the run folder. Mini-batches are drawn from a generator keyed
+by ``(seed, step)``, so a resumed run repeats an uninterrupted one exactly.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import os
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,26 +34,22 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from neuralode import odeint
-from neuralode.experiments.common import (
-    append_jsonl,
-    environment_info,
-    make_run_dir,
-    progress_bar,
-    require,
-    run_requirements,
-    seed_everything,
-    write_json,
-)
+from neuralode import METHODS, odeint
+from neuralode.experiments import engine
+from neuralode.experiments.common import read_json, seed_everything, write_json
+from neuralode.experiments.config import check_at_least, check_positive
+from neuralode.experiments.distributed import DistContext, setup
 
 __all__ = [
+    "CONFIG",
     "CountingField",
     "SpiralDemoConfig",
     "SpiralField",
-    "add_arguments",
+    "SpiralTask",
+    "evaluate",
     "make_data",
+    "plot",
     "run",
-    "train",
     "true_field",
 ]
 
@@ -62,70 +60,105 @@ LOSSES = ("l1", "mse", "relative")
 
 @dataclass(frozen=True)
 class SpiralDemoConfig:
-    """Resolved settings of one spiral run (written to ``config.json``).
+    """Settings of one spiral run (written to ``config.json``).
 
-    The defaults run in about a minute on 2 CPU threads and reach a full-trajectory RMSE of about
-    0.034. The training and evaluation tolerances apply to ``method``; the true trajectory is
-    always generated with dopri5 at ``data_rtol``/``data_atol``. Everything is float64.
+    The defaults run in under a minute on 2 CPU threads (see the README's demo results). The
+    training and evaluation tolerances apply to ``method``; the true trajectory is always
+    generated with dopri5 at ``data_rtol``/``data_atol``. Everything is float64.
     """
 
-    out: str = "runs/spiral"
-    iters: int = 500
-    method: str = "dopri5"
-    seed: int = 0
-    data_size: int = 1000
-    t_end: float = 25.0
-    batch_time: int = 10
-    batch_size: int = 20
-    hidden: int = 50
-    lr: float = 1e-2
-    lr_final: float = 1e-3
-    rtol: float = 1e-6
-    atol: float = 1e-8
-    eval_rtol: float = 1e-7
-    eval_atol: float = 1e-9
-    data_rtol: float = 1e-10
-    data_atol: float = 1e-12
-    loss: str = "l1"
-    polish_steps: int = 25
-    polish_max_iter: int = 20
-    polish_loss: str = "mse"
-    eval_every: int = 100
-    threads: int = 2
-    quiet: bool = False
+    out: str = field(default="runs/spiral", metadata={"help": "run folder", "metavar": "DIR"})
+    iterations: int = field(default=500, metadata={"help": "Adam steps on random windows"})
+    polish_steps: int = field(
+        default=25, metadata={"help": "L-BFGS steps on all windows after Adam (0: none)"}
+    )
+    polish_max_iter: int = field(
+        default=20, metadata={"help": "loss evaluations per L-BFGS step at most"}
+    )
+    polish_loss: str = field(
+        default="mse", metadata={"help": "loss of the L-BFGS phase", "choices": LOSSES}
+    )
+    method: str = field(default="dopri5", metadata={"help": "solver", "choices": METHODS})
+    seed: int = field(default=0, metadata={"help": "seed of the initial weights and the batches"})
+    data_size: int = field(default=1000, metadata={"help": "samples of the true trajectory"})
+    t_end: float = field(default=25.0, metadata={"help": "end time of the trajectory"})
+    batch_time: int = field(default=10, metadata={"help": "samples per training window"})
+    batch_size: int = field(default=20, metadata={"help": "windows per Adam step"})
+    hidden: int = field(default=50, metadata={"help": "width of the field's tanh layer"})
+    lr: float = field(default=1e-2, metadata={"help": "Adam's initial learning rate"})
+    lr_final: float = field(
+        default=1e-3, metadata={"help": "Adam's learning rate after its cosine decay"}
+    )
+    rtol: float = field(default=1e-6, metadata={"help": "training rtol"})
+    atol: float = field(default=1e-8, metadata={"help": "training atol"})
+    eval_rtol: float = field(
+        default=1e-7, metadata={"help": "rtol of the evaluation and the L-BFGS phase"}
+    )
+    eval_atol: float = field(
+        default=1e-9, metadata={"help": "atol of the evaluation and the L-BFGS phase"}
+    )
+    data_rtol: float = field(default=1e-10, metadata={"help": "rtol of the true trajectory"})
+    data_atol: float = field(default=1e-12, metadata={"help": "atol of the true trajectory"})
+    loss: str = field(default="l1", metadata={"help": "loss of the Adam phase", "choices": LOSSES})
+    eval_every: int = field(
+        default=100, metadata={"help": "steps between full-trajectory evaluations"}
+    )
+    device: str = field(
+        default="cpu",
+        metadata={
+            "help": "device (a 2-D field in float64: the CPU is the fast choice)",
+            "choices": ("auto", "cpu", "cuda"),
+        },
+    )
+    threads: int | None = field(
+        default=None, metadata={"help": "torch CPU threads (default: torch's choice, one per core)"}
+    )
+    log_every: int = field(default=10, metadata={"help": "steps between 'train' metric lines"})
+    checkpoint_every: int = field(
+        default=0, metadata={"help": "steps between extra checkpoints (0: at evaluations only)"}
+    )
+    quiet: bool = field(default=False, metadata={"help": "no progress bar; a line per evaluation"})
+    fault_step: int | None = field(
+        default=None,
+        metadata={"help": "testing: SIGKILL the process after this step", "hidden": True},
+    )
 
-    def __post_init__(self) -> None:
-        positive = (
-            "iters",
-            "data_size",
-            "batch_size",
-            "hidden",
-            "eval_every",
-            "threads",
-            "polish_max_iter",
-        )
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be at least 1, got {getattr(self, name)}.")
+    @property
+    def total_steps(self) -> int:
+        """Adam steps and L-BFGS steps."""
+        return self.iterations + self.polish_steps
+
+    def data_requirements(self) -> dict[str, str]:
+        """Optional packages the data needs (none: the trajectory is generated)."""
+        return {}
+
+    def extension_blocker(self) -> str | None:
+        """Why ``neuralode resume RUN --iterations N`` cannot extend this run exactly."""
+        if self.polish_steps:
+            return "its L-BFGS phase follows the Adam iterations"
+        if self.lr != self.lr_final:
+            return "its cosine learning-rate decay is shaped by its length"
+        return None
+
+    def validate(self) -> None:
+        check_at_least(self, 1, "iterations", "data_size", "batch_size", "hidden", "eval_every")
+        check_at_least(self, 1, "polish_max_iter", "log_every")
+        check_at_least(self, 0, "polish_steps", "checkpoint_every")
         if not 2 <= self.batch_time <= self.data_size:
             raise ValueError(
-                f"`batch_time` must be in [2, data_size={self.data_size}], got {self.batch_time}."
+                f"batch_time must be in [2, data_size={self.data_size}]; got {self.batch_time}"
             )
         if self.batch_size > self.data_size - self.batch_time:
             raise ValueError(
-                f"`batch_size` ({self.batch_size}) must not exceed data_size - batch_time "
-                f"({self.data_size - self.batch_time}): windows are drawn without replacement."
+                f"batch_size ({self.batch_size}) must not exceed data_size - batch_time "
+                f"({self.data_size - self.batch_time}): windows are drawn without replacement"
             )
-        for name in ("loss", "polish_loss"):
-            if getattr(self, name) not in LOSSES:
-                raise ValueError(
-                    f"`{name}` must be one of {list(LOSSES)}, got {getattr(self, name)!r}."
-                )
-        if self.polish_steps < 0:
-            raise ValueError(f"`polish_steps` must be >= 0, got {self.polish_steps}.")
-        for name in ("t_end", "lr", "lr_final", "rtol", "atol", "eval_rtol", "eval_atol"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"`{name}` must be positive, got {getattr(self, name)}.")
+        check_positive(self, "t_end", "lr", "lr_final", "rtol", "atol", "eval_rtol", "eval_atol")
+        check_positive(self, "data_rtol", "data_atol")
+
+
+#: The experiment's config class (every field is a flag of ``neuralode train spiral``).
+CONFIG = SpiralDemoConfig
 
 
 def true_field(y: Tensor) -> Tensor:
@@ -181,15 +214,18 @@ def _odeint(func: nn.Module, y0: Tensor, t: Tensor, **kwargs: Any) -> Tensor:
     return ys
 
 
-def make_data(config: SpiralDemoConfig) -> tuple[Tensor, Tensor]:
+def make_data(
+    config: SpiralDemoConfig, device: torch.device | str = "cpu"
+) -> tuple[Tensor, Tensor]:
     """Sample the true trajectory.
 
     Returns:
-        ``(t, y)`` in float64: ``t`` of shape ``[data_size]`` evenly spaced in ``[0, t_end]``;
-        ``y`` of shape ``[data_size, 2]``, integrated with dopri5 at the data tolerances.
+        ``(t, y)`` in float64 on ``device``: ``t`` of shape ``[data_size]`` evenly spaced in
+        ``[0, t_end]``; ``y`` of shape ``[data_size, 2]``, integrated with dopri5 at the data
+        tolerances.
     """
-    t = torch.linspace(0.0, config.t_end, config.data_size, dtype=torch.float64)
-    y0 = torch.tensor(TRUE_Y0, dtype=torch.float64)
+    t = torch.linspace(0.0, config.t_end, config.data_size, dtype=torch.float64, device=device)
+    y0 = torch.tensor(TRUE_Y0, dtype=torch.float64, device=device)
     with torch.no_grad():
         y = _odeint(
             _TrueField(), y0, t, rtol=config.data_rtol, atol=config.data_atol, method="dopri5"
@@ -197,12 +233,11 @@ def make_data(config: SpiralDemoConfig) -> tuple[Tensor, Tensor]:
     return t, y
 
 
-def _get_batch(
-    t: Tensor, y: Tensor, batch_time: int, batch_size: int, rng: np.random.Generator
+def _windows(
+    t: Tensor, y: Tensor, starts: Tensor, batch_time: int
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Random windows of the trajectory: ``(y0 [B, 2], t [T], y [T, B, 2])``."""
-    starts = rng.choice(len(t) - batch_time, size=batch_size, replace=False)
-    index = torch.from_numpy(starts)[None, :] + torch.arange(batch_time)[:, None]
+    """The windows of the trajectory starting at ``starts``: ``(y0 [B, 2], t [T], y [T, B, 2])``."""
+    index = starts[None, :] + torch.arange(batch_time, device=starts.device)[:, None]
     return y[index[0]], t[:batch_time] - t[0], y[index]
 
 
@@ -223,188 +258,259 @@ def _loss(pred: Tensor, target: Tensor, kind: str) -> Tensor:
     return (err / (motion + 1e-6)).mean()
 
 
-def _evaluate(
-    field: CountingField, t: Tensor, y_true: Tensor, config: SpiralDemoConfig
-) -> dict[str, Any]:
-    """Integrate the learned field from ``y0`` over the whole grid and compare with the truth.
+class SpiralTask:
+    """The spiral's half of training (see :class:`neuralode.experiments.engine.Task`).
 
-    ``rmse`` is the root mean square over all times and both components; ``max_error`` is the
-    largest Euclidean distance between learned and true state over the grid.
+    Steps ``0 .. iterations - 1`` draw ``batch_size`` windows from a generator keyed by
+    ``(seed, step)`` and use ``loss`` at the training tolerances; later steps (the L-BFGS phase)
+    use every window, ``polish_loss`` and the evaluation tolerances. ``evaluate`` integrates the
+    learned field over the whole trajectory.
     """
-    before = field.nfe
-    with torch.no_grad():
-        y_pred = _odeint(
-            field, y_true[0], t, rtol=config.eval_rtol, atol=config.eval_atol, method=config.method
+
+    def __init__(self, config: SpiralDemoConfig, ctx: DistContext) -> None:
+        self.config = config
+        self.ctx = ctx
+        self.t, self.y_true = make_data(config, ctx.device)
+        self.train_nfe = 0  # every evaluation of the field in training, L-BFGS's line search too
+
+    def train_step(self, model: nn.Module, step: int) -> engine.StepOutput:
+        c = self.config
+        if step < c.iterations:
+            rng = np.random.default_rng([c.seed, step])
+            starts = rng.choice(c.data_size - c.batch_time, size=c.batch_size, replace=False)
+            kind, rtol, atol = c.loss, c.rtol, c.atol
+        else:
+            starts = np.arange(c.data_size - c.batch_time)
+            kind, rtol, atol = c.polish_loss, c.eval_rtol, c.eval_atol
+        y0, t, target = _windows(
+            self.t, self.y_true, torch.from_numpy(starts).to(self.t.device), c.batch_time
         )
-    err = y_pred - y_true
-    return {
-        "rmse": err.pow(2).mean().sqrt().item(),
-        "max_error": err.norm(dim=-1).max().item(),
-        "eval_nfe": field.nfe - before,
-        "y_pred": y_pred,
-    }
-
-
-class _Recorder:
-    """Evaluates the learned field on the full trajectory and appends a ``metrics.jsonl`` line."""
-
-    def __init__(
-        self, path: Path, field: CountingField, t: Tensor, y_true: Tensor, config: SpiralDemoConfig
-    ) -> None:
-        self.path, self.field, self.t, self.y_true, self.config = path, field, t, y_true, config
-        self.start = time.perf_counter()
-        self.train_nfe = 0
-        self.last: dict[str, Any] = {}
-
-    def __call__(self, phase: str, it: int, loss: float, **extra: Any) -> dict[str, Any]:
-        self.last = _evaluate(self.field, self.t, self.y_true, self.config)
-        record = {
-            "phase": phase,
-            "iter": it,
-            "loss": loss,
-            **extra,
-            "rmse": self.last["rmse"],
-            "max_error": self.last["max_error"],
-            "eval_nfe": self.last["eval_nfe"],
-            "train_nfe_total": self.train_nfe,
-            "elapsed_s": time.perf_counter() - self.start,
-        }
-        append_jsonl(self.path, record)
-        return self.last
-
-
-def run(config: SpiralDemoConfig) -> dict[str, Any]:
-    """Train and evaluate one spiral run into ``config.out``; return the final metrics.
-
-    Two phases: ``iters`` Adam steps on ``batch_size`` random windows (the paper's demo), then
-    ``polish_steps`` L-BFGS steps on the loss over *all* windows. The second phase is
-    deterministic and converges where Adam's window-sampling noise stalls, which is what the
-    long-horizon trajectory error needs.
-    """
-    require(run_requirements({}, quiet=config.quiet))
-    start = time.perf_counter()
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(config.threads)
-    try:
-        run_dir = make_run_dir(config.out)
-        jsonl_path = run_dir / "metrics.jsonl"
-        if jsonl_path.exists():
-            jsonl_path.unlink()
-        write_json(
-            run_dir / "config.json",
-            {"experiment": "spiral", **dataclasses.asdict(config), "env": environment_info()},
-        )
-
-        seed_everything(config.seed)
-        rng = np.random.default_rng(config.seed)
-        t, y_true = make_data(config)
-
-        model = SpiralField(config.hidden).to(torch.float64)
         field = CountingField(model)
-        record = _Recorder(jsonl_path, field, t, y_true, config)
-        solver = {"rtol": config.rtol, "atol": config.atol, "method": config.method}
-        bar = progress_bar(
-            quiet=config.quiet, total=config.iters + config.polish_steps, desc="adam", leave=True
+        loss = _loss(_odeint(field, y0, t, rtol=rtol, atol=atol, method=c.method), target, kind)
+        self.train_nfe += field.nfe
+        return engine.StepOutput(
+            loss=loss,
+            sums={"loss": float(loss.detach())},
+            count=1,
+            values={"nfe_forward": float(field.nfe)},
         )
 
-        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-        # Cosine decay from lr to lr_final: large steps find the field, small ones refine it.
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer, T_max=config.iters, eta_min=config.lr_final
-        )
-        loss_value = float("nan")
-        loss_avg: float | None = None
-        for it in range(1, config.iters + 1):
-            batch_y0, batch_t, batch_y = _get_batch(
-                t, y_true, config.batch_time, config.batch_size, rng
+    def after_backward(self, model: nn.Module) -> dict[str, float]:
+        return {}
+
+    def predict(self, model: nn.Module) -> tuple[Tensor, int]:
+        """The learned trajectory from ``y0`` on the data times (``[data_size, 2]``) and the
+        number of field evaluations it took, at the evaluation tolerances."""
+        field = CountingField(model)
+        with torch.no_grad():
+            y = _odeint(
+                field,
+                self.y_true[0],
+                self.t,
+                rtol=self.config.eval_rtol,
+                atol=self.config.eval_atol,
+                method=self.config.method,
             )
-            optimizer.zero_grad(set_to_none=True)
-            nfe_before = field.nfe
-            loss = _loss(_odeint(field, batch_y0, batch_t, **solver), batch_y, config.loss)
-            record.train_nfe += field.nfe - nfe_before
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+        return y, field.nfe
 
-            loss_value = loss.item()
-            loss_avg = loss_value if loss_avg is None else 0.95 * loss_avg + 0.05 * loss_value
-            bar.update()
-            if it % config.eval_every == 0 or it == config.iters:
-                lr = optimizer.param_groups[0]["lr"]
-                last = record("adam", it, loss_value, loss_avg=loss_avg, lr=lr)
-                bar.set_postfix(loss=f"{loss_avg:.2e}", rmse=f"{last['rmse']:.3g}")
-            else:
-                bar.set_postfix(loss=f"{loss_avg:.2e}", refresh=False)
-
-        if config.polish_steps:
-            bar.set_description("lbfgs")
-            n = config.data_size - config.batch_time
-            index = torch.arange(n)[None, :] + torch.arange(config.batch_time)[:, None]
-            all_y0, all_t, all_y = y_true[index[0]], t[: config.batch_time] - t[0], y_true[index]
-            # The full-batch loss gets small (~1e-6): solve it at the evaluation tolerances.
-            polish_solver = {**solver, "rtol": config.eval_rtol, "atol": config.eval_atol}
-            lbfgs = torch.optim.LBFGS(
-                model.parameters(),
-                max_iter=config.polish_max_iter,
-                history_size=20,
-                line_search_fn="strong_wolfe",
-            )
-
-            def closure() -> Tensor:
-                lbfgs.zero_grad(set_to_none=True)
-                nfe_before = field.nfe
-                ys = _odeint(field, all_y0, all_t, **polish_solver)
-                loss = _loss(ys, all_y, config.polish_loss)
-                record.train_nfe += field.nfe - nfe_before
-                loss.backward()
-                closure_losses.append(loss.item())
-                return loss
-
-            closure_losses: list[float] = []
-            for step in range(1, config.polish_steps + 1):
-                lbfgs.step(closure)
-                loss_value = closure_losses[-1]
-                last = record("lbfgs", config.iters + step, loss_value)
-                bar.update()
-                bar.set_postfix(loss=f"{loss_value:.2e}", rmse=f"{last['rmse']:.3g}")
-        bar.close()
-        if not record.last:  # no evaluation yet (iters == 0 is rejected, so only defensive)
-            record("final", config.iters + config.polish_steps, loss_value)
-
-        train_seconds = time.perf_counter() - start
-        last = record.last
-        _plot(run_dir / "spiral.png", model, t, y_true, last["y_pred"], last["rmse"])
-        metrics = {
-            "experiment": "spiral",
-            "rmse": last["rmse"],
-            "max_error": last["max_error"],
-            "final_loss": loss_value,
-            "iters": config.iters,
-            "polish_steps": config.polish_steps,
-            "method": config.method,
-            "seed": config.seed,
-            "eval_nfe": last["eval_nfe"],
-            "train_nfe_total": record.train_nfe,
-            "train_seconds": train_seconds,
-            "wall_seconds": time.perf_counter() - start,
-            "torch_version": torch.__version__,
-            "threads": config.threads,
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """``rmse``: root mean square over all times and both components of the learned minus
+        the true trajectory; ``max_error``: its largest Euclidean norm over the grid;
+        ``eval_nfe``: the field evaluations of that solve."""
+        y_pred, nfe = self.predict(model)
+        err = y_pred - self.y_true
+        return {
+            "rmse": float(err.pow(2).mean().sqrt()),
+            "max_error": float(err.norm(dim=-1).max()),
+            "eval_nfe": float(nfe),
         }
-        write_json(run_dir / "metrics.json", metrics)
-        if not config.quiet:
-            print(
-                f"spiral: rmse={metrics['rmse']:.4g} max_error={metrics['max_error']:.4g} "
-                f"wall={metrics['wall_seconds']:.1f}s -> {run_dir}"
-            )
-        return metrics
-    finally:
-        torch.set_num_threads(previous_threads)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_nfe": self.train_nfe}  # the batches are keyed by (seed, step)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.train_nfe = int(state["train_nfe"])
+
+
+def _build(config: SpiralDemoConfig, ctx: DistContext) -> tuple[SpiralField, SpiralTask]:
+    if ctx.distributed:
+        raise ValueError(
+            "the spiral experiment runs in one process (a 2-D field); run it without torchrun"
+        )
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    seed_everything(config.seed)
+    model = SpiralField(config.hidden).to(dtype=torch.float64, device=ctx.device)
+    return model, SpiralTask(config, ctx)
+
+
+def _trainer(config: SpiralDemoConfig, ctx: DistContext, run_dir: Path) -> engine.Trainer:
+    model, task = _build(config, ctx)
+    adam = torch.optim.Adam(model.parameters(), lr=config.lr)
+    # Cosine decay from lr to lr_final over the Adam phase: large steps find the field, small
+    # ones refine it (the L-BFGS phase does not read it).
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+        adam, T_max=config.iterations, eta_min=config.lr_final
+    )
+    lbfgs = torch.optim.LBFGS(
+        model.parameters(),
+        max_iter=config.polish_max_iter,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
+    optimizer = engine.Phases([(adam, config.iterations), (lbfgs, config.polish_steps)])
+    schedule = engine.Schedule(
+        total_steps=config.total_steps,
+        steps_per_epoch=min(config.eval_every, config.total_steps),
+        log_every=config.log_every,
+        checkpoint_every=config.checkpoint_every,
+        fault_step=config.fault_step,
+    )
+    return engine.Trainer(
+        run_dir, task, model, optimizer, scheduler, schedule, ctx, quiet=config.quiet
+    )
+
+
+def _finish(trainer: engine.Trainer, config: SpiralDemoConfig, run_dir: Path) -> dict[str, Any]:
+    records = engine.read_metrics(run_dir)
+    epochs = [r for r in records if r.get("kind") == "epoch"]
+    last = epochs[-1] if epochs else trainer.last_epoch
+    task = trainer.task
+    assert isinstance(task, SpiralTask)
+    metrics: dict[str, Any] = {
+        "experiment": "spiral",
+        "rmse": last.get("rmse"),
+        "max_error": last.get("max_error"),
+        "final_loss": last.get("train_loss"),
+        "iterations": config.iterations,
+        "polish_steps": config.polish_steps,
+        "steps": trainer.step,
+        "method": config.method,
+        "seed": config.seed,
+        "eval_nfe": int(last["eval_nfe"]) if "eval_nfe" in last else None,
+        "train_nfe_total": task.train_nfe,
+        "train_seconds": sum(r.get("seconds", 0.0) for r in epochs),
+        "eval_seconds": sum(r.get("eval_seconds", 0.0) for r in epochs),
+        "threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+    }
+    write_json(run_dir / "metrics.json", metrics)
+    _figures(run_dir, trainer.model, task, trainer.step)
+    return metrics
+
+
+def run(config: SpiralDemoConfig, *, resume_run: bool = False) -> dict[str, Any]:
+    """Train (or, with ``resume_run``, continue) one spiral run; return its final metrics."""
+    return engine.run_experiment(
+        "spiral",
+        config,
+        lambda ctx, run_dir: _trainer(config, ctx, run_dir),
+        lambda trainer, run_dir: _finish(trainer, config, run_dir),
+        resume_run=resume_run,
+        headline=("rmse", "max_error", "eval_nfe"),
+    )
+
+
+def _restore(run_dir: Path, args: argparse.Namespace | None) -> tuple[SpiralField, SpiralTask, int]:
+    """The run's model with its last checkpoint's weights, its task and the checkpoint's step."""
+    config = engine.stored_config(SpiralDemoConfig, run_dir, args)
+    ctx = setup(config.device)
+    model, task = _build(config, ctx)
+    return model, task, engine.load_weights(run_dir, model, ctx.device)
+
+
+def evaluate(run_dir: Path, args: argparse.Namespace | None = None) -> dict[str, Any]:
+    """Entry point of ``neuralode evaluate RUN``: the full-trajectory errors of the run's last
+    checkpoint, written to ``RUN/evaluation.json``."""
+    model, task, step = _restore(Path(run_dir), args)
+    return engine.write_evaluation(run_dir, task, model, step, task.ctx)
+
+
+def plot(run_dir: Path) -> list[Path]:
+    """Draw the run's figures into ``RUN/figures``: ``training.png`` and, when a checkpoint
+    exists, ``spiral.png`` (see :func:`_plot`)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / engine.CHECKPOINT_NAME).exists():
+        return [_plot_training(run_dir)]
+    model, task, step = _restore(run_dir, None)
+    return _figures(run_dir, model, task, step)
+
+
+def _figures(run_dir: Path, model: nn.Module, task: SpiralTask, step: int) -> list[Path]:
+    """Both figures, from the model in memory."""
+    y_pred, _ = task.predict(model)
+    rmse = float((y_pred - task.y_true).pow(2).mean().sqrt())
+    path = run_dir / "figures" / "spiral.png"
+    path.parent.mkdir(exist_ok=True)
+    _plot(path, model, task.t.cpu(), task.y_true.cpu(), y_pred.cpu(), rmse, step)
+    return [_plot_training(run_dir), path]
+
+
+def _plot_training(run_dir: Path) -> Path:
+    """``figures/training.png``: the training loss and the full-trajectory RMSE over steps,
+    with the start of the L-BFGS phase marked."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from neuralode.experiments.common import atomic_write_bytes
+
+    records = engine.read_metrics(run_dir)
+    train = [r for r in records if r.get("kind") == "train"]
+    epochs = [r for r in records if r.get("kind") == "epoch"]
+    config = read_json(run_dir / "config.json")
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    axes = fig.subplots(1, 2)
+    loss_names = f"{config.get('loss', '?')} loss, then {config.get('polish_loss', '?')}"
+    if train:
+        axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], lw=1, label="logged")
+    if epochs:
+        axes[0].plot(
+            [r["step"] for r in epochs],
+            [r["train_loss"] for r in epochs],
+            "o",
+            label="mean between evaluations",
+        )
+        axes[1].plot(
+            [r["step"] for r in epochs], [r["rmse"] for r in epochs], "o-", label="RMSE from y0"
+        )
+    axes[0].set(xlabel="step", ylabel="window loss", yscale="log", title=f"training ({loss_names})")
+    axes[1].set(
+        xlabel="step",
+        ylabel="RMSE (state units)",
+        yscale="log",
+        title="full-trajectory error",
+    )
+    iterations = config.get("iterations")
+    for ax in axes:
+        if isinstance(iterations, int) and config.get("polish_steps"):
+            ax.axvline(iterations, color="0.5", ls=":", lw=1, label="Adam -> L-BFGS")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    path = run_dir / "figures" / "training.png"
+    path.parent.mkdir(exist_ok=True)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
 
 
 def _plot(
-    path: Path, model: nn.Module, t: Tensor, y_true: Tensor, y_pred: Tensor, rmse: float
+    path: Path,
+    model: nn.Module,
+    t: Tensor,
+    y_true: Tensor,
+    y_pred: Tensor,
+    rmse: float,
+    step: int,
 ) -> None:
-    """Figure: x(t) and y(t), phase portrait, and true vs learned vector fields on a grid."""
+    """Figure: x(t) and y(t), phase portrait, and true vs learned vector fields on a grid (the
+    model's weights after ``step`` training steps). The system has no physical units: times and
+    states are in the units of the equation."""
     import io
 
     import matplotlib
@@ -424,25 +530,34 @@ def _plot(
     points = torch.stack([gx, gy], dim=-1)
     with torch.no_grad():
         f_true = true_field(points).numpy()
-        f_learned = model(torch.zeros((), dtype=torch.float64), points).numpy()
+        device = next(model.parameters()).device
+        f_learned = model(torch.zeros((), dtype=torch.float64), points.to(device)).cpu().numpy()
     err = np.linalg.norm(f_learned - f_true, axis=-1)
     gxn, gyn = gx.numpy(), gy.numpy()
 
     fig = Figure(figsize=(15, 9), layout="constrained")
     axes = fig.subplots(2, 3)
-    fig.suptitle(f"Neural ODE on the cubic spiral: full-trajectory RMSE {rmse:.3g}")
+    fig.suptitle(
+        f"Neural ODE on the cubic spiral after {step} steps: full-trajectory RMSE {rmse:.3g}"
+    )
 
     for k, (ax, name) in enumerate(zip(axes[0, :2], ("x", "y"), strict=True)):
         ax.plot(tn, yt[:, k], color="tab:green", lw=2.0, label="true")
         ax.plot(tn, yp[:, k], color="tab:blue", lw=1.2, ls="--", label="learned")
-        ax.set(xlabel="t", ylabel=name, title=f"{name}(t)")
+        ax.set(xlabel="time t", ylabel=f"state {name}", title=f"{name}(t)")
         ax.legend(loc="upper right")
 
     ax = axes[0, 2]
     ax.plot(yt[:, 0], yt[:, 1], color="tab:green", lw=2.0, label="true")
     ax.plot(yp[:, 0], yp[:, 1], color="tab:blue", lw=1.2, ls="--", label="learned")
     ax.plot(*yt[0], "ko", ms=4, label="y0")
-    ax.set(xlabel="x", ylabel="y", title="phase portrait", xlim=(-lim, lim), ylim=(-lim, lim))
+    ax.set(
+        xlabel="state x",
+        ylabel="state y",
+        title="phase portrait",
+        xlim=(-lim, lim),
+        ylim=(-lim, lim),
+    )
     ax.set_aspect("equal")
     ax.legend(loc="lower left")
 
@@ -451,79 +566,23 @@ def _plot(
         (axes[1, 1], f_learned, "learned vector field"),
     ):
         speed = np.linalg.norm(f, axis=-1)
-        ax.streamplot(
+        stream = ax.streamplot(
             gxn, gyn, f[..., 0], f[..., 1], color=np.log1p(speed), cmap="viridis", density=1.2
         )
-        ax.plot(yt[:, 0], yt[:, 1], color="tab:red", lw=0.8, alpha=0.6)
-        ax.set(xlabel="x", ylabel="y", title=title, xlim=(-lim, lim), ylim=(-lim, lim))
+        fig.colorbar(stream.lines, ax=ax, label="log(1 + speed |dy/dt|)")
+        ax.plot(yt[:, 0], yt[:, 1], color="tab:red", lw=0.8, alpha=0.6, label="true trajectory")
+        ax.legend(loc="lower left", fontsize=8)
+        ax.set(xlabel="state x", ylabel="state y", title=title, xlim=(-lim, lim), ylim=(-lim, lim))
         ax.set_aspect("equal")
 
     ax = axes[1, 2]
     mesh = ax.pcolormesh(gxn, gyn, np.log10(err + 1e-12), cmap="magma", shading="auto")
     fig.colorbar(mesh, ax=ax, label="log10 |learned - true|")
-    ax.plot(yt[:, 0], yt[:, 1], color="cyan", lw=0.8)
-    ax.set(xlabel="x", ylabel="y", title="vector field error (true trajectory in cyan)")
+    ax.plot(yt[:, 0], yt[:, 1], color="cyan", lw=0.8, label="true trajectory")
+    ax.legend(loc="lower left", fontsize=8)
+    ax.set(xlabel="state x", ylabel="state y", title="vector field error")
     ax.set_aspect("equal")
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     atomic_write_bytes(path, buffer.getvalue())
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the spiral experiment's options to ``parser`` (``neuralode train spiral ...``)."""
-    d = SpiralDemoConfig()
-    parser.add_argument("--out", default=d.out, help=f"run folder (default: {d.out})")
-    parser.add_argument(
-        "--iters", type=int, default=d.iters, help=f"Adam iterations (default: {d.iters})"
-    )
-    parser.add_argument("--method", default=d.method, help=f"solver (default: {d.method})")
-    parser.add_argument("--seed", type=int, default=d.seed, help=f"(default: {d.seed})")
-    parser.add_argument(
-        "--polish-steps",
-        type=int,
-        default=d.polish_steps,
-        help=f"L-BFGS steps on all windows after Adam; 0 skips them (default: {d.polish_steps})",
-    )
-    parser.add_argument(
-        "--polish-max-iter",
-        type=int,
-        default=d.polish_max_iter,
-        help=f"loss evaluations per L-BFGS step at most (default: {d.polish_max_iter})",
-    )
-    parser.add_argument("--lr", type=float, default=d.lr, help=f"Adam lr (default: {d.lr})")
-    parser.add_argument(
-        "--batch-size", type=int, default=d.batch_size, help=f"(default: {d.batch_size})"
-    )
-    parser.add_argument(
-        "--batch-time",
-        type=int,
-        default=d.batch_time,
-        help=f"samples per training window (default: {d.batch_time})",
-    )
-    parser.add_argument(
-        "--eval-every",
-        type=int,
-        default=d.eval_every,
-        help=f"iterations between full-trajectory evaluations (default: {d.eval_every})",
-    )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=d.threads,
-        help=f"torch CPU threads during the run (default: {d.threads})",
-    )
-    parser.add_argument("--quiet", action="store_true", help="no progress bar or summary line")
-
-
-def config_from_args(args: argparse.Namespace) -> SpiralDemoConfig:
-    """Build a :class:`SpiralDemoConfig` from parsed ``neuralode train spiral`` arguments."""
-    names = {f.name for f in dataclasses.fields(SpiralDemoConfig)}
-    values = {k: v for k, v in vars(args).items() if k in names}
-    values["out"] = os.fspath(values.get("out", SpiralDemoConfig.out))
-    return SpiralDemoConfig(**values)
-
-
-def train(args: argparse.Namespace) -> dict[str, Any]:
-    """Entry point of ``neuralode train spiral``: run the experiment and return its metrics."""
-    return run(config_from_args(args))
