@@ -65,6 +65,17 @@ def test_resume_after_deleting_the_checkpoint_starts_over_without_a_second_copy(
     assert records(run) == records(finished)
 
 
+def test_load_run_reads_back_the_model_of_a_finished_run(finished: Path) -> None:
+    import neuralode
+
+    run = neuralode.load_run(finished)
+    assert run.config.model == "mlp" and run.step == 8
+    last = [r for r in records(finished) if r["kind"] == "epoch"][-1]
+    metrics = run.task.evaluate(run.model)
+    assert metrics["test_accuracy"] == last["test_accuracy"]
+    assert metrics["test_loss"] == pytest.approx(last["test_loss"], rel=1e-6)
+
+
 def test_every_file_of_a_run_folder_is_written_with_the_users_umask(finished: Path) -> None:
     mask = os.umask(0o022)
     os.umask(mask)

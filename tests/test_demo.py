@@ -109,6 +109,25 @@ def test_spiral_evaluate_plot_and_an_existing_run(finished: Path, capsys) -> Non
     assert "--iterations cannot extend this run: its L-BFGS phase" in capsys.readouterr().err
 
 
+def test_load_run_gives_the_trained_model_in_python(finished: Path, tmp_path: Path) -> None:
+    import neuralode
+    from neuralode.experiments.spiral import SpiralField
+
+    run = neuralode.load_run(finished)
+    assert isinstance(run.model, SpiralField) and not run.model.training
+    assert run.step == 42 and run.config.iterations == 40 and run.config.out == str(finished)
+    metrics = json.loads((finished / "metrics.json").read_text())
+    assert run.task.evaluate(run.model)["rmse"] == pytest.approx(metrics["rmse"], rel=1e-12)
+
+    with pytest.raises(ValueError, match="is not a run folder"):
+        neuralode.load_run(tmp_path)
+    early = tmp_path / "early"
+    assert main(["train", "spiral", *SHORT, "--out", str(early), "--iterations", "1"]) == 0
+    (early / "checkpoints" / "last.pt").unlink()
+    with pytest.raises(ValueError, match="has no checkpoint yet"):
+        neuralode.load_run(early)
+
+
 @pytest.mark.parametrize(
     ("argv", "says"),
     [

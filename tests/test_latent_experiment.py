@@ -115,7 +115,7 @@ def test_baselines_and_periodic_data_run(model: str, data: str, task: str, tmp_p
         "iterations": 20, "batch_size": 16, "eval_every": 10, "log_every": 5,
         "rtol": 1e-3, "atol": 1e-3, "quiet": True, "out": str(tmp_path / "run"),
     }  # fmt: skip
-    metrics = lat.run(config_from_dict(lat.LatentConfig, values))
+    metrics = engine.train(lat, config_from_dict(lat.LatentConfig, values))
     epochs = [r for r in engine.read_metrics(tmp_path / "run") if r["kind"] == "epoch"]
     assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]
     assert metrics["model"] == model and metrics["steps"] == 20

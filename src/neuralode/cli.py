@@ -11,9 +11,9 @@ Commands are subparsers of the top-level parser, each with a handler ``_cmd_NAME
 ``train`` has one sub-command per experiment registered in
 :data:`neuralode.experiments.EXPERIMENTS`. Every experiment runs on the training engine and
 supplies ``CONFIG`` (its config dataclass: every field becomes a flag, ``--config FILE`` fills
-them), ``run(config, resume_run=False)``, which serves ``train`` and ``resume``, and
-``evaluate(run_dir, args)`` and ``plot(run_dir)`` for the commands of the same names. The
-commands other than ``train`` find the run's experiment in ``RUN/config.json``.
+them) and the rest of :class:`neuralode.experiments.engine.Experiment` (build, optimizer,
+schedule, summary, figures); the engine's ``train``, ``evaluate`` and ``plot`` serve the commands.
+The commands other than ``train`` find the run's experiment in ``RUN/config.json``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import sys
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
-from types import ModuleType
 
 from neuralode import experiments
 from neuralode.experiments import engine
@@ -121,7 +120,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     module = experiments.load(args.experiment)
     try:
         config = resolve_config(module.CONFIG, args, args.experiment)
-        module.run(config)
+        engine.train(module, config)
     except ValueError as exc:
         raise ValueError(_as_flags(str(exc), module.CONFIG, args)) from None
     return 0
@@ -151,43 +150,22 @@ def _as_flags(message: str, cls: type, args: argparse.Namespace) -> str:
     return message
 
 
-def _run_module(run: str) -> tuple[Path, ModuleType]:
-    """The run folder and its experiment's module (from ``RUN/config.json``)."""
-    run_dir = Path(run)
-    config = run_dir / "config.json"
-    if not config.is_file():
-        raise ValueError(f"{str(run_dir)!r} is not a run folder: {str(config)!r} does not exist")
-    try:
-        stored = json.loads(config.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(
-            f"{str(config)!r} is not valid JSON ({exc}); the run folder is damaged"
-        ) from None
-    if not isinstance(stored, dict) or "experiment" not in stored:
-        raise ValueError(f"{str(config)!r} does not name its experiment")
-    return run_dir, experiments.load(stored["experiment"])
-
-
 def _cmd_run_command(args: argparse.Namespace) -> int:
-    run_dir, module = _run_module(args.run)
+    run_dir = Path(args.run)
+    module = engine.experiment_of(run_dir)
     if args.command == "resume":
         config = engine.extended(engine.stored_config(module.CONFIG, run_dir, args), args)
-        module.run(config, resume_run=True)
-        return 0
-    handler = getattr(module, args.command)
-    if args.command == "evaluate":
+        engine.train(module, config, resume_run=True)
+    elif args.command == "evaluate":
         require(engine.stored_config(module.CONFIG, run_dir, args).data_requirements())
-    if args.command == "plot":
+        result = engine.evaluate(module, run_dir, args)
+        print(json.dumps(result, indent=2, sort_keys=True, default=str))
+    else:  # plot
         require(FIGURE_NEEDS)
         if not engine.read_metrics(run_dir):
             raise ValueError(f"run {str(run_dir)!r} has no metrics yet: there is nothing to plot")
-        paths = handler(run_dir)
-        for path in paths or ():
+        for path in engine.plot(module, run_dir):
             print(path)
-        return 0
-    result = handler(run_dir, args)
-    if args.command == "evaluate" and result is not None:
-        print(json.dumps(result, indent=2, sort_keys=True, default=str))
     return 0
 
 

@@ -46,7 +46,6 @@ Recipes (``--preset NAME``, files in ``neuralode/experiments/presets/``): ``ffjo
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -61,19 +60,23 @@ from neuralode import METHODS, solve
 from neuralode.data import toy2d
 from neuralode.data.mnist import derive_generator
 from neuralode.experiments import engine
-from neuralode.experiments.common import read_json, seed_everything, write_json
-from neuralode.experiments.distributed import DistContext, setup
+from neuralode.experiments.common import read_json, seed_everything
+from neuralode.experiments.distributed import DistContext
 from neuralode.nn.cnf import CNF, ConcatSquashMLP, PlanarField
 from neuralode.nn.flows import PlanarFlow, PlanarLayer
 
 __all__ = [
     "CONFIG",
+    "HEADLINE",
+    "NAME",
     "DensityConfig",
     "DensityTask",
+    "build",
     "build_model",
-    "evaluate",
-    "plot",
-    "run",
+    "figures",
+    "make_optimizer",
+    "make_schedule",
+    "summarize",
 ]
 
 MODELS = ("ffjord", "cnf", "planar-nf")
@@ -233,8 +236,11 @@ class DensityConfig:
         return "hutchinson" if self.model == "ffjord" else "exact"
 
 
+NAME = "density"
 #: The experiment's config class (its ``--preset`` files and ``--config`` files fill it).
 CONFIG = DensityConfig
+#: The metrics of the line printed at the end of a run.
+HEADLINE = ("test_nll", "true_nll", "test_nfe")
 
 
 # --------------------------------------------------------------------------------------------
@@ -461,7 +467,8 @@ class DensityTask:
 # Runs
 
 
-def _build(config: DensityConfig, ctx: DistContext) -> tuple[nn.Module, DensityTask]:
+def build(config: DensityConfig, ctx: DistContext) -> tuple[nn.Module, DensityTask]:
+    """The flow (initialised from ``seed``, on ``ctx.device``) and the task (data streams)."""
     if ctx.distributed:
         raise ValueError(
             "the density experiment runs in one process (a small 2-D model); run it without "
@@ -474,26 +481,33 @@ def _build(config: DensityConfig, ctx: DistContext) -> tuple[nn.Module, DensityT
     return model, DensityTask(config, model, ctx)
 
 
-def _trainer(config: DensityConfig, ctx: DistContext, run_dir: Path) -> engine.Trainer:
-    model, task = _build(config, ctx)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    schedule = engine.Schedule(
+def make_optimizer(
+    config: DensityConfig, model: nn.Module, task: DensityTask
+) -> tuple[torch.optim.Optimizer, None]:
+    """Adam with weight decay, no schedule (FFJORD's toy recipe)."""
+    return (
+        torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay),
+        None,
+    )
+
+
+def make_schedule(config: DensityConfig, task: DensityTask) -> engine.Schedule:
+    return engine.Schedule(
         total_steps=config.iterations,
         steps_per_epoch=min(config.eval_every, config.iterations),
         log_every=config.log_every,
         checkpoint_every=config.checkpoint_every,
         fault_step=config.fault_step,
     )
-    return engine.Trainer(run_dir, task, model, optimizer, None, schedule, ctx, quiet=config.quiet)
 
 
-def _finish(trainer: engine.Trainer, config: DensityConfig, run_dir: Path) -> dict[str, Any]:
-    records = engine.read_metrics(run_dir)
-    epochs = [r for r in records if r.get("kind") == "epoch"]
+def summarize(trainer: engine.Trainer, config: DensityConfig, run_dir: Path) -> dict[str, Any]:
+    """The final metrics: the last exact-trace test NLL, the true NLL, NFE, seconds."""
+    epochs = [r for r in engine.read_metrics(run_dir) if r.get("kind") == "epoch"]
     last = epochs[-1] if epochs else trainer.last_epoch
     seconds = sum(r.get("seconds", 0.0) for r in epochs)
-    metrics: dict[str, Any] = {
-        "experiment": "density",
+    return {
+        "experiment": NAME,
         "data": config.data,
         "model": config.model,
         "trace_train": config.resolved_trace if config.model != "planar-nf" else None,
@@ -517,10 +531,6 @@ def _finish(trainer: engine.Trainer, config: DensityConfig, run_dir: Path) -> di
         "threads": torch.get_num_threads(),
         "settings": dataclasses.asdict(config),
     }
-    if trainer.ctx.is_main:
-        write_json(run_dir / "metrics.json", metrics)
-        plot(run_dir)
-    return metrics
 
 
 def _mean(values: Any) -> float | None:
@@ -528,43 +538,19 @@ def _mean(values: Any) -> float | None:
     return float(np.mean(present)) if present else None
 
 
-def run(config: DensityConfig, *, resume_run: bool = False) -> dict[str, Any]:
-    """Train (or, with ``resume_run``, continue) one run; return its final metrics."""
-    return engine.run_experiment(
-        "density",
-        config,
-        lambda ctx, run_dir: _trainer(config, ctx, run_dir),
-        lambda trainer, run_dir: _finish(trainer, config, run_dir),
-        resume_run=resume_run,
-        headline=("test_nll", "true_nll", "test_nfe"),
-    )
-
-
-def _restore(
-    run_dir: Path, args: argparse.Namespace | None
-) -> tuple[nn.Module, DensityTask, int, DensityConfig]:
-    """The run's model with its last checkpoint's weights, its task, the checkpoint's step and
-    the config."""
-    config = engine.stored_config(DensityConfig, run_dir, args)
-    ctx = setup(config.device)
-    model, task = _build(config, ctx)  # no optimizer: its first construction costs seconds
-    return model, task, engine.load_weights(run_dir, model, ctx.device), config
-
-
-def evaluate(run_dir: Path, args: argparse.Namespace | None = None) -> dict[str, Any]:
-    """Entry point of ``neuralode evaluate RUN``: test metrics of the run's last checkpoint,
-    written to ``RUN/evaluation.json``."""
-    model, task, step, _ = _restore(Path(run_dir), args)
-    return engine.write_evaluation(run_dir, task, model, step, task.ctx)
-
-
 # --------------------------------------------------------------------------------------------
 # Figures
 
 
-def plot(run_dir: Path) -> list[Path]:
-    """Draw the run's figures into ``RUN/figures``: ``training.png`` and, when a checkpoint
-    exists, ``density.png`` and ``trajectory.png`` (see the module docstring)."""
+def figures(
+    run_dir: Path,
+    config: DensityConfig,
+    model: nn.Module | None = None,
+    task: engine.Task | None = None,
+    step: int | None = None,
+) -> list[Path]:
+    """Draw the run's figures into ``RUN/figures``: ``training.png`` and, for a model,
+    ``density.png`` and ``trajectory.png`` (see the module docstring)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -574,10 +560,9 @@ def plot(run_dir: Path) -> list[Path]:
     out = run_dir / "figures"
     out.mkdir(exist_ok=True)
     paths = [_plot_training(run_dir, out, plt)]
-    if (run_dir / engine.CHECKPOINT_NAME).exists():
-        model, task, step, config = _restore(run_dir, None)
+    if model is not None and isinstance(task, DensityTask):
         with torch.no_grad():
-            paths.extend(_plot_model(model, task, config, step, out, plt))
+            paths.extend(_plot_model(model, task, config, step or 0, out, plt))
     return paths
 
 

@@ -19,6 +19,11 @@ the global RNG states, the step and the running metric sums, so ``resume`` repea
 computation an uninterrupted run would have done. On resume, lines of ``metrics.jsonl`` written
 after the checkpoint (by the run that died) are dropped before training continues.
 
+**Experiments.** An experiment is a module that follows :class:`Experiment`: its config class,
+how to build the model and task from a config, the optimizer and schedule, the final metrics and
+the figures (drawn from a model in memory). :func:`train`, :func:`evaluate`, :func:`plot` and
+:func:`load_run` do the rest the same way for all of them.
+
 **Data parallel.** Under torchrun the model is wrapped in ``DistributedDataParallel``; a task
 computes the loss on its shard of the global batch (mean over the shard; shards are equal, so
 the averaged gradient is the global batch's), metric sums are all-reduced, and only rank 0 writes.
@@ -63,8 +68,16 @@ __all__ = [
     "TrainingFailed",
     "TrainingInterrupted",
     "check_new_run",
+    "Experiment",
+    "TrainedRun",
+    "evaluate",
+    "experiment_of",
     "extended",
+    "load_run",
     "load_run_config",
+    "plot",
+    "restore",
+    "train",
     "load_weights",
     "read_metrics",
     "run_experiment",
@@ -872,3 +885,201 @@ def write_evaluation(
     if ctx.is_main:
         write_json(Path(run_dir) / "evaluation.json", result)
     return result
+
+
+# ------------------------------------------------------------------------------------------------
+# The experiment protocol: what an experiment module supplies, and the commands built on it.
+
+
+class Experiment(Protocol):
+    """What an experiment module supplies (``neuralode/experiments/NAME.py``, registered in
+    :data:`neuralode.experiments.EXPERIMENTS`).
+
+    ``CONFIG`` is a frozen dataclass with at least ``out``, ``device``, ``quiet`` and
+    ``epochs`` or ``iterations`` fields and the methods ``data_requirements()`` and
+    ``extension_blocker()``; a ``grad_clip`` field, if present, clips gradients. ``HEADLINE``
+    names the metrics of the line printed at the end of a run.
+    """
+
+    NAME: str
+    CONFIG: type
+    HEADLINE: tuple[str, ...]
+
+    def build(self, config: Any, ctx: DistContext) -> tuple[nn.Module, Task]:
+        """The model (initialised from the config's seed, on ``ctx.device``) and its task."""
+        ...
+
+    def make_optimizer(self, config: Any, model: nn.Module, task: Task) -> tuple[Any, Any]:
+        """The optimizer (a torch optimizer or :class:`Phases`) and a per-step scheduler or
+        ``None``."""
+        ...
+
+    def make_schedule(self, config: Any, task: Task) -> Schedule:
+        """How long to train and how often to log, evaluate and checkpoint."""
+        ...
+
+    def summarize(self, trainer: Trainer, config: Any, run_dir: Path) -> dict[str, Any]:
+        """The final metrics (``metrics.json``) of a run that has trained all its steps."""
+        ...
+
+    def figures(
+        self,
+        run_dir: Path,
+        config: Any,
+        model: nn.Module | None,
+        task: Task | None,
+        step: int | None,
+    ) -> list[Path]:
+        """Draw the run's figures into ``run_dir/figures`` and return their paths: those of
+        ``metrics.jsonl`` always, those of the model when one is given (the weights after
+        ``step`` steps)."""
+        ...
+
+
+def train(experiment: Any, config: Any, *, resume_run: bool = False) -> dict[str, Any]:
+    """Train a new run of ``experiment`` (or, with ``resume_run``, continue the one in
+    ``config.out``) to its last step; write ``metrics.json`` and the figures from the model in
+    memory; return the final metrics. See :func:`run_experiment` for what is checked first."""
+    from neuralode.experiments.common import write_json
+
+    def make_trainer(ctx: DistContext, run_dir: Path) -> Trainer:
+        model, task = experiment.build(config, ctx)
+        optimizer, scheduler = experiment.make_optimizer(config, model, task)
+        return Trainer(
+            run_dir,
+            task,
+            model,
+            optimizer,
+            scheduler,
+            experiment.make_schedule(config, task),
+            ctx,
+            quiet=config.quiet,
+            grad_clip=getattr(config, "grad_clip", None),
+        )
+
+    def finish(trainer: Trainer, run_dir: Path) -> dict[str, Any]:
+        metrics: dict[str, Any] = experiment.summarize(trainer, config, run_dir)
+        if trainer.ctx.is_main:
+            write_json(run_dir / "metrics.json", metrics)
+            experiment.figures(run_dir, config, trainer.model, trainer.task, trainer.step)
+        return metrics
+
+    return run_experiment(
+        experiment.NAME,
+        config,
+        make_trainer,
+        finish,
+        resume_run=resume_run,
+        headline=experiment.HEADLINE,
+    )
+
+
+@dataclass
+class TrainedRun:
+    """A run folder's trained model, read back (:func:`load_run`, :func:`restore`).
+
+    Attributes:
+        model: the experiment's model with the weights of the run's last checkpoint, in eval
+            mode, on ``ctx.device``.
+        config: the run's config (its experiment's ``CONFIG`` dataclass).
+        step: the training steps those weights have taken.
+        task: the experiment's task (its data and evaluation), built from ``config``.
+        ctx: the process context the model was built in.
+    """
+
+    model: nn.Module
+    config: Any
+    step: int
+    task: Task
+    ctx: DistContext
+
+
+def experiment_of(run_dir: Path) -> Any:
+    """The module of the experiment that wrote ``run_dir`` (from its ``config.json``)."""
+    import json
+
+    from neuralode import experiments
+
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{str(run_dir)!r} is not a run folder: {str(path)!r} does not exist")
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(
+            f"{str(path)!r} is not valid JSON ({exc}); the run folder is damaged"
+        ) from None
+    if not isinstance(stored, dict) or "experiment" not in stored:
+        raise ValueError(f"{str(path)!r} does not name its experiment")
+    return experiments.load(stored["experiment"])
+
+
+def restore(
+    experiment: Any,
+    run_dir: str | os.PathLike[str],
+    args: Any = None,
+    ctx: DistContext | None = None,
+) -> TrainedRun:
+    """Build ``experiment``'s model and task from the config stored in ``run_dir`` (with the
+    command's ``--device``) and load the weights of the run's last checkpoint.
+
+    Raises:
+        ValueError: if the folder is not a run, or has no checkpoint yet.
+    """
+    from neuralode.experiments.distributed import setup
+
+    config = stored_config(experiment.CONFIG, run_dir, args)
+    if ctx is None:
+        ctx = setup(config.device)
+    model, task = experiment.build(config, ctx)
+    step = load_weights(run_dir, model, ctx.device)
+    return TrainedRun(model=model, config=config, step=step, task=task, ctx=ctx)
+
+
+def evaluate(experiment: Any, run_dir: str | os.PathLike[str], args: Any = None) -> dict[str, Any]:
+    """``neuralode evaluate RUN``: the task's test metrics of the run's last checkpoint, written
+    to ``RUN/evaluation.json``."""
+    run = restore(experiment, run_dir, args)
+    return write_evaluation(run_dir, run.task, run.model, run.step, run.ctx)
+
+
+def plot(experiment: Any, run_dir: str | os.PathLike[str]) -> list[Path]:
+    """``neuralode plot RUN``: redraw the run's figures (those of the model only when the run
+    has a checkpoint)."""
+    run_dir = Path(run_dir)
+    if (run_dir / CHECKPOINT_NAME).exists():
+        run = restore(experiment, run_dir)
+        with torch.no_grad():
+            paths: list[Path] = experiment.figures(
+                run_dir, run.config, run.model, run.task, run.step
+            )
+        return paths
+    config = stored_config(experiment.CONFIG, run_dir)
+    return list(experiment.figures(run_dir, config, None, None, None))
+
+
+def load_run(run: str | os.PathLike[str], device: str = "cpu") -> TrainedRun:
+    """The trained model of a run folder written by ``neuralode train``, in Python.
+
+    Example::
+
+        run = neuralode.load_run("runs/demo")
+        run.model           # the experiment's nn.Module, eval mode, last checkpoint's weights
+        run.config.method   # every setting of the run
+        run.task.evaluate(run.model)   # the run's test metrics, recomputed
+
+    Args:
+        run: the run folder.
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"`` (where the model is put).
+
+    Raises:
+        ValueError: if ``run`` is not a run folder or has no checkpoint yet.
+    """
+    import argparse
+
+    from neuralode.experiments.distributed import resolve_device
+
+    run_dir = Path(run)
+    experiment = experiment_of(run_dir)
+    ctx = DistContext(device=resolve_device(device))
+    return restore(experiment, run_dir, argparse.Namespace(device=device), ctx)

@@ -57,7 +57,6 @@ paper's Figure 8, ``latent.png``, ``training.png``).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,24 +68,28 @@ from torch import Tensor, nn
 
 from neuralode import METHODS
 from neuralode.experiments import engine
-from neuralode.experiments.common import read_json, seed_everything, write_json
+from neuralode.experiments.common import read_json, seed_everything
 from neuralode.experiments.config import check_at_least, check_positive
-from neuralode.experiments.distributed import DistContext, setup
+from neuralode.experiments.distributed import DistContext
 from neuralode.nn.latent import ELBO, GRUEncoder, LatentODE, ODERNNEncoder, RNNBaseline
 
 __all__ = [
     "CONFIG",
+    "HEADLINE",
+    "NAME",
     "PAPER_TABLE2",
     "LatentConfig",
     "LatentTask",
     "SeriesSet",
+    "build",
     "build_model",
-    "evaluate",
+    "figures",
     "load_series",
+    "make_optimizer",
+    "make_schedule",
     "masked_rmse",
-    "plot",
     "predict_on_grid",
-    "run",
+    "summarize",
 ]
 
 MODELS = ("latent-ode", "rnn", "rnn-gaps")
@@ -272,8 +275,11 @@ class LatentConfig:
         return 0.3 if self.data == "spirals" else 0.01
 
 
+NAME = "latent"
 #: The experiment's config class (its ``--preset`` files and ``--config`` files fill it).
 CONFIG = LatentConfig
+#: The metrics of the line printed at the end of a run.
+HEADLINE = ("test_extrap_rmse", "test_interp_rmse")
 
 
 # --------------------------------------------------------------------------------------------
@@ -711,7 +717,7 @@ class LatentTask:
 # Runs
 
 
-def _build(config: LatentConfig, ctx: DistContext) -> tuple[nn.Module, LatentTask]:
+def build(config: LatentConfig, ctx: DistContext) -> tuple[nn.Module, LatentTask]:
     """The run's model (initialised from ``seed``) and task (``evaluate`` and ``plot`` need no
     optimizer: creating one imports ``torch._dynamo``, seconds per command)."""
     if ctx.distributed:
@@ -727,7 +733,10 @@ def _build(config: LatentConfig, ctx: DistContext) -> tuple[nn.Module, LatentTas
     return model, LatentTask(config, train, test, ctx)
 
 
-def _optimizer(config: LatentConfig, model: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
+def make_optimizer(
+    config: LatentConfig, model: nn.Module, task: LatentTask
+) -> tuple[torch.optim.Optimizer, Any]:
+    """Adam, with a cosine decay from ``lr`` to ``lr_final`` when ``schedule`` says so."""
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     scheduler: Any = None
     if config.schedule == "cosine":
@@ -737,38 +746,25 @@ def _optimizer(config: LatentConfig, model: nn.Module) -> tuple[torch.optim.Opti
     return optimizer, scheduler
 
 
-def _trainer(config: LatentConfig, ctx: DistContext, run_dir: Path) -> engine.Trainer:
-    model, task = _build(config, ctx)
-    optimizer, scheduler = _optimizer(config, model)
-    schedule = engine.Schedule(
+def make_schedule(config: LatentConfig, task: LatentTask) -> engine.Schedule:
+    return engine.Schedule(
         total_steps=config.iterations,
         steps_per_epoch=config.eval_every,
         log_every=config.log_every,
         checkpoint_every=config.checkpoint_every,
         fault_step=config.fault_step,
     )
-    return engine.Trainer(
-        run_dir,
-        task,
-        model,
-        optimizer,
-        scheduler,
-        schedule,
-        ctx,
-        quiet=config.quiet,
-        grad_clip=config.grad_clip,
-    )
 
 
-def _finish(trainer: engine.Trainer, config: LatentConfig, run_dir: Path) -> dict[str, Any]:
-    records = engine.read_metrics(run_dir)
-    epochs = [r for r in records if r.get("kind") == "epoch"]
+def summarize(trainer: engine.Trainer, config: LatentConfig, run_dir: Path) -> dict[str, Any]:
+    """The final metrics: the last evaluation's test RMSEs (and the paper's), NFE, seconds."""
+    epochs = [r for r in engine.read_metrics(run_dir) if r.get("kind") == "epoch"]
     last = epochs[-1] if epochs else trainer.last_epoch
     task = trainer.task
     assert isinstance(task, LatentTask)
     seconds = sum(r.get("seconds", 0.0) for r in epochs)
     metrics: dict[str, Any] = {
-        "experiment": "latent",
+        "experiment": NAME,
         "data": config.data,
         "model": config.model,
         "encoder": config.encoder if config.model == "latent-ode" else None,
@@ -789,49 +785,25 @@ def _finish(trainer: engine.Trainer, config: LatentConfig, run_dir: Path) -> dic
     paper = PAPER_TABLE2.get("rnn" if config.model != "latent-ode" else "latent-ode", {})
     if config.data == "spirals" and config.observations in paper:
         metrics["paper_test_extrap_rmse"] = paper[config.observations]
-    if trainer.ctx.is_main:
-        write_json(run_dir / "metrics.json", metrics)
-        plot(run_dir)
     return metrics
-
-
-def run(config: LatentConfig, *, resume_run: bool = False) -> dict[str, Any]:
-    """Train (or, with ``resume_run``, continue) one run; return its final metrics."""
-    return engine.run_experiment(
-        "latent",
-        config,
-        lambda ctx, run_dir: _trainer(config, ctx, run_dir),
-        lambda trainer, run_dir: _finish(trainer, config, run_dir),
-        resume_run=resume_run,
-        headline=("test_extrap_rmse", "test_interp_rmse"),
-    )
-
-
-def _restore(run_dir: Path, args: argparse.Namespace | None) -> tuple[nn.Module, LatentTask, int]:
-    """The run's model with its last checkpoint's weights, its task and the checkpoint's step."""
-    config = engine.stored_config(LatentConfig, run_dir, args)
-    ctx = setup(config.device)
-    model, task = _build(config, ctx)
-    return model, task, engine.load_weights(run_dir, model, ctx.device)
-
-
-def evaluate(run_dir: Path, args: argparse.Namespace | None = None) -> dict[str, Any]:
-    """Entry point of ``neuralode evaluate RUN``: test metrics of the run's last checkpoint,
-    written to ``RUN/evaluation.json``."""
-    model, task, step = _restore(Path(run_dir), args)
-    return engine.write_evaluation(run_dir, task, model, step, task.ctx)
 
 
 # --------------------------------------------------------------------------------------------
 # Figures
 
 
-def plot(run_dir: Path) -> list[Path]:
+def figures(
+    run_dir: Path,
+    config: LatentConfig,
+    model: nn.Module | None = None,
+    task: engine.Task | None = None,
+    step: int | None = None,
+) -> list[Path]:
     """Draw the run's figures into ``RUN/figures``: ``training.png`` (loss, test RMSE and NFE
-    over iterations) and, when a checkpoint exists, ``predictions.png`` (the paper's Figure 8:
-    test series, their observations, reconstruction and extrapolation, for the latent ODE with
-    mean +- 2 std bands over 20 posterior samples of ``z0``) and ``latent.png`` (latent
-    trajectories of test series, first two principal components)."""
+    over iterations) and, for a model, ``predictions.png`` (the paper's Figure 8: test series,
+    their observations, reconstruction and extrapolation, for the latent ODE with mean +- 2 std
+    bands over 20 posterior samples of ``z0``) and ``latent.png`` (latent trajectories of test
+    series, first two principal components)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -841,10 +813,9 @@ def plot(run_dir: Path) -> list[Path]:
     out = run_dir / "figures"
     out.mkdir(exist_ok=True)
     paths = [_plot_training(run_dir, out, plt)]
-    if (run_dir / engine.CHECKPOINT_NAME).exists():
-        model, task, step = _restore(run_dir, None)
+    if model is not None and isinstance(task, LatentTask):
         with torch.no_grad():
-            paths.append(_plot_predictions(model, task, step, out, plt))
+            paths.append(_plot_predictions(model, task, step or 0, out, plt))
             if isinstance(model, LatentODE):
                 paths.append(_plot_latent(model, task, out, plt))
     return paths

@@ -22,7 +22,6 @@ every global batch; only rank 0 writes).
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,11 +33,22 @@ from torch import nn
 
 from neuralode import METHODS
 from neuralode.experiments import engine
-from neuralode.experiments.common import read_json, seed_everything, write_json
+from neuralode.experiments.common import seed_everything
 from neuralode.experiments.config import check_at_least, check_positive
-from neuralode.experiments.distributed import DistContext, setup
+from neuralode.experiments.distributed import DistContext
 
-__all__ = ["CONFIG", "MnistConfig", "MnistTask", "evaluate", "plot", "run"]
+__all__ = [
+    "CONFIG",
+    "HEADLINE",
+    "NAME",
+    "MnistConfig",
+    "MnistTask",
+    "build",
+    "figures",
+    "make_optimizer",
+    "make_schedule",
+    "summarize",
+]
 
 MODELS = ("odenet", "resnet", "rknet", "mlp")
 
@@ -127,8 +137,11 @@ class MnistConfig:
         check_positive(self, "lr", "tol")
 
 
+NAME = "mnist"
 #: The experiment's config class (its ``--preset`` files and ``--config`` files fill it).
 CONFIG = MnistConfig
+#: The metrics of the line printed at the end of a run.
+HEADLINE = ("test_accuracy", "test_error", "parameters")
 
 
 def _normalise(images: torch.Tensor) -> torch.Tensor:
@@ -250,7 +263,8 @@ class MnistTask:
         pass
 
 
-def _build(config: MnistConfig, ctx: DistContext) -> tuple[Any, nn.Module, MnistTask]:
+def build(config: MnistConfig, ctx: DistContext) -> tuple[nn.Module, MnistTask]:
+    """The network (initialised from ``seed``, on ``ctx.device``) and the task (the images)."""
     from neuralode.data import mnist as mnist_data
     from neuralode.nn.odenet import build_model
 
@@ -272,13 +286,12 @@ def _build(config: MnistConfig, ctx: DistContext) -> tuple[Any, nn.Module, Mnist
     else:
         options = {}
     model = build_model(config.model, **options).to(ctx.device)
-    return data, model, MnistTask(config, data, model, ctx)
+    return model, MnistTask(config, data, model, ctx)
 
 
-def _optimizer(config: MnistConfig, model: nn.Module, total: int) -> tuple[Any, Any]:
-    """Optimizer and per-step scheduler (separate from :func:`_build`: creating a torch
-    optimizer imports torch._dynamo, seconds that ``evaluate`` does not need to spend)."""
-    steps_per_epoch = total // config.epochs
+def make_optimizer(config: MnistConfig, model: nn.Module, task: MnistTask) -> tuple[Any, Any]:
+    """Optimizer and per-step scheduler."""
+    total = config.epochs * task.steps_per_epoch
     optimizer: torch.optim.Optimizer
     if config.optimizer == "sgd":
         optimizer = torch.optim.SGD(
@@ -293,7 +306,7 @@ def _optimizer(config: MnistConfig, model: nn.Module, total: int) -> tuple[Any, 
         )
     scheduler: Any
     if config.schedule == "step":
-        milestones = [m * steps_per_epoch for m in config.milestones]
+        milestones = [m * task.steps_per_epoch for m in config.milestones]
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, config.gamma)
     elif config.schedule == "onecycle":
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
@@ -306,30 +319,26 @@ def _optimizer(config: MnistConfig, model: nn.Module, total: int) -> tuple[Any, 
     return optimizer, scheduler
 
 
-def _trainer(config: MnistConfig, ctx: DistContext, run_dir: Path) -> tuple[engine.Trainer, Any]:
-    data, model, task = _build(config, ctx)
-    optimizer, scheduler = _optimizer(config, model, config.epochs * task.steps_per_epoch)
-    schedule = engine.Schedule(
+def make_schedule(config: MnistConfig, task: MnistTask) -> engine.Schedule:
+    return engine.Schedule(
         total_steps=config.epochs * task.steps_per_epoch,
         steps_per_epoch=task.steps_per_epoch,
         log_every=config.log_every,
         checkpoint_every=config.checkpoint_every,
         fault_step=config.fault_step,
     )
-    trainer = engine.Trainer(
-        run_dir, task, model, optimizer, scheduler, schedule, ctx, quiet=config.quiet
-    )
-    return trainer, data
 
 
-def _finish(trainer: engine.Trainer, config: MnistConfig, run_dir: Path, data: Any) -> dict:
+def summarize(trainer: engine.Trainer, config: MnistConfig, run_dir: Path) -> dict[str, Any]:
+    """The final metrics: the last epoch's test accuracy and error, the best, NFE, seconds."""
     from neuralode.nn.odenet import count_parameters
 
-    records = engine.read_metrics(run_dir)
-    epochs = [r for r in records if r.get("kind") == "epoch"]
+    epochs = [r for r in engine.read_metrics(run_dir) if r.get("kind") == "epoch"]
     last = epochs[-1] if epochs else trainer.last_epoch
-    metrics = {
-        "experiment": "mnist",
+    task = trainer.task
+    assert isinstance(task, MnistTask)
+    return {
+        "experiment": NAME,
         "model": config.model,
         "parameters": count_parameters(trainer.model),
         "epochs": len(epochs),
@@ -340,48 +349,25 @@ def _finish(trainer: engine.Trainer, config: MnistConfig, run_dir: Path, data: A
         "train_seconds": sum(r.get("seconds", 0.0) for r in epochs),
         "nfe_forward_last_epoch": last.get("train_nfe_forward"),
         "nfe_backward_last_epoch": last.get("train_nfe_backward"),
-        "train_size": len(data.train_images),
-        "test_size": len(data.test_images),
+        "train_size": len(task.train_images),
+        "test_size": len(task.test_images),
         "world_size": trainer.ctx.world_size,
     }
-    if trainer.ctx.is_main:
-        write_json(run_dir / "metrics.json", metrics)
-        plot(run_dir)
-    return metrics
 
 
-def run(config: MnistConfig, *, resume_run: bool = False) -> dict[str, Any]:
-    """Train (or, with ``resume_run``, continue) one MNIST run; return its final metrics."""
-    state: dict[str, Any] = {}
-
-    def make_trainer(ctx: DistContext, run_dir: Path) -> engine.Trainer:
-        trainer, state["data"] = _trainer(config, ctx, run_dir)
-        return trainer
-
-    def finish(trainer: engine.Trainer, run_dir: Path) -> dict[str, Any]:
-        return _finish(trainer, config, run_dir, state["data"])
-
-    return engine.run_experiment(
-        "mnist",
-        config,
-        make_trainer,
-        finish,
-        resume_run=resume_run,
-        headline=("test_accuracy", "test_error", "parameters"),
-    )
+def figures(
+    run_dir: Path,
+    config: MnistConfig,
+    model: nn.Module | None = None,
+    task: engine.Task | None = None,
+    step: int | None = None,
+) -> list[Path]:
+    """``figures/training.png``: the training curves and NFE per epoch (the paper's Figure 3d),
+    from ``metrics.jsonl`` (the model itself is not drawn)."""
+    return _plot_training(Path(run_dir), config)
 
 
-def evaluate(run_dir: Path, args: argparse.Namespace | None = None) -> dict[str, Any]:
-    """Entry point of ``neuralode evaluate RUN``: test metrics of the run's last checkpoint."""
-    config = engine.stored_config(MnistConfig, run_dir, args)
-    ctx = setup(config.device)
-    _, model, task = _build(config, ctx)
-    step = engine.load_weights(run_dir, model, ctx.device)
-    return engine.write_evaluation(run_dir, task, model, step, ctx)
-
-
-def plot(run_dir: Path) -> list[Path]:
-    """Draw the run's training curves and NFE per epoch (the paper's Figure 3d) into figures/."""
+def _plot_training(run_dir: Path, config: MnistConfig) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -390,7 +376,7 @@ def plot(run_dir: Path) -> list[Path]:
     records = engine.read_metrics(run_dir)
     train = [r for r in records if r.get("kind") == "train"]
     epochs = [r for r in records if r.get("kind") == "epoch"]
-    model = read_json(Path(run_dir) / "config.json").get("model", "?")
+    model = config.model
     out = Path(run_dir) / "figures"
     out.mkdir(exist_ok=True)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))

@@ -25,7 +25,6 @@ by ``(seed, step)``, so a resumed run repeats an uninterrupted one exactly.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,20 +35,24 @@ from torch import Tensor, nn
 
 from neuralode import METHODS, odeint
 from neuralode.experiments import engine
-from neuralode.experiments.common import read_json, seed_everything, write_json
+from neuralode.experiments.common import read_json, seed_everything
 from neuralode.experiments.config import check_at_least, check_positive
-from neuralode.experiments.distributed import DistContext, setup
+from neuralode.experiments.distributed import DistContext
 
 __all__ = [
     "CONFIG",
+    "HEADLINE",
+    "NAME",
     "CountingField",
     "SpiralDemoConfig",
     "SpiralField",
     "SpiralTask",
-    "evaluate",
+    "build",
+    "figures",
     "make_data",
-    "plot",
-    "run",
+    "make_optimizer",
+    "make_schedule",
+    "summarize",
     "true_field",
 ]
 
@@ -157,8 +160,11 @@ class SpiralDemoConfig:
         check_positive(self, "data_rtol", "data_atol")
 
 
+NAME = "spiral"
 #: The experiment's config class (every field is a flag of ``neuralode train spiral``).
 CONFIG = SpiralDemoConfig
+#: The metrics of the line printed at the end of a run.
+HEADLINE = ("rmse", "max_error", "eval_nfe")
 
 
 def true_field(y: Tensor) -> Tensor:
@@ -332,7 +338,8 @@ class SpiralTask:
         self.train_nfe = int(state["train_nfe"])
 
 
-def _build(config: SpiralDemoConfig, ctx: DistContext) -> tuple[SpiralField, SpiralTask]:
+def build(config: SpiralDemoConfig, ctx: DistContext) -> tuple[SpiralField, SpiralTask]:
+    """The field (float64, initialised from ``seed``) and the task (the true trajectory)."""
     if ctx.distributed:
         raise ValueError(
             "the spiral experiment runs in one process (a 2-D field); run it without torchrun"
@@ -344,11 +351,12 @@ def _build(config: SpiralDemoConfig, ctx: DistContext) -> tuple[SpiralField, Spi
     return model, SpiralTask(config, ctx)
 
 
-def _trainer(config: SpiralDemoConfig, ctx: DistContext, run_dir: Path) -> engine.Trainer:
-    model, task = _build(config, ctx)
+def make_optimizer(
+    config: SpiralDemoConfig, model: nn.Module, task: SpiralTask
+) -> tuple[engine.Phases, Any]:
+    """Adam for ``iterations`` steps, then L-BFGS; Adam's learning rate decays from ``lr`` to
+    ``lr_final`` on a cosine (large steps find the field, small ones refine it)."""
     adam = torch.optim.Adam(model.parameters(), lr=config.lr)
-    # Cosine decay from lr to lr_final over the Adam phase: large steps find the field, small
-    # ones refine it (the L-BFGS phase does not read it).
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
         adam, T_max=config.iterations, eta_min=config.lr_final
     )
@@ -358,27 +366,27 @@ def _trainer(config: SpiralDemoConfig, ctx: DistContext, run_dir: Path) -> engin
         history_size=20,
         line_search_fn="strong_wolfe",
     )
-    optimizer = engine.Phases([(adam, config.iterations), (lbfgs, config.polish_steps)])
-    schedule = engine.Schedule(
+    return engine.Phases([(adam, config.iterations), (lbfgs, config.polish_steps)]), scheduler
+
+
+def make_schedule(config: SpiralDemoConfig, task: SpiralTask) -> engine.Schedule:
+    return engine.Schedule(
         total_steps=config.total_steps,
         steps_per_epoch=min(config.eval_every, config.total_steps),
         log_every=config.log_every,
         checkpoint_every=config.checkpoint_every,
         fault_step=config.fault_step,
     )
-    return engine.Trainer(
-        run_dir, task, model, optimizer, scheduler, schedule, ctx, quiet=config.quiet
-    )
 
 
-def _finish(trainer: engine.Trainer, config: SpiralDemoConfig, run_dir: Path) -> dict[str, Any]:
-    records = engine.read_metrics(run_dir)
-    epochs = [r for r in records if r.get("kind") == "epoch"]
+def summarize(trainer: engine.Trainer, config: SpiralDemoConfig, run_dir: Path) -> dict[str, Any]:
+    """The final metrics: the last evaluation's errors and the training's NFE and seconds."""
+    epochs = [r for r in engine.read_metrics(run_dir) if r.get("kind") == "epoch"]
     last = epochs[-1] if epochs else trainer.last_epoch
     task = trainer.task
     assert isinstance(task, SpiralTask)
-    metrics: dict[str, Any] = {
-        "experiment": "spiral",
+    return {
+        "experiment": NAME,
         "rmse": last.get("rmse"),
         "max_error": last.get("max_error"),
         "final_loss": last.get("train_loss"),
@@ -394,56 +402,25 @@ def _finish(trainer: engine.Trainer, config: SpiralDemoConfig, run_dir: Path) ->
         "threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
     }
-    write_json(run_dir / "metrics.json", metrics)
-    _figures(run_dir, trainer.model, task, trainer.step)
-    return metrics
 
 
-def run(config: SpiralDemoConfig, *, resume_run: bool = False) -> dict[str, Any]:
-    """Train (or, with ``resume_run``, continue) one spiral run; return its final metrics."""
-    return engine.run_experiment(
-        "spiral",
-        config,
-        lambda ctx, run_dir: _trainer(config, ctx, run_dir),
-        lambda trainer, run_dir: _finish(trainer, config, run_dir),
-        resume_run=resume_run,
-        headline=("rmse", "max_error", "eval_nfe"),
-    )
-
-
-def _restore(run_dir: Path, args: argparse.Namespace | None) -> tuple[SpiralField, SpiralTask, int]:
-    """The run's model with its last checkpoint's weights, its task and the checkpoint's step."""
-    config = engine.stored_config(SpiralDemoConfig, run_dir, args)
-    ctx = setup(config.device)
-    model, task = _build(config, ctx)
-    return model, task, engine.load_weights(run_dir, model, ctx.device)
-
-
-def evaluate(run_dir: Path, args: argparse.Namespace | None = None) -> dict[str, Any]:
-    """Entry point of ``neuralode evaluate RUN``: the full-trajectory errors of the run's last
-    checkpoint, written to ``RUN/evaluation.json``."""
-    model, task, step = _restore(Path(run_dir), args)
-    return engine.write_evaluation(run_dir, task, model, step, task.ctx)
-
-
-def plot(run_dir: Path) -> list[Path]:
-    """Draw the run's figures into ``RUN/figures``: ``training.png`` and, when a checkpoint
-    exists, ``spiral.png`` (see :func:`_plot`)."""
-    run_dir = Path(run_dir)
-    if not (run_dir / engine.CHECKPOINT_NAME).exists():
-        return [_plot_training(run_dir)]
-    model, task, step = _restore(run_dir, None)
-    return _figures(run_dir, model, task, step)
-
-
-def _figures(run_dir: Path, model: nn.Module, task: SpiralTask, step: int) -> list[Path]:
-    """Both figures, from the model in memory."""
+def figures(
+    run_dir: Path,
+    config: SpiralDemoConfig,
+    model: nn.Module | None,
+    task: engine.Task | None,
+    step: int | None,
+) -> list[Path]:
+    """``figures/training.png`` (loss and full-trajectory RMSE over the steps) and, for a
+    model, ``figures/spiral.png`` (see :func:`_plot`)."""
+    paths = [_plot_training(run_dir)]
+    if model is None or not isinstance(task, SpiralTask):
+        return paths
     y_pred, _ = task.predict(model)
     rmse = float((y_pred - task.y_true).pow(2).mean().sqrt())
     path = run_dir / "figures" / "spiral.png"
-    path.parent.mkdir(exist_ok=True)
-    _plot(path, model, task.t.cpu(), task.y_true.cpu(), y_pred.cpu(), rmse, step)
-    return [_plot_training(run_dir), path]
+    _plot(path, model, task.t.cpu(), task.y_true.cpu(), y_pred.cpu(), rmse, step or 0)
+    return [*paths, path]
 
 
 def _plot_training(run_dir: Path) -> Path:
