@@ -425,6 +425,8 @@ def test_errors() -> None:
         CNF(f, gradient="reverse")
     with pytest.raises(ValueError, match="dopri5"):
         CNF(f, method="rk45")
+    with pytest.raises(ValueError, match="rtol must be >= 0"):
+        CNF(f, rtol=-1.0)
     with pytest.raises(ValueError, match="set by CNF itself"):
         CNF(f, solve_options={"rtol": 1e-3})
     with pytest.raises(TypeError, match="field must be callable"):
@@ -443,3 +445,33 @@ def test_errors() -> None:
         CNF(lambda t, z: z).sample_and_log_prob(3)
     with pytest.raises(ValueError, match="num_layers"):
         PlanarFlow(2, num_layers=0)
+
+
+def test_exact_view_and_trajectory_belong_to_the_model() -> None:
+    torch.manual_seed(0)
+    cnf = CNF(ConcatSquashMLP(2, (8,)), T=0.7, train_T=True, trace="hutchinson",
+              kinetic_weight=0.1, method="dopri5", rtol=1e-8, atol=1e-8).double()  # fmt: skip
+    view = cnf.exact_view()
+    assert view.trace == "exact" and view.kinetic_weight == 0.0
+    assert view.field is cnf.field and float(view.T) == pytest.approx(float(cnf.T.detach()))
+    assert view.solver.gradient == "backprop" and view.solver.rtol == 1e-8
+    assert not list(view.parameters()) or all(
+        any(p is q for q in cnf.parameters()) for p in view.parameters()
+    )
+    z = torch.randn(5, 2, dtype=F64)
+    with torch.no_grad():
+        states, labels = cnf.trajectory(z, 4)
+        x, _ = cnf.sample_and_log_prob(5, z=z)
+    assert len(states) == 4 and labels[0] == "t = 0.7" and labels[-1] == "t = 0"
+    torch.testing.assert_close(states[0], z)
+    torch.testing.assert_close(states[-1], x, rtol=1e-6, atol=1e-6)  # base -> data
+    with pytest.raises(ValueError, match="frames must be at least 2"):
+        cnf.trajectory(z, 1)
+
+    flow = PlanarFlow(2, num_layers=4, seed=0).double()
+    with torch.no_grad():
+        states, labels = flow.trajectory(z, 3)
+        x, _ = flow(z)
+    assert labels == ["after 0 layers", "after 2 layers", "after 4 layers"]
+    torch.testing.assert_close(states[0], z)
+    torch.testing.assert_close(states[-1], x)

@@ -169,7 +169,9 @@ def test_grid_predictions_land_on_the_right_points() -> None:
     model = lat.build_model(config, 2).double()
     assert isinstance(model, LatentODE)
     with torch.no_grad():
-        samples, _, valid, nfe = lat.predict_on_grid(model, series)
+        samples, _, valid, nfe = model.predict_on_grid(
+            series.values, series.times, series.grid, series.mask
+        )
         i0 = torch.searchsorted(series.grid, series.times[:, 0].contiguous())
         assert bool((i0 > 0).any()) and bool((valid.sum(1) == 200 - i0).all())
         for b in range(len(series)):

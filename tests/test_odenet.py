@@ -238,3 +238,36 @@ def test_sgd_steps_lower_the_loss(name: str) -> None:
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.2, losses
+
+
+def test_every_model_family_keeps_its_solver_settings_in_one_type() -> None:
+    """ODEBlock, CNF, LatentODE and ODERNNEncoder take the same solver keywords (one name for
+    the extra ones, ``solve_options``) and keep them as ``model.solver``, checked once."""
+    from neuralode.nn import CNF, ConcatSquashMLP, LatentODE, ODERNNEncoder, SolveSettings
+
+    made = {
+        "block": on.ODEBlock(on.ODEFunc(4), method="rk4", step_size=0.25, gradient="backprop",
+                             solve_options={"max_num_steps": 99}),
+        "cnf": CNF(ConcatSquashMLP(2, (8,)), method="rk4", step_size=0.25,
+                   solve_options={"max_num_steps": 99}),
+        "latent": LatentODE(2, 4, method="rk4", step_size=0.25,
+                            solve_options={"max_num_steps": 99}),
+        "encoder": ODERNNEncoder(2, 4, 8, method="rk4", step_size=0.25,
+                                 solve_options={"max_num_steps": 99}),
+    }  # fmt: skip
+    for name, model in made.items():
+        settings = model.solver
+        assert isinstance(settings, SolveSettings), name
+        assert settings.kwargs() == {
+            "method": "rk4", "rtol": settings.rtol, "atol": settings.atol, "step_size": 0.25,
+            "gradient": "backprop", "max_num_steps": 99,
+        }, name  # fmt: skip
+    for bad, says in (
+        ({"method": "rk45"}, "dopri5"),
+        ({"gradient": "reverse"}, "gradient must be one of"),
+        ({"solve_options": {"rtol": 1e-3}}, "have their own arguments"),
+    ):
+        with pytest.raises(ValueError, match=says):
+            on.ODEBlock(on.ODEFunc(4), **bad)
+    with pytest.raises(TypeError):
+        on.ODEBlock(on.ODEFunc(4), max_num_steps=99)  # one spelling: solve_options={...}

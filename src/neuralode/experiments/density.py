@@ -56,7 +56,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from neuralode import METHODS, solve
+from neuralode import METHODS
 from neuralode.data import toy2d
 from neuralode.data.mnist import derive_generator
 from neuralode.experiments import engine
@@ -64,6 +64,7 @@ from neuralode.experiments.common import read_json, seed_everything
 from neuralode.experiments.distributed import DistContext
 from neuralode.nn.cnf import CNF, ConcatSquashMLP, PlanarField
 from neuralode.nn.flows import PlanarFlow, PlanarLayer
+from neuralode.nn.odenet import count_parameters
 
 __all__ = [
     "CONFIG",
@@ -291,27 +292,6 @@ def identity_init(flow: PlanarFlow) -> None:
                 layer.u.copy_(_LOG_E_MINUS_1 * layer.w / layer.w.pow(2).sum())
 
 
-def exact_view(cnf: CNF) -> CNF:
-    """A CNF that shares ``cnf``'s field and (current) ``T`` but uses the exact trace, no
-    regularisers and plain backprop: the evaluation model (no parameters of its own)."""
-    return CNF(
-        cnf.field,
-        T=float(cnf.T.detach()),
-        trace="exact",
-        method=cnf.method,
-        rtol=cnf.rtol,
-        atol=cnf.atol,
-        step_size=cnf.step_size,
-        gradient="backprop",
-        solve_options=cnf.solve_options,
-    ).to(cnf.raw_T.device)
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Trainable scalars of ``model`` (the learned ``T`` included)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 def _flow(model: nn.Module) -> CNF | PlanarFlow:
     if not isinstance(model, (CNF, PlanarFlow)):
         raise TypeError(f"expected a CNF or a PlanarFlow, got {type(model).__name__}")
@@ -324,7 +304,7 @@ def log_density(
     """Exact ``log p(x)`` (``[N]``, nats) of points ``x`` (``[N, 2]``) in batches, and the mean
     forward NFE per batch (0 for the NF). Call under ``torch.no_grad()``."""
     flow = _flow(model)
-    evaluator = exact_view(flow) if isinstance(flow, CNF) else flow
+    evaluator = flow.exact_view() if isinstance(flow, CNF) else flow
     parts, nfe = [], []
     for start in range(0, len(x), batch_size):
         chunk = x[start : start + batch_size]
@@ -335,41 +315,6 @@ def log_density(
             logp = evaluator.log_prob(chunk, iters=nf_iters)
         parts.append(logp)
     return torch.cat(parts), float(np.mean(nfe)) if nfe else 0.0
-
-
-def trajectory(
-    model: nn.Module, z: torch.Tensor, frames: int
-) -> tuple[list[torch.Tensor], list[str]]:
-    """Base samples ``z`` (``[n, 2]``) carried to data: ``frames`` states from base to data.
-
-    For a CNF, the states at ``t = T, ..., 0`` (evenly spaced; one solve of the field alone,
-    with the model's solver and tolerances); for the NF, after ``0, ..., K`` planar layers
-    (``frames`` counts evenly spaced between). Returns ``(states, labels)``. Call under
-    ``torch.no_grad()``.
-    """
-    flow = _flow(model)
-    if isinstance(flow, CNF):
-        t = torch.linspace(float(flow.T.detach()), 0.0, frames, dtype=z.dtype, device=z.device)
-        sol = solve(
-            flow.field,
-            z,
-            t,
-            method=flow.method,
-            rtol=flow.rtol,
-            atol=flow.atol,
-            step_size=flow.step_size,
-        )
-        return list(sol.ys), [f"t = {float(s):.3g}" for s in t]
-    layers = list(flow.layers)
-    marks = {round(k) for k in np.linspace(0, len(layers), frames)}
-    states, labels, x = [], [], z
-    for k in range(len(layers) + 1):
-        if k in marks:
-            states.append(x)
-            labels.append(f"after {k} layer{'' if k == 1 else 's'}")
-        if k < len(layers):
-            x, _ = layers[k](x)
-    return states, labels
 
 
 # --------------------------------------------------------------------------------------------
@@ -614,7 +559,7 @@ def _plot_model(
     box = [[-lim, lim], [-lim, lim]]
     gen = derive_generator(config.seed, _STREAM_PLOT)
     z = torch.randn(n, 2, generator=gen).to(device)
-    states, labels = trajectory(model, z, 6)
+    states, labels = _flow(model).trajectory(z, 6)
     samples = states[-1].cpu().numpy()
 
     g = np.linspace(-lim, lim, config.grid_size, dtype=np.float32)

@@ -72,6 +72,7 @@ from neuralode.experiments.common import read_json, seed_everything
 from neuralode.experiments.config import check_at_least, check_positive
 from neuralode.experiments.distributed import DistContext
 from neuralode.nn.latent import ELBO, GRUEncoder, LatentODE, ODERNNEncoder, RNNBaseline
+from neuralode.nn.odenet import count_parameters
 
 __all__ = [
     "CONFIG",
@@ -88,7 +89,6 @@ __all__ = [
     "make_optimizer",
     "make_schedule",
     "masked_rmse",
-    "predict_on_grid",
     "summarize",
 ]
 
@@ -453,10 +453,6 @@ def build_model(config: LatentConfig, obs_dim: int) -> nn.Module:
     )
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 def masked_rmse(prediction: Tensor, target: Tensor, mask: Tensor | None = None) -> float:
     """Root mean squared error pooled over every (series, time, feature) entry:
     ``sqrt(sum m (p - y)^2 / sum m)`` (``mask`` ``m`` broadcastable; ``None``: every entry).
@@ -510,59 +506,28 @@ def _rnn_loss(model: RNNBaseline, batch: SeriesSet) -> tuple[Tensor, Tensor]:
     return (sq * m).sum() / m.sum().clamp(min=1), pred
 
 
-def predict_on_grid(
+def _on_grid(
     model: LatentODE,
     series: SeriesSet,
     *,
     n_samples: int = 0,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The latent ODE's predictions on ``series.grid``, conditioned on the observed points.
-
-    ``z0`` lives at each series' first observation time ``t0`` (the library's convention) and the
-    ODE runs forward only, so grid points before ``t0`` get no prediction.  Each series is solved
-    on its own grid ``grid[i0 + j]`` (``i0``: its first grid point at or after ``t0``), extended
-    past the end by the last grid gap so every row has ``G`` points, and the results are put
-    back in place.
-
-    Args:
-        n_samples: 0 decodes the posterior mean of ``z0``; ``K`` decodes ``K`` samples.
-
-    Returns:
-        ``(samples [K, B, G, D], latent [K, B, G, L], valid [B, G] bool, nfe [K, B])``;
-        entries where ``valid`` is False hold 0.
-    """
-    mean, logvar = model.encode(series.values, series.times, series.mask)
-    if n_samples == 0:
-        z0 = mean[None]
-    else:
-        z0 = model.sample_z0(mean, logvar, n_samples, generator)
-    grid, t0 = series.grid, series.times[:, 0]
-    g = int(grid.shape[0])
-    i0 = torch.searchsorted(grid, t0.contiguous())
-    extra = int(i0.max())
-    if extra:
-        step = grid[-1] - grid[-2] if g > 1 else grid.new_tensor(1.0)
-        tail = grid[-1] + step * torch.arange(1, extra + 1, dtype=grid.dtype, device=grid.device)
-        grid = torch.cat([grid, tail])
-    cols = torch.arange(g, device=grid.device)
-    shifted = grid[i0[:, None] + cols]  # [B, G]
-    z, nfe = model.latent_trajectory(z0, t0, shifted)
-    decoded = model.decode(z)
-    back = (cols[None, :] - i0[:, None]).clamp(min=0)  # grid index k -> column k - i0
-    valid = cols[None, :] >= i0[:, None]
-
-    def place(x: Tensor) -> Tensor:
-        idx = back[None, :, :, None].expand(x.shape[0], -1, -1, x.shape[-1])
-        return torch.where(valid[None, :, :, None], torch.gather(x, 2, idx), x.new_zeros(()))
-
-    return place(decoded), place(z), valid, nfe
+    """:meth:`LatentODE.predict_on_grid` on a series set's observations and grid."""
+    return model.predict_on_grid(
+        series.values,
+        series.times,
+        series.grid,
+        series.mask,
+        n_samples=n_samples,
+        generator=generator,
+    )
 
 
 def _latent_metrics(
     model: LatentODE, series: SeriesSet, config: LatentConfig, generator: torch.Generator
 ) -> dict[str, float]:
-    samples, _, valid, nfe = predict_on_grid(
+    samples, _, valid, nfe = _on_grid(
         model, series, n_samples=config.eval_samples, generator=generator
     )
     pred = samples.mean(dim=0)
@@ -869,7 +834,7 @@ def _plot_predictions(model: nn.Module, task: LatentTask, step: int, out: Path, 
     one_step: tuple[Tensor, Tensor] | None = None
     if isinstance(model, LatentODE):
         gen = task._generator(_STREAM_PLOT)
-        samples, _, valid, _ = predict_on_grid(model, test, n_samples=20, generator=gen)
+        samples, _, valid, _ = _on_grid(model, test, n_samples=20, generator=gen)
         samples, valid = samples.cpu(), valid.cpu()
         mean, std = samples.mean(dim=0), samples.std(dim=0, correction=0)
     else:  # the RNN: one-step-ahead predictions at the observation times, then its roll-out
@@ -926,7 +891,7 @@ def _plot_predictions(model: nn.Module, task: LatentTask, step: int, out: Path, 
 
 def _plot_latent(model: LatentODE, task: LatentTask, out: Path, plt: Any) -> Path:
     test = task.test.select(slice(0, min(40, len(task.test))))
-    _, z, valid, _ = predict_on_grid(model, test)
+    _, z, valid, _ = _on_grid(model, test)
     z, valid = z[0].cpu(), valid.cpu()
     points = z[valid]
     centre = points.mean(dim=0)

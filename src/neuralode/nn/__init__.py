@@ -8,12 +8,14 @@ Every layer here calls only the public solver API (:func:`neuralode.solve`).
   estimator, kinetic and Jacobian regularizers), the planar CNF and ConcatSquash fields.
 - :mod:`neuralode.nn.flows`: the discrete planar normalizing flow baseline.
 - :mod:`neuralode.nn.latent`: latent ODEs with GRU and ODE-RNN encoders, and RNN baselines.
+- :class:`SolveSettings`: how every model above solves its ODE (``model.solver``).
 """
 
 from .cnf import CNF, CNFOutput, ConcatSquashLinear, ConcatSquashMLP, PlanarField
 from .flows import PlanarFlow, PlanarLayer
 from .latent import ELBO, GRUEncoder, LatentODE, ODERNNEncoder, Prediction, RNNBaseline
 from .odenet import ConcatConv2d, ODEBlock, ODEFunc, build_model, count_parameters, model_nfe
+from .settings import SolveSettings
 
 __all__ = [
     "CNF",
@@ -32,6 +34,7 @@ __all__ = [
     "PlanarLayer",
     "Prediction",
     "RNNBaseline",
+    "SolveSettings",
     "build_model",
     "count_parameters",
     "model_nfe",

@@ -43,10 +43,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..gradients import GRADIENTS
 from ..solution import Solution
 from ..solve import solve
-from ..solvers import get_solver
+from .activations import activation as make_activation
+from .settings import SolveSettings
 
 __all__ = [
     "CNF",
@@ -270,7 +270,8 @@ class CNF(nn.Module):
         method, rtol, atol, step_size, gradient: passed to :func:`neuralode.solve`
             (FFJORD's toy defaults: ``dopri5`` at ``1e-5``).
         solve_options: further keyword arguments of :func:`neuralode.solve`
-            (``adjoint_options``, ``max_num_steps``, ``adjoint_params``, ...).  By default the
+            (``adjoint_options``, ``max_num_steps``, ``adjoint_params``, ...).  The settings
+            are kept as ``cnf.solver`` (:class:`~neuralode.nn.SolveSettings`).  By default the
             adjoint and checkpoint differentiate the field's trainable parameters (none for a
             plain function); ``T`` gets its gradient through the time grid.
 
@@ -307,9 +308,6 @@ class CNF(nn.Module):
         for name, w in (("kinetic_weight", kinetic_weight), ("jacobian_weight", jacobian_weight)):
             if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
                 raise ValueError(f"{name} must be a non-negative number, got {w!r}")
-        get_solver(method)  # unknown methods fail here, naming the known ones
-        if gradient not in GRADIENTS:
-            raise ValueError(f"gradient must be one of {list(GRADIENTS)}, got {gradient!r}")
         opts = dict(solve_options or {})
         clash = sorted(set(opts) & _RESERVED)
         if clash:
@@ -317,17 +315,12 @@ class CNF(nn.Module):
                 f"solve_options {clash} are set by CNF itself; pass method/rtol/atol/step_size/"
                 f"gradient as CNF arguments"
             )
+        self.solver = SolveSettings(method, rtol, atol, step_size, gradient, opts)
         self.field = field  # registered as a submodule when it is an nn.Module
         self.trace = trace
         self.noise = noise
         self.kinetic_weight = float(kinetic_weight)
         self.jacobian_weight = float(jacobian_weight)
-        self.method = method
-        self.rtol = rtol
-        self.atol = atol
-        self.step_size = step_size
-        self.gradient = gradient
-        self.solve_options = opts
         # T takes the field's dtype (float64 fields get a float64 T; ``cnf.double()`` also works).
         ref = next(iter(field.parameters()), None) if isinstance(field, nn.Module) else None
         dtype = ref.dtype if ref is not None else torch.get_default_dtype()
@@ -346,8 +339,7 @@ class CNF(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"T={float(self.T):.4g}, train_T={self.train_T}, trace={self.trace!r}, "
-            f"noise={self.noise!r}, method={self.method!r}, rtol={self.rtol}, atol={self.atol}, "
-            f"gradient={self.gradient!r}, kinetic_weight={self.kinetic_weight}, "
+            f"noise={self.noise!r}, {self.solver!r}, kinetic_weight={self.kinetic_weight}, "
             f"jacobian_weight={self.jacobian_weight}"
         )
 
@@ -399,20 +391,10 @@ class CNF(nn.Module):
         T = self.T.to(x.device)
         ends = (torch.zeros_like(T), T)
         t = torch.stack(ends[::-1] if reverse else ends)
-        opts = dict(self.solve_options)
-        if self.gradient in ("adjoint", "checkpoint") and "adjoint_params" not in opts:
+        opts = self.solver.kwargs()
+        if self.solver.gradient in ("adjoint", "checkpoint") and "adjoint_params" not in opts:
             opts["adjoint_params"] = self._adjoint_params()
-        sol = solve(
-            dyn,
-            y0,
-            t,
-            method=self.method,
-            rtol=self.rtol,
-            atol=self.atol,
-            step_size=self.step_size,
-            gradient=self.gradient,
-            **opts,
-        )
+        sol = solve(dyn, y0, t, **opts)
         ends_y = [y[-1] for y in sol.ys]
         z, ell = ends_y[0], ends_y[1].squeeze(1)
         extra = ends_y[2:]
@@ -483,6 +465,35 @@ class CNF(nn.Module):
             raise ValueError("pass shape=(D,) (or z): the field has no integer 'dim' attribute")
         return dim
 
+    def exact_view(self) -> CNF:
+        """A CNF that shares this one's field and (current) ``T`` but uses the exact trace, no
+        regularisers and plain backprop: the model to evaluate ``log p(x)`` with, whatever
+        estimator trained it (it has no parameters of its own)."""
+        return CNF(
+            self.field,
+            T=float(self.T.detach()),
+            trace="exact",
+            method=self.solver.method,
+            rtol=self.solver.rtol,
+            atol=self.solver.atol,
+            step_size=self.solver.step_size,
+            gradient="backprop",
+            solve_options=self.solver.options,
+        ).to(self.raw_T.device)
+
+    def trajectory(self, z: torch.Tensor, frames: int) -> tuple[list[torch.Tensor], list[str]]:
+        """Base samples ``z`` (``[n, D]``) carried to data: the states at ``frames`` evenly
+        spaced times from ``t = T`` to ``0`` (one solve of the field alone, with this CNF's
+        solver settings), and a label per state (``"t = 0.5"``). Call under
+        ``torch.no_grad()`` unless gradients are wanted."""
+        if frames < 2:
+            raise ValueError(f"frames must be at least 2, got {frames}")
+        t = torch.linspace(float(self.T.detach()), 0.0, frames, dtype=z.dtype, device=z.device)
+        settings = self.solver.kwargs()
+        settings.pop("gradient")
+        sol = solve(self.field, z, t, **settings)
+        return list(sol.ys), [f"t = {float(s):.3g}" for s in t]
+
     def penalty(self, out: CNFOutput) -> torch.Tensor:
         """``kinetic_weight * mean(kinetic) + jacobian_weight * mean(jacobian)`` (0-dim)."""
         total = out.delta_logp.new_zeros(())
@@ -523,13 +534,6 @@ class ConcatSquashLinear(nn.Module):
         return self.layer(x) * torch.sigmoid(self.hyper_gate(tt)) + self.hyper_bias(tt)
 
 
-_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
-    "tanh": nn.Tanh,
-    "softplus": nn.Softplus,
-    "elu": nn.ELU,
-}
-
-
 class ConcatSquashMLP(nn.Module):
     """FFJORD's toy vector field: ConcatSquash layers ``dim -> hidden... -> dim`` with an
     activation between them (FFJORD's toy default: ``64-64-64`` with ``tanh``).
@@ -537,7 +541,8 @@ class ConcatSquashMLP(nn.Module):
     Args:
         dim: data dimension ``D``.
         hidden: hidden sizes.
-        activation: ``"tanh"``, ``"softplus"`` or ``"elu"``.
+        activation: a name of :data:`neuralode.nn.activations.ACTIVATIONS` (``"tanh"``,
+            ``"softplus"``, ``"elu"``, ``"relu"``).
 
     Shapes: ``t`` 0-dim, ``z`` ``[B, D]`` -> ``[B, D]``.
     """
@@ -546,12 +551,11 @@ class ConcatSquashMLP(nn.Module):
         self, dim: int = 2, hidden: Sequence[int] = (64, 64, 64), activation: str = "tanh"
     ) -> None:
         super().__init__()
-        if activation not in _ACTIVATIONS:
-            raise ValueError(f"activation must be one of {list(_ACTIVATIONS)}, got {activation!r}")
+        act = make_activation(activation)  # unknown names fail here, listing the known ones
         sizes = [dim, *hidden, dim]
         self.dim = dim
         self.layers = nn.ModuleList(ConcatSquashLinear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
-        self.act = _ACTIVATIONS[activation]()
+        self.act = act
 
     def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         h = z

@@ -145,6 +145,23 @@ class PlanarFlow(nn.Module):
         x, log_det = self(z)
         return x, standard_normal_log_prob(z) - log_det
 
+    def trajectory(self, z: torch.Tensor, frames: int) -> tuple[list[torch.Tensor], list[str]]:
+        """Base samples ``z`` (``[n, D]``) carried to data: the states after ``0, ..., K``
+        layers at ``frames`` evenly spaced counts, and a label per state (``"after 8
+        layers"``), as :meth:`neuralode.nn.CNF.trajectory` for the continuous flow."""
+        if frames < 2:
+            raise ValueError(f"frames must be at least 2, got {frames}")
+        layers = list(self.layers)
+        marks = {round(float(k)) for k in torch.linspace(0, len(layers), frames)}
+        states, labels, x = [], [], z
+        for k in range(len(layers) + 1):
+            if k in marks:
+                states.append(x)
+                labels.append(f"after {k} layer{'' if k == 1 else 's'}")
+            if k < len(layers):
+                x, _ = layers[k](x)
+        return states, labels
+
     def log_prob(self, x: torch.Tensor, iters: int = 60) -> torch.Tensor:
         """``log q(x)`` per sample (``[B]``) by numerical inversion (see the module docstring)."""
         z = self.inverse(x, iters)

@@ -33,12 +33,16 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from neuralode.solve import solve
+
+from .activations import Activation
+from .activations import activation as make_activation
+from .settings import SolveSettings
 
 __all__ = [
     "ELBO",
@@ -53,26 +57,18 @@ __all__ = [
     "kl_standard_normal",
 ]
 
-Activation = Literal["elu", "tanh", "relu", "softplus"]
-_ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "elu": nn.ELU,
-    "tanh": nn.Tanh,
-    "relu": nn.ReLU,
-    "softplus": nn.Softplus,
-}
 _LOG_2PI = math.log(2 * math.pi)
 
 
 def _mlp(n_in: int, n_hidden: int, n_out: int, n_layers: int, activation: str) -> nn.Sequential:
     """``n_layers`` hidden layers of ``n_hidden`` units."""
-    if activation not in _ACTIVATIONS:
-        raise ValueError(f"activation must be one of {list(_ACTIVATIONS)}, got {activation!r}")
+    make_activation(activation)  # unknown names fail here, listing the known ones
     if n_layers < 1:
         raise ValueError(f"the number of hidden layers must be at least 1, got {n_layers}")
     layers: list[nn.Module] = []
     width = n_in
     for _ in range(n_layers):
-        layers += [nn.Linear(width, n_hidden), _ACTIVATIONS[activation]()]
+        layers += [nn.Linear(width, n_hidden), make_activation(activation)]
         width = n_hidden
     layers.append(nn.Linear(width, n_out))
     return nn.Sequential(*layers)
@@ -261,10 +257,12 @@ class ODERNNEncoder(GRUEncoder):
         ode_hidden: width of ``g``'s hidden layer (default: ``hidden_dim``).
         method: solver for the gaps (default ``"euler"``, as Rubanova et al.'s encoder).  With
             a fixed-step method the default is one step per gap; pass
-            ``solver_options={"step_size": 1 / n}`` for ``n`` steps.
+            ``step_size=1 / n`` for ``n`` steps.
         rtol, atol: tolerances for adaptive methods.
+        step_size: the step of a fixed-step method, in units of the gap (``None``: one step).
         gradient: the gradient strategy of :func:`neuralode.solve`.
-        solver_options: further keyword arguments for :func:`neuralode.solve`.
+        solve_options: further keyword arguments for :func:`neuralode.solve`. The settings
+            are kept as ``encoder.solver`` (:class:`~neuralode.nn.SolveSettings`).
     """
 
     def __init__(
@@ -279,13 +277,13 @@ class ODERNNEncoder(GRUEncoder):
         method: str = "euler",
         rtol: float = 1e-3,
         atol: float = 1e-4,
+        step_size: float | None = None,
         gradient: str = "backprop",
-        solver_options: Mapping[str, Any] | None = None,
+        solve_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(obs_dim, latent_dim, hidden_dim, use_mask=use_mask, time_gaps=time_gaps)
         self.ode_func = _mlp(hidden_dim, ode_hidden or hidden_dim, hidden_dim, 1, "tanh")
-        self.method, self.rtol, self.atol, self.gradient = method, rtol, atol, gradient
-        self.solver_options = dict(solver_options or {})
+        self.solver = SolveSettings(method, rtol, atol, step_size, gradient, solve_options or {})
 
     def _evolve(self, h: Tensor, gap: Tensor) -> Tensor:
         if not bool((gap != 0).any()):
@@ -295,23 +293,12 @@ class ODERNNEncoder(GRUEncoder):
         def field(s: Tensor, y: Tensor) -> Tensor:
             return -scale * self.ode_func(y)
 
-        extra: dict[str, Any] = {}
-        if self.gradient != "backprop":
+        opts = self.solver.kwargs()
+        if self.solver.gradient != "backprop":
             params = list(self.ode_func.parameters())
-            extra["adjoint_params"] = params + ([scale] if scale.requires_grad else [])
+            opts["adjoint_params"] = params + ([scale] if scale.requires_grad else [])
         unit = torch.tensor([0.0, 1.0], dtype=h.dtype, device=h.device)
-        sol = solve(
-            field,
-            h,
-            unit,
-            batched=True,
-            method=self.method,
-            rtol=self.rtol,
-            atol=self.atol,
-            gradient=self.gradient,
-            **extra,
-            **self.solver_options,
-        )
+        sol = solve(field, h, unit, batched=True, **opts)
         return sol.ys[:, -1]
 
 
@@ -410,10 +397,11 @@ class LatentODE(nn.Module):
         dynamics_hidden, dynamics_layers, activation: of the default dynamics (20, 2, ``"elu"``).
         decoder_hidden: the decoder is ``L -> decoder_hidden (ReLU) -> D`` (20), as torchdiffeq's.
         obs_std: std of the Gaussian observation model (0.3, the spirals' noise).
-        method, rtol, atol, gradient: the latent solve's :func:`neuralode.solve` options
-            (default ``"dopri5"``, ``1e-5``, ``1e-5``, ``"backprop"``).
-        solver_options: further keyword arguments for :func:`neuralode.solve`
-            (``max_num_steps``, ``adjoint_rtol``, ...).
+        method, rtol, atol, step_size, gradient: the latent solve's :func:`neuralode.solve`
+            options (default ``"dopri5"``, ``1e-5``, ``1e-5``, ``None``, ``"backprop"``).
+        solve_options: further keyword arguments for :func:`neuralode.solve`
+            (``max_num_steps``, ``adjoint_options``, ...). The settings are kept as
+            ``model.solver`` (:class:`~neuralode.nn.SolveSettings`).
     """
 
     def __init__(
@@ -432,8 +420,9 @@ class LatentODE(nn.Module):
         method: str = "dopri5",
         rtol: float = 1e-5,
         atol: float = 1e-5,
+        step_size: float | None = None,
         gradient: str = "backprop",
-        solver_options: Mapping[str, Any] | None = None,
+        solve_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if obs_std <= 0:
@@ -448,8 +437,7 @@ class LatentODE(nn.Module):
             else LatentDynamics(latent_dim, dynamics_hidden, dynamics_layers, activation)
         )
         self.decoder = _mlp(latent_dim, decoder_hidden, obs_dim, 1, "relu")
-        self.method, self.rtol, self.atol, self.gradient = method, rtol, atol, gradient
-        self.solver_options = dict(solver_options or {})
+        self.solver = SolveSettings(method, rtol, atol, step_size, gradient, solve_options or {})
 
     # -- the pieces ------------------------------------------------------------------------
 
@@ -512,16 +500,7 @@ class LatentODE(nn.Module):
             zs = flat_z0[:, None]
             nfe = torch.zeros(k * b, dtype=torch.int64, device=z0.device)
         else:
-            sol = solve(
-                self.dynamics,
-                flat_z0,
-                grid.repeat(k, 1),
-                method=self.method,
-                rtol=self.rtol,
-                atol=self.atol,
-                gradient=self.gradient,
-                **self.solver_options,
-            )
+            sol = solve(self.dynamics, flat_z0, grid.repeat(k, 1), **self.solver.kwargs())
             zs, nfe = sol.ys, sol.stats.nfe
         if take is not None:
             zs = torch.gather(zs, 1, take.repeat(k, 1)[..., None].expand(-1, -1, dim))
@@ -641,6 +620,61 @@ class LatentODE(nn.Module):
         t_pred = t_pred.expand(values.shape[0], -1) if t_pred.ndim == 1 else t_pred
         z, _ = self.latent_trajectory(z0, times[:, 0], t_pred)
         return Prediction(samples=self.decode(z), latent=z, times=t_pred)
+
+    def predict_on_grid(
+        self,
+        values: Tensor,
+        times: Tensor,
+        grid: Tensor,
+        mask: Tensor | None = None,
+        *,
+        n_samples: int = 0,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Predictions on one shared time ``grid`` (``[G]``, increasing), conditioned on the
+        observed series, for series whose observations start at different times.
+
+        ``z0`` lives at each series' first observation time ``t0`` and the ODE runs forward
+        only, so grid points before ``t0`` get no prediction.  Each series is solved on its own
+        grid ``grid[i0 + j]`` (``i0``: its first grid point at or after ``t0``), extended past
+        the end by the last grid gap so every row has ``G`` points, and the results are put
+        back in place.
+
+        Args:
+            values, times, mask: the observed window, as :meth:`forward`.
+            grid: ``[G]`` prediction times shared by all series.
+            n_samples: 0 decodes the posterior mean of ``z0``; ``K`` decodes ``K`` samples.
+            generator: random generator for the samples.
+
+        Returns:
+            ``(samples [K, B, G, D], latent [K, B, G, L], valid [B, G] bool, nfe [K, B])``;
+            entries where ``valid`` is False hold 0.
+        """
+        values, times, mask = _series(values, times, mask)
+        mean, logvar = self.encode(values, times, mask)
+        z0 = mean[None] if n_samples == 0 else self.sample_z0(mean, logvar, n_samples, generator)
+        t0 = times[:, 0]
+        g = int(grid.shape[0])
+        i0 = torch.searchsorted(grid, t0.contiguous())
+        extra = int(i0.max())
+        if extra:
+            step = grid[-1] - grid[-2] if g > 1 else grid.new_tensor(1.0)
+            tail = grid[-1] + step * torch.arange(
+                1, extra + 1, dtype=grid.dtype, device=grid.device
+            )
+            grid = torch.cat([grid, tail])
+        cols = torch.arange(g, device=grid.device)
+        shifted = grid[i0[:, None] + cols]  # [B, G]
+        z, nfe = self.latent_trajectory(z0, t0, shifted)
+        decoded = self.decode(z)
+        back = (cols[None, :] - i0[:, None]).clamp(min=0)  # grid index k -> column k - i0
+        valid = cols[None, :] >= i0[:, None]
+
+        def place(x: Tensor) -> Tensor:
+            idx = back[None, :, :, None].expand(x.shape[0], -1, -1, x.shape[-1])
+            return torch.where(valid[None, :, :, None], torch.gather(x, 2, idx), x.new_zeros(()))
+
+        return place(decoded), place(z), valid, nfe
 
 
 def _grid_from(t0: Tensor, times: Tensor) -> tuple[Tensor, Tensor | None]:

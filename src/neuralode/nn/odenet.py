@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import inspect
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -30,6 +30,7 @@ from torch import nn
 
 from ..solution import Solution
 from ..solve import solve
+from .settings import SolveSettings
 
 __all__ = [
     "ConcatConv2d",
@@ -180,8 +181,9 @@ class ODEBlock(nn.Module):
         gradient: ``"adjoint"`` (Chen et al.'s constant-memory adjoint, the ODE-Net default),
             ``"backprop"`` (through the solver: the RK-Net) or ``"checkpoint"``.
         batched: per-sample adaptive steps.
-        **solve_options: any other keyword of :func:`neuralode.solve` (e.g. ``adjoint_options``,
-            ``max_num_steps``).
+        solve_options: any other keyword of :func:`neuralode.solve` (e.g. ``adjoint_options``,
+            ``max_num_steps``). The settings are kept as ``block.solver``
+            (:class:`~neuralode.nn.SolveSettings`, the same for every model family).
 
     NFE counters (see :func:`model_nfe`): ``nfe_forward`` is the last forward solve's number of
     vector-field evaluations (the maximum over samples when batched); ``nfe_backward`` is the
@@ -204,33 +206,21 @@ class ODEBlock(nn.Module):
         gradient: str = "adjoint",
         step_size: float | None = None,
         batched: bool = False,
-        **solve_options: Any,
+        solve_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         t_end = float(t_end)
         if not (t_end > 0 and t_end < float("inf")):
             raise ValueError(f"t_end must be positive and finite, got {t_end}")
-        reserved = {"y0", "t", "func"} & set(solve_options)
-        if reserved:
-            raise TypeError(f"ODEBlock sets {sorted(reserved)} itself; do not pass them")
         self.odefunc = odefunc
         self.t_end = t_end
-        self.method = method
-        self.rtol = rtol
-        self.atol = atol
-        self.gradient = gradient
-        self.step_size = step_size
+        self.solver = SolveSettings(method, rtol, atol, step_size, gradient, solve_options or {})
         self.batched = batched
-        self.solve_options = dict(solve_options)
         self.register_buffer("integration_time", torch.tensor([0.0, t_end]), persistent=False)
         self._record = _SolveRecord()
 
     def extra_repr(self) -> str:
-        step = f", step_size={self.step_size}" if self.step_size is not None else ""
-        return (
-            f"t_end={self.t_end}, method={self.method!r}, rtol={self.rtol}, atol={self.atol}, "
-            f"gradient={self.gradient!r}{step}, batched={self.batched}"
-        )
+        return f"t_end={self.t_end}, {self.solver!r}, batched={self.batched}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args:
@@ -240,18 +230,7 @@ class ODEBlock(nn.Module):
             The state at ``t_end``, shaped as ``x``.
         """
         t = self.integration_time.to(x.dtype)
-        sol = solve(
-            self.odefunc,
-            x,
-            t,
-            method=self.method,
-            rtol=self.rtol,
-            atol=self.atol,
-            step_size=self.step_size,
-            gradient=self.gradient,
-            batched=self.batched,
-            **self.solve_options,
-        )
+        sol = solve(self.odefunc, x, t, batched=self.batched, **self.solver.kwargs())
         out = sol.ys[:, -1] if self.batched else sol.ys[-1]
         self._record = _SolveRecord(sol)
         if out.requires_grad:
@@ -275,7 +254,7 @@ class ODEBlock(nn.Module):
         sol = self._record.solution
         if sol is None or not self._record.backward_reached:
             return None
-        if self.gradient == "backprop":
+        if self.solver.gradient == "backprop":
             return self.nfe_forward
         stats = sol.backward_stats
         return None if stats is None else int(stats.nfe.max())
@@ -374,7 +353,7 @@ def odenet(
     gradient: str = "adjoint",
     step_size: float | None = None,
     batched: bool = False,
-    **solve_options: Any,
+    solve_options: Mapping[str, Any] | None = None,
 ) -> nn.Sequential:
     """ODE-Net: downsampling, ``ODEBlock(ODEFunc(dim))``, head; ``[B, 1, 28, 28]`` -> ``[B, 10]``.
 
@@ -390,7 +369,7 @@ def odenet(
         gradient=gradient,
         step_size=step_size,
         batched=batched,
-        **solve_options,
+        solve_options=solve_options,
     )
     return _classifier(block, dim, downsampling, in_channels, num_classes)
 
