@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pickle
@@ -324,3 +325,28 @@ def test_a_preset_is_overridden_by_the_config_file_and_then_by_flags(tmp_path: P
         from neuralode.experiments.config import load_preset
 
         load_preset("mnist", "nope")
+
+
+def test_every_experiment_shares_the_run_settings_and_checks_them() -> None:
+    from neuralode import experiments
+    from neuralode.experiments.config import RunSettings
+
+    shared = [f.name for f in dataclasses.fields(RunSettings)]
+    for name in experiments.EXPERIMENTS:
+        cls = experiments.load(name).CONFIG
+        assert issubclass(cls, RunSettings), name
+        assert config_from_dict(cls, {}).out == f"runs/{name}"
+        for bad, says in (
+            ({"log_every": 0}, "log_every must be at least 1; got 0"),
+            ({"threads": 0}, "threads must be at least 1; got 0"),
+            ({"checkpoint_every": -1}, "checkpoint_every must be at least 0; got -1"),
+        ):
+            with pytest.raises(ValueError, match=says):
+                config_from_dict(cls, bad)
+        # --help lists the experiment's own settings first, then the shared ones in one order.
+        parser = argparse.ArgumentParser()
+        from neuralode.experiments.config import add_config_arguments
+
+        add_config_arguments(parser, cls, name)
+        dests = [a.dest for a in parser._actions if a.dest not in ("help", "preset", "config")]
+        assert dests[-len(shared) :] == shared, name

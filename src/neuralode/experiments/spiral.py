@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from neuralode import METHODS, odeint
 from neuralode.experiments import engine
 from neuralode.experiments.common import read_json, seed_everything
-from neuralode.experiments.config import check_at_least, check_positive
+from neuralode.experiments.config import RunSettings, check_at_least, check_positive, run_field
 from neuralode.experiments.distributed import DistContext
 
 __all__ = [
@@ -62,7 +62,7 @@ LOSSES = ("l1", "mse", "relative")
 
 
 @dataclass(frozen=True)
-class SpiralDemoConfig:
+class SpiralDemoConfig(RunSettings):
     """Settings of one spiral run (written to ``config.json``).
 
     The defaults run in under a minute on 2 CPU threads (see the README's demo results). The
@@ -70,7 +70,12 @@ class SpiralDemoConfig:
     generated with dopri5 at ``data_rtol``/``data_atol``. Everything is float64.
     """
 
-    out: str = field(default="runs/spiral", metadata={"help": "run folder", "metavar": "DIR"})
+    out: str = run_field("out", "runs/spiral")
+    device: str = run_field(
+        "device", "cpu", "device (a 2-D field in float64: the CPU is the fast choice)"
+    )
+    log_every: int = run_field("log_every", 10)
+
     iterations: int = field(default=500, metadata={"help": "Adam steps on random windows"})
     polish_steps: int = field(
         default=25, metadata={"help": "L-BFGS steps on all windows after Adam (0: none)"}
@@ -82,7 +87,6 @@ class SpiralDemoConfig:
         default="mse", metadata={"help": "loss of the L-BFGS phase", "choices": LOSSES}
     )
     method: str = field(default="dopri5", metadata={"help": "solver", "choices": METHODS})
-    seed: int = field(default=0, metadata={"help": "seed of the initial weights and the batches"})
     data_size: int = field(default=1000, metadata={"help": "samples of the true trajectory"})
     t_end: float = field(default=25.0, metadata={"help": "end time of the trajectory"})
     batch_time: int = field(default=10, metadata={"help": "samples per training window"})
@@ -106,25 +110,6 @@ class SpiralDemoConfig:
     eval_every: int = field(
         default=100, metadata={"help": "steps between full-trajectory evaluations"}
     )
-    device: str = field(
-        default="cpu",
-        metadata={
-            "help": "device (a 2-D field in float64: the CPU is the fast choice)",
-            "choices": ("auto", "cpu", "cuda"),
-        },
-    )
-    threads: int | None = field(
-        default=None, metadata={"help": "torch CPU threads (default: torch's choice, one per core)"}
-    )
-    log_every: int = field(default=10, metadata={"help": "steps between 'train' metric lines"})
-    checkpoint_every: int = field(
-        default=0, metadata={"help": "steps between extra checkpoints (0: at evaluations only)"}
-    )
-    quiet: bool = field(default=False, metadata={"help": "no progress bar; a line per evaluation"})
-    fault_step: int | None = field(
-        default=None,
-        metadata={"help": "testing: SIGKILL the process after this step", "hidden": True},
-    )
 
     @property
     def total_steps(self) -> int:
@@ -144,9 +129,10 @@ class SpiralDemoConfig:
         return None
 
     def validate(self) -> None:
+        super().validate()  # the run settings
         check_at_least(self, 1, "iterations", "data_size", "batch_size", "hidden", "eval_every")
-        check_at_least(self, 1, "polish_max_iter", "log_every")
-        check_at_least(self, 0, "polish_steps", "checkpoint_every")
+        check_at_least(self, 1, "polish_max_iter")
+        check_at_least(self, 0, "polish_steps")
         if not 2 <= self.batch_time <= self.data_size:
             raise ValueError(
                 f"batch_time must be in [2, data_size={self.data_size}]; got {self.batch_time}"
