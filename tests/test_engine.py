@@ -350,3 +350,22 @@ def test_every_experiment_shares_the_run_settings_and_checks_them() -> None:
         add_config_arguments(parser, cls, name)
         dests = [a.dest for a in parser._actions if a.dest not in ("help", "preset", "config")]
         assert dests[-len(shared) :] == shared, name
+
+
+def test_an_empty_figure_panel_says_why() -> None:
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from neuralode.experiments.common import explain_empty
+
+    empty, drawn = Figure().subplots(1, 2)
+    drawn.plot([0, 1], [1, 2])
+    explain_empty(empty, "the mlp has no adaptive ODE block, so no function evaluations")
+    explain_empty(drawn, "never shown")
+    assert [t.get_text() for t in empty.texts] == [
+        "the mlp has no adaptive ODE block,\nso no function evaluations"
+    ]
+    assert len(drawn.texts) == 0

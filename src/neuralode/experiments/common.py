@@ -125,6 +125,19 @@ def progress_bar(*, quiet: bool, **kwargs: Any) -> Any:
     return tqdm(**kwargs)
 
 
+def explain_empty(ax: Any, why: str) -> None:
+    """Write ``why`` in the middle of a figure panel that has nothing drawn in it (so a panel is
+    never silently blank: "the MLP has no ODE block, so no function evaluations")."""
+    import textwrap
+
+    if ax.has_data():
+        return
+    ax.text(0.5, 0.5, textwrap.fill(why, 36), ha="center", va="center",
+            transform=ax.transAxes, fontsize=9, color="0.35")  # fmt: skip
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
 def make_run_dir(path: str | os.PathLike[str]) -> Path:
     """Create the run folder ``path`` (and its parents) if missing and return it as a ``Path``.
 

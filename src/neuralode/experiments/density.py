@@ -60,7 +60,7 @@ from neuralode import METHODS
 from neuralode.data import toy2d
 from neuralode.data.mnist import derive_generator
 from neuralode.experiments import engine
-from neuralode.experiments.common import read_json, seed_everything
+from neuralode.experiments.common import explain_empty, read_json, seed_everything
 from neuralode.experiments.config import RunSettings, run_field
 from neuralode.experiments.distributed import DistContext
 from neuralode.nn.cnf import CNF, ConcatSquashMLP, PlanarField
@@ -526,6 +526,14 @@ def _plot_training(run_dir: Path, out: Path, plt: Any) -> Path:
         axes[1].plot(*zip(*pts), "o", label="test (exact trace)")
     axes[1].set(xlabel="iteration", ylabel="NFE per iteration", title="function evaluations")
     axes[2].set(xlabel="iteration", ylabel="seconds", title="seconds per training iteration")
+    explain_empty(axes[0], "no metric lines yet")
+    explain_empty(
+        axes[1],
+        "a discrete flow: no ODE, no function evaluations"
+        if config.get("model") == "planar-nf"
+        else "no metric lines yet",
+    )
+    explain_empty(axes[2], "no evaluation yet")
     for ax in axes:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -557,30 +565,35 @@ def _plot_model(
     density = logp.exp().reshape(xx.shape).cpu().numpy()
 
     title = f"{config.model} on {config.data}, iteration {step}"
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4.4))
-    axes[0].hist2d(*truth.T, bins=100, range=box, cmap="viridis")
-    axes[0].set_title("true samples")
-    axes[1].hist2d(*samples.T, bins=100, range=box, cmap="viridis")
-    axes[1].set_title("model samples")
-    axes[2].pcolormesh(xx, yy, density, cmap="viridis", shading="auto")
-    axes[2].set_title("model density")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    for ax, points, name in ((axes[0], truth, "true samples"), (axes[1], samples, "model samples")):
+        *_, image = ax.hist2d(*points.T, bins=100, range=box, cmap="viridis")
+        fig.colorbar(image, ax=ax, label=f"samples per bin (of {n})")
+        ax.set_title(name)
+    mesh = axes[2].pcolormesh(xx, yy, density, cmap="viridis", shading="auto")
+    fig.colorbar(mesh, ax=axes[2], label="model density p(x)")
+    axes[2].set_title("model density (exact trace)" if isinstance(model, CNF) else "model density")
     for ax in axes:
-        ax.set(xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal", xticks=[], yticks=[])
+        ax.set(xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal", xlabel="x1", ylabel="x2")
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0, 1, 0.94))
     density_path = out / "density.png"
     fig.savefig(density_path, dpi=110)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, len(states), figsize=(2.6 * len(states), 2.9))
+    fig, axes = plt.subplots(1, len(states), figsize=(2.8 * len(states) + 1.0, 3.1))
+    colour = z[:, 0].cpu().numpy()
+    dots = None
     for ax, state, label in zip(np.atleast_1d(axes), states, labels):
         pts = state.cpu().numpy()
-        ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.5, c=z[:, 0].cpu().numpy(), cmap="coolwarm")
-        ax.set(xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal", xticks=[], yticks=[])
+        dots = ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.5, c=colour, cmap="coolwarm")
+        ax.set(xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal", xlabel="x1")
         ax.set_title(label, fontsize=9)
+    np.atleast_1d(axes)[0].set_ylabel("x2")
+    if dots is not None:
+        fig.colorbar(dots, ax=list(np.atleast_1d(axes)), label="z1 of the base sample", shrink=0.8)
     fig.suptitle(f"{title}: base (left) to data (right)", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.92))
     traj_path = out / "trajectory.png"
-    fig.savefig(traj_path, dpi=110)
+    fig.savefig(traj_path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return [density_path, traj_path]

@@ -68,7 +68,7 @@ from torch import Tensor, nn
 
 from neuralode import METHODS
 from neuralode.experiments import engine
-from neuralode.experiments.common import read_json, seed_everything
+from neuralode.experiments.common import explain_empty, read_json, seed_everything
 from neuralode.experiments.config import RunSettings, check_at_least, check_positive, run_field
 from neuralode.experiments.distributed import DistContext
 from neuralode.nn.latent import ELBO, GRUEncoder, LatentODE, ODERNNEncoder, RNNBaseline
@@ -796,6 +796,15 @@ def _plot_training(run_dir: Path, out: Path, plt: Any) -> Path:
         axes[2].plot([r["step"] for r in epochs], [r["test_nfe"] for r in epochs], "o-",
                      label="test prediction, per series")  # fmt: skip
     axes[2].set(xlabel="iteration", ylabel="NFE", title="forward NFE of the latent solve")
+    axes[1].set_ylabel("test RMSE (data units)")
+    explain_empty(axes[0], "no metric lines yet")
+    explain_empty(axes[1], "no evaluation yet")
+    explain_empty(
+        axes[2],
+        "an RNN baseline: no ODE, no function evaluations"
+        if config.get("model") != "latent-ode"
+        else "no metric lines yet",
+    )
     for ax in axes:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -847,7 +856,7 @@ def _plot_predictions(model: nn.Module, task: LatentTask, step: int, out: Path, 
             if one_step is not None:
                 ax.plot(one_step[1][b, :, 0], one_step[1][b, :, 1], "C0.-", ms=3, lw=0.5,
                         label="one step ahead")  # fmt: skip
-            ax.set(title=f"test series {b}", aspect="equal")
+            ax.set(title=f"test series {b}", aspect="equal", xlabel="x0", ylabel="x1")
         for d in range(dims):
             ax = axes[rows - 1, b]
             color = f"C{d}"
@@ -859,8 +868,12 @@ def _plot_predictions(model: nn.Module, task: LatentTask, step: int, out: Path, 
             if one_step is not None:
                 ax.plot(one_step[0][b], one_step[1][b, :, d], ".-", color=color, ms=3, lw=0.5)
         axes[rows - 1, b].axvline(float(grid[n - 1]), color="k", ls=":", lw=1)
-        axes[rows - 1, b].set(xlabel="t", title="mean +- 2 std; dotted: end of window")
+        axes[rows - 1, b].set(
+            xlabel="time t", ylabel="value", title="mean +- 2 std; dotted: end of window"
+        )
     axes[0, 0].legend(fontsize=7)
+    if rows == 2:  # the feature colours of the time panels
+        axes[1, 0].legend(fontsize=7, loc="best")
     fig.suptitle(f"{task.config.model}, n = {task.config.observations}, step {step}")
     fig.tight_layout()
     path = out / "predictions.png"

@@ -33,7 +33,7 @@ from torch import nn
 
 from neuralode import METHODS
 from neuralode.experiments import engine
-from neuralode.experiments.common import seed_everything
+from neuralode.experiments.common import explain_empty, seed_everything
 from neuralode.experiments.config import RunSettings, check_at_least, check_positive, run_field
 from neuralode.experiments.distributed import DistContext
 
@@ -382,12 +382,35 @@ def _plot_training(run_dir: Path, config: MnistConfig) -> list[Path]:
             "o-",
             label="test",
         )
-    axes[0].set(xlabel="epoch", ylabel="cross-entropy", yscale="log", title=f"{model}: loss")
-    axes[1].set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy", ylim=(80, 100))
+    losses = [r["loss"] for r in train] + [r["test_loss"] for r in epochs]
+    wide = bool(losses) and min(losses) > 0 and max(losses) / min(losses) > 10
+    axes[0].set(
+        xlabel="epoch",
+        ylabel="cross-entropy (nats per image)",
+        yscale="log" if wide else "linear",
+        title=f"{model}: loss",
+    )
+    # The accuracy axis fits the data: a short run's curve is seen whole, a long one's top.
+    accuracies = [100 * r["accuracy"] for r in train] + [100 * r["test_accuracy"] for r in epochs]
+    low = max(0.0, min(accuracies) - 2.0) if accuracies else 0.0
+    axes[1].set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy", ylim=(low, 100.5))
     for key, label in (("nfe_forward", "forward"), ("nfe_backward", "backward")):
-        if train and key in train[0]:
-            axes[2].plot([r["epoch"] for r in train], [r[key] for r in train], label=label)
-    axes[2].set(xlabel="epoch", ylabel="NFE per batch", title="NFE during training (paper Fig. 3d)")
+        values = [r.get(key) or 0 for r in train]
+        if any(values):
+            axes[2].plot([r["epoch"] for r in train], values, label=label)
+    axes[2].set(
+        xlabel="epoch",
+        ylabel="function evaluations per batch",
+        title="NFE during training (paper Fig. 3d)",
+    )
+    explain_empty(axes[0], "no metric lines yet")
+    explain_empty(axes[1], "no metric lines yet")
+    explain_empty(
+        axes[2],
+        f"the {model} has no adaptive ODE block, so no function evaluations to count"
+        if model in ("mlp", "resnet")
+        else "no metric lines yet",
+    )
     for ax in axes:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
