@@ -114,12 +114,11 @@ def test_torchrun_two_processes_match_one_process(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_quick_recipe_reaches_the_promised_accuracy(tmp_path: Path) -> None:
-    # The README's promise: configs/mnist-quick.toml trains the ODE-Net to >= 98.5% test accuracy
+    # The README's promise: --preset quick trains the ODE-Net to >= 98.5% test accuracy
     # in under 30 minutes on 2 CPU cores (measured: 98.72% in 16 minutes on one thread).
     run = tmp_path / "quick"
-    config = Path(__file__).resolve().parents[1] / "configs" / "mnist-quick.toml"
     neuralode(
-        "train", "mnist", "--config", str(config), "--model", "odenet",
+        "train", "mnist", "--preset", "quick", "--model", "odenet",
         "--out", str(run), "--quiet", "--threads", "2", timeout=3600,
     )  # fmt: skip
     summary = json.loads((run / "metrics.json").read_text())

@@ -1,14 +1,19 @@
 """Paper experiments, one module each, driven by the ``neuralode`` command.
 
-Every experiment module provides:
+Every experiment module follows :class:`neuralode.experiments.engine.Experiment`:
 
-- ``add_arguments(parser)``: its options for ``neuralode train NAME``;
-- ``train(args) -> dict``: run it into the run folder ``args.out`` and return the final metrics;
-- optionally ``resume(run_dir, args)``, ``evaluate(run_dir, args)`` and ``plot(run_dir)`` for the
-  commands of the same names. Experiments built on :mod:`neuralode.experiments.engine` get
-  checkpoints, exact resume, metrics, progress bars and DDP from it.
- To add an
-experiment, write ``neuralode/experiments/NAME.py`` and register it in :data:`EXPERIMENTS`.
+- ``NAME``, ``CONFIG`` (a frozen dataclass extending
+  :class:`~neuralode.experiments.config.RunSettings`: every field is a flag of
+  ``neuralode train NAME``) and ``HEADLINE`` (the metrics of the line printed at the end);
+- ``build(config, ctx) -> (model, task)``, ``make_optimizer(config, model, task)`` and
+  ``make_schedule(config, task)``;
+- ``summarize(trainer, config, run_dir) -> dict`` (``metrics.json``) and
+  ``figures(run_dir, config, model, task, step) -> list[Path]``.
+
+The engine does the rest for all of them: ``train``, ``resume``, ``evaluate``, ``plot`` and
+:func:`neuralode.load_run`, with checkpoints, exact resume, metrics, progress bars and DDP. Its
+recipes go in ``presets/NAME-PRESET.toml``. To add an experiment, write
+``neuralode/experiments/NAME.py`` and register it in :data:`EXPERIMENTS` and :data:`SUMMARIES`.
 """
 
 from __future__ import annotations
