@@ -561,6 +561,42 @@ def test_unknown_adjoint_option() -> None:
         neuralode.solve(net, Y0, T_INC, gradient="adjoint", adjoint_options={"stepsize": 0.1})
 
 
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        ({"first_step": -0.1}, r"adjoint_options\['first_step'\] must be a positive finite"),
+        ({"first_step": 0.1, "adjoint_method": "rk4"},
+         r"adjoint_options\['first_step'\] applies to adaptive methods; 'rk4' is fixed-step"),
+        ({"step_size": 0.1}, r"adjoint_options\['step_size'\] applies to fixed-step methods"),
+        ({"safety": 1.5}, r"adjoint_options\['safety'\] must be in \(0, 1\], got 1.5"),
+        ({"beta": 0.5}, r"adjoint_options\['beta'\] \(PI coefficient\) must be in \[0, 0.2\]"),
+        ({"ifactor": 0.5}, r"adjoint_options\['ifactor'\] must be a finite number >= 1"),
+        ({"dfactor": 2.0}, r"adjoint_options\['dfactor'\] must be in \(0, 1\]"),
+        ({"max_num_steps": 0}, r"adjoint_options\['max_num_steps'\] must be a positive integer"),
+    ],
+)  # fmt: skip
+def test_bad_adjoint_stepping_options_are_refused_before_solving(
+    options: dict[str, Any], says: str
+) -> None:
+    # Checked when the solve is set up, naming the dict they came from: not at the first
+    # backward pass, after a forward solve that may have taken minutes (the field is called
+    # once at most, the set-up's check of its output shape).
+    calls = []
+
+    def field(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return -y
+
+    y0 = Y0.clone().requires_grad_(True)
+    method = options.pop("adjoint_method", None)
+    extra = {} if method is None else {"adjoint_method": method}
+    with pytest.raises(ValueError, match=says):
+        neuralode.odeint_adjoint(
+            field, y0, T_INC, adjoint_params=(), adjoint_options=options, **extra
+        )
+    assert len(calls) <= 1
+
+
 def test_unknown_adjoint_norm() -> None:
     net = MLPField(2, 4)
     with pytest.raises(ValueError, match="semi_norm"):
@@ -988,3 +1024,74 @@ def test_the_gradient_of_both_times_of_one_interval() -> None:
         grads.append(g)
     assert float(grads[1][0].abs()) > 0.1
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-7, atol=1e-9)
+
+
+def test_each_backward_interval_starts_from_the_step_the_last_one_ended_with(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The augmented state is one row: its step carries over from one output interval to the
+    # next (as torchdiffeq's), so only the first interval pays for an initial-step selection.
+    from neuralode._loop import LoopSpec
+
+    starts, ends = [], []
+    run = LoopSpec.run
+
+    def spy(self: LoopSpec, y0: torch.Tensor, f0: Any, out_times: torch.Tensor, **kw: Any) -> Any:
+        result = run(self, y0, f0, out_times, **kw)
+        starts.append(kw.get("first_step"))
+        ends.append(result.h_next)
+        return result
+
+    monkeypatch.setattr(LoopSpec, "run", spy)
+    a = torch.tensor(0.7, dtype=F64, requires_grad=True)
+    sol = neuralode.solve(lambda t, y: -a * y + torch.sin(y), torch.tensor([1.0, -0.5], dtype=F64),
+                          torch.linspace(0, 2, 5, dtype=F64), gradient="adjoint",
+                          adjoint_params=(a,), rtol=1e-7, atol=1e-9)  # fmt: skip
+    sol.ys.sum().backward()
+    backward_starts, backward_ends = starts[1:], ends[1:]  # after the forward solve
+    assert len(backward_starts) == 4
+    assert backward_starts[0] is None  # selected by the controller
+    assert all(isinstance(h, float) and h > 0 for h in backward_ends)
+    assert backward_starts[1:] == backward_ends[:-1]
+
+
+@pytest.mark.parametrize("gradient", ["adjoint", "backprop", "checkpoint"])
+def test_per_row_grids_of_two_times_get_each_rows_gradient(gradient: str) -> None:
+    # One output interval per row, of a different length in each row: the backward pass must
+    # rescale each row's interval (an exact solution to compare: y' = -k y).
+    k = torch.tensor([0.5, 1.5], dtype=F64, requires_grad=True)
+    y0 = torch.tensor([[1.0], [2.0]], dtype=F64, requires_grad=True)
+    t = torch.tensor([[0.0, 1.0], [0.2, 2.2]], dtype=F64, requires_grad=True)
+    params = {} if gradient == "backprop" else {"adjoint_params": (k,)}
+    sol = neuralode.solve(lambda s, y: -k[:, None] * y, y0, t, batched=True, gradient=gradient,
+                          rtol=1e-10, atol=1e-12, **params)  # fmt: skip
+    sol.ys[:, -1].sum().backward()
+    span = (t[:, 1] - t[:, 0]).detach()
+    decay = torch.exp(-k.detach() * span)
+    torch.testing.assert_close(y0.grad[:, 0], decay, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(k.grad, -span * y0.detach()[:, 0] * decay, rtol=1e-7, atol=1e-9)
+    end_rate = -k.detach() * y0.detach()[:, 0] * decay  # d y(t1) / d t1
+    torch.testing.assert_close(t.grad[:, 1], end_rate, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(t.grad[:, 0], -end_rate, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("gradient", ["backprop", "checkpoint"])
+def test_time_gradients_keep_a_float32_state_in_float32(gradient: str) -> None:
+    # float32 state, float64 times that need a gradient, one grid per row: the shift of t0 and
+    # the derivative at each output must not turn the solve, or the field's t, into float64.
+    seen = set()
+    a = torch.tensor(0.5, requires_grad=True)
+
+    def field(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        seen.add(t.dtype)
+        return -a * y * torch.cos(t).unsqueeze(-1)
+
+    y0 = torch.tensor([[1.0, -0.5], [0.3, 0.2]], requires_grad=True)
+    t = torch.tensor([[0.0, 0.6, 1.5], [0.1, 1.2, 3.0]], dtype=F64, requires_grad=True)
+    params = {} if gradient == "backprop" else {"adjoint_params": (a,)}
+    sol = neuralode.solve(field, y0, t, batched=True, gradient=gradient, **params)
+    assert sol.ys.dtype == torch.float32
+    sol.ys.sum().backward()
+    assert seen == {torch.float32}
+    assert y0.grad is not None and y0.grad.dtype == torch.float32
+    assert t.grad is not None and t.grad.dtype == F64

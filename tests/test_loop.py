@@ -447,3 +447,23 @@ def test_the_loop_needs_f0_or_a_first_step(batched: bool) -> None:
     nfe = got.stats.nfe[0] if batched else got.stats.nfe
     assert int(nfe) == int(ref.stats.nfe)
     torch.testing.assert_close(got.ys[0] if batched else got.ys, ref.ys, rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_the_next_step_is_reported_only_when_asked_for(batched: bool) -> None:
+    # Both drivers keep one contract: LoopResult.h_next is the controller's next step with
+    # carry_step (for a solve that continues), and None without it.
+    from neuralode._loop import LoopSpec
+    from neuralode.controllers import PIController, rms_norm
+
+    controller = PIController(1e-6, 1e-8, rms_norm, (1,) if batched else (0,), 4)
+    spec = LoopSpec(lambda t, y: -y, neuralode.get_solver("dopri5"), controller, batched)
+    y0 = torch.ones(2, 3, dtype=torch.float64) if batched else torch.ones(3, dtype=torch.float64)
+    times = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    assert spec.run(y0, None, times, first_step=0.1).h_next is None
+    carried = spec.run(y0, None, times, first_step=0.1, carry_step=True).h_next
+    if batched:
+        assert isinstance(carried, torch.Tensor) and carried.shape == (2,)
+        assert bool((carried > 0).all())
+    else:
+        assert isinstance(carried, float) and carried > 0

@@ -581,7 +581,13 @@ class _Run:
             tt(n_steps - n_acc, device=d),
         )
         t_reached = tt(t, dtype=self.t_dtype, device=d)
-        return commit.assemble(), tt(int(status), device=d), t_reached, stats, h_next
+        return (
+            commit.assemble(),
+            tt(int(status), device=d),
+            t_reached,
+            stats,
+            h_next if self.carry_step else None,
+        )
 
 
 def _finite_rows(res: StepResult, batched: bool) -> torch.Tensor:

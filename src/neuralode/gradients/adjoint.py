@@ -336,7 +336,7 @@ class _AdjointRun:
         sigma = torch.tensor([0.0, span], dtype=aug.t_dtype, device=x0.device)
         # f at the interval's start: Hairer's selection needs it, and otherwise the first step
         # would evaluate it as its first stage (the loop counts it either way).
-        f0 = aug(sigma[0].to(x0.dtype), x0)
+        f0 = aug(sigma[0], x0)  # aug takes the clock to the state dtype itself
         out = spec.run(x0, f0, sigma, first_step=h, carry_step=True)
         if not bool((out.status == 0).all()):
             raise SolverError(
