@@ -49,7 +49,7 @@ class Checkpoint(GradientStrategy):
         needs_t_grad = prob.times.requires_grad and torch.is_grad_enabled()
         if needs_t_grad:  # as for backprop
             y0 = t0_shift(prob, s_det)
-        replay = _Replay(spec, prob, s_det, needs_t_grad)
+        replay = _Replay(spec, prob, s_det)
         ys = _CheckpointFn.apply(replay, y0, *self.params)
         if needs_t_grad:
             ys = attach_time_gradients(prob, ys, s_det)
@@ -62,17 +62,15 @@ class _Replay:
     spec: LoopSpec
     prob: Problem
     out_times: torch.Tensor  # internal output times, detached
-    needs_t_grad: bool
     result: LoopResult | None = None
     stats: dict[str, Stats] = field(default_factory=dict)
     nfe: int = 0  # vector-field evaluations of the backward pass's recomputation
 
     def forward(self, y0: torch.Tensor) -> torch.Tensor:
-        prob = self.prob
-        f0 = prob.f0.detach()
-        if self.needs_t_grad:  # the shifted start needs its own first evaluation
-            f0 = prob.func(self.out_times[..., 0].to(y0.dtype), y0)
-        self.result = self.spec.run(y0, f0, self.out_times, record=True)
+        # f0 is a value here (this pass builds no graph; the backward pass re-evaluates f at
+        # the start of every step it replays), and a start shifted by t0_shift has the value
+        # of y0 (it is shifted by zero), so f(t0, y0) serves it too.
+        self.result = self.spec.run(y0, self.prob.f0.detach(), self.out_times, record=True)
         return self.result.ys
 
     def step(
