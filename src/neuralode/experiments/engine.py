@@ -898,7 +898,8 @@ class Experiment(Protocol):
     ``CONFIG`` is a frozen dataclass with at least ``out``, ``device``, ``quiet`` and
     ``epochs`` or ``iterations`` fields and the methods ``data_requirements()`` and
     ``extension_blocker()``; a ``grad_clip`` field, if present, clips gradients. ``HEADLINE``
-    names the metrics of the line printed at the end of a run.
+    names the metrics of the line printed at the end of a run. ``MODEL_FIGURES = False`` says
+    that ``figures`` draws from ``metrics.jsonl`` alone (``plot`` then builds no model).
     """
 
     NAME: str
@@ -1047,7 +1048,8 @@ def plot(experiment: Any, run_dir: str | os.PathLike[str]) -> list[Path]:
     """``neuralode plot RUN``: redraw the run's figures (those of the model only when the run
     has a checkpoint)."""
     run_dir = Path(run_dir)
-    if (run_dir / CHECKPOINT_NAME).exists():
+    draws_model = getattr(experiment, "MODEL_FIGURES", True)  # else: no data and model to build
+    if draws_model and (run_dir / CHECKPOINT_NAME).exists():
         run = restore(experiment, run_dir)
         with torch.no_grad():
             paths: list[Path] = experiment.figures(

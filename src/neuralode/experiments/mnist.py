@@ -130,6 +130,8 @@ NAME = "mnist"
 CONFIG = MnistConfig
 #: The metrics of the line printed at the end of a run.
 HEADLINE = ("test_accuracy", "test_error", "parameters")
+#: The figures come from metrics.jsonl alone: ``neuralode plot`` loads no images.
+MODEL_FIGURES = False
 
 
 def _normalise(images: torch.Tensor) -> torch.Tensor:
