@@ -1095,3 +1095,42 @@ def test_time_gradients_keep_a_float32_state_in_float32(gradient: str) -> None:
     assert seen == {torch.float32}
     assert y0.grad is not None and y0.grad.dtype == torch.float32
     assert t.grad is not None and t.grad.dtype == F64
+
+
+def test_the_backward_tolerances_given_or_taken_from_the_forward(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The backward state mixes y, the adjoint and the parameter gradients, so it has one rtol
+    # and one atol: adjoint_rtol/adjoint_atol (numbers or one-element tensors), else the
+    # smallest of the forward's per-component tolerances.
+    from neuralode.gradients import adjoint as adjoint_module
+
+    seen: list[tuple[float, float]] = []
+    build = adjoint_module.PIController
+
+    def record(**kw: Any) -> Any:
+        seen.append((kw["rtol"], kw["atol"]))
+        return build(**kw)
+
+    monkeypatch.setattr(adjoint_module, "PIController", record)
+    a = torch.tensor(0.5, dtype=F64, requires_grad=True)
+
+    def backward_tolerances(**kw: Any) -> tuple[float, float]:
+        seen.clear()
+        sol = neuralode.solve(lambda t, y: -a * y, torch.tensor([1.0, -0.5], dtype=F64),
+                              torch.tensor([0.0, 1.0], dtype=F64), gradient="adjoint",
+                              adjoint_params=(a,), **kw)  # fmt: skip
+        sol.ys.sum().backward()
+        (got,) = seen
+        return got
+
+    per_component = {"rtol": torch.tensor([1e-5, 1e-7], dtype=F64),
+                     "atol": torch.tensor([1e-8, 1e-6], dtype=F64)}  # fmt: skip
+    assert backward_tolerances(**per_component) == (1e-7, 1e-8)
+    assert backward_tolerances(rtol=1e-5, atol=1e-7) == (1e-5, 1e-7)
+    given = {"adjoint_rtol": torch.tensor(1e-4, dtype=F64), "adjoint_atol": torch.tensor([0.0])}
+    assert backward_tolerances(**per_component, **given) == (1e-4, 0.0)  # atol 0 is allowed
+    with pytest.raises(TypeError, match="adjoint_rtol must be a number"):
+        backward_tolerances(adjoint_rtol=torch.tensor([1e-4, 1e-5]))
+    with pytest.raises(ValueError, match="adjoint_rtol must be a finite positive number"):
+        backward_tolerances(adjoint_rtol=0.0)
