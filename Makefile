@@ -92,7 +92,7 @@ density: $(STAMP)
 
 # Mutation testing of the solver core ([tool.mutmut] in pyproject.toml): mutmut keeps its
 # results in mutants/ and re-tests only what changed; the report fails on a survivor that
-# tests/mutation_survivors.md does not list as equivalent.  A full run takes four hours or
+# tests/mutation_survivors.md does not list as equivalent.  A full run takes five hours or
 # more on 2 cores (README: Tests that fail when the code is wrong).
 mutate: $(STAMP)
 	$(VENV)/bin/mutmut run --max-children 2
