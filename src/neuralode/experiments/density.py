@@ -425,13 +425,7 @@ def make_optimizer(
 
 
 def make_schedule(config: DensityConfig, task: DensityTask) -> engine.Schedule:
-    return engine.Schedule(
-        total_steps=config.iterations,
-        steps_per_epoch=min(config.eval_every, config.iterations),
-        log_every=config.log_every,
-        checkpoint_every=config.checkpoint_every,
-        fault_step=config.fault_step,
-    )
+    return engine.schedule_for(config, config.iterations, config.eval_every)
 
 
 def summarize(trainer: engine.Trainer, config: DensityConfig, run_dir: Path) -> dict[str, Any]:

@@ -81,6 +81,7 @@ __all__ = [
     "load_weights",
     "read_metrics",
     "run_experiment",
+    "schedule_for",
     "start_run",
     "stored_config",
     "write_evaluation",
@@ -242,6 +243,19 @@ class Phases:
         self.steps_taken = int(state["steps_taken"])
         for (optimizer, _), saved in zip(self.phases, state["phases"], strict=True):
             optimizer.load_state_dict(saved)
+
+
+def schedule_for(config: Any, total_steps: int, steps_per_epoch: int) -> Schedule:
+    """The :class:`Schedule` of a run of ``total_steps`` evaluated every ``steps_per_epoch``
+    steps (at most the run's length), logging and checkpointing as its
+    :class:`~neuralode.experiments.config.RunSettings` say."""
+    return Schedule(
+        total_steps=total_steps,
+        steps_per_epoch=min(steps_per_epoch, total_steps),
+        log_every=config.log_every,
+        checkpoint_every=config.checkpoint_every,
+        fault_step=config.fault_step,
+    )
 
 
 class _Meter:

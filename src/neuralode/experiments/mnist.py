@@ -310,13 +310,7 @@ def make_optimizer(config: MnistConfig, model: nn.Module, task: MnistTask) -> tu
 
 
 def make_schedule(config: MnistConfig, task: MnistTask) -> engine.Schedule:
-    return engine.Schedule(
-        total_steps=config.epochs * task.steps_per_epoch,
-        steps_per_epoch=task.steps_per_epoch,
-        log_every=config.log_every,
-        checkpoint_every=config.checkpoint_every,
-        fault_step=config.fault_step,
-    )
+    return engine.schedule_for(config, config.epochs * task.steps_per_epoch, task.steps_per_epoch)
 
 
 def summarize(trainer: engine.Trainer, config: MnistConfig, run_dir: Path) -> dict[str, Any]:

@@ -356,13 +356,7 @@ def make_optimizer(
 
 
 def make_schedule(config: SpiralDemoConfig, task: SpiralTask) -> engine.Schedule:
-    return engine.Schedule(
-        total_steps=config.total_steps,
-        steps_per_epoch=min(config.eval_every, config.total_steps),
-        log_every=config.log_every,
-        checkpoint_every=config.checkpoint_every,
-        fault_step=config.fault_step,
-    )
+    return engine.schedule_for(config, config.total_steps, config.eval_every)
 
 
 def summarize(trainer: engine.Trainer, config: SpiralDemoConfig, run_dir: Path) -> dict[str, Any]:
