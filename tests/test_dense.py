@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ADAPTIVE
+from conftest import ADAPTIVE, tol_for
 
 import neuralode
 
@@ -65,12 +65,14 @@ def test_evaluate_matches_direct_solve_unbatched(method: str) -> None:
         Y0,
         torch.tensor([0.0, T_END], dtype=DTYPE),
         method=method,
-        rtol=RTOL,
-        atol=ATOL,
+        rtol=tol_for(method, RTOL),
+        atol=tol_for(method, ATOL),
         dense=True,
     )
     grid = torch.cat([QUERIES.new_zeros(1), QUERIES, QUERIES.new_full((1,), T_END)])
-    direct = neuralode.solve(f, Y0, grid, method=method, rtol=RTOL, atol=ATOL)
+    direct = neuralode.solve(
+        f, Y0, grid, method=method, rtol=tol_for(method, RTOL), atol=tol_for(method, ATOL)
+    )
     assert int(direct.stats.n_steps) == int(sol.stats.n_steps)
 
     vec = sol.evaluate(QUERIES)
@@ -131,7 +133,13 @@ Y0S = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, -1.0]], dtype=DTYPE)
 def test_evaluate_batched(method: str) -> None:
     f = spiral(OMEGAS)
     sol = neuralode.solve(
-        f, Y0S, GRIDS[:, [0, -1]], method=method, rtol=RTOL, atol=ATOL, dense=True
+        f,
+        Y0S,
+        GRIDS[:, [0, -1]],
+        method=method,
+        rtol=tol_for(method, RTOL),
+        atol=tol_for(method, ATOL),
+        dense=True,
     )
     t0 = GRIDS[:, :1]
 
@@ -148,7 +156,9 @@ def test_evaluate_batched(method: str) -> None:
     out = sol.evaluate(per_row)
     assert out.shape == (3, 3, 2)
     grid = torch.cat([GRIDS[:, :1], per_row, GRIDS[:, -1:]], dim=1)
-    direct = neuralode.solve(f, Y0S, grid, method=method, rtol=RTOL, atol=ATOL)
+    direct = neuralode.solve(
+        f, Y0S, grid, method=method, rtol=tol_for(method, RTOL), atol=tol_for(method, ATOL)
+    )
     assert torch.equal(direct.stats.n_steps, sol.stats.n_steps)
     torch.testing.assert_close(out, direct.ys[:, 1:-1], rtol=1e-12, atol=1e-12)
     exact = spiral_exact(per_row, t0, Y0S, OMEGAS.unsqueeze(1))
@@ -199,14 +209,16 @@ def test_evaluate_is_differentiable(method: str) -> None:
         y0,
         torch.tensor([0.0, T_END], dtype=DTYPE),
         method=method,
-        rtol=RTOL,
-        atol=ATOL,
+        rtol=tol_for(method, RTOL),
+        atol=tol_for(method, ATOL),
         dense=True,
     )
     weights = torch.linspace(1.0, 2.0, 2 * len(QUERIES), dtype=DTYPE).view(-1, 2)
     (g_dense,) = torch.autograd.grad((sol.evaluate(QUERIES) * weights).sum(), y0)
     grid = torch.cat([QUERIES.new_zeros(1), QUERIES, QUERIES.new_full((1,), T_END)])
-    ys = neuralode.odeint(f, y0, grid, method=method, rtol=RTOL, atol=ATOL)
+    ys = neuralode.odeint(
+        f, y0, grid, method=method, rtol=tol_for(method, RTOL), atol=tol_for(method, ATOL)
+    )
     (g_direct,) = torch.autograd.grad((ys[1:-1] * weights).sum(), y0)
     assert torch.isfinite(g_dense).all()
     torch.testing.assert_close(g_dense, g_direct, rtol=1e-10, atol=1e-12)

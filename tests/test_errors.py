@@ -196,8 +196,12 @@ def test_fixed_step_output_on_grid_point_before_nan_is_the_grid_state() -> None:
 def test_step_size_underflow_at_blow_up(method: str) -> None:
     y0 = torch.ones(1, dtype=F64)
     t = torch.tensor([0.0, 0.5, 2.0], dtype=F64)
+    # Fehlberg's 1(2) pair underestimates its error badly (its first-order solution is nearly
+    # the midpoint rule's): at rtol 1e-3 it is 6% off at t = 0.5 (torchdiffeq's fehlberg2 too,
+    # 1.91 for 2) and meets the pole late.
+    rtol = 1e-6 if method == "fehlberg2" else 1e-3
     with pytest.raises(SolverError, match=r"step size fell below") as info:
-        neuralode.solve(square, y0, t, method=method, rtol=1e-3, atol=1e-6)
+        neuralode.solve(square, y0, t, method=method, rtol=rtol, atol=1e-6)
     sol = info.value.solution
     assert sol is not None
     assert int(sol.status) == Status.STEP_SIZE_UNDERFLOW
@@ -236,10 +240,11 @@ def test_unknown_method_lists_the_known_ones() -> None:
 
 
 def test_unknown_option_lists_the_known_ones() -> None:
-    with pytest.raises(ValueError, match=r"unknown option\(s\) \['stepsize'\]") as info:
+    # odeint warns, as torchdiffeq does (tests/test_compat.py); the message lists the known keys
+    with pytest.warns(UserWarning, match=r"unexpected option\(s\) \['stepsize'\]") as info:
         neuralode.odeint(decay, Y0, T01, options={"stepsize": 0.1})
     for key in neuralode.ODE_OPTIONS:
-        assert key in str(info.value)
+        assert key in str(info[0].message)
 
 
 def test_options_must_be_a_dict() -> None:
@@ -335,13 +340,13 @@ def test_zero_atol_is_allowed() -> None:
 @pytest.mark.parametrize("method", ADAPTIVE)
 def test_step_size_with_adaptive_method(method: str) -> None:
     with pytest.raises(ValueError, match=rf"step_size applies to fixed-step methods; '{method}'"):
-        neuralode.odeint(decay, Y0, T01, method=method, options={"step_size": 0.1})
+        neuralode.solve(decay, Y0, T01, method=method, step_size=0.1)
 
 
 @pytest.mark.parametrize("method", FIXED)
 def test_first_step_with_fixed_method(method: str) -> None:
     with pytest.raises(ValueError, match=rf"first_step applies to adaptive methods; '{method}'"):
-        neuralode.odeint(decay, Y0, T01, method=method, options={"first_step": 0.1})
+        neuralode.solve(decay, Y0, T01, method=method, first_step=0.1)
 
 
 @pytest.mark.parametrize("step", [0.0, -0.1, math.nan, math.inf])

@@ -337,7 +337,9 @@ def test_user_tableau_converges_at_its_order() -> None:
 
 
 def test_unknown_methods_are_named() -> None:
-    with pytest.raises(ValueError, match=r"unknown method 'rk5'; known methods are: bosh3, "):
+    with pytest.raises(
+        ValueError, match=r"unknown method 'rk5'; known methods are: adaptive_heun, bosh3, "
+    ):
         neuralode.solve(field, Y0, T, method="rk5")
     with pytest.raises(TypeError, match=r"method must be a name in .*ButcherTableau.*Solver"):
         neuralode.solve(field, Y0, T, method=5)  # type: ignore[arg-type]
@@ -395,7 +397,12 @@ class _Pair(NamedTuple):
 def test_default_merge_keeps_rows_per_state_kind() -> None:
     """``Solver.merge``: tensors (and tuples and named tuples of them) take ``new`` on accepted
     rows and ``old`` elsewhere; a state a step cannot carry (``None``) stays ``None``."""
-    solver = neuralode.get_solver("dopri5")
+
+    class Default:  # Solver.merge itself (ExplicitRK has its own: the test below)
+        def merge(self, accept, new, old):  # noqa: ANN001, ANN202
+            return Solver.merge(self, accept, new, old)  # type: ignore[arg-type]
+
+    solver = Default()
     accept = torch.tensor([True, False, True])
     new, old = torch.ones(3, 2), torch.zeros(3, 2)
     want = torch.tensor([[1.0, 1.0], [0.0, 0.0], [1.0, 1.0]])
@@ -410,6 +417,46 @@ def test_default_merge_keeps_rows_per_state_kind() -> None:
     assert torch.equal(
         solver.merge(torch.tensor(False), torch.ones(2), torch.zeros(2)), torch.zeros(2)
     )
+
+
+def test_runge_kutta_merge_keeps_each_rows_known_first_stage() -> None:
+    """``ExplicitRK.merge``: where one side has no first stage (``None``), the rows of the other
+    side keep theirs, marked known; a step then evaluates ``f`` for the rest only in its count."""
+    from neuralode.solvers.rk import KnownFirstStage
+
+    solver = neuralode.get_solver("fehlberg2")
+    accept = torch.tensor([True, False, True])
+    new, old = torch.ones(3, 2), torch.zeros(3, 2)
+    assert torch.equal(solver.merge(accept, new, old), torch.where(accept[:, None], new, old))
+    assert solver.merge(accept, None, None) is None
+    part = solver.merge(accept, None, old)  # accepted rows lost theirs, the rejected one kept it
+    assert isinstance(part, KnownFirstStage) and part.known.tolist() == [False, True, False]
+    assert torch.equal(part.k0[1], old[1])
+    part = solver.merge(accept, new, None)
+    assert part.known.tolist() == [True, False, True] and torch.equal(part.k0[0], new[0])
+    # merging into a partly known state keeps what each row knows
+    again = solver.merge(torch.tensor([False, False, True]), None, part)
+    assert again.known.tolist() == [True, False, False]
+    full = solver.merge(torch.tensor([False, True, False]), new * 3, part)
+    assert full.known.tolist() == [True, True, True] and full.k0[:, 0].tolist() == [1, 3, 1]
+
+    # A step from a partly known first stage evaluates f on every row (one call) and charges
+    # each row what it would have spent alone; the known rows' stage is the one carried.
+    calls = []
+
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        calls.append(t.clone())
+        return -y
+
+    y = torch.ones(3, 2, dtype=torch.float64)
+    t = torch.zeros(3, dtype=torch.float64)
+    h = torch.full((3,), 0.1, dtype=torch.float64)
+    marked = KnownFirstStage(torch.full((3, 2), 7.0, dtype=torch.float64), accept)
+    res = solver.step(f, t, h, y, marked)
+    assert res.nfe.tolist() == [2, 3, 2] and len(calls) == 3
+    assert torch.equal(res.dense_info[0][0], marked.k0[0])  # carried, not re-evaluated
+    assert torch.equal(res.dense_info[0][1], -y[1])
+    assert torch.equal(res.retry_state, res.dense_info[0])  # a retry starts from f(t, y)
 
 
 class StateChecker(Solver):

@@ -2,7 +2,7 @@
 
 For Lotka-Volterra, Van der Pol (mu = 1) and a linear system ``y' = A y`` (reference
 ``matrix_exp``), on ``[0, 10]`` with 21 output times, at ``rtol = atol = tol`` for
-``tol`` in 1e-4, 1e-6, 1e-8, every adaptive method:
+``tol`` in 1e-4, 1e-6, 1e-8, every adaptive method with a scipy counterpart:
 
 * has a global error, in units of the tolerance ``atol + rtol |y_ref|`` (max over outputs and
   components), of at most ``ERR_BOUND = 100``.  The controller bounds the *local* error of each
@@ -15,11 +15,15 @@ For Lotka-Volterra, Van der Pol (mu = 1) and a linear system ``y' = A y`` (refer
   DOP853 for dopri8) by more than ``SCIPY_ERR_FACTOR = 3``, on the same output times;
 * spends at most ``NFE_FACTOR = 1.15`` times scipy's ``nfev`` (our ``stats.nfe``).
 
-Reversed time (``t`` from 10 down to 0, at tol = 1e-6), on problems well conditioned backward:
-Lotka-Volterra started from its reference state at 10, and ``y' = -A y`` from ``y(10) = y0``
-(reference ``expm(A (10 - t)) y0``).  The result is within the same bound of the reference, and
-equals the forward solve of the mirrored field ``g(s, y) = -f(-s, y)`` on ``s = -t`` to
-round-off, with the same ``nfe``.
+torchdiffeq's low-order pairs (``adaptive_heun``, ``fehlberg2``), which scipy lacks, are held to
+their own measured bounds (``LOW_ORDER_BOUND``), and to a smaller error at a tenth of the
+tolerance.
+
+Reversed time (``t`` from 10 down to 0, at tol = 1e-6; 1e-4 for the low-order pairs), on
+problems well conditioned backward: Lotka-Volterra started from its reference state at 10, and
+``y' = -A y`` from ``y(10) = y0`` (reference ``expm(A (10 - t)) y0``).  The result is within the
+same bound of the reference, and equals the forward solve of the mirrored field
+``g(s, y) = -f(-s, y)`` on ``s = -t`` to round-off, with the same ``nfe``.
 """
 
 from __future__ import annotations
@@ -111,7 +115,7 @@ def test_linear_reference_matches_dop853() -> None:
 
 @pytest.mark.parametrize("tol", TOLS)
 @pytest.mark.parametrize("problem", list(PROBLEMS))
-@pytest.mark.parametrize("method", ADAPTIVE)
+@pytest.mark.parametrize("method", list(SCIPY_MATCH))
 def test_against_scipy_reference(method: str, problem: str, tol: float) -> None:
     _, f_t, y0 = PROBLEMS[problem]
     ref = reference(problem)
@@ -150,6 +154,37 @@ def test_against_scipy_reference(method: str, problem: str, tol: float) -> None:
         assert ours == pytest.approx(theirs, rel=1e-2)
 
 
+# torchdiffeq's low-order pairs, which scipy lacks: the global error bound, in tolerance units,
+# at tol 1e-3 and 1e-4 (below, the pairs take ~10^4 steps per decade).  Measured at 1e-3 to 1e-6
+# (ours; torchdiffeq 0.2.5's in brackets): adaptive_heun 0.9-2.0 (3.5-5.6); fehlberg2 180-1200
+# (430-840 at 1e-4 and 1e-6).  Fehlberg's first-order solution is nearly the midpoint rule's, so
+# the difference that estimates its error is far below the step's true error: the pair keeps its
+# tolerance only in name, in both libraries (README: Methods).
+LOW_ORDER_BOUND = {"adaptive_heun": ERR_BOUND, "fehlberg2": 2000.0}
+
+
+def test_every_adaptive_method_has_a_reference_test() -> None:
+    assert set(ADAPTIVE) == set(SCIPY_MATCH) | set(LOW_ORDER_BOUND)
+
+
+@pytest.mark.parametrize("tol", (1e-3, 1e-4))
+@pytest.mark.parametrize("problem", list(PROBLEMS))
+@pytest.mark.parametrize("method", list(LOW_ORDER_BOUND))
+def test_low_order_pairs_against_the_reference(method: str, problem: str, tol: float) -> None:
+    _, f_t, y0 = PROBLEMS[problem]
+    ref = reference(problem)
+    ts = torch.tensor(T_EVAL, dtype=DTYPE)
+    sol = neuralode.solve(f_t, torch.tensor(y0, dtype=DTYPE), ts, method=method, rtol=tol, atol=tol)
+    ours = err_in_tol_units(sol.ys.numpy(), ref, tol)
+    print(f"{method} {problem} tol={tol:.0e}: err/tol {ours:.2f}, nfe {int(sol.stats.nfe)}")
+    assert ours <= LOW_ORDER_BOUND[method]
+    # a tenth of the tolerance gives a smaller error: the tolerance steers the solve
+    finer = neuralode.solve(
+        f_t, torch.tensor(y0, dtype=DTYPE), ts, method=method, rtol=tol / 10, atol=tol / 10
+    )
+    assert float(np.abs(finer.ys.numpy() - ref).max()) < float(np.abs(sol.ys.numpy() - ref).max())
+
+
 def _reversed_case(problem: str):
     """Field, start state at ``T_END`` and reference at ``T_EVAL`` of a backward solve that is
     well conditioned backward: Lotka-Volterra (periodic) from its reference state at 10, and
@@ -166,7 +201,7 @@ def _reversed_case(problem: str):
 @pytest.mark.parametrize("problem", ["lotka_volterra", "linear"])
 @pytest.mark.parametrize("method", ADAPTIVE)
 def test_reversed_time(method: str, problem: str) -> None:
-    tol = 1e-6
+    tol = 1e-4 if method in LOW_ORDER_BOUND else 1e-6
     f_t, yT, ref = _reversed_case(problem)
     t_back = torch.tensor(T_EVAL[::-1].copy(), dtype=DTYPE)
     sol = neuralode.solve(f_t, yT, t_back, method=method, rtol=tol, atol=tol)
@@ -175,7 +210,7 @@ def test_reversed_time(method: str, problem: str) -> None:
     assert torch.equal(sol.ys[0], yT)
     err = err_in_tol_units(sol.ys.numpy()[::-1], ref, tol)
     print(f"{method} {problem} reversed: err/tol {err:.2f}")
-    assert err <= ERR_BOUND
+    assert err <= LOW_ORDER_BOUND.get(method, ERR_BOUND)
 
     def mirrored(s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return -f_t(-s, y)

@@ -145,9 +145,11 @@ def test_tableau_validates_and_is_explicit(name: str) -> None:
     assert tab.c[0] == 0 and tab.a[0] == ()
     assert [len(r) for r in tab.a] == list(range(tab.stages))
     assert tab.adaptive == (tab.b_err is not None)
-    if tab.adaptive:
-        # Every adaptive method here is FSAL: the last stage is f(t + h, y1).
-        assert tab.fsal and tab.c[-1] == 1 and tab.b[-1] == 0
+    # FSAL (the last stage is f(t + h, y1)): the four Hairer/Shampine-style pairs; torchdiffeq's
+    # low-order pairs (adaptive_heun, fehlberg2 with local extrapolation) are not.
+    assert tab.fsal == (name in ("bosh3", "dopri5", "tsit5", "dopri8")), name
+    if tab.fsal:
+        assert tab.c[-1] == 1 and tab.b[-1] == 0 and (*tab.a[-1], 0) == tab.b
     assert tab.dense is not None and 1 <= tab.dense.order <= tab.order
 
 
@@ -319,9 +321,17 @@ def test_fsal_is_detected_from_the_coefficients(c, a, b, fsal: bool) -> None:
 
 
 def test_get_tableau_unknown_lists_all_methods() -> None:
-    known = ", ".join(sorted(ALL_METHODS))
+    known = ", ".join(sorted([*ALL_METHODS, "heun2"]))
     with pytest.raises(ValueError, match=rf"^unknown method 'nope'; known methods are: {known}$"):
         get_tableau("nope")
+
+
+def test_aliases_are_the_same_method() -> None:
+    # torchdiffeq's `heun2` is Heun's method: the same tableau and the same solver object.
+    assert get_tableau("heun2") is get_tableau("heun")
+    assert neuralode.get_solver("heun2") is neuralode.get_solver("heun")
+    with pytest.raises(ValueError, match="heun2, heun3"):
+        neuralode.get_solver("heun4")
 
 
 def test_methods_is_the_registry() -> None:

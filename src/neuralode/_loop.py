@@ -108,7 +108,8 @@ class LoopSpec:
             y0: start state (internal layout).
             f0: ``func(out_times[..., 0], y0)`` when known (counted as one evaluation), else
                 ``None``.
-            out_times: increasing output times, ``[T]``, or ``[batch, T]`` batched (time dtype).
+            out_times: strictly increasing output times, ``[T]``, or ``[batch, T]`` batched
+                (time dtype).
             first_step: adaptive methods: the first step, instead of ``self.first_step``.
             record: keep the accepted steps for replay (the checkpoint strategy).
             carry_step: report ``LoopResult.h_next`` (a solve that continues from the end).
@@ -124,12 +125,10 @@ class _Attempt(NamedTuple):
     h_proposed: torch.Tensor  # the step the controller proposed before landing on the end
     running: torch.Tensor  # rows that attempted this step
     y: torch.Tensor  # start state
-    solver_state: Any  # the solver's carried state before the step
     result: StepResult
     accept: torch.Tensor
     t_new: torch.Tensor
     still: torch.Tensor  # rows that run on after this step
-    ratio: torch.Tensor | None
     under: torch.Tensor | None  # rows whose step size underflowed (adaptive methods)
 
 
@@ -242,7 +241,6 @@ class _Run:
     def _tensor_driver(self) -> tuple[Any, ...]:
         f, solver = self.f, self.solver
         t = self.out_times[:, 0].clone()
-        t_end = self.out_times[:, -1]
         zeros = torch.zeros(t.shape, dtype=torch.long, device=self.device)
         c = _Carry(
             t=t,
@@ -250,7 +248,7 @@ class _Run:
             h=torch.zeros_like(t),
             solver_state=solver.init(f, t, self.y0, self.f0),
             controller_state=None,
-            running=t < t_end,
+            running=torch.ones_like(t, dtype=torch.bool),  # times increase strictly
             status=zeros.clone(),
             nfe=zeros + int(self.f0 is not None),
             n_steps=zeros.clone(),
@@ -347,12 +345,10 @@ class _Run:
             c.h,
             running,
             y,
-            c.solver_state,
             res,
             accept,
             t_new,
             still,
-            ratio,
             under if ratio is not None else None,
         )
         return carry, attempt
@@ -424,8 +420,11 @@ class _Run:
         if most_inside > 0 or (self.dense is not None and any_acc):
             d, extra, next_state = self.solver.dense(self.f, att.t, att.h, att.y, res)
             uses = n_inside > 0 if self.dense is None else accept
-            if next_state is not None and all_acc:
-                # The interpolant evaluated f(t + h, y1): it starts the next step of every row.
+            if next_state is not None:
+                # The interpolant evaluated f(t + h, y1): it starts the next step of every row
+                # that accepted (the others keep their own), so each is charged for it.
+                if not all_acc:
+                    next_state = self.solver.merge(accept, next_state, _kept_state(res, c))
                 c = c._replace(solver_state=next_state)
                 uses = uses | att.still
             c = c._replace(nfe=c.nfe + (accept & uses) * extra)
@@ -477,17 +476,16 @@ class _Run:
 
     def _advance(self, c: _Carry, att: _Attempt, all_acc: bool, any_acc: bool) -> _Carry:
         """The accepted rows take the step's state and carried state (rows that stopped took a
-        zero step: y1 == y there); with no row accepted, every row keeps what it had (as in the
-        float driver: a merge with a state a step could not carry, ``None``, would drop it)."""
+        zero step: y1 == y there); the others keep their state and the carried state for a retry
+        (the step's own, else what they had), as in the float driver."""
         res = att.result
         if all_acc:
             return c._replace(y=res.y1, solver_state=res.state)
+        kept = _kept_state(res, c)
         if not any_acc:
-            return c
+            return c._replace(solver_state=kept)
         y = torch.where(per_row(att.accept, att.y.ndim), res.y1, att.y)
-        return c._replace(
-            y=y, solver_state=self.solver.merge(att.accept, res.state, c.solver_state)
-        )
+        return c._replace(y=y, solver_state=self.solver.merge(att.accept, res.state, kept))
 
     # -- the float driver -------------------------------------------------------------------------
     def _float_driver(self) -> tuple[Any, ...]:
@@ -506,7 +504,7 @@ class _Run:
         nfe = int(self.f0 is not None)
         for k in range(self.grid.n):
             res = solver.step(f, times[k], steps[k], y, state, self._times(k))
-            nfe += res.nfe
+            nfe += int(res.nfe)  # one row: the solver never sees a partly known state
             extra, next_state = commit.accepted(times[k], steps[k], times[k + 1], y, res)
             nfe += extra
             y, state = res.y1, (res.state if next_state is None else next_state)
@@ -543,7 +541,7 @@ class _Run:
             hit = h * 1.01 >= t_end - t  # land on the end rather than leave a sliver of a step
             h_eff = t_end - t if hit else h
             res = solver.step(f, t, h_eff, y, state)
-            nfe += res.nfe
+            nfe += int(res.nfe)
             n_steps += 1
             assert res.y_error is not None, f"adaptive solver {solver!r} gave no error estimate"
             ratio = ctrl.error_ratio(y, res.y1, res.y_error, solver.error_norm)
@@ -561,6 +559,8 @@ class _Run:
                 if hit:
                     h_next = max(h_next, h)  # landing on the end does not shrink the next step
                     break
+            elif res.retry_state is not None:  # the retry starts where this attempt did
+                state = res.retry_state
             res_t = 10 * eps * max(abs(t), abs(t_end))
             if h_eff <= res_t or not h_next > res_t:
                 finite = bool(_finite_rows(res, False))
@@ -588,6 +588,11 @@ class _Run:
             stats,
             h_next if self.carry_step else None,
         )
+
+
+def _kept_state(res: StepResult, c: _Carry) -> Any:
+    """The carried state of rows that rejected ``res``: its retry state, else what they had."""
+    return c.solver_state if res.retry_state is None else res.retry_state
 
 
 def _finite_rows(res: StepResult, batched: bool) -> torch.Tensor:

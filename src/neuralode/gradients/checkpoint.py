@@ -79,7 +79,7 @@ class _Replay:
         """Recompute one step with autograd; returns ``(y1, [(vals, idx, valid), ...])``."""
         solver, f, batched = self.spec.solver, self.spec.func, self.spec.batched
         res = solver.step(f, r.t, r.h, y_in, solver.init(f, r.t, y_in, None))
-        self.nfe += res.nfe
+        self.nfe += int(res.nfe)  # replays start from no carried state
         outs: list[tuple[torch.Tensor, Any, Any]] = []
         if r.interior is not None:
             first, count, m = r.interior

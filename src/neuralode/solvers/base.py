@@ -51,18 +51,23 @@ class StepResult(NamedTuple):
             (the stages, for a Runge-Kutta method).  Opaque to the loop.
         state: the solver's carried state after this step, used if the step is accepted (for an
             FSAL method, the last stage, which is ``f(t + h, y1)``).
-        nfe: evaluations of ``f`` this step spent on every row it advanced.
+        nfe: evaluations of ``f`` this step spent on every row it advanced (per row, ``[batch]``,
+            when rows spent different numbers).
         status: per-row :class:`~neuralode.Status` codes of a step that failed on its own (a
             Newton iteration that did not converge), or ``None`` when no row failed.  A failed
             row's step is rejected and retried smaller, as a step with a large error would be.
+        retry_state: the carried state for a retry from the same start if the step is rejected
+            (a Runge-Kutta method's first stage ``f(t, y)``, which the retry need not evaluate
+            again), or ``None`` to keep the state the step started from.
     """
 
     y1: torch.Tensor
     y_error: torch.Tensor | tuple[torch.Tensor, ...] | None
     dense_info: Any
     state: Any
-    nfe: int
+    nfe: int | torch.Tensor
     status: torch.Tensor | None = None
+    retry_state: Any = None
 
 
 class DenseStep(NamedTuple):

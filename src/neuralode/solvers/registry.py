@@ -1,5 +1,5 @@
-"""Method names: ``method=`` takes one of :data:`METHODS`, a :class:`ButcherTableau` or a
-:class:`~neuralode.solvers.base.Solver`.
+"""Method names: ``method=`` takes one of :data:`METHODS` (or an alias in :data:`ALIASES`), a
+:class:`ButcherTableau` or a :class:`~neuralode.solvers.base.Solver`.
 
 The registry is data (a name -> factory table built once); an unknown name is a ``ValueError``
 that lists the known ones, never a bare ``KeyError``.
@@ -12,9 +12,9 @@ from collections.abc import Callable
 
 from .base import Solver
 from .rk import ExplicitRK
-from .tableaus import TABLEAUS, ButcherTableau
+from .tableaus import ALIASES, TABLEAUS, ButcherTableau
 
-__all__ = ["METHODS", "get_solver"]
+__all__ = ["ALIASES", "METHODS", "get_solver"]
 
 _FACTORIES: dict[str, Callable[[], Solver]] = {
     name: functools.partial(ExplicitRK, tab) for name, tab in TABLEAUS.items()
@@ -39,12 +39,14 @@ def get_solver(method: str | ButcherTableau | Solver) -> Solver:
         TypeError: anything else.
     """
     if isinstance(method, str):
+        method = ALIASES.get(method, method)
         solver = _SOLVERS.get(method)
         if solver is None:
             factory = _FACTORIES.get(method)
             if factory is None:
+                known = ", ".join(sorted([*METHODS, *ALIASES]))
                 raise ValueError(
-                    f"unknown method {method!r}; known methods are: {', '.join(sorted(METHODS))} "
+                    f"unknown method {method!r}; known methods are: {known} "
                     f"(or pass a neuralode.ButcherTableau or a neuralode.solvers.Solver)"
                 )
             solver = _SOLVERS[method] = factory()

@@ -15,7 +15,7 @@ interpolant's ``f(t + h, y1)`` when one was computed), else ``None`` and the ste
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -23,9 +23,22 @@ from .._rows import per_row
 from .base import DenseStep, Func, Solver, StepResult, Time
 from .tableaus import ButcherTableau
 
-__all__ = ["ExplicitRK"]
+__all__ = ["ExplicitRK", "KnownFirstStage"]
 
 Terms = tuple[tuple[int, float], ...]
+
+
+class KnownFirstStage(NamedTuple):
+    """A batch's carried first stage known on some rows only: ``k0`` is ``f(t, y)`` at the
+    step's start where ``known`` (``[batch]``), and is evaluated afresh for the other rows.
+
+    It arises when rows part ways: a non-FSAL step accepted on some rows (whose next first stage
+    is unknown) and rejected on others (who keep theirs), or an interpolant's ``f(t + h, y1)``
+    kept by the rows that accepted.  The fresh evaluation is one call over the batch; each row is
+    charged only what it would have spent solved alone."""
+
+    k0: torch.Tensor
+    known: torch.Tensor
 
 
 def _terms(row: Sequence[object]) -> Terms:
@@ -160,8 +173,12 @@ class ExplicitRK(Solver):
         ts = times if times is not None else self._step_times(t, h, y)
         h_y = _h_state(h, y)
         k0 = state
-        nfe = self.n_stages - 1
-        if k0 is None:
+        nfe: int | torch.Tensor = self.n_stages - 1
+        if isinstance(k0, KnownFirstStage):
+            known = k0.known
+            k0 = torch.where(per_row(known, y.ndim), k0.k0, f(ts[0], y))
+            nfe = self.n_stages - known.long()
+        elif k0 is None:
             k0 = f(ts[0], y)
             nfe += 1
         ks = [k0]
@@ -177,7 +194,27 @@ class ExplicitRK(Solver):
                 y_error = _combine(ks, self.e_terms).mul_(h_y)
                 if self.e2_terms is not None:
                     y_error = (y_error, _combine(ks, self.e2_terms).mul_(h_y))
-        return StepResult(y1, y_error, ks, ks[-1] if self.fsal else None, nfe)
+        return StepResult(y1, y_error, ks, ks[-1] if self.fsal else None, nfe, None, k0)
+
+    def merge(self, accept: torch.Tensor, new: Any, old: Any) -> Any:
+        """The carried first stage per row: ``new`` where ``accept``, else ``old``; where one
+        side is unknown (``None``), the rows on the other side keep theirs
+        (:class:`KnownFirstStage`)."""
+        if isinstance(new, torch.Tensor) and isinstance(old, torch.Tensor):
+            return torch.where(per_row(accept, new.ndim), new, old)
+        if new is None and old is None:
+            return None
+        n_k, n_known = _known(new, accept)
+        o_k, o_known = _known(old, accept)
+        k = (
+            o_k
+            if n_k is None
+            else n_k
+            if o_k is None
+            else torch.where(per_row(accept, n_k.ndim), n_k, o_k)
+        )
+        assert k is not None
+        return KnownFirstStage(k, torch.where(accept, n_known, o_known))
 
     def error_norm(self, norms: Sequence[torch.Tensor]) -> torch.Tensor:
         if len(norms) == 1:
@@ -202,3 +239,12 @@ class ExplicitRK(Solver):
                     next_state = ks[-1]
         P = self._coefficients(y.device)
         return DenseStep(y, h, ks, P), len(self.extra_c), next_state
+
+
+def _known(state: Any, like: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """A carried first stage as ``(k0 or None, known rows)``."""
+    if state is None:
+        return None, torch.zeros_like(like, dtype=torch.bool)
+    if isinstance(state, KnownFirstStage):
+        return state.k0, state.known
+    return state, torch.ones_like(like, dtype=torch.bool)

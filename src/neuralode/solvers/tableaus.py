@@ -238,6 +238,54 @@ RK4 = _fixed(
     _row(F(1, 6), F(1, 3), F(1, 3), F(1, 6)),
 )
 
+# Heun's third-order method (Heun 1900; Hairer, Norsett & Wanner, Solving ODEs I, II.1): nodes
+# 0, 1/3, 2/3 and weights (1/4, 0, 3/4).  torchdiffeq's `heun3`.
+HEUN3 = _fixed(
+    "heun3",
+    3,
+    _row(0, F(1, 3), F(2, 3)),
+    ((), _row(F(1, 3)), _row(0, F(2, 3))),
+    _row(F(1, 4), 0, F(3, 4)),
+)
+
+# Kutta's 3/8 rule (Kutta 1901): fourth order like the classic `rk4`, with nodes 0, 1/3, 2/3, 1.
+# torchdiffeq's `rk4` is this rule; ours is the classic one (nodes 0, 1/2, 1/2, 1).
+RK38 = _fixed(
+    "rk38",
+    4,
+    _row(0, F(1, 3), F(2, 3), 1),
+    ((), _row(F(1, 3)), _row(F(-1, 3), 1), _row(1, -1, 1)),
+    _row(F(1, 8), F(3, 8), F(3, 8), F(1, 8)),
+)
+
+# Heun-Euler 2(1): Heun's method propagated, Euler's step the embedded first-order solution
+# (torchdiffeq's `adaptive_heun`).  Dense output: cubic Hermite.
+ADAPTIVE_HEUN = ButcherTableau(
+    name="adaptive_heun",
+    order=2,
+    c=_row(0, 1),
+    a=((), _row(1)),
+    b=_row(F(1, 2), F(1, 2)),
+    b_err=_row(F(-1, 2), F(1, 2)),  # b - (1, 0)
+    error_order=1,
+    dense=hermite_dense_output(_row(F(1, 2), F(1, 2)), 2),
+)
+
+# Fehlberg (1969), "Low-order classical Runge-Kutta formulas with stepsize control", NASA TR R-315:
+# the RK1(2) pair, here with local extrapolation (the second-order solution propagated, as in
+# torchdiffeq's `fehlberg2`); the embedded first-order solution is (1/256, 255/256, 0).
+_FEHLBERG2_B = _row(F(1, 512), F(255, 256), F(1, 512))
+FEHLBERG2 = ButcherTableau(
+    name="fehlberg2",
+    order=2,
+    c=_row(0, F(1, 2), 1),
+    a=((), _row(F(1, 2)), _row(F(1, 256), F(255, 256))),
+    b=_FEHLBERG2_B,
+    b_err=tuple(x - y for x, y in zip(_FEHLBERG2_B, _row(F(1, 256), F(255, 256), 0))),
+    error_order=1,
+    dense=hermite_dense_output(_FEHLBERG2_B, 2),
+)
+
 # Bogacki & Shampine (1989), "A 3(2) pair of Runge-Kutta formulas", Appl. Math. Lett. 2(4).
 # FSAL; the embedded solution is order 2.  Dense output: cubic Hermite on (y0, f0, y1, f1), which
 # here uses the FSAL stage as f1 (the same interpolant as scipy's RK23).
@@ -729,14 +777,31 @@ DOPRI8 = ButcherTableau(
 )
 
 TABLEAUS: dict[str, ButcherTableau] = {
-    t.name: t for t in (EULER, MIDPOINT, HEUN, RK4, BOSH3, DOPRI5, TSIT5, DOPRI8)
+    t.name: t
+    for t in (
+        EULER,
+        MIDPOINT,
+        HEUN,
+        HEUN3,
+        RK4,
+        RK38,
+        ADAPTIVE_HEUN,
+        FEHLBERG2,
+        BOSH3,
+        DOPRI5,
+        TSIT5,
+        DOPRI8,
+    )
 }
+
+#: Other names of registered methods (torchdiffeq's spellings).
+ALIASES: dict[str, str] = {"heun2": "heun"}
 
 
 def get_tableau(method: str) -> ButcherTableau:
     """Return the tableau registered as ``method``; raise ``ValueError`` listing the known ones."""
     try:
-        return TABLEAUS[method]
+        return TABLEAUS[ALIASES.get(method, method)]
     except (KeyError, TypeError):
-        known = ", ".join(sorted(TABLEAUS))
+        known = ", ".join(sorted([*TABLEAUS, *ALIASES]))
         raise ValueError(f"unknown method {method!r}; known methods are: {known}") from None
