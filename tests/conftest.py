@@ -23,8 +23,10 @@ ADAPTIVE: tuple[str, ...] = tuple(m for m in ALL_METHODS if neuralode.get_solver
 FIXED: tuple[str, ...] = tuple(m for m in ALL_METHODS if not neuralode.get_solver(m).adaptive)
 #: Tolerance scale per method, for tests that hold a solve to its tolerance: fehlberg2's error
 #: estimate is far below its error (400-1200 tolerance units on tests/test_reference.py's
-#: problems, in torchdiffeq too), so it is given a thousandth of the tolerance.
-TOL_SCALE: dict[str, float] = {"fehlberg2": 1e-3}
+#: problems, in torchdiffeq too), so it is given a hundredth of the tolerance; adaptive_heun
+#: keeps its tolerance (1-2 units) but takes ~10x the steps of bosh3, so it is given ten times
+#: the tolerance (its error then ~20 units, inside the tests' bound of 100).
+TOL_SCALE: dict[str, float] = {"fehlberg2": 1e-2, "adaptive_heun": 10.0}
 
 
 def tol_for(method: str, tol: float) -> float:

@@ -49,7 +49,9 @@ Y0S = torch.tensor([[2.0, 0.0], [1.0, -1.0], [0.5, 0.5], [-1.0, 2.0]], dtype=DTY
 
 def _kw(method: str) -> dict:
     # Fixed-step methods step at 0.05 (outputs then fall inside steps: the interpolation path).
-    return dict(rtol=1e-6, atol=1e-8) if get_tableau(method).adaptive else dict(step_size=0.05)
+    if get_tableau(method).adaptive:
+        return dict(rtol=tol_for(method, 1e-6), atol=tol_for(method, 1e-8))
+    return dict(step_size=0.05)
 
 
 @functools.cache
