@@ -556,7 +556,7 @@ def test_unused_parameter_is_named_at_backward() -> None:
 
     net = WithUnused()
     y0 = Y0.clone().requires_grad_()
-    ys = neuralode.odeint_adjoint(net, y0, T_INC)  # the forward cannot know yet
+    ys = neuralode.solve(net, y0, T_INC, gradient="adjoint").ys  # the forward cannot know yet
     with pytest.raises(ValueError, match=r"did not depend on \['unused.weight', 'unused.bias'\]"):
         ys.sum().backward()
 
@@ -564,14 +564,16 @@ def test_unused_parameter_is_named_at_backward() -> None:
 def test_unused_explicit_parameter_raises_at_backward() -> None:
     params = _req(*_params())
     stray = torch.ones(3, dtype=F64, requires_grad=True)
-    ys = neuralode.odeint_adjoint(mlp(params), Y0, T_INC, adjoint_params=(*params, stray))
+    ys = neuralode.solve(
+        mlp(params), Y0, T_INC, gradient="adjoint", adjoint_params=(*params, stray)
+    ).ys
     with pytest.raises(ValueError, match=r"did not depend on \['adjoint_params\[4\]'\]"):
         ys.sum().backward()
 
 
 def test_unknown_adjoint_option() -> None:
     net = MLPField(2, 4)
-    with pytest.raises(ValueError, match="stepsize"):
+    with pytest.warns(UserWarning, match="stepsize"):  # torchdiffeq's entry point warns
         neuralode.odeint_adjoint(net, Y0, T_INC, adjoint_options={"stepsize": 0.1})
     with pytest.raises(ValueError, match="stepsize"):
         neuralode.solve(net, Y0, T_INC, gradient="adjoint", adjoint_options={"stepsize": 0.1})
@@ -607,9 +609,10 @@ def test_bad_adjoint_stepping_options_are_refused_before_solving(
     method = options.pop("adjoint_method", None)
     extra = {} if method is None else {"adjoint_method": method}
     with pytest.raises(ValueError, match=says):
-        neuralode.odeint_adjoint(
-            field, y0, T_INC, adjoint_params=(), adjoint_options=options, **extra
-        )
+        neuralode.solve(
+            field, y0, T_INC, gradient="adjoint", adjoint_params=(), adjoint_options=options,
+            **extra,
+        )  # fmt: skip
     assert len(calls) <= 1
 
 
@@ -917,8 +920,8 @@ def test_a_field_of_time_alone_with_an_unused_parameter_is_named() -> None:
     stray = torch.ones(2, dtype=F64, requires_grad=True)
     y0 = torch.tensor([1.0, 2.0], dtype=F64, requires_grad=True)
     t = torch.tensor([0.0, 1.0, 2.0], dtype=F64)
-    ys = neuralode.odeint_adjoint(lambda tt, _y: torch.cos(tt).expand(2), y0, t,
-                                  adjoint_params=(stray,))  # fmt: skip
+    ys = neuralode.solve(lambda tt, _y: torch.cos(tt).expand(2), y0, t, gradient="adjoint",
+                         adjoint_params=(stray,)).ys  # fmt: skip
     with pytest.raises(ValueError, match=r"did not depend on \['adjoint_params\[0\]'\]"):
         ys.sum().backward()
 
@@ -966,8 +969,8 @@ def test_the_backward_solve_keeps_time_in_the_dtype_asked_for(
 def test_an_unused_parameter_is_named_with_one_output_interval_too() -> None:
     stray = torch.ones(2, dtype=F64, requires_grad=True)
     y0 = torch.tensor([1.0, 2.0], dtype=F64, requires_grad=True)
-    ys = neuralode.odeint_adjoint(lambda tt, y: -y, y0, torch.tensor([0.0, 1.0], dtype=F64),
-                                  adjoint_params=(stray,))  # fmt: skip
+    ys = neuralode.solve(lambda tt, y: -y, y0, torch.tensor([0.0, 1.0], dtype=F64),
+                         gradient="adjoint", adjoint_params=(stray,)).ys  # fmt: skip
     with pytest.raises(ValueError, match=r"did not depend on \['adjoint_params\[0\]'\]"):
         ys.sum().backward()
 

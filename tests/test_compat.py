@@ -246,3 +246,49 @@ def test_scipy_solver_refuses_gradients_and_warns_on_unknown_options() -> None:
         )
     with pytest.raises(ValueError, match="strictly"):
         neuralode.odeint(lambda t, y: -y, y0, torch.tensor([0.0, 1.0, 0.5]), method="scipy_solver")
+
+
+# ------------------------------------------------------------------------------ odeint_adjoint
+def test_odeint_adjoint_gives_an_unused_parameter_a_zero_gradient() -> None:
+    w = torch.tensor(0.7, dtype=DTYPE, requires_grad=True)
+    unused = torch.tensor([1.0, 2.0], dtype=DTYPE, requires_grad=True)
+    y0 = torch.ones(2, dtype=DTYPE)
+
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return -w * y
+
+    ys = neuralode.odeint_adjoint(f, y0, T, adjoint_params=(w, unused))
+    with pytest.warns(UserWarning, match=r"did not depend on \['adjoint_params\[1\]'\].*zero"):
+        g_w, g_u = torch.autograd.grad(ys[-1].sum(), (w, unused))
+    assert torch.equal(g_u, torch.zeros(2, dtype=DTYPE))
+    # d/dw of sum(exp(-w t) y0) at t = 2
+    torch.testing.assert_close(g_w, -2 * 2 * torch.exp(-2 * w.detach()), rtol=1e-6, atol=0)
+    # solve() keeps its error; adjoint_options={'unused': 'error'} asks for it here too
+    sol = neuralode.solve(f, y0, T, gradient="adjoint", adjoint_params=(w, unused))
+    with pytest.raises(ValueError, match=r"did not depend on \['adjoint_params\[1\]'\]"):
+        torch.autograd.grad(sol.ys[-1].sum(), (w, unused))
+    ys = neuralode.odeint_adjoint(
+        f, y0, T, adjoint_params=(w, unused), adjoint_options={"unused": "error"}
+    )
+    with pytest.raises(ValueError, match="adjoint_options=\\{'unused': 'zero'\\}"):
+        torch.autograd.grad(ys[-1].sum(), (w, unused))
+
+
+def test_odeint_adjoint_warns_on_unknown_adjoint_options() -> None:
+    w = torch.tensor(0.7, dtype=DTYPE, requires_grad=True)
+    y0 = torch.ones(2, dtype=DTYPE)
+    with pytest.warns(UserWarning, match=r"adjoint_options: unexpected option\(s\) \['bogus'"):
+        ys = neuralode.odeint_adjoint(
+            lambda t, y: -w * y, y0, T, adjoint_params=(w,), adjoint_options={"bogus": 1}
+        )
+    (g,) = torch.autograd.grad(ys[-1].sum(), (w,))
+    torch.testing.assert_close(g, -2 * 2 * torch.exp(-2 * w.detach()), rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match=r"adjoint_options\['unused'\] must be 'error' or 'zero'"):
+        neuralode.solve(
+            lambda t, y: -w * y,
+            y0,
+            T,
+            gradient="adjoint",
+            adjoint_params=(w,),
+            adjoint_options={"unused": "ignore"},
+        )

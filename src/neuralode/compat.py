@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ._inputs import check_state, check_times
+from .gradients.adjoint import ADJOINT_OPTIONS
 from .solution import SolverError
 from .solve import DEFAULT_MAX_NUM_STEPS, solve
 from .solvers import ButcherTableau, Solver, get_solver
@@ -112,8 +113,10 @@ def odeint_adjoint(
     steps; the backward pass solves the augmented system backwards in time (Chen et al. 2018,
     Algorithm 1).  ``func`` may be an ``nn.Module`` (its trainable parameters are found) or a
     plain callable with ``adjoint_params`` given.  ``adjoint_options`` takes ``norm``
-    (``"seminorm"``, the default; ``"rms"``, torchdiffeq's default; or ``"max"``) and the keys
-    of :data:`ODE_OPTIONS`; the other ``adjoint_*`` arguments default to the forward ones.
+    (``"seminorm"``, the default; ``"rms"``, torchdiffeq's default; or ``"max"``), ``unused``
+    (``"zero"`` here, as torchdiffeq: a parameter ``func`` never uses gets a zero gradient, with
+    a warning; ``"error"`` refuses it) and the keys of :data:`ODE_OPTIONS`; an unknown key warns
+    and is ignored; the other ``adjoint_*`` arguments default to the forward ones.
     The backward solve carries its step size from one output interval to the next.
     See :func:`neuralode.solve`.
 
@@ -134,6 +137,7 @@ def odeint_adjoint(
         )
     kwargs = _options(options, y0, "odeint_adjoint", method)
     _check_1d(t, "odeint_adjoint")
+    adjoint_options = _adjoint_options(adjoint_options, adjoint_method or method)
     sol = solve(
         func,
         y0,
@@ -194,6 +198,22 @@ def _options(
     elif norm is None and is_tuple:
         kwargs["norm"] = _state_norm(_largest_rms, y0)
     return kwargs
+
+
+def _adjoint_options(
+    options: dict[str, Any] | None, method: str | ButcherTableau | Solver
+) -> dict[str, Any]:
+    """torchdiffeq's ``adjoint_options``: unknown keys (and a stepping option of the other kind
+    of method) warn and are dropped; a parameter ``func`` never uses gets a zero gradient."""
+    if options is None:
+        options = {}
+    if not isinstance(options, dict):
+        raise TypeError(f"adjoint_options must be a dict, got {type(options).__name__}")
+    wrong_kind = "first_step" if get_solver(method).adaptive is False else "step_size"
+    unknown = sorted(k for k in options if k not in ADJOINT_OPTIONS or k == wrong_kind)
+    if unknown:
+        _warn_unknown(unknown, list(ADJOINT_OPTIONS), "odeint_adjoint: adjoint_options")
+    return {"unused": "zero", **{k: v for k, v in options.items() if k not in unknown}}
 
 
 def _largest_rms(y: tuple[torch.Tensor, ...]) -> torch.Tensor:

@@ -114,8 +114,11 @@ def solve(
         adjoint_options: the backward solve's options: ``norm`` (``"seminorm"``, the default:
             Kidger et al. 2021, parameter-gradient channels left out of the error norm;
             ``"rms"``: the largest RMS over the parts, every channel counted, torchdiffeq's
-            default; ``"max"``), ``step_size``, ``first_step``, ``max_num_steps``, ``dtype``,
-            ``safety``, ``beta``, ``ifactor``, ``dfactor``.  After ``backward()``,
+            default; ``"max"``), ``unused`` (``"error"``, the default: a ``ValueError`` naming
+            an ``adjoint_params`` entry that ``func`` never depends on; ``"zero"``: its gradient
+            is zero, with a warning, as in torchdiffeq), ``step_size``, ``first_step``,
+            ``max_num_steps``, ``dtype``, ``safety``, ``beta``, ``ifactor``, ``dfactor``.  After
+            ``backward()``,
             ``Solution.backward_stats`` holds the backward solve's work counters.
 
     Returns:

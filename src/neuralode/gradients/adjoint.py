@@ -33,6 +33,7 @@ measures both.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +53,7 @@ __all__ = ["Adjoint", "AdjointConfig", "ADJOINT_OPTIONS", "find_adjoint_params"]
 #: Keys of ``adjoint_options``.
 ADJOINT_OPTIONS = (
     "norm",
+    "unused",
     "step_size",
     "first_step",
     "max_num_steps",
@@ -72,6 +74,9 @@ class AdjointConfig:
     atol: float
     norm: str = "seminorm"
     options: dict[str, Any] = field(default_factory=dict)
+    #: An ``adjoint_params`` entry that ``func`` never depends on: ``"error"`` (a ``ValueError``
+    #: naming it), or ``"zero"`` (a zero gradient and a ``UserWarning``, as torchdiffeq).
+    unused: str = "error"
 
     @classmethod
     def build(
@@ -103,11 +108,14 @@ class AdjointConfig:
             raise ValueError(
                 f"adjoint_options['norm'] must be one of {[*NORMS, 'seminorm']}, got {norm!r}"
             )
+        unused = opts.pop("unused", "error")
+        if unused not in ("error", "zero"):
+            raise ValueError(f"adjoint_options['unused'] must be 'error' or 'zero', got {unused!r}")
         # The backward state mixes y, the adjoint and the parameter gradients, so its tolerances
         # are scalars; per-component forward tolerances give their tightest value.
         rtol_b = _scalar_tolerance("adjoint_rtol", adjoint_rtol, rtol, positive=True)
         atol_b = _scalar_tolerance("adjoint_atol", adjoint_atol, atol, positive=False)
-        return cls(adjoint_method or method, rtol_b, atol_b, norm, opts)
+        return cls(adjoint_method or method, rtol_b, atol_b, norm, opts, unused)
 
 
 def _scalar_tolerance(
@@ -278,10 +286,18 @@ class _AdjointRun:
         if T > 1 and not all(aug.used):
             names = _names(self.strategy.user_func, params)
             unused = [n for n, u in zip(names, aug.used) if not u]
-            raise ValueError(
-                f"gradient='adjoint': func's output did not depend on {unused} anywhere in the "
-                f"solve; their gradients would silently be zero. Remove them from adjoint_params "
-                f"(or freeze them with requires_grad_(False))"
+            if self.strategy.config.unused == "error":
+                raise ValueError(
+                    f"gradient='adjoint': func's output did not depend on {unused} anywhere in "
+                    f"the solve; their gradients would silently be zero. Remove them from "
+                    f"adjoint_params (or freeze them with requires_grad_(False)), or pass "
+                    f"adjoint_options={{'unused': 'zero'}}"
+                )
+            warnings.warn(
+                f"gradient='adjoint': func's output did not depend on {unused}: their "
+                f"gradients are zero",
+                UserWarning,
+                stacklevel=2,
             )
         if grad_s is not None and T > 1:
             f_0 = func(self._out(s, 0).to(ys.dtype), self._out(ys, 0))
