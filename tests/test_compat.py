@@ -321,3 +321,23 @@ def test_evaluation_counts_against_torchdiffeq() -> None:
         print(
             f"{name}: {ours[0]} evaluations, torchdiffeq {theirs[0]} ({ours[0] / theirs[0]:.2f}x)"
         )
+
+
+def test_min_step_and_max_step_options() -> None:
+    n = [0]
+
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        n[0] += 1
+        return -y
+
+    y0, t = torch.ones(2, dtype=DTYPE), torch.tensor([0.0, 1.0], dtype=DTYPE)
+    ys = neuralode.odeint(f, y0, t, options={"max_step": 0.01})
+    assert n[0] == 2 + 6 * 100  # f0, the initial-step probe, 100 steps of 6 new stages
+    torch.testing.assert_close(ys[-1], torch.exp(-t[-1]).expand(2), rtol=1e-12, atol=0)
+    # a first step outside the bounds is clamped (torchdiffeq clamps every step)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        neuralode.odeint(f, y0, t, options={"first_step": 5.0, "max_step": 0.5})
+    # fixed-step methods have no use for them: a warning, as torchdiffeq's unused options
+    with pytest.warns(UserWarning, match=r"unexpected option\(s\) \['max_step', 'min_step'\]"):
+        neuralode.odeint(f, y0, t, method="rk4", options={"min_step": 0.1, "max_step": 0.2})

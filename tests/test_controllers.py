@@ -274,3 +274,78 @@ def test_initial_step_of_a_float32_state_is_in_the_time_dtype() -> None:
         h[dtype] = ctrl.initial_step(f, t0, y, f(t0.to(dtype), y))
     assert h[torch.float32].dtype == F64
     assert float(h[torch.float32]) == pytest.approx(float(h[F64]), rel=1e-5)
+
+
+# --------------------------------------------------------------------------- min_step, max_step
+@pytest.mark.parametrize("batched", [False, True])
+def test_max_step_bounds_every_step(batched: bool) -> None:
+    # y' = -y over [0, 1]: unbounded, dopri5 takes a handful of steps; max_step = 0.01 makes
+    # them exactly 100 (the proposal grows to the bound and stays there).
+    y0 = torch.ones(3, 2, dtype=torch.float64) if batched else torch.ones(2, dtype=torch.float64)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    free = neuralode.solve(lambda t, y: -y, y0, t, batched=batched)
+    bounded = neuralode.solve(lambda t, y: -y, y0, t, batched=batched, max_step=0.01, dense=True)
+    assert int(free.stats.n_steps.max()) < 20
+    assert bounded.stats.n_steps.tolist() == ([100] * 3 if batched else 100)
+    assert int(bounded.stats.n_rejected.sum()) == 0
+    # every step of the dense record is at most max_step
+    grid = torch.linspace(0.0, 1.0, 1001, dtype=torch.float64)
+    want = torch.exp(-grid).unsqueeze(-1)
+    got = bounded.evaluate(grid)
+    torch.testing.assert_close(got[0] if batched else got, want.expand(1001, 2), rtol=1e-9, atol=0)
+    # the first step too: Hairer's initial step is clamped
+    one = neuralode.solve(lambda t, y: -y, y0, torch.tensor([0.0, 0.005], dtype=torch.float64),
+                          batched=batched, max_step=0.001)  # fmt: skip
+    assert one.stats.n_steps.tolist() == ([5] * 3 if batched else 5)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_min_step_accepts_a_step_whatever_its_error(batched: bool) -> None:
+    # At rtol = atol = 1e-12 dopri5 wants ~100 steps over [0, 2]; min_step = 0.5 forces steps
+    # of 0.5, each accepted with an error far above the tolerance (as torchdiffeq does).
+    y0 = torch.ones(2, 2, dtype=torch.float64) if batched else torch.ones(2, dtype=torch.float64)
+    t = torch.tensor([0.0, 2.0], dtype=torch.float64)
+    kw = dict(rtol=1e-12, atol=1e-12, batched=batched)
+    sol = neuralode.solve(lambda t, y: -y, y0, t, min_step=0.5, first_step=0.5, **kw)
+    assert sol.stats.n_steps.tolist() == ([4] * 2 if batched else 4)
+    assert int(sol.stats.n_rejected.sum()) == 0
+    err = float((sol.ys[..., -1, :] - torch.exp(torch.tensor(-2.0))).abs().max())
+    assert 1e-8 < err < 1e-3  # accepted far outside the tolerance, still a 5th-order answer
+    # a non-finite error is still rejected, and shrinks the step below min_step until the
+    # solve reports the non-finite values where they start
+    f_nan = lambda t, y: torch.where(t > 0.3, torch.nan, 1.0) * y  # noqa: E731
+    bad = neuralode.solve(f_nan, y0, t, min_step=0.5, first_step=0.5, throw=False, **kw)
+    assert (torch.as_tensor(bad.status) == neuralode.Status.NONFINITE).all()
+    assert int(bad.stats.n_steps.max()) < 1000  # measured 243: no loop to max_num_steps
+    torch.testing.assert_close(torch.as_tensor(bad.t_end), torch.full_like(
+        torch.as_tensor(bad.t_end), 0.3), rtol=0, atol=1e-6)  # fmt: skip
+
+
+def test_min_and_max_step_are_checked() -> None:
+    y0, t = torch.ones(2), torch.tensor([0.0, 1.0])
+    f = lambda t, y: -y  # noqa: E731
+    for kw, says in (
+        ({"min_step": -1.0}, r"min_step must be finite and >= 0"),
+        ({"max_step": 0.0}, r"max_step must be > 0 and >= min_step"),
+        ({"min_step": 0.5, "max_step": 0.1}, r"max_step must be > 0 and >= min_step \(0.5\)"),
+        ({"max_step": 0.1, "method": "rk4"}, r"min_step/max_step apply to adaptive methods"),
+        ({"max_step": 0.1, "first_step": 0.5}, r"first_step \(0.5\) must lie in \[min_step"),
+    ):
+        with pytest.raises(ValueError, match=says):
+            neuralode.solve(f, y0, t, **kw)
+    with pytest.raises(TypeError, match=r"max_step must be a number of time units"):
+        neuralode.solve(f, y0, t, max_step="1")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"adjoint_options\['max_step'\] must be > 0"):
+        neuralode.solve(f, y0, t, gradient="adjoint", adjoint_params=(),
+                        adjoint_options={"max_step": -1.0})  # fmt: skip
+
+
+def test_max_step_reaches_the_backward_solve() -> None:
+    w = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    y0, t = torch.ones(2, dtype=torch.float64), torch.tensor([0.0, 1.0], dtype=torch.float64)
+    sol = neuralode.solve(lambda t, y: -w * y, y0, t, gradient="adjoint", adjoint_params=(w,),
+                          adjoint_options={"max_step": 0.02})  # fmt: skip
+    (g,) = torch.autograd.grad(sol.ys[-1].sum(), (w,))
+    # 50 steps of 0.02, and Hairer's shorter first step (clamped to 0.02 too)
+    assert sol.backward_stats is not None and 50 <= int(sol.backward_stats.n_steps) <= 51
+    torch.testing.assert_close(g, -2 * torch.exp(-w.detach()), rtol=1e-7, atol=0)

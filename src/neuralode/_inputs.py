@@ -327,6 +327,8 @@ def check_solver_options(
     beta: Any,
     ifactor: Any,
     dfactor: Any,
+    min_step: Any = 0.0,
+    max_step: Any = math.inf,
     prefix: str = "",
 ) -> None:
     """Check the stepping options against the method (``solver`` has ``adaptive`` and ``name``).
@@ -376,3 +378,22 @@ def check_solver_options(
         raise ValueError(f"{name('ifactor')} must be a finite number >= 1, got {ifactor!r}")
     if not 0 < dfactor <= 1:
         raise ValueError(f"{name('dfactor')} must be in (0, 1], got {dfactor!r}")
+    for key, value in (("min_step", min_step), ("max_step", max_step)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            raise TypeError(f"{name(key)} must be a number of time units, got {value!r}")
+    if not 0 <= min_step < math.inf:
+        raise ValueError(f"{name('min_step')} must be finite and >= 0, got {min_step!r}")
+    if not (max_step > 0 and max_step >= min_step):
+        raise ValueError(
+            f"{name('max_step')} must be > 0 and >= min_step ({min_step!r}), got {max_step!r}"
+        )
+    if (min_step > 0 or max_step < math.inf) and not solver.adaptive:
+        raise ValueError(
+            f"{name('min_step')}/{name('max_step')} apply to adaptive methods; "
+            f"{solver.name!r} is fixed-step (use step_size)"
+        )
+    if first_step is not None and not min_step <= first_step <= max_step:
+        raise ValueError(
+            f"{name('first_step')} ({first_step!r}) must lie in [min_step, max_step] = "
+            f"[{min_step!r}, {max_step!r}]"
+        )

@@ -38,6 +38,8 @@ ODE_OPTIONS = {
     "beta": "PI stabilisation coefficient (default 0: integral control)",
     "ifactor": "largest step growth factor (default 10)",
     "dfactor": "smallest step shrink factor (default 0.2)",
+    "min_step": "adaptive methods: smallest step; a step this short is accepted (default 0)",
+    "max_step": "adaptive methods: largest step (default: unbounded)",
 }
 #: Option keys of ``method="scipy_solver"`` (passed to ``scipy.integrate.solve_ivp``).
 SCIPY_OPTIONS = {
@@ -168,7 +170,8 @@ def _check_1d(t: Any, name: str) -> None:
 def _warn_unknown(unknown: list[str], known: Sequence[str], where: str) -> None:
     warnings.warn(
         f"{where}: unexpected option(s) {unknown}, ignored (known options: {sorted(known)}; "
-        f"step_size is for fixed-step methods, first_step for adaptive ones)",
+        f"step_size is for fixed-step methods; first_step, min_step and max_step for adaptive "
+        f"ones)",
         UserWarning,
         stacklevel=4,
     )
@@ -185,11 +188,18 @@ def _options(
         options = {}
     if not isinstance(options, dict):
         raise TypeError(f"options must be a dict, got {type(options).__name__}")
-    unused = "first_step" if get_solver(method).adaptive is False else "step_size"
-    unknown = sorted(k for k in options if k not in ODE_OPTIONS or k == unused)
+    adaptive = get_solver(method).adaptive
+    unused = ("first_step", "min_step", "max_step") if not adaptive else ("step_size",)
+    unknown = sorted(k for k in options if k not in ODE_OPTIONS or k in unused)
     if unknown:
         _warn_unknown(unknown, list(ODE_OPTIONS), where)
     options = {k: v for k, v in options.items() if k not in unknown}
+    first = options.get("first_step")
+    if isinstance(first, (int, float)) and not isinstance(first, bool):
+        # torchdiffeq clamps every step, the first included, to [min_step, max_step]
+        lo, hi = options.get("min_step", 0.0), options.get("max_step", math.inf)
+        if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and lo <= hi:
+            options["first_step"] = min(max(first, lo), hi)
     kwargs = {_RENAMED.get(k, k): v for k, v in options.items()}
     norm = kwargs.get("norm")
     is_tuple = isinstance(y0, tuple)
@@ -209,8 +219,9 @@ def _adjoint_options(
         options = {}
     if not isinstance(options, dict):
         raise TypeError(f"adjoint_options must be a dict, got {type(options).__name__}")
-    wrong_kind = "first_step" if get_solver(method).adaptive is False else "step_size"
-    unknown = sorted(k for k in options if k not in ADJOINT_OPTIONS or k == wrong_kind)
+    adaptive = get_solver(method).adaptive
+    wrong_kind = ("first_step", "min_step", "max_step") if not adaptive else ("step_size",)
+    unknown = sorted(k for k in options if k not in ADJOINT_OPTIONS or k in wrong_kind)
     if unknown:
         _warn_unknown(unknown, list(ADJOINT_OPTIONS), "odeint_adjoint: adjoint_options")
     return {"unused": "zero", **{k: v for k, v in options.items() if k not in unknown}}

@@ -86,6 +86,8 @@ class PIController:
         norm: reduces a scaled error over ``dims`` to one value per row.
         dims: the state dimensions the norm reduces (all but the batch dimension).
         error_order: order of the method's embedded solution.
+        min_step, max_step: bounds on the proposed steps (time units), as torchdiffeq's: a step
+            at ``min_step`` or below is accepted whatever its error (if finite).
     """
 
     rtol: float | torch.Tensor
@@ -97,6 +99,8 @@ class PIController:
     safety: float = 0.9
     ifactor: float = 10.0
     dfactor: float = 0.2
+    min_step: float = 0.0
+    max_step: float = math.inf
 
     @property
     def alpha(self) -> float:
@@ -147,19 +151,28 @@ class PIController:
         # ratio has no NaN (made inf above) and prev_ratio none (an accepted ratio), so factor
         # has none either: clamping is all it needs.
         factor = torch.minimum(factor.clamp_(min=self.dfactor), upper)
+        h_next = h * factor
+        if self.min_step > 0 or self.max_step < math.inf:
+            # A non-finite error still shrinks the step below min_step (to an underflow, if the
+            # values stay non-finite), and is never accepted.
+            finite = ratio < math.inf
+            h_next = torch.where(finite, h_next.clamp(min=self.min_step), h_next)
+            h_next = h_next.clamp(max=self.max_step)
+            if self.min_step > 0:
+                accept = accept | ((h <= self.min_step) & finite)
         prev = (
             torch.where(accept, r.clamp(min=1e-4), state.prev_ratio)
             if self.beta
             else state.prev_ratio
         )
-        return accept, h * factor, ControllerState(prev, ~accept)
+        return accept, h_next, ControllerState(prev, ~accept)
 
     def adapt_float(
         self, ratio: float, h: float, state: FloatControllerState
     ) -> tuple[bool, float, FloatControllerState]:
         """:meth:`adapt` for one row in Python floats (float64), with the same arithmetic."""
         r = ratio if math.isfinite(ratio) else math.inf
-        accept = r <= 1.0
+        accept = r <= 1.0 or (h <= self.min_step and r < math.inf and self.min_step > 0)
         rc = max(r, 1e-10)
         factor = self.safety * rc ** (-self.alpha)
         prev = state.prev_ratio
@@ -168,7 +181,8 @@ class PIController:
             if accept:
                 prev = max(rc, 1e-4)
         factor = min(max(factor, self.dfactor), 1.0 if state.rejected_last else self.ifactor)
-        return accept, h * factor, FloatControllerState(prev, not accept)
+        h_next = min(max(h * factor, self.min_step if r < math.inf else 0.0), self.max_step)
+        return accept, h_next, FloatControllerState(prev, not accept)
 
     def initial_step(
         self,
@@ -202,7 +216,10 @@ class PIController:
                 torch.clamp(h0 * 1e-3, min=1e-6),
                 (0.01 / dmax.clamp(min=1e-300)).pow(1.0 / (self.error_order + 1)),
             )
-            return torch.minimum(100 * h0, h1)
+            h = torch.minimum(100 * h0, h1)
+            if self.min_step > 0 or self.max_step < math.inf:
+                h = h.clamp(min=self.min_step, max=self.max_step)
+            return h
 
 
 class FixedGrid:

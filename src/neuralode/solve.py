@@ -7,6 +7,7 @@ parts and wraps the result.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -55,6 +56,8 @@ def solve(
     beta: float = 0.0,
     ifactor: float = 10.0,
     dfactor: float = 0.2,
+    min_step: float = 0.0,
+    max_step: float = math.inf,
     dense: bool = False,
     throw: bool = True,
     gradient: str = "backprop",
@@ -90,6 +93,9 @@ def solve(
         norm: error norm over each sample's components: ``"rms"``, ``"max"`` or a callable
             ``norm(x, dims) -> tensor`` reducing ``x`` over ``dims``.
         safety, ifactor, dfactor: controller's safety factor and step growth/shrink limits.
+        min_step, max_step: adaptive methods: bounds on the steps the controller proposes
+            (time units; a step at ``min_step`` is accepted whatever its finite error, as in
+            torchdiffeq).  The step that lands on the last output time may be shorter.
         beta: PI stabilisation coefficient (Hairer's ``beta``; 0 is integral control, as in
             scipy and torchdiffeq, and the default).
         dense: keep every step's interpolant so that ``Solution.evaluate`` works anywhere.
@@ -147,6 +153,8 @@ def solve(
         beta=beta,
         ifactor=ifactor,
         dfactor=dfactor,
+        min_step=min_step,
+        max_step=max_step,
     )
     if isinstance(norm, str) and norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}; known norms are {sorted(NORMS)} or a callable")
@@ -192,6 +200,8 @@ def solve(
             safety=safety,
             ifactor=ifactor,
             dfactor=dfactor,
+            min_step=float(min_step),
+            max_step=float(max_step),
         )
     spec = LoopSpec(
         func=prob.func,

@@ -62,6 +62,8 @@ ADJOINT_OPTIONS = (
     "beta",
     "ifactor",
     "dfactor",
+    "min_step",
+    "max_step",
 )
 
 
@@ -189,6 +191,8 @@ class Adjoint(GradientStrategy):
             beta=opts.get("beta", 0.0),
             ifactor=opts.get("ifactor", 10.0),
             dfactor=opts.get("dfactor", 0.2),
+            min_step=opts.get("min_step", 0.0),
+            max_step=opts.get("max_step", math.inf),
             prefix="adjoint_options",
         )
         t_dtype = opts.get("dtype")
@@ -318,7 +322,11 @@ class _AdjointRun:
                 norm=aug.norm(cfg.norm),
                 dims=(0,),
                 error_order=solver.error_order,
-                **{k: opts[k] for k in ("safety", "beta", "ifactor", "dfactor") if k in opts},
+                **{
+                    k: opts[k]
+                    for k in ("safety", "beta", "ifactor", "dfactor", "min_step", "max_step")
+                    if k in opts
+                },
             )
         step_size = opts.get("step_size")  # fixed steps only (a controller ignores it)
         if step_size is not None and aug.per_row:  # time units -> the intervals' tau units
