@@ -25,8 +25,10 @@ FIXED: tuple[str, ...] = tuple(m for m in ALL_METHODS if not neuralode.get_solve
 #: estimate is far below its error (400-1200 tolerance units on tests/test_reference.py's
 #: problems, in torchdiffeq too), so it is given a hundredth of the tolerance; adaptive_heun
 #: keeps its tolerance (1-2 units) but takes ~10x the steps of bosh3, so it is given ten times
-#: the tolerance (its error then ~20 units, inside the tests' bound of 100).
-TOL_SCALE: dict[str, float] = {"fehlberg2": 1e-2, "adaptive_heun": 10.0}
+#: the tolerance (its error then ~20 units, inside the tests' bound of 100); rosenbrock23, an
+#: order-2 method, reaches 100-200 units at tight tolerances (tests/test_reference.py), so it is
+#: given a tenth.
+TOL_SCALE: dict[str, float] = {"fehlberg2": 1e-2, "adaptive_heun": 10.0, "rosenbrock23": 0.1}
 
 
 def tol_for(method: str, tol: float) -> float:

@@ -262,7 +262,7 @@ def test_every_method_matches_backprop(method: str) -> None:
     net = MLPField(3, 8, seed=2)
     y0 = torch.tensor([0.5, -0.3, 0.8], dtype=F64)
     t = torch.tensor([0.0, 0.5, 1.0], dtype=F64)
-    if neuralode.get_tableau(method).adaptive:
+    if neuralode.get_solver(method).adaptive:
         # (adaptive_heun at 1e-9 would take 10^4 steps: 1e-7 is as telling)
         rtol = {"adaptive_heun": 1e-7}.get(method, 1e-9)
         kw: dict[str, Any] = {"rtol": rtol, "atol": rtol}

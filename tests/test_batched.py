@@ -21,7 +21,7 @@ import torch
 from conftest import ADAPTIVE, ALL_METHODS, tol_for
 
 import neuralode
-from neuralode import Status, get_tableau
+from neuralode import Status, get_solver
 
 DTYPE = torch.float64
 
@@ -49,7 +49,7 @@ Y0S = torch.tensor([[2.0, 0.0], [1.0, -1.0], [0.5, 0.5], [-1.0, 2.0]], dtype=DTY
 
 def _kw(method: str) -> dict:
     # Fixed-step methods step at 0.05 (outputs then fall inside steps: the interpolation path).
-    if get_tableau(method).adaptive:
+    if get_solver(method).adaptive:
         return dict(rtol=tol_for(method, 1e-6), atol=tol_for(method, 1e-8))
     return dict(step_size=0.05)
 

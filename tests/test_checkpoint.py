@@ -17,7 +17,7 @@ import torch
 from conftest import ALL_METHODS
 
 import neuralode
-from neuralode import get_tableau
+from neuralode import get_solver
 
 F64 = torch.float64
 
@@ -48,7 +48,7 @@ def _grads(
 
 def _kw(method: str, step_size: float | None) -> dict[str, object]:
     kw: dict[str, object] = {"method": method, "rtol": 1e-6, "atol": 1e-6}
-    if not get_tableau(method).adaptive:
+    if not get_solver(method).adaptive:
         kw["step_size"] = step_size
     return kw
 
@@ -56,7 +56,7 @@ def _kw(method: str, step_size: float | None) -> dict[str, object]:
 CASES = [(m, 0.07) for m in ALL_METHODS] + [
     (m, None)
     for m in ALL_METHODS
-    if not get_tableau(m).adaptive  # one step per output interval
+    if not get_solver(m).adaptive  # one step per output interval
 ]
 
 

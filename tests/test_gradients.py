@@ -45,6 +45,9 @@ TOL = {
     "dopri5": 1e-10,
     "tsit5": 1e-10,
     "dopri8": 1e-11,
+    "rosenbrock23": 1e-9,
+    "rodas4": 1e-9,
+    "rodas5p": 1e-10,
 }
 GC = {"eps": 1e-5, "atol": 1e-6, "rtol": 1e-5}
 
@@ -242,7 +245,10 @@ def test_linear_ode_y0_gradient_is_transposed_matrix_exponential(method: str) ->
     ys = neuralode.odeint(lambda _t, y: a @ y, y0, t, method=method, rtol=tol, atol=tol)
     (grad,) = torch.autograd.grad((ys * g).sum(), y0)
     expected = sum(torch.linalg.matrix_exp(a * t[i]).T @ g[i] for i in range(len(t)))
-    torch.testing.assert_close(grad, expected, rtol=300 * tol, atol=300 * tol)
+    # rosenbrock23's global error is ~450 tolerance units here (an order-2 method over ~10^3
+    # steps; tests/test_reference.py), the others' under 300.
+    units = 1000 if method == "rosenbrock23" else 300
+    torch.testing.assert_close(grad, expected, rtol=units * tol, atol=units * tol)
 
 
 def test_backprop_matches_central_differences_for_scalar_loss() -> None:

@@ -26,54 +26,22 @@ from pathlib import Path
 
 import pytest
 from conftest import ALL_METHODS
+from trees import Tree, gamma, trees_of_order
 
 import neuralode
 from neuralode import ButcherTableau, get_tableau
 from neuralode.solvers import ExplicitRK
+from neuralode.solvers.tableaus import ROSENBROCK_TABLEAUS
 from neuralode.tableaus import DenseOutput
+
+#: The explicit methods (the registry's others are stiff: tests/test_stiff.py).
+EXPLICIT: tuple[str, ...] = tuple(neuralode.TABLEAUS)
 
 # Orders of the embedded solutions ``b - b_err`` (and ``b - b_err2``).  ``error_order`` is the
 # controller's exponent; for dopri8 it is 7 because Hairer's combined estimator behaves as O(h^8),
 # while the two embedded formulas themselves are of order 5 and 3 (Hairer, Norsett & Wanner I,
 # II.10).
 EMBEDDED_ORDERS = {"dopri8": (5, 3)}
-
-Tree = tuple  # a rooted tree: the sorted tuple of its children's subtrees; () is the single node
-
-
-# -- rooted trees ------------------------------------------------------------------------------
-def _canon(children: tuple[Tree, ...]) -> Tree:
-    return tuple(sorted(children))
-
-
-def _graft(tree: Tree) -> set[Tree]:
-    """All trees obtained from ``tree`` by attaching one new leaf to one of its nodes."""
-    out = {_canon(tree + ((),))}
-    for i, child in enumerate(tree):
-        for g in _graft(child):
-            out.add(_canon(tree[:i] + (g,) + tree[i + 1 :]))
-    return out
-
-
-@functools.cache
-def trees_of_order(n: int) -> tuple[Tree, ...]:
-    if n == 1:
-        return ((),)
-    out: set[Tree] = set()
-    for t in trees_of_order(n - 1):
-        out |= _graft(t)
-    return tuple(sorted(out))
-
-
-def order(t: Tree) -> int:
-    return 1 + sum(order(c) for c in t)
-
-
-def gamma(t: Tree) -> int:
-    g = order(t)
-    for c in t:
-        g *= gamma(c)
-    return g
 
 
 def test_tree_counts_match_oeis_a000081() -> None:
@@ -136,7 +104,7 @@ def _weight_sets(name: str) -> list[tuple[str, tuple[Fraction, ...], int]]:
     return sets
 
 
-@pytest.mark.parametrize("name", ALL_METHODS)
+@pytest.mark.parametrize("name", EXPLICIT)
 def test_tableau_validates_and_is_explicit(name: str) -> None:
     tab = get_tableau(name)
     assert neuralode.TABLEAUS[name] is tab and tab.name == name
@@ -153,7 +121,7 @@ def test_tableau_validates_and_is_explicit(name: str) -> None:
     assert tab.dense is not None and 1 <= tab.dense.order <= tab.order
 
 
-@pytest.mark.parametrize("name", ALL_METHODS)
+@pytest.mark.parametrize("name", EXPLICIT)
 def test_order_conditions_hold_to_the_stated_order(name: str) -> None:
     tab = get_tableau(name)
     for label, weights, p in _weight_sets(name):
@@ -161,7 +129,7 @@ def test_order_conditions_hold_to_the_stated_order(name: str) -> None:
         assert not bad, f"{name}: {label} violates order-{p} conditions on trees {bad}"
 
 
-@pytest.mark.parametrize("name", ALL_METHODS)
+@pytest.mark.parametrize("name", EXPLICIT)
 def test_stated_orders_are_sharp(name: str) -> None:
     """Some tree of order ``p + 1`` fails (clearly, far above ``tol``): the order is not higher."""
     tab = get_tableau(name)
@@ -174,7 +142,7 @@ def test_stated_orders_are_sharp(name: str) -> None:
         assert worst > 1e-6, f"{name}: {label} satisfies order {p + 1} too ({float(worst):.2e})"
 
 
-@pytest.mark.parametrize("name", ALL_METHODS)
+@pytest.mark.parametrize("name", EXPLICIT)
 def test_dense_output_ends_on_b(name: str) -> None:
     tab = get_tableau(name)
     assert tab.dense is not None
@@ -186,7 +154,7 @@ def test_dense_output_ends_on_b(name: str) -> None:
         assert abs(sum(row, Fraction(0)) - bj) <= tol, f"{name}: B_{j}(1) != b_{j}"
 
 
-@pytest.mark.parametrize("name", ALL_METHODS)
+@pytest.mark.parametrize("name", EXPLICIT)
 def test_dense_output_order_conditions(name: str) -> None:
     """``sum_j B_j(theta) phi_j(t) == theta^|t| / gamma(t)`` for ``|t| <= dense.order``.
 
@@ -321,7 +289,7 @@ def test_fsal_is_detected_from_the_coefficients(c, a, b, fsal: bool) -> None:
 
 
 def test_get_tableau_unknown_lists_all_methods() -> None:
-    known = ", ".join(sorted([*ALL_METHODS, "heun2"]))
+    known = ", ".join(sorted([*EXPLICIT, "heun2"]))
     with pytest.raises(ValueError, match=rf"^unknown method 'nope'; known methods are: {known}$"):
         get_tableau("nope")
 
@@ -335,7 +303,8 @@ def test_aliases_are_the_same_method() -> None:
 
 
 def test_methods_is_the_registry() -> None:
-    assert tuple(neuralode.TABLEAUS) == ALL_METHODS
+    stiff = ("rosenbrock23", *ROSENBROCK_TABLEAUS)
+    assert ALL_METHODS == (*neuralode.TABLEAUS, *stiff)
     assert set(ALL_METHODS) >= {"euler", "midpoint", "heun", "rk4", "bosh3", "dopri5", "tsit5"}
 
 
@@ -372,7 +341,7 @@ def test_tableaus_built_now_are_the_registered_ones() -> None:
         fresh.get_tableau("nope")
 
 
-@pytest.mark.parametrize("name", ALL_METHODS)
+@pytest.mark.parametrize("name", EXPLICIT)
 def test_solver_built_now_matches_the_registered_one(name: str) -> None:
     """``ExplicitRK`` derives its stage terms from the tableau once; built now, it holds what
     the registry's instance (built at import) holds."""

@@ -367,7 +367,10 @@ class _AdjointRun:
                 f"gradient='adjoint': the backward solve failed on the output interval between "
                 f"output times {i - 1} and {i}: {_status_message(out.status)} (for the backward "
                 f"solve, use adjoint_options={{'max_num_steps': N}}, adjoint_rtol and "
-                f"adjoint_atol)"
+                f"adjoint_atol).  On a stiff, dissipative problem the state itself is unstable "
+                f"backwards in time (its errors grow like exp(|lambda| t)): "
+                f"gradient='checkpoint' recomputes forward steps instead and gives backprop's "
+                f"gradient"
             )
         x1 = out.ys[-1]
         n_y, n_a = y_i.numel(), a.numel()
@@ -415,6 +418,10 @@ class _Augmented:
         self.per_row = batched and s.shape[-1] > 1 and not bool((s == s[:1]).all())
         self.lengths = s.diff(dim=-1)  # [(B,) T-1]
 
+    #: ``torch.func`` cannot transform this field (it calls ``torch.autograd.grad``): a stiff
+    #: backward solve takes its Jacobian with ``torch.autograd.grad`` (neuralode.solvers.newton).
+    no_torch_func = True
+
     def span(self, i: int) -> float:
         """The length of interval ``i`` in the backward loop's time units."""
         if self.per_row:
@@ -435,14 +442,21 @@ class _Augmented:
         else:
             s_now = (s_hi - sigma.to(s_hi.dtype)).to(dtype)
             scale = None
+        # A stiff method's Jacobian of this field (newton.jacobian, by torch.autograd.grad: see
+        # ``no_torch_func``) differentiates it: then the graph from x is kept (second derivatives
+        # of func for the adjoint rows).
+        track = x.requires_grad and torch.is_grad_enabled()
         with torch.enable_grad():
-            y_ = y.detach().requires_grad_(True)
+            y_ = y if track else y.detach().requires_grad_(True)
             fy = self.func(s_now, y_)
             cot = adj if scale is None else adj * scale
             vjps: Sequence[torch.Tensor | None] = (None,) * (1 + len(self.params))
             if fy.requires_grad:  # else f depends on neither y nor a parameter: zero vjps
-                vjps = torch.autograd.grad(fy, (y_, *self.params), cot, allow_unused=True)
-        dy = -fy.detach() if scale is None else -fy.detach() * scale
+                vjps = torch.autograd.grad(
+                    fy, (y_, *self.params), cot, allow_unused=True, create_graph=track
+                )
+        fy = fy if track else fy.detach()
+        dy = -fy if scale is None else -fy * scale
         da = vjps[0] if vjps[0] is not None else torch.zeros_like(adj)
         parts = [dy.reshape(-1), da.reshape(-1)]
         for k, v in enumerate(vjps[1:]):

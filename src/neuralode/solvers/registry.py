@@ -12,12 +12,16 @@ from collections.abc import Callable
 
 from .base import Solver
 from .rk import ExplicitRK
-from .tableaus import ALIASES, TABLEAUS, ButcherTableau
+from .rosenbrock import Rosenbrock, Rosenbrock23
+from .tableaus import ALIASES, ROSENBROCK_TABLEAUS, TABLEAUS, ButcherTableau
 
 __all__ = ["ALIASES", "METHODS", "get_solver"]
 
 _FACTORIES: dict[str, Callable[[], Solver]] = {
-    name: functools.partial(ExplicitRK, tab) for name, tab in TABLEAUS.items()
+    **{name: functools.partial(ExplicitRK, tab) for name, tab in TABLEAUS.items()},
+    # Stiff methods (linearly implicit: one Jacobian and LU factorisation per step).
+    "rosenbrock23": Rosenbrock23,
+    **{name: functools.partial(Rosenbrock, tab) for name, tab in ROSENBROCK_TABLEAUS.items()},
 }
 
 #: The registered method names, in the order the README lists them.

@@ -21,6 +21,8 @@ from fractions import Fraction
 
 __all__ = [
     "ButcherTableau",
+    "RosenbrockTableau",
+    "ROSENBROCK_TABLEAUS",
     "DenseOutput",
     "TABLEAUS",
     "get_tableau",
@@ -805,3 +807,320 @@ def get_tableau(method: str) -> ButcherTableau:
     except (KeyError, TypeError):
         known = ", ".join(sorted([*TABLEAUS, *ALIASES]))
         raise ValueError(f"unknown method {method!r}; known methods are: {known}") from None
+
+
+# -- Rosenbrock methods ----------------------------------------------------------------------------
+
+
+def _lower_inverse(L: list[list[Fraction]]) -> list[list[Fraction]]:
+    """The inverse of a lower-triangular matrix, exactly (forward substitution)."""
+    n = len(L)
+    inv = [[F(0)] * n for _ in range(n)]
+    for j in range(n):
+        inv[j][j] = 1 / L[j][j]
+        for i in range(j + 1, n):
+            inv[i][j] = -sum((L[i][k] * inv[k][j] for k in range(j, i)), F(0)) / L[i][i]
+    return inv
+
+
+@dataclass(frozen=True)
+class RosenbrockTableau:
+    """A Rosenbrock method in Hairer and Wanner's transformed form (Solving ODEs II, IV.7, eq.
+    7.4'), which needs no product with the Jacobian beyond the one matrix ``I - h gamma J``.
+
+    With ``K_i`` the stage vectors (in units of ``f``) and ``J = df/dy``, ``f_t = df/dt`` at the
+    step's start, each stage solves
+
+        (I - h gamma J) K_i = gamma * (f(t + c_i h, y + h sum_j a[i][j] K_j)
+                                       + sum_j C[i][j] K_j + h d_i f_t),
+
+    and ``y1 = y + h sum_j m_j K_j``; the error estimate is ``h sum_j m_err_j K_j`` (``y1`` minus
+    the embedded solution).  The dense output is Hairer's
+
+        y(t + theta h) = (1 - theta) y0 + theta (y1 + (1 - theta)(D_1 + theta D_2 + ...)),
+        D_r = h sum_j H[r][j] K_j.
+
+    Attributes:
+        name: registry name.
+        order, error_order, dense_order: orders of the solution, the embedded solution, the
+            interpolant.
+        gamma: the diagonal coefficient.
+        a, C: strictly lower-triangular rows (``a[i]`` and ``C[i]`` have ``i`` entries).
+        c: nodes; checked against the row sums of Hairer's ``alpha = a Gamma``.
+        d: time-derivative coefficients ``gamma_i``; checked against the row sums of ``Gamma``,
+            where ``Gamma = (I / gamma - C)^-1`` is the method's full lower-triangular matrix.
+        m, m_err: solution and error weights (``m_err = m - m_hat``).
+        H: the dense output's rows ``H[r]`` over the stages.
+        tol: tolerance of the checks (the published coefficients are 16-digit decimals).
+    """
+
+    name: str
+    order: int
+    error_order: int
+    dense_order: int
+    gamma: Coeff
+    a: tuple[Row, ...]
+    C: tuple[Row, ...]
+    c: Row
+    d: Row
+    m: Row
+    m_err: Row
+    H: tuple[Row, ...]
+    tol: float = 1e-14
+
+    def __post_init__(self) -> None:
+        s, name = len(self.m), self.name
+        for label, rows in (("a", self.a), ("C", self.C)):
+            if len(rows) != s or any(len(r) != i for i, r in enumerate(rows)):
+                raise ValueError(f"tableau {name!r}: {label} must be strictly lower ({s} stages)")
+        for label, v in (("c", self.c), ("d", self.d), ("m_err", self.m_err)):
+            if len(v) != s:
+                raise ValueError(f"tableau {name!r}: {label} must have {s} entries")
+        if any(len(r) != s for r in self.H):
+            raise ValueError(f"tableau {name!r}: each dense row H[r] must have {s} entries")
+        G, alpha = self.Gamma, self.alpha
+        for i in range(s):
+            self._close(sum(alpha[i]), self.c[i], f"c[{i}] == row {i} of alpha = a Gamma")
+            self._close(sum(G[i]), self.d[i], f"d[{i}] == row {i} of Gamma")
+
+    def _close(self, x: Fraction | int, y: Fraction, what: str) -> None:
+        if abs(float(x - y)) > self.tol:
+            raise ValueError(
+                f"tableau {self.name!r} fails its check {what}: {float(x)} vs {float(y)}"
+            )
+
+    @property
+    def stages(self) -> int:
+        return len(self.m)
+
+    @property
+    def Gamma(self) -> list[list[Fraction]]:
+        """Hairer's ``Gamma = (I / gamma - C)^-1`` (lower triangular, ``gamma`` on the diagonal)."""
+        s = self.stages
+        L = [
+            [(1 / self.gamma if i == j else -self.C[i][j]) if j <= i else F(0) for j in range(s)]
+            for i in range(s)
+        ]
+        return _lower_inverse(L)
+
+    @property
+    def alpha(self) -> list[list[Fraction]]:
+        """Hairer's ``alpha = a Gamma`` (strictly lower triangular)."""
+        G, s = self.Gamma, self.stages
+        return [
+            [sum((self.a[i][k] * G[k][j] for k in range(j, i)), F(0)) for j in range(s)]
+            for i in range(s)
+        ]
+
+    @property
+    def b(self) -> list[Fraction]:
+        """Hairer's weights ``b = m Gamma`` of the untransformed method."""
+        G, s = self.Gamma, self.stages
+        return [sum((self.m[k] * G[k][j] for k in range(j, s)), F(0)) for j in range(s)]
+
+    @property
+    def P(self) -> tuple[Row, ...]:
+        """The dense output as :class:`DenseOutput` coefficients over the stages:
+        ``B_j(theta) = theta m_j + (theta - theta^2)(H_1j + theta H_2j + theta^2 H_3j ...)``."""
+        R = len(self.H)
+        rows = []
+        for j in range(self.stages):
+            # Ascending powers theta^1..theta^(R+1).
+            coeffs = [self.m[j]] + [F(0)] * R
+            for r in range(R):
+                coeffs[r] += self.H[r][j]
+                coeffs[r + 1] -= self.H[r][j]
+            rows.append(tuple(coeffs))
+        return tuple(rows)
+
+
+def _rows(*rows: tuple[str, ...]) -> tuple[Row, ...]:
+    return tuple(_row(*r) for r in rows)
+
+
+def _stiffly_accurate(last: tuple[str, ...], extra: int) -> tuple[tuple[Row, ...], Row]:
+    """The ``a`` rows of a Rodas method's last ``extra`` stages and its weights ``m``: each of
+    those stages is evaluated at ``t + h`` from the previous one's solution (``a`` row of the
+    last regular stage, then ones), and ``y1`` adds the last stage as well."""
+    base = _row(*last)
+    rows = tuple(base + (F(1),) * k for k in range(1, extra + 1))
+    return rows[:-1], base + (F(1),) * extra
+
+
+# Rodas4 (Hairer and Wanner, Solving ODEs II, IV.7; the RODAS code's coefficients): order 4(3),
+# stiffly accurate, L-stable, with a dense output of order 3.
+_RODAS4_A5 = ("1.221224509226641", "6.019134481288629", "12.53708332932087", "-0.6878860361058950")
+_RODAS4_LAST, _RODAS4_M = _stiffly_accurate(_RODAS4_A5, 2)
+RODAS4 = RosenbrockTableau(
+    name="rodas4",
+    order=4,
+    error_order=3,
+    dense_order=3,
+    gamma=F(1, 4),
+    a=(
+        (),
+        _row("1.544"),
+        _row("0.9466785280815826", "0.2557011698983284"),
+        _row("3.314825187068521", "2.896124015972201", "0.9986419139977817"),
+        _row(*_RODAS4_A5),
+        *_RODAS4_LAST,
+    ),
+    C=_rows(
+        (),
+        ("-5.6688",),
+        ("-2.430093356833875", "-0.2063599157091915"),
+        ("-0.1073529058151375", "-9.594562251023355", "-20.47028614809616"),
+        ("7.496443313967647", "-10.24680431464352", "-33.99990352819905", "11.70890893206160"),
+        (
+            "8.083246795921522",
+            "-7.981132988064893",
+            "-31.52159432874371",
+            "16.31930543123136",
+            "-6.058818238834054",
+        ),
+    ),
+    c=_row(0, "0.386", "0.21", "0.63", 1, 1),
+    d=_row("0.25", "-0.1043", "0.1035", "-0.0362", 0, 0),
+    m=_RODAS4_M,
+    m_err=_row(0, 0, 0, 0, 0, 1),
+    H=_rows(
+        (
+            "10.12623508344586",
+            "-7.487995877610167",
+            "-34.80091861555747",
+            "-7.992771707568823",
+            "1.025137723295662",
+            "0",
+        ),
+        (
+            "-0.6762803392801253",
+            "6.087714651680015",
+            "16.43084320892478",
+            "24.76722511418386",
+            "-6.594389125716872",
+            "0",
+        ),
+    ),
+)
+
+# Rodas5P (Steinebach 2023, "Construction of Rosenbrock-Wanner method Rodas5P and numerical
+# benchmarks within the Julia Differential Equations package", BIT 63:27): order 5(4), stiffly
+# accurate, with a dense output of order 4.
+_RODAS5P_A6 = (
+    "-7.502846399306121",
+    "2.561846144803919",
+    "-11.627539656261098",
+    "-0.18268767659942256",
+    "0.030198172008377946",
+)
+_RODAS5P_LAST, _RODAS5P_M = _stiffly_accurate(_RODAS5P_A6, 3)
+RODAS5P = RosenbrockTableau(
+    name="rodas5p",
+    order=5,
+    error_order=4,
+    dense_order=4,
+    gamma=_frac("0.21193756319429014"),
+    a=(
+        (),
+        _row("3.0"),
+        _row("2.849394379747939", "0.45842242204463923"),
+        _row("-6.954028509809101", "2.489845061869568", "-10.358996098473584"),
+        _row(
+            "2.8029986275628964",
+            "0.5072464736228206",
+            "-0.3988312541770524",
+            "-0.04721187230404641",
+        ),
+        _row(*_RODAS5P_A6),
+        *_RODAS5P_LAST,
+    ),
+    C=_rows(
+        (),
+        ("-14.155112264123755",),
+        ("-17.97296035885952", "-2.859693295451294"),
+        ("147.12150275711716", "-1.41221402718213", "71.68940251302358"),
+        ("165.43517024871676", "-0.4592823456491126", "42.90938336958603", "-5.961986721573306"),
+        (
+            "24.854864614690072",
+            "-3.0009227002832186",
+            "47.4931110020768",
+            "5.5814197821558125",
+            "-0.6610691825249471",
+        ),
+        (
+            "30.91273214028599",
+            "-3.1208243349937974",
+            "77.79954646070892",
+            "34.28646028294783",
+            "-19.097331116725623",
+            "-28.087943162872662",
+        ),
+        (
+            "37.80277123390563",
+            "-3.2571969029072276",
+            "112.26918849496327",
+            "66.9347231244047",
+            "-40.06618937091002",
+            "-54.66780262877968",
+            "-9.48861652309627",
+        ),
+    ),
+    c=_row(
+        0,
+        "0.6358126895828704",
+        "0.4095798393397535",
+        "0.9769306725060716",
+        "0.4288403609558664",
+        1,
+        1,
+        1,
+    ),
+    d=_row(
+        "0.21193756319429014",
+        "-0.42387512638858027",
+        "-0.3384627126235924",
+        "1.8046452872882734",
+        "2.325825639765069",
+        0,
+        0,
+        0,
+    ),
+    m=_RODAS5P_M,
+    m_err=_row(0, 0, 0, 0, 0, 0, 0, 1),
+    H=_rows(
+        (
+            "25.948786856663858",
+            "-2.5579724845846235",
+            "10.433815404888879",
+            "-2.3679251022685204",
+            "0.524948541321073",
+            "1.1241088310450404",
+            "0.4272876194431874",
+            "-0.17202221070155493",
+        ),
+        (
+            "-9.91568850695171",
+            "-0.9689944594115154",
+            "3.0438037242978453",
+            "-24.495224566215796",
+            "20.176138334709044",
+            "15.98066361424651",
+            "-6.789040303419874",
+            "-6.710236069923372",
+        ),
+        (
+            "11.419903575922262",
+            "2.8879645146136994",
+            "72.92137995996029",
+            "80.12511834622643",
+            "-52.072871366152654",
+            "-59.78993625266729",
+            "-0.15582684282751913",
+            "4.883087185713722",
+        ),
+    ),
+)
+
+#: The Rosenbrock methods given by a :class:`RosenbrockTableau` (``rosenbrock23`` has a form of
+#: its own: :class:`neuralode.solvers.rosenbrock.Rosenbrock23`).
+ROSENBROCK_TABLEAUS: dict[str, RosenbrockTableau] = {t.name: t for t in (RODAS4, RODAS5P)}

@@ -1,0 +1,126 @@
+"""Jacobians of the vector field, per sample, for the stiff solvers.
+
+:func:`jacobian` returns ``f(t, y)``, ``df/dy`` and ``df/dt`` at once: one forward evaluation of
+``f`` and ``N`` vector-Jacobian products (``N`` the state's size per sample), vectorised with
+``torch.func.vmap`` over the rows of the identity.  A batched solve's rows are independent
+problems, so one product with a basis vector repeated over the batch gives that row of every
+sample's Jacobian at once: the cost does not grow with the batch.
+
+A vector field that ``torch.func`` cannot transform (a ``.item()``, an in-place update of a
+captured tensor, an ``autograd.Function`` without a vmap rule) falls back to ``N`` calls of
+``torch.autograd.grad``, with the same results; the fallback is remembered for that field.  A
+field that sets ``no_torch_func = True`` goes there directly (the adjoint's augmented field,
+which calls ``torch.autograd.grad`` itself; its Jacobian costs ``2 N + P`` second-order
+vector-Jacobian products, ``P`` the number of parameters).
+
+The Jacobian is differentiable when gradients are enabled (backprop and checkpoint through a
+Rosenbrock step differentiate the matrix ``I - h gamma J`` as well, so the gradient is the exact
+one of the computed solution); under ``torch.no_grad`` it is a plain tensor.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, NamedTuple
+
+import torch
+
+from .base import Func
+
+__all__ = ["Linearisation", "jacobian"]
+
+#: Fields that ``torch.func`` failed on (then differentiated with ``torch.autograd.grad``).
+_AUTOGRAD_ONLY: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+class Linearisation(NamedTuple):
+    """The field and its derivatives at one point.
+
+    Attributes:
+        f0: ``f(t, y)``, shaped like ``y``.
+        J: ``df/dy``: ``[batch, N, N]`` batched, ``[N, N]`` unbatched (``N`` = features per
+            sample, flattened; ``J[..., i, j] = d f_i / d y_j``).
+        ft: ``df/dt``, shaped like ``y``.
+    """
+
+    f0: torch.Tensor
+    J: torch.Tensor
+    ft: torch.Tensor
+
+
+def jacobian(f: Func, t: torch.Tensor, y: torch.Tensor) -> Linearisation:
+    """``f(t, y)`` with its Jacobian in ``y`` and its derivative in ``t``, per sample.
+
+    Args:
+        f: the vector field; batched, row ``b`` of ``f(t, y)`` may depend on row ``b`` of ``y``
+            and ``t`` only (the rows are independent problems).
+        t: the time in ``y``'s dtype: ``[]`` unbatched, ``[batch]`` batched (a 0-dim ``t`` with
+            a batched ``y`` is not allowed: the rows' time derivatives would be summed).
+        y: the state, ``[*state]`` unbatched or ``[batch, *features]`` batched (``t.ndim == 1``).
+
+    Returns:
+        A :class:`Linearisation`.
+    """
+    batched = t.ndim == 1
+    if f not in _AUTOGRAD_ONLY and not getattr(f, "no_torch_func", False):
+        try:
+            return _by_func(f, t, y, batched)
+        except Exception:  # noqa: BLE001 - torch.func cannot transform this field
+            try:
+                _AUTOGRAD_ONLY.add(f)
+            except TypeError:  # not weak-referenceable: try again next time
+                pass
+    return _by_autograd(f, t, y, batched)
+
+
+def _sizes(y: torch.Tensor, batched: bool) -> tuple[int, int]:
+    if batched:
+        return y.shape[0], y[0].numel()
+    return 1, y.numel()
+
+
+def _by_func(f: Func, t: torch.Tensor, y: torch.Tensor, batched: bool) -> Linearisation:
+    B, N = _sizes(y, batched)
+
+    def flat(tt: torch.Tensor, yy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = f(tt, yy)
+        summed = out.reshape(B, N).sum(0) if batched else out.reshape(N)
+        return summed, out
+
+    _, vjp, f0 = torch.func.vjp(flat, t, y, has_aux=True)  # type: ignore[misc]
+    eye = torch.eye(N, dtype=y.dtype, device=y.device)
+    dt, dy = torch.func.vmap(vjp)(eye)  # [N, *t.shape], [N, *y.shape]
+    if batched:
+        J = dy.reshape(N, B, N).transpose(0, 1)
+        ft = dt.transpose(0, 1).reshape(y.shape)
+    else:
+        J = dy.reshape(N, N)
+        ft = dt.reshape(y.shape)
+    return Linearisation(f0, J, ft)
+
+
+def _by_autograd(f: Func, t: torch.Tensor, y: torch.Tensor, batched: bool) -> Linearisation:
+    B, N = _sizes(y, batched)
+    create = torch.is_grad_enabled()
+    with torch.enable_grad():
+        tt = t if t.requires_grad else t.detach().requires_grad_()
+        yy = y if y.requires_grad else y.detach().requires_grad_()
+        f0 = f(tt, yy)
+        summed = f0.reshape(B, N).sum(0) if batched else f0.reshape(N)
+        rows_y, rows_t = [], []
+        for i in range(N):
+            gt, gy = torch.autograd.grad(
+                summed[i], (tt, yy), retain_graph=True, create_graph=create, allow_unused=True
+            )
+            rows_y.append(torch.zeros_like(yy) if gy is None else gy)
+            rows_t.append(torch.zeros_like(tt) if gt is None else gt)
+    dy, dt = torch.stack(rows_y), torch.stack(rows_t)
+    if not create:
+        f0, dy, dt = f0.detach(), dy.detach(), dt.detach()
+    if batched:
+        J = dy.reshape(N, B, N).transpose(0, 1)
+        ft = dt.transpose(0, 1).reshape(y.shape)
+    else:
+        J = dy.reshape(N, N)
+        ft = dt.reshape(y.shape)
+    return Linearisation(f0, J, ft)

@@ -1,0 +1,410 @@
+"""Stiff solvers: the Rosenbrock methods (``rosenbrock23``, ``rodas4``, ``rodas5p``).
+
+* Their coefficients satisfy the Rosenbrock order conditions (Hairer and Wanner II, IV.7) for
+  every rooted tree up to the stated order, and fail at the next order (the stated order is the
+  exact one), for the solution and the embedded solution.
+* They are L-stable: one step of ``y' = lambda y`` with ``h lambda -> -inf`` damps to zero, and
+  ``|R(i w)| <= 1`` on the imaginary axis.
+* On stiff benchmark problems (Robertson to ``t = 4e5``, Van der Pol with ``mu = 1e3``) they reach
+  scipy ``Radau``'s reference solution (``rtol = 1e-12``) within a few tolerance units, in a
+  number of steps an explicit method could not (dopri5 runs out of 100,000 steps on both).
+* Batched, every sample keeps its own steps: 8 Robertson problems with different rate constants
+  solved together give each one's single solve.
+* Gradients: ``gradcheck`` in float64 through every method with backprop and checkpoint, and the
+  adjoint's gradient agrees with backprop's.
+* The Jacobian helper agrees with ``torch.autograd.functional.jacobian``, batched and unbatched,
+  and so does its fallback for fields that ``torch.func`` cannot transform.
+(Convergence orders of the solution and dense output are in ``test_convergence.py``, with every
+method.)
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+from trees import Tree, gamma, trees_of_order
+
+import neuralode
+from neuralode.solvers.newton import jacobian
+from neuralode.solvers.tableaus import RODAS4, ROSENBROCK_TABLEAUS, RosenbrockTableau
+
+scipy_integrate = pytest.importorskip(
+    "scipy.integrate", reason="needs scipy: pip install -e '.[dev]'"
+)
+
+STIFF = ("rosenbrock23", "rodas4", "rodas5p")
+DTYPE = torch.float64
+
+
+# -- order conditions ------------------------------------------------------------------------------
+def _residuals(tab: RosenbrockTableau, weights: list[Fraction], order: int) -> dict[int, float]:
+    """Largest ``|sum_j b_j Phi_j(t) - 1/gamma(t)|`` per tree order, in exact arithmetic on the
+    published decimals: a vertex with one child uses ``beta = alpha + Gamma``, a vertex with
+    several the product of ``alpha Phi`` over its children (Hairer and Wanner II, Table IV.7.1,
+    with the diagonal ``gamma`` folded into ``beta``); ``b = weights Gamma``."""
+    s = tab.stages
+    G, alpha = tab.Gamma, tab.alpha
+    beta = [[alpha[i][j] + G[i][j] for j in range(s)] for i in range(s)]
+    b = [sum((weights[k] * G[k][j] for k in range(s)), Fraction(0)) for j in range(s)]
+
+    def mul(M: list[list[Fraction]], v: list[Fraction]) -> list[Fraction]:
+        return [sum((M[i][j] * v[j] for j in range(s)), Fraction(0)) for i in range(s)]
+
+    @functools.cache
+    def phi(t: Tree) -> tuple[Fraction, ...]:
+        if not t:
+            return (Fraction(1),) * s
+        if len(t) == 1:
+            return tuple(mul(beta, list(phi(t[0]))))
+        out = [Fraction(1)] * s
+        for c in t:
+            out = [x * y for x, y in zip(out, mul(alpha, list(phi(c))))]
+        return tuple(out)
+
+    return {
+        n: max(
+            abs(float(sum((x * y for x, y in zip(b, phi(t))), Fraction(0)) - Fraction(1, gamma(t))))
+            for t in trees_of_order(n)
+        )
+        for n in range(1, order + 1)
+    }
+
+
+@pytest.mark.parametrize("name", sorted(ROSENBROCK_TABLEAUS))
+def test_rosenbrock_order_conditions(name: str) -> None:
+    tab = ROSENBROCK_TABLEAUS[name]
+    for label, weights, p in (
+        ("solution", list(tab.m), tab.order),
+        ("embedded", [m - e for m, e in zip(tab.m, tab.m_err)], tab.error_order),
+    ):
+        res = _residuals(tab, weights, p + 1)
+        print(name, label, {n: f"{r:.1e}" for n, r in res.items()})
+        assert all(res[n] < 1e-13 for n in range(1, p + 1)), (name, label, res)
+        assert res[p + 1] > 1e-4, f"{name} {label}: order {p + 1} holds too; say so"
+
+
+def test_rosenbrock_tableau_checks_its_data() -> None:
+    """A typo in a coefficient is caught when the tableau is built: the nodes and the
+    time-derivative coefficients are checked against the ones the matrices imply."""
+    fields = {k: getattr(RODAS4, k) for k in RODAS4.__dataclass_fields__}
+    with pytest.raises(ValueError, match=r"c\[2\]"):
+        RosenbrockTableau(**{**fields, "c": (*RODAS4.c[:2], Fraction("0.22"), *RODAS4.c[3:])})
+    bad_C = list(RODAS4.C)
+    bad_C[3] = (bad_C[3][0], bad_C[3][1], bad_C[3][2] + Fraction(1, 1000))
+    with pytest.raises(ValueError, match=r"d\[3\]"):
+        RosenbrockTableau(**{**fields, "C": tuple(bad_C)})
+    with pytest.raises(ValueError, match="strictly lower"):
+        RosenbrockTableau(**{**fields, "a": RODAS4.a[:-1]})
+
+
+# -- stability -------------------------------------------------------------------------------------
+def _one_step(method: str, z: complex) -> complex:
+    """``R(z)``: one step of size 1 of ``y' = z y``, as a real 2x2 system."""
+    solver = neuralode.get_solver(method)
+    A = torch.tensor([[z.real, -z.imag], [z.imag, z.real]], dtype=DTYPE)
+    res = solver.step(lambda t, y: A @ y, 0.0, 1.0, torch.tensor([1.0, 0.0], dtype=DTYPE), None)
+    return complex(float(res.y1[0]), float(res.y1[1]))
+
+
+@pytest.mark.parametrize("method", STIFF)
+def test_l_stable(method: str) -> None:
+    for z in (-1e3, -1e6, -1e9):
+        assert abs(_one_step(method, z)) < 100 / abs(z), (method, z)  # R(z) = O(1/z)
+    for w in (0.1, 1.0, 10.0, 1e3):
+        assert abs(_one_step(method, 1j * w)) <= 1 + 1e-12, (method, w)
+    # Non-stiff accuracy: R(z) = exp(z) + O(z^(p+1)).
+    z = -0.01
+    p = neuralode.get_solver(method).order
+    assert abs(_one_step(method, z) - math.exp(z)) < 10 * abs(z) ** (p + 1)
+
+
+@pytest.mark.parametrize("method", STIFF)
+def test_one_step_evaluates_at_its_nodes(method: str) -> None:
+    """One accepted step evaluates ``f`` once per stage, at ``t0 + c_i h`` (the first through
+    the Jacobian's own forward pass), and says so in ``nfe`` (with the entry's check of f)."""
+    solver = neuralode.get_solver(method)
+    seen: list[float] = []
+
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        seen.append(float(t.detach()))
+        return -(y**2) + torch.sin(t)
+
+    t0, h = 0.25, 0.5
+    sol = neuralode.solve(
+        f,
+        torch.tensor([0.5, 1.0], dtype=DTYPE),
+        torch.tensor([t0, t0 + h], dtype=DTYPE),
+        method=method,
+        first_step=h,
+        rtol=1e10,
+        atol=1e10,
+    )
+    assert int(sol.stats.n_steps) == 1 and int(sol.stats.nfe) == 1 + solver.n_stages == len(seen)
+    assert seen == pytest.approx([t0] + [t0 + c * h for c in solver.c_list], abs=1e-15)
+    # The Rosenbrock23 error estimate's f(t + h, y1) is the third evaluation: c = 1.
+
+
+def test_method_as_name_or_solver() -> None:
+    from neuralode.solvers.rosenbrock import Rosenbrock
+    from neuralode.solvers.tableaus import RODAS5P
+
+    f, y0 = van_der_pol(10.0), torch.tensor([2.0, 0.0], dtype=DTYPE)
+    ts = torch.linspace(0, 5, 4, dtype=DTYPE)
+    by_name = neuralode.solve(f, y0, ts, method="rodas5p", rtol=1e-6, atol=1e-8)
+    by_solver = neuralode.solve(f, y0, ts, method=Rosenbrock(RODAS5P), rtol=1e-6, atol=1e-8)
+    assert torch.equal(by_name.ys, by_solver.ys)
+    assert int(by_name.stats.nfe) == int(by_solver.stats.nfe)
+    with pytest.raises(TypeError, match="RosenbrockTableau"):
+        Rosenbrock(neuralode.get_tableau("dopri5"))  # type: ignore[arg-type]
+
+
+# -- stiff problems against scipy ------------------------------------------------------------------
+K_ROBERTSON = (0.04, 3e7, 1e4)
+
+
+def robertson(k: torch.Tensor | tuple[float, ...]):
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        y1, y2, y3 = y.unbind(-1)
+        k1, k2, k3 = (k[..., 0], k[..., 1], k[..., 2]) if isinstance(k, torch.Tensor) else k
+        r1, r2, r3 = k1 * y1, k2 * y2 * y2, k3 * y2 * y3
+        return torch.stack([-r1 + r3, r1 - r2 - r3, r2], -1)
+
+    return f
+
+
+def van_der_pol(mu: float):
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x, v = y.unbind(-1)
+        return torch.stack([v, mu * (1 - x * x) * v - x], -1)
+
+    return f
+
+
+def _robertson_np(t: float, y: np.ndarray) -> np.ndarray:
+    k1, k2, k3 = K_ROBERTSON
+    r1, r2, r3 = k1 * y[0], k2 * y[1] ** 2, k3 * y[1] * y[2]
+    return np.array([-r1 + r3, r1 - r2 - r3, r2])
+
+
+def _vdp_np(t: float, y: np.ndarray) -> np.ndarray:
+    return np.array([y[1], 1e3 * (1 - y[0] ** 2) * y[1] - y[0]])
+
+
+def _reference(f_np, y0: list[float], ts: torch.Tensor) -> np.ndarray:
+    """scipy's Radau at rtol 1e-12 (on a NumPy copy of the field: the reference is independent
+    of our code, and ten times quicker than calling torch per evaluation)."""
+    sol = scipy_integrate.solve_ivp(
+        f_np,
+        (float(ts[0]), float(ts[-1])),
+        y0,
+        method="Radau",
+        t_eval=ts.numpy(),
+        rtol=1e-12,
+        atol=1e-14,
+    )
+    assert sol.success
+    return sol.y.T
+
+
+ROBERTSON_TIMES = torch.tensor([0.0, 0.4, 4.0, 40.0, 400.0, 4e3, 4e4, 4e5], dtype=DTYPE)
+VDP_TIMES = torch.linspace(0.0, 3000.0, 7, dtype=DTYPE)
+
+# Measured errors, in tolerance units (|error| / (atol + rtol |y_ref|)), at rtol 1e-3 and 1e-6
+# (atol = rtol * 1e-4 for Robertson, rtol for Van der Pol): rosenbrock23 5.6 and 48 on Robertson,
+# 135 on Van der Pol at 1e-6 (an order-2 method's global error over ~10^3 steps), rodas4 and
+# rodas5p 0.3-3.8.
+UNITS = {"rosenbrock23": 300.0, "rodas4": 10.0, "rodas5p": 10.0}
+
+
+@pytest.fixture(scope="module")
+def references() -> dict[str, np.ndarray]:
+    return {
+        "robertson": _reference(_robertson_np, [1.0, 0.0, 0.0], ROBERTSON_TIMES),
+        "vdp": _reference(_vdp_np, [2.0, 0.0], VDP_TIMES),
+    }
+
+
+@pytest.mark.parametrize("method", STIFF)
+@pytest.mark.parametrize("rtol", [1e-3, 1e-6])
+@pytest.mark.parametrize("problem", ["robertson", "vdp"])
+def test_stiff_problems_against_radau(
+    method: str, rtol: float, problem: str, references: dict[str, np.ndarray]
+) -> None:
+    if problem == "robertson":
+        f, y0, ts, atol = robertson(K_ROBERTSON), [1.0, 0.0, 0.0], ROBERTSON_TIMES, rtol * 1e-4
+    else:
+        f, y0, ts, atol = van_der_pol(1e3), [2.0, 0.0], VDP_TIMES, rtol
+    sol = neuralode.solve(f, torch.tensor(y0, dtype=DTYPE), ts, method=method, rtol=rtol, atol=atol)
+    ref = references[problem]
+    units = np.abs(sol.ys.numpy() - ref) / (atol + rtol * np.abs(ref))
+    steps = int(sol.stats.n_steps)
+    print(f"{problem} {method} rtol={rtol:g}: {steps} steps, error {units.max():.2f} units")
+    assert units.max() < UNITS[method], (problem, method, rtol, units.max())
+    assert steps < (6000 if method == "rosenbrock23" else 1500), steps
+
+
+def test_explicit_methods_cannot_do_what_the_stiff_ones_do() -> None:
+    """The point of the stiff solvers: dopri5 exhausts its steps on Robertson's problem."""
+    sol = neuralode.solve(
+        robertson(K_ROBERTSON),
+        torch.tensor([1.0, 0.0, 0.0], dtype=DTYPE),
+        ROBERTSON_TIMES,
+        method="dopri5",
+        rtol=1e-3,
+        atol=1e-7,
+        max_num_steps=3000,
+        throw=False,
+    )
+    assert int(sol.status) == neuralode.Status.MAX_STEPS_REACHED
+    assert float(sol.t_end) < 1e3
+
+
+@pytest.mark.parametrize("method", STIFF)
+def test_batched_rows_keep_their_own_steps(method: str) -> None:
+    """8 Robertson problems, rate constants spread over an order of magnitude, solved as one
+    batch: each row takes exactly the steps and values of its own single solve."""
+    g = torch.Generator().manual_seed(0)
+    scale = 10 ** torch.rand(8, 3, generator=g, dtype=DTYPE)
+    k = torch.tensor(K_ROBERTSON, dtype=DTYPE) * scale
+    y0 = torch.tensor([1.0, 0.0, 0.0], dtype=DTYPE).expand(8, 3)
+    ts = ROBERTSON_TIMES[:5]
+    kw = dict(method=method, rtol=1e-4, atol=1e-8)
+    batch = neuralode.solve(robertson(k), y0, ts, batched=True, **kw)
+    assert len(set(batch.stats.n_steps.tolist())) > 1  # the rows did differ
+    for i in range(8):
+        one = neuralode.solve(robertson(k[i]), y0[i], ts, **kw)
+        assert int(one.stats.n_steps) == int(batch.stats.n_steps[i])
+        assert int(one.stats.nfe) == int(batch.stats.nfe[i])
+        torch.testing.assert_close(batch.ys[i], one.ys, rtol=1e-10, atol=1e-14)
+
+
+# -- gradients -------------------------------------------------------------------------------------
+def _stiff_field(theta: torch.Tensor):
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return -theta[0] * (y - torch.cos(t)) - theta[1] * y**3
+
+    return f
+
+
+@pytest.mark.parametrize("method", STIFF)
+@pytest.mark.parametrize("gradient", ["backprop", "checkpoint"])
+def test_gradcheck(method: str, gradient: str) -> None:
+    """Exact gradients of the computed solution with respect to y0 and the parameters: the
+    Jacobian inside each step is differentiated too.  Constant steps (``first_step``, every
+    step accepted, ``ifactor=1``), so that finite differences see the same steps;
+    ``test_gradients.py`` checks the adaptive solves of every method, and the output times'
+    gradient (that of the exact flow, by design) against the exact flow."""
+    theta = torch.tensor([30.0, 1.0], dtype=DTYPE, requires_grad=True)
+    y0 = torch.tensor([0.5, -0.3], dtype=DTYPE, requires_grad=True)
+    ts = torch.tensor([0.0, 0.25, 1.0], dtype=DTYPE)
+
+    def run(y0: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        kw = {} if gradient == "backprop" else {"adjoint_params": (theta,)}
+        sol = neuralode.solve(
+            _stiff_field(theta),
+            y0,
+            ts,
+            method=method,
+            first_step=0.0625,
+            rtol=1e10,
+            atol=1e10,
+            ifactor=1.0,
+            gradient=gradient,
+            **kw,
+        )
+        assert int(sol.stats.n_rejected) == 0
+        return sol.ys
+
+    assert torch.autograd.gradcheck(run, (y0, theta), atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", STIFF)
+def test_adjoint_agrees_with_backprop(method: str) -> None:
+    """On a mildly stiff problem (decay rate 5): the adjoint integrates y backwards, which grows
+    like exp(5 t) there (see the next test for where that fails)."""
+    theta = torch.tensor([5.0, 1.0], dtype=DTYPE, requires_grad=True)
+    y0 = torch.tensor([0.5, -0.3], dtype=DTYPE, requires_grad=True)
+    ts = torch.tensor([0.0, 0.3, 1.0], dtype=DTYPE)
+    grads = {}
+    for gradient in ("backprop", "adjoint"):
+        kw = {} if gradient == "backprop" else {"adjoint_params": (theta,)}
+        sol = neuralode.solve(
+            _stiff_field(theta),
+            y0,
+            ts,
+            method=method,
+            rtol=1e-7,
+            atol=1e-9,
+            gradient=gradient,
+            **kw,
+        )
+        grads[gradient] = torch.autograd.grad(sol.ys.square().sum(), (y0, theta))
+    for a, b in zip(grads["adjoint"], grads["backprop"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_adjoint_on_a_dissipative_stiff_problem_says_to_use_checkpoint() -> None:
+    """Decay rate 30: integrated backwards, y's error grows like exp(30 t) and the cubic term
+    then blows it up (rosenbrock23 at rtol 1e-4: |y| > 1e6 by t = 0.34 of the backward
+    solve).  The failure says so and names the remedy; the checkpoint strategy, which
+    recomputes forward steps, gives backprop's gradient."""
+    theta = torch.tensor([30.0, 1.0], dtype=DTYPE, requires_grad=True)
+    y0 = torch.tensor([0.5, -0.3], dtype=DTYPE, requires_grad=True)
+    ts = torch.tensor([0.0, 0.3, 1.0], dtype=DTYPE)
+    kw = dict(method="rosenbrock23", rtol=1e-4, atol=1e-4, adjoint_params=(theta,))
+    sol = neuralode.solve(_stiff_field(theta), y0, ts, gradient="adjoint", **kw)
+    with pytest.raises(neuralode.SolverError, match="gradient='checkpoint'"):
+        sol.ys.square().sum().backward()
+    sol = neuralode.solve(_stiff_field(theta), y0, ts, gradient="checkpoint", **kw)
+    got = torch.autograd.grad(sol.ys.square().sum(), (y0, theta))
+    kw.pop("adjoint_params")
+    sol = neuralode.solve(_stiff_field(theta), y0, ts, **kw)
+    want = torch.autograd.grad(sol.ys.square().sum(), (y0, theta))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+# -- the Jacobian helper ---------------------------------------------------------------------------
+def _mlp_field():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)
+    ).double()
+
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        tt = t.reshape(-1, 1).expand(*y.shape[:-1], 1) if y.ndim > 1 else t.reshape(1)
+        return net(torch.cat([y, torch.sin(tt)], -1))
+
+    return f
+
+
+def _item_field(f):
+    def g(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        scale = 1.0 + 0.0 * float(y.detach().sum().item())  # torch.func cannot trace .item()
+        return f(t, y) * scale
+
+    return g
+
+
+@pytest.mark.parametrize("fallback", [False, True])
+def test_jacobian_matches_autograd(fallback: bool) -> None:
+    f = _mlp_field()
+    f = _item_field(f) if fallback else f
+    y = torch.randn(5, 3, dtype=DTYPE)
+    t = torch.rand(5, dtype=DTYPE)
+    lin = jacobian(f, t, y)
+    torch.testing.assert_close(lin.f0, f(t, y))
+    for b in range(5):
+        tb, yb = t[b : b + 1], y[b : b + 1]
+        J = torch.autograd.functional.jacobian(lambda yy, tb=tb: f(tb, yy[None])[0], yb[0])
+        ft = torch.autograd.functional.jacobian(lambda tt, yb=yb: f(tt, yb)[0], tb)
+        torch.testing.assert_close(lin.J[b], J)
+        torch.testing.assert_close(lin.ft[b], ft[:, 0])
+    one = jacobian(f, t[0], y[0])  # unbatched
+    torch.testing.assert_close(one.J, lin.J[0])
+    torch.testing.assert_close(one.ft, lin.ft[0])
