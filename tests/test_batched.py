@@ -170,11 +170,12 @@ def test_stats_and_status_shapes() -> None:
 
     many = neuralode.solve(f, torch.ones(5, 3, dtype=DTYPE), t, batched=True)
     assert many.ys.shape == (5, 4, 3) and many.ts.shape == (4,)
-    for v in (many.stats.nfe, many.stats.n_steps, many.stats.n_accepted, many.stats.n_rejected):
+    for v in vars(many.stats).values():
         assert v.shape == (5,) and v.dtype == torch.int64
     assert many.status.shape == (5,) and many.t_end.shape == (5,)
     assert torch.equal(many.stats.n_steps, many.stats.n_accepted + many.stats.n_rejected)
-    assert set(many.stats.as_dict()) == {"nfe", "n_steps", "n_accepted", "n_rejected"}
+    assert set(many.stats.as_dict()) == {"nfe", "n_steps", "n_accepted", "n_rejected", "njev", "nlu"}
+    assert not many.stats.njev.any() and not many.stats.nlu.any()  # dopri5: explicit
     # Identical rows: identical work, and the same as the unbatched solve of one row.
     assert torch.equal(many.stats.nfe, one.stats.nfe.expand(5))
     torch.testing.assert_close(many.ys, one.ys.expand(5, 4, 3), rtol=1e-14, atol=1e-14)

@@ -160,8 +160,8 @@ def _stiffish(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("method", ADAPTIVE)
 def test_adaptive_counts(method: str) -> None:
     solver = get_solver(method)
-    # A Rosenbrock attempt evaluates all its stages (the first is its Jacobian's forward pass:
-    # f(t, y) is never carried) and its interpolant needs no extra stage.
+    # A Rosenbrock attempt evaluates all its stages (the first is its Jacobian's forward pass),
+    # but a retry reuses the rejected attempt's; its interpolant needs no extra stage.
     jac = isinstance(solver, (Rosenbrock, Rosenbrock23))
     fsal = getattr(solver, "fsal", False)
     s = solver.n_stages
@@ -173,8 +173,8 @@ def test_adaptive_counts(method: str) -> None:
         # An attempt knows f(t, y) from the last one (FSAL's last stage, or the first stage of
         # a rejected attempt from the same start); a non-FSAL method evaluates it again after
         # each accepted step but the last.
-        if jac:
-            return int(sol.stats.n_steps)
+        if jac:  # a retry reuses the rejected attempt's Jacobian and f(t, y)
+            return int(sol.stats.n_accepted)
         return 0 if fsal else int(sol.stats.n_accepted) - 1
 
     rec = Recorder(_stiffish)
@@ -183,6 +183,14 @@ def test_adaptive_counts(method: str) -> None:
     assert int(sol.stats.n_rejected) > 0, "the problem should force rejections"
     assert n == int(sol.stats.n_accepted) + int(sol.stats.n_rejected)
     assert int(sol.stats.nfe) == rec.n == 2 + (s - 1) * n + fresh(sol)
+    # One Jacobian per attempt but the retries, one LU factorisation per attempt.
+    assert int(sol.stats.njev) == (int(sol.stats.n_accepted) if jac else 0)
+    assert int(sol.stats.nlu) == (n if jac else 0)
+    rows = neuralode.solve(
+        lambda t, y: _stiffish(t.unsqueeze(-1), y), Y0.expand(2, 3), t, batched=True, **kw
+    )
+    assert rows.stats.njev.tolist() == [int(sol.stats.njev)] * 2
+    assert rows.stats.nlu.tolist() == [int(sol.stats.nlu)] * 2
 
     rec = Recorder(_stiffish)
     sol = neuralode.solve(rec, Y0, t, first_step=1e-3, **kw)
@@ -194,7 +202,7 @@ def test_adaptive_counts(method: str) -> None:
     n, n_acc = int(sol.stats.n_steps), int(sol.stats.n_accepted)
     # Dense output computes the interpolant's extra stages on accepted steps only (a Hermite
     # interpolant's f(t + h, y1) then starts the next step of a non-FSAL method).
-    assert int(sol.stats.nfe) == rec.n == 2 + (s - 1) * n + extras * n_acc + jac * n
+    assert int(sol.stats.nfe) == rec.n == 2 + (s - 1) * n + extras * n_acc + jac * n_acc
 
 
 @pytest.mark.parametrize("method", ADAPTIVE)

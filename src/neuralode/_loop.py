@@ -145,6 +145,8 @@ class _Carry(NamedTuple):
     nfe: torch.Tensor
     n_steps: torch.Tensor
     n_accepted: torch.Tensor
+    njev: torch.Tensor
+    nlu: torch.Tensor
 
 
 class _Run:
@@ -206,7 +208,7 @@ class _Run:
             ys,
             zeros.clone(),
             self.out_times[..., 0].clone(),
-            Stats(nfe, zeros, zeros, zeros),
+            Stats(nfe, zeros, zeros, zeros, zeros, zeros),
             None,
         )
 
@@ -253,6 +255,8 @@ class _Run:
             nfe=zeros + int(self.f0 is not None),
             n_steps=zeros.clone(),
             n_accepted=zeros.clone(),
+            njev=zeros.clone(),
+            nlu=zeros.clone(),
         )
         if self.controller is not None:
             h, nfe = self._first_step_tensor(t)
@@ -272,7 +276,7 @@ class _Run:
             k += 1
             if not go_on:
                 break
-        stats = Stats(c.nfe, c.n_steps, c.n_accepted, c.n_steps - c.n_accepted)
+        stats = Stats(c.nfe, c.n_steps, c.n_accepted, c.n_steps - c.n_accepted, c.njev, c.nlu)
         return outputs.assemble(), c.status, c.t, stats, h_next if self.carry_step else None
 
     def _first_step_tensor(self, t: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -338,6 +342,8 @@ class _Run:
             c.nfe + running * res.nfe,
             n_steps,
             c.n_accepted + accept,
+            c.njev + running * res.njev,
+            c.nlu + running * res.nlu,
         )
         attempt = _Attempt(
             t,
@@ -502,14 +508,18 @@ class _Run:
         commit = _FloatCommit(self)
         y, state = self.y0, solver.init(f, times[0], self.y0, self.f0)
         nfe = int(self.f0 is not None)
+        njev = nlu = 0
         for k in range(self.grid.n):
             res = solver.step(f, times[k], steps[k], y, state, self._times(k))
             nfe += int(res.nfe)  # one row: the solver never sees a partly known state
+            njev, nlu = njev + int(res.njev), nlu + int(res.nlu)
             extra, next_state = commit.accepted(times[k], steps[k], times[k + 1], y, res)
             nfe += extra
             y, state = res.y1, (res.state if next_state is None else next_state)
         n = torch.tensor(self.grid.n, device=self.device)
-        stats = Stats(torch.tensor(nfe, device=self.device), n, n.clone(), n * 0)
+        tt = torch.tensor
+        d = self.device
+        stats = Stats(tt(nfe, device=d), n, n.clone(), n * 0, tt(njev, device=d), tt(nlu, device=d))
         return commit.assemble(), n * 0, self.out_times[-1].clone(), stats, None
 
     def _float_adaptive(self) -> tuple[Any, ...]:
@@ -532,7 +542,7 @@ class _Run:
             nfe += 1
         cstate = ctrl.init_float()
         commit = _FloatCommit(self)
-        n_steps = n_acc = 0
+        n_steps = n_acc = njev = nlu = 0
         status = Status.SUCCESS
         h_next = h
         eps = torch.finfo(self.t_dtype).eps
@@ -542,6 +552,7 @@ class _Run:
             h_eff = t_end - t if hit else h
             res = solver.step(f, t, h_eff, y, state)
             nfe += int(res.nfe)
+            njev, nlu = njev + int(res.njev), nlu + int(res.nlu)
             n_steps += 1
             assert res.y_error is not None, f"adaptive solver {solver!r} gave no error estimate"
             ratio = ctrl.error_ratio(y, res.y1, res.y_error, solver.error_norm)
@@ -579,6 +590,8 @@ class _Run:
             tt(n_steps, device=d),
             tt(n_acc, device=d),
             tt(n_steps - n_acc, device=d),
+            tt(njev, device=d),
+            tt(nlu, device=d),
         )
         t_reached = tt(t, dtype=self.t_dtype, device=d)
         return (

@@ -62,15 +62,21 @@ class Stats:
         n_steps: attempted steps (accepted + rejected).
         n_accepted: accepted steps.
         n_rejected: rejected steps.
+        njev: Jacobians of the vector field taken (stiff methods: one per attempted step, but a
+            retry after a rejection reuses its attempt's); zero for explicit methods; ``None``
+            where not counted (the backward pass of the checkpoint strategy).
+        nlu: LU factorisations (stiff methods: one per attempted step); as ``njev``.
     """
 
     nfe: torch.Tensor
     n_steps: torch.Tensor
     n_accepted: torch.Tensor
     n_rejected: torch.Tensor
+    njev: torch.Tensor | None = None
+    nlu: torch.Tensor | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: v.tolist() for k, v in vars(self).items()}
+        return {k: v.tolist() for k, v in vars(self).items() if v is not None}
 
 
 @dataclass

@@ -48,6 +48,9 @@ from ..solution import SolverError, Stats
 from ..solvers.registry import get_solver
 from .base import GradientStrategy, Outcome, refuse_double_backward
 
+#: The backward solve's counters, summed over the output intervals.
+_STAT_NAMES = ("nfe", "n_steps", "n_accepted", "n_rejected", "njev", "nlu")
+
 __all__ = ["Adjoint", "AdjointConfig", "ADJOINT_OPTIONS", "find_adjoint_params"]
 
 #: Keys of ``adjoint_options``.
@@ -275,7 +278,7 @@ class _AdjointRun:
         spec = self._backward_spec(aug)
         a = torch.zeros_like(self._out(ys, 0))  # adjoint of the state, dL/dy(s)
         g = [torch.zeros_like(p) for p in params]
-        totals = [torch.zeros((), dtype=torch.long) for _ in range(4)]
+        totals = [torch.zeros((), dtype=torch.long) for _ in range(6)]
         grad_s = torch.zeros_like(s) if want_s else None
         h: float | None = None  # the step carried from one interval to the next
         for i in range(T - 1, 0, -1):
@@ -285,7 +288,7 @@ class _AdjointRun:
                 grad_s[..., i] = self._dot(self._out(grad_ys, i), f_i).to(s.dtype)
                 totals[0] = totals[0] + 1
             a, g, stats, h = self._interval(aug, spec, i, a, g, h)
-            for k, name in enumerate(("nfe", "n_steps", "n_accepted", "n_rejected")):
+            for k, name in enumerate(_STAT_NAMES):
                 totals[k] = totals[k] + getattr(stats, name).cpu()
         if T > 1 and not all(aug.used):
             names = _names(self.strategy.user_func, params)

@@ -59,6 +59,8 @@ class StepResult(NamedTuple):
         retry_state: the carried state for a retry from the same start if the step is rejected
             (a Runge-Kutta method's first stage ``f(t, y)``, which the retry need not evaluate
             again), or ``None`` to keep the state the step started from.
+        njev: Jacobians of ``f`` the step took (per row, as ``nfe``); 0 for explicit methods.
+        nlu: LU factorisations the step made (per row); 0 for explicit methods.
     """
 
     y1: torch.Tensor
@@ -68,6 +70,8 @@ class StepResult(NamedTuple):
     nfe: int | torch.Tensor
     status: torch.Tensor | None = None
     retry_state: Any = None
+    njev: int | torch.Tensor = 0
+    nlu: int | torch.Tensor = 0
 
 
 class DenseStep(NamedTuple):

@@ -18,12 +18,13 @@ exact gradient of the computed solution (``torch.autograd.gradcheck`` holds in f
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
+from .._rows import per_row
 from .base import DenseStep, Func, Solver, StepResult, Time
-from .newton import jacobian
+from .newton import Linearisation, jacobian
 from .rk import Terms, _combine, _h_state, _stage, _terms
 from .tableaus import RosenbrockTableau
 
@@ -57,13 +58,46 @@ def _as_time(t: Time, h: Time, c: float, y: torch.Tensor) -> torch.Tensor:
     return (tt + c * torch.as_tensor(h, dtype=tt.dtype, device=tt.device)).to(y.dtype)
 
 
-def _lin(f: Func, t: Time, y: torch.Tensor) -> Any:
-    tt = (
-        torch.as_tensor(t, dtype=y.dtype, device=y.device)
-        if isinstance(t, float)
-        else t.to(y.dtype)
-    )
-    return jacobian(f, tt, y)
+class KnownLinearisation(NamedTuple):
+    """A batch's carried linearisation known on some rows only (those that rejected their step
+    and retry from the same start, while others accepted and moved on)."""
+
+    lin: Linearisation
+    known: torch.Tensor  # [batch] bool
+
+
+def _linearise(
+    f: Func, t: Time, y: torch.Tensor, state: Any, n_stages: int
+) -> tuple[Linearisation, int | torch.Tensor, int | torch.Tensor]:
+    """``f(t, y)`` and its Jacobians at the step's start, the step's evaluations of ``f`` and
+    its Jacobians taken (per row when rows differ).  A retry of a rejected step starts where it
+    did and reuses the linearisation it carried (``StepResult.retry_state``).  Where only some
+    rows of a batch know theirs, the batch takes a new one in one call (its Jacobian costs what
+    one row's does) and each row is charged what it would have spent solved alone."""
+    if isinstance(state, Linearisation):
+        return state, n_stages - 1, 0
+    tt = torch.tensor(t, dtype=y.dtype, device=y.device) if isinstance(t, float) else t.to(y.dtype)
+    lin = jacobian(f, tt, y)
+    if isinstance(state, KnownLinearisation):
+        known = state.known
+        lin = Linearisation(
+            *(torch.where(per_row(known, new.ndim), old, new) for new, old in zip(lin, state.lin))
+        )
+        return lin, n_stages - known.long(), (~known).long()
+    return lin, n_stages, 1
+
+
+def _merge_linearisation(accept: torch.Tensor, new: Any, old: Any) -> Any:
+    """The carried linearisation per row: rows that accepted start afresh (``new`` is
+    ``None``: a Rosenbrock step carries nothing forward), rows that rejected keep theirs."""
+    if isinstance(old, KnownLinearisation):
+        old_lin, old_known = old.lin, old.known
+    elif isinstance(old, Linearisation):
+        old_lin, old_known = old, torch.ones_like(accept)
+    else:
+        return None
+    known = old_known & ~accept
+    return KnownLinearisation(old_lin, known)
 
 
 def _scaled(h_y: torch.Tensor | float, x: float) -> torch.Tensor | float:
@@ -75,7 +109,8 @@ class Rosenbrock(Solver):
     equations).
 
     Each step evaluates ``f`` once per stage (the first evaluation is the Jacobian's own forward
-    pass), takes one Jacobian (``N`` vector-Jacobian products, batched over the samples) and one
+    pass; a retry after a rejected step reuses the Jacobian and that evaluation), takes one
+    Jacobian (``N`` vector-Jacobian products, batched over the samples) and one
     LU factorisation per sample, and solves one linear system per stage.
 
     Example:
@@ -119,11 +154,14 @@ class Rosenbrock(Solver):
     def init(self, f: Func, t: Time, y: torch.Tensor, f0: torch.Tensor | None) -> Any:
         return None  # f(t, y) comes with each step's Jacobian
 
+    def merge(self, accept: torch.Tensor, new: Any, old: Any) -> Any:
+        return _merge_linearisation(accept, new, old)
+
     def step(
         self, f: Func, t: Time, h: Time, y: torch.Tensor, state: Any, times: Any = None
     ) -> StepResult:
         h_y = _h_state(h, y)
-        lin = _lin(f, t, y)
+        lin, nfe, njev = _linearise(f, t, y, state, self.n_stages)
         lu = _Factored(lin.J, _hg(h, self.gamma, y), y)
         ks: list[torch.Tensor] = []
         for i in range(self.n_stages):
@@ -140,7 +178,7 @@ class Rosenbrock(Solver):
         y1 = _stage(y, h_y, ks, self.m_terms)
         with torch.no_grad():  # step-size control is not differentiated
             y_error = _combine(ks, self.e_terms).mul_(h_y)
-        return StepResult(y1, y_error, ks, None, self.n_stages)
+        return StepResult(y1, y_error, ks, None, nfe, None, lin, njev, 1)
 
     def dense(
         self, f: Func, t: Time, h: Time, y: torch.Tensor, result: StepResult
@@ -195,12 +233,15 @@ class Rosenbrock23(Solver):
     def init(self, f: Func, t: Time, y: torch.Tensor, f0: torch.Tensor | None) -> Any:
         return None
 
+    def merge(self, accept: torch.Tensor, new: Any, old: Any) -> Any:
+        return _merge_linearisation(accept, new, old)
+
     def step(
         self, f: Func, t: Time, h: Time, y: torch.Tensor, state: Any, times: Any = None
     ) -> StepResult:
         d = self.d
         h_y = _h_state(h, y)
-        lin = _lin(f, t, y)
+        lin, nfe, njev = _linearise(f, t, y, state, 3)
         lu = _Factored(lin.J, _hg(h, d, y), y)
         hdT = _scaled(h_y, d) * lin.ft
         k1 = lu.solve(lin.f0 + hdT)
@@ -212,7 +253,7 @@ class Rosenbrock23(Solver):
             rhs = f2 - self.e32 * (k2 - f1) - 2 * (k1 - lin.f0) + hdT
             k3 = lu.solve(rhs)
             y_error = _combine([k1, k2, k3], ((0, 1 / 6), (1, -2 / 6), (2, 1 / 6))).mul_(h_y)
-        return StepResult(y1, y_error, [k1, k2], None, 3)
+        return StepResult(y1, y_error, [k1, k2], None, nfe, None, lin, njev, 1)
 
     def dense(
         self, f: Func, t: Time, h: Time, y: torch.Tensor, result: StepResult

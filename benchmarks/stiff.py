@@ -1,0 +1,287 @@
+"""Stiff problems: neuralode's Rosenbrock methods against scipy's stiff solvers, in one run.
+
+Run on a quiet machine (a second busy process slows small PyTorch workloads many times over):
+
+    .venv/bin/python benchmarks/stiff.py [--tols 3 4 5 6 7 8] [--batch 1024] \
+        [--out runs/bench/stiff]
+
+Work-precision, one problem at a time (float64, one thread):
+
+* Robertson's chemical kinetics, t in [0, 4e5] (outputs at 0.4 * 10^k), atol = 1e-4 rtol;
+* Van der Pol with mu = 1e3, t in [0, 3000], atol = rtol;
+* HIRES (Hairer and Wanner II, IV.10), t in [0, 321.8122], atol = 1e-4 rtol.
+
+Ours: ``rosenbrock23``, ``rodas4``, ``rodas5p`` on the torch field (Jacobians by autograd);
+scipy's ``Radau``, ``BDF`` and ``LSODA`` on a NumPy copy of the field with their default
+finite-difference Jacobians, as a scipy user would run them.  Errors are measured against Radau
+at rtol 1e-12, as the largest ``|y - y_ref| / (atol + rtol |y_ref|)`` over the outputs (tolerance
+units).  Times are the median of ``--repeats`` runs.
+
+Batched: ``--batch`` Robertson problems with rate constants spread over an order of magnitude
+(each ``k_i`` times 10^U(0, 1)), rtol 1e-6: one batched ``solve`` (each sample with its own
+steps) against scipy solving them one after another.
+
+Writes ``<out>.json`` and ``<out>.md`` (the README's "Stiff problems" tables).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.integrate import solve_ivp
+
+import neuralode
+
+OURS = ("rosenbrock23", "rodas4", "rodas5p")
+SCIPY = ("Radau", "BDF", "LSODA")
+K = (0.04, 3e7, 1e4)
+
+
+# -- problems: a torch field and a NumPy copy ------------------------------------------------------
+def robertson_t(k: Any = K) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        y1, y2, y3 = y.unbind(-1)
+        k1, k2, k3 = (k[..., 0], k[..., 1], k[..., 2]) if isinstance(k, torch.Tensor) else k
+        r1, r2, r3 = k1 * y1, k2 * y2 * y2, k3 * y2 * y3
+        return torch.stack([-r1 + r3, r1 - r2 - r3, r2], -1)
+
+    return f
+
+
+def robertson_np(k: Any = K) -> Callable[[float, np.ndarray], np.ndarray]:
+    def f(t: float, y: np.ndarray) -> np.ndarray:
+        r1, r2, r3 = k[0] * y[0], k[1] * y[1] ** 2, k[2] * y[1] * y[2]
+        return np.array([-r1 + r3, r1 - r2 - r3, r2])
+
+    return f
+
+
+MU = 1e3
+
+
+def vdp_t(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    x, v = y.unbind(-1)
+    return torch.stack([v, MU * (1 - x * x) * v - x], -1)
+
+
+def vdp_np(t: float, y: np.ndarray) -> np.ndarray:
+    return np.array([y[1], MU * (1 - y[0] ** 2) * y[1] - y[0]])
+
+
+def hires_t(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    y1, y2, y3, y4, y5, y6, y7, y8 = y.unbind(-1)
+    r = 280.0 * y6 * y8
+    return torch.stack(
+        [
+            -1.71 * y1 + 0.43 * y2 + 8.32 * y3 + 0.0007,
+            1.71 * y1 - 8.75 * y2,
+            -10.03 * y3 + 0.43 * y4 + 0.035 * y5,
+            8.32 * y2 + 1.71 * y3 - 1.12 * y4,
+            -1.745 * y5 + 0.43 * y6 + 0.43 * y7,
+            -r + 0.69 * y4 + 1.71 * y5 - 0.43 * y6 + 0.69 * y7,
+            r - 1.81 * y7,
+            -r + 1.81 * y7,
+        ],
+        -1,
+    )
+
+
+def hires_np(t: float, y: np.ndarray) -> np.ndarray:
+    r = 280.0 * y[5] * y[7]
+    return np.array(
+        [
+            -1.71 * y[0] + 0.43 * y[1] + 8.32 * y[2] + 0.0007,
+            1.71 * y[0] - 8.75 * y[1],
+            -10.03 * y[2] + 0.43 * y[3] + 0.035 * y[4],
+            8.32 * y[1] + 1.71 * y[2] - 1.12 * y[3],
+            -1.745 * y[4] + 0.43 * y[5] + 0.43 * y[6],
+            -r + 0.69 * y[3] + 1.71 * y[4] - 0.43 * y[5] + 0.69 * y[6],
+            r - 1.81 * y[6],
+            -r + 1.81 * y[6],
+        ]
+    )
+
+
+PROBLEMS: dict[str, dict[str, Any]] = {
+    "robertson": dict(
+        f_t=robertson_t(),
+        f_np=robertson_np(),
+        y0=[1.0, 0.0, 0.0],
+        ts=np.array([0.0] + [0.4 * 10**k for k in range(7)]),
+        atol_scale=1e-4,
+    ),
+    "vdp_mu1e3": dict(
+        f_t=vdp_t, f_np=vdp_np, y0=[2.0, 0.0], ts=np.linspace(0.0, 3000.0, 7), atol_scale=1.0
+    ),
+    "hires": dict(
+        f_t=hires_t,
+        f_np=hires_np,
+        y0=[1.0, 0, 0, 0, 0, 0, 0, 0.0057],
+        ts=np.linspace(0.0, 321.8122, 5),
+        atol_scale=1e-4,
+    ),
+}
+
+
+def reference(p: dict[str, Any]) -> np.ndarray:
+    sol = solve_ivp(
+        p["f_np"], (p["ts"][0], p["ts"][-1]), p["y0"], method="Radau", t_eval=p["ts"],
+        rtol=1e-12, atol=1e-14,
+    )  # fmt: skip
+    assert sol.success, sol.message
+    return sol.y.T
+
+
+def units(ys: np.ndarray, ref: np.ndarray, rtol: float, atol: float) -> float:
+    return float(np.max(np.abs(ys - ref) / (atol + rtol * np.abs(ref))))
+
+
+def median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    out = fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def work_precision(tols: list[int], repeats: int) -> list[dict[str, Any]]:
+    rows = []
+    for name, p in PROBLEMS.items():
+        ref = reference(p)
+        ts_t = torch.tensor(p["ts"], dtype=torch.float64)
+        y0_t = torch.tensor(p["y0"], dtype=torch.float64)
+        for e in tols:
+            rtol = 10.0**-e
+            atol = rtol * p["atol_scale"]
+            for m in OURS:
+                ours = functools.partial(
+                    neuralode.solve, p["f_t"], y0_t, ts_t, method=m, rtol=rtol, atol=atol,
+                    throw=False,
+                )  # fmt: skip
+                secs, sol = median_time(ours, repeats)
+                ok = bool(sol.success)
+                rows.append(
+                    dict(
+                        problem=name, rtol=rtol, solver=m, seconds=secs, ok=ok,
+                        error=units(sol.ys.numpy(), ref, rtol, atol) if ok else None,
+                        steps=int(sol.stats.n_steps), nfe=int(sol.stats.nfe),
+                        njev=int(sol.stats.njev),
+                    )
+                )  # fmt: skip
+            for m in SCIPY:
+                theirs = functools.partial(
+                    solve_ivp, p["f_np"], (p["ts"][0], p["ts"][-1]), p["y0"], method=m,
+                    t_eval=p["ts"], rtol=rtol, atol=atol,
+                )  # fmt: skip
+                secs, sol = median_time(theirs, repeats)
+                n = len(p["y0"])
+                rows.append(
+                    dict(
+                        problem=name, rtol=rtol, solver=f"scipy {m}", seconds=secs,
+                        ok=bool(sol.success),
+                        error=units(sol.y.T, ref, rtol, atol) if sol.success else None,
+                        steps=None, nfe=int(sol.nfev) + n * int(sol.njev), njev=int(sol.njev),
+                    )
+                )  # fmt: skip
+            done = [r for r in rows if r["problem"] == name and r["rtol"] == rtol]
+            print(
+                name,
+                f"rtol=1e-{e}",
+                " ".join(f"{r['solver']}:{r['seconds'] * 1e3:.0f}ms/{r['error']}" for r in done),
+                flush=True,
+            )
+    return rows
+
+
+def batched(batch: int, seed: int = 0) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(seed)
+    k = torch.tensor(K, dtype=torch.float64) * 10 ** torch.rand(batch, 3, generator=g)
+    ts = np.array([0.0, 0.4, 4.0, 40.0, 400.0, 4e3, 4e4])
+    rtol, atol = 1e-6, 1e-10
+    y0 = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64).expand(batch, 3)
+    t0 = time.perf_counter()
+    sol = neuralode.solve(
+        robertson_t(k), y0, torch.tensor(ts), batched=True, method="rodas5p", rtol=rtol, atol=atol
+    )
+    ours = time.perf_counter() - t0
+    out: dict[str, Any] = dict(
+        batch=batch, rtol=rtol, atol=atol, ours_seconds=ours,
+        ours_steps_min=int(sol.stats.n_steps.min()), ours_steps_max=int(sol.stats.n_steps.max()),
+    )  # fmt: skip
+    errs = []
+    for m in SCIPY:
+        t0 = time.perf_counter()
+        ys = []
+        for i in range(batch):
+            s = solve_ivp(
+                robertson_np(k[i].tolist()), (ts[0], ts[-1]), [1.0, 0.0, 0.0], method=m,
+                t_eval=ts, rtol=rtol, atol=atol,
+            )  # fmt: skip
+            ys.append(s.y.T)
+        out[f"scipy_{m}_seconds"] = time.perf_counter() - t0
+        errs.append(float(np.abs(np.stack(ys) - sol.ys.numpy()).max()))
+        print(f"batch {batch}: ours {ours:.2f}s, scipy {m} {out[f'scipy_{m}_seconds']:.2f}s")
+    out["max_abs_difference_to_scipy"] = max(errs)
+    return out
+
+
+def markdown(rows: list[dict[str, Any]], batch: dict[str, Any] | None) -> str:
+    lines = []
+    for name in PROBLEMS:
+        lines += [
+            f"**{name}** (time in ms / error in tolerance units / f evaluations, Jacobians)",
+            "",
+            "| rtol | " + " | ".join(OURS + tuple(f"scipy {m}" for m in SCIPY)) + " |",
+            "|---" * (1 + len(OURS) + len(SCIPY)) + "|",
+        ]
+        for rtol in sorted({r["rtol"] for r in rows if r["problem"] == name}, reverse=True):
+            cells = []
+            for r in rows:
+                if r["problem"] == name and r["rtol"] == rtol:
+                    err = "fail" if r["error"] is None else f"{r['error']:.2g}"
+                    cells.append(f"{r['seconds'] * 1e3:.0f} / {err} / {r['nfe']}, {r['njev']}")
+            lines.append(f"| {rtol:.0e} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if batch:
+        best = min(batch[f"scipy_{m}_seconds"] for m in SCIPY)
+        lines.append(
+            f"Batched: {batch['batch']} Robertson problems (rates x 10^U(0,1)), rtol 1e-6: "
+            f"rodas5p batched {batch['ours_seconds']:.2f} s "
+            f"({batch['ours_steps_min']}-{batch['ours_steps_max']} steps per sample); scipy "
+            + ", ".join(f"{m} {batch[f'scipy_{m}_seconds']:.1f} s" for m in SCIPY)
+            + f" one by one; ours / best scipy = {batch['ours_seconds'] / best:.3f}."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tols", type=int, nargs="+", default=[3, 4, 5, 6, 7, 8])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=1024, help="0 skips the batched comparison")
+    ap.add_argument("--out", default="runs/bench/stiff")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    rows = work_precision(args.tols, args.repeats)
+    batch = batched(args.batch) if args.batch else None
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(dict(rows=rows, batched=batch), indent=1))
+    md = markdown(rows, batch)
+    out.with_suffix(".md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
