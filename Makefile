@@ -7,7 +7,7 @@ PYTHON = $(VENV)/bin/python
 PIP = $(PYTHON) -m pip
 STAMP = $(VENV)/.ready
 
-.PHONY: all demo test test-slow lint mutate bench bench-quick clean distclean mnist-quick mnist-paper latent density
+.PHONY: all demo test test-slow lint mutate bench bench-quick bench-stiff clean distclean mnist-quick mnist-paper latent density
 
 all: test
 
@@ -51,12 +51,18 @@ bench: $(BENCH_STAMP)
 	$(PYTHON) benchmarks/bench_core.py --out runs/bench/core.json
 	$(PYTHON) benchmarks/adjoint_nfe.py --out runs/bench/adjoint_nfe.json
 	$(PYTHON) benchmarks/figure3.py
+	$(PYTHON) benchmarks/stiff.py --out runs/bench/stiff
 
 # The same comparison with fewer repeats and tolerances (about 4 minutes).
 bench-quick: $(BENCH_STAMP)
 	$(PYTHON) benchmarks/compare.py --problems neural wp overhead hetero memory \
 		--repeats 3 --wp-tols 3 5 7 --overhead-steps 2000 --memory-horizons 1 10 \
 		--out runs/bench/quick
+
+# The stiff solvers against scipy's Radau, BDF and LSODA (work-precision on three problems, and
+# 1024 batched problems against scipy's loop; about 12 minutes; scipy is in the dev extra).
+bench-stiff: $(STAMP)
+	$(PYTHON) benchmarks/stiff.py --out runs/bench/stiff
 
 # Paper experiments (slow; not part of `make test`). Each writes a run folder under runs/; a run
 # that was killed is resumed from its last checkpoint instead of started again.

@@ -174,7 +174,8 @@ def test_stats_and_status_shapes() -> None:
         assert v.shape == (5,) and v.dtype == torch.int64
     assert many.status.shape == (5,) and many.t_end.shape == (5,)
     assert torch.equal(many.stats.n_steps, many.stats.n_accepted + many.stats.n_rejected)
-    assert set(many.stats.as_dict()) == {"nfe", "n_steps", "n_accepted", "n_rejected", "njev", "nlu"}
+    counters = {"nfe", "n_steps", "n_accepted", "n_rejected", "njev", "nlu"}
+    assert set(many.stats.as_dict()) == counters
     assert not many.stats.njev.any() and not many.stats.nlu.any()  # dopri5: explicit
     # Identical rows: identical work, and the same as the unbatched solve of one row.
     assert torch.equal(many.stats.nfe, one.stats.nfe.expand(5))

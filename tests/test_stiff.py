@@ -102,6 +102,13 @@ def test_rosenbrock_tableau_checks_its_data() -> None:
         RosenbrockTableau(**{**fields, "a": RODAS4.a[:-1]})
 
 
+def test_get_tableau_says_what_a_stiff_method_is() -> None:
+    with pytest.raises(ValueError, match=r"ROSENBROCK_TABLEAUS\['rodas5p'\]"):
+        neuralode.get_tableau("rodas5p")
+    with pytest.raises(ValueError, match="Rosenbrock23"):
+        neuralode.get_tableau("rosenbrock23")
+
+
 # -- stability -------------------------------------------------------------------------------------
 def _one_step(method: str, z: complex) -> complex:
     """``R(z)``: one step of size 1 of ``y' = z y``, as a real 2x2 system."""
@@ -161,6 +168,35 @@ def test_method_as_name_or_solver() -> None:
     assert int(by_name.stats.nfe) == int(by_solver.stats.nfe)
     with pytest.raises(TypeError, match="RosenbrockTableau"):
         Rosenbrock(neuralode.get_tableau("dopri5"))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("method", "order"), [("rosenbrock23", 2), ("rodas4", 1)])
+def test_w_method_keeps_its_order_with_a_wrong_jacobian(
+    method: str, order: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """rosenbrock23 is a W-method: its order 2 holds with any matrix in place of ``J`` (slope
+    2.13 measured with ``0.3 J + 0.1``); rodas4 needs the true Jacobian (slope 0.86, order 1)."""
+    import test_convergence as conv
+
+    import neuralode.solvers.rosenbrock as ros
+    from neuralode.solvers.newton import Linearisation
+
+    true = ros.jacobian
+
+    def wrong(f, t, y):
+        lin = true(f, t, y)
+        return Linearisation(lin.f0, 0.3 * lin.J + 0.1, lin.ft)
+
+    monkeypatch.setattr(ros, "jacobian", wrong)
+    _, exact, _, T = conv.PROBLEMS["cos"]
+    y_T = exact(torch.tensor(T, dtype=DTYPE))
+    ns = (32, 64, 128, 256)
+    errs = [
+        float((conv._constant_step_solve(method, "cos", n, False).ys[-1] - y_T).abs().max())
+        for n in ns
+    ]
+    slope = conv._slope([T / n for n in ns], errs)
+    assert abs(slope - order) <= 0.3, (method, slope, errs)
 
 
 # -- stiff problems against scipy ------------------------------------------------------------------

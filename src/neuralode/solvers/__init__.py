@@ -4,19 +4,33 @@
   :class:`StepResult`.
 - :mod:`.tableaus`: Butcher tableaus as validated exact data.
 - :mod:`.rk`: :class:`ExplicitRK`, one solver for every explicit tableau.
+- :mod:`.rosenbrock`: :class:`Rosenbrock` (any :class:`RosenbrockTableau`) and
+  :class:`Rosenbrock23`, the stiff methods; :mod:`.newton`: their per-sample Jacobians.
 - :mod:`.registry`: :data:`METHODS` and :func:`get_solver` (a name, a tableau or a solver).
 """
 
 from .base import DenseStep, Solver, StepResult
 from .registry import METHODS, get_solver
 from .rk import ExplicitRK
-from .tableaus import TABLEAUS, ButcherTableau, DenseOutput, get_tableau
+from .rosenbrock import Rosenbrock, Rosenbrock23
+from .tableaus import (
+    ROSENBROCK_TABLEAUS,
+    TABLEAUS,
+    ButcherTableau,
+    DenseOutput,
+    RosenbrockTableau,
+    get_tableau,
+)
 
 __all__ = [
     "Solver",
     "StepResult",
     "DenseStep",
     "ExplicitRK",
+    "Rosenbrock",
+    "Rosenbrock23",
+    "RosenbrockTableau",
+    "ROSENBROCK_TABLEAUS",
     "METHODS",
     "get_solver",
     "ButcherTableau",

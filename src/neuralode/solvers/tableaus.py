@@ -805,6 +805,16 @@ def get_tableau(method: str) -> ButcherTableau:
     try:
         return TABLEAUS[ALIASES.get(method, method)]
     except (KeyError, TypeError):
+        if method in ROSENBROCK_TABLEAUS:
+            raise ValueError(
+                f"{method!r} is a Rosenbrock method, not an explicit Runge-Kutta tableau: its "
+                f"coefficients are neuralode.solvers.ROSENBROCK_TABLEAUS[{method!r}]"
+            ) from None
+        if method == "rosenbrock23":
+            raise ValueError(
+                "'rosenbrock23' is a Rosenbrock method with no tableau of its own "
+                "(neuralode.solvers.Rosenbrock23)"
+            ) from None
         known = ", ".join(sorted([*TABLEAUS, *ALIASES]))
         raise ValueError(f"unknown method {method!r}; known methods are: {known}") from None
 
