@@ -30,6 +30,7 @@ import argparse
 import functools
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,92 +44,18 @@ import neuralode
 
 OURS = ("rosenbrock23", "rodas4", "rodas5p")
 SCIPY = ("Radau", "BDF", "LSODA")
-K = (0.04, 3e7, 1e4)
 
 
-# -- problems: a torch field and a NumPy copy ------------------------------------------------------
-def robertson_t(k: Any = K) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        y1, y2, y3 = y.unbind(-1)
-        k1, k2, k3 = (k[..., 0], k[..., 1], k[..., 2]) if isinstance(k, torch.Tensor) else k
-        r1, r2, r3 = k1 * y1, k2 * y2 * y2, k3 * y2 * y3
-        return torch.stack([-r1 + r3, r1 - r2 - r3, r2], -1)
+# The problems are the tests' (tests/stiff_problems.py): a torch field and a NumPy copy each.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from stiff_problems import K_ROBERTSON, robertson, robertson_np  # noqa: E402
+from stiff_problems import PROBLEMS as _PROBLEMS  # noqa: E402
 
-    return f
-
-
-def robertson_np(k: Any = K) -> Callable[[float, np.ndarray], np.ndarray]:
-    def f(t: float, y: np.ndarray) -> np.ndarray:
-        r1, r2, r3 = k[0] * y[0], k[1] * y[1] ** 2, k[2] * y[1] * y[2]
-        return np.array([-r1 + r3, r1 - r2 - r3, r2])
-
-    return f
-
-
-MU = 1e3
-
-
-def vdp_t(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    x, v = y.unbind(-1)
-    return torch.stack([v, MU * (1 - x * x) * v - x], -1)
-
-
-def vdp_np(t: float, y: np.ndarray) -> np.ndarray:
-    return np.array([y[1], MU * (1 - y[0] ** 2) * y[1] - y[0]])
-
-
-def hires_t(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    y1, y2, y3, y4, y5, y6, y7, y8 = y.unbind(-1)
-    r = 280.0 * y6 * y8
-    return torch.stack(
-        [
-            -1.71 * y1 + 0.43 * y2 + 8.32 * y3 + 0.0007,
-            1.71 * y1 - 8.75 * y2,
-            -10.03 * y3 + 0.43 * y4 + 0.035 * y5,
-            8.32 * y2 + 1.71 * y3 - 1.12 * y4,
-            -1.745 * y5 + 0.43 * y6 + 0.43 * y7,
-            -r + 0.69 * y4 + 1.71 * y5 - 0.43 * y6 + 0.69 * y7,
-            r - 1.81 * y7,
-            -r + 1.81 * y7,
-        ],
-        -1,
-    )
-
-
-def hires_np(t: float, y: np.ndarray) -> np.ndarray:
-    r = 280.0 * y[5] * y[7]
-    return np.array(
-        [
-            -1.71 * y[0] + 0.43 * y[1] + 8.32 * y[2] + 0.0007,
-            1.71 * y[0] - 8.75 * y[1],
-            -10.03 * y[2] + 0.43 * y[3] + 0.035 * y[4],
-            8.32 * y[1] + 1.71 * y[2] - 1.12 * y[3],
-            -1.745 * y[4] + 0.43 * y[5] + 0.43 * y[6],
-            -r + 0.69 * y[3] + 1.71 * y[4] - 0.43 * y[5] + 0.69 * y[6],
-            r - 1.81 * y[6],
-            -r + 1.81 * y[6],
-        ]
-    )
-
-
+#: The work-precision problems (OREGO is in the tests only).
 PROBLEMS: dict[str, dict[str, Any]] = {
-    "robertson": dict(
-        f_t=robertson_t(),
-        f_np=robertson_np(),
-        y0=[1.0, 0.0, 0.0],
-        ts=np.array([0.0] + [0.4 * 10**k for k in range(7)]),
-        atol_scale=1e-4,
-    ),
-    "vdp_mu1e3": dict(
-        f_t=vdp_t, f_np=vdp_np, y0=[2.0, 0.0], ts=np.linspace(0.0, 3000.0, 7), atol_scale=1.0
-    ),
-    "hires": dict(
-        f_t=hires_t,
-        f_np=hires_np,
-        y0=[1.0, 0, 0, 0, 0, 0, 0, 0.0057],
-        ts=np.linspace(0.0, 321.8122, 5),
-        atol_scale=1e-4,
-    ),
+    name: dict(f_t=f_t, f_np=f_np, y0=y0, ts=ts, atol_scale=scale)
+    for name, (f_t, f_np, y0, ts, scale) in _PROBLEMS.items()
+    if name != "orego"
 }
 
 
@@ -206,13 +133,13 @@ def work_precision(tols: list[int], repeats: int) -> list[dict[str, Any]]:
 
 def batched(batch: int, seed: int = 0) -> dict[str, Any]:
     g = torch.Generator().manual_seed(seed)
-    k = torch.tensor(K, dtype=torch.float64) * 10 ** torch.rand(batch, 3, generator=g)
+    k = torch.tensor(K_ROBERTSON, dtype=torch.float64) * 10 ** torch.rand(batch, 3, generator=g)
     ts = np.array([0.0, 0.4, 4.0, 40.0, 400.0, 4e3, 4e4])
     rtol, atol = 1e-6, 1e-10
     y0 = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64).expand(batch, 3)
     t0 = time.perf_counter()
     sol = neuralode.solve(
-        robertson_t(k), y0, torch.tensor(ts), batched=True, method="rodas5p", rtol=rtol, atol=atol
+        robertson(k), y0, torch.tensor(ts), batched=True, method="rodas5p", rtol=rtol, atol=atol
     )
     ours = time.perf_counter() - t0
     out: dict[str, Any] = dict(

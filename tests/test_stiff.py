@@ -5,9 +5,11 @@
   exact one), for the solution and the embedded solution.
 * They are L-stable: one step of ``y' = lambda y`` with ``h lambda -> -inf`` damps to zero, and
   ``|R(i w)| <= 1`` on the imaginary axis.
-* On stiff benchmark problems (Robertson to ``t = 4e5``, Van der Pol with ``mu = 1e3``) they reach
-  scipy ``Radau``'s reference solution (``rtol = 1e-12``) within a few tolerance units, in a
-  number of steps an explicit method could not (dopri5 runs out of 100,000 steps on both).
+* On stiff benchmark problems (Robertson to ``t = 4e5``, Van der Pol with ``mu = 1e3``, HIRES,
+  OREGO; ``stiff_problems.py``) they reach scipy ``Radau``'s reference solution (``rtol =
+  1e-12``) within the measured bounds below, where dopri5 runs out of 3,000 steps on Robertson
+  before ``t = 1000``.
+* rosenbrock23 is a W-method (its order holds with a wrong Jacobian), rodas4 is not.
 * Batched, every sample keeps its own steps: 8 Robertson problems with different rate constants
   solved together give each one's single solve.
 * Gradients: ``gradcheck`` in float64 through every method with backprop and checkpoint, and the
@@ -27,6 +29,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
+from stiff_problems import K_ROBERTSON, PROBLEMS, robertson, van_der_pol
 from trees import Tree, gamma, trees_of_order
 
 import neuralode
@@ -36,6 +39,10 @@ from neuralode.solvers.tableaus import RODAS4, ROSENBROCK_TABLEAUS, RosenbrockTa
 scipy_integrate = pytest.importorskip(
     "scipy.integrate", reason="needs scipy: pip install -e '.[dev]'"
 )
+
+# Small tensors: two xdist workers each running two intra-op threads on two cores slowed the
+# gradchecks here from 1 s to 50 s.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 STIFF = ("rosenbrock23", "rodas4", "rodas5p")
 DTYPE = torch.float64
@@ -200,87 +207,51 @@ def test_w_method_keeps_its_order_with_a_wrong_jacobian(
 
 
 # -- stiff problems against scipy ------------------------------------------------------------------
-K_ROBERTSON = (0.04, 3e7, 1e4)
-
-
-def robertson(k: torch.Tensor | tuple[float, ...]):
-    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        y1, y2, y3 = y.unbind(-1)
-        k1, k2, k3 = (k[..., 0], k[..., 1], k[..., 2]) if isinstance(k, torch.Tensor) else k
-        r1, r2, r3 = k1 * y1, k2 * y2 * y2, k3 * y2 * y3
-        return torch.stack([-r1 + r3, r1 - r2 - r3, r2], -1)
-
-    return f
-
-
-def van_der_pol(mu: float):
-    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        x, v = y.unbind(-1)
-        return torch.stack([v, mu * (1 - x * x) * v - x], -1)
-
-    return f
-
-
-def _robertson_np(t: float, y: np.ndarray) -> np.ndarray:
-    k1, k2, k3 = K_ROBERTSON
-    r1, r2, r3 = k1 * y[0], k2 * y[1] ** 2, k3 * y[1] * y[2]
-    return np.array([-r1 + r3, r1 - r2 - r3, r2])
-
-
-def _vdp_np(t: float, y: np.ndarray) -> np.ndarray:
-    return np.array([y[1], 1e3 * (1 - y[0] ** 2) * y[1] - y[0]])
-
-
-def _reference(f_np, y0: list[float], ts: torch.Tensor) -> np.ndarray:
-    """scipy's Radau at rtol 1e-12 (on a NumPy copy of the field: the reference is independent
-    of our code, and ten times quicker than calling torch per evaluation)."""
+@functools.cache
+def _reference(problem: str) -> np.ndarray:
+    """scipy's Radau at rtol 1e-12 on the NumPy copy of the field (independent of our code, and
+    ten times quicker than calling torch per evaluation); computed once per process."""
+    _, f_np, y0, ts, _ = PROBLEMS[problem]
     sol = scipy_integrate.solve_ivp(
-        f_np,
-        (float(ts[0]), float(ts[-1])),
-        y0,
-        method="Radau",
-        t_eval=ts.numpy(),
-        rtol=1e-12,
-        atol=1e-14,
+        f_np, (ts[0], ts[-1]), y0, method="Radau", t_eval=ts, rtol=1e-12, atol=1e-14
     )
     assert sol.success
     return sol.y.T
 
 
-ROBERTSON_TIMES = torch.tensor([0.0, 0.4, 4.0, 40.0, 400.0, 4e3, 4e4, 4e5], dtype=DTYPE)
-VDP_TIMES = torch.linspace(0.0, 3000.0, 7, dtype=DTYPE)
+ROBERTSON_TIMES = torch.tensor(PROBLEMS["robertson"][3], dtype=DTYPE)
 
-# Measured errors, in tolerance units (|error| / (atol + rtol |y_ref|)), at rtol 1e-3 and 1e-6
-# (atol = rtol * 1e-4 for Robertson, rtol for Van der Pol): rosenbrock23 5.6 and 48 on Robertson,
-# 135 on Van der Pol at 1e-6 (an order-2 method's global error over ~10^3 steps), rodas4 and
-# rodas5p 0.3-3.8.
+# Measured errors in tolerance units (|error| / (atol + rtol |y_ref|)) at rtol 1e-3 / 1e-6:
+#   robertson  rosenbrock23 5.6 / 48, rodas4 0.2 / 0.7, rodas5p 0.1 / 1.1
+#   vdp_mu1e3  rosenbrock23 15 / 135, rodas4 2.7 / 3.8, rodas5p 1.4 / 1.0
+#   hires      rosenbrock23 1.9 / 8.0, rodas4 1.0 / 1.8, rodas5p 1.8 / 19 (its error estimate
+#              is optimistic there)
+#   orego      rosenbrock23 108 at 1e-3 (an order-2 method's phase error on a relaxation
+#              oscillator; 486 at 1e-6, in 5,000 steps: not run), rodas4 7.7 / 2.9, rodas5p
+#              1.5 / 0.7
 UNITS = {"rosenbrock23": 300.0, "rodas4": 10.0, "rodas5p": 10.0}
+UNITS_FOR = {("hires", "rodas5p"): 40.0}
+CASES = [
+    (problem, rtol, method)
+    for problem in PROBLEMS
+    for rtol in (1e-3, 1e-6)
+    for method in STIFF
+    if not (problem == "orego" and method == "rosenbrock23" and rtol < 1e-3)
+]
 
 
-@pytest.fixture(scope="module")
-def references() -> dict[str, np.ndarray]:
-    return {
-        "robertson": _reference(_robertson_np, [1.0, 0.0, 0.0], ROBERTSON_TIMES),
-        "vdp": _reference(_vdp_np, [2.0, 0.0], VDP_TIMES),
-    }
-
-
-@pytest.mark.parametrize("method", STIFF)
-@pytest.mark.parametrize("rtol", [1e-3, 1e-6])
-@pytest.mark.parametrize("problem", ["robertson", "vdp"])
-def test_stiff_problems_against_radau(
-    method: str, rtol: float, problem: str, references: dict[str, np.ndarray]
-) -> None:
-    if problem == "robertson":
-        f, y0, ts, atol = robertson(K_ROBERTSON), [1.0, 0.0, 0.0], ROBERTSON_TIMES, rtol * 1e-4
-    else:
-        f, y0, ts, atol = van_der_pol(1e3), [2.0, 0.0], VDP_TIMES, rtol
-    sol = neuralode.solve(f, torch.tensor(y0, dtype=DTYPE), ts, method=method, rtol=rtol, atol=atol)
-    ref = references[problem]
+@pytest.mark.parametrize(("problem", "rtol", "method"), CASES)
+def test_stiff_problems_against_radau(problem: str, rtol: float, method: str) -> None:
+    f, _, y0, ts, scale = PROBLEMS[problem]
+    atol = rtol * scale
+    y0_t, ts_t = torch.tensor(y0, dtype=DTYPE), torch.tensor(ts, dtype=DTYPE)
+    sol = neuralode.solve(f, y0_t, ts_t, method=method, rtol=rtol, atol=atol)
+    ref = _reference(problem)
     units = np.abs(sol.ys.numpy() - ref) / (atol + rtol * np.abs(ref))
     steps = int(sol.stats.n_steps)
     print(f"{problem} {method} rtol={rtol:g}: {steps} steps, error {units.max():.2f} units")
-    assert units.max() < UNITS[method], (problem, method, rtol, units.max())
+    bound = UNITS_FOR.get((problem, method), UNITS[method])
+    assert units.max() < bound, (problem, method, rtol, units.max())
     assert steps < (6000 if method == "rosenbrock23" else 1500), steps
 
 

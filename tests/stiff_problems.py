@@ -1,0 +1,129 @@
+"""Stiff test problems, each as a torch field and a NumPy copy (the NumPy one for scipy's
+reference solutions and for the benchmark's scipy runs): shared by ``tests/test_stiff.py`` and
+``benchmarks/stiff.py``.
+
+* Robertson's chemical kinetics (Hairer and Wanner II, IV.1), rate constants ``k``;
+* Van der Pol with stiffness ``mu``;
+* HIRES (II, IV.10), 8 components, t in [0, 321.8122];
+* OREGO, the Oregonator (II, IV.1), 3 components, t in [0, 360].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+TorchField = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+NumpyField = Callable[[float, np.ndarray], np.ndarray]
+
+#: Robertson's rate constants.
+K_ROBERTSON = (0.04, 3e7, 1e4)
+
+
+def robertson(k: Any = K_ROBERTSON) -> TorchField:
+    """``k`` a tuple, or a ``[batch, 3]`` tensor (one set per sample)."""
+
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        y1, y2, y3 = y.unbind(-1)
+        k1, k2, k3 = (k[..., 0], k[..., 1], k[..., 2]) if isinstance(k, torch.Tensor) else k
+        r1, r2, r3 = k1 * y1, k2 * y2 * y2, k3 * y2 * y3
+        return torch.stack([-r1 + r3, r1 - r2 - r3, r2], -1)
+
+    return f
+
+
+def robertson_np(k: Any = K_ROBERTSON) -> NumpyField:
+    def f(t: float, y: np.ndarray) -> np.ndarray:
+        r1, r2, r3 = k[0] * y[0], k[1] * y[1] ** 2, k[2] * y[1] * y[2]
+        return np.array([-r1 + r3, r1 - r2 - r3, r2])
+
+    return f
+
+
+def van_der_pol(mu: float) -> TorchField:
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x, v = y.unbind(-1)
+        return torch.stack([v, mu * (1 - x * x) * v - x], -1)
+
+    return f
+
+
+def van_der_pol_np(mu: float) -> NumpyField:
+    def f(t: float, y: np.ndarray) -> np.ndarray:
+        return np.array([y[1], mu * (1 - y[0] ** 2) * y[1] - y[0]])
+
+    return f
+
+
+def hires(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    y1, y2, y3, y4, y5, y6, y7, y8 = y.unbind(-1)
+    r = 280.0 * y6 * y8
+    return torch.stack(
+        [
+            -1.71 * y1 + 0.43 * y2 + 8.32 * y3 + 0.0007,
+            1.71 * y1 - 8.75 * y2,
+            -10.03 * y3 + 0.43 * y4 + 0.035 * y5,
+            8.32 * y2 + 1.71 * y3 - 1.12 * y4,
+            -1.745 * y5 + 0.43 * y6 + 0.43 * y7,
+            -r + 0.69 * y4 + 1.71 * y5 - 0.43 * y6 + 0.69 * y7,
+            r - 1.81 * y7,
+            -r + 1.81 * y7,
+        ],
+        -1,
+    )
+
+
+def hires_np(t: float, y: np.ndarray) -> np.ndarray:
+    r = 280.0 * y[5] * y[7]
+    return np.array(
+        [
+            -1.71 * y[0] + 0.43 * y[1] + 8.32 * y[2] + 0.0007,
+            1.71 * y[0] - 8.75 * y[1],
+            -10.03 * y[2] + 0.43 * y[3] + 0.035 * y[4],
+            8.32 * y[1] + 1.71 * y[2] - 1.12 * y[3],
+            -1.745 * y[4] + 0.43 * y[5] + 0.43 * y[6],
+            -r + 0.69 * y[3] + 1.71 * y[4] - 0.43 * y[5] + 0.69 * y[6],
+            r - 1.81 * y[6],
+            -r + 1.81 * y[6],
+        ]
+    )
+
+
+def orego(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    y1, y2, y3 = y.unbind(-1)
+    return torch.stack(
+        [
+            77.27 * (y2 + y1 * (1 - 8.375e-6 * y1 - y2)),
+            (y3 - (1 + y1) * y2) / 77.27,
+            0.161 * (y1 - y3),
+        ],
+        -1,
+    )
+
+
+def orego_np(t: float, y: np.ndarray) -> np.ndarray:
+    return np.array(
+        [
+            77.27 * (y[1] + y[0] * (1 - 8.375e-6 * y[0] - y[1])),
+            (y[2] - (1 + y[0]) * y[1]) / 77.27,
+            0.161 * (y[0] - y[2]),
+        ]
+    )
+
+
+#: name -> torch field, NumPy field, y0, output times, atol / rtol.
+PROBLEMS: dict[str, tuple[TorchField, NumpyField, list[float], np.ndarray, float]] = {
+    "robertson": (
+        robertson(),
+        robertson_np(),
+        [1.0, 0.0, 0.0],
+        np.array([0.0] + [0.4 * 10**k for k in range(7)]),
+        1e-4,
+    ),
+    "vdp_mu1e3": (van_der_pol(1e3), van_der_pol_np(1e3), [2.0, 0.0], np.linspace(0, 3000, 7), 1.0),
+    "hires": (hires, hires_np, [1.0, 0, 0, 0, 0, 0, 0, 0.0057], np.linspace(0, 321.8122, 5), 1e-4),
+    "orego": (orego, orego_np, [1.0, 2.0, 3.0], np.linspace(0, 360, 7), 1.0),
+}
