@@ -280,3 +280,23 @@ def test_a_strategy_without_settings_shows_its_name() -> None:
     from neuralode.gradients import Backprop
 
     assert repr(Backprop()) == "Backprop()"
+
+
+@pytest.mark.parametrize("gradient", ["adjoint", "checkpoint"])
+def test_parameter_used_through_a_tensor_computed_before_the_solve(gradient: str) -> None:
+    """``k = log_k.exp()`` computed once, the field using ``k``, ``adjoint_params=(log_k,)``: the
+    piece of graph from ``log_k`` to ``k`` serves every backward step (it raised "Trying to
+    backward through the graph a second time" at the second step before)."""
+    log_k = torch.tensor([0.1, -0.3], dtype=F64, requires_grad=True)
+    y0 = torch.tensor([1.0, 0.5], dtype=F64)
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=F64)
+    grads = {}
+    for name in ("backprop", gradient):
+        k = log_k.exp()
+        kw = {} if name == "backprop" else {"adjoint_params": (log_k,)}
+        sol = neuralode.solve(
+            lambda _t, y, k=k: -k * y**2, y0, t, rtol=1e-10, atol=1e-10, gradient=name, **kw
+        )
+        assert int(sol.stats.n_accepted) > 2
+        (grads[name],) = torch.autograd.grad(sol.ys.sum(), log_k)
+    torch.testing.assert_close(grads[gradient], grads["backprop"], rtol=1e-7, atol=1e-9)

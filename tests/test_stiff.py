@@ -382,6 +382,47 @@ def test_adjoint_on_a_dissipative_stiff_problem_says_to_use_checkpoint() -> None
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+def test_fit_robertson_rate_constants() -> None:
+    """Robertson's three rate constants, started 2x, 0.5x and 3x off, fitted by L-BFGS through
+    ``rodas5p`` with the checkpoint strategy to observations of all three species at 7 times
+    (log-spaced, 0.04 to 4e4) with 0.5% noise: recovered within 1% (measured: 0.13%, 0.75%,
+    0.04%; with 1% noise, k2 comes out 1.5% off, the noise's own floor).  The adjoint cannot
+    (measured): Robertson's kinetics is dissipative, its backward reconstruction of the state
+    fails on the last output interval, with the message that names the checkpoint strategy
+    (``test_adjoint_on_a_dissipative_stiff_problem_says_to_use_checkpoint``)."""
+    k_true = torch.tensor(K_ROBERTSON, dtype=DTYPE)
+    ts = torch.tensor([0.0, 0.04, 0.4, 4.0, 40.0, 400.0, 4e3, 4e4], dtype=DTYPE)
+    y0 = torch.tensor([1.0, 0.0, 0.0], dtype=DTYPE)
+    with torch.no_grad():
+        exact = neuralode.solve(robertson(k_true), y0, ts, method="rodas5p", rtol=1e-10, atol=1e-14)
+    noise = 0.005
+    g = torch.Generator().manual_seed(0)
+    observed = exact.ys * (1 + noise * torch.randn(exact.ys.shape, generator=g, dtype=DTYPE))
+    sigma = noise * exact.ys[1:].abs()
+    log_k = torch.log(k_true * torch.tensor([2.0, 0.5, 3.0], dtype=DTYPE)).requires_grad_()
+
+    def loss(gradient: str) -> torch.Tensor:
+        k = log_k.exp()
+        sol = neuralode.solve(
+            robertson(k), y0, ts, method="rodas5p", rtol=1e-7, atol=1e-12,
+            gradient=gradient, adjoint_params=(log_k,),
+        )  # fmt: skip
+        return (((sol.ys[1:] - observed[1:]) / sigma) ** 2).mean()
+
+    opt = torch.optim.LBFGS([log_k], max_iter=50, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        value = loss("checkpoint")
+        value.backward()
+        return value
+
+    opt.step(closure)
+    ratio = (log_k.detach().exp() / k_true).tolist()
+    print("fitted / true rate constants:", [f"{r:.4f}" for r in ratio])
+    assert all(abs(r - 1) < 0.01 for r in ratio), ratio
+
+
 # -- the Jacobian helper ---------------------------------------------------------------------------
 def _mlp_field():
     torch.manual_seed(0)

@@ -455,8 +455,15 @@ class _Augmented:
             cot = adj if scale is None else adj * scale
             vjps: Sequence[torch.Tensor | None] = (None,) * (1 + len(self.params))
             if fy.requires_grad:  # else f depends on neither y nor a parameter: zero vjps
+                # retain_graph: a tensor the field computed from a parameter before the solve
+                # (k = log_k.exp(), adjoint_params=(log_k,)) serves every call, as in torchdiffeq.
                 vjps = torch.autograd.grad(
-                    fy, (y_, *self.params), cot, allow_unused=True, create_graph=track
+                    fy,
+                    (y_, *self.params),
+                    cot,
+                    allow_unused=True,
+                    create_graph=track,
+                    retain_graph=True,
                 )
         fy = fy if track else fy.detach()
         dy = -fy if scale is None else -fy * scale

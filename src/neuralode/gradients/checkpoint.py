@@ -147,7 +147,12 @@ class _CheckpointFn(torch.autograd.Function):
                     cotangents.append(replay.grads_of(grad_ys, idx, valid))
                 # Never empty: the last step ends on the last output, and sets ``a``.  A
                 # parameter the field does not use gets no gradient (None), as under backprop.
-                got = torch.autograd.grad(targets, (y_in, *params), cotangents, allow_unused=True)
+                # retain_graph: a field may use a tensor computed from a parameter before the
+                # solve (k = log_k.exp(), adjoint_params=(log_k,)); that piece of graph serves
+                # every replayed step (the step's own graph is freed with its locals).
+                got = torch.autograd.grad(
+                    targets, (y_in, *params), cotangents, allow_unused=True, retain_graph=True
+                )
             a = got[0]  # every target (y1, the interpolants) starts from y_in
             for k, gk in enumerate(got[1:]):
                 prev = g_params[k]
