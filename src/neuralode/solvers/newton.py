@@ -90,13 +90,7 @@ def _by_func(f: Func, t: torch.Tensor, y: torch.Tensor, batched: bool) -> Linear
     _, vjp, f0 = torch.func.vjp(flat, t, y, has_aux=True)  # type: ignore[misc]
     eye = torch.eye(N, dtype=y.dtype, device=y.device)
     dt, dy = torch.func.vmap(vjp)(eye)  # [N, *t.shape], [N, *y.shape]
-    if batched:
-        J = dy.reshape(N, B, N).transpose(0, 1)
-        ft = dt.transpose(0, 1).reshape(y.shape)
-    else:
-        J = dy.reshape(N, N)
-        ft = dt.reshape(y.shape)
-    return Linearisation(f0, J, ft)
+    return _laid_out(f0, dy, dt, y, batched)
 
 
 def _by_autograd(f: Func, t: torch.Tensor, y: torch.Tensor, batched: bool) -> Linearisation:
@@ -117,6 +111,16 @@ def _by_autograd(f: Func, t: torch.Tensor, y: torch.Tensor, batched: bool) -> Li
     dy, dt = torch.stack(rows_y), torch.stack(rows_t)
     if not create:
         f0, dy, dt = f0.detach(), dy.detach(), dt.detach()
+    return _laid_out(f0, dy, dt, y, batched)
+
+
+def _laid_out(
+    f0: torch.Tensor, dy: torch.Tensor, dt: torch.Tensor, y: torch.Tensor, batched: bool
+) -> Linearisation:
+    """The linearisation from the ``N`` gradients of the output's components: ``dy`` is
+    ``[N, *y.shape]`` (row ``i``: the gradient of component ``i``, summed over the samples) and
+    ``dt`` is ``[N, *t.shape]``."""
+    B, N = _sizes(y, batched)
     if batched:
         J = dy.reshape(N, B, N).transpose(0, 1)
         ft = dt.transpose(0, 1).reshape(y.shape)

@@ -183,12 +183,22 @@ class Rosenbrock(Solver):
     def dense(
         self, f: Func, t: Time, h: Time, y: torch.Tensor, result: StepResult
     ) -> tuple[DenseStep, int, Any]:
-        P = self._P_cache.get(y.device)
-        if P is None:
-            P = self._P_cache[y.device] = torch.tensor(
-                self._P, dtype=torch.float64, device=y.device
-            )
-        return DenseStep(y, h, list(result.dense_info), P), 0, None
+        return _dense(self._P, self._P_cache, y, h, result)
+
+
+def _dense(
+    rows: list[list[float]],
+    cache: dict[torch.device, torch.Tensor],
+    y: torch.Tensor,
+    h: Time,
+    result: StepResult,
+) -> tuple[DenseStep, int, Any]:
+    """A Rosenbrock step's interpolant over its stage vectors: no extra evaluation (the
+    coefficients ``rows`` are built in float64 once per device)."""
+    P = cache.get(y.device)
+    if P is None:
+        P = cache[y.device] = torch.tensor(rows, dtype=torch.float64, device=y.device)
+    return DenseStep(y, h, list(result.dense_info), P), 0, None
 
 
 def _hg(h: Time, gamma: float, y: torch.Tensor) -> torch.Tensor | float:
@@ -258,9 +268,4 @@ class Rosenbrock23(Solver):
     def dense(
         self, f: Func, t: Time, h: Time, y: torch.Tensor, result: StepResult
     ) -> tuple[DenseStep, int, Any]:
-        P = self._P_cache.get(y.device)
-        if P is None:
-            P = self._P_cache[y.device] = torch.tensor(
-                self._P, dtype=torch.float64, device=y.device
-            )
-        return DenseStep(y, h, list(result.dense_info), P), 0, None
+        return _dense(self._P, self._P_cache, y, h, result)
