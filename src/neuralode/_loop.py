@@ -342,8 +342,8 @@ class _Run:
             c.nfe + running * res.nfe,
             n_steps,
             c.n_accepted + accept,
-            c.njev + running * res.njev,
-            c.nlu + running * res.nlu,
+            _count(c.njev, running, res.njev),
+            _count(c.nlu, running, res.nlu),
         )
         attempt = _Attempt(
             t,
@@ -601,6 +601,14 @@ class _Run:
             stats,
             h_next if self.carry_step else None,
         )
+
+
+def _count(total: torch.Tensor, running: torch.Tensor, n: int | torch.Tensor) -> torch.Tensor:
+    """A per-row counter after a step that spent ``n`` on each running row; no tensor operation
+    when ``n`` is a Python 0 (an explicit method's Jacobians and factorisations, every step)."""
+    if isinstance(n, int) and n == 0:
+        return total
+    return total + running * n
 
 
 def _kept_state(res: StepResult, c: _Carry) -> Any:
