@@ -278,7 +278,7 @@ class _AdjointRun:
         spec = self._backward_spec(aug)
         a = torch.zeros_like(self._out(ys, 0))  # adjoint of the state, dL/dy(s)
         g = [torch.zeros_like(p) for p in params]
-        totals = [torch.zeros((), dtype=torch.long) for _ in range(6)]
+        totals = [torch.zeros((), dtype=torch.long) for _ in _STAT_NAMES]
         grad_s = torch.zeros_like(s) if want_s else None
         h: float | None = None  # the step carried from one interval to the next
         for i in range(T - 1, 0, -1):

@@ -25,7 +25,7 @@ import torch
 from .._rows import per_row
 from .base import DenseStep, Func, Solver, StepResult, Time
 from .newton import Linearisation, jacobian
-from .rk import Terms, _combine, _h_state, _stage, _terms
+from .rk import Terms, _combine, _h_state, _stage, _terms, _time
 from .tableaus import RosenbrockTableau
 
 __all__ = ["Rosenbrock", "Rosenbrock23"]
@@ -38,24 +38,16 @@ class _Factored:
     def __init__(self, J: torch.Tensor, hg: torch.Tensor | float, like: torch.Tensor) -> None:
         self.shape = like.shape
         N = J.shape[-1]
-        self.batched = J.ndim == 3
+        batched = J.ndim == 3
         eye = torch.eye(N, dtype=J.dtype, device=J.device)
-        if isinstance(hg, torch.Tensor):
-            hg = hg.view(-1, 1, 1) if self.batched else hg
+        if isinstance(hg, torch.Tensor) and batched:
+            hg = hg.view(-1, 1, 1)
         self.LU, self.pivots, _ = torch.linalg.lu_factor_ex(eye - hg * J)
-        self.cols = (like.shape[0], N, 1) if self.batched else (N, 1)
+        self.cols = (like.shape[0], N, 1) if batched else (N, 1)
 
     def solve(self, rhs: torch.Tensor) -> torch.Tensor:
         x = torch.linalg.lu_solve(self.LU, self.pivots, rhs.reshape(self.cols))
         return x.reshape(self.shape)
-
-
-def _as_time(t: Time, h: Time, c: float, y: torch.Tensor) -> torch.Tensor:
-    """``t + c h`` in the state dtype, as ``f`` receives it."""
-    if isinstance(t, float) and isinstance(h, float):
-        return torch.tensor(t + c * h, dtype=y.dtype, device=y.device)
-    tt = torch.as_tensor(t)
-    return (tt + c * torch.as_tensor(h, dtype=tt.dtype, device=tt.device)).to(y.dtype)
 
 
 class KnownLinearisation(NamedTuple):
@@ -76,8 +68,7 @@ def _linearise(
     one row's does) and each row is charged what it would have spent solved alone."""
     if isinstance(state, Linearisation):
         return state, n_stages - 1, 0
-    tt = torch.tensor(t, dtype=y.dtype, device=y.device) if isinstance(t, float) else t.to(y.dtype)
-    lin = jacobian(f, tt, y)
+    lin = jacobian(f, _time(t, y), y)
     if isinstance(state, KnownLinearisation):
         known = state.known
         lin = Linearisation(
@@ -100,11 +91,35 @@ def _merge_linearisation(accept: torch.Tensor, new: Any, old: Any) -> Any:
     return KnownLinearisation(old_lin, known)
 
 
-def _scaled(h_y: torch.Tensor | float, x: float) -> torch.Tensor | float:
-    return h_y * x
+class _LinearlyImplicit(Solver):
+    """What the Rosenbrock methods share: nothing carried from one step to the next but a
+    rejected step's linearisation (for its retry, per row), and an interpolant over the stage
+    vectors with no extra evaluation (coefficients ``self._P``, built in float64 once per
+    device)."""
+
+    _P: list[list[float]]
+
+    def __init__(self) -> None:
+        self._P_cache: dict[torch.device, torch.Tensor] = {}
+
+    def init(self, f: Func, t: Time, y: torch.Tensor, f0: torch.Tensor | None) -> Any:
+        return None  # f(t, y) comes with each step's Jacobian
+
+    def merge(self, accept: torch.Tensor, new: Any, old: Any) -> Any:
+        return _merge_linearisation(accept, new, old)
+
+    def dense(
+        self, f: Func, t: Time, h: Time, y: torch.Tensor, result: StepResult
+    ) -> tuple[DenseStep, int, Any]:
+        P = self._P_cache.get(y.device)
+        if P is None:
+            P = self._P_cache[y.device] = torch.tensor(
+                self._P, dtype=torch.float64, device=y.device
+            )
+        return DenseStep(y, h, list(result.dense_info), P), 0, None
 
 
-class Rosenbrock(Solver):
+class Rosenbrock(_LinearlyImplicit):
     """A Rosenbrock method given by its :class:`RosenbrockTableau` (see there for the stage
     equations).
 
@@ -148,14 +163,8 @@ class Rosenbrock(Solver):
         self.c_list = [float(x) for x in tableau.c]
         self.m_terms = _terms(tableau.m)
         self.e_terms = _terms(tableau.m_err)
+        super().__init__()
         self._P = [[float(x) for x in row] for row in tableau.P]
-        self._P_cache: dict[torch.device, torch.Tensor] = {}
-
-    def init(self, f: Func, t: Time, y: torch.Tensor, f0: torch.Tensor | None) -> Any:
-        return None  # f(t, y) comes with each step's Jacobian
-
-    def merge(self, accept: torch.Tensor, new: Any, old: Any) -> Any:
-        return _merge_linearisation(accept, new, old)
 
     def step(
         self, f: Func, t: Time, h: Time, y: torch.Tensor, state: Any, times: Any = None
@@ -168,37 +177,18 @@ class Rosenbrock(Solver):
             if i == 0:
                 fi = lin.f0
             else:
-                fi = f(_as_time(t, h, self.c_list[i], y), _stage(y, h_y, ks, self.a_terms[i]))
+                ti = _time(t + self.c_list[i] * h, y)
+                fi = f(ti, _stage(y, h_y, ks, self.a_terms[i]))
             rhs = fi * self.gamma
             if self.gC_terms[i]:
                 rhs = rhs + _combine(ks, self.gC_terms[i])
             if self.gd[i] != 0:
-                rhs = rhs + _scaled(h_y, self.gd[i]) * lin.ft
+                rhs = rhs + h_y * self.gd[i] * lin.ft
             ks.append(lu.solve(rhs))
         y1 = _stage(y, h_y, ks, self.m_terms)
         with torch.no_grad():  # step-size control is not differentiated
             y_error = _combine(ks, self.e_terms).mul_(h_y)
         return StepResult(y1, y_error, ks, None, nfe, None, lin, njev, 1)
-
-    def dense(
-        self, f: Func, t: Time, h: Time, y: torch.Tensor, result: StepResult
-    ) -> tuple[DenseStep, int, Any]:
-        return _dense(self._P, self._P_cache, y, h, result)
-
-
-def _dense(
-    rows: list[list[float]],
-    cache: dict[torch.device, torch.Tensor],
-    y: torch.Tensor,
-    h: Time,
-    result: StepResult,
-) -> tuple[DenseStep, int, Any]:
-    """A Rosenbrock step's interpolant over its stage vectors: no extra evaluation (the
-    coefficients ``rows`` are built in float64 once per device)."""
-    P = cache.get(y.device)
-    if P is None:
-        P = cache[y.device] = torch.tensor(rows, dtype=torch.float64, device=y.device)
-    return DenseStep(y, h, list(result.dense_info), P), 0, None
 
 
 def _hg(h: Time, gamma: float, y: torch.Tensor) -> torch.Tensor | float:
@@ -208,7 +198,7 @@ def _hg(h: Time, gamma: float, y: torch.Tensor) -> torch.Tensor | float:
     return h.to(y.dtype) * gamma
 
 
-class Rosenbrock23(Solver):
+class Rosenbrock23(_LinearlyImplicit):
     """Shampine and Reichelt's Rosenbrock method of order 2 with a 3rd-order error estimate
     (``ode23s`` in MATLAB; "The MATLAB ODE Suite", SIAM J. Sci. Comput. 18, 1997).
 
@@ -237,14 +227,8 @@ class Rosenbrock23(Solver):
 
     def __init__(self) -> None:
         d = self.d
+        super().__init__()
         self._P = [[1 / (1 - 2 * d), -1 / (1 - 2 * d)], [-2 * d / (1 - 2 * d), 1 / (1 - 2 * d)]]
-        self._P_cache: dict[torch.device, torch.Tensor] = {}
-
-    def init(self, f: Func, t: Time, y: torch.Tensor, f0: torch.Tensor | None) -> Any:
-        return None
-
-    def merge(self, accept: torch.Tensor, new: Any, old: Any) -> Any:
-        return _merge_linearisation(accept, new, old)
 
     def step(
         self, f: Func, t: Time, h: Time, y: torch.Tensor, state: Any, times: Any = None
@@ -253,19 +237,14 @@ class Rosenbrock23(Solver):
         h_y = _h_state(h, y)
         lin, nfe, njev = _linearise(f, t, y, state, 3)
         lu = _Factored(lin.J, _hg(h, d, y), y)
-        hdT = _scaled(h_y, d) * lin.ft
+        hdT = h_y * d * lin.ft
         k1 = lu.solve(lin.f0 + hdT)
-        f1 = f(_as_time(t, h, 0.5, y), _stage(y, h_y, [k1], ((0, 0.5),)))
+        f1 = f(_time(t + 0.5 * h, y), _stage(y, h_y, [k1], ((0, 0.5),)))
         k2 = lu.solve(f1 - k1) + k1
         y1 = _stage(y, h_y, [k2], ((0, 1.0),))
         with torch.no_grad():  # step-size control is not differentiated
-            f2 = f(_as_time(t, h, 1.0, y), y1)
+            f2 = f(_time(t + h, y), y1)
             rhs = f2 - self.e32 * (k2 - f1) - 2 * (k1 - lin.f0) + hdT
             k3 = lu.solve(rhs)
             y_error = _combine([k1, k2, k3], ((0, 1 / 6), (1, -2 / 6), (2, 1 / 6))).mul_(h_y)
         return StepResult(y1, y_error, [k1, k2], None, nfe, None, lin, njev, 1)
-
-    def dense(
-        self, f: Func, t: Time, h: Time, y: torch.Tensor, result: StepResult
-    ) -> tuple[DenseStep, int, Any]:
-        return _dense(self._P, self._P_cache, y, h, result)
