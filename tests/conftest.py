@@ -19,6 +19,11 @@ from neuralode.gradients import GRADIENTS as _GRADIENTS
 ALL_METHODS: tuple[str, ...] = neuralode.METHODS
 #: Methods with an error estimate (step-size control).
 ADAPTIVE: tuple[str, ...] = tuple(m for m in ALL_METHODS if neuralode.get_solver(m).adaptive)
+#: Adaptive methods whose outputs between steps come from their interpolant (a method whose
+#: interpolant is less accurate than its steps ends a step on each output instead).
+INTERPOLATING: tuple[str, ...] = tuple(
+    m for m in ADAPTIVE if not neuralode.get_solver(m).lands_on_outputs
+)
 #: Fixed-step methods.
 FIXED: tuple[str, ...] = tuple(m for m in ALL_METHODS if not neuralode.get_solver(m).adaptive)
 #: Tolerance scale per method, for tests that hold a solve to its tolerance: fehlberg2's error

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ADAPTIVE, tol_for
+from conftest import ADAPTIVE, INTERPOLATING, tol_for
 
 import neuralode
 
@@ -57,7 +57,7 @@ T_END = 5.0
 QUERIES = torch.tensor([0.013, 0.5, 1.2345, 2.0, 3.3, 4.99], dtype=DTYPE)
 
 
-@pytest.mark.parametrize("method", ADAPTIVE)
+@pytest.mark.parametrize("method", INTERPOLATING)
 def test_evaluate_matches_direct_solve_unbatched(method: str) -> None:
     f = spiral(1.5)
     sol = neuralode.solve(
@@ -129,7 +129,7 @@ OMEGAS = torch.tensor([0.5, 1.5, 3.0], dtype=DTYPE)
 Y0S = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, -1.0]], dtype=DTYPE)
 
 
-@pytest.mark.parametrize("method", ADAPTIVE)
+@pytest.mark.parametrize("method", INTERPOLATING)
 def test_evaluate_batched(method: str) -> None:
     f = spiral(OMEGAS)
     sol = neuralode.solve(
@@ -200,7 +200,7 @@ def test_evaluate_without_dense_raises() -> None:
         sol.evaluate(0.5)
 
 
-@pytest.mark.parametrize("method", ADAPTIVE)
+@pytest.mark.parametrize("method", INTERPOLATING)
 def test_evaluate_is_differentiable(method: str) -> None:
     f = spiral(1.5)
     y0 = Y0.clone().requires_grad_(True)

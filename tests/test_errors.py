@@ -200,11 +200,16 @@ def test_step_size_underflow_at_blow_up(method: str) -> None:
     # the midpoint rule's): at rtol 1e-3 it is 6% off at t = 0.5 (torchdiffeq's fehlberg2 too,
     # 1.91 for 2) and meets the pole late.
     rtol = 1e-6 if method == "fehlberg2" else 1e-3
-    with pytest.raises(SolverError, match=r"step size fell below") as info:
+    # An implicit method may stop on its Newton iteration instead, near the pole (kvaerno5).
+    why = r"step size fell below|Newton iteration did not converge"
+    with pytest.raises(SolverError, match=why) as info:
         neuralode.solve(square, y0, t, method=method, rtol=rtol, atol=1e-6)
     sol = info.value.solution
     assert sol is not None
-    assert int(sol.status) == Status.STEP_SIZE_UNDERFLOW
+    implicit = method in ("kvaerno3", "kvaerno5")
+    assert int(sol.status) == Status.STEP_SIZE_UNDERFLOW or (
+        implicit and int(sol.status) == Status.NEWTON_FAILED
+    )
     assert float(sol.t_end) == pytest.approx(1.0, abs=1e-2)
     assert _time_in(str(info.value)) == pytest.approx(1.0, abs=1e-2)
     torch.testing.assert_close(sol.ys[1], torch.tensor([2.0], dtype=F64), rtol=1e-2, atol=0)

@@ -48,6 +48,8 @@ TOL = {
     "rosenbrock23": 1e-9,
     "rodas4": 1e-9,
     "rodas5p": 1e-10,
+    "kvaerno3": 1e-7,
+    "kvaerno5": 1e-10,
 }
 GC = {"eps": 1e-5, "atol": 1e-6, "rtol": 1e-5}
 

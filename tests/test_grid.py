@@ -38,7 +38,7 @@ ADJOINT_BOUND = {
     "fehlberg2": 2e-5,
     "rosenbrock23": 1e-5,  # measured 2.0e-6 and 2.5e-6 at 1e-7 (tensor, per_sample)
 }
-RTOL = {"adaptive_heun": 1e-5, "fehlberg2": 1e-7, "rosenbrock23": 1e-7}
+RTOL = {"adaptive_heun": 1e-5, "fehlberg2": 1e-7, "rosenbrock23": 1e-7, "kvaerno3": 1e-7}
 
 
 def _problem(layout: str):

@@ -31,7 +31,9 @@ from conftest import ADAPTIVE, FIXED
 
 import neuralode
 from neuralode import get_solver, get_tableau
+from neuralode.solvers.esdirk import Esdirk
 from neuralode.solvers.rosenbrock import Rosenbrock, Rosenbrock23
+from neuralode.solvers.tableaus import ESDIRK_TABLEAUS
 
 DTYPE = torch.float64
 
@@ -157,7 +159,7 @@ def _stiffish(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return -30.0 * (y - torch.sin(3.0 * t)) + torch.cos(t)
 
 
-@pytest.mark.parametrize("method", ADAPTIVE)
+@pytest.mark.parametrize("method", [m for m in ADAPTIVE if m not in ESDIRK_TABLEAUS])
 def test_adaptive_counts(method: str) -> None:
     solver = get_solver(method)
     # A Rosenbrock attempt evaluates all its stages (the first is its Jacobian's forward pass),
@@ -205,13 +207,36 @@ def test_adaptive_counts(method: str) -> None:
     assert int(sol.stats.nfe) == rec.n == 2 + (s - 1) * n + extras * n_acc + jac * n_acc
 
 
+@pytest.mark.parametrize("method", sorted(ESDIRK_TABLEAUS))
+def test_esdirk_counts(method: str) -> None:
+    """An ESDIRK attempt takes a Jacobian (with f(t, y)) unless it retries a rejected one,
+    then one evaluation per Newton iteration; with gradients enabled, f(t, y) again and one
+    evaluation per implicit stage at the converged stage (the implicit function theorem's)."""
+    s = get_solver(method).n_stages
+    t = torch.tensor([0.0, 3.0], dtype=DTYPE)
+    for grad in (False, True):
+        rec = Recorder(_stiffish)
+        with torch.set_grad_enabled(grad):
+            sol = neuralode.solve(rec, Y0, t, method=method, rtol=1e-6, atol=1e-8)
+        st = sol.stats
+        n, n_acc = int(st.n_steps), int(st.n_accepted)
+        assert int(st.n_rejected) > 0, "the problem should force rejections"
+        assert int(st.njev) == n_acc and int(st.nlu) == n
+        assert int(st.n_newton) >= (s - 1) * n
+        assert int(st.nfe) == rec.n == 2 + n_acc + int(st.n_newton) + grad * s * n
+
+
 @pytest.mark.parametrize("method", ADAPTIVE)
 def test_zero_vector_field_takes_few_steps(method: str) -> None:
     solver = get_solver(method)
     s = solver.n_stages
-    # Every attempt of a Rosenbrock method evaluates its first stage (its Jacobian's).
+    # Every attempt of a Rosenbrock or ESDIRK method evaluates its first stage (its Jacobian's).
     fsal = getattr(solver, "fsal", False)
-    jac = isinstance(solver, (Rosenbrock, Rosenbrock23))
+    jac = isinstance(solver, (Rosenbrock, Rosenbrock23, Esdirk))
+    if jac and method in ESDIRK_TABLEAUS:
+        # Each implicit stage's iteration stops after its first (zero) correction; with
+        # gradients enabled, f(t, y) and each converged stage are evaluated again.
+        s = 2 * s
     rec = Recorder(lambda t, y: torch.zeros_like(y))
     sol = neuralode.solve(rec, Y0, torch.tensor([0.0, 10.0], dtype=DTYPE), method=method)
     n = int(sol.stats.n_steps)
@@ -222,7 +247,8 @@ def test_zero_vector_field_takes_few_steps(method: str) -> None:
     assert torch.equal(sol.ys[-1], Y0)
     t = torch.linspace(0.0, 10.0, 6, dtype=DTYPE)  # outputs inside steps: the interpolant too
     many = neuralode.solve(lambda t, y: torch.zeros_like(y), Y0, t, method=method, dense=True)
-    assert int(many.stats.n_steps) == n
+    # (a method that ends steps on outputs takes one more step per interior output)
+    assert int(many.stats.n_steps) == n + (4 if solver.lands_on_outputs else 0)
     assert torch.equal(many.ys, Y0.expand(6, 3))
     assert torch.equal(many.evaluate(torch.tensor([0.3, 7.77], dtype=DTYPE)), Y0.expand(2, 3))
 

@@ -350,6 +350,8 @@ CHECK = {
     "rosenbrock23": 1e-4,  # at rtol = atol = 1e-6 (RTOL below): an order-2 method
     "rodas4": 1e-6,  # at 1e-8
     "rodas5p": 1e-6,  # at 1e-8
+    "kvaerno3": 1e-5,  # at 1e-7
+    "kvaerno5": 1e-6,  # at 1e-8
 }
 
 
@@ -360,6 +362,8 @@ RTOL = {
     "rosenbrock23": 1e-6,
     "rodas4": 1e-8,
     "rodas5p": 1e-8,
+    "kvaerno3": 1e-7,
+    "kvaerno5": 1e-8,
 }
 
 

@@ -92,6 +92,10 @@ class LoopSpec:
     max_num_steps: int = 100_000
     dense: bool = False
 
+    def __post_init__(self) -> None:
+        # A Newton iteration stops at the solve's own tolerances (see Solver.configured).
+        object.__setattr__(self, "solver", self.solver.configured(self.controller))
+
     def run(
         self,
         y0: torch.Tensor,
@@ -147,6 +151,7 @@ class _Carry(NamedTuple):
     n_accepted: torch.Tensor
     njev: torch.Tensor
     nlu: torch.Tensor
+    n_newton: torch.Tensor
 
 
 class _Run:
@@ -184,6 +189,11 @@ class _Run:
         self._chunk: Any = None
         self._t_end = self.out_times[..., -1]
         self._t_end_abs = self._t_end.abs()
+        # Adaptive solvers whose interpolant is less accurate than their steps end a step on
+        # every output time (a row's next output is then its step's target).
+        self._land = bool(getattr(self.solver, "lands_on_outputs", False)) and self.T > 2
+        self._target = self._t_end
+        self._target_is_end: torch.Tensor | bool = True
         # Steps below 10 ulps of the clock cannot make progress.
         self._resolution = 10 * torch.finfo(self.t_dtype).eps
 
@@ -257,6 +267,7 @@ class _Run:
             n_accepted=zeros.clone(),
             njev=zeros.clone(),
             nlu=zeros.clone(),
+            n_newton=zeros.clone(),
         )
         if self.controller is not None:
             h, nfe = self._first_step_tensor(t)
@@ -269,6 +280,10 @@ class _Run:
         while True:
             c, att = self._attempt(c, k)
             c, next_out, go_on = self._commit(c, att, next_out, outputs, plan, k)
+            if self._land:
+                idx = next_out.clamp(max=self.T - 1)
+                self._target = self.out_times.gather(1, idx.unsqueeze(1)).squeeze(1)
+                self._target_is_end = idx == self.T - 1
             if self.carry_step:
                 # A step shortened to land on the end says nothing against the one proposed.
                 landed = att.accept & ~att.still
@@ -276,7 +291,9 @@ class _Run:
             k += 1
             if not go_on:
                 break
-        stats = Stats(c.nfe, c.n_steps, c.n_accepted, c.n_steps - c.n_accepted, c.njev, c.nlu)
+        stats = Stats(
+            c.nfe, c.n_steps, c.n_accepted, c.n_steps - c.n_accepted, c.njev, c.nlu, c.n_newton
+        )
         return outputs.assemble(), c.status, c.t, stats, h_next if self.carry_step else None
 
     def _first_step_tensor(self, t: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -301,11 +318,13 @@ class _Run:
             h = self.grid.steps[k]
             res = solver.step(self.f, t, h, y, c.solver_state, self._times(k))
             ratio, accept, cstate, h_prop = None, running, c.controller_state, c.h
+            if res.status is not None:  # a fixed step cannot shrink: a failed row stops
+                accept = accept & (res.status == 0)
             t_new = torch.where(accept, self.grid.times[k + 1], t)
             done = accept & (k + 1 == self.grid.n_steps)
         else:
             assert ctrl is not None
-            t_end = self._t_end
+            t_end = self._target
             gap = t_end - t
             hit = c.h * 1.01 >= gap  # land on the end rather than leave a sliver of a step
             h = torch.where(running, torch.where(hit, gap, c.h), 0.0)
@@ -317,10 +336,17 @@ class _Run:
             accept, h_prop, cstate = ctrl.adapt(ratio, h, c.controller_state)
             accept &= running
             t_new = torch.where(accept, torch.where(hit, t_end, t + h), t)
-            done = accept & hit
+            done = accept & hit & self._target_is_end
+            if self._land:  # a step shortened to land on an output does not shrink the next
+                landed = accept & hit & ~done
+                h_prop = torch.where(landed, torch.maximum(h_prop, c.h), h_prop)
         n_steps = c.n_steps + running
         still = running & ~done
         status = c.status
+        if ratio is None and res.status is not None:
+            failed = running & (res.status != 0)
+            status = torch.where(failed, res.status, status)
+            still = still & ~failed
         if ratio is not None:
             # An accepted step that no longer moves t, or a next step below the resolution of t
             # (or NaN), cannot make progress; nor can a row out of steps.
@@ -344,6 +370,7 @@ class _Run:
             c.n_accepted + accept,
             _count(c.njev, running, res.njev),
             _count(c.nlu, running, res.nlu),
+            _count(c.n_newton, running, res.n_newton),
         )
         attempt = _Attempt(
             t,
@@ -508,19 +535,27 @@ class _Run:
         commit = _FloatCommit(self)
         y, state = self.y0, solver.init(f, times[0], self.y0, self.f0)
         nfe = int(self.f0 is not None)
-        njev = nlu = 0
+        njev = nlu = n_newton = 0
+        status, t_reached = Status.SUCCESS, times[-1]
         for k in range(self.grid.n):
             res = solver.step(f, times[k], steps[k], y, state, self._times(k))
             nfe += int(res.nfe)  # one row: the solver never sees a partly known state
             njev, nlu = njev + int(res.njev), nlu + int(res.nlu)
+            n_newton += int(res.n_newton)
+            if res.status is not None and int(res.status):  # a fixed step cannot shrink: stop
+                status, t_reached = Status(int(res.status)), times[k]
+                break
             extra, next_state = commit.accepted(times[k], steps[k], times[k + 1], y, res)
             nfe += extra
             y, state = res.y1, (res.state if next_state is None else next_state)
-        n = torch.tensor(self.grid.n, device=self.device)
         tt = torch.tensor
         d = self.device
-        stats = Stats(tt(nfe, device=d), n, n.clone(), n * 0, tt(njev, device=d), tt(nlu, device=d))
-        return commit.assemble(), n * 0, self.out_times[-1].clone(), stats, None
+        n_acc = self.grid.n if status == Status.SUCCESS else k
+        n = tt(n_acc + int(status != Status.SUCCESS), device=d)
+        counts = (tt(x, device=d) for x in (njev, nlu, n_newton))
+        stats = Stats(tt(nfe, device=d), n, tt(n_acc, device=d), n - n_acc, *counts)
+        t_end = tt(t_reached, dtype=self.t_dtype, device=d)
+        return commit.assemble(), tt(int(status), device=d), t_end, stats, None
 
     def _float_adaptive(self) -> tuple[Any, ...]:
         """Adaptive steps of one row: the error ratio is the step's one host synchronisation,
@@ -529,7 +564,9 @@ class _Run:
         ctrl = self.controller
         assert ctrl is not None
         out_list: list[float] = self.out_times.tolist()
-        t, t_end = out_list[0], out_list[-1]
+        t, t_last = out_list[0], out_list[-1]
+        target = 1 if self._land else len(out_list) - 1  # the output a step may land on
+        t_end = out_list[target]
         y = self.y0
         state = solver.init(f, t, y, self.f0)
         nfe = int(self.f0 is not None)
@@ -542,7 +579,7 @@ class _Run:
             nfe += 1
         cstate = ctrl.init_float()
         commit = _FloatCommit(self)
-        n_steps = n_acc = njev = nlu = 0
+        n_steps = n_acc = njev = nlu = n_newton = 0
         status = Status.SUCCESS
         h_next = h
         eps = torch.finfo(self.t_dtype).eps
@@ -553,6 +590,7 @@ class _Run:
             res = solver.step(f, t, h_eff, y, state)
             nfe += int(res.nfe)
             njev, nlu = njev + int(res.njev), nlu + int(res.nlu)
+            n_newton += int(res.n_newton)
             n_steps += 1
             assert res.y_error is not None, f"adaptive solver {solver!r} gave no error estimate"
             ratio = ctrl.error_ratio(y, res.y1, res.y_error, solver.error_norm)
@@ -569,7 +607,10 @@ class _Run:
                 y, state, t = res.y1, (res.state if next_state is None else next_state), t_new
                 if hit:
                     h_next = max(h_next, h)  # landing on the end does not shrink the next step
-                    break
+                    if t_end == t_last:
+                        break
+                    target += 1
+                    t_end = out_list[target]
             elif res.retry_state is not None:  # the retry starts where this attempt did
                 state = res.retry_state
             res_t = 10 * eps * max(abs(t), abs(t_end))
@@ -592,6 +633,7 @@ class _Run:
             tt(n_steps - n_acc, device=d),
             tt(njev, device=d),
             tt(nlu, device=d),
+            tt(n_newton, device=d),
         )
         t_reached = tt(t, dtype=self.t_dtype, device=d)
         return (

@@ -19,6 +19,7 @@ class Status(enum.IntEnum):
     MAX_STEPS_REACHED = 1
     STEP_SIZE_UNDERFLOW = 2
     NONFINITE = 3
+    NEWTON_FAILED = 4
 
     @property
     def message(self) -> str:
@@ -40,6 +41,12 @@ _MESSAGES = {
     Status.NONFINITE: (
         "The vector field returned NaN or Inf and smaller steps did not help. Check the vector "
         "field (and its parameters) at the time named in the error."
+    ),
+    Status.NEWTON_FAILED: (
+        "The implicit method's Newton iteration did not converge, even on smaller steps (or on a "
+        "fixed step, which cannot shrink). Loosen rtol/atol, use an adaptive method, try a "
+        "Rosenbrock method (method='rodas5p': no iteration that can fail), or check the vector "
+        "field for discontinuities."
     ),
 }
 
@@ -66,6 +73,8 @@ class Stats:
             retry after a rejection reuses its attempt's); zero for explicit methods; ``None``
             where not counted (the backward pass of the checkpoint strategy).
         nlu: LU factorisations (stiff methods: one per attempted step); as ``njev``.
+        n_newton: Newton iterations (implicit methods, summed over the stages; each costs one
+            evaluation of the vector field, counted in ``nfe`` as well); as ``njev``.
     """
 
     nfe: torch.Tensor
@@ -74,6 +83,7 @@ class Stats:
     n_rejected: torch.Tensor
     njev: torch.Tensor | None = None
     nlu: torch.Tensor | None = None
+    n_newton: torch.Tensor | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v.tolist() for k, v in vars(self).items() if v is not None}

@@ -49,7 +49,7 @@ from ..solvers.registry import get_solver
 from .base import GradientStrategy, Outcome, refuse_double_backward
 
 #: The backward solve's counters, summed over the output intervals.
-_STAT_NAMES = ("nfe", "n_steps", "n_accepted", "n_rejected", "njev", "nlu")
+_STAT_NAMES = ("nfe", "n_steps", "n_accepted", "n_rejected", "njev", "nlu", "n_newton")
 
 __all__ = ["Adjoint", "AdjointConfig", "ADJOINT_OPTIONS", "find_adjoint_params"]
 

@@ -79,7 +79,9 @@ class _Replay:
         """Recompute one step with autograd; returns ``(y1, [(vals, idx, valid), ...])``."""
         solver, f, batched = self.spec.solver, self.spec.func, self.spec.batched
         res = solver.step(f, r.t, r.h, y_in, solver.init(f, r.t, y_in, None))
-        self.nfe += int(res.nfe)  # replays start from no carried state
+        # Replays start from no carried state; an iterative method's rows may differ (then
+        # the batch's evaluations are its busiest row's).
+        self.nfe += int(torch.as_tensor(res.nfe).max())
         outs: list[tuple[torch.Tensor, Any, Any]] = []
         if r.interior is not None:
             first, count, m = r.interior

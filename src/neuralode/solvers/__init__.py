@@ -5,19 +5,23 @@
 - :mod:`.tableaus`: Butcher tableaus as validated exact data.
 - :mod:`.rk`: :class:`ExplicitRK`, one solver for every explicit tableau.
 - :mod:`.rosenbrock`: :class:`Rosenbrock` (any :class:`RosenbrockTableau`) and
-  :class:`Rosenbrock23`, the stiff methods; :mod:`.newton`: their per-sample Jacobians.
+  :class:`Rosenbrock23`, the linearly implicit stiff methods; :mod:`.esdirk`: :class:`Esdirk`
+  (any :class:`EsdirkTableau`), the implicit ones; :mod:`.newton`: their per-sample Jacobians.
 - :mod:`.registry`: :data:`METHODS` and :func:`get_solver` (a name, a tableau or a solver).
 """
 
 from .base import DenseStep, Solver, StepResult
+from .esdirk import Esdirk, NewtonSettings
 from .registry import METHODS, get_solver
 from .rk import ExplicitRK
 from .rosenbrock import Rosenbrock, Rosenbrock23
 from .tableaus import (
+    ESDIRK_TABLEAUS,
     ROSENBROCK_TABLEAUS,
     TABLEAUS,
     ButcherTableau,
     DenseOutput,
+    EsdirkTableau,
     RosenbrockTableau,
     get_tableau,
 )
@@ -31,6 +35,10 @@ __all__ = [
     "Rosenbrock23",
     "RosenbrockTableau",
     "ROSENBROCK_TABLEAUS",
+    "Esdirk",
+    "EsdirkTableau",
+    "ESDIRK_TABLEAUS",
+    "NewtonSettings",
     "METHODS",
     "get_solver",
     "ButcherTableau",

@@ -61,6 +61,8 @@ class StepResult(NamedTuple):
             again), or ``None`` to keep the state the step started from.
         njev: Jacobians of ``f`` the step took (per row, as ``nfe``); 0 for explicit methods.
         nlu: LU factorisations the step made (per row); 0 for explicit methods.
+        n_newton: Newton iterations the step made (per row, summed over its stages); 0 for
+            methods that do not iterate.
     """
 
     y1: torch.Tensor
@@ -72,6 +74,7 @@ class StepResult(NamedTuple):
     retry_state: Any = None
     njev: int | torch.Tensor = 0
     nlu: int | torch.Tensor = 0
+    n_newton: int | torch.Tensor = 0
 
 
 class DenseStep(NamedTuple):
@@ -108,6 +111,9 @@ class Solver(abc.ABC):
     order: int = 1
     error_order: int | None = None
     dense_order: int = 1
+    #: Whether an adaptive solve ends a step on every output time instead of interpolating
+    #: (for a method whose interpolant is much less accurate than its steps).
+    lands_on_outputs: bool = False
 
     @property
     def adaptive(self) -> bool:
@@ -143,6 +149,13 @@ class Solver(abc.ABC):
         carried state to use instead of ``result.state`` when those evaluations include
         ``f(t + h, y1)`` (which then starts the next step), else ``None``.
         """
+
+    def configured(self, controller: Any) -> Solver:
+        """The solver as one solve uses it, under ``controller`` (its tolerances, norm and
+        dimensions; ``None`` for fixed steps).  A solver whose steps depend on them (a Newton
+        iteration's stopping test) returns a copy that knows them; the default is ``self``.
+        Called once per solve when the loop is specified, never per step."""
+        return self
 
     def merge(self, accept: torch.Tensor, new: Any, old: Any) -> Any:
         """The carried state per row: ``new`` where ``accept`` (``[batch]``), else ``old``.

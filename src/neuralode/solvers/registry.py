@@ -11,9 +11,10 @@ import functools
 from collections.abc import Callable
 
 from .base import Solver
+from .esdirk import Esdirk
 from .rk import ExplicitRK
 from .rosenbrock import Rosenbrock, Rosenbrock23
-from .tableaus import ALIASES, ROSENBROCK_TABLEAUS, TABLEAUS, ButcherTableau
+from .tableaus import ALIASES, ESDIRK_TABLEAUS, ROSENBROCK_TABLEAUS, TABLEAUS, ButcherTableau
 
 __all__ = ["ALIASES", "METHODS", "get_solver"]
 
@@ -22,6 +23,8 @@ _FACTORIES: dict[str, Callable[[], Solver]] = {
     # Stiff methods (linearly implicit: one Jacobian and LU factorisation per step).
     "rosenbrock23": Rosenbrock23,
     **{name: functools.partial(Rosenbrock, tab) for name, tab in ROSENBROCK_TABLEAUS.items()},
+    # Implicit (ESDIRK: a Newton iteration per stage).
+    **{name: functools.partial(Esdirk, tab) for name, tab in ESDIRK_TABLEAUS.items()},
 }
 
 #: The registered method names, in the order the README lists them.

@@ -21,6 +21,8 @@ from fractions import Fraction
 
 __all__ = [
     "ButcherTableau",
+    "EsdirkTableau",
+    "ESDIRK_TABLEAUS",
     "RosenbrockTableau",
     "ROSENBROCK_TABLEAUS",
     "DenseOutput",
@@ -810,6 +812,11 @@ def get_tableau(method: str) -> ButcherTableau:
                 f"{method!r} is a Rosenbrock method, not an explicit Runge-Kutta tableau: its "
                 f"coefficients are neuralode.solvers.ROSENBROCK_TABLEAUS[{method!r}]"
             ) from None
+        if method in ESDIRK_TABLEAUS:
+            raise ValueError(
+                f"{method!r} is an implicit (ESDIRK) method, not an explicit Runge-Kutta tableau: "
+                f"its coefficients are neuralode.solvers.ESDIRK_TABLEAUS[{method!r}]"
+            ) from None
         if method == "rosenbrock23":
             raise ValueError(
                 "'rosenbrock23' is a Rosenbrock method with no tableau of its own "
@@ -1134,3 +1141,167 @@ RODAS5P = RosenbrockTableau(
 #: The Rosenbrock methods given by a :class:`RosenbrockTableau` (``rosenbrock23`` has a form of
 #: its own: :class:`neuralode.solvers.rosenbrock.Rosenbrock23`).
 ROSENBROCK_TABLEAUS: dict[str, RosenbrockTableau] = {t.name: t for t in (RODAS4, RODAS5P)}
+
+
+@dataclass(frozen=True)
+class EsdirkTableau:
+    """A stiffly accurate ESDIRK method: singly diagonally implicit Runge-Kutta with an explicit
+    first stage (Kvaerno, "Singly diagonally implicit Runge-Kutta methods with an explicit first
+    stage", BIT 44, 2004).
+
+    With ``k_0 = f(t, y)`` and, for ``i >= 1``, ``z_i`` the solution of
+
+        z_i = y + h sum_{j<i} a[i][j] k_j + h gamma f(t + c_i h, z_i),   k_i = f(t + c_i h, z_i),
+
+    the step is ``y1 = z_{s-1}`` (stiffly accurate: the last row of the full matrix is ``b``) and
+    its error estimate ``h sum_j b_err_j k_j``.  Newton's iteration for ``z_i`` starts from
+    ``y + h sum_j a[i][j] k_j + h gamma sum_j pred[i][j] k_j``: the stage's slope predicted from
+    the earlier ones (each row of ``pred`` sums to 1).
+
+    Attributes:
+        name: registry name.
+        order, error_order: orders of the solution and of the embedded solution.
+        gamma: the diagonal coefficient (``a[i][i]`` for ``i >= 1``; the first stage is explicit).
+        a: strictly lower rows (``a[i]`` has ``i`` entries; ``a[0]`` is empty).
+        b: solution weights (checked: the last row of the full matrix, ``(*a[-1], gamma)``).
+        b_err: ``b - b_hat``.
+        c: nodes (checked: ``c[0] == 0``, ``c[i] == sum(a[i]) + gamma``, ``c[-1] == 1``).
+        pred: predictor rows, ``pred[i]`` over the ``i`` earlier stages (``pred[0]`` empty).
+        tol: tolerance of the checks (Kvaerno's order-5 pair is published as 17-digit decimals).
+    """
+
+    name: str
+    order: int
+    error_order: int
+    gamma: Coeff
+    a: tuple[Row, ...]
+    b: Row
+    b_err: Row
+    c: Row
+    pred: tuple[Row, ...]
+    tol: float = 1e-15
+
+    def __post_init__(self) -> None:
+        s, name = len(self.b), self.name
+        for label, rows in (("a", self.a), ("pred", self.pred)):
+            if len(rows) != s or any(len(r) != i for i, r in enumerate(rows)):
+                raise ValueError(f"tableau {name!r}: {label} must be strictly lower ({s} stages)")
+        for label, v in (("c", self.c), ("b_err", self.b_err)):
+            if len(v) != s:
+                raise ValueError(f"tableau {name!r}: {label} must have {s} entries")
+        self._close(self.c[0], F(0), "c[0] == 0 (an explicit first stage)")
+        for i in range(1, s):
+            self._close(sum(self.a[i]) + self.gamma, self.c[i], f"c[{i}] == sum(a[{i}]) + gamma")
+            self._close(sum(self.pred[i]), F(1), f"pred[{i}] sums to 1")
+        last = (*self.a[-1], self.gamma)
+        for j in range(s):
+            self._close(self.b[j], last[j], f"b[{j}] == the last row's (stiffly accurate)")
+        self._close(sum(self.b_err), F(0), "sum(b_err) == 0")
+
+    def _close(self, x: Fraction | int, y: Fraction, what: str) -> None:
+        if abs(float(x - y)) > self.tol:
+            raise ValueError(
+                f"tableau {self.name!r} fails its check {what}: {float(x)} vs {float(y)}"
+            )
+
+    @property
+    def stages(self) -> int:
+        return len(self.b)
+
+    @property
+    def A(self) -> list[list[Fraction]]:
+        """The full lower-triangular matrix, diagonal included (``A[0][0] = 0``)."""
+        s = self.stages
+        return [
+            [*self.a[i], *([self.gamma] if i else [F(0)]), *([F(0)] * (s - i - 1))]
+            for i in range(s)
+        ]
+
+
+def _kvaerno3() -> EsdirkTableau:
+    """Kvaerno's order 3(2) pair: 4 stages, L-stable, its coefficients functions of gamma, the
+    root of ``6 g^3 - 18 g^2 + 9 g - 1`` near 0.4359 (30 digits here: its rational stand-in
+    keeps every order condition, which hold for any gamma, exact)."""
+    g = _frac("0.435866521508458999416019451194")
+    a31 = (-4 * g * g + 6 * g - 1) / (4 * g)
+    a32 = (1 - 2 * g) / (4 * g)
+    last = (
+        (6 * g - 1) / (12 * g),
+        -1 / ((24 * g - 12) * g),
+        (-6 * g * g + 6 * g - 1) / (6 * g - 3),
+    )
+    theta = 1 / (2 * g)
+    return EsdirkTableau(
+        name="kvaerno3",
+        order=3,
+        error_order=2,
+        gamma=g,
+        a=((), (g,), (a31, a32), last),
+        b=(*last, g),
+        b_err=(last[0] - a31, last[1] - a32, last[2] - g, g),
+        c=(F(0), 2 * g, F(1), F(1)),
+        # Stage 2 from stage 1's slope; stage 3 extrapolates the slope linearly in time through
+        # stages 1 and 2; stage 4 (node 1 like stage 3) takes stage 3's weights.
+        pred=((), (F(1),), (1 - theta, theta), (a31, a32, g)),
+        tol=0.0,
+    )
+
+
+KVAERNO3 = _kvaerno3()
+
+# Kvaerno's order 5(4) pair (7 stages, L-stable, stiffly accurate; gamma = 0.26).  The
+# predictors of stages 3-6 are those of OrdinaryDiffEq.jl's Kvaerno5 (as diffrax uses them, with
+# stage 2 starting from stage 1's slope); stage 7 (node 1 like stage 6) takes stage 6's weights.
+_KV5_A6 = (
+    "0.13855640231268224",
+    "0",
+    "-0.04245337201752043",
+    "0.02446657898003141",
+    "0.61943039072480676",
+)
+_KV5_A7 = (
+    "0.13659751177640291",
+    "0",
+    "-0.05496908796538376",
+    "-0.04118626728321046",
+    "0.62993304899016403",
+    "0.06962479448202728",
+)
+KVAERNO5 = EsdirkTableau(
+    name="kvaerno5",
+    order=5,
+    error_order=4,
+    gamma=_frac("0.26"),
+    a=(
+        (),
+        _row("0.26"),
+        _row("0.13", "0.84033320996790809"),
+        _row("0.22371961478320505", "0.47675532319799699", "-0.06470895363112615"),
+        _row(
+            "0.16648564323248321",
+            "0.10450018841591720",
+            "0.03631482272098715",
+            "-0.13090704451073998",
+        ),
+        _row(*_KV5_A6),
+        _row(*_KV5_A7),
+    ),
+    b=_row(*_KV5_A7, "0.26"),
+    b_err=_row(
+        *(F(x) - F(y) for x, y in zip(_KV5_A7, _KV5_A6)), F(_KV5_A7[-1]) - F("0.26"), "0.26"
+    ),
+    c=_row(0, "0.52", "1.230333209967908", "0.8957659843500759", "0.43639360985864756", 1, 1),
+    pred=(
+        (),
+        _row(1),
+        _row("-1.366025403784441", "2.3660254037844357"),
+        _row("-0.19650552613122207", "0.8113579546496623", "0.38514757148155954"),
+        _row("0.10375304369958693", "0.937994698066431", "-0.04174774176601781", 0),
+        _row("-0.17281112873898072", "0.6235784481025847", "0.5492326806363959", 0, 0),
+        _row(*_KV5_A6, "0.26"),
+    ),
+    tol=1e-14,
+)
+
+#: The ESDIRK methods (chord Newton per stage, gradients by the implicit function theorem).
+ESDIRK_TABLEAUS: dict[str, EsdirkTableau] = {t.name: t for t in (KVAERNO3, KVAERNO5)}

@@ -1,0 +1,256 @@
+"""The ESDIRK methods (``kvaerno3``, ``kvaerno5``): Newton's method per stage, per sample.
+
+* Their coefficients satisfy the Runge-Kutta order conditions (every rooted tree, with the full
+  lower-triangular matrix) up to the stated order and fail at the next, for the solution and the
+  embedded solution; a tableau with a wrong node, predictor or last row is refused.
+* One step evaluates ``f`` only at the step's nodes, and counts its Newton iterations.
+* Gradients: ``gradcheck`` in float64 through the implicit function theorem (backprop and
+  checkpoint), never through the iterations.
+* A step whose iteration fails is rejected and retried smaller; a solve whose iterations cannot
+  converge says so (``Status.NEWTON_FAILED``); a NaN from the field is reported as such.
+* Outputs come from steps that end on them (the cubic Hermite interpolant would cost kvaerno5
+  its order: measured 162 tolerance units on HIRES at rtol 1e-6 when interpolating, 1.0 landing).
+(``test_stiff.py`` runs them on the stiff problems against scipy, batched, with the adjoint;
+``test_convergence.py`` measures their orders.)
+"""
+
+from __future__ import annotations
+
+import functools
+from fractions import Fraction
+
+import pytest
+import torch
+from trees import Tree, gamma, trees_of_order
+
+import neuralode
+from neuralode.solvers.base import DenseStep, Solver, StepResult
+from neuralode.solvers.esdirk import Esdirk, NewtonSettings
+from neuralode.solvers.tableaus import ESDIRK_TABLEAUS, KVAERNO3, EsdirkTableau
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+DTYPE = torch.float64
+ESDIRK = tuple(ESDIRK_TABLEAUS)
+
+
+# -- coefficients ------------------------------------------------------------------------------
+def _residuals(tab: EsdirkTableau, b: list[Fraction], order: int) -> dict[int, float]:
+    """Largest ``|sum_i b_i Phi_i(t) - 1/gamma(t)|`` per tree order, exactly, with
+    ``Phi(t) = prod over children (A Phi(child))`` and ``A`` the full matrix (diagonal too)."""
+    A, s = tab.A, tab.stages
+
+    @functools.cache
+    def phi(t: Tree) -> tuple[Fraction, ...]:
+        out = [Fraction(1)] * s
+        for child in t:
+            pc = phi(child)
+            out = [
+                x * sum((A[i][j] * pc[j] for j in range(s)), Fraction(0)) for i, x in enumerate(out)
+            ]
+        return tuple(out)
+
+    return {
+        n: max(
+            abs(float(sum((x * y for x, y in zip(b, phi(t))), Fraction(0)) - Fraction(1, gamma(t))))
+            for t in trees_of_order(n)
+        )
+        for n in range(1, order + 1)
+    }
+
+
+@pytest.mark.parametrize("name", ESDIRK)
+def test_order_conditions(name: str) -> None:
+    tab = ESDIRK_TABLEAUS[name]
+    for label, b, p in (
+        ("solution", list(tab.b), tab.order),
+        ("embedded", [x - e for x, e in zip(tab.b, tab.b_err)], tab.error_order),
+    ):
+        res = _residuals(tab, b, p + 1)
+        print(name, label, {n: f"{r:.1e}" for n, r in res.items()})
+        assert all(res[n] < 1e-14 for n in range(1, p + 1)), (name, label, res)
+        assert res[p + 1] > 1e-4, f"{name} {label}: order {p + 1} holds too; say so"
+
+
+def test_tableau_checks_its_data() -> None:
+    fields = {k: getattr(KVAERNO3, k) for k in KVAERNO3.__dataclass_fields__}
+    with pytest.raises(ValueError, match=r"c\[1\]"):
+        EsdirkTableau(**{**fields, "c": (Fraction(0), Fraction(87, 100), *KVAERNO3.c[2:])})
+    bad_pred = (*KVAERNO3.pred[:2], (Fraction(1, 2), Fraction(1, 3)), KVAERNO3.pred[3])
+    with pytest.raises(ValueError, match=r"pred\[2\] sums to 1"):
+        EsdirkTableau(**{**fields, "pred": bad_pred})
+    with pytest.raises(ValueError, match="stiffly accurate"):
+        EsdirkTableau(**{**fields, "b": (*KVAERNO3.b[:2], KVAERNO3.b[2] + 1, KVAERNO3.b[3] - 1)})
+    with pytest.raises(TypeError, match="EsdirkTableau"):
+        Esdirk(neuralode.get_tableau("dopri5"))  # type: ignore[arg-type]
+
+
+# -- one step --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ESDIRK)
+def test_one_step_evaluates_at_its_nodes(method: str) -> None:
+    """A step evaluates ``f`` at ``t0`` (the Jacobian's forward pass) and at the implicit stages'
+    nodes, once per Newton iteration; ``nfe`` counts them all (with the entry's check)."""
+    # Stages solved to round-off, one step whatever its error (the step's nodes are the point).
+    solver = Esdirk(ESDIRK_TABLEAUS[method], NewtonSettings(1e-10, 1e-10, max_iters=30))
+    seen: list[float] = []
+
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        seen.append(float(t.detach()))
+        return -(y**2) + torch.sin(t)
+
+    t0, h = 0.25, 0.125
+    with torch.no_grad():  # no graph: no evaluation for the implicit function theorem
+        sol = neuralode.solve(
+            f,
+            torch.tensor([0.5, 1.0], dtype=DTYPE),
+            torch.tensor([t0, t0 + h], dtype=DTYPE),
+            method=method,
+            first_step=h,
+            rtol=1e10,
+            atol=1e10,
+        )
+    stats = sol.stats
+    assert int(stats.n_steps) == 1 and int(stats.njev) == int(stats.nlu) == 1
+    assert int(stats.nfe) == len(seen) == 2 + int(stats.n_newton)
+    nodes = {round(t0 + c * h, 12) for c in solver.c_list}
+    assert {round(t, 12) for t in seen} == nodes  # every node, nothing else
+    assert int(stats.n_newton) >= solver.n_stages - 1  # at least one iteration per stage
+
+
+def test_outputs_are_step_ends() -> None:
+    """Every output time is where a step starts (the next step's Jacobian is taken there)."""
+    seen: set[float] = set()
+
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        seen.add(round(float(t), 12))
+        x, v = y[..., 0], y[..., 1]
+        return torch.stack([v, 5 * (1 - x**2) * v - x], -1)
+
+    ts = torch.tensor([0.0, 0.37, 1.2, 2.05, 3.0], dtype=DTYPE)
+    y0 = torch.tensor([2.0, 0.0], dtype=DTYPE)
+    with torch.no_grad():
+        neuralode.solve(f, y0, ts, method="kvaerno5", rtol=1e-6, atol=1e-8)
+        batch = neuralode.solve(f, y0.expand(3, 2), ts, method="kvaerno5", rtol=1e-6, atol=1e-8)
+    assert {round(float(t), 12) for t in ts[1:-1]} <= seen
+    assert batch.success
+
+
+# -- gradients -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ESDIRK)
+@pytest.mark.parametrize("gradient", ["backprop", "checkpoint"])
+def test_gradcheck(method: str, gradient: str) -> None:
+    """Exact gradients of the computed solution, with stages solved to round-off (a Newton
+    tolerance of 1e-13: finite differences then see the same stages).  Constant steps
+    (``first_step``, ``ifactor=1``, loose step tolerances) so that they see the same steps."""
+    solver = Esdirk(ESDIRK_TABLEAUS[method], NewtonSettings(1e-13, 1e-13, max_iters=30))
+    theta = torch.tensor([30.0, 1.0], dtype=DTYPE, requires_grad=True)
+    y0 = torch.tensor([0.5, -0.3], dtype=DTYPE, requires_grad=True)
+    ts = torch.tensor([0.0, 0.25, 1.0], dtype=DTYPE)
+
+    def run(y0: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return -theta[0] * (y - torch.cos(t)) - theta[1] * y**3
+
+        kw = {} if gradient == "backprop" else {"adjoint_params": (theta,)}
+        sol = neuralode.solve(
+            f, y0, ts, method=solver, first_step=0.0625, rtol=1e10, atol=1e10, ifactor=1.0,
+            gradient=gradient, **kw,
+        )  # fmt: skip
+        assert int(sol.stats.n_rejected) == 0
+        return sol.ys
+
+    assert torch.autograd.gradcheck(run, (y0, theta), atol=1e-7, rtol=1e-6)
+
+
+# -- failures --------------------------------------------------------------------------------------
+class _Recording(Esdirk):
+    """Records each step's Newton status."""
+
+    def __init__(self, method: str, settings: NewtonSettings | None = None) -> None:
+        super().__init__(ESDIRK_TABLEAUS[method], settings)
+        self.statuses: list[int] = []
+
+    def configured(self, controller: object) -> Solver:
+        return self
+
+    def step(self, *args: object, **kwargs: object) -> StepResult:
+        res = super().step(*args, **kwargs)  # type: ignore[arg-type]
+        assert res.status is not None
+        self.statuses.append(int(res.status))
+        return res
+
+
+def test_a_failed_iteration_rejects_the_step_and_the_retry_succeeds() -> None:
+    """A first step of 1 on ``y' = -100 y^3`` from 10: the stages' chord iterations (with the
+    Jacobian ``-3e4``) cannot converge, the step is rejected, and the smaller retries reach the
+    exact solution ``y = 10 / sqrt(1 + 2e4 t)``."""
+    solver = _Recording("kvaerno5", NewtonSettings(rtol=1e-6, atol=1e-8))
+
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return -100 * y**3
+
+    ts = torch.tensor([0.0, 1.0], dtype=DTYPE)
+    sol = neuralode.solve(
+        f, torch.tensor([10.0], dtype=DTYPE), ts, method=solver, first_step=1.0, rtol=1e-6,
+        atol=1e-8,
+    )  # fmt: skip
+    assert solver.statuses[0] == neuralode.Status.NEWTON_FAILED
+    assert sol.success and int(sol.stats.n_rejected) >= 1
+    exact = 10 / (1 + 2e4) ** 0.5
+    assert abs(float(sol.ys[-1, 0]) - exact) < 1e-5 * exact
+
+
+def test_iterations_that_never_converge_say_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Iterations that never converge (made so): every step fails, the steps shrink to nothing
+    and the error names the Newton iteration, per row in a batch."""
+    from neuralode.solvers import esdirk
+
+    def never(self, f, t, base, z):  # type: ignore[no-untyped-def]
+        rows = torch.zeros(self.rows, dtype=torch.bool)
+        return z, rows, rows.long() + 1
+
+    monkeypatch.setattr(esdirk._Newton, "solve", never)
+    solver = neuralode.get_solver("kvaerno3")
+
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return -(y**3) + torch.sin(10 * t).unsqueeze(-1)
+
+    y0, ts = torch.tensor([1.0], dtype=DTYPE), torch.tensor([0.0, 1.0], dtype=DTYPE)
+    with pytest.raises(neuralode.SolverError, match="Newton iteration did not converge"):
+        neuralode.solve(f, y0, ts, method=solver, rtol=1e-8, atol=1e-8)
+    rows = neuralode.solve(f, y0.expand(2, 1), ts, method=solver, throw=False, batched=True)
+    assert rows.status.tolist() == [int(neuralode.Status.NEWTON_FAILED)] * 2
+
+
+class _FailsOnThirdStep(Solver):
+    """A fixed-step method (explicit Euler) whose third step reports a failed iteration."""
+
+    name, order, dense_order = "failing_euler", 1, 1
+
+    def init(self, f, t, y, f0):  # type: ignore[no-untyped-def]
+        return 0
+
+    def step(self, f, t, h, y, state, times=None):  # type: ignore[no-untyped-def]
+        status = torch.tensor(int(neuralode.Status.NEWTON_FAILED) if state == 2 else 0)
+        return StepResult(
+            y + h * f(torch.as_tensor(t, dtype=y.dtype), y), None, None, state + 1, 1, status
+        )
+
+    def dense(self, f, t, h, y, result):  # type: ignore[no-untyped-def]
+        k = (result.y1 - y) / h
+        return DenseStep(y, h, [k], torch.tensor([[1.0]], dtype=torch.float64)), 0, None
+
+    def merge(self, accept, new, old):  # type: ignore[no-untyped-def]
+        return new
+
+
+def test_a_fixed_step_that_fails_stops_its_row() -> None:
+    """A fixed step cannot shrink: the row stops where its step failed and says why."""
+    ts = torch.linspace(0, 1, 6, dtype=DTYPE)
+    sol = neuralode.solve(
+        lambda t, y: -y, torch.tensor([1.0], dtype=DTYPE), ts, method=_FailsOnThirdStep(),
+        throw=False,
+    )  # fmt: skip
+    assert int(sol.status) == neuralode.Status.NEWTON_FAILED
+    assert float(sol.t_end) == pytest.approx(0.4)
+    assert int(sol.stats.n_accepted) == 2 and int(sol.stats.n_steps) == 3
