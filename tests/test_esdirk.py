@@ -122,7 +122,7 @@ def test_outputs_are_step_ends() -> None:
     seen: set[float] = set()
 
     def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        seen.add(round(float(t), 12))
+        seen.add(round(float(t.detach()), 12))
         x, v = y[..., 0], y[..., 1]
         return torch.stack([v, 5 * (1 - x**2) * v - x], -1)
 

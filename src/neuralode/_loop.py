@@ -188,7 +188,12 @@ class _Run:
         self.carry_step = carry_step
         self._chunk: Any = None
         self._t_end = self.out_times[..., -1]
-        self._t_end_abs = self._t_end.abs()
+        # The smallest step that moves the clock is relative to where the row is (as scipy's
+        # and Hairer's codes), not to where it ends: Robertson's kinetics to t = 4e10 starts
+        # with steps of 1e-6, below the end's resolution (9e-5).  The floor, eps^2 of the span,
+        # keeps a row that fails at t = 0 from halving its step a thousand times.
+        span = (self._t_end - self.out_times[..., 0]).abs()
+        self._t_floor = span * torch.finfo(self.t_dtype).eps
         # Adaptive solvers whose interpolant is less accurate than their steps end a step on
         # every output time (a row's next output is then its step's target).
         self._land = bool(getattr(self.solver, "lands_on_outputs", False)) and self.T > 2
@@ -350,7 +355,7 @@ class _Run:
         if ratio is not None:
             # An accepted step that no longer moves t, or a next step below the resolution of t
             # (or NaN), cannot make progress; nor can a row out of steps.
-            res_t = torch.maximum(t.abs(), self._t_end_abs).mul_(self._resolution)
+            res_t = torch.maximum(t.abs(), self._t_floor).mul_(self._resolution)
             under = still & ((h <= res_t) | ~(h_prop > res_t))
             # The commit says why (step size, non-finite values, the solver's own failure).
             status = torch.where(under, int(Status.STEP_SIZE_UNDERFLOW), status)
@@ -613,7 +618,7 @@ class _Run:
                     t_end = out_list[target]
             elif res.retry_state is not None:  # the retry starts where this attempt did
                 state = res.retry_state
-            res_t = 10 * eps * max(abs(t), abs(t_end))
+            res_t = 10 * eps * max(abs(t), eps * abs(t_last - out_list[0]))
             if h_eff <= res_t or not h_next > res_t:
                 finite = bool(_finite_rows(res, False))
                 status = Status.STEP_SIZE_UNDERFLOW if finite else Status.NONFINITE
