@@ -23,6 +23,7 @@ arithmetic; a test holds them to the same outputs and counts.
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -81,6 +82,10 @@ class LoopSpec:
         first_step: adaptive methods: the first step, or ``None`` for Hairer's selection.
         max_num_steps: attempted steps allowed per row (adaptive methods).
         dense: keep every accepted step's interpolant for :meth:`Solution.evaluate`.
+        step_t: adaptive methods: internal times (mirrored as the outputs are: ``[K]``, or
+            ``[batch, K]`` per row) where steps end; ``None`` for none.
+        jump_t: as ``step_t``, and the solver's carried state restarts there (the field may
+            jump: an FSAL method's last stage is not reused across it).
     """
 
     func: Func
@@ -91,6 +96,8 @@ class LoopSpec:
     first_step: float | None = None
     max_num_steps: int = 100_000
     dense: bool = False
+    step_t: torch.Tensor | None = None
+    jump_t: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         # A Newton iteration stops at the solve's own tolerances (see Solver.configured).
@@ -194,13 +201,53 @@ class _Run:
         # keeps a row that fails at t = 0 from halving its step a thousand times.
         span = (self._t_end - self.out_times[..., 0]).abs()
         self._t_floor = span * torch.finfo(self.t_dtype).eps
-        # Adaptive solvers whose interpolant is less accurate than their steps end a step on
-        # every output time (a row's next output is then its step's target).
-        self._land = bool(getattr(self.solver, "lands_on_outputs", False)) and self.T > 2
-        self._target = self._t_end
-        self._target_is_end: torch.Tensor | bool = True
         # Steps below 10 ulps of the clock cannot make progress.
         self._resolution = 10 * torch.finfo(self.t_dtype).eps
+        # Times a step ends on: the outputs (for a solver whose interpolant is less accurate
+        # than its steps), step_t, and one ulp before each jump_t (the step's last stage sees
+        # the field's left side; the row then moves to one ulp after the jump and restarts,
+        # so the next step's first stage sees the right side: torchdiffeq's perturbation).
+        on_outputs = bool(getattr(self.solver, "lands_on_outputs", False)) and self.T > 2
+        adaptive = self.controller is not None
+        jumps = self._rowwise(spec.jump_t) if adaptive else None
+        self._jumps = None if jumps is None else torch.nextafter(jumps, jumps.new_tensor(-math.inf))
+        extra = [x for x in (self._rowwise(spec.step_t), self._jumps) if x is not None]
+        self._land = adaptive and (on_outputs or bool(extra))
+        self._target = self._t_end
+        self._target_is_end: torch.Tensor | bool = True
+        if self._land:
+            parts = [self.out_times if on_outputs else self.out_times[..., -1:]]
+            parts += [torch.minimum(x, self.out_times[..., -1:]) for x in extra]
+            self._targets = torch.cat(parts, dim=-1).sort(dim=-1).values.contiguous()
+
+    def _rowwise(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        """Internal step times laid out as the output times are (``[batch, K]`` batched)."""
+        if x is None:
+            return None
+        x = x.to(self.t_dtype)
+        if self.out_times.ndim == 2 and x.ndim == 1:
+            x = x.unsqueeze(0).expand(self.out_times.shape[0], -1)
+        return x
+
+    def _retarget(self, t: torch.Tensor) -> None:
+        """Each row's next landing time: the first target after its time."""
+        idx = torch.searchsorted(self._targets, t.unsqueeze(1), right=True)
+        self._target = self._targets.gather(1, idx.clamp(max=self._targets.shape[-1] - 1))
+        self._target = self._target.squeeze(1)
+        self._target_is_end = self._target >= self._t_end
+
+    def _jumped(self, c: _Carry, att: _Attempt) -> _Carry:
+        """Rows that landed one ulp before a jump move to one ulp after it and restart their
+        solver's carried state there."""
+        assert self._jumps is not None
+        jumped = att.accept & (self._jumps == att.t_new.unsqueeze(1)).any(dim=1)
+        jumped &= att.t_new < self._t_end
+        if not bool(jumped.any()):
+            return c
+        inf = c.t.new_tensor(math.inf)
+        t = torch.where(jumped, torch.nextafter(torch.nextafter(c.t, inf), inf), c.t)
+        fresh = self.solver.init(self.f, t, c.y, None)
+        return c._replace(t=t, solver_state=self.solver.merge(jumped, fresh, c.solver_state))
 
     # -- shared ---------------------------------------------------------------------------------
     def run(self) -> LoopResult:
@@ -282,13 +329,15 @@ class _Run:
         plan = self._fixed_plan() if self.grid is not None else None
         h_next = c.h
         k = 0
+        if self._land:
+            self._retarget(c.t)
         while True:
             c, att = self._attempt(c, k)
             c, next_out, go_on = self._commit(c, att, next_out, outputs, plan, k)
+            if self._jumps is not None and go_on:
+                c = self._jumped(c, att)
             if self._land:
-                idx = next_out.clamp(max=self.T - 1)
-                self._target = self.out_times.gather(1, idx.unsqueeze(1)).squeeze(1)
-                self._target_is_end = idx == self.T - 1
+                self._retarget(c.t)
             if self.carry_step:
                 # A step shortened to land on the end says nothing against the one proposed.
                 landed = att.accept & ~att.still
@@ -570,8 +619,13 @@ class _Run:
         assert ctrl is not None
         out_list: list[float] = self.out_times.tolist()
         t, t_last = out_list[0], out_list[-1]
-        target = 1 if self._land else len(out_list) - 1  # the output a step may land on
-        t_end = out_list[target]
+        # The times a step may land on, in order (the end last).
+        targets = [t_last]
+        if self._land:
+            targets = sorted({x for x in self._targets.tolist() if t < x <= t_last})
+        jumps = set(self._jumps.tolist()) if self._jumps is not None else set()  # one ulp before
+        target = 0
+        t_end = targets[0]
         y = self.y0
         state = solver.init(f, t, y, self.f0)
         nfe = int(self.f0 is not None)
@@ -614,8 +668,11 @@ class _Run:
                     h_next = max(h_next, h)  # landing on the end does not shrink the next step
                     if t_end == t_last:
                         break
+                    if t_end in jumps:  # the field jumps one ulp on: restart past it
+                        t = math.nextafter(math.nextafter(t, math.inf), math.inf)
+                        state = solver.init(f, t, y, None)
                     target += 1
-                    t_end = out_list[target]
+                    t_end = targets[target]
             elif res.retry_state is not None:  # the retry starts where this attempt did
                 state = res.retry_state
             res_t = 10 * eps * max(abs(t), eps * abs(t_last - out_list[0]))

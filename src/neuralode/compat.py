@@ -40,6 +40,8 @@ ODE_OPTIONS = {
     "dfactor": "smallest step shrink factor (default 0.2)",
     "min_step": "adaptive methods: smallest step; a step this short is accepted (default 0)",
     "max_step": "adaptive methods: largest step (default: unbounded)",
+    "step_t": "adaptive methods: times where steps end (1-D)",
+    "jump_t": "adaptive methods: times where func jumps: steps end there and the solver restarts",
 }
 #: Option keys of ``method="scipy_solver"`` (passed to ``scipy.integrate.solve_ivp``).
 SCIPY_OPTIONS = {
@@ -189,7 +191,11 @@ def _options(
     if not isinstance(options, dict):
         raise TypeError(f"options must be a dict, got {type(options).__name__}")
     adaptive = get_solver(method).adaptive
-    unused = ("first_step", "min_step", "max_step") if not adaptive else ("step_size",)
+    unused = (
+        ("first_step", "min_step", "max_step", "step_t", "jump_t")
+        if not adaptive
+        else ("step_size",)
+    )
     unknown = sorted(k for k in options if k not in ODE_OPTIONS or k in unused)
     if unknown:
         _warn_unknown(unknown, list(ODE_OPTIONS), where)

@@ -59,6 +59,8 @@ def solve(
     min_step: float = 0.0,
     max_step: float = math.inf,
     dense: bool = False,
+    step_t: torch.Tensor | Sequence[float] | None = None,
+    jump_t: torch.Tensor | Sequence[float] | None = None,
     throw: bool = True,
     gradient: str = "backprop",
     adjoint_params: Sequence[torch.Tensor] | None = None,
@@ -99,6 +101,11 @@ def solve(
         beta: PI stabilisation coefficient (Hairer's ``beta``; 0 is integral control, as in
             scipy and torchdiffeq, and the default).
         dense: keep every step's interpolant so that ``Solution.evaluate`` works anywhere.
+        step_t: adaptive methods: times (1-D, time units, shared by every sample) where steps
+            end, as torchdiffeq's option; those outside a sample's interval are ignored.
+        jump_t: as ``step_t``, for times where ``func`` jumps: the solver also restarts there
+            (an FSAL method evaluates ``func`` at the jump again instead of reusing its last
+            stage, whose value belongs to the other side).
         throw: raise :class:`SolverError` when a sample fails; with ``False`` failures are only
             reported in ``Solution.status`` and the outputs they did not reach are NaN.
         gradient: what autograd sees of the solve; gradients reach ``y0``, ``t`` and the
@@ -203,6 +210,9 @@ def solve(
             min_step=float(min_step),
             max_step=float(max_step),
         )
+    step_s, jump_s = (
+        _step_times(name, x, solver, prob) for name, x in (("step_t", step_t), ("jump_t", jump_t))
+    )
     spec = LoopSpec(
         func=prob.func,
         solver=solver,
@@ -212,8 +222,29 @@ def solve(
         first_step=first_step,
         max_num_steps=max_num_steps,
         dense=dense,
+        step_t=step_s,
+        jump_t=jump_s,
     )
     return _finish(prob, t, strategy.solve(prob, spec), dense, throw)
+
+
+def _step_times(name: str, x: Any, solver: Solver, prob: Problem) -> torch.Tensor | None:
+    """``step_t``/``jump_t`` in internal time (mirrored per sample as the outputs are)."""
+    if x is None:
+        return None
+    if not solver.adaptive:
+        raise ValueError(
+            f"{name} applies to adaptive methods (its steps end there); {solver.name!r} takes "
+            f"fixed steps: put the times in t, or pass step_size"
+        )
+    x = torch.as_tensor(x, dtype=prob.times.dtype, device=prob.times.device).detach()
+    if x.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D sequence of times, got shape {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} must be finite, got {x.tolist()}")
+    if isinstance(prob.sign, float):
+        return x * prob.sign
+    return x.unsqueeze(0) * prob.sign.to(x.dtype).unsqueeze(1)
 
 
 def _check_norm(norm: Norm, prob: Problem, dims: tuple[int, ...]) -> Norm:

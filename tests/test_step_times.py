@@ -1,0 +1,140 @@
+"""``step_t`` and ``jump_t`` (torchdiffeq's options): adaptive steps that end on given times, and
+a carried state that restarts after a jump (a discontinuity of the field).
+
+* Every ``step_t`` inside the interval is where a step ends, unbatched, batched with per-sample
+  grids, and in decreasing time; times outside the interval are ignored.
+* Across a jump of the field, ``jump_t`` keeps the solution exact with no rejected step (24
+  without it): the step before ends one ulp short of the jump, the next starts one ulp past it
+  and evaluates ``f`` afresh (torchdiffeq's perturbation of the time).
+* ``odeint(..., options={"step_t": ..., "jump_t": ...})`` is the same solve; a fixed-step method
+  refuses them in ``solve`` (and ``odeint`` warns, as torchdiffeq ignores them there); bad values
+  are refused, naming the argument.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+import neuralode
+
+DTYPE = torch.float64
+Y0 = torch.tensor([1.0, 0.0], dtype=DTYPE)
+
+
+class Recorder:
+    def __init__(self, f) -> None:  # type: ignore[no-untyped-def]
+        self.f, self.times = f, []
+
+    def __call__(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.times.extend(t.detach().reshape(-1).tolist())
+        return self.f(t, y)
+
+
+def rotation(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.stack([-y[..., 1], y[..., 0]], -1)
+
+
+@pytest.mark.parametrize("method", ["dopri5", "tsit5", "rodas5p"])
+def test_steps_end_on_step_t(method: str) -> None:
+    """An FSAL or Rosenbrock step starts by evaluating (or taking the Jacobian at) its start:
+    each ``step_t`` is such a start.  Without ``step_t`` none of them is."""
+    step_t = [0.3141, 1.2345, 2.5, 7.0]  # 7 is past the end: ignored
+    t = torch.tensor([0.0, 3.0], dtype=DTYPE)
+    rec = Recorder(rotation)
+    sol = neuralode.solve(rec, Y0, t, method=method, rtol=1e-6, atol=1e-8, step_t=step_t)
+    assert sol.success
+    for s in step_t[:3]:
+        assert min(abs(x - s) for x in rec.times) < 1e-15, s
+    plain = Recorder(rotation)
+    neuralode.solve(plain, Y0, t, method=method, rtol=1e-6, atol=1e-8)
+    assert all(min(abs(x - s) for x in plain.times) > 1e-9 for s in step_t[:3])
+    exact = torch.tensor([torch.cos(torch.tensor(3.0)), torch.sin(torch.tensor(3.0))], dtype=DTYPE)
+    torch.testing.assert_close(sol.ys[-1], exact, rtol=1e-5, atol=1e-5)
+
+
+def test_step_t_batched_per_sample_and_decreasing() -> None:
+    """Per-sample grids, one row decreasing: each row ends steps on the ``step_t`` inside its own
+    interval, and gives what its own unbatched solve gives."""
+    grids = torch.tensor([[0.0, 1.0, 2.0], [2.0, 1.5, 0.0]], dtype=DTYPE)
+    step_t = torch.tensor([0.75, 1.25], dtype=DTYPE)
+    y0 = torch.stack([Y0, Y0])
+    batch = neuralode.solve(
+        rotation, y0, grids, method="dopri5", rtol=1e-6, atol=1e-8, step_t=step_t
+    )
+    for i in range(2):
+        rec = Recorder(rotation)
+        one = neuralode.solve(
+            rec, Y0, grids[i], method="dopri5", rtol=1e-6, atol=1e-8, step_t=step_t
+        )
+        for s in step_t.tolist():
+            assert min(abs(x - s) for x in rec.times) < 1e-15, (i, s)
+        torch.testing.assert_close(batch.ys[i], one.ys, rtol=1e-12, atol=1e-12)
+        assert int(batch.stats.n_steps[i]) == int(one.stats.n_steps)
+
+
+def _switch(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``y' = 1`` before t = 1, ``y' = -1`` from then on: y = t, then 2 - t."""
+    return torch.where(t < 1.0, 1.0, -1.0).to(y.dtype) * torch.ones_like(y)
+
+
+def test_jump_t_across_a_discontinuity() -> None:
+    t = torch.tensor([0.0, 2.5], dtype=DTYPE)
+    y0 = torch.zeros(1, dtype=DTYPE)
+    exact = torch.tensor([-0.5], dtype=DTYPE)
+    plain = neuralode.solve(_switch, y0, t, method="dopri5", rtol=1e-8, atol=1e-10)
+    rec = Recorder(_switch)
+    jump = neuralode.solve(rec, y0, t, method="dopri5", rtol=1e-8, atol=1e-10, jump_t=[1.0])
+    print(
+        "rejected without / with jump_t:", int(plain.stats.n_rejected), int(jump.stats.n_rejected)
+    )
+    assert int(jump.stats.n_rejected) == 0 < int(plain.stats.n_rejected)
+    assert float((jump.ys[-1] - exact).abs()) < 1e-12
+    # As torchdiffeq's perturbation: the step before the jump ends one ulp short of it (its last
+    # stage sees the left side), the next starts one ulp past it (the right side); f is never
+    # evaluated at the jump itself.
+    before, after = math.nextafter(1.0, 0.0), math.nextafter(1.0, 2.0)
+    assert before in rec.times and after in rec.times and 1.0 not in rec.times
+    # Batched (the tensor driver): each row the same as its own solve.
+    grids = torch.tensor([[0.0, 2.5], [0.5, 3.0]], dtype=DTYPE)
+    rows = neuralode.solve(
+        lambda t, y: _switch(t.unsqueeze(-1), y), y0.expand(2, 1), grids, method="dopri5",
+        rtol=1e-8, atol=1e-10, jump_t=[1.0],
+    )  # fmt: skip
+    for i in range(2):
+        one = neuralode.solve(
+            _switch, y0, grids[i], method="dopri5", rtol=1e-8, atol=1e-10, jump_t=[1.0]
+        )
+        torch.testing.assert_close(rows.ys[i], one.ys, rtol=1e-13, atol=1e-13)
+        assert int(rows.stats.nfe[i]) == int(one.stats.nfe)
+    assert not rows.stats.n_rejected.any()
+    # step_t lands on 1 itself, where the last stage already sees the right side: rejections.
+    step = neuralode.solve(_switch, y0, t, method="dopri5", rtol=1e-8, atol=1e-10, step_t=[1.0])
+    assert int(step.stats.n_rejected) > 0
+
+
+def test_odeint_options_match_solve() -> None:
+    t = torch.tensor([0.0, 2.5], dtype=DTYPE)
+    y0 = torch.zeros(1, dtype=DTYPE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "unexpected option" warning
+        ys = neuralode.odeint(
+            _switch, y0, t, rtol=1e-8, atol=1e-10, options={"jump_t": [1.0], "step_t": [2.0]}
+        )
+    sol = neuralode.solve(_switch, y0, t, rtol=1e-8, atol=1e-10, jump_t=[1.0], step_t=[2.0])
+    assert torch.equal(ys, sol.ys)
+    with pytest.warns(UserWarning, match="step_t"):  # fixed steps: torchdiffeq ignores it
+        neuralode.odeint(_switch, y0, t, method="rk4", options={"step_t": [1.0]})
+
+
+def test_bad_step_times_are_refused() -> None:
+    t = torch.tensor([0.0, 1.0], dtype=DTYPE)
+    with pytest.raises(ValueError, match="step_t applies to adaptive methods"):
+        neuralode.solve(rotation, Y0, t, method="rk4", step_t=[0.5])
+    with pytest.raises(ValueError, match="jump_t must be finite"):
+        neuralode.solve(rotation, Y0, t, jump_t=[0.5, float("nan")])
+    with pytest.raises(ValueError, match=r"step_t must be a 1-D"):
+        neuralode.solve(rotation, Y0, t, step_t=torch.ones(2, 2))
