@@ -33,10 +33,10 @@ import torch
 
 from .._rows import per_row, row_dims
 from ..solution import Status
-from .base import DenseStep, Func, Solver, StepResult, Time
+from .base import Func, Solver, StepResult, Time
 from .newton import jacobian
 from .rk import _combine, _h_state, _stage, _terms, _time
-from .rosenbrock import _Factored, _hg, _linearise, _merge_linearisation
+from .rosenbrock import _Factored, _hg, _linearise, _LinearlyImplicit
 from .tableaus import EsdirkTableau
 
 __all__ = ["Esdirk", "NewtonSettings"]
@@ -64,7 +64,7 @@ class NewtonSettings:
     max_iters: int = 10
 
 
-class Esdirk(Solver):
+class Esdirk(_LinearlyImplicit):
     """A stiffly accurate ESDIRK method given by its :class:`EsdirkTableau` (``kvaerno3``,
     ``kvaerno5``).
 
@@ -113,7 +113,7 @@ class Esdirk(Solver):
             ]
             for j in range(s)
         ]
-        self._P_cache: dict[torch.device, torch.Tensor] = {}
+        super().__init__()
 
     def configured(self, controller: Any) -> Solver:
         if controller is None or self.settings.rtol is not None:
@@ -126,12 +126,6 @@ class Esdirk(Solver):
             self.settings.max_iters,
         )
         return Esdirk(self.tableau, settings)
-
-    def init(self, f: Func, t: Time, y: torch.Tensor, f0: torch.Tensor | None) -> Any:
-        return None  # f(t, y) comes with each step's Jacobian
-
-    def merge(self, accept: torch.Tensor, new: Any, old: Any) -> Any:
-        return _merge_linearisation(accept, new, old)
 
     def step(
         self, f: Func, t: Time, h: Time, y: torch.Tensor, state: Any, times: Any = None
@@ -177,16 +171,6 @@ class Esdirk(Solver):
             y_error = _combine(ks, self.e_terms).mul_(h_y)
         status = torch.where(torch.as_tensor(failed, device=y.device), int(Status.NEWTON_FAILED), 0)
         return StepResult(z, y_error, ks, None, nfe + iters, status, lin, njev, 1, iters)
-
-    def dense(
-        self, f: Func, t: Time, h: Time, y: torch.Tensor, result: StepResult
-    ) -> tuple[DenseStep, int, Any]:
-        P = self._P_cache.get(y.device)
-        if P is None:
-            P = self._P_cache[y.device] = torch.tensor(
-                self._P, dtype=torch.float64, device=y.device
-            )
-        return DenseStep(y, h, list(result.dense_info), P), 0, None
 
 
 def _safe(hg: torch.Tensor | float) -> torch.Tensor | float:

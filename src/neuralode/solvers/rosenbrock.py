@@ -92,10 +92,11 @@ def _merge_linearisation(accept: torch.Tensor, new: Any, old: Any) -> Any:
 
 
 class _LinearlyImplicit(Solver):
-    """What the Rosenbrock methods share: nothing carried from one step to the next but a
-    rejected step's linearisation (for its retry, per row), and an interpolant over the stage
-    vectors with no extra evaluation (coefficients ``self._P``, built in float64 once per
-    device)."""
+    """What the stiff methods share (the Rosenbrock ones here, the ESDIRK ones in
+    :mod:`.esdirk`): a Jacobian taken afresh each step, nothing carried from one step to the
+    next but a rejected step's linearisation (for its retry, per row), and an interpolant over
+    the stage vectors with no extra evaluation (coefficients ``self._P``, built in float64 once
+    per device)."""
 
     _P: list[list[float]]
 

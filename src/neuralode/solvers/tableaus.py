@@ -36,6 +36,12 @@ Coeff = Fraction
 Row = tuple[Coeff, ...]
 
 
+def _check_close(name: str, tol: float, x: Fraction | int, y: Fraction, what: str) -> None:
+    """A tableau's data check: ``x == y`` exactly (``tol == 0``) or to ``tol``."""
+    if abs(float(x - y)) > tol or (tol == 0 and x != y):
+        raise ValueError(f"tableau {name!r} fails its check {what}: {float(x)} vs {float(y)}")
+
+
 def _frac(x: str | int | Fraction) -> Fraction:
     return Fraction(x)
 
@@ -184,10 +190,7 @@ class ButcherTableau:
                 self._close(sum(d.P[j]), bj, f"dense output B_{j}(1) == b_{j}")
 
     def _close(self, x: Fraction | int, y: Fraction, what: str) -> None:
-        if abs(float(x - y)) > self.tol or (self.tol == 0 and x != y):
-            raise ValueError(
-                f"tableau {self.name!r} fails its check {what}: {float(x)} vs {float(y)}"
-            )
+        _check_close(self.name, self.tol, x, y, what)
 
     @property
     def stages(self) -> int:
@@ -901,10 +904,7 @@ class RosenbrockTableau:
             self._close(sum(G[i]), self.d[i], f"d[{i}] == row {i} of Gamma")
 
     def _close(self, x: Fraction | int, y: Fraction, what: str) -> None:
-        if abs(float(x - y)) > self.tol:
-            raise ValueError(
-                f"tableau {self.name!r} fails its check {what}: {float(x)} vs {float(y)}"
-            )
+        _check_close(self.name, self.tol, x, y, what)
 
     @property
     def stages(self) -> int:
@@ -1199,10 +1199,7 @@ class EsdirkTableau:
         self._close(sum(self.b_err), F(0), "sum(b_err) == 0")
 
     def _close(self, x: Fraction | int, y: Fraction, what: str) -> None:
-        if abs(float(x - y)) > self.tol:
-            raise ValueError(
-                f"tableau {self.name!r} fails its check {what}: {float(x)} vs {float(y)}"
-            )
+        _check_close(self.name, self.tol, x, y, what)
 
     @property
     def stages(self) -> int:
