@@ -180,6 +180,14 @@ def _option_ok(key: str, v: Any, adaptive: bool) -> bool:
         return v is None or (isinstance(v, torch.dtype) and v.is_floating_point)
     if key == "norm":
         return v in ("rms", "max")  # the one callable drawn, len, is not a norm
+    if key in ("step_t", "jump_t"):  # adaptive methods: a 1-D sequence of finite times
+        if v is None or not adaptive:
+            return True  # a fixed-step method's odeint warns and ignores it, as torchdiffeq
+        try:
+            x = torch.as_tensor(v, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError):
+            return False
+        return x.ndim == 1 and bool(torch.isfinite(x).all())
     ranges = {"safety": (0, 1), "beta": (0, 0.2), "ifactor": (1, math.inf), "dfactor": (0, 1)}
     lo, hi = ranges[key]
     inside = _is_number(v) and lo <= v <= hi and v < math.inf

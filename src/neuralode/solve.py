@@ -237,7 +237,10 @@ def _step_times(name: str, x: Any, solver: Solver, prob: Problem) -> torch.Tenso
             f"{name} applies to adaptive methods (its steps end there); {solver.name!r} takes "
             f"fixed steps: put the times in t, or pass step_size"
         )
-    x = torch.as_tensor(x, dtype=prob.times.dtype, device=prob.times.device).detach()
+    try:
+        x = torch.as_tensor(x, dtype=prob.times.dtype, device=prob.times.device).detach()
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"{name} must be a 1-D sequence of times, got {x!r}") from err
     if x.ndim != 1:
         raise ValueError(f"{name} must be a 1-D sequence of times, got shape {tuple(x.shape)}")
     if not bool(torch.isfinite(x).all()):
