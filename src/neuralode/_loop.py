@@ -390,9 +390,10 @@ class _Run:
             accept, h_prop, cstate = ctrl.adapt(ratio, h, c.controller_state)
             accept &= running
             t_new = torch.where(accept, torch.where(hit, t_end, t + h), t)
-            done = accept & hit & self._target_is_end
-            if self._land:  # a step shortened to land on an output does not shrink the next
-                landed = accept & hit & ~done
+            done = accept & hit
+            if self._land:  # a step shortened to land on a step time does not shrink the next
+                landed = done & ~self._target_is_end
+                done = done & self._target_is_end
                 h_prop = torch.where(landed, torch.maximum(h_prop, c.h), h_prop)
         n_steps = c.n_steps + running
         still = running & ~done
