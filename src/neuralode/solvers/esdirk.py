@@ -219,8 +219,8 @@ class _Newton:
             n = self.norm(dz / self.scale, self.dims)
             its = its + active
             z = torch.where(per_row(active, z.ndim), z + dz, z)
-            diverged = ~torch.isfinite(n)
-            theta = torch.zeros_like(n)
+            finite = torch.isfinite(n)
+            diverged = ~finite
             if prev is not None:
                 new_ratio = n / prev
                 # The first ratio says little (the prediction's error is not yet in the chord's
@@ -235,7 +235,7 @@ class _Newton:
                     diverged |= slow & (n > 0)
             # A non-finite correction is the field's NaN or Inf: the row stops iterating with
             # NaN in its stage, which its error ratio rejects and the loop reports as such.
-            nonfinite = active & ~torch.isfinite(n)
+            nonfinite = active & ~finite
             converged = active & ~diverged & ((eta * n <= self.kappa) | (n == 0))
             converged |= nonfinite
             ok = ok | converged
