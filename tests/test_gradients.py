@@ -50,6 +50,7 @@ TOL = {
     "rodas5p": 1e-10,
     "kvaerno3": 1e-7,
     "kvaerno5": 1e-10,
+    "auto": 1e-10,  # tsit5 on these problems (they are not stiff)
 }
 GC = {"eps": 1e-5, "atol": 1e-6, "rtol": 1e-5}
 

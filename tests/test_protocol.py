@@ -338,7 +338,7 @@ def test_user_tableau_converges_at_its_order() -> None:
 
 def test_unknown_methods_are_named() -> None:
     with pytest.raises(
-        ValueError, match=r"unknown method 'rk5'; known methods are: adaptive_heun, bosh3, "
+        ValueError, match=r"unknown method 'rk5'; known methods are: adaptive_heun, auto, bosh3, "
     ):
         neuralode.solve(field, Y0, T, method="rk5")
     with pytest.raises(TypeError, match=r"method must be a name in .*ButcherTableau.*Solver"):

@@ -174,6 +174,7 @@ LOW_ORDER_BOUND = {
     "rodas5p": 60.0,
     "kvaerno3": 60.0,
     "kvaerno5": 150.0,
+    "auto": ERR_BOUND,  # tsit5 on these problems (they are not stiff)
 }
 
 
@@ -192,9 +193,11 @@ def test_low_order_pairs_against_the_reference(method: str, problem: str, tol: f
     ours = err_in_tol_units(sol.ys.numpy(), ref, tol)
     print(f"{method} {problem} tol={tol:.0e}: err/tol {ours:.2f}, nfe {int(sol.stats.nfe)}")
     assert ours <= LOW_ORDER_BOUND[method]
-    # a tenth of the tolerance gives a smaller error: the tolerance steers the solve
+    # a tighter tolerance gives a smaller error: the tolerance steers the solve (a hundredth:
+    # a method that ends its steps on the 21 outputs takes about one step per output at both
+    # 1e-3 and 1e-4 on "linear", rodas5p with errors 1.03e-5 and 1.07e-5)
     finer = neuralode.solve(
-        f_t, torch.tensor(y0, dtype=DTYPE), ts, method=method, rtol=tol / 10, atol=tol / 10
+        f_t, torch.tensor(y0, dtype=DTYPE), ts, method=method, rtol=tol / 100, atol=tol / 100
     )
     assert float(np.abs(finer.ys.numpy() - ref).max()) < float(np.abs(sol.ys.numpy() - ref).max())
 

@@ -304,7 +304,7 @@ def test_aliases_are_the_same_method() -> None:
 
 def test_methods_is_the_registry() -> None:
     stiff = ("rosenbrock23", *ROSENBROCK_TABLEAUS, *ESDIRK_TABLEAUS)
-    assert ALL_METHODS == (*neuralode.TABLEAUS, *stiff)
+    assert ALL_METHODS == (*neuralode.TABLEAUS, *stiff, "auto")
     assert set(ALL_METHODS) >= {"euler", "midpoint", "heun", "rk4", "bosh3", "dopri5", "tsit5"}
 
 

@@ -215,10 +215,16 @@ class _Run:
         self._land = adaptive and (on_outputs or bool(extra))
         self._target = self._t_end
         self._target_is_end: torch.Tensor | bool = True
+        # A solver may land on outputs on some rows only (``Solver.landing``: auto's stiff rows);
+        # the other rows then aim at the targets without the outputs.
+        self._targets_free: torch.Tensor | None = None
         if self._land:
-            parts = [self.out_times if on_outputs else self.out_times[..., -1:]]
-            parts += [torch.minimum(x, self.out_times[..., -1:]) for x in extra]
+            base = [self.out_times[..., -1:]]
+            base += [torch.minimum(x, self.out_times[..., -1:]) for x in extra]
+            parts = [self.out_times, *base[1:]] if on_outputs else base
             self._targets = torch.cat(parts, dim=-1).sort(dim=-1).values.contiguous()
+            if on_outputs and getattr(self.solver, "lands_per_row", False):
+                self._targets_free = torch.cat(base, dim=-1).sort(dim=-1).values.contiguous()
 
     def _rowwise(self, x: torch.Tensor | None) -> torch.Tensor | None:
         """Internal step times laid out as the output times are (``[batch, K]`` batched)."""
@@ -229,11 +235,18 @@ class _Run:
             x = x.unsqueeze(0).expand(self.out_times.shape[0], -1)
         return x
 
-    def _retarget(self, t: torch.Tensor) -> None:
-        """Each row's next landing time: the first target after its time."""
-        idx = torch.searchsorted(self._targets, t.unsqueeze(1), right=True)
-        self._target = self._targets.gather(1, idx.clamp(max=self._targets.shape[-1] - 1))
-        self._target = self._target.squeeze(1)
+    def _retarget(self, t: torch.Tensor, solver_state: Any) -> None:
+        """Each row's next landing time: the first target after its time (among the outputs
+        too where the solver lands on them)."""
+
+        def first_after(targets: torch.Tensor) -> torch.Tensor:
+            idx = torch.searchsorted(targets, t.unsqueeze(1), right=True)
+            return targets.gather(1, idx.clamp(max=targets.shape[-1] - 1)).squeeze(1)
+
+        self._target = first_after(self._targets)
+        if self._targets_free is not None:
+            lands = torch.as_tensor(self.solver.landing(solver_state), device=t.device)
+            self._target = torch.where(lands, self._target, first_after(self._targets_free))
         self._target_is_end = self._target >= self._t_end
 
     def _jumped(self, c: _Carry, att: _Attempt) -> _Carry:
@@ -330,14 +343,14 @@ class _Run:
         h_next = c.h
         k = 0
         if self._land:
-            self._retarget(c.t)
+            self._retarget(c.t, c.solver_state)
         while True:
             c, att = self._attempt(c, k)
             c, next_out, go_on = self._commit(c, att, next_out, outputs, plan, k)
             if self._jumps is not None and go_on:
                 c = self._jumped(c, att)
             if self._land:
-                self._retarget(c.t)
+                self._retarget(c.t, c.solver_state)
             if self.carry_step:
                 # A step shortened to land on the end says nothing against the one proposed.
                 landed = att.accept & ~att.still
@@ -503,6 +516,7 @@ class _Run:
             ).tolist()
             if any_under:
                 c = c._replace(status=self._why_underflow(c.status, att))
+        choice = self.solver.choice(c.solver_state) if self.records is not None else None
         c = self._advance(c, att, all_acc, any_acc)
         d = None
         if most_inside > 0 or (self.dense is not None and any_acc):
@@ -538,6 +552,7 @@ class _Run:
                         att.y,
                         (next_out, n_inside, most_inside) if most_inside > 0 else None,
                         (below, n_at_end > 0) if most_at_end > 0 else None,
+                        choice,
                     )
                 )
             if self.dense is not None:
@@ -600,7 +615,8 @@ class _Run:
             if res.status is not None and int(res.status):  # a fixed step cannot shrink: stop
                 status, t_reached = Status(int(res.status)), times[k]
                 break
-            extra, next_state = commit.accepted(times[k], steps[k], times[k + 1], y, res)
+            choice = solver.choice(state) if self.records is not None else None
+            extra, next_state = commit.accepted(times[k], steps[k], times[k + 1], y, res, choice)
             nfe += extra
             y, state = res.y1, (res.state if next_state is None else next_state)
         tt = torch.tensor
@@ -624,11 +640,16 @@ class _Run:
         targets = [t_last]
         if self._land:
             targets = sorted({x for x in self._targets.tolist() if t < x <= t_last})
+        free = None  # the targets without the outputs, for steps that need not land on them
+        if self._targets_free is not None:
+            free = sorted({x for x in self._targets_free.tolist() if t < x <= t_last})
         jumps = set(self._jumps.tolist()) if self._jumps is not None else set()  # one ulp before
         target = 0
         t_end = targets[0]
         y = self.y0
         state = solver.init(f, t, y, self.f0)
+        if free is not None and not bool(solver.landing(state)):
+            t_end = free[0]
         nfe = int(self.f0 is not None)
         if self.first_step is not None:
             h = float(self.first_step)
@@ -662,7 +683,14 @@ class _Run:
             if accept:
                 n_acc += 1
                 t_new = t_end if hit else t + h_eff
-                extra, next_state = commit.accepted(t, h_eff, t_new, y, res)
+                extra, next_state = commit.accepted(
+                    t,
+                    h_eff,
+                    t_new,
+                    y,
+                    res,
+                    solver.choice(state) if self.records is not None else None,
+                )
                 nfe += extra
                 y, state, t = res.y1, (res.state if next_state is None else next_state), t_new
                 if hit:
@@ -674,6 +702,9 @@ class _Run:
                         state = solver.init(f, t, y, None)
                     target += 1
                     t_end = targets[target]
+                if free is not None:  # the next target, as the row's mode asks
+                    lst = targets if bool(solver.landing(state)) else free
+                    t_end = lst[bisect.bisect_right(lst, t)]
             elif res.retry_state is not None:  # the retry starts where this attempt did
                 state = res.retry_state
             res_t = 10 * eps * max(abs(t), eps * abs(t_last - out_list[0]))
@@ -745,10 +776,11 @@ class _FloatCommit:
         self.vals: list[torch.Tensor] = [run.y0.unsqueeze(0)]
 
     def accepted(
-        self, t: float, h: float, t_new: float, y: torch.Tensor, res: StepResult
+        self, t: float, h: float, t_new: float, y: torch.Tensor, res: StepResult, choice: Any = None
     ) -> tuple[int, Any]:
-        """Place the outputs of an accepted step; returns the interpolant's evaluations and the
-        carried state it computed (or ``None``)."""
+        """Place the outputs of an accepted step (``choice``: the solver's choice for it, kept
+        in its record); returns the interpolant's evaluations and the carried state it computed
+        (or ``None``)."""
         run, next_out = self.run, self.next_out
         below = bisect.bisect_left(self.out_list, t_new, lo=next_out)
         upto = bisect.bisect_right(self.out_list, t_new, lo=below)
@@ -773,6 +805,7 @@ class _FloatCommit:
                     y,
                     (next_out, below - next_out, below - next_out) if below > next_out else None,
                     (below, True) if upto > below else None,
+                    choice,
                 )
             )
         if run.dense is not None:

@@ -9,7 +9,7 @@ never to the steps.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -72,6 +72,8 @@ class StepRecord(NamedTuple):
             inside the step (``m`` is the largest ``n_in``), or ``None``.
         end: ``(idx, has)``: output ``idx`` of the rows with ``has`` is the step's end state, or
             ``None``.
+        choice: the solver's :meth:`~neuralode.solvers.Solver.choice` for the step (``None``
+            for most solvers).
     """
 
     t: Time
@@ -79,3 +81,4 @@ class StepRecord(NamedTuple):
     y: torch.Tensor
     interior: tuple[torch.Tensor | int, torch.Tensor | int, int] | None
     end: tuple[torch.Tensor | int, torch.Tensor | bool] | None
+    choice: Any = None

@@ -78,7 +78,7 @@ class _Replay:
     ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, Any, Any]]]:
         """Recompute one step with autograd; returns ``(y1, [(vals, idx, valid), ...])``."""
         solver, f, batched = self.spec.solver, self.spec.func, self.spec.batched
-        res = solver.step(f, r.t, r.h, y_in, solver.init(f, r.t, y_in, None))
+        res = solver.step(f, r.t, r.h, y_in, solver.replay_state(f, r.t, y_in, r.choice))
         # Replays start from no carried state; an iterative method's rows may differ (then
         # the batch's evaluations are its busiest row's).
         self.nfe += int(torch.as_tensor(res.nfe).max())

@@ -7,9 +7,12 @@
 - :mod:`.rosenbrock`: :class:`Rosenbrock` (any :class:`RosenbrockTableau`) and
   :class:`Rosenbrock23`, the linearly implicit stiff methods; :mod:`.esdirk`: :class:`Esdirk`
   (any :class:`EsdirkTableau`), the implicit ones; :mod:`.newton`: their per-sample Jacobians.
+- :mod:`.auto`: :class:`AutoSwitch`, an explicit and a stiff method switched per sample on a
+  stiffness test (``method="auto"``).
 - :mod:`.registry`: :data:`METHODS` and :func:`get_solver` (a name, a tableau or a solver).
 """
 
+from .auto import AutoSwitch
 from .base import DenseStep, Solver, StepResult
 from .esdirk import Esdirk, NewtonSettings
 from .registry import METHODS, get_solver
@@ -39,6 +42,7 @@ __all__ = [
     "EsdirkTableau",
     "ESDIRK_TABLEAUS",
     "NewtonSettings",
+    "AutoSwitch",
     "METHODS",
     "get_solver",
     "ButcherTableau",

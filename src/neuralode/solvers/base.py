@@ -114,6 +114,8 @@ class Solver(abc.ABC):
     #: Whether an adaptive solve ends a step on every output time instead of interpolating
     #: (for a method whose interpolant is much less accurate than its steps).
     lands_on_outputs: bool = False
+    #: Whether that holds on some rows only, as :meth:`landing` says after each step.
+    lands_per_row: bool = False
 
     @property
     def adaptive(self) -> bool:
@@ -156,6 +158,25 @@ class Solver(abc.ABC):
         iteration's stopping test) returns a copy that knows them; the default is ``self``.
         Called once per solve when the loop is specified, never per step."""
         return self
+
+    def landing(self, state: Any) -> torch.Tensor | bool:
+        """Per row (row shape), whether the next step must end on the next output time, for a
+        solver that sets :attr:`lands_on_outputs` and :attr:`lands_per_row` (asked after each
+        step with the carried state); the default, ``True``, is every row alike."""
+        return True
+
+    def choice(self, state: Any) -> Any:
+        """What of the carried ``state`` decides which arithmetic a step does (a per-row choice
+        of method, for a switching solver), so that a replay of the step (the checkpoint
+        strategy's backward pass) does the same; ``None`` (the default) when a step's arithmetic
+        depends on its time, step and start state only."""
+        return None
+
+    def replay_state(self, f: Func, t: Time, y: torch.Tensor, choice: Any) -> Any:
+        """The carried state a replay of a recorded step starts from, given the step's
+        :meth:`choice`; the default is a fresh :meth:`init` (the first stage is evaluated
+        again: the same value the step had)."""
+        return self.init(f, t, y, None)
 
     def merge(self, accept: torch.Tensor, new: Any, old: Any) -> Any:
         """The carried state per row: ``new`` where ``accept`` (``[batch]``), else ``old``.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
+from .auto import AutoSwitch
 from .base import Solver
 from .esdirk import Esdirk
 from .rk import ExplicitRK
@@ -25,6 +26,8 @@ _FACTORIES: dict[str, Callable[[], Solver]] = {
     **{name: functools.partial(Rosenbrock, tab) for name, tab in ROSENBROCK_TABLEAUS.items()},
     # Implicit (ESDIRK: a Newton iteration per stage).
     **{name: functools.partial(Esdirk, tab) for name, tab in ESDIRK_TABLEAUS.items()},
+    # tsit5 where a sample is not stiff, rodas5p where it is (switched per sample).
+    "auto": lambda: AutoSwitch(get_solver("tsit5"), get_solver("rodas5p")),
 }
 
 #: The registered method names, in the order the README lists them.
