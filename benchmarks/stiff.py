@@ -11,11 +11,13 @@ Work-precision, one problem at a time (float64, one thread):
 * Van der Pol with mu = 1e3, t in [0, 3000], atol = rtol;
 * HIRES (Hairer and Wanner II, IV.10), t in [0, 321.8122], atol = 1e-4 rtol.
 
-Ours: ``rosenbrock23``, ``rodas4``, ``rodas5p`` and the ESDIRK ``kvaerno5`` (``kvaerno3``, an
-order-3 method for loose tolerances, would take ~10^4 steps at rtol 1e-8: left out) on the torch
-field (Jacobians by autograd);
+Ours: ``rosenbrock23``, ``rodas4``, ``rodas5p``, the ESDIRK ``kvaerno5`` (``kvaerno3``, an
+order-3 method for loose tolerances, would take ~10^4 steps at rtol 1e-8: left out) and ``auto``
+(tsit5 switching to rodas5p) on the torch field (Jacobians by autograd);
 scipy's ``Radau``, ``BDF`` and ``LSODA`` on a NumPy copy of the field with their default
-finite-difference Jacobians, as a scipy user would run them.  Errors are measured against Radau
+finite-difference Jacobians, as a scipy user would run them; diffrax's ``Kvaerno5`` (JAX,
+jit-compiled, one CPU thread, Jacobians by JAX's autodiff; timed after its compilation, which is
+reported apart) on a JAX copy, when the bench extra is installed.  Errors are measured against Radau
 at rtol 1e-12, as the largest ``|y - y_ref| / (atol + rtol |y_ref|)`` over the outputs (tolerance
 units).  Times are the median of ``--repeats`` runs.
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import statistics
 import sys
 import time
@@ -44,8 +47,21 @@ from scipy.integrate import solve_ivp
 
 import neuralode
 
-OURS = ("rosenbrock23", "rodas4", "rodas5p", "kvaerno5")
+OURS = ("rosenbrock23", "rodas4", "rodas5p", "kvaerno5", "auto")
 SCIPY = ("Radau", "BDF", "LSODA")
+
+# JAX: one CPU thread like the others, float64.  Optional (pip install -e '.[bench]').
+os.environ.setdefault(
+    "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+)
+try:
+    import diffrax
+    import jax
+    import jax.numpy as jnp
+
+    jax.config.update("jax_enable_x64", True)
+except ImportError:  # pragma: no cover - the bench extra is not installed
+    diffrax = jax = jnp = None
 
 
 # The problems are the tests' (tests/stiff_problems.py): a torch field and a NumPy copy each.
@@ -59,6 +75,61 @@ PROBLEMS: dict[str, dict[str, Any]] = {
     for name, (f_t, f_np, y0, ts, scale) in _PROBLEMS.items()
     if name != "orego"
 }
+
+
+def _jax_fields() -> dict[str, Callable[[Any, Any], Any]]:
+    """JAX copies of the work-precision fields (tests/stiff_problems.py)."""
+    k1, k2, k3 = K_ROBERTSON
+
+    def rob(t: Any, y: Any) -> Any:
+        r1, r2, r3 = k1 * y[0], k2 * y[1] ** 2, k3 * y[1] * y[2]
+        return jnp.stack([-r1 + r3, r1 - r2 - r3, r2])
+
+    def vdp(t: Any, y: Any) -> Any:
+        return jnp.stack([y[1], 1e3 * (1 - y[0] ** 2) * y[1] - y[0]])
+
+    def hires(t: Any, y: Any) -> Any:
+        r = 280.0 * y[5] * y[7]
+        return jnp.stack(
+            [
+                -1.71 * y[0] + 0.43 * y[1] + 8.32 * y[2] + 0.0007,
+                1.71 * y[0] - 8.75 * y[1],
+                -10.03 * y[2] + 0.43 * y[3] + 0.035 * y[4],
+                8.32 * y[1] + 1.71 * y[2] - 1.12 * y[3],
+                -1.745 * y[4] + 0.43 * y[5] + 0.43 * y[6],
+                -r + 0.69 * y[3] + 1.71 * y[4] - 0.43 * y[5] + 0.69 * y[6],
+                r - 1.81 * y[6],
+                -r + 1.81 * y[6],
+            ]
+        )
+
+    return {"robertson": rob, "vdp_mu1e3": vdp, "hires": hires}
+
+
+def diffrax_kvaerno5(name: str, p: dict[str, Any], rtol: float, atol: float) -> tuple[Any, float]:
+    """A compiled diffrax Kvaerno5 solve of problem ``name`` and its compilation time."""
+    f = _jax_fields()[name]
+    term = diffrax.ODETerm(lambda t, y, args: f(t, y))
+    ts = jnp.asarray(p["ts"])
+    y0 = jnp.asarray(p["y0"], dtype=jnp.float64)
+
+    @jax.jit
+    def solve(y0: Any) -> Any:
+        return diffrax.diffeqsolve(
+            term, diffrax.Kvaerno5(), ts[0], ts[-1], None, y0,
+            saveat=diffrax.SaveAt(ts=ts),
+            stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
+            max_steps=200_000, throw=False,
+        )  # fmt: skip
+
+    def run() -> Any:
+        sol = solve(y0)
+        jax.block_until_ready(sol.ys)
+        return sol
+
+    t0 = time.perf_counter()
+    run()
+    return run, time.perf_counter() - t0
 
 
 def reference(p: dict[str, Any]) -> np.ndarray:
@@ -123,6 +194,18 @@ def work_precision(tols: list[int], repeats: int) -> list[dict[str, Any]]:
                         steps=None, nfe=int(sol.nfev) + n * int(sol.njev), njev=int(sol.njev),
                     )
                 )  # fmt: skip
+            if diffrax is not None:
+                run, compile_secs = diffrax_kvaerno5(name, p, rtol, atol)
+                secs, sol = median_time(run, repeats)
+                ok = sol.result == diffrax.RESULTS.successful
+                rows.append(
+                    dict(
+                        problem=name, rtol=rtol, solver="diffrax Kvaerno5", seconds=secs, ok=ok,
+                        error=units(np.asarray(sol.ys), ref, rtol, atol) if ok else None,
+                        steps=int(sol.stats["num_steps"]), nfe=None, njev=None,
+                        compile_seconds=compile_secs,
+                    )
+                )  # fmt: skip
             done = [r for r in rows if r["problem"] == name and r["rtol"] == rtol]
             print(
                 name,
@@ -175,20 +258,30 @@ def batched(batch: int, seed: int = 0) -> dict[str, Any]:
 def markdown(rows: list[dict[str, Any]], batch: dict[str, Any] | None) -> str:
     lines = []
     for name in PROBLEMS:
+        solvers = list(dict.fromkeys(r["solver"] for r in rows if r["problem"] == name))
         lines += [
-            f"**{name}** (time in ms / error in tolerance units / f evaluations, Jacobians)",
+            f"**{name}** (time in ms / error in tolerance units / f evaluations, Jacobians; "
+            f"diffrax: steps)",
             "",
-            "| rtol | " + " | ".join(OURS + tuple(f"scipy {m}" for m in SCIPY)) + " |",
-            "|---" * (1 + len(OURS) + len(SCIPY)) + "|",
+            "| rtol | " + " | ".join(solvers) + " |",
+            "|---" * (1 + len(solvers)) + "|",
         ]
         for rtol in sorted({r["rtol"] for r in rows if r["problem"] == name}, reverse=True):
             cells = []
             for r in rows:
                 if r["problem"] == name and r["rtol"] == rtol:
                     err = "fail" if r["error"] is None else f"{r['error']:.2g}"
-                    cells.append(f"{r['seconds'] * 1e3:.0f} / {err} / {r['nfe']}, {r['njev']}")
+                    work = f"{r['steps']} steps" if r["nfe"] is None else f"{r['nfe']}, {r['njev']}"
+                    cells.append(f"{r['seconds'] * 1e3:.0f} / {err} / {work}")
             lines.append(f"| {rtol:.0e} | " + " | ".join(cells) + " |")
         lines.append("")
+    compiled = [r["compile_seconds"] for r in rows if "compile_seconds" in r]
+    if compiled:
+        lines += [
+            f"diffrax compiles each (problem, tolerance) once before it is timed: "
+            f"{min(compiled):.1f}-{max(compiled):.1f} s here, not in the times above.",
+            "",
+        ]
     if batch:
         best = min(batch[f"scipy_{m}_seconds"] for m in SCIPY)
         lines.append(
