@@ -31,6 +31,7 @@ class Problem:
     rtol: float | torch.Tensor
     atol: float | torch.Tensor
     unflatten: Callable[[torch.Tensor], Any]  # internal outputs -> user layout (tuples)
+    jac: Callable[[torch.Tensor, torch.Tensor], Any] | None = None  # df/dy in internal terms
 
 
 def all_finite(x: torch.Tensor) -> bool:
@@ -206,10 +207,14 @@ def normalise(
     atol: Any,
     batched: bool | None,
     t_dtype: torch.dtype | None,
+    jac: Callable[..., Any] | None = None,
 ) -> Problem:
-    """Check every input once and build the :class:`Problem` the loop solves."""
+    """Check every input once and build the :class:`Problem` the loop solves (``jac``, the
+    user's ``df/dy``, is carried to the stiff solvers in the loop's terms)."""
     if not callable(func):
         raise TypeError(f"func must be callable as func(t, y), got {type(func).__name__}")
+    if jac is not None and not callable(jac):
+        raise TypeError(f"jac must be callable as jac(t, y), got {type(jac).__name__}")
     parts = check_state(y0)
     is_tuple = _is_tensor_tuple(y0)
     device, dtype = parts[0].device, parts[0].dtype
@@ -258,9 +263,17 @@ def normalise(
 
         def unflatten(ys: torch.Tensor) -> Any:
             return unpack(ys)
+
+        def jac_g(tt: torch.Tensor, y: torch.Tensor) -> Any:
+            assert jac is not None
+            out = jac(tt, unpack(y))
+            if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], tuple):
+                return out[0], pack(out[1], y.shape[:-1])  # df/dt given per part
+            return out
     else:
         y_flat = parts[0]
         g = func  # type: ignore[assignment]
+        jac_g = jac  # type: ignore[assignment]
 
         def pack(out: Sequence[torch.Tensor], lead: tuple[int, ...]) -> torch.Tensor:
             return out  # type: ignore[return-value]
@@ -289,13 +302,18 @@ def normalise(
     sign: torch.Tensor | float = 1.0
     s = t
     if bool(dec.any()):
-        base = g
+        base, base_jac = g, jac_g
+        # g(s, y) = sign f(sign s, y): dg/dy = sign df/dy, dg/ds = sign^2 df/dt = df/dt.
         if t.ndim == 1:
             sign = -1.0
             s = -t
 
             def g(tt: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
                 return -base(-tt, y)
+
+            def jac_g(tt: torch.Tensor, y: torch.Tensor) -> Any:
+                out = base_jac(-tt, y)
+                return (-out[0], out[1]) if isinstance(out, tuple) else -out
         else:
             sign_t = torch.where(dec, -1.0, 1.0).to(t.dtype)
             sign = sign_t
@@ -306,10 +324,18 @@ def normalise(
             def g(tt: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
                 return base(tt * sign_f, y) * sign_y
 
+            def jac_g(tt: torch.Tensor, y: torch.Tensor) -> Any:
+                out = base_jac(tt * sign_f, y)
+                sign_j = sign_f.view(-1, 1, 1)
+                return (out[0] * sign_j, out[1]) if isinstance(out, tuple) else out * sign_j
+
         f0 = f0 * (sign if isinstance(sign, float) else sign_y)
+
     if batched and s.ndim == 1:  # one grid shared by every row: give each row its copy
         s = s.unsqueeze(0).expand(y_flat.shape[0], -1)
-    return Problem(g, y_flat, f0, s, sign, batched, rtol_v, atol_v, unflatten)
+    return Problem(
+        g, y_flat, f0, s, sign, batched, rtol_v, atol_v, unflatten, jac_g if jac else None
+    )
 
 
 def _fmt_time(t: torch.Tensor) -> str:

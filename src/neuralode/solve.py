@@ -7,6 +7,7 @@ parts and wraps the result.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -30,6 +31,7 @@ from .gradients import (
 from .interpolation import make_evaluate, recorded_evaluator
 from .solution import Solution, SolverError, Status
 from .solvers.base import Solver
+from .solvers.newton import JacobianField
 from .solvers.registry import get_solver
 from .solvers.tableaus import ButcherTableau
 
@@ -61,6 +63,7 @@ def solve(
     dense: bool = False,
     step_t: torch.Tensor | Sequence[float] | None = None,
     jump_t: torch.Tensor | Sequence[float] | None = None,
+    jac: Callable[[torch.Tensor, Any], Any] | None = None,
     throw: bool = True,
     gradient: str = "backprop",
     adjoint_params: Sequence[torch.Tensor] | None = None,
@@ -106,6 +109,14 @@ def solve(
         jump_t: as ``step_t``, for times where ``func`` jumps: the solver also restarts there
             (an FSAL method evaluates ``func`` at the jump again instead of reusing its last
             stage, whose value belongs to the other side).
+        jac: the stiff methods' Jacobian, ``jac(t, y) -> df/dy``, called as ``func`` is (``t``
+            ``[]`` or ``[batch]``, ``y`` in your layout): ``[N, N]`` unbatched or
+            ``[batch, N, N]`` batched, ``N`` the components of a sample's state (a tuple state's
+            parts flattened and concatenated in order), entry ``[i, j] = d f_i / d y_j``.  It
+            may return a pair ``(df/dy, df/dt)`` (``df/dt`` shaped like the state); without it
+            ``df/dt`` costs one forward-mode product.  Default: ``N`` vector-Jacobian products of
+            ``func`` by autograd.  Methods that take no Jacobian refuse it; the adjoint's
+            backward solve takes its own.
         throw: raise :class:`SolverError` when a sample fails; with ``False`` failures are only
             reported in ``Solution.status`` and the outputs they did not reach are NaN.
         gradient: what autograd sees of the solve; gradients reach ``y0``, ``t`` and the
@@ -175,7 +186,14 @@ def solve(
     if gradient == "backprop" and adjoint_params is not None:
         raise ValueError("adjoint_params applies to gradient='adjoint' or 'checkpoint' only")
     params = () if gradient == "backprop" else find_adjoint_params(func, adjoint_params, gradient)
-    prob = normalise(func, y0, t, rtol=rtol, atol=atol, batched=batched, t_dtype=t_dtype)
+    if jac is not None and not solver.uses_jacobian:
+        raise ValueError(
+            f"jac is used by the stiff methods (rosenbrock23, rodas4, rodas5p, kvaerno3, "
+            f"kvaerno5, auto); {solver.name!r} takes no Jacobian"
+        )
+    prob = normalise(func, y0, t, rtol=rtol, atol=atol, batched=batched, t_dtype=t_dtype, jac=jac)
+    if prob.jac is not None:
+        prob = dataclasses.replace(prob, func=JacobianField(prob.func, prob.jac))
     strategy: GradientStrategy
     if gradient == "adjoint":
         config = AdjointConfig.build(

@@ -53,6 +53,7 @@ class AutoState(NamedTuple):
         n_stiff: row-shaped int64: the stiff verdicts of the row's explicit steps since its last
             run of non-stiff ones (0 in the stiff mode).
         n_calm: row-shaped int64: the row's consecutive non-stiff verdicts.
+        recent: ``[*rows, window]``: the row's last ``h rho / S`` of its accepted steps.
         explicit: the explicit method's carried state (``f(t, y)`` where known).
         implicit: the stiff method's carried state (a rejected step's linearisation).
     """
@@ -60,6 +61,7 @@ class AutoState(NamedTuple):
     stiff: torch.Tensor
     n_stiff: torch.Tensor
     n_calm: torch.Tensor
+    recent: torch.Tensor
     explicit: Any
     implicit: Any
 
@@ -118,6 +120,8 @@ class AutoSwitch(Solver):
             method: the Jacobian its step took gives the estimate in the stiff mode).
         stiff_steps: the stiff verdicts after which a row switches to ``stiff``.
         calm_reset: consecutive non-stiff verdicts that clear a row's stiff verdicts.
+        window: an explicit step's verdict takes the largest ratio of the row's last ``window``
+            accepted steps.
         max_nonstiff_steps: consecutive non-stiff verdicts of ``stiff`` steps after which a row
             switches back (on the next one).
         tol: the verdict's threshold, as a fraction of the stability limit.
@@ -140,6 +144,7 @@ class AutoSwitch(Solver):
         *,
         stiff_steps: int = 15,
         calm_reset: int = 6,
+        window: int = 6,
         max_nonstiff_steps: int = 3,
         tol: float = 0.9,
         name: str = "auto",
@@ -159,10 +164,10 @@ class AutoSwitch(Solver):
                 f"stiff must be adaptive with the explicit method's error order "
                 f"({explicit.error_order}), got {stiff!r} (error order {stiff.error_order})"
             )
-        if stiff_steps < 1 or calm_reset < 1 or max_nonstiff_steps < 0 or not tol > 0:
+        if min(stiff_steps, calm_reset, window) < 1 or max_nonstiff_steps < 0 or not tol > 0:
             raise ValueError(
-                f"stiff_steps and calm_reset must be >= 1, max_nonstiff_steps >= 0 and tol > 0, "
-                f"got {stiff_steps}, {calm_reset}, {max_nonstiff_steps}, {tol}"
+                f"stiff_steps, calm_reset and window must be >= 1, max_nonstiff_steps >= 0 and "
+                f"tol > 0, got {stiff_steps}, {calm_reset}, {window}, {max_nonstiff_steps}, {tol}"
             )
         self.explicit, self.stiff = explicit, stiff
         self.name = name
@@ -171,6 +176,7 @@ class AutoSwitch(Solver):
         self.dense_order = min(explicit.dense_order, stiff.dense_order)
         self.stiff_steps = stiff_steps
         self.calm_reset = calm_reset
+        self.window = window
         self.max_nonstiff_steps = max_nonstiff_steps
         self.tol = tol
         self.limit = stability_limit(explicit)
@@ -178,6 +184,7 @@ class AutoSwitch(Solver):
         # error-controlled in the stiff regime); explicit steps interpolate.
         self.lands_on_outputs = stiff.lands_on_outputs or explicit.lands_on_outputs
         self.lands_per_row = stiff.lands_on_outputs and not explicit.lands_on_outputs
+        self.uses_jacobian = stiff.uses_jacobian
         # The stage before the last: its input g and value f(t + h, g) against f(t + h, y1).
         self._g_terms = explicit.a_terms[-2]
 
@@ -191,6 +198,7 @@ class AutoSwitch(Solver):
             stiff,
             stiff_steps=self.stiff_steps,
             calm_reset=self.calm_reset,
+            window=self.window,
             max_nonstiff_steps=self.max_nonstiff_steps,
             tol=self.tol,
             name=self.name,
@@ -204,6 +212,7 @@ class AutoSwitch(Solver):
             stiff,
             zero,
             zero,
+            torch.zeros((*rows, self.window), dtype=y.dtype, device=y.device),
             self.explicit.init(f, t, y, f0),
             self.stiff.init(f, t, y, None),
         )
@@ -223,6 +232,7 @@ class AutoSwitch(Solver):
             torch.where(accept, new.stiff, old.stiff),
             torch.where(accept, new.n_stiff, old.n_stiff),
             torch.where(accept, new.n_calm, old.n_calm),
+            torch.where(accept.unsqueeze(-1), new.recent, old.recent),
             self.explicit.merge(accept, new.explicit, old.explicit),
             self.stiff.merge(accept, new.implicit, old.implicit),
         )
@@ -246,7 +256,13 @@ class AutoSwitch(Solver):
         with torch.no_grad():
             rho = self._rho(y, h, r_e, r_s, stiff)
             habs = h.abs().to(rho.dtype) if isinstance(h, torch.Tensor) else abs(h)
-            verdict = rho * habs > self.tol * self.limit
+            # Explicit rows judge by the largest ratio of their last few steps: the estimate
+            # from two stages is a lower bound that swings with the direction of y1 - g (on
+            # Robertson at rtol 1e-8, between 0.2 and 1.0 of the limit from step to step at a
+            # nearly constant h); stiff rows by this step's |J|_inf, an upper bound.
+            ratio = rho * habs / self.limit
+            recent = torch.cat([state.recent[..., 1:], ratio.unsqueeze(-1)], dim=-1)
+            verdict = torch.where(stiff, ratio, recent.amax(-1)) > self.tol
             n_calm = torch.where(verdict, 0, state.n_calm + 1)
             n_stiff = torch.where(verdict, state.n_stiff + 1, state.n_stiff)
             n_stiff = torch.where(n_calm >= self.calm_reset, 0, n_stiff)
@@ -256,16 +272,17 @@ class AutoSwitch(Solver):
             switched = to_stiff | to_explicit
             n_stiff = torch.where(switched | stiff, 0, n_stiff)
             n_calm = torch.where(switched, 0, n_calm)
+            recent = torch.where(switched.unsqueeze(-1), 0.0, recent)
         if r_s is None:  # every row explicit
             assert r_e is not None
-            new = AutoState(new_stiff, n_stiff, n_calm, r_e.state, None)
+            new = AutoState(new_stiff, n_stiff, n_calm, recent, r_e.state, None)
             retry = state._replace(explicit=r_e.retry_state)
             return StepResult(
                 r_e.y1, r_e.y_error, _Parts(stiff, r_e, None), new, r_e.nfe, r_e.status, retry
             )
         if r_e is None:  # every row stiff
             retry_s = state.implicit if r_s.retry_state is None else r_s.retry_state
-            new = AutoState(new_stiff, n_stiff, n_calm, None, r_s.state)
+            new = AutoState(new_stiff, n_stiff, n_calm, recent, None, r_s.state)
             retry = state._replace(implicit=retry_s)
             return StepResult(
                 r_s.y1,
@@ -300,6 +317,7 @@ class AutoSwitch(Solver):
             new_stiff,
             n_stiff,
             n_calm,
+            recent,
             self.explicit.merge(~stiff, r_e.state, None),  # f(t + h, y1) of the explicit rows
             r_s.state,
         )

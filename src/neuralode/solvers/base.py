@@ -116,6 +116,8 @@ class Solver(abc.ABC):
     lands_on_outputs: bool = False
     #: Whether that holds on some rows only, as :meth:`landing` says after each step.
     lands_per_row: bool = False
+    #: Whether the method takes Jacobians of ``f`` (then a user's ``jac`` serves it).
+    uses_jacobian: bool = False
 
     @property
     def adaptive(self) -> bool:

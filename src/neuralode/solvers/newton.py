@@ -20,6 +20,7 @@ one of the computed solution); under ``torch.no_grad`` it is a plain tensor.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from typing import Any, NamedTuple
 
@@ -27,7 +28,7 @@ import torch
 
 from .base import Func
 
-__all__ = ["Linearisation", "jacobian"]
+__all__ = ["Linearisation", "JacobianField", "jacobian"]
 
 #: Fields that ``torch.func`` failed on (then differentiated with ``torch.autograd.grad``).
 _AUTOGRAD_ONLY: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -48,6 +49,21 @@ class Linearisation(NamedTuple):
     ft: torch.Tensor
 
 
+class JacobianField:
+    """A vector field with its Jacobian given (``solve(..., jac=...)``), in the loop's terms.
+
+    ``jac(t, y)`` returns ``df/dy`` (``[N, N]`` unbatched, ``[batch, N, N]`` batched), or a pair
+    ``(df/dy, df/dt)`` with ``df/dt`` shaped like ``y``; without ``df/dt`` it is taken by one
+    forward-mode product in ``t`` (``torch.func.jvp``), which gives ``f(t, y)`` as well.
+    """
+
+    def __init__(self, f: Func, jac: Any) -> None:
+        self.f, self.jac = f, jac
+
+    def __call__(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.f(t, y)
+
+
 def jacobian(f: Func, t: torch.Tensor, y: torch.Tensor) -> Linearisation:
     """``f(t, y)`` with its Jacobian in ``y`` and its derivative in ``t``, per sample.
 
@@ -62,6 +78,8 @@ def jacobian(f: Func, t: torch.Tensor, y: torch.Tensor) -> Linearisation:
         A :class:`Linearisation`.
     """
     batched = t.ndim == 1
+    if isinstance(f, JacobianField):
+        return _by_user(f, t, y, batched)
     if f not in _AUTOGRAD_ONLY and not getattr(f, "no_torch_func", False):
         try:
             return _by_func(f, t, y, batched)
@@ -91,6 +109,63 @@ def _by_func(f: Func, t: torch.Tensor, y: torch.Tensor, batched: bool) -> Linear
     eye = torch.eye(N, dtype=y.dtype, device=y.device)
     dt, dy = torch.func.vmap(vjp)(eye)  # [N, *t.shape], [N, *y.shape]
     return _laid_out(f0, dy, dt, y, batched)
+
+
+def _by_user(f: JacobianField, t: torch.Tensor, y: torch.Tensor, batched: bool) -> Linearisation:
+    B, N = _sizes(y, batched)
+    out = f.jac(t, y)
+    J, ft = out if isinstance(out, tuple) else (out, None)
+    shape = (B, N, N) if batched else (N, N)
+    if not isinstance(J, torch.Tensor) or tuple(J.shape) != shape:
+        got = tuple(J.shape) if isinstance(J, torch.Tensor) else type(J).__name__
+        layout = "[batch, N, N]" if batched else "[N, N]"
+        raise ValueError(
+            f"jac(t, y) must return df/dy of shape {list(shape)} ({layout} with N = {N} state "
+            f"components per sample), or a pair (df/dy, df/dt); got {got}"
+        )
+    if ft is None:
+        f0, ft = _time_derivative(f.f, t, y)
+    else:
+        if not isinstance(ft, torch.Tensor) or ft.shape != y.shape:
+            got = tuple(ft.shape) if isinstance(ft, torch.Tensor) else type(ft).__name__
+            raise ValueError(
+                f"jac(t, y)'s df/dt must have the state's shape {list(y.shape)}, got {got}"
+            )
+        f0 = f.f(t, y)
+    return Linearisation(f0, J.to(y.dtype), ft.to(y.dtype))
+
+
+def _time_derivative(
+    f: Func, t: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``f(t, y)`` and ``df/dt`` (shaped like ``y``): one forward-mode product, or, for a field
+    that ``torch.func`` cannot transform, two reverse-mode ones (the double-backward trick)."""
+    if f not in _AUTOGRAD_ONLY:
+        try:
+            with warnings.catch_warnings():  # torch 2.13's forward mode warns about itself
+                warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated")
+                f0, ft = torch.func.jvp(  # type: ignore[misc]
+                    lambda tt: f(tt, y), (t,), (torch.ones_like(t),)
+                )
+            return f0, ft
+        except Exception:  # noqa: BLE001 - torch.func cannot transform this field
+            try:
+                _AUTOGRAD_ONLY.add(f)
+            except TypeError:  # not weak-referenceable: try again next time
+                pass
+    create = torch.is_grad_enabled()
+    with torch.enable_grad():
+        tt = t if t.requires_grad else t.detach().requires_grad_()
+        f0 = f(tt, y)
+        g = None
+        if f0.requires_grad:
+            u = torch.zeros_like(f0, requires_grad=True)
+            (g,) = torch.autograd.grad(f0, tt, u, create_graph=True, allow_unused=True)
+        if g is None:  # f does not depend on t
+            ft = torch.zeros_like(f0)
+        else:
+            (ft,) = torch.autograd.grad(g, u, torch.ones_like(g), create_graph=create)
+    return (f0, ft) if create else (f0.detach(), ft.detach())
 
 
 def _by_autograd(f: Func, t: torch.Tensor, y: torch.Tensor, batched: bool) -> Linearisation:

@@ -99,6 +99,7 @@ class _LinearlyImplicit(Solver):
     per device)."""
 
     _P: list[list[float]]
+    uses_jacobian = True
 
     def __init__(self) -> None:
         self._P_cache: dict[torch.device, torch.Tensor] = {}

@@ -1,0 +1,184 @@
+"""``solve(..., jac=...)``: the user's Jacobian in place of autograd's, for the stiff methods.
+
+* With the exact Jacobian, every stiff method takes the steps and reaches the values it does with
+  autograd's (Robertson; a batch with per-sample rate constants; a tuple state; decreasing time,
+  shared and per sample; ``df/dt`` given or taken by forward mode).
+* Gradients flow through a ``jac`` built from the parameters (gradcheck in float64).
+* Wrong shapes and methods that take no Jacobian are refused with the argument named.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from stiff_problems import K_ROBERTSON, robertson
+
+import neuralode
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+DTYPE = torch.float64
+TS = torch.tensor([0.0, 0.4, 4.0, 40.0, 400.0], dtype=DTYPE)
+Y0 = torch.tensor([1.0, 0.0, 0.0], dtype=DTYPE)
+
+
+def robertson_jac(k: torch.Tensor):
+    """``df/dy`` of Robertson's kinetics (``k`` ``[3]`` or ``[batch, 3]``)."""
+
+    def jac(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        k1, k2, k3 = k[..., 0], k[..., 1], k[..., 2]
+        y1, y2, y3 = y.unbind(-1)
+        zero = torch.zeros_like(y1)
+        rows = [
+            [-k1 + zero, k3 * y3, k3 * y2],
+            [k1 + zero, -2 * k2 * y2 - k3 * y3, -k3 * y2],
+            [zero, 2 * k2 * y2, zero],
+        ]
+        return torch.stack([torch.stack(r, -1) for r in rows], -2)
+
+    return jac
+
+
+@pytest.mark.parametrize("method", ["rosenbrock23", "rodas5p", "kvaerno5", "auto"])
+def test_exact_jacobian_gives_autograds_solve(method: str) -> None:
+    k = torch.tensor(K_ROBERTSON, dtype=DTYPE)
+    kw = dict(method=method, rtol=1e-6, atol=1e-10)
+    want = neuralode.solve(robertson(k), Y0, TS, **kw)
+    got = neuralode.solve(robertson(k), Y0, TS, jac=robertson_jac(k), **kw)
+    assert int(got.stats.n_steps) == int(want.stats.n_steps)
+    assert int(got.stats.njev) == int(want.stats.njev) > 0
+    torch.testing.assert_close(got.ys, want.ys, rtol=1e-9, atol=1e-13)
+
+
+def test_batched_jacobian_per_sample() -> None:
+    g = torch.Generator().manual_seed(0)
+    k = torch.tensor(K_ROBERTSON, dtype=DTYPE) * 10 ** torch.rand(4, 3, generator=g, dtype=DTYPE)
+    y0 = Y0.expand(4, 3)
+    kw = dict(method="rodas5p", rtol=1e-6, atol=1e-10, batched=True)
+    want = neuralode.solve(robertson(k), y0, TS, **kw)
+    got = neuralode.solve(robertson(k), y0, TS, jac=robertson_jac(k), **kw)
+    assert torch.equal(got.stats.n_steps, want.stats.n_steps)
+    torch.testing.assert_close(got.ys, want.ys, rtol=1e-9, atol=1e-13)
+
+
+def _forced():
+    """A non-autonomous linear field ``y' = A y + sin(t) b`` with its Jacobian and ``df/dt``."""
+    A = torch.tensor([[-50.0, 1.0], [0.5, -2.0]], dtype=DTYPE)
+    b = torch.tensor([1.0, -1.0], dtype=DTYPE)
+
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return y @ A.T + torch.sin(t).unsqueeze(-1) * b if t.ndim else A @ y + torch.sin(t) * b
+
+    def jac(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return A.expand(*y.shape[:-1], 2, 2)
+
+    def jac_t(t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ft = torch.cos(t).unsqueeze(-1) * b if t.ndim else torch.cos(t) * b
+        return jac(t, y), ft
+
+    return f, jac, jac_t
+
+
+@pytest.mark.parametrize("with_dt", [False, True])
+@pytest.mark.parametrize("direction", ["forward", "backward", "per-sample"])
+def test_time_derivative_and_reversed_time(with_dt: bool, direction: str) -> None:
+    """``df/dt`` by forward mode or given; time reversal flips ``df/dy`` and keeps ``df/dt``
+    (a wrong sign on either changes the steps and the values)."""
+    f, jac, jac_t = _forced()
+    ts = torch.linspace(0.0, 3.0, 7, dtype=DTYPE)
+    y0 = torch.tensor([1.0, 2.0], dtype=DTYPE)
+    kw: dict = dict(method="rodas5p", rtol=1e-7, atol=1e-10)
+    if direction == "backward":
+        ts = ts.flip(0)
+    if direction == "per-sample":
+        ts = torch.stack([ts, ts.flip(0)])
+        y0 = y0.expand(2, 2)
+    want = neuralode.solve(f, y0, ts, **kw)
+    got = neuralode.solve(f, y0, ts, jac=jac_t if with_dt else jac, **kw)
+    assert torch.equal(got.stats.n_steps, want.stats.n_steps)
+    torch.testing.assert_close(got.ys, want.ys, rtol=1e-10, atol=1e-12)
+
+
+def test_time_derivative_for_a_field_torch_func_cannot_transform() -> None:
+    """Without ``df/dt`` from the user and without ``torch.func``, ``df/dt`` comes from two
+    reverse-mode products; the same steps and values."""
+    f, jac, _ = _forced()
+
+    def untraceable(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        scale = 1.0 + 0.0 * float(y.detach().sum().item())  # torch.func cannot trace .item()
+        return f(t, y) * scale
+
+    ts = torch.linspace(0.0, 3.0, 7, dtype=DTYPE)
+    y0 = torch.tensor([1.0, 2.0], dtype=DTYPE)
+    kw: dict = dict(method="rodas5p", rtol=1e-7, atol=1e-10)
+    want = neuralode.solve(f, y0, ts, **kw)
+    got = neuralode.solve(untraceable, y0, ts, jac=jac, **kw)
+    assert torch.equal(got.stats.n_steps, want.stats.n_steps)
+    torch.testing.assert_close(got.ys, want.ys, rtol=1e-10, atol=1e-12)
+    # an autonomous field (no graph to t at all) has df/dt = 0
+    k = torch.tensor(K_ROBERTSON, dtype=DTYPE)
+
+    def rob(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return robertson(k)(t, y) * (1.0 + 0.0 * float(y.detach().sum().item()))
+
+    got = neuralode.solve(
+        rob, Y0, TS, method="rodas5p", rtol=1e-6, atol=1e-10, jac=robertson_jac(k)
+    )
+    want = neuralode.solve(robertson(k), Y0, TS, method="rodas5p", rtol=1e-6, atol=1e-10)
+    torch.testing.assert_close(got.ys, want.ys, rtol=1e-9, atol=1e-13)
+
+
+def test_tuple_state_takes_the_flattened_jacobian() -> None:
+    k = torch.tensor(K_ROBERTSON, dtype=DTYPE)
+    flat = robertson(k)
+
+    def f(t: torch.Tensor, y: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        out = flat(t, torch.cat(y, -1))
+        return out[..., :1], out[..., 1:]
+
+    def jac(t: torch.Tensor, y: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return robertson_jac(k)(t, torch.cat(y, -1))
+
+    y0 = (Y0[:1], Y0[1:])
+    want = neuralode.solve(f, y0, TS, method="rodas5p", rtol=1e-6, atol=1e-10)
+    got = neuralode.solve(f, y0, TS, method="rodas5p", rtol=1e-6, atol=1e-10, jac=jac)
+    for a, b in zip(got.ys, want.ys):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-13)
+
+
+@pytest.mark.parametrize("gradient", ["backprop", "checkpoint"])
+def test_gradients_flow_through_the_users_jacobian(gradient: str) -> None:
+    theta = torch.tensor([30.0, 2.0], dtype=DTYPE, requires_grad=True)
+    y0 = torch.tensor([0.5, -0.3], dtype=DTYPE, requires_grad=True)
+    ts = torch.tensor([0.0, 0.25, 1.0], dtype=DTYPE)
+
+    def run(y0: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return -theta[0] * (y - torch.cos(t)) - theta[1] * y**3
+
+        def jac(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return torch.diag(-theta[0] - 3 * theta[1] * y**2)
+
+        kw = {} if gradient == "backprop" else {"adjoint_params": (theta,)}
+        sol = neuralode.solve(
+            f, y0, ts, method="rodas5p", first_step=0.0625, rtol=1e10, atol=1e10, ifactor=1.0,
+            jac=jac, gradient=gradient, **kw,
+        )  # fmt: skip
+        return sol.ys
+
+    assert torch.autograd.gradcheck(run, (y0, theta), atol=1e-7, rtol=1e-6)
+
+
+def test_bad_jacobians_are_refused() -> None:
+    k = torch.tensor(K_ROBERTSON, dtype=DTYPE)
+    with pytest.raises(ValueError, match=r"jac\(t, y\) must return df/dy of shape \[3, 3\]"):
+        neuralode.solve(robertson(k), Y0, TS, method="rodas5p", jac=lambda t, y: torch.eye(2))
+    with pytest.raises(ValueError, match=r"df/dt must have the state's shape \[3\]"):
+        neuralode.solve(
+            robertson(k), Y0, TS, method="rodas5p",
+            jac=lambda t, y: (robertson_jac(k)(t, y), torch.zeros(2)),
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="'dopri5' takes no Jacobian"):
+        neuralode.solve(robertson(k), Y0, TS, method="dopri5", jac=robertson_jac(k))
+    with pytest.raises(TypeError, match="jac must be callable"):
+        neuralode.solve(robertson(k), Y0, TS, method="rodas5p", jac=torch.eye(3))
