@@ -197,7 +197,7 @@ def work_precision(tols: list[int], repeats: int) -> list[dict[str, Any]]:
             if diffrax is not None:
                 run, compile_secs = diffrax_kvaerno5(name, p, rtol, atol)
                 secs, sol = median_time(run, repeats)
-                ok = sol.result == diffrax.RESULTS.successful
+                ok = bool(sol.result == diffrax.RESULTS.successful)
                 rows.append(
                     dict(
                         problem=name, rtol=rtol, solver="diffrax Kvaerno5", seconds=secs, ok=ok,
