@@ -66,7 +66,7 @@ except ImportError:  # pragma: no cover - the bench extra is not installed
 
 # The problems are the tests' (tests/stiff_problems.py): a torch field and a NumPy copy each.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from stiff_problems import K_ROBERTSON, robertson, robertson_np  # noqa: E402
+from stiff_problems import K_ROBERTSON, hires_terms, robertson, robertson_np  # noqa: E402
 from stiff_problems import PROBLEMS as _PROBLEMS  # noqa: E402
 
 #: The work-precision problems (OREGO is in the tests only).
@@ -89,19 +89,7 @@ def _jax_fields() -> dict[str, Callable[[Any, Any], Any]]:
         return jnp.stack([y[1], 1e3 * (1 - y[0] ** 2) * y[1] - y[0]])
 
     def hires(t: Any, y: Any) -> Any:
-        r = 280.0 * y[5] * y[7]
-        return jnp.stack(
-            [
-                -1.71 * y[0] + 0.43 * y[1] + 8.32 * y[2] + 0.0007,
-                1.71 * y[0] - 8.75 * y[1],
-                -10.03 * y[2] + 0.43 * y[3] + 0.035 * y[4],
-                8.32 * y[1] + 1.71 * y[2] - 1.12 * y[3],
-                -1.745 * y[4] + 0.43 * y[5] + 0.43 * y[6],
-                -r + 0.69 * y[3] + 1.71 * y[4] - 0.43 * y[5] + 0.69 * y[6],
-                r - 1.81 * y[6],
-                -r + 1.81 * y[6],
-            ]
-        )
+        return jnp.stack(hires_terms(y))
 
     return {"robertson": rob, "vdp_mu1e3": vdp, "hires": hires}
 

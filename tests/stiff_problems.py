@@ -76,20 +76,24 @@ def hires(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     )
 
 
-def hires_np(t: float, y: np.ndarray) -> np.ndarray:
+def hires_terms(y: Any) -> list[Any]:
+    """HIRES's right-hand side, component by component, for any array ``y`` that indexes like
+    a vector (NumPy here, JAX in the benchmark)."""
     r = 280.0 * y[5] * y[7]
-    return np.array(
-        [
-            -1.71 * y[0] + 0.43 * y[1] + 8.32 * y[2] + 0.0007,
-            1.71 * y[0] - 8.75 * y[1],
-            -10.03 * y[2] + 0.43 * y[3] + 0.035 * y[4],
-            8.32 * y[1] + 1.71 * y[2] - 1.12 * y[3],
-            -1.745 * y[4] + 0.43 * y[5] + 0.43 * y[6],
-            -r + 0.69 * y[3] + 1.71 * y[4] - 0.43 * y[5] + 0.69 * y[6],
-            r - 1.81 * y[6],
-            -r + 1.81 * y[6],
-        ]
-    )
+    return [
+        -1.71 * y[0] + 0.43 * y[1] + 8.32 * y[2] + 0.0007,
+        1.71 * y[0] - 8.75 * y[1],
+        -10.03 * y[2] + 0.43 * y[3] + 0.035 * y[4],
+        8.32 * y[1] + 1.71 * y[2] - 1.12 * y[3],
+        -1.745 * y[4] + 0.43 * y[5] + 0.43 * y[6],
+        -r + 0.69 * y[3] + 1.71 * y[4] - 0.43 * y[5] + 0.69 * y[6],
+        r - 1.81 * y[6],
+        -r + 1.81 * y[6],
+    ]
+
+
+def hires_np(t: float, y: np.ndarray) -> np.ndarray:
+    return np.array(hires_terms(y))
 
 
 def orego(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
