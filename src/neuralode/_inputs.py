@@ -11,13 +11,32 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from ._rows import per_row
 
 Func = Callable[[torch.Tensor, Any], Any]
+
+
+#: torchdiffeq's callbacks: attributes of ``func`` called with ``(t0, y0, dt)`` around steps.
+CALLBACK_NAMES = ("callback_step", "callback_accept_step", "callback_reject_step")
+
+
+class Callbacks(NamedTuple):
+    """A solve's step callbacks in the loop's terms (internal time and flat state), each
+    ``(t0, y0, dt) -> None`` or ``None``: before every attempted step, after an accepted one,
+    after a rejected one (torchdiffeq's ``callback_step``, ``callback_accept_step``,
+    ``callback_reject_step``)."""
+
+    step: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Any] | None = None
+    accept: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Any] | None = None
+    reject: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Any] | None = None
+
+    @property
+    def any(self) -> bool:
+        return any(cb is not None for cb in self)
 
 
 @dataclass
@@ -32,6 +51,7 @@ class Problem:
     atol: float | torch.Tensor
     unflatten: Callable[[torch.Tensor], Any]  # internal outputs -> user layout (tuples)
     jac: Callable[[torch.Tensor, torch.Tensor], Any] | None = None  # df/dy in internal terms
+    callbacks: Callbacks = Callbacks()  # func's step callbacks, in internal terms
 
 
 def all_finite(x: torch.Tensor) -> bool:
@@ -333,8 +353,33 @@ def normalise(
 
     if batched and s.ndim == 1:  # one grid shared by every row: give each row its copy
         s = s.unsqueeze(0).expand(y_flat.shape[0], -1)
+
+    # torchdiffeq's callbacks on func, called with the user's time and state layout.
+    def user_callback(cb: Callable[..., Any]) -> Callable[..., Any]:
+        def call(t0: torch.Tensor, y0: torch.Tensor, dt: torch.Tensor) -> Any:
+            return cb(t0 * sign, unflatten(y0), dt)
+
+        return call
+
+    found = [getattr(func, name, None) for name in CALLBACK_NAMES]
+    callbacks = Callbacks(*(None if cb is None else user_callback(cb) for cb in found))
+    if callbacks.any and batched:
+        raise ValueError(
+            "func's step callbacks (callback_step, callback_accept_step, callback_reject_step) "
+            "are called by unbatched solves only, as torchdiffeq's; this solve is batched"
+        )
     return Problem(
-        g, y_flat, f0, s, sign, batched, rtol_v, atol_v, unflatten, jac_g if jac else None
+        g,
+        y_flat,
+        f0,
+        s,
+        sign,
+        batched,
+        rtol_v,
+        atol_v,
+        unflatten,
+        jac_g if jac else None,
+        callbacks,
     )
 
 

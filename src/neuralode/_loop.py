@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ._inputs import all_finite
+from ._inputs import Callbacks, all_finite
 from ._outputs import Outputs, StepRecord
 from ._rows import per_row
 from .controllers import FixedGrid, PIController
@@ -86,6 +86,7 @@ class LoopSpec:
             ``[batch, K]`` per row) where steps end; ``None`` for none.
         jump_t: as ``step_t``, and the solver's carried state restarts there (the field may
             jump: an FSAL method's last stage is not reused across it).
+        callbacks: called around each step of an unbatched solve (torchdiffeq's callbacks).
     """
 
     func: Func
@@ -98,8 +99,11 @@ class LoopSpec:
     dense: bool = False
     step_t: torch.Tensor | None = None
     jump_t: torch.Tensor | None = None
+    callbacks: Callbacks = Callbacks()
 
     def __post_init__(self) -> None:
+        if self.callbacks.any and self.batched:
+            raise ValueError("step callbacks are called by unbatched solves only")
         # A Newton iteration stops at the solve's own tolerances (see Solver.configured).
         object.__setattr__(self, "solver", self.solver.configured(self.controller))
 
@@ -591,6 +595,10 @@ class _Run:
         return c._replace(y=y, solver_state=self.solver.merge(att.accept, res.state, kept))
 
     # -- the float driver -------------------------------------------------------------------------
+    def _t(self, x: float) -> torch.Tensor:
+        """A host time as the callbacks receive it (a tensor in the time dtype)."""
+        return torch.tensor(x, dtype=self.t_dtype, device=self.device)
+
     def _float_driver(self) -> tuple[Any, ...]:
         if self.grid is not None:
             return self._float_fixed()
@@ -607,7 +615,10 @@ class _Run:
         nfe = int(self.f0 is not None)
         njev = nlu = n_newton = 0
         status, t_reached = Status.SUCCESS, times[-1]
+        cb = self.spec.callbacks
         for k in range(self.grid.n):
+            if cb.step is not None:
+                cb.step(self._t(times[k]), y, self._t(steps[k]))
             res = solver.step(f, times[k], steps[k], y, state, self._times(k))
             nfe += int(res.nfe)  # one row: the solver never sees a partly known state
             njev, nlu = njev + int(res.njev), nlu + int(res.nlu)
@@ -665,9 +676,12 @@ class _Run:
         h_next = h
         eps = torch.finfo(self.t_dtype).eps
         step_status = 0
+        cb = self.spec.callbacks
         while True:
             hit = h * 1.01 >= t_end - t  # land on the end rather than leave a sliver of a step
             h_eff = t_end - t if hit else h
+            if cb.step is not None:
+                cb.step(self._t(t), y, self._t(h_eff))
             res = solver.step(f, t, h_eff, y, state)
             nfe += int(res.nfe)
             njev, nlu = njev + int(res.njev), nlu + int(res.nlu)
@@ -680,6 +694,10 @@ class _Run:
                 step_status = int(res.status)
             r = float(ratio)
             accept, h_next, cstate = ctrl.adapt_float(r, h_eff, cstate)
+            if cb.accept is not None and accept:
+                cb.accept(self._t(t), y, self._t(h_eff))
+            if cb.reject is not None and not accept:
+                cb.reject(self._t(t), y, self._t(h_eff))
             if accept:
                 n_acc += 1
                 t_new = t_end if hit else t + h_eff

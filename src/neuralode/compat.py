@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ._inputs import check_state, check_times
+from ._inputs import CALLBACK_NAMES, check_state, check_times
 from .gradients.adjoint import ADJOINT_OPTIONS
 from .solution import SolverError
 from .solve import DEFAULT_MAX_NUM_STEPS, solve
@@ -281,6 +281,9 @@ def _scipy_solve(
     if unknown:
         _warn_unknown(unknown, list(SCIPY_OPTIONS), "odeint(method='scipy_solver')")
     extra = {k: options[k] for k in ("min_step", "max_step") if k in options}
+    defined = {n for n in CALLBACK_NAMES if getattr(func, n, None) is not None}
+    if defined:  # as torchdiffeq: scipy's steps are not ours to call back from
+        warnings.warn(f"Solver 'scipy_solver' does not support callbacks {defined}", stacklevel=3)
     dtype, device = parts[0].dtype, parts[0].device
     shapes = [p.shape for p in parts]
     sizes = [math.prod(sh) for sh in shapes]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -194,6 +195,14 @@ def solve(
     prob = normalise(func, y0, t, rtol=rtol, atol=atol, batched=batched, t_dtype=t_dtype, jac=jac)
     if prob.jac is not None:
         prob = dataclasses.replace(prob, func=JacobianField(prob.func, prob.jac))
+    cb = prob.callbacks
+    if not solver.adaptive and (cb.accept is not None or cb.reject is not None):
+        unused = {
+            n
+            for n, c in (("callback_accept_step", cb.accept), ("callback_reject_step", cb.reject))
+            if c
+        }
+        warnings.warn(f"Solver '{solver.name}' does not support callbacks {unused}", stacklevel=2)
     strategy: GradientStrategy
     if gradient == "adjoint":
         config = AdjointConfig.build(
@@ -242,6 +251,7 @@ def solve(
         dense=dense,
         step_t=step_s,
         jump_t=jump_s,
+        callbacks=prob.callbacks,
     )
     return _finish(prob, t, strategy.solve(prob, spec), dense, throw)
 

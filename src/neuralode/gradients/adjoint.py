@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from .._inputs import Problem, all_finite, check_solver_options
+from .._inputs import CALLBACK_NAMES, Callbacks, Problem, all_finite, check_solver_options
 from .._loop import LoopResult, LoopSpec
 from .._rows import per_row
 from ..controllers import NORMS, PIController, rms_norm
@@ -343,6 +343,11 @@ class _AdjointRun:
             step_size=step_size,
             first_step=opts.get("first_step") if solver.adaptive else None,
             max_num_steps=opts.get("max_num_steps", LoopSpec.max_num_steps),
+            # func's callback_*_adjoint, called around the backward solve's steps with its own
+            # time and flat augmented state (torchdiffeq calls them with its augmented state)
+            callbacks=Callbacks(
+                *(getattr(strategy.user_func, n + "_adjoint", None) for n in CALLBACK_NAMES)
+            ),
         )
 
     def _interval(
