@@ -42,6 +42,12 @@ ODE_OPTIONS = {
     "max_step": "adaptive methods: largest step (default: unbounded)",
     "step_t": "adaptive methods: times where steps end (1-D)",
     "jump_t": "adaptive methods: times where func jumps: steps end there and the solver restarts",
+    "grid_constructor": "fixed-step methods: grid_constructor(func, y0, t) -> the 1-D grid of "
+    "step times, from t[0] to t[-1] (instead of step_size); outputs between grid points are "
+    "interpolated as interp says",
+    "interp": "fixed-step methods with step_size or grid_constructor: 'linear' or 'cubic' "
+    "(Hermite) interpolation of outputs between grid points, as torchdiffeq (default here: "
+    "the method's own interpolant, more accurate than torchdiffeq's default 'linear')",
 }
 #: Option keys of ``method="scipy_solver"`` (passed to ``scipy.integrate.solve_ivp``).
 SCIPY_OPTIONS = {
@@ -92,6 +98,10 @@ def odeint(
     if isinstance(method, str) and method == "scipy_solver":
         return _scipy_solve(func, y0, t, rtol, atol, options)
     kwargs = _options(options, y0, "odeint", method)
+    grid, interp = _grid_options(func, y0, t, kwargs)
+    if grid is not None:
+        sol = solve(func, y0, grid, method=method, rtol=rtol, atol=atol, batched=False, **kwargs)
+        return _interpolate(func, grid, sol.ys, t, interp)
     sol = solve(func, y0, t, method=method, rtol=rtol, atol=atol, batched=False, **kwargs)
     return sol.ys
 
@@ -142,10 +152,11 @@ def odeint_adjoint(
     kwargs = _options(options, y0, "odeint_adjoint", method)
     _check_1d(t, "odeint_adjoint")
     adjoint_options = _adjoint_options(adjoint_options, adjoint_method or method)
+    grid, interp = _grid_options(func, y0, t, kwargs)
     sol = solve(
         func,
         y0,
-        t,
+        t if grid is None else grid,
         method=method,
         rtol=rtol,
         atol=atol,
@@ -158,7 +169,95 @@ def odeint_adjoint(
         adjoint_options=adjoint_options,
         **kwargs,
     )
-    return sol.ys
+    return sol.ys if grid is None else _interpolate(func, grid, sol.ys, t, interp)
+
+
+def _grid_options(
+    func: Callable[[torch.Tensor, Any], Any], y0: Any, t: Any, kwargs: dict[str, Any]
+) -> tuple[torch.Tensor | None, str]:
+    """torchdiffeq's fixed-grid options (removed from ``kwargs``): the grid to step on and the
+    interpolation of the outputs between its points, or ``(None, "")`` to step to the outputs
+    (and interpolate with the method's own interpolant) as ``solve`` does."""
+    gc = kwargs.pop("grid_constructor", None)
+    interp = kwargs.pop("interp", None)
+    if gc is None and interp is None:
+        return None, ""
+    if interp is None:
+        interp = "linear"  # torchdiffeq's default
+    if interp not in ("linear", "cubic"):
+        raise ValueError(f"options['interp'] must be 'linear' or 'cubic', got {interp!r}")
+    step_size = kwargs.pop("step_size", None)
+    if not isinstance(t, torch.Tensor) or t.ndim != 1 or t.shape[0] < 1:
+        raise ValueError("t must be a 1-D tensor of output times")
+    if gc is not None:
+        if step_size is not None:
+            raise ValueError("step_size and grid_constructor are mutually exclusive arguments.")
+        if not callable(gc):
+            raise TypeError(f"options['grid_constructor'] must be callable, got {gc!r}")
+        grid = gc(func, y0, t)
+        if not isinstance(grid, torch.Tensor) or grid.ndim != 1 or grid.shape[0] < 2:
+            raise ValueError("options['grid_constructor'] must return a 1-D tensor of >= 2 times")
+        if bool(grid[0] != t[0]) or bool(grid[-1] != t[-1]):
+            raise ValueError(
+                f"options['grid_constructor'] must return a grid from t[0] = {float(t[0])} to "
+                f"t[-1] = {float(t[-1])}, got {float(grid[0])} to {float(grid[-1])}"
+            )
+        return grid.to(t.dtype), interp
+    if step_size is None:
+        return t, interp
+    # torchdiffeq's grid: t[0] + k * step_size, the last point moved to t[-1].
+    sign = 1.0 if t.shape[0] < 2 or bool(t[-1] >= t[0]) else -1.0
+    span = (t[-1] - t[0]) * sign
+    n = int(torch.ceil(span / step_size + 1).item())
+    grid = t[0] + sign * step_size * torch.arange(n, dtype=t.dtype, device=t.device)
+    grid[-1] = t[-1]
+    return grid, interp
+
+
+def _interpolate(
+    func: Callable[[torch.Tensor, Any], Any],
+    grid: torch.Tensor,
+    ys: Any,
+    t: torch.Tensor,
+    interp: str,
+) -> Any:
+    """The outputs at ``t`` from the states at ``grid`` (user time), as torchdiffeq's fixed-grid
+    solvers compute them: each output from the first grid interval whose end reaches it."""
+    parts = ys if isinstance(ys, tuple) else (ys,)
+    sign = -1.0 if grid.shape[0] > 1 and bool(grid[-1] < grid[0]) else 1.0
+    g = grid.detach() * sign
+    idx = torch.searchsorted(g[1:].contiguous(), (t.detach() * sign).contiguous()).tolist()
+    outs: list[list[torch.Tensor]] = [[p[0]] for p in parts]
+    for j in range(1, t.shape[0]):
+        i = min(idx[j], grid.shape[0] - 2)
+        t0, t1, tj = grid[i], grid[i + 1], t[j].to(grid.dtype)
+        y0s, y1s = [p[i] for p in parts], [p[i + 1] for p in parts]
+        if interp == "linear":
+            if bool(tj == t0):
+                vals = y0s
+            elif bool(tj == t1):
+                vals = y1s
+            else:
+                slope = (tj - t0) / (t1 - t0)
+                vals = [a + slope.to(a.dtype) * (b - a) for a, b in zip(y0s, y1s)]
+        else:
+            state = (lambda v: tuple(v)) if isinstance(ys, tuple) else (lambda v: v[0])
+            f0 = func(t0.to(y0s[0].dtype), state(y0s))
+            f1 = func(t1.to(y0s[0].dtype), state(y1s))
+            f0s = f0 if isinstance(f0, tuple) else (f0,)
+            f1s = f1 if isinstance(f1, tuple) else (f1,)
+            h = ((tj - t0) / (t1 - t0)).to(y0s[0].dtype)
+            dt = (t1 - t0).to(y0s[0].dtype)
+            h00, h10 = (1 + 2 * h) * (1 - h) * (1 - h), h * (1 - h) * (1 - h)
+            h01, h11 = h * h * (3 - 2 * h), h * h * (h - 1)
+            vals = [
+                h00 * a + h10 * dt * fa + h01 * b + h11 * dt * fb
+                for a, b, fa, fb in zip(y0s, y1s, f0s, f1s)
+            ]
+        for out, v in zip(outs, vals):
+            out.append(v)
+    stacked = tuple(torch.stack(o) for o in outs)
+    return stacked if isinstance(ys, tuple) else stacked[0]
 
 
 def _check_1d(t: Any, name: str) -> None:
@@ -194,7 +293,7 @@ def _options(
     unused = (
         ("first_step", "min_step", "max_step", "step_t", "jump_t")
         if not adaptive
-        else ("step_size",)
+        else ("step_size", "grid_constructor", "interp")
     )
     unknown = sorted(k for k in options if k not in ODE_OPTIONS or k in unused)
     if unknown:
