@@ -334,7 +334,7 @@ def _adjoint_options(
 
 def _largest_rms(y: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """torchdiffeq's default norm of a tuple state: the largest RMS over its tensors."""
-    return torch.stack([part.pow(2).mean().sqrt() for part in y]).max()
+    return torch.stack([part.abs().pow(2).mean().sqrt() for part in y]).max()
 
 
 def _state_norm(norm: Callable[[Any], torch.Tensor], y0: Any) -> Callable[..., torch.Tensor]:
@@ -342,13 +342,21 @@ def _state_norm(norm: Callable[[Any], torch.Tensor], y0: Any) -> Callable[..., t
 
     The solver's unbatched state is the user's tensor, or a tuple's tensors flattened and
     concatenated; ``x`` is a scaled error in that layout, split back here."""
+    def part(x: torch.Tensor, is_complex: bool) -> torch.Tensor:
+        # a complex part is solved as its real view (a last dimension of 2): give it back complex
+        return torch.view_as_complex(x.contiguous()) if is_complex else x
+
     if not isinstance(y0, tuple):
-        return lambda x, dims: norm(x)
-    shapes = [p.shape for p in y0]
+        flag = isinstance(y0, torch.Tensor) and y0.is_complex()
+        return lambda x, dims: norm(part(x, flag))
+    flags = [p.is_complex() for p in y0]
+    shapes = [(*p.shape, 2) if c else p.shape for p, c in zip(y0, flags)]
     sizes = [math.prod(sh) for sh in shapes]
 
     def split(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
-        return norm(tuple(c.view(sh) for c, sh in zip(x.split(sizes), shapes)))
+        return norm(
+            tuple(part(c.view(sh), f) for c, sh, f in zip(x.split(sizes), shapes, flags))
+        )
 
     return split
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ._inputs import Problem, _fmt_time, check_solver_options, normalise
+from ._inputs import CALLBACK_NAMES, Problem, _fmt_time, check_solver_options, normalise
 from ._loop import LoopSpec
 from ._rows import row_dims
 from .controllers import NORMS, Norm, PIController
@@ -162,6 +162,10 @@ def solve(
         >>> sol.ys.shape, int(sol.stats.nfe) > 0
         (torch.Size([5, 3]), True)
     """
+    if _complex_state(y0):  # solved as pairs of reals (first: locals() are the arguments)
+        return _solve_complex(
+            func, y0, t, {k: v for k, v in locals().items() if k not in ("func", "y0", "t")}
+        )
     solver = get_solver(method)
     check_solver_options(
         solver,
@@ -335,3 +339,83 @@ def _failure_message(status: torch.Tensor, t_end: torch.Tensor) -> str:
     where = f"sample {first} " if status.ndim else ""
     count = f" ({bad.numel()} of {flat.numel()} samples failed)" if status.ndim else ""
     return f"{where}stopped at t={_fmt_time(t_end.reshape(-1)[first])}{count}: {code.message}"
+
+
+def _complex_state(y0: Any) -> bool:
+    parts = y0 if isinstance(y0, (tuple, list)) else (y0,)
+    return any(isinstance(p, torch.Tensor) and p.is_complex() for p in parts)
+
+
+class _RealView(torch.nn.Module):
+    """A field of complex states as a field of their real views (``[..., 2]``: real and
+    imaginary parts); an ``nn.Module`` field's parameters stay its parameters, and its step
+    callbacks see complex states."""
+
+    def __init__(self, func: Any, complex_parts: tuple[bool, ...], is_tuple: bool) -> None:
+        super().__init__()
+        self.inner = func if isinstance(func, torch.nn.Module) else None
+        self.fn, self.complex_parts, self.is_tuple = func, complex_parts, is_tuple
+        for name in CALLBACK_NAMES:
+            cb = getattr(func, name, None)
+            if cb is not None:
+                setattr(self, name, self._callback(cb))
+
+    def to_complex(self, y: Any) -> Any:
+        parts = y if self.is_tuple else (y,)
+        out = tuple(
+            torch.view_as_complex(p.contiguous()) if c else p
+            for p, c in zip(parts, self.complex_parts)
+        )
+        return out if self.is_tuple else out[0]
+
+    def to_real(self, y: Any) -> Any:
+        parts = y if self.is_tuple else (y,)
+        out = tuple(torch.view_as_real(p) if c else p for p, c in zip(parts, self.complex_parts))
+        return out if self.is_tuple else out[0]
+
+    def _callback(self, cb: Callable[..., Any]) -> Callable[..., Any]:
+        return lambda t0, y0, dt: cb(t0, self.to_complex(y0), dt)
+
+    def forward(self, t: torch.Tensor, y: Any) -> Any:
+        out = self.fn(t, self.to_complex(y))
+        parts = out if self.is_tuple else (out,)
+        for p, c in zip(parts, self.complex_parts):
+            if isinstance(p, torch.Tensor) and p.is_complex() != c:
+                raise ValueError(
+                    "func must return a complex tensor for each complex part of the state and a "
+                    f"real one for each real part, got dtype {p.dtype}"
+                )
+        return self.to_real(out)
+
+
+def _solve_complex(func: Any, y0: Any, t: Any, kw: dict[str, Any]) -> Solution:
+    """A solve of complex states, as torchdiffeq supports them: each complex tensor is solved as
+    its real view (real and imaginary parts as a last dimension of 2), so tolerances and the
+    error norm apply to the parts, and the outputs are complex again."""
+    if not callable(func):
+        raise TypeError(f"func must be callable as func(t, y), got {type(func).__name__}")
+    if kw.get("jac") is not None:
+        raise ValueError("jac is not supported with complex states (they are solved as real pairs)")
+    is_tuple = isinstance(y0, (tuple, list))
+    parts = tuple(y0) if is_tuple else (y0,)
+    flags = tuple(p.is_complex() for p in parts)
+    view = _RealView(func, flags, is_tuple)
+    for name in ("rtol", "atol"):
+        tol = kw[name]
+        if isinstance(tol, torch.Tensor) and tol.ndim > 0:
+            if is_tuple:
+                raise ValueError(
+                    f"a per-component {name} is not supported with complex tuple states"
+                )
+            kw[name] = tol.unsqueeze(-1).expand(*tol.shape, 2)
+    if kw.get("gradient", "backprop") != "backprop":  # the parameters are func's, not the view's
+        kw["adjoint_params"] = find_adjoint_params(func, kw.get("adjoint_params"), kw["gradient"])
+    sol = solve(view, view.to_real(tuple(parts) if is_tuple else y0), t, **kw)
+    interpolator = sol._interpolator
+    if interpolator is not None:
+        inner = interpolator
+
+        def interpolator(tt: torch.Tensor) -> Any:
+            return view.to_complex(inner(tt))
+
+    return dataclasses.replace(sol, ys=view.to_complex(sol.ys), _interpolator=interpolator)
