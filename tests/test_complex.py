@@ -78,6 +78,18 @@ def test_gradients(gradient: str) -> None:
         assert torch.autograd.gradcheck(run, (a, w), atol=1e-6, rtol=1e-5)
 
 
+def test_a_complex_part_after_a_real_one() -> None:
+    """A tuple (real scalar, complex scalar): the complex part of the flattened state starts at
+    an odd offset, where a complex view of the storage is impossible (found by hypothesis:
+    'Tensor must have a storage_offset divisible by 2')."""
+    y0 = (torch.tensor(-1.0, dtype=torch.float32), torch.tensor(-1.0 + 0.0j))
+    ts = torch.tensor([0.0, 0.5])
+    a, b = odeint(lambda t, y: (-y[0], -y[1]), y0, ts, rtol=1e-7, atol=1e-8)
+    assert b.dtype == torch.complex64
+    torch.testing.assert_close(b[1], y0[1] * torch.exp(torch.tensor(-0.5)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a[1], y0[0] * torch.exp(torch.tensor(-0.5)), rtol=1e-5, atol=1e-6)
+
+
 def test_complex_states_need_complex_fields_and_refuse_jac() -> None:
     y0 = torch.tensor([1.0 + 0j], dtype=C128)
     with pytest.raises(ValueError, match="must return a complex tensor"):

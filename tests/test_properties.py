@@ -91,11 +91,13 @@ def _bad_state(y0: Any) -> bool:
     if not parts:
         return True
     for p in parts:
-        if not isinstance(p, torch.Tensor) or not p.is_floating_point() or p.numel() == 0:
+        if not isinstance(p, torch.Tensor) or p.numel() == 0:
+            return True
+        if not (p.is_floating_point() or p.is_complex()):  # complex states are solved as pairs
             return True
         if not bool(torch.isfinite(p).all()):
             return True
-    return len({p.dtype for p in parts}) > 1
+    return len({p.real.dtype if p.is_complex() else p.dtype for p in parts}) > 1
 
 
 def _as_grid(t: Any) -> torch.Tensor | None:

@@ -342,9 +342,10 @@ def _state_norm(norm: Callable[[Any], torch.Tensor], y0: Any) -> Callable[..., t
 
     The solver's unbatched state is the user's tensor, or a tuple's tensors flattened and
     concatenated; ``x`` is a scaled error in that layout, split back here."""
+
     def part(x: torch.Tensor, is_complex: bool) -> torch.Tensor:
         # a complex part is solved as its real view (a last dimension of 2): give it back complex
-        return torch.view_as_complex(x.contiguous()) if is_complex else x
+        return torch.complex(x[..., 0], x[..., 1]) if is_complex else x  # (any storage offset)
 
     if not isinstance(y0, tuple):
         flag = isinstance(y0, torch.Tensor) and y0.is_complex()
@@ -354,9 +355,7 @@ def _state_norm(norm: Callable[[Any], torch.Tensor], y0: Any) -> Callable[..., t
     sizes = [math.prod(sh) for sh in shapes]
 
     def split(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
-        return norm(
-            tuple(part(c.view(sh), f) for c, sh, f in zip(x.split(sizes), shapes, flags))
-        )
+        return norm(tuple(part(c.view(sh), f) for c, sh, f in zip(x.split(sizes), shapes, flags)))
 
     return split
 

@@ -362,8 +362,8 @@ class _RealView(torch.nn.Module):
 
     def to_complex(self, y: Any) -> Any:
         parts = y if self.is_tuple else (y,)
-        out = tuple(
-            torch.view_as_complex(p.contiguous()) if c else p
+        out = tuple(  # (a part of a flattened tuple state may start at an odd offset)
+            torch.complex(p[..., 0], p[..., 1]) if c else p
             for p, c in zip(parts, self.complex_parts)
         )
         return out if self.is_tuple else out[0]
