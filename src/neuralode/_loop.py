@@ -86,7 +86,8 @@ class LoopSpec:
             ``[batch, K]`` per row) where steps end; ``None`` for none.
         jump_t: as ``step_t``, and the solver's carried state restarts there (the field may
             jump: an FSAL method's last stage is not reused across it).
-        callbacks: called around each step of an unbatched solve (torchdiffeq's callbacks).
+        callbacks: called around each step by the unbatched (float) driver (torchdiffeq's
+            callbacks; the entry refuses them for a batched solve).
     """
 
     func: Func
@@ -102,8 +103,6 @@ class LoopSpec:
     callbacks: Callbacks = Callbacks()
 
     def __post_init__(self) -> None:
-        if self.callbacks.any and self.batched:
-            raise ValueError("step callbacks are called by unbatched solves only")
         # A Newton iteration stops at the solve's own tolerances (see Solver.configured).
         object.__setattr__(self, "solver", self.solver.configured(self.controller))
 
