@@ -287,12 +287,12 @@ class AutoSwitch(Solver):
         )
         any_stiff, all_stiff, any_due = torch.stack((stiff.any(), stiff.all(), due.any())).tolist()
         mixed = any_stiff and not all_stiff
+        habs = h.abs().to(y.dtype) if isinstance(h, torch.Tensor) else abs(h)
         probe = None
-        if any_due:  # |J|_inf where the stage estimate is high enough to be worth checking
+        if any_due:  # rho(J) where the stage estimate is high enough to be worth checking
             with torch.no_grad():
                 J = jacobian(f, _time(t, y), y).J
-            habs0 = h.abs().to(J.dtype) if isinstance(h, torch.Tensor) else abs(h)
-            probe = torch.where(due, spectral_radius(J) * habs0 / self.limit, 0.0)
+            probe = torch.where(due, spectral_radius(J) * habs / self.limit, 0.0)
         probed = due.long()  # each probe: f(t, y) and a Jacobian, charged to its row
         r_e = r_s = None
         if not all_stiff:
@@ -303,7 +303,6 @@ class AutoSwitch(Solver):
             r_s = self.stiff.step(f, t, h_s, y, state.implicit)
         with torch.no_grad():
             rho = self._rho(y, h, r_e, r_s, stiff)
-            habs = h.abs().to(rho.dtype) if isinstance(h, torch.Tensor) else abs(h)
             # Explicit rows judge by the largest ratio of their last few steps: the estimate
             # from two stages is a lower bound that swings with the direction of y1 - g (on
             # Robertson at rtol 1e-8, between 0.2 and 1.0 of the limit from step to step at a
