@@ -31,7 +31,7 @@ from trees import Tree, gamma, trees_of_order
 import neuralode
 from neuralode import ButcherTableau, get_tableau
 from neuralode.solvers import ExplicitRK
-from neuralode.solvers.tableaus import ESDIRK_TABLEAUS, ROSENBROCK_TABLEAUS
+from neuralode.solvers.tableaus import ESDIRK_TABLEAUS, IMPLICIT_TABLEAUS, ROSENBROCK_TABLEAUS
 from neuralode.tableaus import DenseOutput
 
 #: The explicit methods (the registry's others are stiff: tests/test_stiff.py).
@@ -303,7 +303,7 @@ def test_aliases_are_the_same_method() -> None:
 
 
 def test_methods_is_the_registry() -> None:
-    stiff = ("rosenbrock23", *ROSENBROCK_TABLEAUS, *ESDIRK_TABLEAUS)
+    stiff = ("rosenbrock23", *ROSENBROCK_TABLEAUS, *ESDIRK_TABLEAUS, *IMPLICIT_TABLEAUS)
     assert ALL_METHODS == (*neuralode.TABLEAUS, *stiff, "auto")
     assert set(ALL_METHODS) >= {"euler", "midpoint", "heun", "rk4", "bosh3", "dopri5", "tsit5"}
 

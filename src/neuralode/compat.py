@@ -22,6 +22,7 @@ from .gradients.adjoint import ADJOINT_OPTIONS
 from .solution import SolverError
 from .solve import DEFAULT_MAX_NUM_STEPS, solve
 from .solvers import ButcherTableau, Solver, get_solver
+from .solvers.implicit import ImplicitRK
 
 __all__ = ["odeint", "odeint_adjoint", "ODE_OPTIONS", "SCIPY_OPTIONS"]
 
@@ -48,6 +49,8 @@ ODE_OPTIONS = {
     "interp": "fixed-step methods with step_size or grid_constructor: 'linear' or 'cubic' "
     "(Hermite) interpolation of outputs between grid points, as torchdiffeq (default here: "
     "the method's own interpolant, more accurate than torchdiffeq's default 'linear')",
+    "max_iters": "fixed-step implicit methods (implicit_euler, ..., trbdf2): Newton iterations "
+    "per step before the solve fails (default 50)",
 }
 #: Option keys of ``method="scipy_solver"`` (passed to ``scipy.integrate.solve_ivp``).
 SCIPY_OPTIONS = {
@@ -98,6 +101,7 @@ def odeint(
     if isinstance(method, str) and method == "scipy_solver":
         return _scipy_solve(func, y0, t, rtol, atol, options)
     kwargs = _options(options, y0, "odeint", method)
+    method = _configured(method, kwargs, "odeint")
     grid, interp = _grid_options(func, y0, t, kwargs)
     if grid is not None:
         sol = solve(func, y0, grid, method=method, rtol=rtol, atol=atol, batched=False, **kwargs)
@@ -150,8 +154,9 @@ def odeint_adjoint(
             "odeint with it, or a neuralode method with odeint_adjoint"
         )
     kwargs = _options(options, y0, "odeint_adjoint", method)
+    method = _configured(method, kwargs, "odeint_adjoint")
     _check_1d(t, "odeint_adjoint")
-    adjoint_options = _adjoint_options(adjoint_options, adjoint_method or method)
+    adjoint_options = _adjoint_options(adjoint_options, adjoint_method or method, y0)
     grid, interp = _grid_options(func, y0, t, kwargs)
     sol = solve(
         func,
@@ -315,11 +320,29 @@ def _options(
     return kwargs
 
 
+def _configured(
+    method: str | ButcherTableau | Solver, kwargs: dict[str, Any], where: str
+) -> str | ButcherTableau | Solver:
+    """The method with its own options from ``kwargs`` (removed there): ``max_iters`` builds a
+    fixed-step implicit method's solver with that limit; given to a method that has no such
+    option it warns and is ignored, as torchdiffeq's unused options are."""
+    if "max_iters" not in kwargs:
+        return method
+    max_iters = kwargs.pop("max_iters")
+    solver = get_solver(method)
+    if isinstance(solver, ImplicitRK):
+        return ImplicitRK(solver.tableau, max_iters=max_iters)
+    _warn_unknown(["max_iters"], [k for k in ODE_OPTIONS if k != "max_iters"], where)
+    return method
+
+
 def _adjoint_options(
-    options: dict[str, Any] | None, method: str | ButcherTableau | Solver
+    options: dict[str, Any] | None, method: str | ButcherTableau | Solver, y0: Any
 ) -> dict[str, Any]:
     """torchdiffeq's ``adjoint_options``: unknown keys (and a stepping option of the other kind
-    of method) warn and are dropped; a parameter ``func`` never uses gets a zero gradient."""
+    of method) warn and are dropped; a parameter ``func`` never uses gets a zero gradient; a
+    callable ``norm`` gets the state parts as the user gave them (torchdiffeq's
+    ``(t, *y, *adj_y, *adj_params)`` for a tuple state)."""
     if options is None:
         options = {}
     if not isinstance(options, dict):
@@ -329,7 +352,36 @@ def _adjoint_options(
     unknown = sorted(k for k in options if k not in ADJOINT_OPTIONS or k in wrong_kind)
     if unknown:
         _warn_unknown(unknown, list(ADJOINT_OPTIONS), "odeint_adjoint: adjoint_options")
-    return {"unused": "zero", **{k: v for k, v in options.items() if k not in unknown}}
+    kept = {k: v for k, v in options.items() if k not in unknown}
+    norm = kept.get("norm")
+    if callable(norm):
+        kept["norm"] = _adjoint_state_norm(norm, y0)
+    return {"unused": "zero", **kept}
+
+
+def _adjoint_state_norm(norm: Callable[[Any], torch.Tensor], y0: Any) -> Callable[..., Any]:
+    """A callable adjoint norm over the backward state as torchdiffeq lays it out: ``y`` and
+    ``adj_y`` as the user's tensor (complex where ``y0`` is), or spliced in part by part for a
+    tuple state."""
+    parts = y0 if isinstance(y0, tuple) else (y0,)
+    flags = [isinstance(p, torch.Tensor) and p.is_complex() for p in parts]
+    shapes = [(*p.shape, 2) if c else tuple(p.shape) for p, c in zip(parts, flags)]
+    sizes = [math.prod(sh) for sh in shapes]
+
+    def split(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = []
+        for c, sh, cplx in zip(x.reshape(-1).split(sizes), shapes, flags):
+            v = c.view(sh)
+            out.append(torch.complex(v[..., 0], v[..., 1]) if cplx else v)
+        return tuple(out)
+
+    def adjoint_norm(state: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        t, y, adj, *grads = state
+        if isinstance(y0, tuple):
+            return norm((t, *split(y), *split(adj), *grads))
+        return norm((t, split(y)[0], split(adj)[0], *grads))
+
+    return adjoint_norm
 
 
 def _largest_rms(y: tuple[torch.Tensor, ...]) -> torch.Tensor:

@@ -77,7 +77,8 @@ class AdjointConfig:
     method: Any
     rtol: float
     atol: float
-    norm: str = "seminorm"
+    #: ``"seminorm"``, a name in ``NORMS``, or a callable of ``(t, y, adj_y, *adj_params)``.
+    norm: Any = "seminorm"
     options: dict[str, Any] = field(default_factory=dict)
     #: An ``adjoint_params`` entry that ``func`` never depends on: ``"error"`` (a ``ValueError``
     #: naming it), or ``"zero"`` (a zero gradient and a ``UserWarning``, as torchdiffeq).
@@ -109,9 +110,10 @@ class AdjointConfig:
                 f"{list(ADJOINT_OPTIONS)}"
             )
         norm = opts.pop("norm", "seminorm")
-        if norm not in (*NORMS, "seminorm"):
+        if not callable(norm) and norm not in (*NORMS, "seminorm"):
             raise ValueError(
-                f"adjoint_options['norm'] must be one of {[*NORMS, 'seminorm']}, got {norm!r}"
+                f"adjoint_options['norm'] must be one of {[*NORMS, 'seminorm']} or a callable "
+                f"norm((t, y, adj_y, *adj_params)) -> 0-dim tensor, got {norm!r}"
             )
         unused = opts.pop("unused", "error")
         if unused not in ("error", "zero"):
@@ -489,6 +491,8 @@ class _Augmented:
         ``"seminorm"``: the same over ``y`` and ``a`` only, so it is never larger than the full
         norm (Kidger et al. 2021); ``"max"``: the largest absolute value over everything.
         """
+        if callable(kind):
+            return self._custom_norm(kind)
         if kind == "max":
             return NORMS["max"]
         bounds = [0, self.n_y, 2 * self.n_y]
@@ -502,6 +506,22 @@ class _Augmented:
             return torch.stack([rms_norm(x[lo:hi], dims) for lo, hi in pieces]).max()
 
         return mixed
+
+    def _custom_norm(self, user: Any) -> Any:
+        """A callable ``adjoint_options["norm"]``, called as torchdiffeq calls its own: with
+        ``(t, y, adj_y, *adj_params)``, each the scaled error of that part in its own shape.
+        ``t`` is a zero: torchdiffeq integrates the time gradient as a channel of the backward
+        state, which here comes from the outputs' ``f`` directly (module docstring)."""
+        n_y, shape = self.n_y, self.y_shape
+        sizes = [p.numel() for p in self.params]
+
+        def custom(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+            y, adj = x[:n_y].view(shape), x[n_y : 2 * n_y].view(shape)
+            gs = x[2 * n_y :].split(sizes) if sizes else ()
+            grads = [g.view_as(p) for g, p in zip(gs, self.params)]
+            return user((x.new_zeros(()), y, adj, *grads))
+
+        return custom
 
 
 def _names(func: Any, params: Sequence[torch.Tensor]) -> list[str]:

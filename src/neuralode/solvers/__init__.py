@@ -6,7 +6,9 @@
 - :mod:`.rk`: :class:`ExplicitRK`, one solver for every explicit tableau.
 - :mod:`.rosenbrock`: :class:`Rosenbrock` (any :class:`RosenbrockTableau`) and
   :class:`Rosenbrock23`, the linearly implicit stiff methods; :mod:`.esdirk`: :class:`Esdirk`
-  (any :class:`EsdirkTableau`), the implicit ones; :mod:`.newton`: their per-sample Jacobians.
+  (any :class:`EsdirkTableau`), the implicit ones; :mod:`.implicit`: :class:`ImplicitRK` (any
+  :class:`ImplicitTableau`), the fixed-step implicit ones; :mod:`.newton`: their per-sample
+  Jacobians.
 - :mod:`.auto`: :class:`AutoSwitch`, an explicit and a stiff method switched per sample on a
   stiffness test (``method="auto"``).
 - :mod:`.registry`: :data:`METHODS` and :func:`get_solver` (a name, a tableau or a solver).
@@ -15,16 +17,19 @@
 from .auto import AutoSwitch
 from .base import DenseStep, Solver, StepResult
 from .esdirk import Esdirk, NewtonSettings
+from .implicit import ImplicitRK
 from .registry import METHODS, get_solver
 from .rk import ExplicitRK
 from .rosenbrock import Rosenbrock, Rosenbrock23
 from .tableaus import (
     ESDIRK_TABLEAUS,
+    IMPLICIT_TABLEAUS,
     ROSENBROCK_TABLEAUS,
     TABLEAUS,
     ButcherTableau,
     DenseOutput,
     EsdirkTableau,
+    ImplicitTableau,
     RosenbrockTableau,
     get_tableau,
 )
@@ -42,6 +47,9 @@ __all__ = [
     "EsdirkTableau",
     "ESDIRK_TABLEAUS",
     "NewtonSettings",
+    "ImplicitRK",
+    "ImplicitTableau",
+    "IMPLICIT_TABLEAUS",
     "AutoSwitch",
     "METHODS",
     "get_solver",

@@ -13,9 +13,17 @@ from collections.abc import Callable
 from .auto import AutoSwitch
 from .base import Solver
 from .esdirk import Esdirk
+from .implicit import ImplicitRK
 from .rk import ExplicitRK
 from .rosenbrock import Rosenbrock, Rosenbrock23
-from .tableaus import ALIASES, ESDIRK_TABLEAUS, ROSENBROCK_TABLEAUS, TABLEAUS, ButcherTableau
+from .tableaus import (
+    ALIASES,
+    ESDIRK_TABLEAUS,
+    IMPLICIT_TABLEAUS,
+    ROSENBROCK_TABLEAUS,
+    TABLEAUS,
+    ButcherTableau,
+)
 
 __all__ = ["ALIASES", "METHODS", "get_solver"]
 
@@ -26,6 +34,8 @@ _FACTORIES: dict[str, Callable[[], Solver]] = {
     **{name: functools.partial(Rosenbrock, tab) for name, tab in ROSENBROCK_TABLEAUS.items()},
     # Implicit (ESDIRK: a Newton iteration per stage).
     **{name: functools.partial(Esdirk, tab) for name, tab in ESDIRK_TABLEAUS.items()},
+    # Fixed-step implicit Runge-Kutta (torchdiffeq's names: all stages by one Newton iteration).
+    **{name: functools.partial(ImplicitRK, tab) for name, tab in IMPLICIT_TABLEAUS.items()},
     # tsit5 where a sample is not stiff, rodas5p where it is (switched per sample).
     "auto": lambda: AutoSwitch(get_solver("tsit5"), get_solver("rodas5p")),
 }

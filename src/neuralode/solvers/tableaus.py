@@ -23,6 +23,8 @@ __all__ = [
     "ButcherTableau",
     "EsdirkTableau",
     "ESDIRK_TABLEAUS",
+    "ImplicitTableau",
+    "IMPLICIT_TABLEAUS",
     "RosenbrockTableau",
     "ROSENBROCK_TABLEAUS",
     "DenseOutput",
@@ -1302,3 +1304,130 @@ KVAERNO5 = EsdirkTableau(
 
 #: The ESDIRK methods (chord Newton per stage, gradients by the implicit function theorem).
 ESDIRK_TABLEAUS: dict[str, EsdirkTableau] = {t.name: t for t in (KVAERNO3, KVAERNO5)}
+
+
+@dataclass(frozen=True)
+class ImplicitTableau:
+    """A fixed-step implicit Runge-Kutta method, fully or diagonally implicit (torchdiffeq's
+    ``implicit_euler``, ``implicit_midpoint``, ``trapezoid``, ``radauIIA3``, ``radauIIA5``,
+    ``gl4``, ``gl6``, ``sdirk2``, ``trbdf2``).
+
+    With ``z_i = y + h sum_j A[i][j] f(t + c_j h, z_j)`` for every stage at once, the step is
+    ``y1 = y + h sum_j b_j f(t + c_j h, z_j)``.  A first stage whose row of ``A`` is zero is
+    explicit (``z_0 = y``); the other stages' block of ``A`` must be invertible.
+
+    Attributes:
+        name: registry name.
+        order: classical order of the step (checked: the quadrature conditions
+            ``sum_j b_j c_j^(k-1) = 1/k`` for ``k <= order``).
+        c: nodes (checked: ``c[i] == sum(A[i])``).
+        A: the full ``s x s`` matrix.
+        b: weights (checked: they sum to 1).
+        tol: tolerance of the checks (coefficients with square roots are stored to 40 digits).
+    """
+
+    name: str
+    order: int
+    c: Row
+    A: tuple[Row, ...]
+    b: Row
+    tol: float = 0.0
+
+    def __post_init__(self) -> None:
+        s = len(self.b)
+        if len(self.c) != s or len(self.A) != s or any(len(r) != s for r in self.A):
+            raise ValueError(f"tableau {self.name!r}: A must be {s} x {s} and c have {s} entries")
+        for i in range(s):
+            self._close(sum(self.A[i]), self.c[i], f"c[{i}] == sum(A[{i}])")
+        for k in range(1, self.order + 1):
+            quad = sum(bj * cj ** (k - 1) for bj, cj in zip(self.b, self.c))
+            self._close(quad, F(1, k), f"sum_j b_j c_j^{k - 1} == 1/{k} (order {self.order})")
+
+    def _close(self, x: Fraction | int, y: Fraction, what: str) -> None:
+        _check_close(self.name, self.tol, x, y, what)
+
+    @property
+    def stages(self) -> int:
+        return len(self.b)
+
+    @property
+    def explicit_first(self) -> bool:
+        """Whether the first stage is explicit (its row of ``A`` is zero: ``z_0 = y``)."""
+        return all(x == 0 for x in self.A[0])
+
+
+def _surd(n: int) -> Fraction:
+    """``sqrt(n)`` to 40 significant digits (the Gauss and Radau nodes' square roots)."""
+    import decimal
+
+    with decimal.localcontext() as ctx:
+        ctx.prec = 40
+        return Fraction(decimal.Decimal(n).sqrt())
+
+
+def _implicit_tableaus() -> tuple[ImplicitTableau, ...]:
+    r2, r3, r6, r15 = _surd(2), _surd(3), _surd(6), _surd(15)
+    tol = 1e-30
+    half = F(1, 2)
+    # Alexander's two-stage SDIRK (L-stable, order 2) and Bank et al.'s TR-BDF2 (a trapezoidal
+    # stage to 2 gamma, then BDF2), as torchdiffeq's repository head gives them.
+    g = 1 - r2 / 2
+    w = r2 / 4
+    d = 1 - r2 / 2  # TR-BDF2's diagonal: gamma / 2 with gamma = 2 - sqrt 2
+    return (
+        ImplicitTableau("implicit_euler", 1, (F(1),), ((F(1),),), (F(1),)),
+        ImplicitTableau("implicit_midpoint", 2, (half,), ((half,),), (F(1),)),
+        ImplicitTableau("trapezoid", 2, (F(0), F(1)), ((F(0), F(0)), (half, half)), (half, half)),
+        ImplicitTableau(
+            "radauIIA3",
+            3,
+            (F(1, 3), F(1)),
+            ((F(5, 12), F(-1, 12)), (F(3, 4), F(1, 4))),
+            (F(3, 4), F(1, 4)),
+        ),
+        ImplicitTableau(
+            "radauIIA5",
+            5,
+            ((4 - r6) / 10, (4 + r6) / 10, F(1)),
+            (
+                ((88 - 7 * r6) / 360, (296 - 169 * r6) / 1800, (-2 + 3 * r6) / 225),
+                ((296 + 169 * r6) / 1800, (88 + 7 * r6) / 360, (-2 - 3 * r6) / 225),
+                ((16 - r6) / 36, (16 + r6) / 36, F(1, 9)),
+            ),
+            ((16 - r6) / 36, (16 + r6) / 36, F(1, 9)),
+            tol,
+        ),
+        ImplicitTableau(
+            "gl4",
+            4,
+            (half - r3 / 6, half + r3 / 6),
+            ((F(1, 4), F(1, 4) - r3 / 6), (F(1, 4) + r3 / 6, F(1, 4))),
+            (half, half),
+            tol,
+        ),
+        ImplicitTableau(
+            "gl6",
+            6,
+            (half - r15 / 10, half, half + r15 / 10),
+            (
+                (F(5, 36), F(2, 9) - r15 / 15, F(5, 36) - r15 / 30),
+                (F(5, 36) + r15 / 24, F(2, 9), F(5, 36) - r15 / 24),
+                (F(5, 36) + r15 / 30, F(2, 9) + r15 / 15, F(5, 36)),
+            ),
+            (F(5, 18), F(4, 9), F(5, 18)),
+            tol,
+        ),
+        ImplicitTableau("sdirk2", 2, (g, F(1)), ((g, F(0)), (1 - g, g)), (1 - g, g), tol),
+        ImplicitTableau(
+            "trbdf2",
+            2,
+            (F(0), 2 * d, F(1)),
+            ((F(0), F(0), F(0)), (d, d, F(0)), (w, w, d)),
+            (w, w, d),
+            tol,
+        ),
+    )
+
+
+#: The fixed-step implicit Runge-Kutta methods (all stages by one Newton iteration).
+IMPLICIT_TABLEAUS: dict[str, ImplicitTableau] = {t.name: t for t in _implicit_tableaus()}

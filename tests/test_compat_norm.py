@@ -1,0 +1,120 @@
+"""``odeint_adjoint(..., adjoint_options={"norm": callable})``, called as torchdiffeq calls it:
+with ``(t, y, adj_y, *adj_params)`` for a tensor state and ``(t, *y, *adj_y, *adj_params)`` for a
+tuple state, each part in its own shape (torchdiffeq's tests/norm_tests.py, test_adjoint_norm)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+import neuralode
+
+F64 = torch.float64
+
+
+def _params() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return (
+        (0.3 * torch.randn(7, generator=g, dtype=F64)).requires_grad_(),
+        torch.tensor(0.4, dtype=F64, requires_grad=True),
+    )
+
+
+def _rms(x: torch.Tensor) -> torch.Tensor:
+    return x.pow(2).mean().sqrt()
+
+
+def test_tensor_state_norm_gets_torchdiffeq_layout() -> None:
+    p1, p2 = _params()
+    seen: list[tuple[tuple[int, ...], ...]] = []
+
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return -p2 * y + p1.sum() * torch.sin(t)
+
+    def adjoint_norm(state: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        assert isinstance(state, tuple) and len(state) == 5
+        seen.append(tuple(tuple(s.shape) for s in state))
+        return torch.stack([x.abs().max() for x in state]).max()
+
+    y0 = torch.tensor([[1.0, 0.5], [0.2, -0.3]], dtype=F64)
+    t = torch.linspace(0, 1, 4, dtype=F64)
+    ys = neuralode.odeint_adjoint(
+        f, y0, t, adjoint_params=(p1, p2), adjoint_options={"norm": adjoint_norm}
+    )
+    g_adj = torch.autograd.grad(ys.sum(), (p1, p2))
+    assert seen and set(seen) == {((), (2, 2), (2, 2), (7,), ())}
+    ys_ref = neuralode.odeint(f, y0, t)
+    g_ref = torch.autograd.grad(ys_ref.sum(), (p1, p2))
+    for a, b in zip(g_adj, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_tuple_state_norm_gets_each_part() -> None:
+    p1, p2 = _params()
+    seen: list[tuple[tuple[int, ...], ...]] = []
+
+    def f(t: torch.Tensor, y: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        a, b = y
+        return -p2 * a + b.mean(), p1[:4].view(2, 2) * a - b
+
+    def adjoint_norm(state: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        seen.append(tuple(tuple(s.shape) for s in state))
+        t, ya, yb, adj_ya, adj_yb, g1, g2 = state
+        parts = [ya.abs(), _rms(yb), adj_ya.abs(), _rms(adj_yb), _rms(g1), g2.abs()]
+        return torch.stack(parts).max()
+
+    y0 = (torch.tensor(1.0, dtype=F64), torch.tensor([[0.5, 0.5], [0.1, 0.1]], dtype=F64))
+    t = torch.linspace(0, 1, 3, dtype=F64)
+    ys = neuralode.odeint_adjoint(
+        f, y0, t, adjoint_params=(p1, p2), adjoint_options={"norm": adjoint_norm}
+    )
+    (ys[0].sum() + ys[1].sum()).backward()
+    assert seen and set(seen) == {((), (), (2, 2), (), (2, 2), (7,), ())}
+    assert p1.grad is not None and torch.isfinite(p1.grad).all()
+
+
+def test_a_larger_norm_takes_more_backward_steps() -> None:
+    """The norm is the backward solve's step-size control: ten times the max norm must take
+    more evaluations than the max norm itself (torchdiffeq's test_large_norm, backwards)."""
+    p1, p2 = _params()
+    calls = {"n": 0}
+
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        return -p2 * y + torch.tanh(p1[:2] * y) * torch.cos(3 * t)
+
+    y0 = torch.tensor([1.0, -0.5], dtype=F64)
+    t = torch.tensor([0.0, 2.0], dtype=F64)
+
+    def backward_calls(scale: float) -> int:
+        def norm(state: tuple[Any, ...]) -> torch.Tensor:
+            return scale * torch.stack([x.abs().max() for x in state]).max()
+
+        ys = neuralode.odeint_adjoint(
+            f,
+            y0,
+            t,
+            rtol=1e-6,
+            atol=1e-8,
+            adjoint_params=(p1, p2),
+            adjoint_options={"norm": norm},
+        )
+        calls["n"] = 0
+        ys.sum().backward()
+        return calls["n"]
+
+    assert backward_calls(10.0) > backward_calls(1.0)
+
+
+def test_a_bad_adjoint_norm_names_the_choices() -> None:
+    with pytest.raises(ValueError, match="callable"):
+        neuralode.solve(
+            lambda t, y: -y,
+            torch.ones(2, dtype=F64),
+            torch.linspace(0, 1, 3, dtype=F64),
+            gradient="adjoint",
+            adjoint_params=(),
+            adjoint_options={"norm": "l7"},
+        )

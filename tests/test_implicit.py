@@ -1,0 +1,216 @@
+"""The fixed-step implicit Runge-Kutta methods (torchdiffeq's names).
+
+They also join every parametrised solver test through ``neuralode.METHODS`` (convergence order of
+the steps and the interpolant, gradients by every strategy, batched rows, layouts); here is what is
+theirs: stability on stiff problems where explicit methods of the same step blow up, agreement
+with a reference on a nonlinear stiff problem, the Newton iteration's work and failure, the
+implicit function theorem's gradient against finite differences, and the tableaus' data.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+
+import neuralode
+from neuralode.solvers import get_solver
+from neuralode.solvers.implicit import ImplicitRK
+from neuralode.solvers.tableaus import IMPLICIT_TABLEAUS, ImplicitTableau
+
+F64 = torch.float64
+NAMES = tuple(IMPLICIT_TABLEAUS)
+#: L-stable: the stiff component is damped to nothing in one step (|R(-inf)| = 0).
+L_STABLE = ("implicit_euler", "radauIIA3", "radauIIA5", "sdirk2", "trbdf2")
+
+
+def test_every_torchdiffeq_implicit_name_is_registered() -> None:
+    assert set(NAMES) == {
+        "implicit_euler",
+        "implicit_midpoint",
+        "trapezoid",
+        "radauIIA3",
+        "radauIIA5",
+        "gl4",
+        "gl6",
+        "sdirk2",
+        "trbdf2",
+    }
+    for name in NAMES:
+        solver = get_solver(name)
+        assert isinstance(solver, ImplicitRK) and not solver.adaptive and solver.uses_jacobian
+
+
+def _prothero_robinson(lam: float):  # type: ignore[no-untyped-def]
+    """``y' = -lam (y - cos t) - sin t``: exact solution ``cos t`` from ``y(0) = 1``."""
+    return lambda t, y: -lam * (y - torch.cos(t)) - torch.sin(t)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_stiff_problem_at_a_step_explicit_methods_cannot_take(name: str) -> None:
+    """h lam = 1e5: rk4 overflows; every implicit method stays on cos t (the A-stable ones
+    bounded, the L-stable ones damping the start-up error at once)."""
+    f = _prothero_robinson(1e6)
+    t = torch.linspace(0, 2, 21, dtype=F64)
+    y0 = torch.tensor([1.2], dtype=F64)  # off the slow manifold: a stiff transient
+    ys = neuralode.odeint(f, y0, t, method=name)
+    err = (ys[1:, 0] - torch.cos(t[1:])).abs().max()
+    bound = 1e-4 if name in L_STABLE else 0.25  # A-stable only: R(-inf) = -1 keeps the 0.2
+    assert float(err) < bound, (name, float(err))
+    if name in L_STABLE:
+        assert float((ys[-1, 0] - torch.cos(t[-1])).abs()) < 1e-6
+    with pytest.raises(neuralode.SolverError, match="NaN or Inf"):
+        neuralode.odeint(f, y0, t, method="rk4")
+
+
+@pytest.mark.parametrize("name", ["radauIIA5", "radauIIA3", "trbdf2", "gl4"])
+def test_van_der_pol_matches_a_reference(name: str) -> None:
+    """mu = 100, 400 fixed steps on [0, 2]: within the method's discretisation error of rodas5p
+    at rtol 1e-10 (the limits are 3x the errors measured)."""
+
+    def vdp(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.stack([y[1], 100.0 * (1 - y[0] ** 2) * y[1] - y[0]])
+
+    y0 = torch.tensor([2.0, 0.0], dtype=F64)
+    t = torch.linspace(0, 2, 401, dtype=F64)
+    ref = neuralode.solve(vdp, y0, t, method="rodas5p", rtol=1e-10, atol=1e-12).ys
+    sol = neuralode.solve(vdp, y0, t, method=name)
+    assert sol.success
+    err = float((sol.ys[:, 0] - ref[:, 0]).abs().max())
+    limit = {"radauIIA5": 1e-8, "radauIIA3": 1e-6, "trbdf2": 1e-5, "gl4": 1e-6}[name]
+    assert err < limit, (name, err)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_linear_problem_takes_two_iterations_per_step(name: str) -> None:
+    """The simplified Newton matrix is exact for a linear field: the first iteration solves the
+    stages, the second confirms it.  Work per step: one Jacobian (whose forward pass is the
+    step's f(t, y)), two evaluations per implicit stage, one factorisation."""
+    A = torch.tensor([[-2.0, 1.0], [0.5, -30.0]], dtype=F64)
+    y0 = torch.tensor([1.0, -1.0], dtype=F64)
+    t = torch.linspace(0, 1, 11, dtype=F64)
+    with torch.no_grad():
+        sol = neuralode.solve(lambda t, y: A @ y, y0, t, method=name)
+    solver = get_solver(name)
+    assert isinstance(solver, ImplicitRK)
+    steps = 10
+    assert int(sol.stats.n_newton) == 2 * steps
+    assert int(sol.stats.njev) == steps and int(sol.stats.nlu) == steps
+    assert int(sol.stats.nfe) == 1 + steps * (1 + 2 * solver.r)  # 1: the entry's check of f
+    exact = torch.linalg.matrix_exp(A * t[-1]) @ y0
+    bound = {1: 5e-2, 2: 2e-3, 3: 1e-4}.get(solver.order, 1e-5)
+    assert float((sol.ys[-1] - exact).abs().max()) < bound
+
+
+def test_slow_contraction_takes_fresh_jacobians() -> None:
+    """A strongly nonlinear stage with a large step: the start's Jacobian contracts slowly, so the
+    iteration switches to Newton proper (Jacobians at the current stages) and converges."""
+
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return -50.0 * y**3
+
+    y0 = torch.tensor([1.0], dtype=F64)
+    t = torch.tensor([0.0, 1.0], dtype=F64)
+    with torch.no_grad():
+        sol = neuralode.solve(f, y0, t, method="implicit_euler")
+    assert sol.success
+    assert int(sol.stats.njev) > 1  # refreshed
+    y1 = float(sol.ys[-1, 0])
+    assert abs(y1 - 1.0 + 50.0 * y1**3) < 1e-12  # the implicit Euler equation, to round-off
+
+
+def test_a_newton_failure_is_a_status_and_an_error() -> None:
+    """One iteration allowed: it can never confirm convergence on a nonlinear stage."""
+    solver = ImplicitRK(IMPLICIT_TABLEAUS["radauIIA5"], max_iters=1)
+
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return -(y**3)
+
+    y0 = torch.tensor([1.0], dtype=F64)
+    t = torch.linspace(0, 1, 5, dtype=F64)
+    sol = neuralode.solve(f, y0, t, method=solver, throw=False)
+    assert sol.status == neuralode.Status.NEWTON_FAILED
+    with pytest.raises(neuralode.SolverError, match="Newton"):
+        neuralode.odeint(f, y0, t, method=solver)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "4"])
+def test_max_iters_is_validated(bad: object) -> None:
+    with pytest.raises(ValueError, match="max_iters"):
+        ImplicitRK(IMPLICIT_TABLEAUS["gl4"], max_iters=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_iters"):
+        neuralode.odeint(
+            lambda t, y: -y,
+            torch.ones(1, dtype=F64),
+            torch.linspace(0, 1, 3, dtype=F64),
+            method="gl4",
+            options={"max_iters": bad},
+        )
+
+
+def test_max_iters_reaches_the_solver_through_odeint() -> None:
+    f = lambda t, y: -(y**3)  # noqa: E731
+    y0 = torch.ones(1, dtype=F64)
+    t = torch.linspace(0, 1, 5, dtype=F64)
+    with pytest.raises(neuralode.SolverError, match="Newton"):
+        neuralode.odeint(f, y0, t, method="radauIIA5", options={"max_iters": 1})
+    ys = neuralode.odeint(f, y0, t, method="radauIIA5", options={"max_iters": 20})
+    assert torch.isfinite(ys).all()
+
+
+@pytest.mark.parametrize("name", ["radauIIA5", "trbdf2", "gl6"])
+def test_gradcheck_through_the_implicit_function_theorem(name: str) -> None:
+    """Backprop's gradient of the computed solution in y0 and a parameter, against finite
+    differences (the iteration is not differentiated: the stages' IFT gives the same numbers).
+    Output times' gradients are the exact flow's on a fixed grid (tests/test_gradients.py)."""
+    W = torch.tensor([[-1.0, 2.0], [-3.0, -0.5]], dtype=F64, requires_grad=True)
+
+    t = torch.tensor([0.0, 0.4, 1.0], dtype=F64)
+
+    def fn(y0: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+        return neuralode.odeint(lambda tt, y: torch.tanh(W @ y) - 0.3 * tt * y, y0, t, method=name)
+
+    y0 = torch.tensor([0.5, -0.2], dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(fn, (y0, W), atol=1e-7)
+
+
+def test_hermite_interpolation_between_grid_points() -> None:
+    """With ``step_size``, outputs inside a step come from the cubic Hermite interpolant
+    (one more evaluation for f(t + h, y1)); its error falls at order 3 or better."""
+    f = lambda t, y: torch.stack([y[1], -y[0]])  # noqa: E731
+    y0 = torch.tensor([1.0, 0.0], dtype=F64)
+    errs = []
+    for h in (0.1, 0.05, 0.025):
+        t = torch.tensor([0.0, 0.333, 0.777, 1.0], dtype=F64)
+        sol = neuralode.solve(f, y0, t, method="gl6", step_size=h)
+        exact = torch.stack([torch.cos(t), -torch.sin(t)], 1)
+        errs.append(float((sol.ys - exact).abs().max()))
+    slopes = [math.log2(errs[i] / errs[i + 1]) for i in range(2)]
+    assert min(slopes) > 3.7, (errs, slopes)
+
+
+def test_tableau_data_is_checked() -> None:
+    half = Fraction(1, 2)
+    with pytest.raises(ValueError, match="c\\[0\\] == sum"):
+        ImplicitTableau("bad", 1, (half,), ((Fraction(1),),), (Fraction(1),))
+    with pytest.raises(ValueError, match="order 3"):  # the midpoint rule is of order 2
+        ImplicitTableau("bad", 3, (half,), ((half,),), (Fraction(1),))
+    with pytest.raises(TypeError, match="ImplicitTableau"):
+        ImplicitRK(neuralode.get_tableau("rk4"))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_stage_order_conditions(name: str) -> None:
+    """The simplifying conditions behind each method's order, checked exactly in float64:
+    B(p) (quadrature), and C(q) (stage order) for the collocation methods."""
+    tab = IMPLICIT_TABLEAUS[name]
+    A = torch.tensor([[float(x) for x in r] for r in tab.A], dtype=F64)
+    b = torch.tensor([float(x) for x in tab.b], dtype=F64)
+    c = torch.tensor([float(x) for x in tab.c], dtype=F64)
+    for k in range(1, tab.order + 1):
+        assert abs(float(b @ c ** (k - 1)) - 1 / k) < 1e-14
+    stage_order = {"radauIIA3": 2, "radauIIA5": 3, "gl4": 2, "gl6": 3, "implicit_euler": 1}
+    for k in range(1, stage_order.get(name, 1) + 1):
+        torch.testing.assert_close(A @ c ** (k - 1), c**k / k, rtol=0, atol=1e-14)
