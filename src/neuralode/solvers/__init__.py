@@ -7,11 +7,14 @@
 - :mod:`.rosenbrock`: :class:`Rosenbrock` (any :class:`RosenbrockTableau`) and
   :class:`Rosenbrock23`, the linearly implicit stiff methods; :mod:`.esdirk`: :class:`Esdirk`
   (any :class:`EsdirkTableau`), the implicit ones; :mod:`.newton`: their per-sample Jacobians.
+- :mod:`.adams`: :class:`AdamsBashforth` and :class:`AdamsBashforthMoulton`, torchdiffeq's
+  fixed-step multistep methods (``explicit_adams``, ``implicit_adams``).
 - :mod:`.auto`: :class:`AutoSwitch`, an explicit and a stiff method switched per sample on a
   stiffness test (``method="auto"``).
 - :mod:`.registry`: :data:`METHODS` and :func:`get_solver` (a name, a tableau or a solver).
 """
 
+from .adams import AdamsBashforth, AdamsBashforthMoulton
 from .auto import AutoSwitch
 from .base import DenseStep, Solver, StepResult
 from .esdirk import Esdirk, NewtonSettings
@@ -43,6 +46,8 @@ __all__ = [
     "ESDIRK_TABLEAUS",
     "NewtonSettings",
     "AutoSwitch",
+    "AdamsBashforth",
+    "AdamsBashforthMoulton",
     "METHODS",
     "get_solver",
     "ButcherTableau",

@@ -10,12 +10,14 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
+from .adams import AdamsBashforth, AdamsBashforthMoulton
 from .auto import AutoSwitch
 from .base import Solver
 from .esdirk import Esdirk
 from .rk import ExplicitRK
 from .rosenbrock import Rosenbrock, Rosenbrock23
-from .tableaus import ALIASES, ESDIRK_TABLEAUS, ROSENBROCK_TABLEAUS, TABLEAUS, ButcherTableau
+from .tableaus import ALIASES as _TABLEAU_ALIASES
+from .tableaus import ESDIRK_TABLEAUS, ROSENBROCK_TABLEAUS, TABLEAUS, ButcherTableau
 
 __all__ = ["ALIASES", "METHODS", "get_solver"]
 
@@ -28,7 +30,13 @@ _FACTORIES: dict[str, Callable[[], Solver]] = {
     **{name: functools.partial(Esdirk, tab) for name, tab in ESDIRK_TABLEAUS.items()},
     # tsit5 where a sample is not stiff, rodas5p where it is (switched per sample).
     "auto": lambda: AutoSwitch(get_solver("tsit5"), get_solver("rodas5p")),
+    # Fixed-step multistep methods (torchdiffeq's), of order 4 (a configured instance for others).
+    "explicit_adams": AdamsBashforth,
+    "implicit_adams": AdamsBashforthMoulton,
 }
+
+#: Other names of registered methods (torchdiffeq's spellings).
+ALIASES: dict[str, str] = {**_TABLEAU_ALIASES, "fixed_adams": "implicit_adams"}
 
 #: The registered method names, in the order the README lists them.
 METHODS: tuple[str, ...] = tuple(_FACTORIES)
