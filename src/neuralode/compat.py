@@ -21,7 +21,8 @@ from ._inputs import CALLBACK_NAMES, check_state, check_times
 from .gradients.adjoint import ADJOINT_OPTIONS
 from .solution import SolverError
 from .solve import DEFAULT_MAX_NUM_STEPS, solve
-from .solvers import ButcherTableau, Solver, get_solver
+from .solvers import AdamsBashforth, AdamsBashforthMoulton, ButcherTableau, Solver, get_solver
+from .solvers.registry import ALIASES
 
 __all__ = ["odeint", "odeint_adjoint", "ODE_OPTIONS", "SCIPY_OPTIONS"]
 
@@ -48,6 +49,16 @@ ODE_OPTIONS = {
     "interp": "fixed-step methods with step_size or grid_constructor: 'linear' or 'cubic' "
     "(Hermite) interpolation of outputs between grid points, as torchdiffeq (default here: "
     "the method's own interpolant, more accurate than torchdiffeq's default 'linear')",
+    "max_order": "explicit_adams, implicit_adams (fixed_adams): the order k of the method, the "
+    "number of values of func it combines, 1 to 12 (default 4; torchdiffeq's default is 12, "
+    "and its explicit_adams reaches order max_order - 1)",
+    "max_iters": "implicit_adams (fixed_adams): corrector iterations per step, at least 1 "
+    "(default 4); the corrector stops earlier once its change is within rtol/atol",
+}
+#: The methods that take ``max_order``/``max_iters`` (names after aliases), and which of the two.
+_ADAMS_OPTIONS = {
+    "explicit_adams": ("max_order",),
+    "implicit_adams": ("max_order", "max_iters"),
 }
 #: Option keys of ``method="scipy_solver"`` (passed to ``scipy.integrate.solve_ivp``).
 SCIPY_OPTIONS = {
@@ -76,9 +87,11 @@ def odeint(
             ``y0``; returns ``dy/dt`` of the same shape (a tuple for a tuple state).
         y0: initial state at ``t[0]``: a floating tensor of any shape, or a tuple of them.
         t: 1-D strictly increasing or strictly decreasing output times ``[T]``.
-        rtol, atol: tolerances of adaptive methods (scalars or per-component tensors).
+        rtol, atol: tolerances of adaptive methods (scalars or per-component tensors), and of
+            ``implicit_adams``'s corrector iteration (as in torchdiffeq).
         method: a name in :data:`neuralode.METHODS` (``dopri5``, ``bosh3``, ``fehlberg2``,
-            ``adaptive_heun``, ``euler``, ``rk4``, ...) or an alias (``heun2``), ``None``
+            ``adaptive_heun``, ``euler``, ``rk4``, ``explicit_adams``, ``implicit_adams``, ...)
+            or an alias (``heun2``, ``fixed_adams``), ``None``
             (``dopri5``), ``"scipy_solver"`` (forward only, no gradient: see
             :data:`SCIPY_OPTIONS`), or your own :class:`~neuralode.ButcherTableau` or
             :class:`~neuralode.solvers.Solver`.  Our ``rk4`` is the classic rule; torchdiffeq's
@@ -98,6 +111,7 @@ def odeint(
     if isinstance(method, str) and method == "scipy_solver":
         return _scipy_solve(func, y0, t, rtol, atol, options)
     kwargs = _options(options, y0, "odeint", method)
+    method = _adams(method, kwargs, rtol, atol)
     grid, interp = _grid_options(func, y0, t, kwargs)
     if grid is not None:
         sol = solve(func, y0, grid, method=method, rtol=rtol, atol=atol, batched=False, **kwargs)
@@ -150,6 +164,7 @@ def odeint_adjoint(
             "odeint with it, or a neuralode method with odeint_adjoint"
         )
     kwargs = _options(options, y0, "odeint_adjoint", method)
+    method = _adams(method, kwargs, rtol, atol)
     _check_1d(t, "odeint_adjoint")
     adjoint_options = _adjoint_options(adjoint_options, adjoint_method or method)
     grid, interp = _grid_options(func, y0, t, kwargs)
@@ -272,7 +287,7 @@ def _warn_unknown(unknown: list[str], known: Sequence[str], where: str) -> None:
     warnings.warn(
         f"{where}: unexpected option(s) {unknown}, ignored (known options: {sorted(known)}; "
         f"step_size is for fixed-step methods; first_step, min_step and max_step for adaptive "
-        f"ones)",
+        f"ones; max_order and max_iters for the Adams methods)",
         UserWarning,
         stacklevel=4,
     )
@@ -290,11 +305,13 @@ def _options(
     if not isinstance(options, dict):
         raise TypeError(f"options must be a dict, got {type(options).__name__}")
     adaptive = get_solver(method).adaptive
-    unused = (
+    unused: tuple[str, ...] = (
         ("first_step", "min_step", "max_step", "step_t", "jump_t")
         if not adaptive
         else ("step_size", "grid_constructor", "interp")
     )
+    takes = _ADAMS_OPTIONS.get(ALIASES.get(method, method), ()) if isinstance(method, str) else ()
+    unused += tuple(k for k in ("max_order", "max_iters") if k not in takes)
     unknown = sorted(k for k in options if k not in ODE_OPTIONS or k in unused)
     if unknown:
         _warn_unknown(unknown, list(ODE_OPTIONS), where)
@@ -313,6 +330,33 @@ def _options(
     elif norm is None and is_tuple:
         kwargs["norm"] = _state_norm(_largest_rms, y0)
     return kwargs
+
+
+def _adams(
+    method: str | ButcherTableau | Solver,
+    kwargs: dict[str, Any],
+    rtol: float | torch.Tensor,
+    atol: float | torch.Tensor,
+) -> str | ButcherTableau | Solver:
+    """torchdiffeq's Adams options (removed from ``kwargs``): ``max_order``/``max_iters`` and,
+    for ``implicit_adams``, ``rtol``/``atol`` as the corrector's tolerances, as torchdiffeq uses
+    them; the method then becomes a configured solver (``method=`` takes one)."""
+    order, iters = kwargs.pop("max_order", None), kwargs.pop("max_iters", None)
+    name = ALIASES.get(method, method) if isinstance(method, str) else None
+    if name == "explicit_adams" and order is not None:
+        return AdamsBashforth(max_order=order)
+    if name == "implicit_adams":
+        r, a = (float(x.min()) if isinstance(x, torch.Tensor) else x for x in (rtol, atol))
+        default = AdamsBashforthMoulton()
+        if order is None and iters is None and (r, a) == (default.rtol, default.atol):
+            return method  # the registered solver is this one
+        return AdamsBashforthMoulton(
+            max_order=default.max_order if order is None else order,
+            max_iters=default.max_iters if iters is None else iters,
+            rtol=r,
+            atol=a,
+        )
+    return method
 
 
 def _adjoint_options(
