@@ -17,20 +17,25 @@ Both are of order ``k`` (Hairer, Norsett and Wanner, Solving ODEs I, III.1 and I
 past nodes are ``x_i <= 0``, so the basis numerators ``prod (x - x_i)`` have no cancellation),
 so the method keeps its order on a non-uniform grid: one step per output interval, or a
 ``step_size`` grid with a shorter last step.  torchdiffeq uses the constant-step coefficients on
-any grid, which lowers its order to one wherever the step changes.
+any grid: a step after a change of step size is then consistent to first order only (local error
+``O(h^2)``), so a grid with a few changes converges at order 2 and one whose steps all differ at
+order 1 (``tests/test_adams.py`` measures both kinds of weights).
 
 **Start.** While fewer than ``k`` values of ``f`` are known, steps are taken by an explicit
 Runge-Kutta method (the 3/8 rule, as torchdiffeq's start, for ``k <= 5``; ``dopri8`` above):
 raising the order by one per step from Euler, as variable-order codes do under step-size
 control, would on a fixed grid leave the first step's ``O(h^2)`` error in the solution and cap
 the measured order at 2.  ``dopri8``'s local error ``O(h^9)`` caps orders 10 to 12 at 9 on a
-fixed grid.  torchdiffeq starts with the 3/8 rule and then raises the order one step at a time
-from 3, which caps its order at 4.
+fixed grid.  torchdiffeq starts with three steps of the 3/8 rule and then raises the order one
+step at a time from 3, which caps its ``explicit_adams`` at order 4 (one Adams-Bashforth step of
+order 3) and its ``implicit_adams`` at 5 (the start), whatever its ``max_order``.
 
 **State.** The history (the last ``k - 1`` values of ``f`` and their times) is the carried state
 (:class:`AdamsState`), never ``self``.  A row that takes ``h = 0`` keeps its state and its
-history; the fixed-step loop advances every row in lockstep (rows that ended take zero steps
-at the end), which is the one way the history may be advanced.  Because a step depends on the
+history (in a batch, rows that end early take zero steps while the others go on).  The rows
+share the history's length: they step in lockstep, as the fixed-step loop runs them (a row that
+pauses during its first ``k - 1`` steps and then steps again gets NaN, flagged by the loop as a
+non-finite state).  Because a step depends on the
 values of ``f`` of earlier steps, replaying one recorded step from its start state alone does
 not give its gradient: ``gradient="checkpoint"`` is refused (:attr:`Solver.multistep`); backprop
 is exact and the adjoint solves the continuous adjoint backwards (with the same method).
