@@ -209,7 +209,13 @@ def _grid_options(
             raise ValueError("step_size and grid_constructor are mutually exclusive arguments.")
         if not callable(gc):
             raise TypeError(f"options['grid_constructor'] must be callable, got {gc!r}")
-        grid = gc(func, y0, t)
+        try:
+            grid = gc(func, y0, t)
+        except TypeError as err:  # a callable of another signature (the user's own errors chain)
+            raise TypeError(
+                f"options['grid_constructor'] must be callable as grid_constructor(func, y0, t) "
+                f"and return a 1-D tensor of times: {err}"
+            ) from err
         if not isinstance(grid, torch.Tensor) or grid.ndim != 1 or grid.shape[0] < 2:
             raise ValueError("options['grid_constructor'] must return a 1-D tensor of >= 2 times")
         if bool(grid[0] != t[0]) or bool(grid[-1] != t[-1]):
@@ -346,8 +352,8 @@ def _adams(
     if name == "explicit_adams" and order is not None:
         return AdamsBashforth(max_order=order)
     if name == "implicit_adams":
-        r, a = (float(x.min()) if isinstance(x, torch.Tensor) else x for x in (rtol, atol))
         default = AdamsBashforthMoulton()
+        r, a = _corrector_tolerances(rtol, atol, default)
         if order is None and iters is None and (r, a) == (default.rtol, default.atol):
             return method  # the registered solver is this one
         return AdamsBashforthMoulton(
@@ -357,6 +363,21 @@ def _adams(
             atol=a,
         )
     return method
+
+
+def _corrector_tolerances(
+    rtol: float | torch.Tensor, atol: float | torch.Tensor, default: AdamsBashforthMoulton
+) -> tuple[float, float]:
+    """``odeint``'s tolerances as one pair of numbers for the corrector (per-component ones:
+    their smallest); the defaults where they are not valid tolerances, which ``solve`` then
+    refuses with its own message."""
+    try:
+        r, a = (float(x.min()) if isinstance(x, torch.Tensor) else float(x) for x in (rtol, atol))
+    except (TypeError, ValueError, RuntimeError):
+        return default.rtol, default.atol
+    if not (0 <= r < math.inf and 0 <= a < math.inf and r + a > 0):
+        return default.rtol, default.atol
+    return r, a
 
 
 def _adjoint_options(

@@ -34,7 +34,7 @@ order 3) and its ``implicit_adams`` at 5 (the start), whatever its ``max_order``
 (:class:`AdamsState`), never ``self``.  A row that takes ``h = 0`` keeps its state and its
 history (in a batch, rows that end early take zero steps while the others go on).  The rows
 share the history's length: they step in lockstep, as the fixed-step loop runs them (a row that
-pauses during its first ``k - 1`` steps and then steps again gets NaN, flagged by the loop as a
+pauses during its first ``k - 1`` steps and then steps again gets Inf or NaN, flagged as a
 non-finite state).  Because a step depends on the
 values of ``f`` of earlier steps, replaying one recorded step from its start state alone does
 not give its gradient: ``gradient="checkpoint"`` is refused (:attr:`Solver.multistep`); backprop
