@@ -336,6 +336,14 @@ def test_checkpoint_is_refused(method: str) -> None:
         )
 
 
+def test_model_settings_refuse_checkpoint_at_construction() -> None:
+    from neuralode.nn.settings import SolveSettings
+
+    with pytest.raises(ValueError, match=r"checkpoint.*'explicit_adams'.*'backprop'"):
+        SolveSettings(method="explicit_adams", gradient="checkpoint")
+    SolveSettings(method="implicit_adams", gradient="adjoint")  # fine
+
+
 # --------------------------------------------------------------------------- batches
 def test_batched_rows_equal_their_single_solves() -> None:
     """Rows over different spans with step_size: the shorter rows end early and take zero
