@@ -336,6 +336,12 @@ def test_checkpoint_is_refused(method: str) -> None:
         )
 
 
+@pytest.mark.parametrize("name", ["explicit_adams", "implicit_adams", "fixed_adams"])
+def test_no_tableau(name: str) -> None:
+    with pytest.raises(ValueError, match="multistep .Adams. method with no Butcher tableau"):
+        neuralode.get_tableau(name)
+
+
 def test_model_settings_refuse_checkpoint_at_construction() -> None:
     from neuralode.nn.settings import SolveSettings
 
