@@ -6,7 +6,7 @@ What this proves:
   rational arithmetic for every order 1..12), and on a uniform grid they are the classic
   Adams-Bashforth and Adams-Moulton coefficients.
 * Adams-Bashforth and Adams-Bashforth-Moulton of order ``k`` converge at order ``k`` (measured
-  slope within 0.3, for k = 1..4) on a uniform grid and on a non-uniform one (random step sizes,
+  slope within 0.3, for k = 1..6) on a uniform grid and on a non-uniform one (random step sizes,
   each refined by halving), the error taken over every output.
 * Against scipy's DOP853 at rtol 1e-12 on Lotka-Volterra (and against torchdiffeq where it is
   installed): errors of the size the order predicts.
@@ -117,7 +117,9 @@ def _slope(hs: list[float], errs: list[float]) -> float:
 
 
 @pytest.mark.parametrize("grid", ["uniform", "nonuniform"])
-@pytest.mark.parametrize("k", [1, 2, 3, 4])
+# Orders 1-4 (the default's and below), and 5-6 past it (6: the dopri8 start).  Above 6 the
+# errors reach round-off before the asymptotic regime on these grids.
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 6])
 @pytest.mark.parametrize("method", list(CLASSES))
 def test_convergence_order(method: str, k: int, grid: str) -> None:
     make = _uniform if grid == "uniform" else _nonuniform
