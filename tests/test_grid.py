@@ -90,13 +90,17 @@ def _solve(method: str, layout: str, gradient: str):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_every_strategy_on_every_layout(method: str, layout: str) -> None:
-    results = {g: _solve(method, layout, g) for g in GRADIENTS}
+    # A multistep method refuses the checkpoint strategy (tests/test_adams.py).
+    multistep = neuralode.get_solver(method).multistep
+    results = {
+        g: _solve(method, layout, g) for g in GRADIENTS if g != "checkpoint" or not multistep
+    }
     ys_ref, g_ref = results["backprop"]
     for name, (ys, grads) in results.items():
         torch.testing.assert_close(ys, ys_ref, rtol=1e-12, atol=1e-12, msg=name)
         for g in grads:
             assert torch.isfinite(g).all()
-    for a, b in zip(results["checkpoint"][1], g_ref):
+    for a, b in zip(results["checkpoint"][1] if not multistep else (), g_ref):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
     # Relative to the largest gradient: a small one (a bias's) can lose most of its digits to
     # a fixed step's discretisation error while the gradient as a whole keeps them.

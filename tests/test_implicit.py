@@ -214,3 +214,16 @@ def test_stage_order_conditions(name: str) -> None:
     stage_order = {"radauIIA3": 2, "radauIIA5": 3, "gl4": 2, "gl6": 3, "implicit_euler": 1}
     for k in range(1, stage_order.get(name, 1) + 1):
         torch.testing.assert_close(A @ c ** (k - 1), c**k / k, rtol=0, atol=1e-14)
+
+
+def test_an_option_the_method_does_not_take_warns() -> None:
+    """As torchdiffeq's unused options: ``max_iters`` to an explicit method, ``max_order`` to an
+    implicit Runge-Kutta one."""
+    f = lambda t, y: -y  # noqa: E731
+    y0 = torch.ones(1, dtype=F64)
+    t = torch.linspace(0, 1, 3, dtype=F64)
+    with pytest.warns(UserWarning, match="max_iters"):
+        neuralode.odeint(f, y0, t, method="dopri5", options={"max_iters": 3})
+    with pytest.warns(UserWarning, match="max_order"):
+        ys = neuralode.odeint(f, y0, t, method="gl4", options={"max_order": 3, "max_iters": 9})
+    torch.testing.assert_close(ys[-1], torch.exp(-t[-1:]), rtol=1e-4, atol=0)

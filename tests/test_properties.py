@@ -36,6 +36,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from neuralode import SolverError
 from neuralode.solvers.registry import ALIASES
+from neuralode.solvers.tableaus import IMPLICIT_TABLEAUS
 
 F64 = torch.float64
 CLEAR = (ValueError, TypeError, SolverError)
@@ -164,14 +165,26 @@ def _bad_options(options: Any, method: Any) -> set[str]:
     # An unknown key warns and is ignored, as torchdiffeq does (tests/test_compat.py), and so
     # do step_size for an adaptive method and first_step for a fixed-step one.
     kinds = [neuralode.get_solver(method or "dopri5").adaptive] if method_ok else [True, False]
+    name = ALIASES.get(method, method) if method_ok and method is not None else None
     for key, v in options.items():
-        if key in neuralode.ODE_OPTIONS and not all(_option_ok(key, v, a) for a in kinds):
+        if key in neuralode.ODE_OPTIONS and not all(_option_ok(key, v, a, name) for a in kinds):
             bad.add(key)
     return bad
 
 
-def _option_ok(key: str, v: Any, adaptive: bool) -> bool:
+def _option_ok(key: str, v: Any, adaptive: bool, method: str | None = None) -> bool:
     positive = _is_number(v) and 0 < v < math.inf
+    if key in ("max_order", "max_iters"):  # Adams and implicit RK options (others warn)
+        takes = {"explicit_adams": ("max_order",), "implicit_adams": ("max_order", "max_iters")}
+        takes.update({m: ("max_iters",) for m in IMPLICIT_TABLEAUS})
+        if v is None or key not in takes.get(method or "", ()):
+            return True
+        hi = 12 if key == "max_order" else math.inf
+        return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= hi
+    if key == "grid_constructor":  # fixed-step methods: no drawn value makes a grid
+        return v is None or adaptive
+    if key == "interp":
+        return v is None or adaptive or v in ("linear", "cubic")
     if key == "step_size":
         return v is None or adaptive or positive
     if key == "first_step":
@@ -363,6 +376,17 @@ CHECK = {
     "kvaerno3": 1e-5,  # at 1e-7
     "kvaerno5": 1e-6,  # at 1e-8
     "auto": 1e-6,  # tsit5 unless a draw is stiff
+    "explicit_adams": 1e-6,  # order 4 at step 0.01
+    "implicit_adams": 1e-6,
+    "implicit_euler": 5e-2,
+    "implicit_midpoint": 5e-4,
+    "trapezoid": 5e-4,
+    "sdirk2": 5e-4,
+    "trbdf2": 5e-4,
+    "radauIIA3": 1e-5,
+    "gl4": 1e-7,
+    "radauIIA5": 1e-7,
+    "gl6": 1e-7,
 }
 
 

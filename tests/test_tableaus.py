@@ -298,13 +298,15 @@ def test_aliases_are_the_same_method() -> None:
     # torchdiffeq's `heun2` is Heun's method: the same tableau and the same solver object.
     assert get_tableau("heun2") is get_tableau("heun")
     assert neuralode.get_solver("heun2") is neuralode.get_solver("heun")
+    assert neuralode.get_solver("fixed_adams") is neuralode.get_solver("implicit_adams")
     with pytest.raises(ValueError, match="heun2, heun3"):
         neuralode.get_solver("heun4")
 
 
 def test_methods_is_the_registry() -> None:
     stiff = ("rosenbrock23", *ROSENBROCK_TABLEAUS, *ESDIRK_TABLEAUS, *IMPLICIT_TABLEAUS)
-    assert ALL_METHODS == (*neuralode.TABLEAUS, *stiff, "auto")
+    multistep = ("explicit_adams", "implicit_adams")
+    assert ALL_METHODS == (*neuralode.TABLEAUS, *stiff, "auto", *multistep)
     assert set(ALL_METHODS) >= {"euler", "midpoint", "heun", "rk4", "bosh3", "dopri5", "tsit5"}
 
 

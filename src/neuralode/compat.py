@@ -21,8 +21,9 @@ from ._inputs import CALLBACK_NAMES, check_state, check_times
 from .gradients.adjoint import ADJOINT_OPTIONS
 from .solution import SolverError
 from .solve import DEFAULT_MAX_NUM_STEPS, solve
-from .solvers import ButcherTableau, Solver, get_solver
+from .solvers import AdamsBashforth, AdamsBashforthMoulton, ButcherTableau, Solver, get_solver
 from .solvers.implicit import ImplicitRK
+from .solvers.registry import ALIASES
 
 __all__ = ["odeint", "odeint_adjoint", "ODE_OPTIONS", "SCIPY_OPTIONS"]
 
@@ -49,8 +50,18 @@ ODE_OPTIONS = {
     "interp": "fixed-step methods with step_size or grid_constructor: 'linear' or 'cubic' "
     "(Hermite) interpolation of outputs between grid points, as torchdiffeq (default here: "
     "the method's own interpolant, more accurate than torchdiffeq's default 'linear')",
-    "max_iters": "fixed-step implicit methods (implicit_euler, ..., trbdf2): Newton iterations "
-    "per step before the solve fails (default 50)",
+    "max_order": "explicit_adams, implicit_adams (fixed_adams): the order k of the method, the "
+    "number of values of func it combines, 1 to 12 (default 4; torchdiffeq's default is 12, "
+    "and its explicit_adams reaches order max_order - 1)",
+    "max_iters": "implicit_adams (fixed_adams): corrector iterations per step, at least 1 "
+    "(default 4; the corrector stops earlier once its change is within rtol/atol); the "
+    "fixed-step implicit methods (implicit_euler, ..., trbdf2): Newton iterations per step "
+    "before the solve fails (default 50)",
+}
+#: The methods that take ``max_order``/``max_iters`` (names after aliases), and which of the two.
+_ADAMS_OPTIONS = {
+    "explicit_adams": ("max_order",),
+    "implicit_adams": ("max_order", "max_iters"),
 }
 #: Option keys of ``method="scipy_solver"`` (passed to ``scipy.integrate.solve_ivp``).
 SCIPY_OPTIONS = {
@@ -79,9 +90,11 @@ def odeint(
             ``y0``; returns ``dy/dt`` of the same shape (a tuple for a tuple state).
         y0: initial state at ``t[0]``: a floating tensor of any shape, or a tuple of them.
         t: 1-D strictly increasing or strictly decreasing output times ``[T]``.
-        rtol, atol: tolerances of adaptive methods (scalars or per-component tensors).
+        rtol, atol: tolerances of adaptive methods (scalars or per-component tensors), and of
+            ``implicit_adams``'s corrector iteration (as in torchdiffeq).
         method: a name in :data:`neuralode.METHODS` (``dopri5``, ``bosh3``, ``fehlberg2``,
-            ``adaptive_heun``, ``euler``, ``rk4``, ...) or an alias (``heun2``), ``None``
+            ``adaptive_heun``, ``euler``, ``rk4``, ``explicit_adams``, ``implicit_adams``, ...)
+            or an alias (``heun2``, ``fixed_adams``), ``None``
             (``dopri5``), ``"scipy_solver"`` (forward only, no gradient: see
             :data:`SCIPY_OPTIONS`), or your own :class:`~neuralode.ButcherTableau` or
             :class:`~neuralode.solvers.Solver`.  Our ``rk4`` is the classic rule; torchdiffeq's
@@ -101,7 +114,7 @@ def odeint(
     if isinstance(method, str) and method == "scipy_solver":
         return _scipy_solve(func, y0, t, rtol, atol, options)
     kwargs = _options(options, y0, "odeint", method)
-    method = _configured(method, kwargs, "odeint")
+    method = _configured(method, kwargs, rtol, atol, "odeint")
     grid, interp = _grid_options(func, y0, t, kwargs)
     if grid is not None:
         sol = solve(func, y0, grid, method=method, rtol=rtol, atol=atol, batched=False, **kwargs)
@@ -154,7 +167,7 @@ def odeint_adjoint(
             "odeint with it, or a neuralode method with odeint_adjoint"
         )
     kwargs = _options(options, y0, "odeint_adjoint", method)
-    method = _configured(method, kwargs, "odeint_adjoint")
+    method = _configured(method, kwargs, rtol, atol, "odeint_adjoint")
     _check_1d(t, "odeint_adjoint")
     adjoint_options = _adjoint_options(adjoint_options, adjoint_method or method, y0)
     grid, interp = _grid_options(func, y0, t, kwargs)
@@ -199,7 +212,13 @@ def _grid_options(
             raise ValueError("step_size and grid_constructor are mutually exclusive arguments.")
         if not callable(gc):
             raise TypeError(f"options['grid_constructor'] must be callable, got {gc!r}")
-        grid = gc(func, y0, t)
+        try:
+            grid = gc(func, y0, t)
+        except TypeError as err:  # a callable of another signature (the user's own errors chain)
+            raise TypeError(
+                f"options['grid_constructor'] must be callable as grid_constructor(func, y0, t) "
+                f"and return a 1-D tensor of times: {err}"
+            ) from err
         if not isinstance(grid, torch.Tensor) or grid.ndim != 1 or grid.shape[0] < 2:
             raise ValueError("options['grid_constructor'] must return a 1-D tensor of >= 2 times")
         if bool(grid[0] != t[0]) or bool(grid[-1] != t[-1]):
@@ -277,7 +296,7 @@ def _warn_unknown(unknown: list[str], known: Sequence[str], where: str) -> None:
     warnings.warn(
         f"{where}: unexpected option(s) {unknown}, ignored (known options: {sorted(known)}; "
         f"step_size is for fixed-step methods; first_step, min_step and max_step for adaptive "
-        f"ones)",
+        f"ones; max_order and max_iters for the Adams methods)",
         UserWarning,
         stacklevel=4,
     )
@@ -295,7 +314,7 @@ def _options(
     if not isinstance(options, dict):
         raise TypeError(f"options must be a dict, got {type(options).__name__}")
     adaptive = get_solver(method).adaptive
-    unused = (
+    unused: tuple[str, ...] = (
         ("first_step", "min_step", "max_step", "step_t", "jump_t")
         if not adaptive
         else ("step_size", "grid_constructor", "interp")
@@ -321,19 +340,71 @@ def _options(
 
 
 def _configured(
-    method: str | ButcherTableau | Solver, kwargs: dict[str, Any], where: str
+    method: str | ButcherTableau | Solver,
+    kwargs: dict[str, Any],
+    rtol: float | torch.Tensor,
+    atol: float | torch.Tensor,
+    where: str,
 ) -> str | ButcherTableau | Solver:
-    """The method with its own options from ``kwargs`` (removed there): ``max_iters`` builds a
-    fixed-step implicit method's solver with that limit; given to a method that has no such
-    option it warns and is ignored, as torchdiffeq's unused options are."""
-    if "max_iters" not in kwargs:
-        return method
-    max_iters = kwargs.pop("max_iters")
+    """The method with its own options from ``kwargs`` (removed there): ``max_order`` and
+    ``max_iters`` configure the Adams methods, ``max_iters`` the fixed-step implicit ones; an
+    option the method does not take warns and is ignored, as torchdiffeq's unused options are."""
+    given: dict[str, Any] = {k: kwargs.pop(k) for k in ("max_order", "max_iters") if k in kwargs}
+    name = ALIASES.get(method, method) if isinstance(method, str) else None
+    takes: tuple[str, ...] = _ADAMS_OPTIONS.get(name, ()) if name is not None else ()
     solver = get_solver(method)
     if isinstance(solver, ImplicitRK):
-        return ImplicitRK(solver.tableau, max_iters=max_iters)
-    _warn_unknown(["max_iters"], [k for k in ODE_OPTIONS if k != "max_iters"], where)
+        takes = ("max_iters",)
+    unused: list[str] = sorted(k for k in given if k not in takes)
+    if unused:
+        _warn_unknown(unused, [k for k in ODE_OPTIONS if k not in unused], where)
+    if isinstance(solver, ImplicitRK):
+        if "max_iters" in given:
+            return ImplicitRK(solver.tableau, max_iters=given["max_iters"])
+        return method
+    return _adams(method, given.get("max_order"), given.get("max_iters"), rtol, atol)
+
+
+def _adams(
+    method: str | ButcherTableau | Solver,
+    order: Any,
+    iters: Any,
+    rtol: float | torch.Tensor,
+    atol: float | torch.Tensor,
+) -> str | ButcherTableau | Solver:
+    """torchdiffeq's Adams options: ``max_order``/``max_iters`` and, for ``implicit_adams``,
+    ``rtol``/``atol`` as the corrector's tolerances, as torchdiffeq uses them; the method then
+    becomes a configured solver (``method=`` takes one)."""
+    name = ALIASES.get(method, method) if isinstance(method, str) else None
+    if name == "explicit_adams" and order is not None:
+        return AdamsBashforth(max_order=order)
+    if name == "implicit_adams":
+        default = AdamsBashforthMoulton()
+        r, a = _corrector_tolerances(rtol, atol, default)
+        if order is None and iters is None and (r, a) == (default.rtol, default.atol):
+            return method  # the registered solver is this one
+        return AdamsBashforthMoulton(
+            max_order=default.max_order if order is None else order,
+            max_iters=default.max_iters if iters is None else iters,
+            rtol=r,
+            atol=a,
+        )
     return method
+
+
+def _corrector_tolerances(
+    rtol: float | torch.Tensor, atol: float | torch.Tensor, default: AdamsBashforthMoulton
+) -> tuple[float, float]:
+    """``odeint``'s tolerances as one pair of numbers for the corrector (per-component ones:
+    their smallest); the defaults where they are not valid tolerances, which ``solve`` then
+    refuses with its own message."""
+    try:
+        r, a = (float(x.min()) if isinstance(x, torch.Tensor) else float(x) for x in (rtol, atol))
+    except (TypeError, ValueError, RuntimeError):
+        return default.rtol, default.atol
+    if not (0 <= r < math.inf and 0 <= a < math.inf and r + a > 0):
+        return default.rtol, default.atol
+    return r, a
 
 
 def _adjoint_options(

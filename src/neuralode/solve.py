@@ -86,7 +86,8 @@ def solve(
             initial time.  Gradients flow to ``t`` (through ``f`` at the output times).
         method: a name in :data:`neuralode.METHODS` (``"dopri5"``, ``"tsit5"``, ``"rk4"``, ...),
             a :class:`~neuralode.ButcherTableau` (your own explicit method), or a
-            :class:`~neuralode.solvers.Solver`.
+            :class:`~neuralode.solvers.Solver` (a configured one for a method's own options:
+            ``AdamsBashforthMoulton(max_order=3, max_iters=2)`` for ``"implicit_adams"``).
         rtol, atol: relative and absolute tolerance (adaptive methods), scalars or per-component
             tensors broadcastable to the state (a tuple of them for a tuple state).
         batched: treat the first dimension of ``y0`` as a batch of independent problems, each with
@@ -130,7 +131,9 @@ def solve(
               the gradient of the exact flow to the backward solve's tolerance.
             - ``"checkpoint"``: the forward solve records each accepted step's start; the
               backward pass recomputes the steps one at a time; the same numbers as backprop
-              (to round-off), memory of the accepted steps' start states.
+              (to round-off), memory of the accepted steps' start states.  Not for the
+              multistep methods (``explicit_adams``, ``implicit_adams``): a step's replay from
+              its start state alone misses its dependence on earlier steps (a ``ValueError``).
         adjoint_params: ``"adjoint"``/``"checkpoint"``: the tensors to differentiate (default:
             the parameters of an ``nn.Module`` func that require grad; required for a plain
             function).
@@ -188,6 +191,13 @@ def solve(
     adjoint_args = (adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options)
     if gradient != "adjoint" and any(x is not None for x in adjoint_args):
         raise ValueError("adjoint_rtol/atol/method/options apply to gradient='adjoint' only")
+    if gradient == "checkpoint" and solver.multistep:
+        raise ValueError(
+            f"gradient='checkpoint' replays each step from its start state alone, but "
+            f"{solver.name!r} is a multistep method whose steps also use f at earlier steps, so "
+            f"the replay's gradient would be inexact; use gradient='backprop' (exact) or "
+            f"'adjoint' (O(1) memory)"
+        )
     if gradient == "backprop" and adjoint_params is not None:
         raise ValueError("adjoint_params applies to gradient='adjoint' or 'checkpoint' only")
     params = () if gradient == "backprop" else find_adjoint_params(func, adjoint_params, gradient)

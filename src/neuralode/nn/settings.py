@@ -36,8 +36,9 @@ class SolveSettings:
             ``max_num_steps``, ``adjoint_params``, ...).
 
     Raises:
-        ValueError: for an unknown method or gradient (naming the known ones), a negative
-            tolerance, or an option that has its own argument (``options={"rtol": ...}``).
+        ValueError: for an unknown method or gradient (naming the known ones), the checkpoint
+            gradient with a multistep method, a negative tolerance, or an option that has its own
+            argument (``options={"rtol": ...}``).
     """
 
     method: str = "dopri5"
@@ -48,9 +49,15 @@ class SolveSettings:
     options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        get_solver(self.method)  # unknown methods fail here, naming the known ones
+        solver = get_solver(self.method)  # unknown methods fail here, naming the known ones
         if self.gradient not in GRADIENTS:
             raise ValueError(f"gradient must be one of {list(GRADIENTS)}, got {self.gradient!r}")
+        if self.gradient == "checkpoint" and solver.multistep:  # as solve() would, at forward
+            raise ValueError(
+                f"gradient='checkpoint' cannot serve the multistep method {solver.name!r} (a "
+                f"step's replay misses its dependence on earlier steps); use gradient='backprop' "
+                f"or 'adjoint'"
+            )
         for name in ("rtol", "atol"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

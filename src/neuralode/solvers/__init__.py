@@ -9,11 +9,14 @@
   (any :class:`EsdirkTableau`), the implicit ones; :mod:`.implicit`: :class:`ImplicitRK` (any
   :class:`ImplicitTableau`), the fixed-step implicit ones; :mod:`.newton`: their per-sample
   Jacobians.
+- :mod:`.adams`: :class:`AdamsBashforth` and :class:`AdamsBashforthMoulton`, torchdiffeq's
+  fixed-step multistep methods (``explicit_adams``, ``implicit_adams``).
 - :mod:`.auto`: :class:`AutoSwitch`, an explicit and a stiff method switched per sample on a
   stiffness test (``method="auto"``).
 - :mod:`.registry`: :data:`METHODS` and :func:`get_solver` (a name, a tableau or a solver).
 """
 
+from .adams import AdamsBashforth, AdamsBashforthMoulton
 from .auto import AutoSwitch
 from .base import DenseStep, Solver, StepResult
 from .esdirk import Esdirk, NewtonSettings
@@ -51,6 +54,8 @@ __all__ = [
     "ImplicitTableau",
     "IMPLICIT_TABLEAUS",
     "AutoSwitch",
+    "AdamsBashforth",
+    "AdamsBashforthMoulton",
     "METHODS",
     "get_solver",
     "ButcherTableau",

@@ -118,6 +118,10 @@ class Solver(abc.ABC):
     lands_per_row: bool = False
     #: Whether the method takes Jacobians of ``f`` (then a user's ``jac`` serves it).
     uses_jacobian: bool = False
+    #: Whether a step uses values of earlier steps (a multistep method's history), so that its
+    #: gradient is not that of its start state alone: the checkpoint strategy's per-step replay
+    #: cannot serve it.
+    multistep: bool = False
 
     @property
     def adaptive(self) -> bool:

@@ -10,14 +10,15 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
+from .adams import AdamsBashforth, AdamsBashforthMoulton
 from .auto import AutoSwitch
 from .base import Solver
 from .esdirk import Esdirk
 from .implicit import ImplicitRK
 from .rk import ExplicitRK
 from .rosenbrock import Rosenbrock, Rosenbrock23
+from .tableaus import ALIASES as _TABLEAU_ALIASES
 from .tableaus import (
-    ALIASES,
     ESDIRK_TABLEAUS,
     IMPLICIT_TABLEAUS,
     ROSENBROCK_TABLEAUS,
@@ -38,7 +39,13 @@ _FACTORIES: dict[str, Callable[[], Solver]] = {
     **{name: functools.partial(ImplicitRK, tab) for name, tab in IMPLICIT_TABLEAUS.items()},
     # tsit5 where a sample is not stiff, rodas5p where it is (switched per sample).
     "auto": lambda: AutoSwitch(get_solver("tsit5"), get_solver("rodas5p")),
+    # Fixed-step multistep methods (torchdiffeq's), of order 4 (a configured instance for others).
+    "explicit_adams": AdamsBashforth,
+    "implicit_adams": AdamsBashforthMoulton,
 }
+
+#: Other names of registered methods (torchdiffeq's spellings).
+ALIASES: dict[str, str] = {**_TABLEAU_ALIASES, "fixed_adams": "implicit_adams"}
 
 #: The registered method names, in the order the README lists them.
 METHODS: tuple[str, ...] = tuple(_FACTORIES)

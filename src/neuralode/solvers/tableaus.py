@@ -827,6 +827,11 @@ def get_tableau(method: str) -> ButcherTableau:
                 "'rosenbrock23' is a Rosenbrock method with no tableau of its own "
                 "(neuralode.solvers.Rosenbrock23)"
             ) from None
+        if method in ("explicit_adams", "implicit_adams", "fixed_adams"):
+            raise ValueError(
+                f"{method!r} is a multistep (Adams) method with no Butcher tableau "
+                f"(neuralode.solvers.AdamsBashforth, AdamsBashforthMoulton)"
+            ) from None
         known = ", ".join(sorted([*TABLEAUS, *ALIASES]))
         raise ValueError(f"unknown method {method!r}; known methods are: {known}") from None
 
