@@ -118,3 +118,47 @@ def test_a_bad_adjoint_norm_names_the_choices() -> None:
             adjoint_params=(),
             adjoint_options={"norm": "l7"},
         )
+
+
+# --------------------------------------------------------------------------- grid_points, eps
+def _kinked(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """y' = 1 before t = 1 and -1 after (tests/test_step_times.py's jump)."""
+    return torch.where(t < 1.0, 1.0, -1.0) * torch.ones_like(y)
+
+
+@pytest.mark.parametrize(("eps", "key"), [(0.0, "step_t"), (1e-5, "jump_t"), (None, "jump_t")])
+def test_grid_points_and_eps_are_read_as_step_t_or_jump_t(eps: Any, key: str) -> None:
+    """torchdiffeq before 0.2.0 named step times grid_points, with eps the perturbation either
+    side of them: the same solve as today's name, and a FutureWarning that says which."""
+    y0 = torch.zeros(1, dtype=F64)
+    t = torch.tensor([0.0, 2.0], dtype=F64)
+    opts: dict[str, Any] = {"grid_points": torch.tensor([1.0], dtype=F64)}
+    if eps is not None or key == "jump_t":
+        opts["eps"] = eps
+    with pytest.warns(FutureWarning, match=f"read as {key}"):
+        old = neuralode.odeint(_kinked, y0, t, options=opts)
+    new = neuralode.odeint(_kinked, y0, t, options={key: torch.tensor([1.0], dtype=F64)})
+    assert torch.equal(old, new)
+    # Up 1, down 1: exact where each side of the jump is seen from its own side (jump_t); with
+    # eps = 0 the step ending at 1 sees the right side at t = 1 in its last stage.
+    assert abs(float(old[-1, 0])) < (1e-12 if key == "jump_t" else 1e-6)
+
+
+def test_grid_points_with_a_fixed_step_method_warns_and_is_ignored() -> None:
+    y0 = torch.zeros(1, dtype=F64)
+    t = torch.tensor([0.0, 2.0], dtype=F64)
+    with pytest.warns(UserWarning, match="grid_points"):
+        ys = neuralode.odeint(
+            _kinked, y0, t, method="rk4", options={"grid_points": torch.tensor([1.0])}
+        )
+    assert torch.equal(ys, neuralode.odeint(_kinked, y0, t, method="rk4"))
+
+
+def test_grid_points_beside_its_new_name_is_an_error() -> None:
+    with pytest.raises(ValueError, match="grid_points"):
+        neuralode.odeint(
+            _kinked,
+            torch.zeros(1, dtype=F64),
+            torch.tensor([0.0, 2.0], dtype=F64),
+            options={"grid_points": [1.0], "step_t": [1.0]},
+        )

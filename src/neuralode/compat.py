@@ -100,7 +100,8 @@ def odeint(
             :class:`~neuralode.solvers.Solver`.  Our ``rk4`` is the classic rule; torchdiffeq's
             ``rk4`` is Kutta's 3/8 rule, ours ``rk38``.
         options: keys of :data:`ODE_OPTIONS` (an unknown key warns and is ignored, as in
-            torchdiffeq).
+            torchdiffeq); torchdiffeq's older ``grid_points``/``eps`` are read as ``step_t``
+            (``eps=0``) or ``jump_t``, with a ``FutureWarning``.
 
     Returns:
         ``[T, *y0.shape]`` (a tuple of such for a tuple ``y0``); ``out[0]`` is ``y0``.
@@ -314,6 +315,7 @@ def _options(
     if not isinstance(options, dict):
         raise TypeError(f"options must be a dict, got {type(options).__name__}")
     adaptive = get_solver(method).adaptive
+    options = _legacy_grid_points(options, adaptive, where)
     unused: tuple[str, ...] = (
         ("first_step", "min_step", "max_step", "step_t", "jump_t")
         if not adaptive
@@ -337,6 +339,38 @@ def _options(
     elif norm is None and is_tuple:
         kwargs["norm"] = _state_norm(_largest_rms, y0)
     return kwargs
+
+
+def _legacy_grid_points(options: dict[str, Any], adaptive: bool, where: str) -> dict[str, Any]:
+    """torchdiffeq's names before 0.2.0, ``grid_points`` (times where steps end) and ``eps`` (how
+    far either side of them the field is evaluated), read as today's: ``step_t`` when ``eps`` is
+    0 (its default then), else ``jump_t``, whose one-ulp perturbation is what a small ``eps`` was
+    for (a larger ``eps`` skipped an interval of width ``2 eps``; that is not reproduced).  Only
+    adaptive methods took them; a fixed-step method warns and ignores them, as unknown options."""
+    if "grid_points" not in options:
+        return options
+    options = dict(options)
+    grid_points = options.pop("grid_points")
+    eps = options.pop("eps", 0.0)
+    if not adaptive or grid_points is None:
+        options["grid_points"] = grid_points  # warned about as an unknown option
+        return options
+    key = "step_t" if isinstance(eps, (int, float)) and eps == 0 else "jump_t"
+    if key in options:
+        raise ValueError(f"options['grid_points'] and options[{key!r}] both given: pass {key} only")
+    options[key] = grid_points
+    how = (
+        "steps end there"
+        if key == "step_t"
+        else "steps end one ulp before each time and restart one ulp after it"
+    )
+    warnings.warn(
+        f"{where}: options 'grid_points' and 'eps' are torchdiffeq's names before 0.2.0; read as "
+        f"{key} (eps={eps!r}: {how}). Pass {key} instead.",
+        FutureWarning,
+        stacklevel=4,
+    )
+    return options
 
 
 def _configured(
