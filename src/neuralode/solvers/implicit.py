@@ -36,7 +36,7 @@ convergence, a failure is a status, and the gradient does not depend on the iter
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -52,6 +52,8 @@ __all__ = ["ImplicitRK"]
 
 #: Observed contraction rate above which the Newton matrix is rebuilt at the current stages.
 _REFRESH_RATE = 0.5
+#: Contraction rate up to which a step's Jacobian is kept for the next step.
+_KEEP_RATE = 0.1
 # Cubic Hermite through (y0, f0) and (y1, f1) over ks = [f0, f1, (y1 - y0) / h]:
 # y(th) = y0 + h [f0 (th - 2 th^2 + th^3) + f1 (th^3 - th^2) + (y1 - y0)/h (3 th^2 - 2 th^3)].
 _HERMITE = [[1.0, -2.0, 1.0], [0.0, -1.0, 1.0], [0.0, 3.0, -2.0]]
@@ -123,13 +125,20 @@ class ImplicitRK(Solver):
         h_y = _h_state(h, y)
         ts = [_time(t + self.c[i] * h, y) for i in range(self.first, len(self.c))]
         with torch.no_grad():
-            lin = jacobian(f, _time(t, y), y)
-            f0 = lin.f0
-            base = [h_y * a * f0 if a else None for a in self.a_r0]
+            J0, f0, njev0, nfe0 = self._start(f, t, y, state)
+            base = self._base(f0, h_y)
             newton = _StageNewton(self, f, ts, y, h, h_y, base, batched)
-            w_star, ok, iters, njev, nlu = newton.solve(lin.J)
-        # f(t, y) (the Jacobian's forward pass), r per iteration, one per refreshed Jacobian.
-        nfe: int | torch.Tensor = self.r * iters + njev
+            # The prediction: the last step's stage increments per unit step, times this step
+            # (O(h^2) off on a smooth solution, where starting from zero is O(h) off).
+            slope = state.slope if isinstance(state, _Carried) else None
+            w0 = None if slope is None else _rows_first(slope, batched, back=True) * h_y
+            w_star, ok, iters, njev, nlu, stale = newton.solve(J0, w0)
+            slope = _rows_first(w_star / _safe_h(h_y), batched)
+        carried = _Carried(J0, stale | ~ok, slope)
+        # f(t, y) where it was needed, r per iteration, one per refreshed Jacobian (its forward
+        # pass).
+        nfe: int | torch.Tensor = self.r * iters + njev + nfe0
+        njev = njev + njev0
         graph = torch.is_grad_enabled()
         w = w_star
         dense_f0: torch.Tensor | None = f0
@@ -141,7 +150,7 @@ class ImplicitRK(Solver):
                 dense_f0 = k0
             fs = [f(ts[i], y + w_star[i]) for i in range(self.r)]
             nfe = nfe + self.r
-            right = self._combine(fs, h_y, [h_y * a * k0 if a else None for a in self.a_r0])
+            right = self._combine(fs, h_y, self._base(k0, h_y))
             if right.requires_grad:
                 solve_t = _TransposedStages(self, f, ts, y, w_star, h, batched)
                 w = _ImplicitStage.apply(right, w_star, solve_t)
@@ -151,24 +160,52 @@ class ImplicitRK(Solver):
             if self.d[i] != 0:
                 y1 = y1 + self.d[i] * w[i]
         if self.e0 != 0:
+            assert f0 is not None  # e0 is non-zero only beside an explicit first stage
             y1 = y1 + h_y * self.e0 * f0
         status = torch.where(ok, 0, int(Status.NEWTON_FAILED))
-        return StepResult(y1, None, (dense_f0, y1), None, nfe, status, None, njev, nlu, iters)
+        return StepResult(y1, None, (dense_f0, y1), carried, nfe, status, None, njev, nlu, iters)
+
+    def _start(
+        self, f: Func, t: Time, y: torch.Tensor, state: Any
+    ) -> tuple[torch.Tensor, torch.Tensor | None, Any, Any]:
+        """The step's Newton matrix Jacobian ``J(t, y)``, ``f(t, y)`` where the step needs it,
+        and per row the Jacobians taken and the evaluations spent.  A row whose last step's
+        iteration contracted fast keeps that step's Jacobian (Hairer and Wanner's RADAU5
+        policy: the Jacobian is the expensive part, ``N`` vector-Jacobian products against
+        ``r`` evaluations an iteration); the others take a fresh one.  After the first step only
+        a method with an explicit first stage needs ``f(t, y)`` (an interpolant that asks for
+        it evaluates it)."""
+        if not isinstance(state, _Carried):
+            lin = jacobian(f, _time(t, y), y)
+            return lin.J, lin.f0, 1, 1
+        stale = state.stale
+        if bool(stale.any()):  # one host synchronisation per step
+            lin = jacobian(f, _time(t, y), y)
+            J = torch.where(stale.view(*stale.shape, 1, 1), lin.J, state.J)
+            # the batch's f(t, y) is the Jacobian's forward pass; a row that kept its Jacobian
+            # is charged the evaluation its own solve would make
+            f0 = lin.f0 if self.first else None
+            return J, f0, stale.long(), stale | self.first
+        f0 = f(_time(t, y), y) if self.first else None
+        return state.J, f0, 0, int(self.first)
 
     def _combine(
-        self, fs: list[torch.Tensor], h_y: torch.Tensor | float, base: list[Any]
+        self, fs: list[torch.Tensor], h_y: torch.Tensor | float, base: torch.Tensor | None
     ) -> torch.Tensor:
-        """``h (A_rr (x) I) F + h a_r0 f0`` stacked over the implicit stages: ``[r, *y]``."""
-        out = []
-        for i in range(self.r):
-            acc = base[i]
-            for j in range(self.r):
-                a = float(self.A_rr[i, j])
-                if a != 0:
-                    term = h_y * a * fs[j]
-                    acc = term if acc is None else acc + term
-            out.append(acc if acc is not None else torch.zeros_like(fs[0]))
-        return torch.stack(out)
+        """``h (A_rr (x) I) F + base`` stacked over the implicit stages: ``[r, *y]`` (one matrix
+        product: the stages' combinations in one call rather than ``r^2`` scaled adds)."""
+        F = torch.stack(fs)
+        out = (self._A(F) @ F.reshape(self.r, -1)).view(F.shape) * h_y
+        return out if base is None else out + base
+
+    def _base(self, f0: torch.Tensor | None, h_y: torch.Tensor | float) -> torch.Tensor | None:
+        """``h a_r0 f(t, y)`` over the implicit stages (an explicit first stage's share), or
+        ``None`` when the first stage is implicit."""
+        if not self.first:
+            return None
+        assert f0 is not None
+        col = torch.tensor(self.a_r0, dtype=f0.dtype, device=f0.device)
+        return col.view(self.r, *([1] * f0.ndim)) * (h_y * f0)
 
     def dense(
         self, f: Func, t: Time, h: Time, y: torch.Tensor, result: StepResult
@@ -187,6 +224,30 @@ class ImplicitRK(Solver):
         return DenseStep(y, h, [f0, f1, (y1 - y) / safe], P), nfe, None
 
 
+class _Carried(NamedTuple):
+    """What a step hands the next: its start's Jacobian and, per row, whether it is stale."""
+
+    J: torch.Tensor
+    stale: torch.Tensor
+    #: the stage increments divided by the step (rows first: ``[batch, r, ...]`` batched)
+    slope: torch.Tensor
+
+
+def _rows_first(w: torch.Tensor, batched: bool, back: bool = False) -> torch.Tensor:
+    """Stage-major ``[r, batch, ...]`` as ``[batch, r, ...]`` (so that the loop's per-row merge
+    sees the batch first), or back; unbatched, unchanged."""
+    if not batched:
+        return w
+    return w.movedim(1, 0) if back else w.movedim(0, 1)
+
+
+def _safe_h(h: torch.Tensor | float) -> torch.Tensor | float:
+    """The step with rows that take none (``h = 0``) divided by 1 instead."""
+    if isinstance(h, float):
+        return h if h != 0 else 1.0
+    return torch.where(h == 0, 1.0, h)
+
+
 class _StageNewton:
     """The Newton iteration of one step's implicit stages, per row."""
 
@@ -198,7 +259,7 @@ class _StageNewton:
         y: torch.Tensor,
         h: Time,
         h_y: torch.Tensor | float,
-        base: list[Any],
+        base: torch.Tensor | None,
         batched: bool,
     ) -> None:
         self.s, self.f, self.ts, self.y, self.h, self.h_y = solver, f, ts, y, h, h_y
@@ -221,18 +282,21 @@ class _StageNewton:
         return LU, piv
 
     def solve(
-        self, J0: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(w*, converged, iterations, jacobians, factorisations)`` per row."""
+        self, J0: torch.Tensor, w0: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(w*, converged, iterations, jacobians, factorisations, stale)`` per row: ``stale``
+        where the start's Jacobian did not serve well enough to keep for the next step (a
+        contraction rate above ``_KEEP_RATE``, or fresh Jacobians taken at the stages)."""
         r, y = self.s.r, self.y
         LU, piv = self.matrix([J0])
-        w = torch.zeros((r, *y.shape), dtype=y.dtype, device=y.device)
+        w = torch.zeros((r, *y.shape), dtype=y.dtype, device=y.device) if w0 is None else w0
         active = torch.ones(self.rows, dtype=torch.bool, device=y.device)
         ok = torch.zeros_like(active)
         has_rate = torch.zeros_like(active)  # a row's contraction rate is known (2nd iterate on)
         its = torch.zeros(self.rows, dtype=torch.long, device=y.device)
-        njev = torch.ones_like(its)
+        njev = torch.zeros_like(its)
         nlu = torch.ones_like(its)
+        worst = torch.zeros(self.rows, dtype=y.dtype, device=y.device)
         prev = torch.ones(self.rows, dtype=y.dtype, device=y.device)
         eta = torch.ones_like(prev)
         for _ in range(self.s.max_iters):
@@ -243,6 +307,7 @@ class _StageNewton:
             w = torch.where(per_row(active, w.ndim - 1).unsqueeze(0), w + dw, w)
             theta = torch.where(has_rate, n / prev.clamp(min=1e-300), 0.0)
             eta = torch.where(active & has_rate, theta / (1 - theta).clamp(min=1e-30), eta)
+            worst = torch.where(active, torch.maximum(worst, theta), worst)
             # Without a rate, a correction is trusted only at round-off size.
             small = torch.where(has_rate, eta * n <= self.kappa, n <= self.kappa * 1e-3)
             # A non-finite correction is the field's NaN or Inf: the row stops, and the loop's
@@ -262,7 +327,8 @@ class _StageNewton:
                 piv = torch.where(slow.view(*slow.shape, 1), piv_new, piv)
                 njev, nlu = njev + r * slow, nlu + slow
                 has_rate = ~slow  # the new matrix's rate is not yet known
-        return w, ok, its, njev, nlu
+        stale = (worst > _KEEP_RATE) | (njev > 0)
+        return w, ok, its, njev, nlu, stale
 
 
 def newton_matrix(
