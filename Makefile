@@ -33,6 +33,12 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PYTHON) -m pytest -q -m slow
 
+# torchdiffeq's four example scripts, ported by changing the import (examples/torchdiffeq), run
+# briefly against torchdiffeq's recorded losses (tests/data/torchdiffeq_examples.json): ~3 minutes.
+.PHONY: test-examples
+test-examples: $(STAMP)
+	$(PYTHON) -m pytest -q -m slow tests/test_examples.py
+
 # The peers for the benchmarks: the bench extra (torchdiffeq, torchode, JAX + diffrax, scipy),
 # and torchdyn with --no-deps (its requirements list torchvision, which would replace our torch;
 # its runtime imports are installed beside it with torch pinned in the same resolve).

@@ -83,8 +83,10 @@ def main() -> None:
     td = _torchdiffeq_head()
     if td is None:
         print("TORCHDIFFEQ_HEAD unset or without the implicit methods: ours only")
-    print("| problem | method | ours: error | ours: s | torchdiffeq: error | torchdiffeq: s "
-          "(warnings) | ours / torchdiffeq |")
+    print(
+        "| problem | method | ours: error | ours: s | torchdiffeq: error | torchdiffeq: s "
+        "(warnings) | ours / torchdiffeq |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, (f, y0_list, t_end, n) in PROBLEMS.items():
         y0 = torch.tensor(y0_list, dtype=F64)
@@ -92,12 +94,16 @@ def main() -> None:
         ref = neuralode.solve(f, y0, t, method="rodas5p", rtol=1e-12, atol=1e-12).ys
         for m in METHODS:
             with torch.no_grad():
-                ys, t_ours, _ = _timed(lambda: neuralode.odeint(f, y0, t, method=m))
+                ys, t_ours, _ = _timed(
+                    lambda f=f, y0=y0, t=t, m=m: neuralode.odeint(f, y0, t, method=m)
+                )
             err = float((ys - ref).abs().max())
             row = f"| {name} | {m} | {err:.1e} | {t_ours:.3f} |"
             if td is not None:
                 with torch.no_grad():
-                    ys_td, t_td, n_w = _timed(lambda: td.odeint(f, y0, t, method=m))
+                    ys_td, t_td, n_w = _timed(
+                        lambda f=f, y0=y0, t=t, m=m: td.odeint(f, y0, t, method=m)
+                    )
                 err_td = float((ys_td - ref).abs().max())
                 row += f" {err_td:.1e} | {t_td:.3f} ({n_w}) | {t_ours / t_td:.2f} |"
             else:
@@ -110,12 +116,14 @@ def main() -> None:
     name = f"MLP batch {BATCH}x{WIDTH}"
     for m in ("trbdf2", "radauIIA5", "gl4"):
         with torch.no_grad():
-            sol, t_ours, _ = _timed(lambda: neuralode.solve(f, y0, t, method=m, batched=True).ys)
+            sol, t_ours, _ = _timed(
+                lambda m=m: neuralode.solve(f, y0, t, method=m, batched=True).ys
+            )
         err = float((sol - ref).abs().max())
         row = f"| {name} | {m} | {err:.1e} | {t_ours:.3f} |"
         if td is not None:
             with torch.no_grad():
-                ys_td, t_td, n_w = _timed(lambda: td.odeint(f, y0, t, method=m).movedim(0, 1))
+                ys_td, t_td, n_w = _timed(lambda m=m: td.odeint(f, y0, t, method=m).movedim(0, 1))
             err_td = float((ys_td - ref).abs().max())
             row += f" {err_td:.1e} | {t_td:.3f} ({n_w}) | {t_ours / t_td:.2f} |"
         print(row, flush=True)
