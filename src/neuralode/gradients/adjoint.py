@@ -32,6 +32,7 @@ measures both.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Sequence
@@ -368,6 +369,7 @@ class _AdjointRun:
         aug.interval = i
         span = aug.span(i)
         sigma = torch.tensor([0.0, span], dtype=aug.t_dtype, device=x0.device)
+        spec = self._landing(aug, spec, i)
         # f at the interval's start: Hairer's selection needs it, and otherwise the first step
         # would evaluate it as its first stage (the loop counts it either way).
         f0 = aug(sigma[0], x0)  # aug takes the clock to the state dtype itself
@@ -392,6 +394,37 @@ class _AdjointRun:
         # The augmented state is one flat row, so the next step is a float (None: fixed steps).
         assert not isinstance(out.h_next, torch.Tensor)
         return a_new, g_new, out.stats, out.h_next
+
+
+    def _landing(self, aug: _Augmented, spec: LoopSpec, i: int) -> LoopSpec:
+        """The backward spec for interval ``i`` with the forward solve's ``step_t``/``jump_t``
+        inside it, in the backward clock (``sigma = s_i - s``): its steps end there too, and at
+        a jump the backward solve restarts one ulp past it, so the augmented field is seen from
+        each side of the jump as the forward solve saw it.  Shared times only: a per-sample
+        grid's backward state is one flat row over every sample, which has one clock."""
+        fwd = self.spec
+        if spec.controller is None or (fwd.step_t is None and fwd.jump_t is None):
+            return spec
+        if aug.per_row:
+            return spec
+        row = aug.s[0] if aug.batched else aug.s
+        lo, hi = row[i - 1], row[i]
+
+        def inside(x: torch.Tensor | None) -> torch.Tensor | None:
+            if x is None:
+                return None
+            if x.ndim == 2:  # mirrored per row; the rows share one grid here
+                if not bool((x == x[:1]).all()):
+                    return None
+                x = x[0]
+            x = x.to(row.dtype)
+            x = x[(x > lo) & (x < hi)]
+            return (hi - x).flip(0) if x.numel() else None
+
+        step_t, jump_t = inside(fwd.step_t), inside(fwd.jump_t)
+        if step_t is None and jump_t is None:
+            return spec
+        return dataclasses.replace(spec, step_t=step_t, jump_t=jump_t)
 
 
 def _status_message(status: torch.Tensor) -> str:
