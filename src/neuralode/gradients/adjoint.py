@@ -395,7 +395,6 @@ class _AdjointRun:
         assert not isinstance(out.h_next, torch.Tensor)
         return a_new, g_new, out.stats, out.h_next
 
-
     def _landing(self, aug: _Augmented, spec: LoopSpec, i: int) -> LoopSpec:
         """The backward spec for interval ``i`` with the forward solve's ``step_t``/``jump_t``
         inside it, in the backward clock (``sigma = s_i - s``): its steps end there too, and at
