@@ -203,6 +203,8 @@ def _option_ok(key: str, v: Any, adaptive: bool, method: str | None = None) -> b
         except (TypeError, ValueError, RuntimeError):
             return False
         return x.ndim == 1 and bool(torch.isfinite(x).all())
+    if key == "perturb":  # fixed-step methods: a bool (an adaptive method warns and ignores it)
+        return adaptive or isinstance(v, bool)
     ranges = {"safety": (0, 1), "beta": (0, 0.2), "ifactor": (1, math.inf), "dfactor": (0, 1)}
     lo, hi = ranges[key]
     inside = _is_number(v) and lo <= v <= hi and v < math.inf

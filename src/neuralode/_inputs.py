@@ -228,9 +228,12 @@ def normalise(
     batched: bool | None,
     t_dtype: torch.dtype | None,
     jac: Callable[..., Any] | None = None,
+    perturb: bool = False,
 ) -> Problem:
     """Check every input once and build the :class:`Problem` the loop solves (``jac``, the
-    user's ``df/dy``, is carried to the stiff solvers in the loop's terms)."""
+    user's ``df/dy``, is carried to the stiff solvers in the loop's terms; ``perturb``: the
+    check of ``func`` evaluates it one ulp inside the first interval, as every evaluation of a
+    perturbed solve is)."""
     if not callable(func):
         raise TypeError(f"func must be callable as func(t, y), got {type(func).__name__}")
     if jac is not None and not callable(jac):
@@ -303,6 +306,8 @@ def normalise(
 
     # The first evaluation, in the user's own terms, checks what func returns.
     t0_user = t.detach()[..., 0].to(dtype)
+    if perturb and t.shape[-1] > 1:
+        t0_user = torch.nextafter(t0_user, t.detach()[..., 1].to(dtype))
     out0 = func(t0_user, y0 if not is_tuple else tuple(parts))
     _check_f_output(out0, parts, is_tuple)
     f0 = pack(out0, (parts[0].shape[0],) if batched else ())

@@ -88,6 +88,9 @@ class LoopSpec:
             jump: an FSAL method's last stage is not reused across it).
         callbacks: called around each step by the unbatched (float) driver (torchdiffeq's
             callbacks; the entry refuses them for a batched solve).
+        perturb: fixed steps of the unbatched driver: each step sees ``f`` from inside itself,
+            a stage at the step's start time one ulp after it and one at its end one ulp
+            before it (torchdiffeq's ``perturb``; :class:`PerturbedField`).
     """
 
     func: Func
@@ -101,6 +104,7 @@ class LoopSpec:
     step_t: torch.Tensor | None = None
     jump_t: torch.Tensor | None = None
     callbacks: Callbacks = Callbacks()
+    perturb: bool = False
 
     def __post_init__(self) -> None:
         # A Newton iteration stops at the solve's own tolerances (see Solver.configured).
@@ -610,7 +614,9 @@ class _Run:
         times: list[float] = self.grid.times.tolist()
         steps: list[float] = self.grid.steps.tolist()
         commit = _FloatCommit(self)
-        y, state = self.y0, solver.init(f, times[0], self.y0, self.f0)
+        perturb = self.spec.perturb
+        # Perturbed, no step starts from a stage evaluated at a grid time itself.
+        y, state = self.y0, solver.init(f, times[0], self.y0, None if perturb else self.f0)
         nfe = int(self.f0 is not None)
         njev = nlu = n_newton = 0
         status, t_reached = Status.SUCCESS, times[-1]
@@ -618,7 +624,8 @@ class _Run:
         for k in range(self.grid.n):
             if cb.step is not None:
                 cb.step(self._t(times[k]), y, self._t(steps[k]))
-            res = solver.step(f, times[k], steps[k], y, state, self._times(k))
+            fk = PerturbedField(f, times[k], times[k + 1]) if perturb else f
+            res = solver.step(fk, times[k], steps[k], y, state, self._times(k))
             nfe += int(res.nfe)  # one row: the solver never sees a partly known state
             njev, nlu = njev + int(res.njev), nlu + int(res.nlu)
             n_newton += int(res.n_newton)
@@ -626,8 +633,12 @@ class _Run:
                 status, t_reached = Status(int(res.status)), times[k]
                 break
             choice = solver.choice(state) if self.records is not None else None
-            extra, next_state = commit.accepted(times[k], steps[k], times[k + 1], y, res, choice)
+            extra, next_state = commit.accepted(
+                times[k], steps[k], times[k + 1], y, res, choice, field=fk
+            )
             nfe += extra
+            if perturb:  # the interpolant's f(t + h, y1) is the step's end, not the next start
+                next_state = None
             y, state = res.y1, (res.state if next_state is None else next_state)
         tt = torch.tensor
         d = self.device
@@ -783,6 +794,34 @@ def _finite_rows(res: StepResult, batched: bool) -> torch.Tensor:
     return out
 
 
+class PerturbedField:
+    """``f`` seen from inside one step ``[t0, t1]`` (torchdiffeq's ``perturb``): a stage at the
+    step's start time (to two ulps) is evaluated one ulp after it and a stage at its end one ulp
+    before it, in the state's dtype, so a field that jumps at grid times is seen from the side of
+    the step being taken.  A field with a ``perturbed(t, y, at_start, at_end)`` method (the
+    adjoint's augmented field, whose clock runs against the user's) applies the nudge itself."""
+
+    def __init__(self, f: Any, t0: Any, t1: Any) -> None:
+        self.f, self.t0, self.t1 = f, t0, t1
+
+    @property
+    def no_torch_func(self) -> bool:
+        return bool(getattr(self.f, "no_torch_func", False))
+
+    def __call__(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        lo = torch.as_tensor(self.t0, dtype=t.dtype, device=t.device)
+        hi = torch.as_tensor(self.t1, dtype=t.dtype, device=t.device)
+        tol = 2 * torch.finfo(t.dtype).eps * torch.maximum(lo.abs(), hi.abs())
+        at_start = (t - lo).abs() <= tol
+        at_end = ~at_start & ((t - hi).abs() <= tol)
+        nudge = getattr(self.f, "perturbed", None)
+        if nudge is not None:
+            return nudge(t, y, at_start, at_end)
+        inf = t.new_tensor(math.inf)
+        inside = torch.where(at_end, torch.nextafter(hi, -inf), t)
+        return self.f(torch.where(at_start, torch.nextafter(lo, inf), inside), y)
+
+
 class _FloatCommit:
     """The commit of the float driver: outputs of one row, found by bisection on the host."""
 
@@ -793,17 +832,24 @@ class _FloatCommit:
         self.vals: list[torch.Tensor] = [run.y0.unsqueeze(0)]
 
     def accepted(
-        self, t: float, h: float, t_new: float, y: torch.Tensor, res: StepResult, choice: Any = None
+        self,
+        t: float,
+        h: float,
+        t_new: float,
+        y: torch.Tensor,
+        res: StepResult,
+        choice: Any = None,
+        field: Any = None,
     ) -> tuple[int, Any]:
         """Place the outputs of an accepted step (``choice``: the solver's choice for it, kept
-        in its record); returns the interpolant's evaluations and the carried state it computed
-        (or ``None``)."""
+        in its record; ``field``: the vector field as the step saw it, when not the run's own);
+        returns the interpolant's evaluations and the carried state it computed (or ``None``)."""
         run, next_out = self.run, self.next_out
         below = bisect.bisect_left(self.out_list, t_new, lo=next_out)
         upto = bisect.bisect_right(self.out_list, t_new, lo=below)
         extra, next_state, d = 0, None, None
         if below > next_out or run.dense is not None:
-            d, extra, next_state = run.solver.dense(run.f, t, h, y, res)
+            d, extra, next_state = run.solver.dense(field or run.f, t, h, y, res)
         if below > next_out:
             assert d is not None
             theta = torch.tensor(

@@ -50,6 +50,8 @@ ODE_OPTIONS = {
     "interp": "fixed-step methods with step_size or grid_constructor: 'linear' or 'cubic' "
     "(Hermite) interpolation of outputs between grid points, as torchdiffeq (default here: "
     "the method's own interpolant, more accurate than torchdiffeq's default 'linear')",
+    "perturb": "fixed-step methods: True to evaluate func one ulp inside each step at the "
+    "step's ends (a field that jumps at grid times is seen from the step's side), as torchdiffeq",
     "max_order": "explicit_adams, implicit_adams (fixed_adams): the order k of the method, the "
     "number of values of func it combines, 1 to 12 (default 4; torchdiffeq's default is 12, "
     "and its explicit_adams reaches order max_order - 1)",
@@ -319,7 +321,7 @@ def _options(
     unused: tuple[str, ...] = (
         ("first_step", "min_step", "max_step", "step_t", "jump_t")
         if not adaptive
-        else ("step_size", "grid_constructor", "interp")
+        else ("step_size", "grid_constructor", "interp", "perturb")
     )
     unknown = sorted(k for k in options if k not in ODE_OPTIONS or k in unused)
     if unknown:

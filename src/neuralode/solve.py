@@ -65,6 +65,7 @@ def solve(
     step_t: torch.Tensor | Sequence[float] | None = None,
     jump_t: torch.Tensor | Sequence[float] | None = None,
     jac: Callable[[torch.Tensor, Any], Any] | None = None,
+    perturb: bool = False,
     throw: bool = True,
     gradient: str = "backprop",
     adjoint_params: Sequence[torch.Tensor] | None = None,
@@ -119,6 +120,12 @@ def solve(
             ``df/dt`` costs one forward-mode product.  Default: ``N`` vector-Jacobian products of
             ``func`` by autograd.  Methods that take no Jacobian refuse it; the adjoint's
             backward solve takes its own.
+        perturb: fixed-step methods, unbatched solves: each step sees ``func`` from inside
+            itself, a stage at the step's start time one ulp after it and one at its end one
+            ulp before it (in the state's dtype), so a field that jumps at grid times is seen
+            from the side of the step being taken (torchdiffeq's ``perturb`` option; adaptive
+            methods take ``jump_t`` instead).  A step's first stage is then always evaluated
+            afresh, not taken from the last step's end.
         throw: raise :class:`SolverError` when a sample fails; with ``False`` failures are only
             reported in ``Solution.status`` and the outputs they did not reach are NaN.
         gradient: what autograd sees of the solve; gradients reach ``y0``, ``t`` and the
@@ -206,7 +213,29 @@ def solve(
             f"jac is used by the stiff methods (rosenbrock23, rodas4, rodas5p, kvaerno3, "
             f"kvaerno5, auto); {solver.name!r} takes no Jacobian"
         )
-    prob = normalise(func, y0, t, rtol=rtol, atol=atol, batched=batched, t_dtype=t_dtype, jac=jac)
+    if not isinstance(perturb, bool):
+        raise TypeError(f"perturb must be True or False, got {perturb!r}")
+    prob = normalise(
+        func,
+        y0,
+        t,
+        rtol=rtol,
+        atol=atol,
+        batched=batched,
+        t_dtype=t_dtype,
+        jac=jac,
+        perturb=perturb,
+    )
+    if perturb and solver.adaptive:
+        raise ValueError(
+            f"perturb applies to fixed-step methods; {solver.name!r} is adaptive: pass jump_t "
+            f"(the times where func jumps) instead"
+        )
+    if perturb and prob.batched:
+        raise ValueError(
+            "perturb is supported for unbatched solves (odeint's); a batched solve takes each "
+            "row's grid times as they are"
+        )
     if prob.jac is not None:
         prob = dataclasses.replace(prob, func=JacobianField(prob.func, prob.jac))
     cb = prob.callbacks
@@ -266,6 +295,7 @@ def solve(
         step_t=step_s,
         jump_t=jump_s,
         callbacks=prob.callbacks,
+        perturb=perturb,
     )
     return _finish(prob, t, strategy.solve(prob, spec), dense, throw)
 

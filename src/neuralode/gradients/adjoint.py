@@ -351,6 +351,7 @@ class _AdjointRun:
             callbacks=Callbacks(
                 *(getattr(strategy.user_func, n + "_adjoint", None) for n in CALLBACK_NAMES)
             ),
+            perturb=self.spec.perturb and not solver.adaptive,
         )
 
     def _interval(
@@ -372,7 +373,8 @@ class _AdjointRun:
         spec = self._landing(aug, spec, i)
         # f at the interval's start: Hairer's selection needs it, and otherwise the first step
         # would evaluate it as its first stage (the loop counts it either way).
-        f0 = aug(sigma[0], x0)  # aug takes the clock to the state dtype itself
+        # (Perturbed fixed steps evaluate their first stage inside the step instead.)
+        f0 = None if spec.perturb else aug(sigma[0], x0)  # aug takes the clock to the state dtype
         out = spec.run(x0, f0, sigma, first_step=h, carry_step=True)
         if not bool((out.status == 0).all()):
             raise SolverError(
@@ -471,7 +473,17 @@ class _Augmented:
         row = self.s[0] if self.batched else self.s
         return float(row[i] - row[i - 1])
 
-    def __call__(self, sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def perturbed(
+        self, sigma: torch.Tensor, x: torch.Tensor, at_start: torch.Tensor, at_end: torch.Tensor
+    ) -> torch.Tensor:
+        """The field with ``func``'s time one ulp inside the backward step (``perturb``): the
+        step runs from larger ``s`` to smaller, so its start is nudged down and its end up, in
+        the user's clock (the backward clock's own ulps near 0 would vanish in ``s_i - sigma``)."""
+        return self(sigma, x, (at_start, at_end))
+
+    def __call__(
+        self, sigma: torch.Tensor, x: torch.Tensor, nudge: tuple[torch.Tensor, ...] | None = None
+    ) -> torch.Tensor:
         i, dtype = self.interval, x.dtype
         n_y = self.n_y
         y = x[:n_y].view(self.y_shape)
@@ -484,6 +496,10 @@ class _Augmented:
         else:
             s_now = (s_hi - sigma.to(s_hi.dtype)).to(dtype)
             scale = None
+        if nudge is not None:
+            inf = s_now.new_tensor(math.inf)
+            up = torch.where(nudge[1], torch.nextafter(s_now, inf), s_now)
+            s_now = torch.where(nudge[0], torch.nextafter(s_now, -inf), up)
         # A stiff method's Jacobian of this field (newton.jacobian, by torch.autograd.grad: see
         # ``no_torch_func``) differentiates it: then the graph from x is kept (second derivatives
         # of func for the adjoint rows).

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .._inputs import Problem
-from .._loop import LoopResult, LoopSpec
+from .._loop import LoopResult, LoopSpec, PerturbedField
 from .._outputs import StepRecord
 from .._rows import per_row
 from ..interpolation import evaluate
@@ -78,6 +78,8 @@ class _Replay:
     ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, Any, Any]]]:
         """Recompute one step with autograd; returns ``(y1, [(vals, idx, valid), ...])``."""
         solver, f, batched = self.spec.solver, self.spec.func, self.spec.batched
+        if self.spec.perturb:  # the field as the recorded step saw it
+            f = PerturbedField(f, r.t, r.t + r.h)
         res = solver.step(f, r.t, r.h, y_in, solver.replay_state(f, r.t, y_in, r.choice))
         # Replays start from no carried state; an iterative method's rows may differ (then
         # the batch's evaluations are its busiest row's).
