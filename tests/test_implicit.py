@@ -250,3 +250,49 @@ def test_an_option_the_method_does_not_take_warns() -> None:
     with pytest.warns(UserWarning, match="max_order"):
         ys = neuralode.odeint(f, y0, t, method="gl4", options={"max_order": 3, "max_iters": 9})
     torch.testing.assert_close(ys[-1], torch.exp(-t[-1:]), rtol=1e-4, atol=0)
+
+
+def _vdp(mu: float | torch.Tensor):  # type: ignore[no-untyped-def]
+    return lambda t, y: torch.stack(
+        [y[..., 1], mu * (1 - y[..., 0] ** 2) * y[..., 1] - y[..., 0]], -1
+    )
+
+
+def test_checkpoint_replays_the_step_the_forward_pass_took() -> None:
+    """Large gl4 steps on Van der Pol (mu = 10, h = 0.4): the stage equations have more than
+    one root, and a replay started from zero with a fresh Jacobian found another one (a
+    gradient of 314 where backprop's is 1,304; found in review).  The replay now starts from
+    the forward pass's recorded stage prediction."""
+    mu = torch.tensor(10.0, dtype=F64, requires_grad=True)
+    y0 = torch.tensor([2.0, 0.0], dtype=F64, requires_grad=True)
+    t = torch.linspace(0, 0.4 * 24, 25, dtype=F64)
+    grads = {}
+    for gradient in ("backprop", "checkpoint"):
+        kw: dict[str, object] = {"adjoint_params": (mu,)} if gradient == "checkpoint" else {}
+        sol = neuralode.solve(_vdp(mu), y0, t, method="gl4", gradient=gradient, **kw)
+        grads[gradient] = torch.autograd.grad(sol.ys[-1].sum(), (y0, mu))
+    for a, b in zip(grads["checkpoint"], grads["backprop"]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_a_row_that_fails_stops_where_its_own_solve_stops() -> None:
+    """A batched fixed-step row whose Newton iteration fails takes no more steps: its dense
+    output past the failure is its last good state, as its single solve's is, and the other
+    row is untouched (found in review: the failed row went on from the unconverged iterate)."""
+    solver = ImplicitRK(IMPLICIT_TABLEAUS["trbdf2"])
+    y0 = torch.tensor([[2.0, 0.0], [1.0, 0.5]], dtype=F64)
+    T = torch.tensor([[0.0, 0.3, 0.7, 1.0, 1.5], [0.0, 0.2, 0.4, 0.6, 1.2]], dtype=F64)
+    with torch.no_grad():
+        batch = neuralode.solve(
+            _vdp(10.0), y0, T, batched=True, method=solver, throw=False, dense=True
+        )
+        singles = [
+            neuralode.solve(_vdp(10.0), y0[i], T[i], method=solver, throw=False, dense=True)
+            for i in range(2)
+        ]
+    assert batch.status.tolist() == [int(s.status) for s in singles] == [0, 4]
+    q = torch.tensor([[0.9], [0.9]], dtype=F64)
+    for i, single in enumerate(singles):
+        torch.testing.assert_close(batch.ys[i], single.ys, equal_nan=True)
+        torch.testing.assert_close(batch.evaluate(q)[i], single.evaluate(q[i]))
+        assert batch.stats.nfe[i] == single.stats.nfe

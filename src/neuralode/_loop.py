@@ -388,8 +388,8 @@ class _Run:
         two ``where`` over the whole state are skipped (a compiled attempt merges them itself).
         """
         solver, ctrl, t, y, running = self.solver, self.controller, c.t, c.y, c.running
-        if self.grid is not None:  # fixed steps: the grid's step k
-            h = self.grid.steps[k]
+        if self.grid is not None:  # fixed steps: the grid's step k (none for a stopped row)
+            h = torch.where(running, self.grid.steps[k], 0.0)
             res = solver.step(self.f, t, h, y, c.solver_state, self._times(k))
             ratio, accept, cstate, h_prop = None, running, c.controller_state, c.h
             if res.status is not None:  # a fixed step cannot shrink: a failed row stops
@@ -507,6 +507,10 @@ class _Run:
         if plan is not None:  # a fixed grid: everything known in advance
             go_on, all_acc, any_acc = k + 1 < len(plan), True, True
             most_inside, most_at_end = plan[k]
+            if res.status is not None:  # but a row whose step failed (Newton) stops there
+                all_acc, any_acc = torch.stack(
+                    ((accept | ~att.running).all(), accept.any())
+                ).tolist()
         else:
             # The step's one host sync: does any row run on, how many outputs fell inside the
             # step or on its end, did every running row accept, did a row's step underflow.
@@ -566,7 +570,8 @@ class _Run:
                 # A row that rejected keeps its start time as its key (its retry, recorded later
                 # with the same start, is the one the search finds): the keys stay sorted.
                 assert d is not None
-                self._keep_dense(att.t, att.h, d)
+                # (a fixed step that failed is kept as no step: the row stays where it was)
+                self._keep_dense(att.t, att.h if plan is None else h_acc, d)
         return c, torch.where(accept, upto, next_out), bool(go_on)
 
     def _why_underflow(self, status: torch.Tensor, att: _Attempt) -> torch.Tensor:

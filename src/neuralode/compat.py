@@ -298,8 +298,9 @@ def _check_1d(t: Any, name: str) -> None:
 def _warn_unknown(unknown: list[str], known: Sequence[str], where: str) -> None:
     warnings.warn(
         f"{where}: unexpected option(s) {unknown}, ignored (known options: {sorted(known)}; "
-        f"step_size is for fixed-step methods; first_step, min_step and max_step for adaptive "
-        f"ones; max_order and max_iters for the Adams methods)",
+        f"step_size and perturb are for fixed-step methods; first_step, min_step and max_step "
+        f"for adaptive ones; max_order for the Adams methods, max_iters for them and the "
+        f"fixed-step implicit ones)",
         UserWarning,
         stacklevel=4,
     )
@@ -349,14 +350,13 @@ def _legacy_grid_points(options: dict[str, Any], adaptive: bool, where: str) -> 
     0 (its default then), else ``jump_t``, whose one-ulp perturbation is what a small ``eps`` was
     for (a larger ``eps`` skipped an interval of width ``2 eps``; that is not reproduced).  Only
     adaptive methods took them; a fixed-step method warns and ignores them, as unknown options."""
-    if "grid_points" not in options:
-        return options
+    if options.get("grid_points") is None or not adaptive:
+        return options  # (grid_points and eps are then warned about as unknown options)
     options = dict(options)
     grid_points = options.pop("grid_points")
     eps = options.pop("eps", 0.0)
-    if not adaptive or grid_points is None:
-        options["grid_points"] = grid_points  # warned about as an unknown option
-        return options
+    if isinstance(eps, torch.Tensor) and eps.numel() == 1:
+        eps = float(eps)
     key = "step_t" if isinstance(eps, (int, float)) and eps == 0 else "jump_t"
     if key in options:
         raise ValueError(f"options['grid_points'] and options[{key!r}] both given: pass {key} only")

@@ -24,7 +24,7 @@ from .._loop import LoopResult, LoopSpec, PerturbedField
 from .._outputs import StepRecord
 from .._rows import per_row
 from ..interpolation import evaluate
-from ..solution import Stats
+from ..solution import SolverError, Stats
 from .base import GradientStrategy, Outcome, attach_time_gradients, refuse_double_backward, t0_shift
 
 __all__ = ["Checkpoint"]
@@ -81,6 +81,13 @@ class _Replay:
         if self.spec.perturb:  # the field as the recorded step saw it
             f = PerturbedField(f, r.t, r.t + r.h)
         res = solver.step(f, r.t, r.h, y_in, solver.replay_state(f, r.t, y_in, r.choice))
+        if res.status is not None and bool((torch.as_tensor(res.status) != 0).any()):
+            raise SolverError(
+                f"gradient='checkpoint': replaying the step from t={_first(r.t)}, the implicit "
+                f"method's Newton iteration failed where the forward pass converged, so the "
+                f"replayed step is not the one taken; use gradient='backprop' (exact) or "
+                f"'adjoint', or smaller steps"
+            )
         # Replays start from no carried state; an iterative method's rows may differ (then
         # the batch's evaluations are its busiest row's).
         self.nfe += int(torch.as_tensor(res.nfe).max())
@@ -168,3 +175,8 @@ class _CheckpointFn(torch.autograd.Function):
         first = grad_ys[:, 0] if replay.spec.batched else grad_ys[0]
         grad_y0 = first if a is None else a + first
         return (None, grad_y0, *g_params)
+
+
+def _first(t: Any) -> float:
+    """A step's start time for a message (the first row's, batched)."""
+    return float(t) if isinstance(t, float) else float(torch.as_tensor(t).reshape(-1)[0])

@@ -111,6 +111,18 @@ class ImplicitRK(Solver):
     def init(self, f: Func, t: Time, y: torch.Tensor, f0: torch.Tensor | None) -> Any:
         return None  # f(t, y) comes with each step's Jacobian
 
+    def choice(self, state: Any) -> Any:
+        """The stage prediction a step starts from (the last step's stages per unit step): a
+        replay (the checkpoint strategy's backward pass) must start its Newton iteration
+        there too, or, where the stage equations have more than one root (large steps on a
+        nonlinear field), it may converge to another one than the forward pass did."""
+        return state.slope if isinstance(state, _Carried) else None
+
+    def replay_state(self, f: Func, t: Time, y: torch.Tensor, choice: Any) -> Any:
+        """The recorded prediction, with a fresh Jacobian (a kept one is not recorded: a
+        Jacobian per step would cost the memory the checkpoint strategy exists to save)."""
+        return None if choice is None else _Carried(None, None, choice)
+
     def _A(self, like: torch.Tensor) -> torch.Tensor:
         key = (like.dtype, like.device)
         A = self._cache.get(key)
@@ -175,7 +187,7 @@ class ImplicitRK(Solver):
         ``r`` evaluations an iteration); the others take a fresh one.  After the first step only
         a method with an explicit first stage needs ``f(t, y)`` (an interpolant that asks for
         it evaluates it)."""
-        if not isinstance(state, _Carried):
+        if not isinstance(state, _Carried) or state.J is None or state.stale is None:
             lin = jacobian(f, _time(t, y), y)
             return lin.J, lin.f0, 1, 1
         stale = state.stale
@@ -227,8 +239,8 @@ class ImplicitRK(Solver):
 class _Carried(NamedTuple):
     """What a step hands the next: its start's Jacobian and, per row, whether it is stale."""
 
-    J: torch.Tensor
-    stale: torch.Tensor
+    J: torch.Tensor | None  # None: take a fresh one (a replay)
+    stale: torch.Tensor | None
     #: the stage increments divided by the step (rows first: ``[batch, r, ...]`` batched)
     slope: torch.Tensor
 
