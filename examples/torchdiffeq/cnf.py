@@ -165,7 +165,8 @@ if __name__ == '__main__':
             os.makedirs(args.train_dir)
         ckpt_path = os.path.join(args.train_dir, 'ckpt.pth')
         if os.path.exists(ckpt_path):
-            checkpoint = torch.load(ckpt_path)
+            # neuralode port: weights_only=True said outright (torch >= 2.6's default): safe
+            checkpoint = torch.load(ckpt_path, weights_only=True)
             func.load_state_dict(checkpoint['func_state_dict'])
             optimizer.load_state_dict(checkpoint['optimizer_state_dict'])
             print('Loaded ckpt from {}'.format(ckpt_path))

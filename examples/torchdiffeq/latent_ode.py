@@ -239,7 +239,14 @@ if __name__ == '__main__':
             os.makedirs(args.train_dir)
         ckpt_path = os.path.join(args.train_dir, 'ckpt.pth')
         if os.path.exists(ckpt_path):
-            checkpoint = torch.load(ckpt_path)
+            # neuralode port: loaded with weights_only=True (torch >= 2.6's default, which
+            # refuses the NumPy time grids this checkpoint holds unless they are allowed):
+            # resuming works again, and the file still cannot run code
+            np_core = getattr(np, '_core', None) or np.core
+            allowed = [np_core.multiarray._reconstruct, np.ndarray, np.dtype,
+                       type(np.dtype(np.float64))]
+            with torch.serialization.safe_globals(allowed):
+                checkpoint = torch.load(ckpt_path, weights_only=True)
             func.load_state_dict(checkpoint['func_state_dict'])
             rec.load_state_dict(checkpoint['rec_state_dict'])
             dec.load_state_dict(checkpoint['dec_state_dict'])

