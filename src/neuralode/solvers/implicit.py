@@ -283,9 +283,10 @@ class _StageNewton:
         self.dims = tuple(d + 1 for d in row_dims(y.ndim, batched))
         self.rows = y.shape[:1] if batched else ()
 
-    def residual(self, w: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def residual(self, w: torch.Tensor) -> torch.Tensor:
+        """``G(w)``: ``r`` evaluations of ``f``, one per implicit stage."""
         fs = [self.f(self.ts[i], self.y + w[i]) for i in range(self.s.r)]
-        return w - self.s._combine(fs, self.h_y, self.base), fs
+        return w - self.s._combine(fs, self.h_y, self.base)
 
     def matrix(self, Js: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """LU of ``I - h [a_ij J_j]`` per row (``Js``: one Jacobian per stage, or one for all)."""
@@ -312,8 +313,7 @@ class _StageNewton:
         prev = torch.ones(self.rows, dtype=y.dtype, device=y.device)
         eta = torch.ones_like(prev)
         for _ in range(self.s.max_iters):
-            G, _fs = self.residual(w)
-            dw = lu_apply(LU, piv, -G, r, self.batched)
+            dw = lu_apply(LU, piv, -self.residual(w), r, self.batched)
             n = (dw / self.scale).square().mean(dim=(0, *self.dims)).sqrt()
             its = its + active
             w = torch.where(per_row(active, w.ndim - 1).unsqueeze(0), w + dw, w)
