@@ -33,7 +33,7 @@ from .interpolation import make_evaluate, recorded_evaluator
 from .solution import Solution, SolverError, Status
 from .solvers.base import Solver
 from .solvers.newton import JacobianField
-from .solvers.registry import get_solver
+from .solvers.registry import METHODS, get_solver
 from .solvers.tableaus import ButcherTableau
 
 __all__ = ["solve", "DEFAULT_MAX_NUM_STEPS"]
@@ -210,8 +210,9 @@ def solve(
     params = () if gradient == "backprop" else find_adjoint_params(func, adjoint_params, gradient)
     if jac is not None and not solver.uses_jacobian:
         raise ValueError(
-            f"jac is used by the stiff methods (rosenbrock23, rodas4, rodas5p, kvaerno3, "
-            f"kvaerno5, auto); {solver.name!r} takes no Jacobian"
+            f"jac is used by the methods that take Jacobians "
+            f"({', '.join(m for m in METHODS if get_solver(m).uses_jacobian)}); "
+            f"{solver.name!r} takes no Jacobian"
         )
     if not isinstance(perturb, bool):
         raise TypeError(f"perturb must be True or False, got {perturb!r}")
