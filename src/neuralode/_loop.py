@@ -201,6 +201,9 @@ class _Run:
         self.records: list[StepRecord] | None = [] if record else None
         self.carry_step = carry_step
         self._chunk: Any = None
+        # A fixed-step row whose step failed (a Newton iteration) stops; until one has, every
+        # running row takes the grid's step as it is (no masking in the hot loop).
+        self._row_failed = False
         self._t_end = self.out_times[..., -1]
         # The smallest step that moves the clock is relative to where the row is (as scipy's
         # and Hairer's codes), not to where it ends: Robertson's kinetics to t = 4e10 starts
@@ -389,7 +392,9 @@ class _Run:
         """
         solver, ctrl, t, y, running = self.solver, self.controller, c.t, c.y, c.running
         if self.grid is not None:  # fixed steps: the grid's step k (none for a stopped row)
-            h = torch.where(running, self.grid.steps[k], 0.0)
+            h = self.grid.steps[k]
+            if self._row_failed:
+                h = torch.where(running, h, 0.0)
             res = solver.step(self.f, t, h, y, c.solver_state, self._times(k))
             ratio, accept, cstate, h_prop = None, running, c.controller_state, c.h
             if res.status is not None:  # a fixed step cannot shrink: a failed row stops
@@ -511,6 +516,7 @@ class _Run:
                 all_acc, any_acc = torch.stack(
                     ((accept | ~att.running).all(), accept.any())
                 ).tolist()
+                self._row_failed = self._row_failed or not all_acc
         else:
             # The step's one host sync: does any row run on, how many outputs fell inside the
             # step or on its end, did every running row accept, did a row's step underflow.

@@ -106,7 +106,8 @@ class ImplicitRK(Solver):
         self.a_r0 = A[self.first :, 0].tolist() if self.first else [0.0] * self.r
         self.d = d.tolist()
         self.e0 = float(b[0] - d @ A[self.first :, 0]) if self.first else 0.0
-        self._cache: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+        self.a_col = torch.tensor(self.a_r0, dtype=torch.float64)
+        self._cache: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
 
     def init(self, f: Func, t: Time, y: torch.Tensor, f0: torch.Tensor | None) -> Any:
         return None  # f(t, y) comes with each step's Jacobian
@@ -123,12 +124,15 @@ class ImplicitRK(Solver):
         Jacobian per step would cost the memory the checkpoint strategy exists to save)."""
         return None if choice is None else _Carried(None, None, choice)
 
-    def _A(self, like: torch.Tensor) -> torch.Tensor:
-        key = (like.dtype, like.device)
-        A = self._cache.get(key)
-        if A is None:
-            A = self._cache[key] = self.A_rr.to(dtype=like.dtype, device=like.device)
-        return A
+    def _A(self, like: torch.Tensor, which: torch.Tensor | None = None) -> torch.Tensor:
+        """``A_rr`` (or ``which``, another of the tableau's float64 tensors) in ``like``'s
+        dtype and device, built once."""
+        src = self.A_rr if which is None else which
+        key = (id(src), like.dtype, like.device)
+        out = self._cache.get(key)
+        if out is None:
+            out = self._cache[key] = src.to(dtype=like.dtype, device=like.device)
+        return out
 
     def step(
         self, f: Func, t: Time, h: Time, y: torch.Tensor, state: Any, times: Any = None
@@ -216,7 +220,7 @@ class ImplicitRK(Solver):
         if not self.first:
             return None
         assert f0 is not None
-        col = torch.tensor(self.a_r0, dtype=f0.dtype, device=f0.device)
+        col = self._A(f0, self.a_col)
         return col.view(self.r, *([1] * f0.ndim)) * (h_y * f0)
 
     def dense(
