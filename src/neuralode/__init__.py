@@ -11,12 +11,15 @@ import os
 from typing import TYPE_CHECKING
 
 from .compat import ODE_OPTIONS, odeint, odeint_adjoint
+from .events import Event, GrazingEventError
 from .solution import Solution, SolverError, Stats, Status
 from .solve import solve
 from .solvers import METHODS, ButcherTableau, Solver, get_solver
 from .tableaus import TABLEAUS, get_tableau
 
 __all__ = [
+    "Event",
+    "GrazingEventError",
     "odeint",
     "odeint_adjoint",
     "solve",

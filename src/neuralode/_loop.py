@@ -25,6 +25,7 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -33,6 +34,7 @@ from ._inputs import Callbacks, all_finite
 from ._outputs import Outputs, StepRecord
 from ._rows import per_row
 from .controllers import FixedGrid, PIController
+from .events import Cut, EventLog, EventTracker
 from .interpolation import DenseRecord, evaluate
 from .solution import Stats, Status
 from .solvers.base import DenseStep, Func, Solver, StepResult
@@ -57,6 +59,7 @@ class LoopResult(NamedTuple):
             shortened to land on ``t_end`` does not shrink it.  ``None`` for fixed steps.
         dense: the accepted steps' interpolants (``dense=True``), else ``None``.
         records: the accepted steps for replay (``record=True``), else ``None``.
+        events: what the events found (a solve with events), else ``None``.
     """
 
     ys: torch.Tensor
@@ -66,6 +69,7 @@ class LoopResult(NamedTuple):
     h_next: torch.Tensor | float | None
     dense: list[DenseRecord] | None
     records: list[StepRecord] | None
+    events: EventLog | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,8 @@ class LoopSpec:
         perturb: fixed steps of the unbatched driver: each step sees ``f`` from inside itself,
             a stage at the step's start time one ulp after it and one at its end one ulp
             before it (torchdiffeq's ``perturb``; :class:`PerturbedField`).
+        events: batched solves: ``events(t0, y0) -> EventTracker``, the events the commit
+            checks on every accepted step (:mod:`neuralode.events`); ``None`` for none.
     """
 
     func: Func
@@ -105,6 +111,7 @@ class LoopSpec:
     jump_t: torch.Tensor | None = None
     callbacks: Callbacks = Callbacks()
     perturb: bool = False
+    events: Callable[[torch.Tensor, torch.Tensor], EventTracker] | None = None
 
     def __post_init__(self) -> None:
         # A Newton iteration stops at the solve's own tolerances (see Solver.configured).
@@ -204,6 +211,9 @@ class _Run:
         # A fixed-step row whose step failed (a Newton iteration) stops; until one has, every
         # running row takes the grid's step as it is (no masking in the hot loop).
         self._row_failed = False
+        self._events: EventTracker | None = None
+        if spec.events is not None and not self.batched:
+            raise ValueError("events are checked by the batched (tensor) driver only")
         self._t_end = self.out_times[..., -1]
         # The smallest step that moves the clock is relative to where the row is (as scipy's
         # and Hairer's codes), not to where it ends: Robertson's kinetics to t = 4e10 starts
@@ -282,7 +292,11 @@ class _Run:
             ys, status, t_end, stats, h_next = self._float_driver()
         if not all_finite(ys):
             status, t_end = self._flag_nonfinite(ys, status, t_end)
-        return LoopResult(ys, status, t_end, stats, h_next, self.dense, self.records)
+        log = None
+        if self.spec.events is not None:
+            tracker = self._events or self.spec.events(self.out_times[:, 0], self.y0)
+            log = tracker.log()
+        return LoopResult(ys, status, t_end, stats, h_next, self.dense, self.records, log)
 
     def _no_steps(self) -> tuple[Any, ...]:
         rows = self.out_times.shape[:-1]
@@ -347,6 +361,8 @@ class _Run:
         if self.controller is not None:
             h, nfe = self._first_step_tensor(t)
             c = c._replace(h=h, controller_state=self.controller.init(t), nfe=c.nfe + nfe)
+        if self.spec.events is not None:
+            self._events = self.spec.events(t, self.y0)
         outputs = Outputs(self.y0, self.T, batched=True)
         next_out = zeros + 1  # per row: index of the next output time to produce
         plan = self._fixed_plan() if self.grid is not None else None
@@ -498,7 +514,23 @@ class _Run:
         k: int,
     ) -> tuple[_Carry, torch.Tensor, bool]:
         """Outputs, records and the decision to go on, for the accepted rows of an attempt."""
-        accept, res = att.accept, att.result
+        res = att.result  # the step as taken (its interpolant's end is res.y1)
+        memo: list[tuple[DenseStep, int, Any]] = []
+
+        def dense() -> DenseStep:
+            if not memo:
+                memo.append(self.solver.dense(self.f, att.t, att.h, att.y, res))
+            return memo[0][0]
+
+        y_end = res.y1  # the state at each row's new time (before a reset)
+        cut = None
+        if self._events is not None:
+            h_rows = att.h.expand_as(att.t) if att.h.ndim < att.t.ndim else att.h
+            cut = self._events.commit(att.t, h_rows, att.t_new, res.y1, att.accept, dense)
+            if cut is not None:
+                c, att = self._cut(c, att, cut)
+                y_end = torch.where(per_row(cut.rows, y_end.ndim), cut.y_event, y_end)
+        accept = att.accept
         if plan is not None and plan[k] == (0, 0):
             # A fixed step that reaches no output: no search, nothing to place.
             below = upto = next_out
@@ -517,6 +549,9 @@ class _Run:
                     ((accept | ~att.running).all(), accept.any())
                 ).tolist()
                 self._row_failed = self._row_failed or not all_acc
+            if cut is not None and bool(cut.terminal.any()):  # rows stopped by an event
+                self._row_failed = True
+                go_on = go_on and bool(att.still.any())
         else:
             # The step's one host sync: does any row run on, how many outputs fell inside the
             # step or on its end, did every running row accept, did a row's step underflow.
@@ -536,9 +571,11 @@ class _Run:
         choice = self.solver.choice(c.solver_state) if self.records is not None else None
         c = self._advance(c, att, all_acc, any_acc)
         d = None
-        if most_inside > 0 or (self.dense is not None and any_acc):
-            d, extra, next_state = self.solver.dense(self.f, att.t, att.h, att.y, res)
-            uses = n_inside > 0 if self.dense is None else accept
+        if most_inside > 0 or (self.dense is not None and any_acc) or memo:
+            used_by_events = bool(memo)
+            d = dense()
+            _, extra, next_state = memo[0]
+            uses = n_inside > 0 if self.dense is None and not used_by_events else accept
             if next_state is not None:
                 # The interpolant evaluated f(t + h, y1): it starts the next step of every row
                 # that accepted (the others keep their own), so each is charged for it.
@@ -547,6 +584,8 @@ class _Run:
                 c = c._replace(solver_state=next_state)
                 uses = uses | att.still
             c = c._replace(nfe=c.nfe + (accept & uses) * extra)
+        if cut is not None and bool(cut.reset.any()):
+            c = self._restart(c, cut.reset)
         if most_inside > 0:
             assert d is not None
             j = torch.arange(most_inside, device=self.device)
@@ -558,7 +597,7 @@ class _Run:
             )
             outputs.add(idx, evaluate(d, theta, batched=True), valid)
         if most_at_end > 0:
-            outputs.add(below.unsqueeze(1), res.y1.unsqueeze(1), (n_at_end > 0).unsqueeze(1))
+            outputs.add(below.unsqueeze(1), y_end.unsqueeze(1), (n_at_end > 0).unsqueeze(1))
         if any_acc:
             h_acc = torch.where(accept, att.h, 0.0)
             if self.records is not None:
@@ -579,6 +618,33 @@ class _Run:
                 # (a fixed step that failed is kept as no step: the row stays where it was)
                 self._keep_dense(att.t, att.h if plan is None else h_acc, d)
         return c, torch.where(accept, upto, next_out), bool(go_on)
+
+    def _cut(self, c: _Carry, att: _Attempt, cut: Cut) -> tuple[_Carry, _Attempt]:
+        """Rows whose step an event cut end it at the event: a terminal one stops there, a
+        reset goes on from the new state (even if its step had reached the end)."""
+        t_new = torch.where(cut.rows, cut.t, att.t_new)
+        still = (att.still | (cut.reset & (c.status == 0))) & ~cut.terminal
+        status = torch.where(cut.terminal, int(Status.EVENT), c.status)
+        rows = per_row(cut.rows, cut.y_next.ndim)
+        res = att.result._replace(y1=torch.where(rows, cut.y_next, att.result.y1))
+        c = c._replace(t=t_new, running=still, status=status)
+        return c, att._replace(t_new=t_new, still=still, result=res)
+
+    def _restart(self, c: _Carry, rows: torch.Tensor) -> _Carry:
+        """Rows whose state jumped (an event's reset) start afresh from it: the solver's
+        carried state, and (adaptive methods) the step, Hairer's starting step from the new
+        state where it is smaller than the proposed one: the solution after a jump may turn
+        back to the event surface sooner than the last step's size."""
+        f_new = self.f(c.t.to(self.dtype), c.y)
+        fresh = self.solver.init(self.f, c.t, c.y, f_new)
+        state = self.solver.merge(rows, fresh, c.solver_state)
+        nfe = c.nfe + rows
+        h = c.h
+        if self.controller is not None:
+            h0 = self.controller.initial_step(self.f, c.t, c.y, f_new)
+            h = torch.where(rows, torch.minimum(h0, c.h), c.h)
+            nfe = nfe + rows
+        return c._replace(solver_state=state, h=h, nfe=nfe)
 
     def _why_underflow(self, status: torch.Tensor, att: _Attempt) -> torch.Tensor:
         """The status of rows whose step size underflowed: their solver's own failure, else

@@ -20,6 +20,12 @@ class Status(enum.IntEnum):
     STEP_SIZE_UNDERFLOW = 2
     NONFINITE = 3
     NEWTON_FAILED = 4
+    EVENT = 5
+
+    @property
+    def ok(self) -> bool:
+        """The sample ended as asked: at its last time, or at a terminal event."""
+        return self in (Status.SUCCESS, Status.EVENT)
 
     @property
     def message(self) -> str:
@@ -47,6 +53,10 @@ _MESSAGES = {
         "fixed step, which cannot shrink). Loosen rtol/atol, use an adaptive method, try a "
         "Rosenbrock method (method='rodas5p': no iteration that can fail), or check the vector "
         "field for discontinuities."
+    ),
+    Status.EVENT: (
+        "The sample stopped at a terminal event (Solution.event_t); its outputs after the event "
+        "are NaN."
     ),
 }
 
@@ -99,7 +109,21 @@ class Solution:
             ``[batch, T, *features]`` batched.  A tuple when ``y0`` was a tuple.
         stats: per-sample work counters.
         status: per-sample :class:`Status` codes (``int64`` tensor, ``[batch]`` or ``[]``).
-        t_end: the time each sample actually reached (differs from ``ts[..., -1]`` only on failure).
+        t_end: the time each sample actually reached (differs from ``ts[..., -1]`` only on
+            failure, or at a terminal event).
+        event_t: a solve with ``events``: the time of the terminal event that stopped each
+            sample (``[batch]``, ``[]`` unbatched; user time), NaN where none did.
+            Differentiable (implicit function theorem) when the solve is.  ``None`` without
+            events.
+        event_index: the event function that stopped each sample (``int64``; its column among
+            all events' functions, in order: an event returning ``[batch, k]`` has ``k``), -1
+            where none.
+        event_y: the state at that event (before any reset; the layout of ``y0`` per sample),
+            NaN where none; differentiable as ``event_t``.
+        event_log: every occurrence, per sample (a list per sample batched, one list
+            unbatched), in time order: ``(t, index, kind)`` with ``t`` a float (user time),
+            ``index`` as ``event_index`` and ``kind`` ``"event"`` (recorded), ``"reset"`` (the
+            state jumped) or ``"terminal"`` (the sample stopped).
     """
 
     ts: torch.Tensor
@@ -107,6 +131,10 @@ class Solution:
     stats: Stats
     status: torch.Tensor
     t_end: torch.Tensor
+    event_t: torch.Tensor | None = None
+    event_index: torch.Tensor | None = None
+    event_y: Any = None
+    event_log: list[Any] | None = None
     _interpolator: Callable[[torch.Tensor], Any] | None = field(default=None, repr=False)
     _backward: dict[str, Stats] | None = field(default=None, repr=False)
 
@@ -119,8 +147,10 @@ class Solution:
 
     @property
     def success(self) -> bool:
-        """True when every sample reached its last requested time."""
-        return bool((self.status == Status.SUCCESS).all())
+        """True when every sample reached its last requested time or stopped at a terminal
+        event."""
+        ok = (self.status == Status.SUCCESS) | (self.status == Status.EVENT)
+        return bool(ok.all())
 
     def messages(self) -> list[str]:
         """The message of each distinct status among the samples."""

@@ -29,6 +29,8 @@ from .gradients import (
     Outcome,
     find_adjoint_params,
 )
+from ._event_solve import check_events, differentiate, make_tracker, unbatched_events, with_events
+from .events import Event
 from .interpolation import make_evaluate, recorded_evaluator
 from .solution import Solution, SolverError, Status
 from .solvers.base import Solver
@@ -66,6 +68,7 @@ def solve(
     jump_t: torch.Tensor | Sequence[float] | None = None,
     jac: Callable[[torch.Tensor, Any], Any] | None = None,
     perturb: bool = False,
+    events: Event | Sequence[Event] | None = None,
     throw: bool = True,
     gradient: str = "backprop",
     adjoint_params: Sequence[torch.Tensor] | None = None,
@@ -126,6 +129,15 @@ def solve(
             from the side of the step being taken (torchdiffeq's ``perturb`` option; adaptive
             methods take ``jump_t`` instead).  A step's first stage is then always evaluated
             afresh, not taken from the last step's end.
+        events: an :class:`~neuralode.Event` or a list of them: functions of ``(t, y)`` whose
+            sign changes are located per sample on each accepted step's dense output (a
+            terminal event stops its sample, a reset makes its state jump, every occurrence
+            is logged).  The :class:`Solution` then has ``event_t``, ``event_index``,
+            ``event_y`` and ``event_log``.  With autograd on, the solve integrates twice: once
+            without a graph to locate the events, once with the gradient strategy to them (the
+            event times get their implicit-function-theorem gradients); under
+            ``torch.no_grad()`` it integrates once.  Not with ``perturb``, func's step
+            callbacks, complex states, gradients to ``t``, or resets on fixed-step methods.
         throw: raise :class:`SolverError` when a sample fails; with ``False`` failures are only
             reported in ``Solution.status`` and the outputs they did not reach are NaN.
         gradient: what autograd sees of the solve; gradients reach ``y0``, ``t`` and the
@@ -172,10 +184,14 @@ def solve(
         >>> sol.ys.shape, int(sol.stats.nfe) > 0
         (torch.Size([5, 3]), True)
     """
-    if _complex_state(y0):  # solved as pairs of reals (first: locals() are the arguments)
-        return _solve_complex(
-            func, y0, t, {k: v for k, v in locals().items() if k not in ("func", "y0", "t")}
-        )
+    kw = {k: v for k, v in locals().items() if k not in ("func", "y0", "t", "events")}
+    if events is not None:
+        events = check_events(events)
+        _refuse_for_events(func, y0, t, kw)
+        if not (batched or (batched is None and isinstance(t, torch.Tensor) and t.ndim == 2)):
+            return unbatched_events(solve, func, y0, t, events, kw)
+    if _complex_state(y0):  # solved as pairs of reals
+        return _solve_complex(func, y0, t, kw)
     solver = get_solver(method)
     check_solver_options(
         solver,
@@ -298,7 +314,40 @@ def solve(
         callbacks=prob.callbacks,
         perturb=perturb,
     )
+    if events is not None:
+        if not solver.adaptive and any(e.reset is not None for e in events):
+            raise ValueError(
+                f"events with a reset need an adaptive method (the solve restarts at the event "
+                f"time, off the fixed grid); {solver.name!r} is fixed-step"
+            )
+        spec = dataclasses.replace(spec, events=make_tracker(prob, events))
+        with torch.no_grad():
+            res = spec.run(prob.y0, prob.f0, prob.times.detach())
+        assert res.events is not None
+        outcome = Outcome(res.ys, res, None, True)
+        located = with_events(_finish(prob, t, outcome, dense, throw), res.events, prob)
+        if not torch.is_grad_enabled() or prob.times.shape[-1] < 2:
+            return located
+        return differentiate(solve, func, y0, t, events, kw, located, res.events.widths)
     return _finish(prob, t, strategy.solve(prob, spec), dense, throw)
+
+
+def _refuse_for_events(func: Any, y0: Any, t: Any, kw: dict[str, Any]) -> None:
+    """What events do not combine with, named."""
+    if kw.get("perturb"):
+        raise ValueError("events do not combine with perturb (use jump_t for a field that jumps)")
+    if _complex_state(y0):
+        raise ValueError("events do not support complex states; solve their real views")
+    if any(getattr(func, name, None) is not None for name in CALLBACK_NAMES):
+        raise ValueError(
+            "events do not combine with func's step callbacks (callback_step, ...); the event "
+            "log (Solution.event_log) records each occurrence"
+        )
+    if isinstance(t, torch.Tensor) and t.requires_grad:
+        raise ValueError(
+            "gradients to t are not supported with events; pass t.detach() (the event times "
+            "are differentiable through Solution.event_t)"
+        )
 
 
 def _step_times(name: str, x: Any, solver: Solver, prob: Problem) -> torch.Tensor | None:
@@ -374,7 +423,7 @@ def _finish(prob: Problem, t: Any, out: Outcome, dense: bool, throw: bool) -> So
 
 def _failure_message(status: torch.Tensor, t_end: torch.Tensor) -> str:
     flat = status.reshape(-1)
-    bad = (flat != Status.SUCCESS).nonzero().reshape(-1)
+    bad = ((flat != Status.SUCCESS) & (flat != Status.EVENT)).nonzero().reshape(-1)
     first = int(bad[0])
     code = Status(int(flat[first]))
     where = f"sample {first} " if status.ndim else ""

@@ -1,0 +1,372 @@
+"""A solve with events: the loop locates them, the public solve differentiates to them.
+
+Two passes when autograd is on (one under ``torch.no_grad()``):
+
+1. **locate**: the loop runs with an :class:`~neuralode.events.EventTracker` and no graph; each
+   row stops at its terminal event and jumps at its resets (``_loop``, the commit).
+2. **differentiate**: each row's trajectory is cut into segments at its resets and its terminal
+   event; segment ``j`` of every row is one batched solve (per-sample grids, with the solve's
+   gradient strategy) from the segment's start to its end, through the user's output times that
+   fall inside.  At each segment end the event time gets its implicit-function-theorem gradient
+   (:func:`~neuralode.events.event_time`), the state at the event moves with it, and a reset's
+   new state is carried to the next segment's fixed start time with the first-order shift
+   ``- f dt*``, which gives the saltation term of the adjoint through a jump.
+
+torchdiffeq's adjoint with events integrates twice in the same way; its backprop integrates once
+with a graph.  Rows with fewer segments than the most ride along on a few padding times of
+negligible length, whose outputs are dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from ._inputs import Problem
+from ._rows import per_row
+from .events import Event, EventLog, EventTracker, event_state, event_time
+from .solution import Solution, Stats, Status
+
+__all__ = ["check_events", "make_tracker", "with_events", "differentiate", "unbatched_events"]
+
+
+def check_events(events: Any) -> tuple[Event, ...]:
+    """``events`` as a non-empty tuple of :class:`Event` (a single one is accepted)."""
+    if isinstance(events, Event):
+        return (events,)
+    if not isinstance(events, (list, tuple)) or not events:
+        raise TypeError(
+            f"events must be a neuralode.Event or a non-empty list of them, got {events!r}"
+        )
+    for i, e in enumerate(events):
+        if not isinstance(e, Event):
+            raise TypeError(
+                f"events[{i}] must be a neuralode.Event(fn, direction=..., terminal=..., "
+                f"reset=...), got {type(e).__name__}"
+            )
+    return tuple(events)
+
+
+def _pack(y: Any, rows: int) -> torch.Tensor:
+    if isinstance(y, (tuple, list)):
+        return torch.cat([p.reshape(rows, -1) for p in y], dim=-1)
+    return y
+
+
+def make_tracker(
+    prob: Problem, events: tuple[Event, ...]
+) -> Callable[[torch.Tensor, torch.Tensor], EventTracker]:
+    """The loop's tracker factory: the user's functions called in the user's time and layout
+    from the loop's internal (mirrored) time and flat state."""
+    dtype, sign, B = prob.y0.dtype, prob.sign, prob.y0.shape[0]
+
+    def user_time(s: torch.Tensor) -> torch.Tensor:
+        if isinstance(sign, torch.Tensor):
+            return s * sign.repeat_interleave(s.shape[0] // B).to(s.dtype)
+        return s * sign
+
+    def call(fn: Callable[..., Any], s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return fn(user_time(s).to(dtype), prob.unflatten(y))
+
+    def reset_call(fn: Callable[..., Any], s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return _pack(fn(user_time(s).to(dtype), prob.unflatten(y)), y.shape[0])
+
+    return lambda t0, y0: EventTracker(events, call, reset_call, t0, y0)
+
+
+def with_events(sol: Solution, log: EventLog, prob: Problem) -> Solution:
+    """The located events in the user's terms, on a batched :class:`Solution`."""
+    sign = prob.sign
+    signs = sign.tolist() if isinstance(sign, torch.Tensor) else [sign] * len(log.occurrences)
+    occ = [
+        [(t * sg, i, kind) for t, i, kind in row] for row, sg in zip(log.occurrences, signs)
+    ]
+    return dataclasses.replace(
+        sol,
+        event_t=log.t * sign,
+        event_index=log.index,
+        event_y=prob.unflatten(log.y),
+        event_log=occ,
+    )
+
+
+def unbatched_events(
+    solve: Callable[..., Solution],
+    func: Callable[..., Any],
+    y0: Any,
+    t: torch.Tensor,
+    events: tuple[Event, ...],
+    kw: dict[str, Any],
+) -> Solution:
+    """An unbatched solve with events, as a batch of one (the batched loop finds events)."""
+    is_tuple = isinstance(y0, (tuple, list))
+
+    def up(x: Any) -> Any:
+        return tuple(p.unsqueeze(0) for p in x) if isinstance(x, (tuple, list)) else x.unsqueeze(0)
+
+    def down(x: Any, i: int = 0) -> Any:
+        return tuple(p[i] for p in x) if isinstance(x, (tuple, list)) else x[i]
+
+    def rowwise(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def call(tt: torch.Tensor, y: Any) -> Any:
+            rows = (y[0] if isinstance(y, (tuple, list)) else y).shape[0]
+            tt = tt.expand(rows) if tt.ndim == 0 else tt
+            outs = [fn(tt[i], down(y, i)) for i in range(rows)]
+            if isinstance(outs[0], (tuple, list)):
+                return tuple(torch.stack(parts) for parts in zip(*outs))
+            return torch.stack(outs)
+
+        return call
+
+    batched_events = tuple(
+        dataclasses.replace(
+            e, fn=rowwise(e.fn), reset=None if e.reset is None else rowwise(e.reset)
+        )
+        for e in events
+    )
+    kw = dict(kw, batched=True)
+    jac = kw.get("jac")
+    if jac is not None:
+
+        def jac_b(tt: torch.Tensor, y: Any) -> Any:
+            out = jac(tt[0], down(y))
+            if isinstance(out, tuple):
+                return out[0].unsqueeze(0), up(out[1])
+            return out.unsqueeze(0)
+
+        kw["jac"] = jac_b
+    if kw.get("gradient", "backprop") != "backprop" and kw.get("adjoint_params") is None:
+        params = [p for p in getattr(func, "parameters", lambda: [])() if p.requires_grad]
+        kw["adjoint_params"] = params
+    for name in ("rtol", "atol"):
+        tol = kw.get(name)
+        if isinstance(tol, torch.Tensor) and tol.ndim > 0:
+            kw[name] = tol.unsqueeze(0)
+        elif isinstance(tol, (tuple, list)):
+            kw[name] = tuple(x.unsqueeze(0) if isinstance(x, torch.Tensor) else x for x in tol)
+    sol = solve(rowwise(func), up(y0), t, events=batched_events, **kw)
+    interp = sol._interpolator
+    return dataclasses.replace(
+        sol,
+        ys=down(sol.ys) if is_tuple else sol.ys[0],
+        stats=Stats(*(None if v is None else v[0] for v in dataclasses.astuple(sol.stats))),
+        status=sol.status[0],
+        t_end=sol.t_end[0],
+        event_t=None if sol.event_t is None else sol.event_t[0],
+        event_index=None if sol.event_index is None else sol.event_index[0],
+        event_y=None if sol.event_y is None else down(sol.event_y),
+        event_log=None if sol.event_log is None else sol.event_log[0],
+        _interpolator=None if interp is None else (lambda tt: down(interp(tt))),
+    )
+
+
+class _SummedBackward(dict):  # type: ignore[type-arg]
+    """The backward work of several solves (the segments), summed when asked."""
+
+    def __init__(self, parts: Sequence[dict[str, Stats] | None]) -> None:
+        super().__init__()
+        self.parts = [p for p in parts if p is not None]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        found = [p.get(key) for p in self.parts]
+        found = [x for x in found if x is not None]
+        if not found:
+            return default
+        return _sum_stats(found)
+
+
+def _sum_stats(stats: Sequence[Stats]) -> Stats:
+    fields = [dataclasses.astuple(s) for s in stats]
+    out = []
+    for vals in zip(*fields):
+        out.append(None if any(v is None for v in vals) else sum(vals[1:], vals[0]))
+    return Stats(*out)
+
+
+def _where(mask: torch.Tensor, a: Any, b: Any) -> Any:
+    if isinstance(a, tuple):
+        return tuple(_where(mask, x, y) for x, y in zip(a, b))
+    return torch.where(per_row(mask, a.ndim), a, b)
+
+
+def _rows_at(ys: Any, pos: torch.Tensor) -> Any:
+    """``ys[r, pos[r]]`` for every row (a tuple state part by part)."""
+    if isinstance(ys, tuple):
+        return tuple(_rows_at(p, pos) for p in ys)
+    idx = pos.view((-1, 1) + (1,) * (ys.ndim - 2)).expand((ys.shape[0], 1) + ys.shape[2:])
+    return ys.gather(1, idx).squeeze(1)
+
+
+def _axpy(y: Any, f: Any, dt: torch.Tensor, sign: float) -> Any:
+    if isinstance(y, tuple):
+        return tuple(_axpy(p, q, dt, sign) for p, q in zip(y, f))
+    return y + sign * f * per_row(dt.to(y.dtype), y.ndim)
+
+
+def differentiate(
+    solve: Callable[..., Solution],
+    func: Callable[..., Any],
+    y0: Any,
+    t: torch.Tensor,
+    events: tuple[Event, ...],
+    kw: dict[str, Any],
+    located: Solution,
+    widths: Sequence[int],
+) -> Solution:
+    """The differentiable solution to the located events (batched; see the module notes).
+
+    ``widths``: how many functions each event returns (its columns among all events')."""
+    is_tuple = isinstance(y0, (tuple, list))
+    y0 = tuple(y0) if is_tuple else y0
+    first = y0[0] if is_tuple else y0
+    B, dtype = first.shape[0], first.dtype
+    user_t = t.detach().to(torch.float64)
+    if user_t.ndim == 1:
+        user_t = user_t.unsqueeze(0).expand(B, -1)
+    T = user_t.shape[1]
+    grid_t: list[list[float]] = user_t.tolist()
+    assert located.event_log is not None and located.event_t is not None
+    ok = (located.status == Status.SUCCESS) | (located.status == Status.EVENT)
+    active0: list[bool] = ok.tolist()
+    # Each row's segments: (start, end, the event at the end: (column, kind) or None).
+    segments: list[list[tuple[float, float, tuple[int, str] | None]]] = []
+    for r in range(B):
+        cuts = [(x, i, k) for x, i, k in located.event_log[r] if k != "event"]
+        starts = [grid_t[r][0]] + [x for x, _, k in cuts if k == "reset"]
+        ends: list[tuple[float, tuple[int, str] | None]] = [(x, (i, k)) for x, i, k in cuts]
+        if not cuts or cuts[-1][2] != "terminal":
+            ends.append((grid_t[r][-1], None))
+        segments.append(
+            [(a, b, e) for a, (b, e) in zip(starts, ends)] if active0[r] else []
+        )
+    n_seg = max((len(s) for s in segments), default=0)
+    owner = [e for e, w in enumerate(widths) for _ in range(w)]
+    offsets = [owner.index(e) for e in range(len(events))]
+    kw = dict(kw, batched=True, dense=False, throw=False)
+    state = y0
+    where_now = [g[0] for g in grid_t]  # each row's current time (user)
+    collected: list[tuple[torch.Tensor, Any]] = []
+    stats: list[Stats] = [located.stats]
+    backward: list[dict[str, Stats] | None] = []
+    status = located.status.clone()
+    event_t = located.event_t.clone()
+    event_y = located.event_y
+    extra_nfe = torch.zeros(B, dtype=torch.long, device=first.device)
+    for j in range(n_seg):
+        grids, maps, end_pos, live, ends_at = [], [], [], [], []
+        for r in range(B):
+            u = grid_t[r]
+            s = 1.0 if u[-1] >= u[0] else -1.0
+            if j < len(segments[r]):
+                a, b, ev_end = segments[r][j]
+                inside = [i for i in range(T) if s * (u[i] - a) > 0 and s * (u[i] - b) < 0]
+                at_b = [i for i in range(T) if u[i] == b]
+                g = [a] + [u[i] for i in inside] + [b]
+                m = [0 if j == 0 else T] + inside + [at_b[0] if at_b else T]
+                live.append(True)
+                ends_at.append(ev_end)
+            else:
+                g, m = [where_now[r]], [T]
+                live.append(False)
+                ends_at.append(None)
+            end_pos.append(len(g) - 1)
+            grids.append((g, m, s, abs(u[-1] - u[0])))
+        L = max(len(g) for g, _, _, _ in grids) + 1
+        rows_t, rows_m = [], []
+        for g, m, s, span in grids:
+            delta = 1e3 * torch.finfo(torch.float64).eps * max(abs(g[-1]), span, 1e-300)
+            pad = [g[-1] + s * delta * (k + 1) for k in range(L - len(g))]
+            rows_t.append(g + pad)
+            rows_m.append(m + [T] * len(pad))
+        grid = torch.tensor(rows_t, dtype=torch.float64, device=first.device)
+        idx = torch.tensor(rows_m, dtype=torch.long, device=first.device)
+        sol = solve(func, state, grid, **kw)
+        stats.append(sol.stats)
+        backward.append(sol._backward)
+        live_t = torch.tensor(live, device=first.device)
+        status = torch.where(live_t & ~_ok(sol.status), sol.status, status)
+        collected.append((idx, sol.ys))
+        pos = torch.tensor(end_pos, dtype=torch.long, device=first.device)
+        y_b = _rows_at(sol.ys, pos)
+        t_b = torch.tensor([row[p] for row, p in zip(rows_t, end_pos)], device=first.device)
+        evented = torch.tensor([e is not None for e in ends_at], device=first.device) & live_t
+        if bool(evented.any()):
+            col = torch.tensor([-1 if e is None else e[0] for e in ends_at], device=first.device)
+            term = evented & torch.tensor(
+                [e is not None and e[1] == "terminal" for e in ends_at], device=first.device
+            )
+            reset = evented & ~term
+            tb = t_b.to(dtype)
+            fy = func(tb, y_b)
+            t_ev = tb
+            ev_of = torch.tensor(
+                [owner[c] if c >= 0 else -1 for c in col.tolist()], device=first.device
+            )
+            for e, ev in enumerate(events):
+                mine = evented & (ev_of == e)
+                if bool(mine.any()):
+                    t_e = event_time(ev.fn, fy, tb, y_b, col - offsets[e], mine, ev.label)
+                    t_ev = torch.where(mine, t_e, t_ev)
+            y_ev = event_state(y_b, fy, t_ev, tb)
+            extra_nfe += evented.long()
+            if bool(term.any()):
+                event_t = torch.where(term, event_t + (t_ev - tb).to(event_t.dtype), event_t)
+                event_y = _where(term, y_ev, event_y)
+            if bool(reset.any()):
+                y_new = y_ev
+                for e, ev in enumerate(events):
+                    mine = reset & (ev_of == e)
+                    if ev.reset is not None and bool(mine.any()):
+                        y_new = _where(mine, ev.reset(t_ev, y_ev), y_new)
+                # The next segment starts at the located time t_b (fixed): shift the new state
+                # back along the flow by dt* = t_ev - t_b (zero, with its gradient).
+                f_new = func(tb, y_new)
+                extra_nfe += reset.long()
+                y_start = _axpy(y_new, f_new, t_ev - tb, -1.0)
+                state = _where(reset, y_start, _where(live_t, y_b, state))
+            else:
+                state = _where(live_t, y_b, state)
+        else:
+            state = _where(live_t, y_b, state)
+        where_now = [row[p] for row, p in zip(rows_t, end_pos)]
+    ys = _assemble(collected, T, is_tuple)
+    if not all(active0):  # rows that failed to locate keep their (constant) outputs
+        ys = _where(ok, ys, _detach(located.ys))
+    total = _sum_stats(stats)
+    total = dataclasses.replace(total, nfe=total.nfe + extra_nfe)
+    return dataclasses.replace(
+        located,
+        ys=ys,
+        stats=total,
+        status=status,
+        event_t=event_t,
+        event_y=event_y,
+        _backward=_SummedBackward(backward),
+    )
+
+
+def _ok(status: torch.Tensor) -> torch.Tensor:
+    return (status == Status.SUCCESS) | (status == Status.EVENT)
+
+
+def _detach(y: Any) -> Any:
+    return tuple(p.detach() for p in y) if isinstance(y, tuple) else y.detach()
+
+
+def _assemble(collected: list[tuple[torch.Tensor, Any]], T: int, is_tuple: bool) -> Any:
+    """Scatter the segments' outputs into ``[batch, T, ...]`` (NaN where none landed)."""
+    idx = torch.cat([i for i, _ in collected], dim=1)
+
+    def one(vals: torch.Tensor) -> torch.Tensor:
+        full = vals.new_full((vals.shape[0], T + 1) + vals.shape[2:], math.nan)
+        ix = per_row(idx, vals.ndim).expand_as(vals)
+        return full.scatter(1, ix, vals)[:, :T]
+
+    if is_tuple:
+        parts = list(zip(*[v for _, v in collected]))
+        return tuple(one(torch.cat(p, dim=1)) for p in parts)
+    return one(torch.cat([v for _, v in collected], dim=1))
