@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from .compat import ODE_OPTIONS, odeint, odeint_adjoint
+from .compat import ODE_OPTIONS, odeint, odeint_adjoint, odeint_event
 from .events import Event, GrazingEventError
 from .solution import Solution, SolverError, Stats, Status
 from .solve import solve
@@ -22,6 +22,7 @@ __all__ = [
     "GrazingEventError",
     "odeint",
     "odeint_adjoint",
+    "odeint_event",
     "solve",
     "Solution",
     "SolverError",

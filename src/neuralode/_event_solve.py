@@ -28,6 +28,7 @@ import torch
 
 from ._inputs import Problem
 from ._rows import per_row
+from .gradients import find_adjoint_params
 from .events import Event, EventLog, EventTracker, event_state, event_time
 from .solution import Solution, Stats, Status
 
@@ -139,9 +140,8 @@ def unbatched_events(
             return out.unsqueeze(0)
 
         kw["jac"] = jac_b
-    if kw.get("gradient", "backprop") != "backprop" and kw.get("adjoint_params") is None:
-        params = [p for p in getattr(func, "parameters", lambda: [])() if p.requires_grad]
-        kw["adjoint_params"] = params
+    if kw.get("gradient", "backprop") != "backprop":  # the parameters are func's, not the wrapper's
+        kw["adjoint_params"] = find_adjoint_params(func, kw.get("adjoint_params"), kw["gradient"])
     for name in ("rtol", "atol"):
         tol = kw.get(name)
         if isinstance(tol, torch.Tensor) and tol.ndim > 0:
@@ -244,10 +244,17 @@ def differentiate(
             [(a, b, e) for a, (b, e) in zip(starts, ends)] if active0[r] else []
         )
     n_seg = max((len(s) for s in segments), default=0)
+    if n_seg == 0:  # every row failed to locate: nothing to differentiate
+        return located
     owner = [e for e, w in enumerate(widths) for _ in range(w)]
     offsets = [owner.index(e) for e in range(len(events))]
     kw = dict(kw, batched=True, dense=False, throw=False)
     state = y0
+    times = t if t.ndim == 2 else t.unsqueeze(0).expand(B, -1)
+    if times.requires_grad:  # the start time's gradient, as the solve gives it: -f(t0, y0)
+        t0 = times[:, 0]
+        f0 = func(t0.detach().to(dtype), y0)
+        state = _axpy(y0, f0, t0 - t0.detach(), -1.0)
     where_now = [g[0] for g in grid_t]  # each row's current time (user)
     collected: list[tuple[torch.Tensor, Any]] = []
     stats: list[Stats] = [located.stats]
@@ -334,6 +341,8 @@ def differentiate(
             state = _where(live_t, y_b, state)
         where_now = [row[p] for row, p in zip(rows_t, end_pos)]
     ys = _assemble(collected, T, is_tuple)
+    if times.requires_grad:  # each output's own time: dy(t_i)/dt_i = f(t_i, y_i)
+        ys = _attach_output_times(func, ys, times)
     if not all(active0):  # rows that failed to locate keep their (constant) outputs
         ys = _where(ok, ys, _detach(located.ys))
     total = _sum_stats(stats)
@@ -347,6 +356,27 @@ def differentiate(
         event_y=event_y,
         _backward=_SummedBackward(backward),
     )
+
+
+def _attach_output_times(func: Callable[..., Any], ys: Any, times: torch.Tensor) -> Any:
+    """``y_i + f(t_i, y_i) (t_i - t_i)``: the outputs' derivatives with respect to their times
+    (zero at outputs an event left NaN)."""
+    parts = ys if isinstance(ys, tuple) else (ys,)
+    T = times.shape[1]
+    out = []
+    for i in range(T):
+        yi = tuple(p[:, i] for p in parts)
+        fi = func(times[:, i].detach().to(parts[0].dtype), yi if isinstance(ys, tuple) else yi[0])
+        fparts = fi if isinstance(fi, tuple) else (fi,)
+        dt = times[:, i] - times[:, i].detach()
+        out.append(
+            tuple(
+                p + torch.where(torch.isnan(p), 0.0, q) * per_row(dt.to(p.dtype), p.ndim)
+                for p, q in zip(yi, fparts)
+            )
+        )
+    stacked = tuple(torch.stack(x, dim=1) for x in zip(*out))
+    return stacked if isinstance(ys, tuple) else stacked[0]
 
 
 def _ok(status: torch.Tensor) -> torch.Tensor:

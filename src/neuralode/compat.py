@@ -19,13 +19,14 @@ import torch
 
 from ._inputs import CALLBACK_NAMES, check_state, check_times
 from .gradients.adjoint import ADJOINT_OPTIONS
+from .events import Event
 from .solution import SolverError
 from .solve import DEFAULT_MAX_NUM_STEPS, solve
 from .solvers import AdamsBashforth, AdamsBashforthMoulton, ButcherTableau, Solver, get_solver
 from .solvers.implicit import ImplicitRK
 from .solvers.registry import ALIASES
 
-__all__ = ["odeint", "odeint_adjoint", "ODE_OPTIONS", "SCIPY_OPTIONS"]
+__all__ = ["odeint", "odeint_adjoint", "odeint_event", "ODE_OPTIONS", "SCIPY_OPTIONS"]
 
 #: Option keys ``odeint`` understands (torchdiffeq's names), with their meaning.
 ODE_OPTIONS = {
@@ -84,7 +85,8 @@ def odeint(
     atol: float | torch.Tensor = 1e-9,
     method: str | ButcherTableau | Solver | None = "dopri5",
     options: dict[str, Any] | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    event_fn: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
+) -> Any:
     """Solve ``dy/dt = func(t, y)`` and return ``y`` at the times ``t`` (torchdiffeq's API).
 
     Args:
@@ -104,9 +106,15 @@ def odeint(
         options: keys of :data:`ODE_OPTIONS` (an unknown key warns and is ignored, as in
             torchdiffeq); torchdiffeq's older ``grid_points``/``eps`` are read as ``step_t``
             (``eps=0``) or ``jump_t``, with a ``FutureWarning``.
+        event_fn: ``event_fn(t, y) -> tensor`` (``[]`` or ``[k]``): integrate from ``t[0]``
+            until a function of it changes sign, in the direction of ``t`` (the other times
+            are ignored), as torchdiffeq; see :func:`odeint_event`.
 
     Returns:
-        ``[T, *y0.shape]`` (a tuple of such for a tuple ``y0``); ``out[0]`` is ``y0``.
+        ``[T, *y0.shape]`` (a tuple of such for a tuple ``y0``); ``out[0]`` is ``y0``.  With
+        ``event_fn``: ``(event_t, solution)``, ``solution`` ``[2, *y0.shape]``: ``y0`` and the
+        state at the event; both differentiable (the event time by the implicit function
+        theorem).
 
     Raises:
         ValueError, TypeError: bad input, naming the argument.
@@ -115,7 +123,11 @@ def odeint(
     method = "dopri5" if method is None else method
     _check_1d(t, "odeint")
     if isinstance(method, str) and method == "scipy_solver":
+        if event_fn is not None:
+            raise ValueError("event_fn is not supported with method='scipy_solver'")
         return _scipy_solve(func, y0, t, rtol, atol, options)
+    if event_fn is not None:
+        return _until_event(func, y0, t, event_fn, rtol, atol, method, options, "odeint", {})
     kwargs = _options(options, y0, "odeint", method)
     method = _configured(method, kwargs, rtol, atol, "odeint")
     grid, interp = _grid_options(func, y0, t, kwargs)
@@ -140,7 +152,8 @@ def odeint_adjoint(
     adjoint_method: str | ButcherTableau | Solver | None = None,
     adjoint_options: dict[str, Any] | None = None,
     adjoint_params: Sequence[torch.Tensor] | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    event_fn: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
+) -> Any:
     """:func:`odeint` with gradients by the continuous adjoint method (torchdiffeq's API).
 
     The forward solve keeps no autograd graph, so memory does not grow with the number of
@@ -152,10 +165,11 @@ def odeint_adjoint(
     a warning; ``"error"`` refuses it) and the keys of :data:`ODE_OPTIONS`; an unknown key warns
     and is ignored; the other ``adjoint_*`` arguments default to the forward ones.
     The backward solve carries its step size from one output interval to the next.
-    See :func:`neuralode.solve`.
+    ``event_fn`` integrates until an event, as :func:`odeint`'s.  See :func:`neuralode.solve`.
 
     Returns:
-        ``[T, *y0.shape]`` (a tuple of such for a tuple ``y0``).
+        ``[T, *y0.shape]`` (a tuple of such for a tuple ``y0``); with ``event_fn``
+        ``(event_t, solution)`` as :func:`odeint`.
 
     Raises:
         ValueError, TypeError: bad input, naming the argument.
@@ -169,10 +183,21 @@ def odeint_adjoint(
             "method='scipy_solver' has no gradient (scipy's solve is not differentiable): use "
             "odeint with it, or a neuralode method with odeint_adjoint"
         )
+    _check_1d(t, "odeint_adjoint")
+    adjoint = dict(
+        gradient="adjoint",
+        adjoint_params=adjoint_params,
+        adjoint_rtol=adjoint_rtol,
+        adjoint_atol=adjoint_atol,
+        adjoint_method=adjoint_method,
+        adjoint_options=_adjoint_options(adjoint_options, adjoint_method or method, y0),
+    )
+    if event_fn is not None:
+        return _until_event(
+            func, y0, t, event_fn, rtol, atol, method, options, "odeint_adjoint", adjoint
+        )
     kwargs = _options(options, y0, "odeint_adjoint", method)
     method = _configured(method, kwargs, rtol, atol, "odeint_adjoint")
-    _check_1d(t, "odeint_adjoint")
-    adjoint_options = _adjoint_options(adjoint_options, adjoint_method or method, y0)
     grid, interp = _grid_options(func, y0, t, kwargs)
     sol = solve(
         func,
@@ -182,15 +207,125 @@ def odeint_adjoint(
         rtol=rtol,
         atol=atol,
         batched=False,
-        gradient="adjoint",
-        adjoint_params=adjoint_params,
-        adjoint_rtol=adjoint_rtol,
-        adjoint_atol=adjoint_atol,
-        adjoint_method=adjoint_method,
-        adjoint_options=adjoint_options,
+        **adjoint,
         **kwargs,
     )
     return sol.ys if grid is None else _interpolate(func, grid, sol.ys, t, interp)
+
+
+#: How far an adaptive solve until an event may go (time units, relative to ``1 + |t0|``):
+#: torchdiffeq integrates without an end; a horizon this far gives the same answer for any event
+#: a solve reaches within ``max_num_steps``.
+_EVENT_HORIZON = 1e6
+#: Fixed steps a solve until an event takes at most (torchdiffeq's own limit).
+_EVENT_FIXED_STEPS = 20_000
+
+
+def odeint_event(
+    func: Callable[[torch.Tensor, Any], Any],
+    y0: torch.Tensor | tuple[torch.Tensor, ...],
+    t0: torch.Tensor,
+    *,
+    event_fn: Callable[[torch.Tensor, Any], torch.Tensor],
+    reverse_time: bool = False,
+    odeint_interface: Callable[..., Any] = odeint,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, Any]:
+    """Integrate from ``t0`` until ``event_fn(t, y)`` changes sign (torchdiffeq's API).
+
+    A thin layer over :class:`neuralode.Event` (a terminal event of either direction; with
+    ``[k]`` functions, the first of them to change sign).  Unlike torchdiffeq's, whose gradient
+    comes from a rerouting function after the solve, the event time and state here carry their
+    implicit-function-theorem gradients with either interface (:func:`odeint`: backprop through
+    the solve to the event; :func:`odeint_adjoint`: the adjoint), and to ``t0`` as well.
+
+    Args:
+        func, y0: as :func:`odeint`.
+        t0: the start time (a tensor of one element).
+        event_fn: ``event_fn(t, y) -> tensor`` (``[]`` or ``[k]``).
+        reverse_time: integrate towards decreasing time.
+        odeint_interface: :func:`odeint` or :func:`odeint_adjoint`.
+        **kwargs: the interface's other arguments (``rtol``, ``atol``, ``method``, ``options``,
+            and the adjoint's).  A fixed-step method needs ``options["step_size"]``.
+
+    Returns:
+        ``(event_t, solution)``: the event time (0-dim, ``t0``'s dtype) and ``[2, *y0.shape]``
+        (``y0`` and the state at the event; a tuple for a tuple ``y0``).
+
+    Raises:
+        SolverError: no event within the horizon (``1e6 (1 + |t0|)`` time units, or 20000 fixed
+            steps) or the solve failed first.
+    """
+    if not isinstance(t0, torch.Tensor) or t0.numel() != 1:
+        raise ValueError(f"t0 must be a tensor of one element, got {t0!r}")
+    t0 = t0.reshape(-1)
+    t = torch.cat([t0, t0.detach() + (-1.0 if reverse_time else 1.0)])
+    return odeint_interface(func, y0, t, event_fn=event_fn, **kwargs)  # type: ignore[no-any-return]
+
+
+def _until_event(
+    func: Callable[[torch.Tensor, Any], Any],
+    y0: Any,
+    t: torch.Tensor,
+    event_fn: Callable[[torch.Tensor, Any], torch.Tensor],
+    rtol: Any,
+    atol: Any,
+    method: Any,
+    options: dict[str, Any] | None,
+    where: str,
+    adjoint: dict[str, Any],
+) -> tuple[torch.Tensor, Any]:
+    """``odeint(..., event_fn=...)``: from ``t[0]`` until the event, in ``t``'s direction."""
+    if not callable(event_fn):
+        raise TypeError(f"event_fn must be callable as event_fn(t, y), got {event_fn!r}")
+    method = "dopri5" if method is None else method
+    kwargs = _options(options, y0, where, method)
+    method = _configured(method, kwargs, rtol, atol, where)
+    if kwargs.get("grid_constructor") is not None or kwargs.get("interp") is not None:
+        raise ValueError(f"{where} with event_fn: grid_constructor and interp do not apply")
+    kwargs.pop("grid_constructor", None)
+    kwargs.pop("interp", None)
+    t = torch.as_tensor(t)
+    sign = -1.0 if t.numel() > 1 and bool(t[1] < t[0]) else 1.0
+    t0 = t.reshape(-1)[:1]
+    if get_solver(method).adaptive:
+        span = _EVENT_HORIZON * (1.0 + abs(float(t0.detach())))
+    else:
+        step = kwargs.get("step_size")
+        if step is None:
+            raise ValueError(
+                f"{where} with event_fn and a fixed-step method needs options['step_size'] "
+                f"(as torchdiffeq)"
+            )
+        span = _EVENT_FIXED_STEPS * float(step)
+    times = torch.cat([t0, t0.detach() + sign * span])
+    sol = solve(
+        func,
+        y0,
+        times,
+        method=method,
+        rtol=rtol,
+        atol=atol,
+        batched=False,
+        events=Event(event_fn, direction=0, terminal=True),
+        throw=False,
+        **adjoint,
+        **kwargs,
+    )
+    assert sol.event_t is not None
+    if bool(torch.isnan(sol.event_t)):
+        why = "" if sol.success else f" (the solve stopped there: {sol.messages()[0]})"
+        raise SolverError(
+            f"{where}: event_fn did not change sign between t = {float(t0.detach()):.6g} and "
+            f"t = {float(sol.t_end):.6g}{why}",
+            sol,
+        )
+    y_event = sol.event_y
+    if isinstance(y0, (tuple, list)):
+        solution: Any = tuple(torch.stack([p, q]) for p, q in zip(y0, y_event))
+    else:
+        solution = torch.stack([y0, y_event])
+    return sol.event_t.to(t.dtype), solution
 
 
 def _grid_options(

@@ -58,7 +58,8 @@ class Event:
         reset: ``reset(t, y) -> y_new`` (same layout as ``y``): at each occurrence the state
             jumps to ``y_new`` and the solve goes on from there with a fresh solver state (a
             hybrid system).  Batched, it is called with every row and its result is taken on
-            the rows that fired, so it must work row by row, as ``fn``.
+            the rows that fired, so it must work row by row, as ``fn``.  An occurrence that
+            stops the sample (``terminal``) stops it without the reset.
         name: a label for messages.
         xtol: the time resolution of the root (time units); default four ulps of the time in
             the state's dtype.
@@ -452,7 +453,10 @@ def event_time(
     yd = tuple(p.detach().requires_grad_(True) for p in parts)
     with torch.enable_grad():
         gd = _column(g(td, yd if isinstance(y, tuple) else yd[0]), col)
-        grads = torch.autograd.grad(gd.sum(), (td, *yd), allow_unused=True)
+        if gd.requires_grad:
+            grads = torch.autograd.grad(gd.sum(), (td, *yd), allow_unused=True)
+        else:  # g depends on neither t nor y (a step function of them): its rate is zero
+            grads = (None,) * (1 + len(yd))
     fparts = fy if isinstance(fy, tuple) else (fy,)
     rate = torch.zeros_like(t) if grads[0] is None else grads[0].detach()
     scale = rate.abs()

@@ -137,7 +137,7 @@ def solve(
             without a graph to locate the events, once with the gradient strategy to them (the
             event times get their implicit-function-theorem gradients); under
             ``torch.no_grad()`` it integrates once.  Not with ``perturb``, func's step
-            callbacks, complex states, gradients to ``t``, or resets on fixed-step methods.
+            callbacks, complex states, or resets on fixed-step methods.
         throw: raise :class:`SolverError` when a sample fails; with ``False`` failures are only
             reported in ``Solution.status`` and the outputs they did not reach are NaN.
         gradient: what autograd sees of the solve; gradients reach ``y0``, ``t`` and the
@@ -342,11 +342,6 @@ def _refuse_for_events(func: Any, y0: Any, t: Any, kw: dict[str, Any]) -> None:
         raise ValueError(
             "events do not combine with func's step callbacks (callback_step, ...); the event "
             "log (Solution.event_log) records each occurrence"
-        )
-    if isinstance(t, torch.Tensor) and t.requires_grad:
-        raise ValueError(
-            "gradients to t are not supported with events; pass t.detach() (the event times "
-            "are differentiable through Solution.event_t)"
         )
 
 

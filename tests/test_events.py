@@ -1,0 +1,453 @@
+"""Events: located per sample, terminal/counted/recorded, resets, and their gradients.
+
+Analytic references: the bouncing ball (bounce times of a ball dropped from height h0 under
+gravity g with restitution e: t_1 = sqrt(2 h0 / g), each next flight e times the last, of length
+2 e^k v_1 / g), and a linear decay y = a exp(-k t) crossing a threshold c at t* = ln(a / c) / k.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from neuralode import Event, GrazingEventError, SolverError, Status, solve
+from neuralode.compat import odeint
+
+E = 0.8  # restitution
+
+
+def bsolve(*args, **kwargs):
+    return solve(*args, batched=True, **kwargs)
+
+
+def ball_field(g: torch.Tensor | float):
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.stack([y[..., 1], -g * torch.ones_like(y[..., 0])], dim=-1)
+
+    return f
+
+
+def bounce(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.stack([y[..., 0], -E * y[..., 1]], dim=-1)
+
+
+def ball_times(h0: torch.Tensor, g: torch.Tensor | float, n: int) -> torch.Tensor:
+    """Time of the n-th bounce."""
+    t1 = torch.sqrt(2 * h0 / g)
+    return t1 * (1 + 2 * sum(E**k for k in range(1, n)))
+
+
+def floor(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return y[..., 0]
+
+
+def drop(h0: torch.Tensor) -> torch.Tensor:
+    return torch.stack([h0, torch.zeros_like(h0)], dim=-1)
+
+
+H0 = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
+TOL = dict(rtol=1e-10, atol=1e-12)
+
+
+def test_terminal_event_per_sample_time_state_and_outputs():
+    t = torch.linspace(0, 3, 31, dtype=torch.float64)
+    with torch.no_grad():
+        sol = bsolve(ball_field(9.81), drop(H0), t, events=Event(floor, direction=-1), **TOL)
+    t1 = ball_times(H0, 9.81, 1)
+    torch.testing.assert_close(sol.event_t, t1, rtol=0, atol=1e-12)
+    assert sol.status.tolist() == [Status.EVENT] * 3 and sol.success
+    assert sol.event_index.tolist() == [0, 0, 0]
+    torch.testing.assert_close(sol.event_y[:, 0], torch.zeros(3, dtype=torch.float64), atol=1e-11, rtol=0)
+    torch.testing.assert_close(sol.event_y[:, 1], -9.81 * t1, rtol=1e-10, atol=0)
+    torch.testing.assert_close(sol.t_end, t1, rtol=0, atol=1e-12)
+    # Outputs before the event are the free fall; after it NaN.
+    before = t.unsqueeze(0) <= t1.unsqueeze(1)
+    fall = H0.unsqueeze(1) - 0.5 * 9.81 * t.unsqueeze(0) ** 2
+    torch.testing.assert_close(sol.ys[..., 0][before], fall[before], rtol=1e-9, atol=1e-9)
+    assert torch.isnan(sol.ys[..., 0][~before]).all()
+    assert [len(x) for x in sol.event_log] == [1, 1, 1]
+    assert sol.event_log[1][0][1:] == (0, "terminal")
+
+
+def test_each_row_equals_that_row_solved_alone():
+    t = torch.linspace(0, 5, 11, dtype=torch.float64)
+    ev = Event(floor, direction=-1, terminal=3, reset=bounce)
+    with torch.no_grad():
+        batch = bsolve(ball_field(9.81), drop(H0), t, events=ev, **TOL)
+        for i in range(3):
+            ev1 = Event(
+                lambda t, y: y[0], direction=-1, terminal=3, reset=lambda t, y: bounce(t, y)
+            )
+            alone = solve(ball_field(9.81), drop(H0)[i], t, events=ev1, **TOL)
+            torch.testing.assert_close(alone.event_t, batch.event_t[i], rtol=0, atol=1e-12)
+            torch.testing.assert_close(alone.ys, batch.ys[i], rtol=1e-9, atol=1e-9, equal_nan=True)
+            assert [x[2] for x in alone.event_log] == [x[2] for x in batch.event_log[i]]
+            assert int(alone.status) == int(batch.status[i])
+
+
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_nth_bounce_with_restitution(n):
+    ev = Event(floor, direction=-1, terminal=n, reset=bounce)
+    with torch.no_grad():
+        sol = bsolve(ball_field(9.81), drop(H0), torch.tensor([0.0, 20.0]), events=ev, **TOL)
+    torch.testing.assert_close(sol.event_t, ball_times(H0, 9.81, n), rtol=0, atol=1e-10)
+    kinds = [[k for _, _, k in row] for row in sol.event_log]
+    assert kinds == [["reset"] * (n - 1) + ["terminal"]] * 3
+    for row, h in zip(sol.event_log, H0):
+        times = torch.tensor([x for x, _, _ in row], dtype=torch.float64)
+        expected = torch.stack([ball_times(h, 9.81, k) for k in range(1, n + 1)])
+        torch.testing.assert_close(times, expected, rtol=0, atol=1e-10)
+
+
+def test_direction_rising_falling_either():
+    # y = sin t (y' = cos t): falling crossings at pi, 3pi; rising at 2pi.
+    f = lambda t, y: torch.cos(t).unsqueeze(-1).expand_as(y)  # noqa: E731
+    y0 = torch.zeros(1, 1, dtype=torch.float64)
+    t = torch.tensor([0.0, 10.0], dtype=torch.float64)
+    found = {}
+    for d in (1, -1, 0):
+        ev = Event(lambda t, y: y[:, 0], direction=d, terminal=False)
+        with torch.no_grad():
+            sol = bsolve(f, y0, t, events=ev, **TOL)
+        found[d] = [x for x, _, _ in sol.event_log[0]]
+        assert sol.status.tolist() == [Status.SUCCESS]
+        assert torch.isnan(sol.event_t).all() and sol.event_index.tolist() == [-1]
+    pi = math.pi
+    assert found[1] == pytest.approx([2 * pi], abs=1e-9)
+    assert found[-1] == pytest.approx([pi, 3 * pi], abs=1e-9)
+    assert found[0] == pytest.approx([pi, 2 * pi, 3 * pi], abs=1e-9)
+
+
+def test_zero_at_start_does_not_fire_there():
+    f = lambda t, y: torch.ones_like(y)  # noqa: E731  y = t
+    ev = Event(lambda t, y: y[:, 0] * (y[:, 0] - 0.5), terminal=True)
+    with torch.no_grad():
+        sol = bsolve(f, torch.zeros(1, 1), torch.tensor([0.0, 1.0]), events=ev)
+    # g is zero at t = 0 (no event), negative until 0.5, where it fires.
+    assert sol.event_t.tolist() == pytest.approx([0.5], abs=1e-6)
+
+
+def test_earliest_of_two_in_one_step_wins_and_counted_terminal():
+    f = lambda t, y: torch.ones_like(y)  # noqa: E731  y = t, one exact step
+    ev = Event(lambda t, y: torch.stack([y[:, 0] - 0.7, y[:, 0] - 0.3], dim=1))
+    with torch.no_grad():
+        sol = bsolve(f, torch.zeros(2, 1, dtype=torch.float64), torch.tensor([0.0, 1.0]),
+                    events=ev, first_step=1.0)
+    assert sol.stats.n_accepted.tolist() == [1, 1]
+    assert sol.event_index.tolist() == [1, 1]
+    assert sol.event_t.tolist() == pytest.approx([0.3, 0.3], abs=1e-12)
+    # The first event of the list is recorded, the second (a count of 2) stops the row.
+    evs = [
+        Event(lambda t, y: y[:, 0] - 0.2, terminal=False, name="a"),
+        Event(lambda t, y: torch.stack([y[:, 0] - 0.9, y[:, 0] - 0.4], 1), terminal=2),
+    ]
+    with torch.no_grad():
+        sol = bsolve(f, torch.zeros(1, 1, dtype=torch.float64), torch.tensor([0.0, 1.0]),
+                    events=evs, first_step=1.0)
+    assert [(round(x, 9), i, k) for x, i, k in sol.event_log[0]] == [
+        (0.2, 0, "event"),
+        (0.4, 2, "event"),
+        (0.9, 1, "terminal"),
+    ]
+    assert sol.event_index.tolist() == [1]
+
+
+def test_interior_checks_catch_a_double_crossing():
+    # y = t (1 - t): above 0.1 on (0.1127, 0.8873); one exact step of 1 has g < 0 at both ends.
+    f = lambda t, y: (1 - 2 * t).unsqueeze(-1).expand_as(y)  # noqa: E731
+    y0 = torch.zeros(1, 1, dtype=torch.float64)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    g = lambda t, y: y[:, 0] - 0.1  # noqa: E731
+    with torch.no_grad():
+        missed = bsolve(f, y0, t, events=Event(g, checks=0), first_step=1.0)
+        caught = bsolve(f, y0, t, events=Event(g, checks=3), first_step=1.0)
+    assert missed.status.tolist() == [Status.SUCCESS]
+    root = (1 - math.sqrt(1 - 0.4)) / 2
+    assert caught.event_t.tolist() == pytest.approx([root], abs=1e-12)
+
+
+def test_reversed_time_and_per_sample_grids():
+    # y' = -1 from y(2) = 1 backwards: y(t) = 1 - (t - 2) = 3 - t rises as t falls; y = 2 at t = 1.
+    f = lambda t, y: -torch.ones_like(y)  # noqa: E731
+    ev = Event(lambda t, y: y[:, 0] - 2.0, direction=1)
+    t = torch.tensor([[2.0, 1.5, 0.0], [0.0, 0.5, 2.0]], dtype=torch.float64)
+    y0 = torch.tensor([[1.0], [1.0]], dtype=torch.float64)
+    with torch.no_grad():
+        sol = bsolve(f, y0, t, events=ev)
+    # Row 0 runs backwards and reaches y = 2 at t = 1; row 1 runs forwards, y falls: none.
+    assert sol.event_t[0].item() == pytest.approx(1.0, abs=1e-12)
+    assert math.isnan(sol.event_t[1].item())
+    assert sol.status.tolist() == [Status.EVENT, Status.SUCCESS]
+    assert torch.isnan(sol.ys[0, 2]).all() and sol.ys[0, 1, 0].item() == pytest.approx(1.5)
+
+
+def test_no_event_matches_the_plain_solve():
+    f = lambda t, y: -y  # noqa: E731
+    y0 = torch.tensor([[1.0], [2.0]], dtype=torch.float64)
+    t = torch.linspace(0, 2, 5, dtype=torch.float64)
+    ev = Event(lambda t, y: y[:, 0] + 1.0)  # y stays positive
+    plain = bsolve(f, y0, t)
+    sol = bsolve(f, y0, t, events=ev)
+    torch.testing.assert_close(sol.ys, plain.ys)
+    assert torch.isnan(sol.event_t).all() and sol.event_log == [[], []]
+    assert sol.status.tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("method", ["rk4", "euler", "tsit5", "dopri8", "rodas5p", "kvaerno5"])
+def test_every_kind_of_method_finds_the_threshold(method):
+    # y = a exp(-k t) reaches c at ln(a / c) / k.
+    a = torch.tensor([[1.0], [3.0]], dtype=torch.float64)
+    ev = Event(lambda t, y: y[:, 0] - 0.5)
+    kw = {"step_size": 0.01} if method in ("rk4", "euler") else dict(TOL)
+    with torch.no_grad():
+        sol = bsolve(lambda t, y: -y, a, torch.tensor([0.0, 5.0]), events=ev, method=method, **kw)
+    exact = torch.log(a[:, 0] / 0.5)
+    tol = {"euler": 1e-2, "rk4": 1e-7}.get(method, 1e-7)
+    torch.testing.assert_close(sol.event_t, exact, rtol=0, atol=tol)
+
+
+def test_fixed_step_terminal_stops_rows_and_outputs():
+    ev = Event(lambda t, y: y[:, 0] - 0.5)
+    a = torch.tensor([[1.0], [0.9]], dtype=torch.float64)
+    t = torch.linspace(0, 1, 11, dtype=torch.float64)
+    with torch.no_grad():
+        sol = bsolve(lambda t, y: -y, a, t, events=ev, method="rk4")
+    exact = torch.log(a[:, 0] / 0.5)
+    torch.testing.assert_close(sol.event_t, exact, rtol=0, atol=1e-4)
+    for i in range(2):
+        after = t > sol.event_t[i]
+        assert torch.isnan(sol.ys[i, after]).all() and not torch.isnan(sol.ys[i, ~after]).any()
+
+
+def test_tuple_state_and_dense_output():
+    def f(t, y):
+        return (y[1], -torch.ones_like(y[0]))
+
+    y0 = (torch.tensor([[1.0]], dtype=torch.float64), torch.tensor([[0.0]], dtype=torch.float64))
+    ev = Event(lambda t, y: y[0][:, 0], direction=-1)
+    with torch.no_grad():
+        sol = bsolve(f, y0, torch.tensor([0.0, 5.0]), events=ev, dense=True, **TOL)
+    assert sol.event_t.tolist() == pytest.approx([math.sqrt(2)], abs=1e-10)
+    assert isinstance(sol.event_y, tuple) and sol.event_y[1].item() == pytest.approx(-math.sqrt(2))
+    mid = sol.evaluate(torch.tensor([1.0], dtype=torch.float64))
+    assert mid[0].item() == pytest.approx(0.5, abs=1e-9)
+
+
+# -- gradients ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gradient", ["backprop", "checkpoint", "adjoint"])
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_bounce_time_gradients_match_the_analytic_ones(gradient, n):
+    h0 = H0.clone().requires_grad_(True)
+    g = torch.tensor(9.81, dtype=torch.float64, requires_grad=True)
+    ev = Event(floor, direction=-1, terminal=n, reset=bounce)
+    kw = {} if gradient == "backprop" else {"adjoint_params": [g]}
+    sol = bsolve(ball_field(g), drop(h0), torch.tensor([0.0, 20.0]), events=ev,
+                gradient=gradient, **TOL, **kw)
+    w = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    got = torch.autograd.grad((sol.event_t * w).sum(), (h0, g))
+    exact = ball_times(h0, g, n)
+    want = torch.autograd.grad((exact * w).sum(), (h0, g))
+    torch.testing.assert_close(sol.event_t, exact.detach(), rtol=0, atol=1e-10)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("gradient", ["backprop", "checkpoint", "adjoint"])
+def test_threshold_crossing_time_and_state_gradients(gradient):
+    a = torch.tensor([2.0, 3.0], dtype=torch.float64, requires_grad=True)
+    k = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    c = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    f = lambda t, y: -k * y  # noqa: E731
+    ev = Event(lambda t, y: y[:, 0] - c * (1 + 0.1 * t))  # a moving threshold (dg/dt != 0)
+    kw = {} if gradient == "backprop" else {"adjoint_params": [k]}
+    t = torch.tensor([0.0, 1.0, 10.0], dtype=torch.float64)
+    sol = bsolve(f, a.unsqueeze(1), t, events=ev, gradient=gradient, **TOL, **kw)
+
+    def root(a, k, c):  # Newton on a exp(-k t) = c (1 + 0.1 t), differentiable by autograd
+        x = torch.log(a / c) / k
+        for _ in range(60):
+            r = a * torch.exp(-k * x) - c * (1 + 0.1 * x)
+            x = x - r / (-k * a * torch.exp(-k * x) - 0.1 * c)
+        return x
+
+    want_t = root(a, k, c)
+    want_y = a * torch.exp(-k * want_t)
+    loss = (sol.event_t * torch.tensor([1.0, 2.0])).sum() + 3 * sol.event_y[:, 0].sum()
+    loss += sol.ys[:, 1, 0].sum()
+    ref = (want_t * torch.tensor([1.0, 2.0])).sum() + 3 * want_y.sum() + (a * torch.exp(-k)).sum()
+    got = torch.autograd.grad(loss, (a, k, c))
+    want = torch.autograd.grad(ref, (a, k, c))
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, rtol=1e-7, atol=1e-9)
+
+
+def test_event_time_gradcheck_backprop():
+    def event_time(a, k):
+        ev = Event(lambda t, y: y[:, 0] - 0.5)
+        sol = bsolve(lambda t, y: -k * y, a.unsqueeze(1), torch.tensor([0.0, 10.0]), events=ev,
+                    rtol=1e-12, atol=1e-14)
+        return sol.event_t
+
+    a = torch.tensor([2.0, 3.0], dtype=torch.float64, requires_grad=True)
+    k = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(event_time, (a, k), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("gradient", ["backprop", "adjoint"])
+def test_time_gradients_with_events(gradient):
+    # y' = -k y from (t0, a): the crossing of c is at t0 + ln(a / c) / k, an output at t_1 is
+    # a exp(-k (t_1 - t0)).
+    k = 0.7
+    a = torch.tensor([2.0, 3.0], dtype=torch.float64)
+    t = torch.tensor([0.2, 0.9, 10.0], dtype=torch.float64, requires_grad=True)
+    ev = Event(lambda t, y: y[:, 0] - 0.5)
+    kw = {} if gradient == "backprop" else {"adjoint_params": ()}
+    sol = bsolve(lambda t, y: -k * y, a.unsqueeze(1), t, events=ev, gradient=gradient, **TOL,
+                 **kw)
+    loss = sol.event_t.sum() + sol.ys[:, 1, 0].sum()
+    (got,) = torch.autograd.grad(loss, t)
+    t0, t1 = t[0], t[1]
+    ref = (t0 + torch.log(a / 0.5) / k).sum() + (a * torch.exp(-k * (t1 - t0))).sum()
+    (want,) = torch.autograd.grad(ref, t)
+    torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9)
+
+
+def test_grad_and_no_grad_paths_agree():
+    t = torch.linspace(0, 4, 9, dtype=torch.float64)
+    ev = Event(floor, direction=-1, terminal=3, reset=bounce)
+    h0 = H0.clone().requires_grad_(True)
+    with torch.no_grad():
+        fast = bsolve(ball_field(9.81), drop(h0), t, events=ev, **TOL)
+    slow = bsolve(ball_field(9.81), drop(h0), t, events=ev, **TOL)
+    torch.testing.assert_close(slow.ys.detach(), fast.ys, rtol=1e-8, atol=1e-8, equal_nan=True)
+    torch.testing.assert_close(slow.event_t.detach(), fast.event_t)
+    assert (slow.stats.nfe > fast.stats.nfe).all()  # two passes, counted
+    assert slow.ys.requires_grad
+
+
+def test_grazing_event_time_has_no_derivative():
+    step = lambda t, y: torch.where(t >= 0.5, 1.0, -1.0).to(y.dtype)  # noqa: E731  rate 0
+    y0 = torch.ones(1, 1, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(GrazingEventError, match="grazes"):
+        bsolve(lambda t, y: -y, y0, torch.tensor([0.0, 1.0]), events=Event(step))
+
+
+# -- input handling -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(direction=2), "direction"),
+        (dict(terminal=0), "terminal"),
+        (dict(terminal=1.5), "terminal"),
+        (dict(reset=3), "reset"),
+        (dict(xtol=-1.0), "xtol"),
+        (dict(checks=-1), "checks"),
+    ],
+)
+def test_bad_event_arguments_are_named(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        Event(floor, **kwargs)
+
+
+def test_bad_event_uses_are_named():
+    f = lambda t, y: -y  # noqa: E731
+    y0 = torch.ones(2, 1)
+    t = torch.tensor([0.0, 1.0])
+    with pytest.raises(TypeError, match="events"):
+        bsolve(f, y0, t, events=[floor])
+    with pytest.raises(ValueError, match=r"\[batch\]"):
+        bsolve(f, y0, t, events=Event(lambda t, y: y.sum()))
+    with pytest.raises(ValueError, match="reset"):
+        bsolve(f, y0, t, events=Event(
+            lambda t, y: y[:, 0] - 0.5, terminal=False, reset=lambda t, y: y[:, 0]))
+    with pytest.raises(ValueError, match="fixed-step"):
+        bsolve(f, y0, t, method="rk4", events=Event(floor, reset=bounce))
+    with pytest.raises(ValueError, match="complex"):
+        solve(f, torch.ones(2, 1, dtype=torch.complex64), t, events=Event(floor))
+    with pytest.raises(ValueError, match="NaN"):
+        bsolve(f, y0, t, events=Event(lambda t, y: y[:, 0] * math.nan))
+
+
+def test_failed_rows_still_raise_and_events_count_as_success():
+    ev = Event(lambda t, y: y[:, 0] - 10.0)
+    with pytest.raises(SolverError, match="maximum number of solver steps"):
+        bsolve(lambda t, y: y, torch.ones(2, 1), torch.tensor([0.0, 5.0]), events=ev,
+              max_num_steps=3)
+    sol = bsolve(lambda t, y: y, torch.ones(2, 1, dtype=torch.float64), torch.tensor([0.0, 5.0]),
+                events=ev)
+    assert sol.success and sol.status.tolist() == [Status.EVENT] * 2
+    assert sol.messages() == [Status.EVENT.message]
+
+
+def test_odeint_path_unaffected():
+    # The torchdiffeq entry point without events returns plain outputs.
+    ys = odeint(lambda t, y: -y, torch.ones(2), torch.tensor([0.0, 1.0]))
+    assert ys.shape == (2, 2)
+
+
+# -- torchdiffeq's odeint_event -------------------------------------------------------------------
+
+
+class Ball(torch.nn.Module):
+    def __init__(self, g: float) -> None:
+        super().__init__()
+        self.g = torch.nn.Parameter(torch.tensor(g, dtype=torch.float64))
+
+    def forward(self, t, y):
+        return torch.stack([y[1], -self.g * torch.ones_like(y[0])])
+
+
+@pytest.mark.parametrize("interface", ["odeint", "odeint_adjoint"])
+def test_odeint_event_chained_bounces_as_torchdiffeq_example(interface):
+    # torchdiffeq's examples/bouncing_ball.py: each bounce's solve starts at the last event time
+    # (which carries its gradient) from the bounced state.
+    from neuralode import odeint_adjoint, odeint_event
+
+    ball = Ball(9.81)
+    h0 = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
+    state = torch.stack([h0, torch.zeros((), dtype=torch.float64)])
+    t0 = torch.tensor([0.0], dtype=torch.float64)
+    odeint_fn = odeint if interface == "odeint" else odeint_adjoint
+    times = []
+    for _ in range(3):
+        event_t, sol = odeint_event(
+            ball, state, t0, event_fn=lambda t, y: y[0], odeint_interface=odeint_fn,
+            rtol=1e-10, atol=1e-12,
+        )
+        times.append(event_t)
+        state = torch.stack([sol[-1][0], -E * sol[-1][1]])
+        t0 = event_t.reshape(1)
+    assert sol.shape == (2, 2)
+    got = torch.autograd.grad(times[-1], (h0, ball.g))
+    exact = ball_times(h0, ball.g, 3)
+    torch.testing.assert_close(times[-1].detach(), exact.detach(), rtol=0, atol=1e-9)
+    want = torch.autograd.grad(exact, (h0, ball.g))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+
+
+def test_odeint_event_reverse_time_several_functions_and_no_event():
+    from neuralode import odeint_event
+
+    f = lambda t, y: torch.ones_like(y)  # noqa: E731  y = y0 + (t - t0)
+    y0 = torch.tensor([0.0], dtype=torch.float64)
+    t0 = torch.tensor(1.0, dtype=torch.float64)
+    # Backwards from t = 1: y = t - 1 reaches -0.25 at t = 0.75 before -0.5 at t = 0.5.
+    ev = lambda t, y: torch.stack([y[0] + 0.5, y[0] + 0.25])  # noqa: E731
+    event_t, sol = odeint_event(f, y0, t0, event_fn=ev, reverse_time=True)
+    assert float(event_t) == pytest.approx(0.75, abs=1e-9)
+    assert sol[1].tolist() == pytest.approx([-0.25], abs=1e-9)
+    ys = odeint(f, y0, torch.tensor([0.0, 1.0]), event_fn=lambda t, y: y[0] - 2.0,
+                method="rk4", options={"step_size": 0.1})
+    assert float(ys[0]) == pytest.approx(2.0, abs=1e-9)
+    with pytest.raises(SolverError, match="did not change sign"):
+        odeint_event(lambda t, y: -y, torch.ones(1), torch.tensor(0.0),
+                     event_fn=lambda t, y: y[0] + 1.0, options={"max_num_steps": 50})
+    with pytest.raises(ValueError, match="step_size"):
+        odeint(f, y0, torch.tensor([0.0, 1.0]), event_fn=ev, method="rk4")
