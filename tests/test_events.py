@@ -451,3 +451,21 @@ def test_odeint_event_reverse_time_several_functions_and_no_event():
                      event_fn=lambda t, y: y[0] + 1.0, options={"max_num_steps": 50})
     with pytest.raises(ValueError, match="step_size"):
         odeint(f, y0, torch.tensor([0.0, 1.0]), event_fn=ev, method="rk4")
+
+
+def test_bouncing_balls_example_recovers_the_restitution(tmp_path, monkeypatch):
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "bouncing_balls.py"
+    spec = importlib.util.spec_from_file_location("bouncing_balls_example", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(sys, "argv", ["bouncing_balls.py", "--out", str(tmp_path)])
+    module.main()
+    result = json.loads((tmp_path / "bouncing_balls.json").read_text())
+    assert abs(result["recovered_e"] - module.TRUE_E) < 0.005
+    assert (tmp_path / "bouncing_balls.png").stat().st_size > 10_000
