@@ -7,7 +7,7 @@ PYTHON = $(VENV)/bin/python
 PIP = $(PYTHON) -m pip
 STAMP = $(VENV)/.ready
 
-.PHONY: all demo test test-slow lint mutate bench bench-quick bench-stiff clean distclean mnist-quick mnist-paper latent density
+.PHONY: all demo test test-slow lint mutate bench bench-quick bench-stiff bench-events clean distclean mnist-quick mnist-paper latent density
 
 all: test
 
@@ -70,6 +70,13 @@ bench-quick: $(BENCH_STAMP)
 # minutes; diffrax is in the bench extra, and the benchmark leaves it out where it is missing).
 bench-stiff: $(BENCH_STAMP)
 	$(PYTHON) benchmarks/stiff.py --out runs/bench/stiff
+
+# Events: a batch of bouncing balls to their n-th bounce against torchdiffeq's odeint_event,
+# looped per sample and batched event to event (about 30 seconds).
+bench-events: $(BENCH_STAMP)
+	$(PYTHON) benchmarks/events.py --out runs/bench/events.json
+	$(PYTHON) benchmarks/events.py --batch 32 --bounces 10 --out runs/bench/events_32x10.json
+	$(PYTHON) benchmarks/events.py --batch 1 --repeats 5 --out runs/bench/events_1x5.json
 
 # Paper experiments (slow; not part of `make test`). Each writes a run folder under runs/; a run
 # that was killed is resumed from its last checkpoint instead of started again.
