@@ -151,10 +151,16 @@ def main() -> None:
         print("torchdiffeq is not installed: only ours is timed")
     if td is not None:
         runs += [
-            ("torchdiffeq odeint_event, looped per sample",
-             lambda: torchdiffeq_per_sample(td, h0, args.bounces), 1),
-            ("torchdiffeq odeint_event, batched event to event",
-             lambda: torchdiffeq_batched(td, h0, args.bounces), 1),
+            (
+                "torchdiffeq odeint_event, looped per sample",
+                lambda: torchdiffeq_per_sample(td, h0, args.bounces),
+                1,
+            ),
+            (
+                "torchdiffeq odeint_event, batched event to event",
+                lambda: torchdiffeq_batched(td, h0, args.bounces),
+                1,
+            ),
         ]
     for name, fn, repeats in runs:
         seconds, (times, nfe) = best_of(fn, repeats)
@@ -166,12 +172,15 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for r in rows:
         ratio = base / r["seconds"]
-        print(f"| {r['solver']} | {r['seconds']:.3f} | {ratio:.4f} | {r['nfe']} | "
-              f"{r['max_error']:.1e} |")
+        print(
+            f"| {r['solver']} | {r['seconds']:.3f} | {ratio:.4f} | {r['nfe']} | "
+            f"{r['max_error']:.1e} |"
+        )
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"batch": args.batch, "bounces": args.bounces,
-                                        "rows": rows}, indent=2))
+        args.out.write_text(
+            json.dumps({"batch": args.batch, "bounces": args.bounces, "rows": rows}, indent=2)
+        )
 
 
 if __name__ == "__main__":

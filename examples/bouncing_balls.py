@@ -90,14 +90,22 @@ def main() -> None:
     opt.step(closure)
     seconds = time.perf_counter() - start
     final_loss = float((bounce_times(h0, e.detach()) - observed).pow(2).mean())
-    print(f"recovered e = {float(e.detach()):.4f} (true {TRUE_E}), loss {final_loss:.2e} s^2, "
-          f"{len(history)} gradient evaluations in {seconds:.1f} s")
+    print(
+        f"recovered e = {float(e.detach()):.4f} (true {TRUE_E}), loss {final_loss:.2e} s^2, "
+        f"{len(history)} gradient evaluations in {seconds:.1f} s"
+    )
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bouncing_balls.json").write_text(
         json.dumps(
-            {"true_e": TRUE_E, "recovered_e": float(e.detach()), "final_loss": final_loss,
-             "evaluations": len(history), "seconds": seconds, "history": history},
+            {
+                "true_e": TRUE_E,
+                "recovered_e": float(e.detach()),
+                "final_loss": final_loss,
+                "evaluations": len(history),
+                "seconds": seconds,
+                "history": history,
+            },
             indent=2,
         )
     )

@@ -59,7 +59,9 @@ def test_terminal_event_per_sample_time_state_and_outputs():
     torch.testing.assert_close(sol.event_t, t1, rtol=0, atol=1e-12)
     assert sol.status.tolist() == [Status.EVENT] * 3 and sol.success
     assert sol.event_index.tolist() == [0, 0, 0]
-    torch.testing.assert_close(sol.event_y[:, 0], torch.zeros(3, dtype=torch.float64), atol=1e-11, rtol=0)
+    torch.testing.assert_close(
+        sol.event_y[:, 0], torch.zeros(3, dtype=torch.float64), atol=1e-11, rtol=0
+    )
     torch.testing.assert_close(sol.event_y[:, 1], -9.81 * t1, rtol=1e-10, atol=0)
     torch.testing.assert_close(sol.t_end, t1, rtol=0, atol=1e-12)
     # Outputs before the event are the free fall; after it NaN.
@@ -133,8 +135,13 @@ def test_earliest_of_two_in_one_step_wins_and_counted_terminal():
     f = lambda t, y: torch.ones_like(y)  # noqa: E731  y = t, one exact step
     ev = Event(lambda t, y: torch.stack([y[:, 0] - 0.7, y[:, 0] - 0.3], dim=1))
     with torch.no_grad():
-        sol = bsolve(f, torch.zeros(2, 1, dtype=torch.float64), torch.tensor([0.0, 1.0]),
-                    events=ev, first_step=1.0)
+        sol = bsolve(
+            f,
+            torch.zeros(2, 1, dtype=torch.float64),
+            torch.tensor([0.0, 1.0]),
+            events=ev,
+            first_step=1.0,
+        )
     assert sol.stats.n_accepted.tolist() == [1, 1]
     assert sol.event_index.tolist() == [1, 1]
     assert sol.event_t.tolist() == pytest.approx([0.3, 0.3], abs=1e-12)
@@ -144,8 +151,13 @@ def test_earliest_of_two_in_one_step_wins_and_counted_terminal():
         Event(lambda t, y: torch.stack([y[:, 0] - 0.9, y[:, 0] - 0.4], 1), terminal=2),
     ]
     with torch.no_grad():
-        sol = bsolve(f, torch.zeros(1, 1, dtype=torch.float64), torch.tensor([0.0, 1.0]),
-                    events=evs, first_step=1.0)
+        sol = bsolve(
+            f,
+            torch.zeros(1, 1, dtype=torch.float64),
+            torch.tensor([0.0, 1.0]),
+            events=evs,
+            first_step=1.0,
+        )
     assert [(round(x, 9), i, k) for x, i, k in sol.event_log[0]] == [
         (0.2, 0, "event"),
         (0.4, 2, "event"),
@@ -246,8 +258,15 @@ def test_bounce_time_gradients_match_the_analytic_ones(gradient, n):
     g = torch.tensor(9.81, dtype=torch.float64, requires_grad=True)
     ev = Event(floor, direction=-1, terminal=n, reset=bounce)
     kw = {} if gradient == "backprop" else {"adjoint_params": [g]}
-    sol = bsolve(ball_field(g), drop(h0), torch.tensor([0.0, 20.0]), events=ev,
-                gradient=gradient, **TOL, **kw)
+    sol = bsolve(
+        ball_field(g),
+        drop(h0),
+        torch.tensor([0.0, 20.0]),
+        events=ev,
+        gradient=gradient,
+        **TOL,
+        **kw,
+    )
     w = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
     got = torch.autograd.grad((sol.event_t * w).sum(), (h0, g))
     exact = ball_times(h0, g, n)
@@ -289,8 +308,14 @@ def test_threshold_crossing_time_and_state_gradients(gradient):
 def test_event_time_gradcheck_backprop():
     def event_time(a, k):
         ev = Event(lambda t, y: y[:, 0] - 0.5)
-        sol = bsolve(lambda t, y: -k * y, a.unsqueeze(1), torch.tensor([0.0, 10.0]), events=ev,
-                    rtol=1e-12, atol=1e-14)
+        sol = bsolve(
+            lambda t, y: -k * y,
+            a.unsqueeze(1),
+            torch.tensor([0.0, 10.0]),
+            events=ev,
+            rtol=1e-12,
+            atol=1e-14,
+        )
         return sol.event_t
 
     a = torch.tensor([2.0, 3.0], dtype=torch.float64, requires_grad=True)
@@ -307,8 +332,7 @@ def test_time_gradients_with_events(gradient):
     t = torch.tensor([0.2, 0.9, 10.0], dtype=torch.float64, requires_grad=True)
     ev = Event(lambda t, y: y[:, 0] - 0.5)
     kw = {} if gradient == "backprop" else {"adjoint_params": ()}
-    sol = bsolve(lambda t, y: -k * y, a.unsqueeze(1), t, events=ev, gradient=gradient, **TOL,
-                 **kw)
+    sol = bsolve(lambda t, y: -k * y, a.unsqueeze(1), t, events=ev, gradient=gradient, **TOL, **kw)
     loss = sol.event_t.sum() + sol.ys[:, 1, 0].sum()
     (got,) = torch.autograd.grad(loss, t)
     t0, t1 = t[0], t[1]
@@ -365,8 +389,12 @@ def test_bad_event_uses_are_named():
     with pytest.raises(ValueError, match=r"\[batch\]"):
         bsolve(f, y0, t, events=Event(lambda t, y: y.sum()))
     with pytest.raises(ValueError, match="reset"):
-        bsolve(f, y0, t, events=Event(
-            lambda t, y: y[:, 0] - 0.5, terminal=False, reset=lambda t, y: y[:, 0]))
+        bsolve(
+            f,
+            y0,
+            t,
+            events=Event(lambda t, y: y[:, 0] - 0.5, terminal=False, reset=lambda t, y: y[:, 0]),
+        )
     with pytest.raises(ValueError, match="fixed-step"):
         bsolve(f, y0, t, method="rk4", events=Event(floor, reset=bounce))
     with pytest.raises(ValueError, match="complex"):
@@ -378,10 +406,12 @@ def test_bad_event_uses_are_named():
 def test_failed_rows_still_raise_and_events_count_as_success():
     ev = Event(lambda t, y: y[:, 0] - 10.0)
     with pytest.raises(SolverError, match="maximum number of solver steps"):
-        bsolve(lambda t, y: y, torch.ones(2, 1), torch.tensor([0.0, 5.0]), events=ev,
-              max_num_steps=3)
-    sol = bsolve(lambda t, y: y, torch.ones(2, 1, dtype=torch.float64), torch.tensor([0.0, 5.0]),
-                events=ev)
+        bsolve(
+            lambda t, y: y, torch.ones(2, 1), torch.tensor([0.0, 5.0]), events=ev, max_num_steps=3
+        )
+    sol = bsolve(
+        lambda t, y: y, torch.ones(2, 1, dtype=torch.float64), torch.tensor([0.0, 5.0]), events=ev
+    )
     assert sol.success and sol.status.tolist() == [Status.EVENT] * 2
     assert sol.messages() == [Status.EVENT.message]
 
@@ -418,8 +448,13 @@ def test_odeint_event_chained_bounces_as_torchdiffeq_example(interface):
     times = []
     for _ in range(3):
         event_t, sol = odeint_event(
-            ball, state, t0, event_fn=lambda t, y: y[0], odeint_interface=odeint_fn,
-            rtol=1e-10, atol=1e-12,
+            ball,
+            state,
+            t0,
+            event_fn=lambda t, y: y[0],
+            odeint_interface=odeint_fn,
+            rtol=1e-10,
+            atol=1e-12,
         )
         times.append(event_t)
         state = torch.stack([sol[-1][0], -E * sol[-1][1]])
@@ -444,12 +479,23 @@ def test_odeint_event_reverse_time_several_functions_and_no_event():
     event_t, sol = odeint_event(f, y0, t0, event_fn=ev, reverse_time=True)
     assert float(event_t) == pytest.approx(0.75, abs=1e-9)
     assert sol[1].tolist() == pytest.approx([-0.25], abs=1e-9)
-    ys = odeint(f, y0, torch.tensor([0.0, 1.0]), event_fn=lambda t, y: y[0] - 2.0,
-                method="rk4", options={"step_size": 0.1})
+    ys = odeint(
+        f,
+        y0,
+        torch.tensor([0.0, 1.0]),
+        event_fn=lambda t, y: y[0] - 2.0,
+        method="rk4",
+        options={"step_size": 0.1},
+    )
     assert float(ys[0]) == pytest.approx(2.0, abs=1e-9)
     with pytest.raises(SolverError, match="did not change sign"):
-        odeint_event(lambda t, y: -y, torch.ones(1), torch.tensor(0.0),
-                     event_fn=lambda t, y: y[0] + 1.0, options={"max_num_steps": 50})
+        odeint_event(
+            lambda t, y: -y,
+            torch.ones(1),
+            torch.tensor(0.0),
+            event_fn=lambda t, y: y[0] + 1.0,
+            options={"max_num_steps": 50},
+        )
     with pytest.raises(ValueError, match="step_size"):
         odeint(f, y0, torch.tensor([0.0, 1.0]), event_fn=ev, method="rk4")
 

@@ -28,8 +28,8 @@ import torch
 
 from ._inputs import Problem
 from ._rows import per_row
-from .gradients import find_adjoint_params
 from .events import Event, EventLog, EventTracker, event_state, event_time
+from .gradients import find_adjoint_params
 from .solution import Solution, Stats, Status
 
 __all__ = ["check_events", "make_tracker", "with_events", "differentiate", "unbatched_events"]
@@ -83,13 +83,11 @@ def with_events(sol: Solution, log: EventLog, prob: Problem) -> Solution:
     """The located events in the user's terms, on a batched :class:`Solution`."""
     sign = prob.sign
     signs = sign.tolist() if isinstance(sign, torch.Tensor) else [sign] * len(log.occurrences)
-    occ = [
-        [(t * sg, i, kind) for t, i, kind in row] for row, sg in zip(log.occurrences, signs)
-    ]
+    occ = [[(t * sg, i, kind) for t, i, kind in row] for row, sg in zip(log.occurrences, signs)]
     return dataclasses.replace(
         sol,
         event_t=log.t * sign,
-        event_index=log.index,
+        event_index=log.column,
         event_y=prob.unflatten(log.y),
         event_log=occ,
     )
@@ -153,7 +151,7 @@ def unbatched_events(
     return dataclasses.replace(
         sol,
         ys=down(sol.ys) if is_tuple else sol.ys[0],
-        stats=Stats(*(None if v is None else v[0] for v in dataclasses.astuple(sol.stats))),
+        stats=_first_row(sol.stats),
         status=sol.status[0],
         t_end=sol.t_end[0],
         event_t=None if sol.event_t is None else sol.event_t[0],
@@ -164,7 +162,12 @@ def unbatched_events(
     )
 
 
-class _SummedBackward(dict):  # type: ignore[type-arg]
+def _first_row(stats: Stats) -> Stats:
+    row: dict[str, Any] = {k: None if v is None else v[0] for k, v in vars(stats).items()}
+    return Stats(**row)
+
+
+class _SummedBackward(dict[str, Stats]):
     """The backward work of several solves (the segments), summed when asked."""
 
     def __init__(self, parts: Sequence[dict[str, Stats] | None]) -> None:
@@ -172,8 +175,7 @@ class _SummedBackward(dict):  # type: ignore[type-arg]
         self.parts = [p for p in parts if p is not None]
 
     def get(self, key: str, default: Any = None) -> Any:
-        found = [p.get(key) for p in self.parts]
-        found = [x for x in found if x is not None]
+        found = [x for x in (p.get(key) for p in self.parts) if x is not None]
         if not found:
             return default
         return _sum_stats(found)
@@ -181,7 +183,7 @@ class _SummedBackward(dict):  # type: ignore[type-arg]
 
 def _sum_stats(stats: Sequence[Stats]) -> Stats:
     fields = [dataclasses.astuple(s) for s in stats]
-    out = []
+    out: list[Any] = []
     for vals in zip(*fields):
         out.append(None if any(v is None for v in vals) else sum(vals[1:], vals[0]))
     return Stats(*out)
@@ -240,9 +242,7 @@ def differentiate(
         ends: list[tuple[float, tuple[int, str] | None]] = [(x, (i, k)) for x, i, k in cuts]
         if not cuts or cuts[-1][2] != "terminal":
             ends.append((grid_t[r][-1], None))
-        segments.append(
-            [(a, b, e) for a, (b, e) in zip(starts, ends)] if active0[r] else []
-        )
+        segments.append([(a, b, e) for a, (b, e) in zip(starts, ends)] if active0[r] else [])
     n_seg = max((len(s) for s in segments), default=0)
     if n_seg == 0:  # every row failed to locate: nothing to differentiate
         return located
@@ -264,7 +264,7 @@ def differentiate(
     event_y = located.event_y
     extra_nfe = torch.zeros(B, dtype=torch.long, device=first.device)
     for j in range(n_seg):
-        grids, maps, end_pos, live, ends_at = [], [], [], [], []
+        grids, end_pos, live, ends_at = [], [], [], []
         for r in range(B):
             u = grid_t[r]
             s = 1.0 if u[-1] >= u[0] else -1.0

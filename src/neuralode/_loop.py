@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import bisect
 import math
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from ._inputs import CALLBACK_NAMES, check_state, check_times
-from .gradients.adjoint import ADJOINT_OPTIONS
 from .events import Event
+from .gradients.adjoint import ADJOINT_OPTIONS
 from .solution import SolverError
 from .solve import DEFAULT_MAX_NUM_STEPS, solve
 from .solvers import AdamsBashforth, AdamsBashforthMoulton, ButcherTableau, Solver, get_solver
@@ -184,7 +184,7 @@ def odeint_adjoint(
             "odeint with it, or a neuralode method with odeint_adjoint"
         )
     _check_1d(t, "odeint_adjoint")
-    adjoint = dict(
+    adjoint: dict[str, Any] = dict(
         gradient="adjoint",
         adjoint_params=adjoint_params,
         adjoint_rtol=adjoint_rtol,
@@ -260,7 +260,7 @@ def odeint_event(
         raise ValueError(f"t0 must be a tensor of one element, got {t0!r}")
     t0 = t0.reshape(-1)
     t = torch.cat([t0, t0.detach() + (-1.0 if reverse_time else 1.0)])
-    return odeint_interface(func, y0, t, event_fn=event_fn, **kwargs)  # type: ignore[no-any-return]
+    return odeint_interface(func, y0, t, event_fn=event_fn, **kwargs)
 
 
 def _until_event(

@@ -132,7 +132,7 @@ class EventLog(NamedTuple):
 
     Attributes:
         t: the terminal event's time per row (NaN where none stopped the row).
-        index: the event function (column over all events, in order) that stopped it, ``-1``
+        column: the event function (column over all events, in order) that stopped it, ``-1``
             where none.
         y: the state at the terminal event (before any reset), NaN where none.
         occurrences: per row, every located occurrence ``(time, column, kind)`` in order;
@@ -141,7 +141,7 @@ class EventLog(NamedTuple):
     """
 
     t: torch.Tensor
-    index: torch.Tensor
+    column: torch.Tensor
     y: torch.Tensor
     occurrences: list[list[tuple[float, int, str]]]
     widths: tuple[int, ...]
@@ -453,6 +453,7 @@ def event_time(
     yd = tuple(p.detach().requires_grad_(True) for p in parts)
     with torch.enable_grad():
         gd = _column(g(td, yd if isinstance(y, tuple) else yd[0]), col)
+        grads: tuple[torch.Tensor | None, ...]
         if gd.requires_grad:
             grads = torch.autograd.grad(gd.sum(), (td, *yd), allow_unused=True)
         else:  # g depends on neither t nor y (a step function of them): its rate is zero

@@ -15,10 +15,12 @@ from typing import Any
 
 import torch
 
+from ._event_solve import check_events, differentiate, make_tracker, unbatched_events, with_events
 from ._inputs import CALLBACK_NAMES, Problem, _fmt_time, check_solver_options, normalise
 from ._loop import LoopSpec
 from ._rows import row_dims
 from .controllers import NORMS, Norm, PIController
+from .events import Event
 from .gradients import (
     GRADIENTS,
     Adjoint,
@@ -29,8 +31,6 @@ from .gradients import (
     Outcome,
     find_adjoint_params,
 )
-from ._event_solve import check_events, differentiate, make_tracker, unbatched_events, with_events
-from .events import Event
 from .interpolation import make_evaluate, recorded_evaluator
 from .solution import Solution, SolverError, Status
 from .solvers.base import Solver
