@@ -234,6 +234,29 @@ def test_fixed_step_terminal_stops_rows_and_outputs():
         assert torch.isnan(sol.ys[i, after]).all() and not torch.isnan(sol.ys[i, ~after]).any()
 
 
+@pytest.mark.parametrize("gradient", ["backprop", "adjoint"])
+def test_fixed_step_resets_step_back_onto_the_grid(gradient):
+    # rk4 and its cubic Hermite interpolant are exact on the ball's parabolas: after each bounce
+    # the ball takes a partial step to the grid, and the bounce times are exact.
+    h0 = H0.clone().requires_grad_(True)
+    t = torch.linspace(0, 10, 11, dtype=torch.float64)
+    ev = Event(floor, direction=-1, terminal=5, reset=bounce)
+    kw = {} if gradient == "backprop" else {"adjoint_params": ()}
+    sol = bsolve(ball_field(9.81), drop(h0), t, events=ev, method="rk4", step_size=0.05,
+                 gradient=gradient, **kw)
+    exact = ball_times(h0, 9.81, 5)
+    torch.testing.assert_close(sol.event_t, exact.detach(), rtol=0, atol=1e-12)
+    (got,) = torch.autograd.grad(sol.event_t.sum(), h0)
+    (want,) = torch.autograd.grad(exact.sum(), h0)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
+    # 0.05 steps to each ball's end, and one partial step after each of its four resets.
+    assert sol.status.tolist() == [Status.EVENT] * 3
+    with torch.no_grad():
+        fast = bsolve(ball_field(9.81), drop(H0), t, events=ev, method="rk4", step_size=0.05)
+    whole = torch.ceil(exact.detach() / 0.05)
+    assert fast.stats.n_steps.tolist() == (whole + 4).long().tolist()
+
+
 def test_tuple_state_and_dense_output():
     def f(t, y):
         return (y[1], -torch.ones_like(y[0]))
@@ -395,8 +418,8 @@ def test_bad_event_uses_are_named():
             t,
             events=Event(lambda t, y: y[:, 0] - 0.5, terminal=False, reset=lambda t, y: y[:, 0]),
         )
-    with pytest.raises(ValueError, match="fixed-step"):
-        bsolve(f, y0, t, method="rk4", events=Event(floor, reset=bounce))
+    with pytest.raises(ValueError, match="multistep"):
+        bsolve(f, y0, t, method="explicit_adams", step_size=0.1, events=Event(floor, reset=bounce))
     with pytest.raises(ValueError, match="complex"):
         solve(f, torch.ones(2, 1, dtype=torch.complex64), t, events=Event(floor))
     with pytest.raises(ValueError, match="NaN"):
@@ -516,3 +539,45 @@ def test_bouncing_balls_example_recovers_the_restitution(tmp_path, monkeypatch):
     result = json.loads((tmp_path / "bouncing_balls.json").read_text())
     assert abs(result["recovered_e"] - module.TRUE_E) < 0.005
     assert (tmp_path / "bouncing_balls.png").stat().st_size > 10_000
+
+
+def ball_height(t: torch.Tensor, h0: torch.Tensor, g, n_max: int = 12) -> torch.Tensor:
+    """The bouncing ball's height at times ``t`` (``[batch, T]``), analytic and differentiable."""
+    t1 = torch.sqrt(2 * h0 / g).unsqueeze(1)
+    v1 = g * t1
+    y = h0.unsqueeze(1) - 0.5 * g * t**2  # the first fall
+    start = t1
+    for k in range(1, n_max):
+        v = E**k * v1
+        end = start + 2 * v / g
+        tau = t - start
+        inside = (t >= start) & (t < end)
+        y = torch.where(inside, v * tau - 0.5 * g * tau**2, y)
+        start = end
+    return y
+
+
+@pytest.mark.parametrize("gradient", ["backprop", "checkpoint", "adjoint"])
+def test_outputs_between_bounces_per_sample_grids_and_their_gradients(gradient):
+    h0 = torch.tensor([1.0, 1.7], dtype=torch.float64, requires_grad=True)
+    g = torch.tensor(9.81, dtype=torch.float64, requires_grad=True)
+    # Each ball its own grid (one reversed would need a reversed ball: both forwards here).
+    t = torch.stack(
+        [torch.linspace(0, 2.5, 9, dtype=torch.float64), torch.linspace(0.1, 3.1, 9)]
+    ).double()
+    ev = Event(floor, direction=-1, terminal=False, reset=bounce)
+    kw = {} if gradient == "backprop" else {"adjoint_params": [g]}
+    sol = bsolve(ball_field(g), drop(h0), t, events=ev, gradient=gradient, **TOL, **kw)
+    assert sol.status.tolist() == [0, 0] and torch.isnan(sol.event_t).all()
+    want = ball_height(t - t[:, :1], h0, g)  # row 1 is dropped at t = 0.1
+    torch.testing.assert_close(sol.ys[..., 0], want, rtol=0, atol=1e-8)
+    w = torch.linspace(-1, 1, 9, dtype=torch.float64)
+    got = torch.autograd.grad((sol.ys[..., 0] * w).sum(), (h0, g))
+    ref = torch.autograd.grad((want * w).sum(), (h0, g))
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for i, row in enumerate(sol.event_log):
+        times = [ball_times(h0[i].detach(), 9.81, k) for k in range(1, 13)]
+        span = float(t[i, -1] - t[i, 0])
+        assert len(row) == sum(float(x) <= span for x in times) >= 3
+        assert all(kind == "reset" for _, _, kind in row)

@@ -617,7 +617,47 @@ class _Run:
                 assert d is not None
                 # (a fixed step that failed is kept as no step: the row stays where it was)
                 self._keep_dense(att.t, att.h if plan is None else h_acc, d)
-        return c, torch.where(accept, upto, next_out), bool(go_on)
+        next_out = torch.where(accept, upto, next_out)
+        if self.grid is not None and cut is not None and bool(cut.reset.any()):
+            c, next_out = self._back_on_grid(c, cut.reset, next_out, outputs, k)
+            go_on = (plan is None or k + 1 < len(plan)) and bool(c.running.any())
+        return c, next_out, bool(go_on)
+
+    def _back_on_grid(
+        self, c: _Carry, rows: torch.Tensor, next_out: torch.Tensor, outputs: Outputs, k: int
+    ) -> tuple[_Carry, torch.Tensor]:
+        """Fixed steps: rows that jumped at an event inside step ``k`` step from the event to
+        the step's grid end (a partial step, committed as any step: its outputs, its events,
+        and a jump inside it again), so that every row takes the grid's next step."""
+        assert self.grid is not None
+        end = self.grid.times[k + 1]
+        h = torch.where(rows, end - c.t, 0.0)
+        res = self.solver.step(self.f, c.t, h, c.y, c.solver_state)
+        accept = rows if res.status is None else rows & (res.status == 0)
+        still = c.running
+        status = c.status
+        if res.status is not None:
+            failed = rows & (res.status != 0)
+            status = torch.where(failed, res.status, status)
+            still = still & ~failed
+            self._row_failed = True
+        t_new = torch.where(accept, end, c.t)
+        c2 = c._replace(
+            t=t_new,
+            running=still,
+            status=status,
+            nfe=c.nfe + rows * res.nfe,
+            n_steps=c.n_steps + rows,
+            n_accepted=c.n_accepted + accept,
+            njev=_count(c.njev, rows, res.njev),
+            nlu=_count(c.nlu, rows, res.nlu),
+            n_newton=_count(c.n_newton, rows, res.n_newton),
+        )
+        att = _Attempt(
+            c.t, h, c.h, rows, c.y, res, accept, t_new, still, torch.zeros_like(rows)
+        )
+        c2, next_out, _ = self._commit(c2, att, next_out, outputs, None, k)
+        return c2, next_out
 
     def _cut(self, c: _Carry, att: _Attempt, cut: Cut) -> tuple[_Carry, _Attempt]:
         """Rows whose step an event cut end it at the event: a terminal one stops there, a

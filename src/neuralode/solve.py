@@ -137,7 +137,7 @@ def solve(
             without a graph to locate the events, once with the gradient strategy to them (the
             event times get their implicit-function-theorem gradients); under
             ``torch.no_grad()`` it integrates once.  Not with ``perturb``, func's step
-            callbacks, complex states, or resets on fixed-step methods.
+            callbacks or complex states; no resets with the multistep methods.
         throw: raise :class:`SolverError` when a sample fails; with ``False`` failures are only
             reported in ``Solution.status`` and the outputs they did not reach are NaN.
         gradient: what autograd sees of the solve; gradients reach ``y0``, ``t`` and the
@@ -315,10 +315,11 @@ def solve(
         perturb=perturb,
     )
     if events is not None:
-        if not solver.adaptive and any(e.reset is not None for e in events):
+        if solver.multistep and any(e.reset is not None for e in events):
             raise ValueError(
-                f"events with a reset need an adaptive method (the solve restarts at the event "
-                f"time, off the fixed grid); {solver.name!r} is fixed-step"
+                f"events with a reset restart the solver on the rows that jumped, but "
+                f"{solver.name!r} is a multistep method whose rows share one history of steps; "
+                f"use a one-step method (rk4, dopri5, ...)"
             )
         spec = dataclasses.replace(spec, events=make_tracker(prob, events))
         with torch.no_grad():
