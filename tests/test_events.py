@@ -242,8 +242,16 @@ def test_fixed_step_resets_step_back_onto_the_grid(gradient):
     t = torch.linspace(0, 10, 11, dtype=torch.float64)
     ev = Event(floor, direction=-1, terminal=5, reset=bounce)
     kw = {} if gradient == "backprop" else {"adjoint_params": ()}
-    sol = bsolve(ball_field(9.81), drop(h0), t, events=ev, method="rk4", step_size=0.05,
-                 gradient=gradient, **kw)
+    sol = bsolve(
+        ball_field(9.81),
+        drop(h0),
+        t,
+        events=ev,
+        method="rk4",
+        step_size=0.05,
+        gradient=gradient,
+        **kw,
+    )
     exact = ball_times(h0, 9.81, 5)
     torch.testing.assert_close(sol.event_t, exact.detach(), rtol=0, atol=1e-12)
     (got,) = torch.autograd.grad(sol.event_t.sum(), h0)

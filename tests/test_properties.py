@@ -537,3 +537,60 @@ def test_all_finite_agrees_with_the_elementwise_check(values: list[float], dtype
 
     x = torch.tensor(values, dtype=torch.float64).to(dtype)
     assert all_finite(x) == bool(torch.isfinite(x).all())
+
+
+# -- events ---------------------------------------------------------------------------------------
+
+
+@settings(VALID, max_examples=30)
+@given(
+    a=st.lists(st.floats(0.2, 5.0), min_size=1, max_size=6),
+    c=st.floats(0.1, 3.0),
+    k=st.floats(0.2, 3.0),
+    reverse=st.booleans(),
+    method=st.sampled_from(["dopri5", "tsit5", "bosh3", "rodas5p"]),
+)
+def test_event_times_of_decays_per_sample(a, c, k, reverse, method):
+    """y = a exp(-k |t|) falls through c at ln(a / c) / k where a > c, per sample (the others:
+    NaN, success), whichever way time runs."""
+    y0 = torch.tensor(a, dtype=F64).unsqueeze(1)
+    t = torch.tensor([0.0, -4.0 if reverse else 4.0], dtype=F64)
+    sign = -1.0 if reverse else 1.0
+    ev = neuralode.Event(lambda t, y: y[:, 0] - c, direction=-1)
+    with torch.no_grad():
+        sol = neuralode.solve(
+            lambda t, y: -sign * k * y,
+            y0,
+            t,
+            batched=True,
+            events=ev,
+            method=method,
+            rtol=1e-9,
+            atol=1e-12,
+        )
+    crossing = [math.log(x / c) / k for x in a]
+    for i, (x, tc) in enumerate(zip(a, crossing)):
+        if x > c and tc < 4.0 - 1e-6:
+            assert sol.status[i] == neuralode.Status.EVENT
+            assert float(sol.event_t[i]) == pytest.approx(sign * tc, abs=1e-6)
+        elif x < c or tc > 4.0 + 1e-6:
+            assert sol.status[i] == neuralode.Status.SUCCESS
+            assert math.isnan(float(sol.event_t[i])) and int(sol.event_index[i]) == -1
+    assert sol.success
+
+
+@FUZZ
+@given(
+    direction=st.one_of(st.integers(-5, 5), st.floats(allow_nan=True), st.booleans()),
+    terminal=st.one_of(st.integers(-3, 3), st.booleans(), st.floats(-2, 2)),
+    checks=st.one_of(st.none(), st.integers(-3, 12), st.floats(-1, 3)),
+)
+def test_event_arguments_are_accepted_or_refused_clearly(direction, terminal, checks):
+    try:
+        ev = neuralode.Event(
+            lambda t, y: y[:, 0], direction=direction, terminal=terminal, checks=checks
+        )
+    except (ValueError, TypeError) as err:
+        assert "event" in str(err)
+        return
+    assert ev.direction in (-1, 0, 1) and ev.stop_at >= 0 and ev.interior_checks >= 0

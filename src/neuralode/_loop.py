@@ -653,9 +653,7 @@ class _Run:
             nlu=_count(c.nlu, rows, res.nlu),
             n_newton=_count(c.n_newton, rows, res.n_newton),
         )
-        att = _Attempt(
-            c.t, h, c.h, rows, c.y, res, accept, t_new, still, torch.zeros_like(rows)
-        )
+        att = _Attempt(c.t, h, c.h, rows, c.y, res, accept, t_new, still, torch.zeros_like(rows))
         c2, next_out, _ = self._commit(c2, att, next_out, outputs, None, k)
         return c2, next_out
 
