@@ -209,6 +209,11 @@ def _axpy(y: Any, f: Any, dt: torch.Tensor, sign: float) -> Any:
     return y + sign * f * per_row(dt.to(y.dtype), y.ndim)
 
 
+#: A row's segment: its start and end (user time) and the event at its end, ``(column, kind)``,
+#: or ``None`` where it ends at the row's last output time.
+_Segment = tuple[float, float, "tuple[int, str] | None"]
+
+
 def differentiate(
     solve: Callable[..., Solution],
     func: Callable[..., Any],
@@ -225,32 +230,19 @@ def differentiate(
     is_tuple = isinstance(y0, (tuple, list))
     y0 = tuple(y0) if is_tuple else y0
     first = y0[0] if is_tuple else y0
-    B, dtype = first.shape[0], first.dtype
-    user_t = t.detach().to(torch.float64)
-    if user_t.ndim == 1:
-        user_t = user_t.unsqueeze(0).expand(B, -1)
-    T = user_t.shape[1]
-    grid_t: list[list[float]] = user_t.tolist()
-    assert located.event_log is not None and located.event_t is not None
-    ok = (located.status == Status.SUCCESS) | (located.status == Status.EVENT)
-    active0: list[bool] = ok.tolist()
-    # Each row's segments: (start, end, the event at the end: (column, kind) or None).
-    segments: list[list[tuple[float, float, tuple[int, str] | None]]] = []
-    for r in range(B):
-        cuts = [(x, i, k) for x, i, k in located.event_log[r] if k != "event"]
-        starts = [grid_t[r][0]] + [x for x, _, k in cuts if k == "reset"]
-        ends: list[tuple[float, tuple[int, str] | None]] = [(x, (i, k)) for x, i, k in cuts]
-        if not cuts or cuts[-1][2] != "terminal":
-            ends.append((grid_t[r][-1], None))
-        segments.append([(a, b, e) for a, (b, e) in zip(starts, ends)] if active0[r] else [])
+    B, dtype, device = first.shape[0], first.dtype, first.device
+    times = t if t.ndim == 2 else t.unsqueeze(0).expand(B, -1)
+    grid_t: list[list[float]] = times.detach().to(torch.float64).tolist()
+    T = times.shape[1]
+    ok = _ok(located.status)
+    segments = _segments(located, grid_t, ok.tolist())
     n_seg = max((len(s) for s in segments), default=0)
     if n_seg == 0:  # every row failed to locate: nothing to differentiate
         return located
-    owner = [e for e, w in enumerate(widths) for _ in range(w)]
-    offsets = [owner.index(e) for e in range(len(events))]
+    jumps = _Jumps(func, events, widths, dtype, device)
     kw = dict(kw, batched=True, dense=False, throw=False)
+    pad_eps = torch.finfo(kw.get("t_dtype") or torch.float64).eps
     state = y0
-    times = t if t.ndim == 2 else t.unsqueeze(0).expand(B, -1)
     if times.requires_grad:  # the start time's gradient, as the solve gives it: -f(t0, y0)
         t0 = times[:, 0]
         f0 = func(t0.detach().to(dtype), y0)
@@ -260,93 +252,36 @@ def differentiate(
     stats: list[Stats] = [located.stats]
     backward: list[dict[str, Stats] | None] = []
     status = located.status.clone()
-    event_t = located.event_t.clone()
-    event_y = located.event_y
-    extra_nfe = torch.zeros(B, dtype=torch.long, device=first.device)
+    assert located.event_t is not None
+    event_t, event_y = located.event_t.clone(), located.event_y
     for j in range(n_seg):
-        grids, end_pos, live, ends_at = [], [], [], []
-        for r in range(B):
-            u = grid_t[r]
-            s = 1.0 if u[-1] >= u[0] else -1.0
-            if j < len(segments[r]):
-                a, b, ev_end = segments[r][j]
-                inside = [i for i in range(T) if s * (u[i] - a) > 0 and s * (u[i] - b) < 0]
-                at_b = [i for i in range(T) if u[i] == b]
-                g = [a] + [u[i] for i in inside] + [b]
-                m = [0 if j == 0 else T] + inside + [at_b[0] if at_b else T]
-                live.append(True)
-                ends_at.append(ev_end)
-            else:
-                g, m = [where_now[r]], [T]
-                live.append(False)
-                ends_at.append(None)
-            end_pos.append(len(g) - 1)
-            grids.append((g, m, s, abs(u[-1] - u[0])))
-        L = max(len(g) for g, _, _, _ in grids) + 1
-        rows_t, rows_m = [], []
-        for g, m, s, span in grids:
-            delta = 1e3 * torch.finfo(torch.float64).eps * max(abs(g[-1]), span, 1e-300)
-            pad = [g[-1] + s * delta * (k + 1) for k in range(L - len(g))]
-            rows_t.append(g + pad)
-            rows_m.append(m + [T] * len(pad))
-        grid = torch.tensor(rows_t, dtype=torch.float64, device=first.device)
-        idx = torch.tensor(rows_m, dtype=torch.long, device=first.device)
+        grid, idx, end_pos, ends_at = _segment_grid(segments, j, grid_t, where_now, pad_eps)
+        grid, idx = grid.to(device), idx.to(device)
+        live = torch.tensor([e is not False for e in ends_at], device=device)
         sol = solve(func, state, grid, **kw)
         stats.append(sol.stats)
         backward.append(sol._backward)
-        live_t = torch.tensor(live, device=first.device)
-        status = torch.where(live_t & ~_ok(sol.status), sol.status, status)
+        status = torch.where(live & ~_ok(sol.status), sol.status, status)
         collected.append((idx, sol.ys))
-        pos = torch.tensor(end_pos, dtype=torch.long, device=first.device)
+        pos = torch.tensor(end_pos, dtype=torch.long, device=device)
         y_b = _rows_at(sol.ys, pos)
-        t_b = torch.tensor([row[p] for row, p in zip(rows_t, end_pos)], device=first.device)
-        evented = torch.tensor([e is not None for e in ends_at], device=first.device) & live_t
-        if bool(evented.any()):
-            col = torch.tensor([-1 if e is None else e[0] for e in ends_at], device=first.device)
-            term = evented & torch.tensor(
-                [e is not None and e[1] == "terminal" for e in ends_at], device=first.device
-            )
-            reset = evented & ~term
-            tb = t_b.to(dtype)
-            fy = func(tb, y_b)
-            t_ev = tb
-            ev_of = torch.tensor(
-                [owner[c] if c >= 0 else -1 for c in col.tolist()], device=first.device
-            )
-            for e, ev in enumerate(events):
-                mine = evented & (ev_of == e)
-                if bool(mine.any()):
-                    t_e = event_time(ev.fn, fy, tb, y_b, col - offsets[e], mine, ev.label)
-                    t_ev = torch.where(mine, t_e, t_ev)
-            y_ev = event_state(y_b, fy, t_ev, tb)
-            extra_nfe += evented.long()
-            if bool(term.any()):
-                event_t = torch.where(term, event_t + (t_ev - tb).to(event_t.dtype), event_t)
-                event_y = _where(term, y_ev, event_y)
-            if bool(reset.any()):
-                y_new = y_ev
-                for e, ev in enumerate(events):
-                    mine = reset & (ev_of == e)
-                    if ev.reset is not None and bool(mine.any()):
-                        y_new = _where(mine, ev.reset(t_ev, y_ev), y_new)
-                # The next segment starts at the located time t_b (fixed): shift the new state
-                # back along the flow by dt* = t_ev - t_b (zero, with its gradient).
-                f_new = func(tb, y_new)
-                extra_nfe += reset.long()
-                y_start = _axpy(y_new, f_new, t_ev - tb, -1.0)
-                state = _where(reset, y_start, _where(live_t, y_b, state))
-            else:
-                state = _where(live_t, y_b, state)
-        else:
-            state = _where(live_t, y_b, state)
-        where_now = [row[p] for row, p in zip(rows_t, end_pos)]
+        t_b = grid.gather(1, pos.unsqueeze(1)).squeeze(1)
+        state = _where(live, y_b, state)
+        ends = [e if isinstance(e, tuple) else None for e in ends_at]
+        if any(e is not None for e in ends):
+            t_ev, y_ev, y_start, term = jumps.at(t_b, y_b, ends)
+            event_t = torch.where(term, event_t + (t_ev - t_b.to(dtype)).to(event_t.dtype), event_t)
+            event_y = _where(term, y_ev, event_y)
+            if y_start is not None:  # rows that jumped go on from their new state
+                state = _where(jumps.reset, y_start, state)
+        where_now = [float(x) for x in t_b.tolist()]
     ys = _assemble(collected, T, is_tuple)
     if times.requires_grad:  # each output's own time: dy(t_i)/dt_i = f(t_i, y_i)
         ys = _attach_output_times(func, ys, times)
-    if not all(active0):  # rows that failed to locate keep their (constant) outputs
+    if not bool(ok.all()):  # rows that failed to locate keep their (constant) outputs
         ys = _where(ok, ys, _detach(located.ys))
     total = _sum_stats(stats)
-    total = dataclasses.replace(total, nfe=total.nfe + extra_nfe)
+    total = dataclasses.replace(total, nfe=total.nfe + jumps.nfe)
     return dataclasses.replace(
         located,
         ys=ys,
@@ -356,6 +291,115 @@ def differentiate(
         event_y=event_y,
         _backward=_SummedBackward(backward),
     )
+
+
+def _segments(
+    located: Solution, grid_t: list[list[float]], active: list[bool]
+) -> list[list[_Segment]]:
+    """Each row's segments between its resets, the last ending at its terminal event or at its
+    last output time (none for a row that failed to locate)."""
+    assert located.event_log is not None
+    segments: list[list[_Segment]] = []
+    for r, row in enumerate(located.event_log):
+        cuts = [(x, i, k) for x, i, k in row if k != "event"]
+        starts = [grid_t[r][0]] + [x for x, _, k in cuts if k == "reset"]
+        ends: list[tuple[float, tuple[int, str] | None]] = [(x, (i, k)) for x, i, k in cuts]
+        if not cuts or cuts[-1][2] != "terminal":
+            ends.append((grid_t[r][-1], None))
+        segments.append([(a, b, e) for a, (b, e) in zip(starts, ends)] if active[r] else [])
+    return segments
+
+
+def _segment_grid(
+    segments: list[list[_Segment]],
+    j: int,
+    grid_t: list[list[float]],
+    where_now: list[float],
+    pad_eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, list[int], list[Any]]:
+    """Segment ``j`` of every row as one per-sample grid: ``(times [B, L], output index [B, L]
+    (T: not an output), the end's position per row, the event at each row's end)``; the event
+    is ``False`` for a row without a segment ``j`` (it rides along on padding times).  Rows are
+    padded with times past their end, ``1e3`` ulps apart, whose outputs are dropped."""
+    T = len(grid_t[0])
+    rows, end_pos = [], []
+    ends_at: list[Any] = []
+    for r, u in enumerate(grid_t):
+        s = 1.0 if u[-1] >= u[0] else -1.0
+        if j < len(segments[r]):
+            a, b, ev_end = segments[r][j]
+            inside = [i for i in range(T) if s * (u[i] - a) > 0 and s * (u[i] - b) < 0]
+            at_b = [i for i in range(T) if u[i] == b]
+            g = [a] + [u[i] for i in inside] + [b]
+            m = [0 if j == 0 else T] + inside + [at_b[0] if at_b else T]
+            ends_at.append(ev_end)
+        else:
+            g, m = [where_now[r]], [T]
+            ends_at.append(False)
+        end_pos.append(len(g) - 1)
+        rows.append((g, m, s, abs(u[-1] - u[0])))
+    L = max(len(g) for g, _, _, _ in rows) + 1
+    times, index = [], []
+    for g, m, s, span in rows:
+        delta = 1e3 * pad_eps * max(abs(g[-1]), span, 1e-300)
+        pad = [g[-1] + s * delta * (k + 1) for k in range(L - len(g))]
+        times.append(g + pad)
+        index.append(m + [T] * len(pad))
+    grid = torch.tensor(times, dtype=torch.float64)
+    return grid, torch.tensor(index, dtype=torch.long), end_pos, ends_at
+
+
+class _Jumps:
+    """What happens at the segment ends that are events: the event time with its gradient, the
+    state there, and a reset's new state carried back to the (fixed) located time."""
+
+    def __init__(
+        self,
+        func: Callable[..., Any],
+        events: tuple[Event, ...],
+        widths: Sequence[int],
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.func, self.events, self.dtype, self.device = func, events, dtype, device
+        self.owner = [e for e, w in enumerate(widths) for _ in range(w)]
+        self.offsets = [self.owner.index(e) for e in range(len(events))]
+        self.nfe: torch.Tensor | int = 0
+        self.reset = torch.zeros(0, dtype=torch.bool, device=device)
+
+    def at(
+        self, t_b: torch.Tensor, y_b: Any, ends: list[tuple[int, str] | None]
+    ) -> tuple[torch.Tensor, Any, Any, torch.Tensor]:
+        """Rows ending at an event (``ends``): ``(t_event, y_event, next start state or None,
+        terminal rows)``; ``self.reset`` is set to the rows that jumped."""
+        dev = self.device
+        evented = torch.tensor([e is not None for e in ends], device=dev)
+        col = torch.tensor([-1 if e is None else e[0] for e in ends], device=dev)
+        term = torch.tensor([e is not None and e[1] == "terminal" for e in ends], device=dev)
+        self.reset = evented & ~term
+        ev_of = torch.tensor([self.owner[c] if c >= 0 else -1 for c in col.tolist()], device=dev)
+        tb = t_b.to(self.dtype)
+        fy = self.func(tb, y_b)
+        t_ev = tb
+        for e, ev in enumerate(self.events):
+            mine = evented & (ev_of == e)
+            if bool(mine.any()):
+                t_e = event_time(ev.fn, fy, tb, y_b, col - self.offsets[e], mine, ev.label)
+                t_ev = torch.where(mine, t_e, t_ev)
+        y_ev = event_state(y_b, fy, t_ev, tb)
+        self.nfe = self.nfe + evented.long()
+        if not bool(self.reset.any()):
+            return t_ev, y_ev, None, term
+        y_new = y_ev
+        for e, ev in enumerate(self.events):
+            mine = self.reset & (ev_of == e)
+            if ev.reset is not None and bool(mine.any()):
+                y_new = _where(mine, ev.reset(t_ev, y_ev), y_new)
+        # The next segment starts at the located time t_b (fixed): shift the new state back
+        # along the flow by dt* = t_ev - t_b (zero, with its gradient: the saltation term).
+        f_new = self.func(tb, y_new)
+        self.nfe = self.nfe + self.reset.long()
+        return t_ev, y_ev, _axpy(y_new, f_new, t_ev - tb, -1.0), term
 
 
 def _attach_output_times(func: Callable[..., Any], ys: Any, times: torch.Tensor) -> Any:
