@@ -1,6 +1,8 @@
 """A solve with events: the loop locates them, the public solve differentiates to them.
 
-Two passes when autograd is on (one under ``torch.no_grad()``):
+With ``gradient="backprop"`` (or under ``torch.no_grad()``) the loop's one pass is the answer:
+its graph runs through the steps, and the tracker gives each cut its gradient.  The adjoint and
+checkpoint strategies keep no graph in the loop, so they take two passes:
 
 1. **locate**: the loop runs with an :class:`~neuralode.events.EventTracker` and no graph; each
    row stops at its terminal event and jumps at its resets (``_loop``, the commit).
@@ -12,9 +14,8 @@ Two passes when autograd is on (one under ``torch.no_grad()``):
    new state is carried to the next segment's fixed start time with the first-order shift
    ``- f dt*``, which gives the saltation term of the adjoint through a jump.
 
-torchdiffeq's adjoint with events integrates twice in the same way; its backprop integrates once
-with a graph.  Rows with fewer segments than the most ride along on a few padding times of
-negligible length, whose outputs are dropped.
+torchdiffeq's adjoint with events integrates twice in the same way.  Rows with fewer segments
+than the most ride along on a few padding times of negligible length, whose outputs are dropped.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def make_tracker(
     def reset_call(fn: Callable[..., Any], s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return _pack(fn(user_time(s).to(dtype), prob.unflatten(y)), y.shape[0])
 
-    return lambda t0, y0: EventTracker(events, call, reset_call, t0, y0)
+    return lambda t0, y0: EventTracker(events, call, reset_call, t0, y0, prob.func)
 
 
 def with_events(sol: Solution, log: EventLog, prob: Problem) -> Solution:

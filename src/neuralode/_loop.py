@@ -516,10 +516,12 @@ class _Run:
         """Outputs, records and the decision to go on, for the accepted rows of an attempt."""
         res = att.result  # the step as taken (its interpolant's end is res.y1)
         memo: list[tuple[DenseStep, int, Any]] = []
+        grad_mode = torch.is_grad_enabled()  # the events locate without a graph
 
         def dense() -> DenseStep:
             if not memo:
-                memo.append(self.solver.dense(self.f, att.t, att.h, att.y, res))
+                with torch.set_grad_enabled(grad_mode):
+                    memo.append(self.solver.dense(self.f, att.t, att.h, att.y, res))
             return memo[0][0]
 
         y_end = res.y1  # the state at each row's new time (before a reset)
@@ -529,6 +531,7 @@ class _Run:
             cut = self._events.commit(att.t, h_rows, att.t_new, res.y1, att.accept, dense)
             if cut is not None:
                 c, att = self._cut(c, att, cut)
+                c = c._replace(nfe=c.nfe + cut.nfe)
                 y_end = torch.where(per_row(cut.rows, y_end.ndim), cut.y_event, y_end)
         accept = att.accept
         if plan is not None and plan[k] == (0, 0):

@@ -8,8 +8,9 @@ them by time, counts them, and says where each row's step is cut: at a terminal 
 stops) or at a reset (the row restarts from the new state).
 
 The loop finds events without a graph.  A differentiable event time comes from the implicit
-function theorem (:func:`event_time`, Chen, Amos and Nickel 2021): at a root ``t*`` of
-``g(t, y(t))``,
+function theorem (:func:`event_time`, Chen, Amos and Nickel 2021), taken at each cut where the
+loop keeps a graph (``gradient="backprop"``) and by ``_event_solve`` after the adjoint's and the
+checkpoint's forward passes: at a root ``t*`` of ``g(t, y(t))``,
 
     dt*/dtheta = -(dg/dtheta + dg/dy . dy/dtheta) / (dg/dt + dg/dy . f(t*, y*)),
 
@@ -150,7 +151,8 @@ class EventLog(NamedTuple):
 class Cut(NamedTuple):
     """Rows whose accepted step is cut by an event: at ``t`` (internal time), where the state
     is ``y_event`` (the solution) and the row goes on from ``y_next`` (after the reset), or
-    stops (``terminal``)."""
+    stops (``terminal``).  ``nfe``: evaluations of the vector field the cut spent per row (the
+    event gradients of a solve that keeps a graph)."""
 
     rows: torch.Tensor
     t: torch.Tensor
@@ -158,6 +160,7 @@ class Cut(NamedTuple):
     y_next: torch.Tensor
     terminal: torch.Tensor
     reset: torch.Tensor
+    nfe: torch.Tensor | int = 0
 
 
 class EventTracker:
@@ -169,6 +172,10 @@ class EventTracker:
             (``[rows]``) and internal state ``y`` in the user's terms.
         reset_call: as ``call`` for a reset; returns the new internal state.
         t0, y0: the rows' start (internal).
+        field: the vector field (internal terms): where the solve keeps an autograd graph, the
+            cuts take their implicit-function-theorem gradients with it (the event time, the
+            state at the event, and a reset's new state carried back to the located time), so
+            that one pass gives every gradient (``gradient="backprop"``).
     """
 
     def __init__(
@@ -178,13 +185,15 @@ class EventTracker:
         reset_call: Callable[[Callable[..., Any], torch.Tensor, torch.Tensor], torch.Tensor],
         t0: torch.Tensor,
         y0: torch.Tensor,
+        field: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.events = tuple(events)
-        self.call, self.reset_call = call, reset_call
+        self.call, self.reset_call, self.field = call, reset_call, field
         self.B = y0.shape[0]
         self.t_dtype, self.device = t0.dtype, t0.device
         self.widths: list[int] = []
-        g0 = self.values(t0, y0, check=True)
+        with torch.no_grad():
+            g0 = self.values(t0, y0, check=True)
         self.K = g0.shape[1]
         owner = [e for e, w in enumerate(self.widths) for _ in range(w)]
         self.owner = torch.tensor(owner, dtype=torch.long, device=self.device)
@@ -202,6 +211,7 @@ class EventTracker:
         self.counts = torch.zeros(self.B, len(ev), dtype=torch.long, device=self.device)
         nan = torch.full((self.B,), math.nan, dtype=self.t_dtype, device=self.device)
         self.t_stop = nan
+        self.t_shift = torch.zeros(self.B, dtype=y0.dtype, device=self.device)  # IFT gradients
         self.index = torch.full((self.B,), -1, dtype=torch.long, device=self.device)
         self.y_stop = torch.full_like(y0.detach(), math.nan)
         self._log: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
@@ -256,7 +266,24 @@ class EventTracker:
     ) -> Cut | None:
         """Check the accepted step ``[t, t_new]`` of each row (``accept``; ``h`` the step the
         interpolant is parameterised by); returns where rows are cut, or ``None`` (one host
-        synchronisation, more while locating)."""
+        synchronisation, more while locating).  Detection and location keep no graph; the
+        cut's states do, where the solve does."""
+        with torch.no_grad():
+            found = self._detect(t, h, t_new, y1, accept, dense)
+        if found is None:
+            return None
+        return self._cut(dense(), t, h, t_new, y1, *found)
+
+    def _detect(
+        self,
+        t: torch.Tensor,
+        h: torch.Tensor,
+        t_new: torch.Tensor,
+        y1: torch.Tensor,
+        accept: torch.Tensor,
+        dense: Callable[[], DenseStep],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The rows cut by an event in this step, as ``_order`` finds them, else ``None``."""
         g1 = self.values(t_new, y1)
         g0 = self.g0
         if self.checks:
@@ -285,7 +312,11 @@ class EventTracker:
         g_lo = G.gather(1, j.unsqueeze(1)).squeeze(1)
         g_hi = G.gather(1, (j + 1).unsqueeze(1)).squeeze(1)
         theta = self._locate(d, t, h, lo, hi, g_lo, g_hi, torch.sign(g_lo), fired)
-        return self._order(d, t, h, t_new, y1, g1, accept, theta, fired)
+        found = self._order(t, h, g1, accept, theta)
+        if found is None:
+            self.g0 = torch.where(accept.unsqueeze(1), g1, g0)
+            return None
+        return (*found, g1, accept)
 
     def _locate(
         self,
@@ -338,23 +369,20 @@ class EventTracker:
 
     def _order(
         self,
-        d: DenseStep,
         t: torch.Tensor,
         h: torch.Tensor,
-        t_new: torch.Tensor,
-        y1: torch.Tensor,
         g1: torch.Tensor,
         accept: torch.Tensor,
         theta: torch.Tensor,
-        fired: torch.Tensor,
-    ) -> Cut | None:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """Take the located crossings of each row in time order: record each, count it, and
-        cut the step at the first that stops the row or resets it."""
+        find the first that stops the row or resets it: ``(rows cut, where (fraction of the
+        step), which column)`` (the column's event and count say terminal or reset)."""
         order = theta.argsort(dim=1)
         cut = torch.zeros(self.B, dtype=torch.bool, device=self.device)
         cut_theta = torch.ones(self.B, dtype=self.t_dtype, device=self.device)
         cut_col = torch.full((self.B,), -1, dtype=torch.long, device=self.device)
-        terminal = torch.zeros_like(cut)
+        self._terminal = torch.zeros_like(cut)
         rows = torch.arange(self.B, device=self.device)
         for r in range(self.K):
             col = order[:, r]
@@ -373,23 +401,50 @@ class EventTracker:
             self._log.append((valid, t + th * h, col, kind))
             cut_theta = torch.where(cuts, th, cut_theta)
             cut_col = torch.where(cuts, col, cut_col)
-            terminal = terminal | ends
+            self._terminal = self._terminal | ends
             cut = cut | cuts
-        g_next = g1
         if not bool(cut.any()):
-            self.g0 = torch.where(accept.unsqueeze(1), g1, self.g0)
             return None
+        return cut, cut_theta, cut_col
+
+    def _cut(
+        self,
+        d: DenseStep,
+        t: torch.Tensor,
+        h: torch.Tensor,
+        t_new: torch.Tensor,
+        y1: torch.Tensor,
+        cut: torch.Tensor,
+        cut_theta: torch.Tensor,
+        cut_col: torch.Tensor,
+        g1: torch.Tensor,
+        accept: torch.Tensor,
+    ) -> Cut:
+        """The states where rows are cut: the solution at the event (on the dense output), the
+        state after a reset, and (with a graph) their event-time gradients."""
+        terminal = self._terminal
         t_cut = torch.where(cut, t + cut_theta * h, t_new)
         y_event = evaluate(d, cut_theta.to(torch.float64).unsqueeze(1), batched=True).squeeze(1)
         y_event = torch.where(per_row(cut, y1.ndim), y_event, y1)
         reset = cut & ~terminal
+        nfe: torch.Tensor | int = 0
+        ts = t_cut.to(y_event.dtype)
+        grad = self.field is not None and torch.is_grad_enabled() and y_event.requires_grad
+        if grad:  # the event time's gradient moves the state along the solution
+            assert self.field is not None
+            fy = self.field(ts, y_event)
+            t_ev = event_time(self.values, fy, ts, y_event, cut_col, cut, self.events[0].label)
+            y_event = event_state(y_event, fy, t_ev, ts)
+            nfe = cut.long()
+        else:
+            t_ev = ts
         y_next = y_event
         for e, ev_obj in enumerate(self.events):
             if ev_obj.reset is None:
                 continue
             mine = reset & (self.owner[cut_col.clamp(min=0)] == e)
             if bool(mine.any()):
-                y_new = self.reset_call(ev_obj.reset, t_cut, y_event)
+                y_new = self.reset_call(ev_obj.reset, t_ev, y_event)
                 if not isinstance(y_new, torch.Tensor) or y_new.shape != y_event.shape:
                     raise ValueError(
                         f"{ev_obj.label}: reset(t, y) must return a state shaped like y "
@@ -397,17 +452,26 @@ class EventTracker:
                         f"{tuple(y_new.shape) if isinstance(y_new, torch.Tensor) else y_new!r}"
                     )
                 y_next = torch.where(per_row(mine, y_next.ndim), y_new, y_next)
+        g_next = g1
         if bool(reset.any()):
-            g_reset = self.values(t_cut, y_next)
+            if grad:  # carried back to the located time: the saltation term of the jump
+                assert self.field is not None
+                f_new = self.field(ts, y_next)
+                shifted = y_next - f_new * per_row((t_ev - ts).to(y_next.dtype), y_next.ndim)
+                y_next = torch.where(per_row(reset, y_next.ndim), shifted, y_next)
+                nfe = nfe + reset.long()
+            with torch.no_grad():
+                g_reset = self.values(t_cut, y_next)
             # The function that fired is zero at its own event: it does not fire there again.
             fired_col = torch.nn.functional.one_hot(cut_col.clamp(min=0), self.K).bool()
             g_reset = torch.where(fired_col, 0.0, g_reset)
             g_next = torch.where(reset.unsqueeze(1), g_reset, g1)
         self.g0 = torch.where(accept.unsqueeze(1), g_next, self.g0)
         self.t_stop = torch.where(terminal, t_cut, self.t_stop)
+        self.t_shift = torch.where(terminal, (t_ev - ts).to(self.t_shift.dtype), self.t_shift)
         self.index = torch.where(terminal, cut_col, self.index)
-        self.y_stop = torch.where(per_row(terminal, y_event.ndim), y_event.detach(), self.y_stop)
-        return Cut(cut, t_cut, y_event, y_next, terminal, reset)
+        self.y_stop = torch.where(per_row(terminal, y_event.ndim), y_event, self.y_stop)
+        return Cut(cut, t_cut, y_event, y_next, terminal, reset, nfe)
 
     def log(self) -> EventLog:
         """Everything found, with the occurrences brought to the host once."""
@@ -424,7 +488,8 @@ class EventTracker:
                     for i in range(len(valid[b]))
                     if valid[b][i]
                 ]
-        return EventLog(self.t_stop, self.index, self.y_stop, occ, tuple(self.widths))
+        t_stop = self.t_stop + self.t_shift.to(self.t_stop.dtype)  # the gradient, no value
+        return EventLog(t_stop, self.index, self.y_stop, occ, tuple(self.widths))
 
 
 def event_time(

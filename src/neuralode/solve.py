@@ -133,11 +133,12 @@ def solve(
             sign changes are located per sample on each accepted step's dense output (a
             terminal event stops its sample, a reset makes its state jump, every occurrence
             is logged).  The :class:`Solution` then has ``event_t``, ``event_index``,
-            ``event_y`` and ``event_log``.  With autograd on, the solve integrates twice: once
-            without a graph to locate the events, once with the gradient strategy to them (the
-            event times get their implicit-function-theorem gradients); under
-            ``torch.no_grad()`` it integrates once.  Not with ``perturb``, func's step
-            callbacks or complex states; no resets with the multistep methods.
+            ``event_y`` and ``event_log``; the event times and states carry their
+            implicit-function-theorem gradients.  ``"backprop"`` (and any solve under
+            ``torch.no_grad()``) integrates once; ``"adjoint"`` and ``"checkpoint"``
+            integrate twice: once without a graph to locate the events, once with the
+            strategy to them.  Not with ``perturb``, func's step callbacks or complex
+            states; no resets with the multistep methods.
         throw: raise :class:`SolverError` when a sample fails; with ``False`` failures are only
             reported in ``Solution.status`` and the outputs they did not reach are NaN.
         gradient: what autograd sees of the solve; gradients reach ``y0``, ``t`` and the
@@ -322,12 +323,17 @@ def solve(
                 f"use a one-step method (rk4, dopri5, ...)"
             )
         spec = dataclasses.replace(spec, events=make_tracker(prob, events))
-        with torch.no_grad():
+        if gradient == "backprop" or not torch.is_grad_enabled():
+            # One pass: the loop's graph, and the events' gradients at each cut.
+            outcome = Backprop().solve(prob, spec)
+            assert outcome.result.events is not None
+            return with_events(_finish(prob, t, outcome, dense, throw), outcome.result.events, prob)
+        with torch.no_grad():  # locate, then differentiate with the strategy to the events
             res = spec.run(prob.y0, prob.f0, prob.times.detach())
         assert res.events is not None
         outcome = Outcome(res.ys, res, None, True)
         located = with_events(_finish(prob, t, outcome, dense, throw), res.events, prob)
-        if not torch.is_grad_enabled() or prob.times.shape[-1] < 2:
+        if prob.times.shape[-1] < 2:
             return located
         return differentiate(solve, func, y0, t, events, kw, located, res.events.widths)
     return _finish(prob, t, strategy.solve(prob, spec), dense, throw)

@@ -97,6 +97,8 @@ def attach_time_gradients(prob: Problem, ys: torch.Tensor, s_det: torch.Tensor) 
         )
     else:
         fs = torch.stack([prob.func(s_det[i].to(ys.dtype), ys[i]) for i in range(ys.shape[0])])
+    # (an output an event left NaN has no time derivative: zero, not NaN, in t's gradient)
+    fs = torch.where(torch.isnan(ys), 0.0, fs)
     return ys + per_row(ds, ys.ndim) * fs
 
 
