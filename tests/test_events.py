@@ -606,3 +606,176 @@ def test_outputs_between_bounces_per_sample_grids_and_their_gradients(gradient):
         span = float(t[i, -1] - t[i, 0])
         assert len(row) == sum(float(x) <= span for x in times) >= 3
         assert all(kind == "reset" for _, _, kind in row)
+
+
+# -- found by review, tried as a new user would (each failed before its fix) ----------------------
+
+
+@pytest.mark.parametrize("gradient", ["checkpoint", "adjoint"])
+def test_a_reset_at_the_last_output_time(gradient):
+    f = lambda t, y: torch.ones_like(y)  # noqa: E731
+    t = torch.linspace(0, 1, 5, dtype=torch.float64)
+    ev = Event(lambda t, y: y[:, 0] - 0.5, reset=lambda t, y: y - 0.25, terminal=False)
+    y0 = torch.zeros(1, 1, dtype=torch.float64, requires_grad=True)
+    ref = bsolve(f, y0, t, events=ev)
+    sol = bsolve(f, y0, t, events=ev, gradient=gradient, adjoint_params=())
+    torch.testing.assert_close(sol.ys, ref.ys)
+    assert [k for _, _, k in sol.event_log[0]] == ["reset"] * 3
+
+
+def test_dense_output_after_a_terminal_event_is_nan():
+    t = torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64)
+    sol = bsolve(ball_field(9.81), drop(H0[:2]), t, events=Event(floor, direction=-1), dense=True)
+    late = sol.evaluate(torch.tensor([0.4, 0.5, 0.9], dtype=torch.float64))[..., 0]
+    # Ball 0 stops at 0.4515, ball 1 at 0.6386.
+    assert not torch.isnan(late[:, 0]).any()
+    assert (
+        torch.isnan(late[0, 1:]).all() and not torch.isnan(late[1, 1]) and torch.isnan(late[1, 2])
+    )
+
+
+def test_every_crossing_the_checked_points_show_is_located():
+    # With the floor's reset, dopri5 integrates each parabola in one step; the height-0.5
+    # function crosses twice inside a flight: both crossings count.
+    half = Event(lambda t, y: y[:, 0] - 0.5, direction=0, terminal=3)
+    floor_ = Event(floor, direction=-1, reset=bounce, terminal=False)
+    with torch.no_grad():
+        sol = bsolve(
+            ball_field(9.81),
+            drop(torch.tensor([1.0], dtype=torch.float64)),
+            torch.tensor([0.0, 5.0]),
+            events=[floor_, half],
+            **TOL,
+        )
+    t1 = math.sqrt(2 / 9.81)
+    apex, rise = t1 + E * t1, math.sqrt(2 * (E**2 - 0.5) / 9.81)
+    halves = [x for x, i, _ in sol.event_log[0] if i == 1]
+    assert halves == pytest.approx([math.sqrt(0.5) * t1, apex - rise, apex + rise], abs=1e-9)
+    assert sol.event_t.item() == pytest.approx(apex + rise, abs=1e-9)
+
+
+@pytest.mark.parametrize("method, kick", [("dopri5", 1e-4), ("rk4", 1e-3)])
+def test_a_reset_that_leaves_the_surface_can_fire_again_at_once(method, kick):
+    # y' = -y, kicked up by `kick` each time it falls to 0.5: it never stays below 0.5.
+    ev = Event(
+        lambda t, y: y[:, 0] - 0.5, direction=-1, terminal=False, reset=lambda t, y: y + kick
+    )
+    kw = {"step_size": 0.1} if method == "rk4" else {}
+    with torch.no_grad():
+        sol = bsolve(
+            lambda t, y: -y,
+            torch.ones(1, 1, dtype=torch.float64),
+            torch.tensor([0.0, 1.5], dtype=torch.float64),
+            events=ev,
+            method=method,
+            **kw,
+        )
+    period = math.log((0.5 + kick) / 0.5)
+    assert len(sol.event_log[0]) == 1 + int((1.5 - math.log(2)) / period)
+    assert sol.ys[0, -1, 0].item() >= 0.5 - 1e-9
+
+
+def test_event_functions_see_the_batch_rows_only():
+    # A per-sample parameter (a dose time per row) in the event function, with a reset.
+    tau = torch.tensor([1.5, 2.5], dtype=torch.float64)
+    ev = Event(lambda t, y: t - tau, direction=1, terminal=False, reset=lambda t, y: y + 1.0)
+    with torch.no_grad():
+        sol = bsolve(
+            lambda t, y: -y,
+            torch.ones(2, 1, dtype=torch.float64),
+            torch.tensor([0.0, 3.0], dtype=torch.float64),
+            events=ev,
+        )
+    assert [round(row[0][0], 9) for row in sol.event_log] == [1.5, 2.5]
+
+
+@pytest.mark.parametrize("gradient", ["backprop", "checkpoint", "adjoint"])
+def test_gradients_of_parameters_only_the_events_use(gradient):
+    # A dose D at time tau into y' = -k y: y(T) = (exp(-k tau) + D) exp(-k (T - tau)), so
+    # dy(T)/dtau = k D exp(-k (T - tau)); y0 does not require grad.
+    k, D, T = 0.5, 1.0, 4.0
+    tau = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    ev = Event(lambda t, y: t - tau, direction=1, terminal=False, reset=lambda t, y: y + D)
+    sol = bsolve(
+        lambda t, y: -k * y,
+        torch.ones(1, 1, dtype=torch.float64),
+        torch.tensor([0.0, T], dtype=torch.float64),
+        events=ev,
+        gradient=gradient,
+        adjoint_params=None if gradient == "backprop" else (),
+        **TOL,
+    )
+    (got,) = torch.autograd.grad(sol.ys[0, -1, 0], tau)
+    assert got.item() == pytest.approx(k * D * math.exp(-k * (T - 2.0)), rel=1e-7)
+    stop = Event(lambda t, y: t - tau)
+    sol = bsolve(
+        lambda t, y: -k * y,
+        torch.ones(1, 1, dtype=torch.float64),
+        torch.tensor([0.0, T], dtype=torch.float64),
+        events=stop,
+        gradient=gradient,
+        adjoint_params=None if gradient == "backprop" else (),
+    )
+    (got,) = torch.autograd.grad(sol.event_t.sum(), tau)
+    assert got.item() == pytest.approx(1.0, rel=1e-9)
+
+
+@pytest.mark.parametrize("gradient", ["checkpoint", "adjoint"])
+def test_a_failed_rows_reached_outputs_keep_their_gradients(gradient):
+    # y' = y^2 from 0.6 blows up at t = 1/0.6; y(0.5) = y0 / (1 - 0.5 y0).
+    ev = Event(lambda t, y: y[:, 0] - 10.0, direction=1, terminal=False)
+    y0 = torch.tensor([[0.6], [0.1]], dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, 0.5, 1.0, 2.0], dtype=torch.float64)
+    sol = bsolve(
+        lambda t, y: y**2, y0, t, events=ev, throw=False, gradient=gradient, adjoint_params=()
+    )
+    assert sol.status.tolist() == [Status.STEP_SIZE_UNDERFLOW, Status.SUCCESS]
+    (got,) = torch.autograd.grad(sol.ys[:, 1].sum(), y0)
+    want = 1 / (1 - 0.5 * y0.detach()) ** 2
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+
+
+def test_tuple_states_and_custom_norms_without_a_batch():
+    from neuralode import odeint_event
+
+    f = lambda t, y: (y[1], -9.81 * torch.ones_like(y[0]))  # noqa: E731
+    y0 = (torch.tensor(1.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64))
+    event_t, sol = odeint_event(
+        f, y0, torch.tensor(0.0, dtype=torch.float64), event_fn=lambda t, y: y[0]
+    )
+    assert event_t.item() == pytest.approx(math.sqrt(2 / 9.81), abs=1e-7)
+    assert isinstance(sol, tuple) and sol[0].shape == (2,)
+    norm = lambda x, dims: x.abs().max()  # noqa: E731  one state's norm, unbatched
+    got = solve(
+        lambda t, y: -y,
+        torch.ones(3, dtype=torch.float64),
+        torch.linspace(0, 2, 3, dtype=torch.float64),
+        norm=norm,
+        events=Event(lambda t, y: y[0] - 0.5),
+    )
+    assert got.event_t.item() == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_simultaneous_events_do_not_depend_on_the_list_order():
+    kick = Event(
+        lambda t, y: y[:, 0] - 0.5, direction=-1, terminal=False, reset=lambda t, y: y + 0.3
+    )
+    stop = Event(lambda t, y: y[:, 0] - 0.5, direction=-1, terminal=2)
+    times = []
+    for evs in ([kick, stop], [stop, kick]):
+        with torch.no_grad():
+            sol = bsolve(
+                lambda t, y: -y,
+                torch.ones(1, 1, dtype=torch.float64),
+                torch.tensor([0.0, 3.0], dtype=torch.float64),
+                events=evs,
+            )
+        times.append(sol.event_t.item())
+        # the second time both fire, the row stops there: that kick is not applied
+        assert [k for _, _, k in sol.event_log[0]].count("reset") == 1
+    assert times[0] == times[1] == pytest.approx(math.log(2) + math.log(0.8 / 0.5), abs=1e-7)
+
+
+def test_a_tensor_direction_is_refused_by_name():
+    with pytest.raises(ValueError, match="direction"):
+        Event(floor, direction=torch.tensor([1, -1]))

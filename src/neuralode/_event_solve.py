@@ -64,12 +64,10 @@ def make_tracker(
 ) -> Callable[[torch.Tensor, torch.Tensor], EventTracker]:
     """The loop's tracker factory: the user's functions called in the user's time and layout
     from the loop's internal (mirrored) time and flat state."""
-    dtype, sign, B = prob.y0.dtype, prob.sign, prob.y0.shape[0]
+    dtype, sign = prob.y0.dtype, prob.sign
 
     def user_time(s: torch.Tensor) -> torch.Tensor:
-        if isinstance(sign, torch.Tensor):
-            return s * sign.repeat_interleave(s.shape[0] // B).to(s.dtype)
-        return s * sign
+        return s * (sign.to(s.dtype) if isinstance(sign, torch.Tensor) else sign)
 
     def call(fn: Callable[..., Any], s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return fn(user_time(s).to(dtype), prob.unflatten(y))
@@ -141,6 +139,9 @@ def unbatched_events(
         kw["jac"] = jac_b
     if kw.get("gradient", "backprop") != "backprop":  # the parameters are func's, not the wrapper's
         kw["adjoint_params"] = find_adjoint_params(func, kw.get("adjoint_params"), kw["gradient"])
+    norm = kw.get("norm")
+    if callable(norm):  # the user's norm of one (unbatched) state, called on each row
+        kw["norm"] = _row_norm(norm)
     for name in ("rtol", "atol"):
         tol = kw.get(name)
         if isinstance(tol, torch.Tensor) and tol.ndim > 0:
@@ -166,6 +167,17 @@ def unbatched_events(
 def _first_row(stats: Stats) -> Stats:
     row: dict[str, Any] = {k: None if v is None else v[0] for k, v in vars(stats).items()}
     return Stats(**row)
+
+
+def _row_norm(norm: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """An unbatched solve's ``norm(x, dims)`` for its batch of one: each row's state, reduced
+    over its own dimensions, one value per row."""
+
+    def batched(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+        inner = tuple(d - 1 for d in dims if d > 0)
+        return torch.stack([norm(x[i], inner).reshape(()) for i in range(x.shape[0])])
+
+    return batched
 
 
 class _SummedBackward(dict[str, Stats]):
@@ -279,8 +291,6 @@ def differentiate(
     ys = _assemble(collected, T, is_tuple)
     if times.requires_grad:  # each output's own time: dy(t_i)/dt_i = f(t_i, y_i)
         ys = _attach_output_times(func, ys, times)
-    if not bool(ok.all()):  # rows that failed to locate keep their (constant) outputs
-        ys = _where(ok, ys, _detach(located.ys))
     total = _sum_stats(stats)
     total = dataclasses.replace(total, nfe=total.nfe + jumps.nfe)
     return dataclasses.replace(
@@ -298,16 +308,24 @@ def _segments(
     located: Solution, grid_t: list[list[float]], active: list[bool]
 ) -> list[list[_Segment]]:
     """Each row's segments between its resets, the last ending at its terminal event or at its
-    last output time (none for a row that failed to locate)."""
+    last output time; a row that failed (``active`` False) ends at the last output it reached,
+    so that those outputs are differentiable too."""
     assert located.event_log is not None
+    t_end: list[float] = located.t_end.detach().to(torch.float64).reshape(-1).tolist()
     segments: list[list[_Segment]] = []
     for r, row in enumerate(located.event_log):
-        cuts = [(x, i, k) for x, i, k in row if k != "event"]
-        starts = [grid_t[r][0]] + [x for x, _, k in cuts if k == "reset"]
+        u = grid_t[r]
+        s = 1.0 if u[-1] >= u[0] else -1.0
+        last = u[-1]
+        if not active[r]:  # the last output at or before where the row failed
+            last = max((x for x in u if s * (x - t_end[r]) <= 0), key=lambda x: s * x)
+        cuts = [(x, i, k) for x, i, k in row if k != "event" and s * (x - last) <= 0]
+        starts = [u[0]] + [x for x, _, k in cuts if k == "reset"]
         ends: list[tuple[float, tuple[int, str] | None]] = [(x, (i, k)) for x, i, k in cuts]
         if not cuts or cuts[-1][2] != "terminal":
-            ends.append((grid_t[r][-1], None))
-        segments.append([(a, b, e) for a, (b, e) in zip(starts, ends)] if active[r] else [])
+            ends.append((last, None))
+        # (a reset at the last time leaves nothing after it to solve)
+        segments.append([(a, b, e) for a, (b, e) in zip(starts, ends) if a != b or e is not None])
     return segments
 
 
@@ -426,10 +444,6 @@ def _attach_output_times(func: Callable[..., Any], ys: Any, times: torch.Tensor)
 
 def _ok(status: torch.Tensor) -> torch.Tensor:
     return (status == Status.SUCCESS) | (status == Status.EVENT)
-
-
-def _detach(y: Any) -> Any:
-    return tuple(p.detach() for p in y) if isinstance(y, tuple) else y.detach()
 
 
 def _assemble(collected: list[tuple[torch.Tensor, Any]], T: int, is_tuple: bool) -> Any:

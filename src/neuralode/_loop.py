@@ -622,7 +622,9 @@ class _Run:
                 self._keep_dense(att.t, att.h if plan is None else h_acc, d)
         next_out = torch.where(accept, upto, next_out)
         if self.grid is not None and cut is not None and bool(cut.reset.any()):
-            c, next_out = self._back_on_grid(c, cut.reset, next_out, outputs, k)
+            # (a row that jumped at the grid time itself is on the grid already)
+            behind = cut.reset & c.running & (c.t < self.grid.times[k + 1])
+            c, next_out = self._back_on_grid(c, behind, next_out, outputs, k)
             go_on = (plan is None or k + 1 < len(plan)) and bool(c.running.any())
         return c, next_out, bool(go_on)
 
@@ -664,7 +666,9 @@ class _Run:
         """Rows whose step an event cut end it at the event: a terminal one stops there, a
         reset goes on from the new state (even if its step had reached the end)."""
         t_new = torch.where(cut.rows, cut.t, att.t_new)
-        still = (att.still | (cut.reset & (c.status == 0))) & ~cut.terminal
+        # (a reset at the row's last time ends the row: the output there is the state before it)
+        goes_on = cut.reset & (c.status == 0) & (t_new < self._t_end)
+        still = (att.still | goes_on) & ~cut.terminal
         status = torch.where(cut.terminal, int(Status.EVENT), c.status)
         rows = per_row(cut.rows, cut.y_next.ndim)
         res = att.result._replace(y1=torch.where(rows, cut.y_next, att.result.y1))

@@ -89,7 +89,8 @@ class Event:
         label = self.label
         if not callable(self.fn):
             raise TypeError(f"{label}: fn must be callable as fn(t, y), got {self.fn!r}")
-        if self.direction not in (-1, 0, 1) or isinstance(self.direction, bool):
+        d = self.direction
+        if isinstance(d, bool) or not isinstance(d, int) or d not in (-1, 0, 1):
             raise ValueError(f"{label}: direction must be -1, 0 or +1, got {self.direction!r}")
         term = self.terminal
         if not isinstance(term, (bool, int)) or (not isinstance(term, bool) and term < 1):
@@ -252,8 +253,9 @@ class EventTracker:
         m = theta.shape[1]
         ys = evaluate(d, theta.to(torch.float64), batched=True)
         ts = t.unsqueeze(1) + theta * h.unsqueeze(1)
-        g = self.values(ts.reshape(-1), ys.reshape((self.B * m,) + ys.shape[2:]))
-        return ys, g.view(self.B, m, self.K)
+        # One call per point, each with the batch's rows (a function may hold per-row data).
+        g = [self.values(ts[:, i], ys[:, i]) for i in range(m)]
+        return ys, torch.stack(g, dim=1)
 
     def commit(
         self,
@@ -307,12 +309,21 @@ class EventTracker:
             self.g0 = torch.where(accept.unsqueeze(1), g1, g0)
             return None
         d = dense()
-        j = crossed.long().argmax(dim=1)  # the first sub-interval that crossed, [B, K]
-        lo, hi = pts[j], pts[j + 1]
-        g_lo = G.gather(1, j.unsqueeze(1)).squeeze(1)
-        g_hi = G.gather(1, (j + 1).unsqueeze(1)).squeeze(1)
-        theta = self._locate(d, t, h, lo, hi, g_lo, g_hi, torch.sign(g_lo), fired)
-        found = self._order(t, h, g1, accept, theta)
+        # Every crossed sub-interval of a function is located (the checked points may show a
+        # function crossing more than once in a step): round r takes each one's r-th.
+        rank = crossed.long().cumsum(dim=1)
+        thetas = []
+        for r in range(int(rank[:, -1].max())):
+            mine = crossed & (rank == r + 1)
+            j = mine.long().argmax(dim=1)  # [B, K]
+            lo, hi = pts[j], pts[j + 1]
+            g_lo = G.gather(1, j.unsqueeze(1)).squeeze(1)
+            g_hi = G.gather(1, (j + 1).unsqueeze(1)).squeeze(1)
+            found_r = mine.any(dim=1)
+            thetas.append(self._locate(d, t, h, lo, hi, g_lo, g_hi, torch.sign(g_lo), found_r))
+        theta = torch.cat(thetas, dim=1)  # [B, K * rounds]
+        cols = torch.arange(self.K, device=self.device).repeat(len(thetas))
+        found = self._order(t, h, g1, accept, theta, cols)
         if found is None:
             self.g0 = torch.where(accept.unsqueeze(1), g1, g0)
             return None
@@ -374,20 +385,25 @@ class EventTracker:
         g1: torch.Tensor,
         accept: torch.Tensor,
         theta: torch.Tensor,
+        cols: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """Take the located crossings of each row in time order: record each, count it, and
-        find the first that stops the row or resets it: ``(rows cut, where (fraction of the
-        step), which column)`` (the column's event and count say terminal or reset)."""
+        """Take the located crossings of each row (``theta`` ``[B, M]``, of the columns
+        ``cols`` ``[M]``; ``inf``: none) in time order: record each, count it, and find the
+        first that stops the row or resets it: ``(rows cut, where (fraction of the step), which
+        column)``.  Crossings at the same time as the cut still count, and a terminal one
+        among them stops the row (whatever the events' order in the list)."""
         order = theta.argsort(dim=1)
         cut = torch.zeros(self.B, dtype=torch.bool, device=self.device)
         cut_theta = torch.ones(self.B, dtype=self.t_dtype, device=self.device)
         cut_col = torch.full((self.B,), -1, dtype=torch.long, device=self.device)
         self._terminal = torch.zeros_like(cut)
         rows = torch.arange(self.B, device=self.device)
-        for r in range(self.K):
-            col = order[:, r]
-            th = theta[rows, col]
-            valid = torch.isfinite(th) & ~cut
+        logged = len(self._log)
+        for r in range(theta.shape[1]):
+            pos = order[:, r]
+            th = theta[rows, pos]
+            col = cols[pos]
+            valid = torch.isfinite(th) & (~cut | (th == cut_theta))
             if not bool(valid.any()):
                 break
             ev = self.owner[col]
@@ -399,12 +415,18 @@ class EventTracker:
             cuts = ends | resets
             kind = torch.where(ends, 2, torch.where(resets, 1, 0))
             self._log.append((valid, t + th * h, col, kind))
-            cut_theta = torch.where(cuts, th, cut_theta)
-            cut_col = torch.where(cuts, col, cut_col)
+            first = cuts & ~cut
+            cut_theta = torch.where(first, th, cut_theta)
+            cut_col = torch.where(first | (ends & ~self._terminal), col, cut_col)
             self._terminal = self._terminal | ends
             cut = cut | cuts
         if not bool(cut.any()):
             return None
+        # A reset at the same time as a terminal event is not applied: the row stops there.
+        for i in range(logged, len(self._log)):
+            valid, at, col, kind = self._log[i]
+            moot = self._terminal & (kind == 1) & (at == t + cut_theta * h)
+            self._log[i] = (valid, at, col, torch.where(moot, 0, kind))
         return cut, cut_theta, cut_col
 
     def _cut(
@@ -429,7 +451,7 @@ class EventTracker:
         reset = cut & ~terminal
         nfe: torch.Tensor | int = 0
         ts = t_cut.to(y_event.dtype)
-        grad = self.field is not None and torch.is_grad_enabled() and y_event.requires_grad
+        grad = self.field is not None and torch.is_grad_enabled()
         if grad:  # the event time's gradient moves the state along the solution
             assert self.field is not None
             fy = self.field(ts, y_event)
@@ -462,9 +484,14 @@ class EventTracker:
                 nfe = nfe + reset.long()
             with torch.no_grad():
                 g_reset = self.values(t_cut, y_next)
-            # The function that fired is zero at its own event: it does not fire there again.
+                g_at = self.values(t_cut, y_event).gather(1, cut_col.clamp(min=0).unsqueeze(1))
+            # The function that fired is zero at its own event: where the reset left it as
+            # close to zero as the located root was, it is zero (it does not fire there
+            # again); a reset that moved the state off the surface keeps its value, so that
+            # the next crossing counts even early in the next step.
             fired_col = torch.nn.functional.one_hot(cut_col.clamp(min=0), self.K).bool()
-            g_reset = torch.where(fired_col, 0.0, g_reset)
+            on_surface = g_reset.abs() <= 2 * g_at.abs()
+            g_reset = torch.where(fired_col & on_surface, 0.0, g_reset)
             g_next = torch.where(reset.unsqueeze(1), g_reset, g1)
         self.g0 = torch.where(accept.unsqueeze(1), g_next, self.g0)
         self.t_stop = torch.where(terminal, t_cut, self.t_stop)

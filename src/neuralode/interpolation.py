@@ -14,6 +14,7 @@ stages and ``f(t + h, y1)``) are the same computation with other coefficients.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -119,9 +120,12 @@ def make_evaluate(
     sign: torch.Tensor | float,
     batched: bool,
     unflatten: Callable[[torch.Tensor], Any],
+    ends: torch.Tensor | None = None,
 ) -> Callable[[torch.Tensor], Any]:
     """:meth:`Solution.evaluate` over ``core``: user times (any direction) -> internal times,
-    checked against the solved interval, and outputs in the user's layout."""
+    checked against the solved interval, and outputs in the user's layout.  ``ends``: internal
+    time where each row's solution stops short of the interval (a terminal event, a failure;
+    ``inf`` elsewhere): the solution is NaN after it, as the outputs are."""
     t0, t1 = s[..., 0], s[..., -1]
 
     def evaluate_at(t_user: torch.Tensor) -> Any:
@@ -140,7 +144,16 @@ def make_evaluate(
                 "Solution.evaluate: t lies outside the solved interval "
                 f"[{_fmt_time(t0 * sign)}, {_fmt_time(t1 * sign)}]"
             )
-        out = unflatten(core(sq))
+        flat = core(sq)
+        if ends is not None:
+            stop = ends.unsqueeze(1) if batched else ends
+            past = (
+                per_row(sq > stop, flat.ndim)
+                if batched
+                else (sq > stop).view((-1,) + (1,) * (flat.ndim - 1))
+            )
+            flat = torch.where(past, math.nan, flat)
+        out = unflatten(flat)
         if not scalar:
             return out
         pick = (lambda o: o[:, 0]) if batched else (lambda o: o[0])

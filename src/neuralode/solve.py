@@ -407,7 +407,13 @@ def _finish(prob: Problem, t: Any, out: Outcome, dense: bool, throw: bool) -> So
             # The adjoint and checkpoint forward passes keep no graph: dense output is a plain
             # (non-differentiable) value there, computed without autograd.
             core = torch.no_grad()(core)
-        evaluate = make_evaluate(core, prob.times.detach(), sign, prob.batched, prob.unflatten)
+        stopped = res.status != Status.SUCCESS
+        ends = None
+        if bool(stopped.any()):  # after a terminal event or a failure the solution is NaN
+            ends = torch.where(stopped, res.t_end, math.inf)
+        evaluate = make_evaluate(
+            core, prob.times.detach(), sign, prob.batched, prob.unflatten, ends
+        )
     t_end_user = res.t_end * sign
     sol = Solution(
         ts=t if isinstance(t, torch.Tensor) else prob.times.detach() * sign,
