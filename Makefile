@@ -76,7 +76,7 @@ bench-stiff: $(BENCH_STAMP)
 bench-events: $(BENCH_STAMP)
 	$(PYTHON) benchmarks/events.py --out runs/bench/events.json
 	$(PYTHON) benchmarks/events.py --batch 32 --bounces 10 --out runs/bench/events_32x10.json
-	$(PYTHON) benchmarks/events.py --batch 1 --repeats 5 --out runs/bench/events_1x5.json
+	$(PYTHON) benchmarks/events.py --batch 1 --repeats 20 --out runs/bench/events_1x5.json
 
 # Paper experiments (slow; not part of `make test`). Each writes a run folder under runs/; a run
 # that was killed is resumed from its last checkpoint instead of started again.

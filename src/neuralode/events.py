@@ -346,7 +346,8 @@ class EventTracker:
 
         Illinois regula falsi on ``F = sign(g0) g`` (``F > 0`` before the crossing, ``<= 0`` from
         it on): the end that the new point does not replace twice in a row has its ``F``
-        halved; a bracket that did not halve over two iterations is bisected."""
+        halved; each point keeps the resolution from both ends (so that the last closes the
+        bracket), and a bracket that did not halve over three iterations is bisected."""
         eps = torch.finfo(d.y0.dtype).eps
         scale = torch.maximum(t.abs(), (t + h).abs()).unsqueeze(1)
         xtol = torch.maximum(self.col_xtol.unsqueeze(0), 4 * eps * scale)
@@ -361,11 +362,13 @@ class EventTracker:
             gap = f_lo - f_hi
             x = torch.where(gap > 0, lo + (hi - lo) * (f_lo / gap.clamp(min=1e-300)), lo + hi)
             x = torch.where(gap > 0, x, 0.5 * x)
-            if it % 2 == 1:
+            if it % 3 == 2:  # a bracket that did not halve in three iterations is bisected
                 x = torch.where(hi - lo > 0.5 * width, 0.5 * (lo + hi), x)
                 width = hi - lo
-            margin = 1e-3 * (hi - lo)
-            x = torch.minimum(torch.maximum(x, lo + margin), hi - margin)
+            # At least the resolution from either end: a point that converges from one side
+            # then closes the bracket on the other.
+            x = torch.minimum(torch.maximum(x, lo + tol), hi - tol)
+            x = torch.where(hi - lo > 2 * tol, x, 0.5 * (lo + hi))
             x = torch.where(todo, x, hi)
             _, g = self._at(d, t, h, x)
             fx = s0 * g.diagonal(dim1=1, dim2=2)  # each column's own function at its own point
