@@ -336,22 +336,27 @@ def test_threshold_crossing_time_and_state_gradients(gradient):
         torch.testing.assert_close(x, y, rtol=1e-7, atol=1e-9)
 
 
-def test_event_time_gradcheck_backprop():
-    def event_time(a, k):
-        ev = Event(lambda t, y: y[:, 0] - 0.5)
+@pytest.mark.parametrize("gradient", ["backprop", "checkpoint", "adjoint"])
+def test_event_time_state_and_outputs_gradcheck(gradient):
+    # Through a reset: y' = -k y, kicked up by d at each fall through 0.5, stopped at the 2nd.
+    def run(a, k, d):
+        ev = Event(lambda t, y: y[:, 0] - 0.5, direction=-1, terminal=2, reset=lambda t, y: y + d)
         sol = bsolve(
             lambda t, y: -k * y,
             a.unsqueeze(1),
-            torch.tensor([0.0, 10.0]),
+            torch.tensor([0.0, 1.0, 10.0]),
             events=ev,
+            gradient=gradient,
             rtol=1e-12,
             atol=1e-14,
+            adjoint_params=None if gradient == "backprop" else (k,),
         )
-        return sol.event_t
+        return sol.event_t, sol.event_y, sol.ys[:, 1]
 
     a = torch.tensor([2.0, 3.0], dtype=torch.float64, requires_grad=True)
     k = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(event_time, (a, k), eps=1e-6, atol=1e-6)
+    d = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(run, (a, k, d), eps=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("gradient", ["backprop", "adjoint"])
