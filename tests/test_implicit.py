@@ -277,8 +277,9 @@ def test_checkpoint_replays_the_step_the_forward_pass_took() -> None:
 
 def test_a_row_that_fails_stops_where_its_own_solve_stops() -> None:
     """A batched fixed-step row whose Newton iteration fails takes no more steps: its dense
-    output past the failure is its last good state, as its single solve's is, and the other
-    row is untouched (found in review: the failed row went on from the unconverged iterate)."""
+    output past the failure is NaN, as its outputs are and as its single solve's is, and the
+    other row is untouched (found in review: the failed row went on from the unconverged
+    iterate)."""
     solver = ImplicitRK(IMPLICIT_TABLEAUS["trbdf2"])
     y0 = torch.tensor([[2.0, 0.0], [1.0, 0.5]], dtype=F64)
     T = torch.tensor([[0.0, 0.3, 0.7, 1.0, 1.5], [0.0, 0.2, 0.4, 0.6, 1.2]], dtype=F64)
@@ -294,5 +295,6 @@ def test_a_row_that_fails_stops_where_its_own_solve_stops() -> None:
     q = torch.tensor([[0.9], [0.9]], dtype=F64)
     for i, single in enumerate(singles):
         torch.testing.assert_close(batch.ys[i], single.ys, equal_nan=True)
-        torch.testing.assert_close(batch.evaluate(q)[i], single.evaluate(q[i]))
+        torch.testing.assert_close(batch.evaluate(q)[i], single.evaluate(q[i]), equal_nan=True)
         assert batch.stats.nfe[i] == single.stats.nfe
+    assert not torch.isnan(batch.evaluate(q)[0]).any() and torch.isnan(batch.evaluate(q)[1]).all()
