@@ -166,7 +166,8 @@ class Solution:
             ``[*y0.shape]`` for a scalar ``t`` in an unbatched solve, ``[M, *y0.shape]`` for
             ``[M]``; batched: ``[batch, M, *features]`` (``[batch, *features]`` for a scalar).
             Uses the method's own interpolant (Hermite for methods without one) and is
-            differentiable.  Requires ``solve(..., dense=True)``.
+            differentiable.  NaN past the time a sample stopped at (a terminal event, a
+            failure), as its outputs are.  Requires ``solve(..., dense=True)``.
         """
         if self._interpolator is None:
             raise ValueError("Solution.evaluate needs dense output: call solve(..., dense=True).")
