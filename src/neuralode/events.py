@@ -33,7 +33,7 @@ from .solvers.base import DenseStep
 __all__ = ["Event", "EventTracker", "EventLog", "event_time", "event_state", "GrazingEventError"]
 
 #: Root-finder iterations before a bracket is accepted as it is (a bracket halves at least every
-#: second iteration, so 200 iterations resolve any float64 step).
+#: third iteration, so 200 iterations resolve any float64 step).
 _MAX_ITERS = 200
 
 
@@ -216,10 +216,6 @@ class EventTracker:
         self.index = torch.full((self.B,), -1, dtype=torch.long, device=self.device)
         self.y_stop = torch.full_like(y0.detach(), math.nan)
         self._log: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
-
-    @property
-    def resets(self) -> bool:
-        return any(e.reset is not None for e in self.events)
 
     def values(self, t: torch.Tensor, y: torch.Tensor, check: bool = False) -> torch.Tensor:
         """Every event function at ``(t, y)`` (``[rows]``, internal), as ``[rows, K]``."""
