@@ -349,3 +349,19 @@ def test_max_step_reaches_the_backward_solve() -> None:
     # 50 steps of 0.02, and Hairer's shorter first step (clamped to 0.02 too)
     assert sol.backward_stats is not None and 50 <= int(sol.backward_stats.n_steps) <= 51
     torch.testing.assert_close(g, -2 * torch.exp(-w.detach()), rtol=1e-7, atol=0)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_starting_step_below_the_clocks_resolution_is_raised_to_it(batched: bool) -> None:
+    """y' = 1 from t0 = 1000 with y0 = 1e-12: Hairer's selection gives 1e-12, below what the
+    clock resolves there (2.2e-12); it failed with a step-size underflow at once, where scipy
+    (which raises its first step to its minimum step) reaches y(1001) = 1 (found in review)."""
+    y0 = torch.tensor([[1e-12]] if batched else [1e-12], dtype=F64)
+    sol = neuralode.solve(
+        lambda t, y: torch.ones_like(y),
+        y0,
+        torch.tensor([1000.0, 1001.0], dtype=F64),
+        batched=batched,
+    )
+    assert sol.success
+    assert float(sol.ys[..., -1, 0] if batched else sol.ys[-1, 0]) == pytest.approx(1.0, rel=1e-9)

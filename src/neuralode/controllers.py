@@ -217,6 +217,9 @@ class PIController:
                 (0.01 / dmax.clamp(min=1e-300)).pow(1.0 / (self.error_order + 1)),
             )
             h = torch.minimum(100 * h0, h1)
+            # A step the clock cannot resolve would fail at once (y0 tiny against atol far from
+            # t = 0 gives 1e-12 at t0 = 1000): at least 100 ulps of t0, as scipy's minimum step.
+            h = torch.maximum(h, 100 * torch.finfo(t0.dtype).eps * t0.abs())
             if self.min_step > 0 or self.max_step < math.inf:
                 h = h.clamp(min=self.min_step, max=self.max_step)
             return h
