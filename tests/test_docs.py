@@ -95,3 +95,12 @@ def test_the_site_builds_strictly(tmp_path):
     reference = (tmp_path / "site" / "api" / "neuralode" / "index.html").read_text()
     for name in ("solve", "odeint_event", "Event", "Solution", "GrazingEventError"):
         assert f'id="neuralode.{name}"' in reference, name
+    # The CLI page is the parsers' own help: every command and every experiment's options.
+    from neuralode import experiments
+
+    cli_page = (tmp_path / "site" / "cli" / "index.html").read_text()
+    for command in ("train", "resume", "evaluate", "plot"):
+        assert f"neuralode {command}" in cli_page, command
+    for name in experiments.EXPERIMENTS:
+        assert f"neuralode train {name}" in cli_page, name
+    assert "--preset" in cli_page
