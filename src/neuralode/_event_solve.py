@@ -53,7 +53,9 @@ def check_events(events: Any) -> tuple[Event, ...]:
     return tuple(events)
 
 
-def _pack(y: Any, rows: int) -> torch.Tensor:
+def _pack(
+    y: torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Tensor], rows: int
+) -> torch.Tensor:
     if isinstance(y, (tuple, list)):
         return torch.cat([p.reshape(rows, -1) for p in y], dim=-1)
     return y
@@ -70,7 +72,8 @@ def make_tracker(
         return s * (sign.to(s.dtype) if isinstance(sign, torch.Tensor) else sign)
 
     def call(fn: Callable[..., Any], s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return fn(user_time(s).to(dtype), prob.unflatten(y))
+        out: torch.Tensor = fn(user_time(s).to(dtype), prob.unflatten(y))
+        return out
 
     def reset_call(fn: Callable[..., Any], s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return _pack(fn(user_time(s).to(dtype), prob.unflatten(y)), y.shape[0])

@@ -98,7 +98,7 @@ def check_state(y0: Any) -> tuple[torch.Tensor, ...]:
 
 
 def check_times(
-    t: Any, *, allow_2d: bool, t_dtype: torch.dtype | None, device: torch.device
+    t: object, *, allow_2d: bool, t_dtype: torch.dtype | None, device: torch.device
 ) -> torch.Tensor:
     """``t`` as a floating tensor on ``device``, checked for shape, finiteness and monotonicity."""
     if not isinstance(t, torch.Tensor):
@@ -167,7 +167,8 @@ def check_tolerance(
         if not all_finite(v) or bool((v < 0).any()) or (positive and bool((v == 0).any())):
             raise ValueError(f"{name} must be finite and {need} in every component")
         try:
-            ok = torch.broadcast_shapes(v.shape, p.shape) == p.shape
+            # torch.broadcast_shapes has no annotations (torch 2.13).
+            ok = torch.broadcast_shapes(v.shape, p.shape) == p.shape  # type: ignore[no-untyped-call]
         except RuntimeError:
             ok = False
         if not ok:
@@ -273,7 +274,7 @@ def normalise(
 
         def unpack(y: torch.Tensor) -> tuple[torch.Tensor, ...]:
             lead = y.shape[:-1]
-            return tuple(c.view(lead + sh) for c, sh in zip(y.split(sizes, dim=-1), shapes))
+            return tuple(c.view(lead + sh) for c, sh in zip(torch.split(y, sizes, dim=-1), shapes))
 
         def pack(out: Sequence[torch.Tensor], lead: tuple[int, ...]) -> torch.Tensor:
             return torch.cat([o.reshape(lead + (-1,)) for o in out], dim=-1)

@@ -923,7 +923,7 @@ class PerturbedField:
     the step being taken.  A field with a ``perturbed(t, y, at_start, at_end)`` method (the
     adjoint's augmented field, whose clock runs against the user's) applies the nudge itself."""
 
-    def __init__(self, f: Any, t0: Any, t1: Any) -> None:
+    def __init__(self, f: Func, t0: Any, t1: Any) -> None:
         self.f, self.t0, self.t1 = f, t0, t1
 
     @property
@@ -938,7 +938,8 @@ class PerturbedField:
         at_end = ~at_start & ((t - hi).abs() <= tol)
         nudge = getattr(self.f, "perturbed", None)
         if nudge is not None:
-            return nudge(t, y, at_start, at_end)
+            nudged: torch.Tensor = nudge(t, y, at_start, at_end)
+            return nudged
         inf = t.new_tensor(math.inf)
         inside = torch.where(at_end, torch.nextafter(hi, -inf), t)
         return self.f(torch.where(at_start, torch.nextafter(lo, inf), inside), y)

@@ -260,7 +260,8 @@ def odeint_event(
         raise ValueError(f"t0 must be a tensor of one element, got {t0!r}")
     t0 = t0.reshape(-1)
     t = torch.cat([t0, t0.detach() + (-1.0 if reverse_time else 1.0)])
-    return odeint_interface(func, y0, t, event_fn=event_fn, **kwargs)
+    out: tuple[torch.Tensor, Any] = odeint_interface(func, y0, t, event_fn=event_fn, **kwargs)
+    return out
 
 
 def _until_event(
@@ -612,7 +613,7 @@ def _adjoint_state_norm(norm: Callable[[Any], torch.Tensor], y0: Any) -> Callabl
 
     def split(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = []
-        for c, sh, cplx in zip(x.reshape(-1).split(sizes), shapes, flags):
+        for c, sh, cplx in zip(torch.split(x.reshape(-1), sizes), shapes, flags):
             v = c.view(sh)
             out.append(torch.complex(v[..., 0], v[..., 1]) if cplx else v)
         return tuple(out)
@@ -649,7 +650,9 @@ def _state_norm(norm: Callable[[Any], torch.Tensor], y0: Any) -> Callable[..., t
     sizes = [math.prod(sh) for sh in shapes]
 
     def split(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
-        return norm(tuple(part(c.view(sh), f) for c, sh, f in zip(x.split(sizes), shapes, flags)))
+        return norm(
+            tuple(part(c.view(sh), f) for c, sh, f in zip(torch.split(x, sizes), shapes, flags))
+        )
 
     return split
 
@@ -688,8 +691,10 @@ def _scipy_solve(
     shapes = [p.shape for p in parts]
     sizes = [math.prod(sh) for sh in shapes]
 
-    def unpack(y: torch.Tensor) -> Any:
-        out = tuple(c.reshape(*y.shape[:-1], *sh) for c, sh in zip(y.split(sizes, -1), shapes))
+    def unpack(y: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        out = tuple(
+            c.reshape(*y.shape[:-1], *sh) for c, sh in zip(torch.split(y, sizes, -1), shapes)
+        )
         return out if isinstance(y0, tuple) else out[0]
 
     def f_np(s: float, y: Any) -> Any:

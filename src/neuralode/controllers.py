@@ -43,7 +43,8 @@ def rms_norm(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
         return x.abs()
     n = math.prod(x.shape[d] for d in dims)  # states are never empty (checked at the entry)
     # One fused reduction (instead of square, mean, sqrt): the norm sits in every step.
-    return torch.linalg.vector_norm(x, dim=dims).mul(1.0 / math.sqrt(n))
+    norm: torch.Tensor = torch.linalg.vector_norm(x, dim=dims)
+    return norm.mul(1.0 / math.sqrt(n))
 
 
 def max_norm(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:

@@ -156,7 +156,9 @@ def make_evaluate(
         out = unflatten(flat)
         if not scalar:
             return out
-        pick = (lambda o: o[:, 0]) if batched else (lambda o: o[0])
+        pick: Callable[[torch.Tensor], torch.Tensor] = (
+            (lambda o: o[:, 0]) if batched else (lambda o: o[0])
+        )
         return tuple(pick(o) for o in out) if isinstance(out, tuple) else pick(out)
 
     return evaluate_at

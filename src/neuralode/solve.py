@@ -352,7 +352,7 @@ def _refuse_for_events(func: Any, y0: Any, t: Any, kw: dict[str, Any]) -> None:
         )
 
 
-def _step_times(name: str, x: Any, solver: Solver, prob: Problem) -> torch.Tensor | None:
+def _step_times(name: str, x: object, solver: Solver, prob: Problem) -> torch.Tensor | None:
     """``step_t``/``jump_t`` in internal time (mirrored per sample as the outputs are)."""
     if x is None:
         return None

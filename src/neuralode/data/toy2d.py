@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -51,6 +51,7 @@ __all__ = [
 ]
 
 Generator = Callable[[int, np.random.Generator], np.ndarray]
+_T = TypeVar("_T")
 
 
 def _sklearn_datasets() -> Any:
@@ -186,7 +187,7 @@ DATASETS: dict[str, Generator] = {
 }
 
 
-def _lookup(table: dict[str, Any], name: str, what: str) -> Any:
+def _lookup(table: dict[str, _T], name: str, what: str) -> _T:
     if name not in table:
         raise ValueError(f"unknown {what} {name!r}; known ones are {sorted(table)}")
     return table[name]
@@ -234,7 +235,7 @@ def _log_gauss_mixture(x: torch.Tensor, centres: torch.Tensor, std: float) -> to
 def _log_ring(x: torch.Tensor, radius: float, std: float) -> torch.Tensor:
     """Density of ``R (cos U, sin U) + std N(0, I)``, ``U ~ U(0, 2 pi)``:
     ``exp(-(r - R)^2 / (2 std^2)) I0e(r R / std^2) / (2 pi std^2)`` (a Rice law over 2 pi r)."""
-    r = x.norm(dim=1)
+    r: torch.Tensor = x.norm(dim=1)
     arg = r * radius / std**2
     return (
         -0.5 * (r - radius).pow(2) / std**2
@@ -303,7 +304,8 @@ def _w1(z: torch.Tensor) -> torch.Tensor:
 
 
 def _u1(z: torch.Tensor) -> torch.Tensor:
-    ring = 0.5 * ((z.norm(dim=1) - 2) / 0.4) ** 2
+    r: torch.Tensor = z.norm(dim=1)
+    ring = 0.5 * ((r - 2) / 0.4) ** 2
     modes = torch.stack([-0.5 * ((z[:, 0] - 2) / 0.6) ** 2, -0.5 * ((z[:, 0] + 2) / 0.6) ** 2], 1)
     return ring - torch.logsumexp(modes, 1)
 

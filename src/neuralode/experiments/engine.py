@@ -419,7 +419,9 @@ class Trainer:
         self.ctx.barrier()
 
     # ------------------------------------------------------------------ the loop
-    def _reduce(self, out: StepOutput, extra: dict[str, float]) -> tuple[dict, int, dict]:
+    def _reduce(
+        self, out: StepOutput, extra: dict[str, float]
+    ) -> tuple[dict[str, float], int, dict[str, float]]:
         values = {**out.values, **extra}
         if not self.ctx.distributed:
             return out.sums, out.count, values
@@ -446,7 +448,8 @@ class Trainer:
                     "learning rate or tighten the solver tolerances"
                 )
             self.optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
+            # Tensor.backward has no annotations (torch 2.13).
+            out.loss.backward()  # type: ignore[no-untyped-call]
             extra = self.task.after_backward(self.model)
             if self.grad_clip is not None:
                 nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)

@@ -177,7 +177,8 @@ class SpiralField(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def forward(self, t: Tensor, y: Tensor) -> Tensor:
-        return self.net(y**3)
+        dy: Tensor = self.net(y**3)
+        return dy
 
 
 class CountingField(nn.Module):
@@ -190,7 +191,8 @@ class CountingField(nn.Module):
 
     def forward(self, t: Tensor, y: Tensor) -> Tensor:
         self.nfe += 1
-        return self.field(t, y)
+        dy: Tensor = self.field(t, y)
+        return dy
 
 
 class _TrueField(nn.Module):

@@ -127,7 +127,7 @@ class AdjointConfig:
 
 
 def _scalar_tolerance(
-    name: str, value: Any, forward: float | torch.Tensor, positive: bool
+    name: str, value: object, forward: float | torch.Tensor, positive: bool
 ) -> float:
     if value is None:
         return forward if isinstance(forward, float) else float(forward.min())
@@ -212,7 +212,10 @@ class Adjoint(GradientStrategy):
 
     def solve(self, prob: Problem, spec: LoopSpec) -> Outcome:
         context = _AdjointRun(self, prob, spec)
-        ys = _AdjointFn.apply(context, prob.y0, prob.times, *self.params)
+        # torch.autograd.Function.apply has no annotations (torch 2.13).
+        ys: torch.Tensor = _AdjointFn.apply(  # type: ignore[no-untyped-call]
+            context, prob.y0, prob.times, *self.params
+        )
         assert context.result is not None
         return Outcome(ys, context.result, context.stats, True)
 
@@ -565,9 +568,10 @@ class _Augmented:
 
         def custom(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
             y, adj = x[:n_y].view(shape), x[n_y : 2 * n_y].view(shape)
-            gs = x[2 * n_y :].split(sizes) if sizes else ()
+            gs = torch.split(x[2 * n_y :], sizes) if sizes else ()
             grads = [g.view_as(p) for g, p in zip(gs, self.params)]
-            return user((x.new_zeros(()), y, adj, *grads))
+            out: torch.Tensor = user((x.new_zeros(()), y, adj, *grads))
+            return out
 
         return custom
 

@@ -50,7 +50,8 @@ class Checkpoint(GradientStrategy):
         if needs_t_grad:  # as for backprop
             y0 = t0_shift(prob, s_det)
         replay = _Replay(spec, prob, s_det)
-        ys = _CheckpointFn.apply(replay, y0, *self.params)
+        # torch.autograd.Function.apply has no annotations (torch 2.13).
+        ys: torch.Tensor = _CheckpointFn.apply(replay, y0, *self.params)  # type: ignore[no-untyped-call]
         if needs_t_grad:
             ys = attach_time_gradients(prob, ys, s_det)
         assert replay.result is not None

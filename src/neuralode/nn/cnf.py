@@ -531,7 +531,8 @@ class ConcatSquashLinear(nn.Module):
 
     def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         tt = _time_column(t, x)
-        return self.layer(x) * torch.sigmoid(self.hyper_gate(tt)) + self.hyper_bias(tt)
+        out: torch.Tensor = self.layer(x) * torch.sigmoid(self.hyper_gate(tt)) + self.hyper_bias(tt)
+        return out
 
 
 class ConcatSquashMLP(nn.Module):

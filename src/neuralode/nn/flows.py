@@ -166,4 +166,5 @@ class PlanarFlow(nn.Module):
         """``log q(x)`` per sample (``[B]``) by numerical inversion (see the module docstring)."""
         z = self.inverse(x, iters)
         _, log_det = self(z)
-        return standard_normal_log_prob(z) - log_det
+        log_q: torch.Tensor = standard_normal_log_prob(z) - log_det
+        return log_q

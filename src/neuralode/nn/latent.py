@@ -291,7 +291,8 @@ class ODERNNEncoder(GRUEncoder):
         scale = gap[:, None]
 
         def field(s: Tensor, y: Tensor) -> Tensor:
-            return -scale * self.ode_func(y)
+            dy: Tensor = -scale * self.ode_func(y)
+            return dy
 
         opts = self.solver.kwargs()
         if self.solver.gradient != "backprop":
@@ -299,7 +300,8 @@ class ODERNNEncoder(GRUEncoder):
             opts["adjoint_params"] = params + ([scale] if scale.requires_grad else [])
         unit = torch.tensor([0.0, 1.0], dtype=h.dtype, device=h.device)
         sol = solve(field, h, unit, batched=True, **opts)
-        return sol.ys[:, -1]
+        out: Tensor = sol.ys[:, -1]
+        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -324,7 +326,8 @@ class LatentDynamics(nn.Module):
         self.net = _mlp(latent_dim, hidden_dim, latent_dim, n_layers, activation)
 
     def forward(self, t: Tensor, z: Tensor) -> Tensor:
-        return self.net(z)
+        dz: Tensor = self.net(z)
+        return dz
 
 
 @dataclass
@@ -743,7 +746,8 @@ class RNNBaseline(nn.Module):
             parts.append(torch.ones_like(x) if m is None else m.to(x.dtype))
         if self.use_time_gaps:
             parts.append(gap[:, None])
-        return self.cell(torch.cat(parts, dim=-1), h)
+        h_next: Tensor = self.cell(torch.cat(parts, dim=-1), h)
+        return h_next
 
     def forward(self, values: Tensor, times: Tensor, mask: Tensor | None = None) -> Tensor:
         """One-step-ahead predictions of ``x_1 .. x_{T-1}``: ``[B, T - 1, D]``.
@@ -766,7 +770,8 @@ class RNNBaseline(nn.Module):
     def loss(self, values: Tensor, times: Tensor, mask: Tensor | None = None) -> Tensor:
         """Mean squared one-step-ahead error over the observed targets ``x_1 .. x_{T-1}``."""
         values, times, mask = _series(values, times, mask)
-        sq = (self(values, times, mask) - values[:, 1:]) ** 2
+        pred: Tensor = self(values, times, mask)
+        sq = (pred - values[:, 1:]) ** 2
         if mask is None:
             return sq.mean()
         m = mask[:, 1:]

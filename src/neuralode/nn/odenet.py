@@ -110,7 +110,8 @@ class ConcatConv2d(nn.Module):
             tt = tt.reshape(b, 1, 1, 1).expand(b, 1, h, w)
         else:
             raise ValueError(f"t must be 0-dim or [batch] = [{b}], got shape {tuple(tt.shape)}")
-        return self.layer(torch.cat([tt, x], dim=1))
+        out: torch.Tensor = self.layer(torch.cat([tt, x], dim=1))
+        return out
 
 
 class ODEFunc(nn.Module):
@@ -141,7 +142,8 @@ class ODEFunc(nn.Module):
         self.nfe += 1
         out = self.conv1(t, torch.relu(self.norm1(h)))
         out = self.conv2(t, torch.relu(self.norm2(out)))
-        return self.norm3(out)
+        dh: torch.Tensor = self.norm3(out)
+        return dh
 
 
 class _SolveRecord:
@@ -231,10 +233,11 @@ class ODEBlock(nn.Module):
         """
         t = self.integration_time.to(x.dtype)
         sol = solve(self.odefunc, x, t, batched=self.batched, **self.solver.kwargs())
-        out = sol.ys[:, -1] if self.batched else sol.ys[-1]
+        out: torch.Tensor = sol.ys[:, -1] if self.batched else sol.ys[-1]
         self._record = _SolveRecord(sol)
         if out.requires_grad:
-            out.register_hook(self._record.mark_backward)
+            # Tensor.register_hook has no annotations (torch 2.13).
+            out.register_hook(self._record.mark_backward)  # type: ignore[no-untyped-call]
         return out
 
     @property
@@ -287,9 +290,9 @@ class ResBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, inplanes, H, W]`` -> ``[B, planes, H / stride, W / stride]``."""
         out = torch.relu(self.norm1(x))
-        shortcut = x if self.downsample is None else self.downsample(out)
-        out = self.conv2(torch.relu(self.norm2(self.conv1(out))))
-        return out + shortcut
+        shortcut: torch.Tensor = x if self.downsample is None else self.downsample(out)
+        residual: torch.Tensor = self.conv2(torch.relu(self.norm2(self.conv1(out))))
+        return residual + shortcut
 
 
 def downsampling_layers(kind: str = "conv", dim: int = 64, in_channels: int = 1) -> nn.Sequential:

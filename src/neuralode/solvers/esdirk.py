@@ -165,7 +165,9 @@ class Esdirk(_LinearlyImplicit):
                 nfe = nfe + 1
                 if f_star.requires_grad or base.requires_grad:
                     implicit = base + hg_y * f_star
-                    z = _ImplicitStage.apply(implicit, z_star, _TransposedSolve(f, ti, z, hg))
+                    solve_t = _TransposedSolve(f, ti, z, hg)
+                    # torch.autograd.Function.apply has no annotations (torch 2.13).
+                    z = _ImplicitStage.apply(implicit, z_star, solve_t)  # type: ignore[no-untyped-call]
             ks.append((z - base) / safe_hg)
         with torch.no_grad():  # step-size control is not differentiated
             y_error = _combine(ks, self.e_terms).mul_(h_y)

@@ -169,7 +169,8 @@ class ImplicitRK(Solver):
             right = self._combine(fs, h_y, self._base(k0, h_y))
             if right.requires_grad:
                 solve_t = _TransposedStages(self, f, ts, y, w_star, h, batched)
-                w = _ImplicitStage.apply(right, w_star, solve_t)
+                # torch.autograd.Function.apply has no annotations (torch 2.13).
+                w = _ImplicitStage.apply(right, w_star, solve_t)  # type: ignore[no-untyped-call]
             f0 = k0
         y1 = y
         for i in range(self.r):
@@ -377,7 +378,7 @@ def lu_apply(
     if batched:
         B = shape[1]
         cols = rhs.reshape(r, B, -1).transpose(0, 1).reshape(B, -1, 1)
-        x = torch.linalg.lu_solve(LU, piv, cols)
+        x: torch.Tensor = torch.linalg.lu_solve(LU, piv, cols)
         return x.reshape(B, r, -1).transpose(0, 1).reshape(shape)
     x = torch.linalg.lu_solve(LU, piv, rhs.reshape(-1, 1))
     return x.reshape(shape)

@@ -46,7 +46,7 @@ class _Factored:
         self.cols = (like.shape[0], N, 1) if batched else (N, 1)
 
     def solve(self, rhs: torch.Tensor) -> torch.Tensor:
-        x = torch.linalg.lu_solve(self.LU, self.pivots, rhs.reshape(self.cols))
+        x: torch.Tensor = torch.linalg.lu_solve(self.LU, self.pivots, rhs.reshape(self.cols))
         return x.reshape(self.shape)
 
 
