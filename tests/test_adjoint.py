@@ -435,6 +435,27 @@ def test_default_adjoint_params_are_the_module_parameters_that_require_grad() ->
     assert _max_rel(adj, bp) < 1e-7
 
 
+@pytest.mark.parametrize("gradient", ["adjoint", "checkpoint"])
+def test_adjoint_params_may_be_a_generator_as_in_torchdiffeq(gradient: str) -> None:
+    """``adjoint_params=net.parameters()`` (a generator, as torchdiffeq users write) is read
+    once and differentiated like the tuple; a tensor or a string is refused by name."""
+    net = MLPField(2, 4, seed=8)
+    field = lambda t, y: net(t, y)  # noqa: E731 - a plain callable: adjoint_params is required
+    y0, t = torch.tensor([0.4, -0.2], dtype=F64), torch.tensor([0.0, 0.5, 1.0], dtype=F64)
+    tight = TIGHT if gradient == "adjoint" else TIGHT_FWD
+
+    def grads(params: Any) -> list[torch.Tensor]:
+        sol = neuralode.solve(field, y0, t, gradient=gradient, adjoint_params=params, **tight)
+        return list(torch.autograd.grad(sol.ys.square().sum(), tuple(net.parameters())))
+
+    assert _max_rel(grads(net.parameters()), grads(tuple(net.parameters()))) < 1e-12
+    ys = neuralode.odeint_adjoint(field, y0, t, adjoint_params=net.parameters(), **TIGHT)
+    assert all(g is not None for g in torch.autograd.grad(ys.sum(), tuple(net.parameters())))
+    for bad in (net.l1.weight, "weights"):
+        with pytest.raises(TypeError, match="adjoint_params must be a sequence or iterable"):
+            neuralode.solve(field, y0, t, gradient=gradient, adjoint_params=bad)
+
+
 def test_odeint_adjoint_forward_equals_odeint() -> None:
     net = MLPField(3, 8, seed=7)
     y0 = torch.tensor([0.5, -0.3, 0.8], dtype=F64, requires_grad=True)
@@ -536,7 +557,7 @@ def _seminorm_case(
 def test_seminorm_needs_fewer_backward_evaluations() -> None:
     # Kidger et al. 2021 report a median 40% saving; here the parameter-gradient channels only
     # drive the step when atol is well below rtol (they start at zero, so their error scale is
-    # atol).  The README's gradients section has the counts this prints.
+    # atol).  The gradients page (docs/concepts/gradients.md) has the counts this prints.
     full, nfe_full = _seminorm_case(11, 1e-6, 1e-9, "rms")
     semi, nfe_semi = _seminorm_case(11, 1e-6, 1e-9, None)  # the default
     again, _ = _seminorm_case(11, 1e-6, 1e-9, "rms")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -151,7 +151,7 @@ def odeint_adjoint(
     adjoint_atol: float | torch.Tensor | None = None,
     adjoint_method: str | ButcherTableau | Solver | None = None,
     adjoint_options: dict[str, Any] | None = None,
-    adjoint_params: Sequence[torch.Tensor] | None = None,
+    adjoint_params: Iterable[torch.Tensor] | None = None,
     event_fn: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
 ) -> Any:
     """:func:`odeint` with gradients by the continuous adjoint method (torchdiffeq's API).

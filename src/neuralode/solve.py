@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -71,7 +71,7 @@ def solve(
     events: Event | Sequence[Event] | None = None,
     throw: bool = True,
     gradient: str = "backprop",
-    adjoint_params: Sequence[torch.Tensor] | None = None,
+    adjoint_params: Iterable[torch.Tensor] | None = None,
     adjoint_rtol: float | torch.Tensor | None = None,
     adjoint_atol: float | torch.Tensor | None = None,
     adjoint_method: str | ButcherTableau | Solver | None = None,
@@ -154,9 +154,9 @@ def solve(
               (to round-off), memory of the accepted steps' start states.  Not for the
               multistep methods (``explicit_adams``, ``implicit_adams``): a step's replay from
               its start state alone misses its dependence on earlier steps (a ``ValueError``).
-        adjoint_params: ``"adjoint"``/``"checkpoint"``: the tensors to differentiate (default:
-            the parameters of an ``nn.Module`` func that require grad; required for a plain
-            function).
+        adjoint_params: ``"adjoint"``/``"checkpoint"``: the tensors to differentiate, a sequence
+            or any iterable such as ``net.parameters()`` (default: the parameters of an
+            ``nn.Module`` func that require grad; required for a plain function).
         adjoint_rtol, adjoint_atol, adjoint_method: the backward solve's tolerances (numbers) and
             method (default: the forward ones).
         adjoint_options: the backward solve's options: ``norm`` (``"seminorm"``, the default:

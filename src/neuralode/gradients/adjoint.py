@@ -35,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,10 +146,11 @@ def _scalar_tolerance(
 
 
 def find_adjoint_params(
-    func: Any, adjoint_params: Sequence[torch.Tensor] | None, gradient: str
+    func: Any, adjoint_params: Iterable[torch.Tensor] | None, gradient: str
 ) -> tuple[torch.Tensor, ...]:
-    """The tensors the backward pass differentiates: ``adjoint_params`` if given, else the
-    trainable parameters of an ``nn.Module`` func."""
+    """The tensors the backward pass differentiates: ``adjoint_params`` if given (any iterable
+    of tensors, such as ``module.parameters()``, as torchdiffeq takes), else the trainable
+    parameters of an ``nn.Module`` func."""
     if adjoint_params is None:
         if not isinstance(func, torch.nn.Module):
             raise TypeError(
@@ -157,9 +158,12 @@ def find_adjoint_params(
                 f"nn.Module, so pass adjoint_params=(tensors func uses), or () if it has none"
             )
         return tuple(p for p in func.parameters() if p.requires_grad)
-    if isinstance(adjoint_params, torch.Tensor) or not isinstance(adjoint_params, Sequence):
+    if isinstance(adjoint_params, (torch.Tensor, str, dict)) or not isinstance(
+        adjoint_params, Iterable
+    ):
         raise TypeError(
-            f"adjoint_params must be a sequence of tensors, got {type(adjoint_params).__name__}"
+            f"adjoint_params must be a sequence or iterable of tensors (such as "
+            f"module.parameters()), got {type(adjoint_params).__name__}"
         )
     params = tuple(adjoint_params)
     for i, p in enumerate(params):
