@@ -113,7 +113,7 @@ density: $(STAMP)
 # Mutation testing of the solver core ([tool.mutmut] in pyproject.toml): mutmut keeps its
 # results in mutants/ and re-tests only what changed; the report fails on a survivor that
 # tests/mutation_survivors.md does not list as equivalent.  A full run takes five hours or
-# more on 2 cores (README: Tests that fail when the code is wrong).
+# more on 2 cores (docs/testing.md: Tests that fail when the code is wrong).
 mutate: $(STAMP)
 	$(VENV)/bin/mutmut run --max-children 2
 	$(PYTHON) tests/mutation_report.py --out runs/mutation/report.md

@@ -25,7 +25,7 @@ Batched: ``--batch`` Robertson problems with rate constants spread over an order
 (each ``k_i`` times 10^U(0, 1)), rtol 1e-6: one batched ``solve`` (each sample with its own
 steps; rodas5p and kvaerno5) against scipy solving them one after another.
 
-Writes ``<out>.json`` and ``<out>.md`` (the README's "Stiff problems" tables).
+Writes ``<out>.json`` and ``<out>.md`` (the tables of docs/concepts/stiff.md).
 """
 
 from __future__ import annotations

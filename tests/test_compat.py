@@ -296,10 +296,11 @@ def test_odeint_adjoint_warns_on_unknown_adjoint_options() -> None:
 
 
 def test_evaluation_counts_against_torchdiffeq() -> None:
-    """Prints the README's counts (``pytest -s -k evaluation_counts``).  torchdiffeq starts
-    each step from the previous step's last stage even for its non-FSAL pairs (adaptive_heun's
-    last stage is f at the Euler predictor, not at y1): one evaluation fewer per step than the
-    published method.  Ours evaluate f(t + h, y1): every count here is a real call."""
+    """Prints the counts of docs/torchdiffeq.md (``pytest -s -k evaluation_counts``).
+    torchdiffeq starts each step from the previous step's last stage even for its non-FSAL
+    pairs (adaptive_heun's last stage is f at the Euler predictor, not at y1): one evaluation
+    fewer per step than the published method.  Ours evaluate f(t + h, y1): every count here is
+    a real call."""
     torchdiffeq = pytest.importorskip("torchdiffeq", reason="pip install torchdiffeq==0.2.5")
 
     def counting() -> tuple[Any, list[int]]:

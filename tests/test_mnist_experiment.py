@@ -114,8 +114,9 @@ def test_torchrun_two_processes_match_one_process(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_quick_recipe_reaches_the_promised_accuracy(tmp_path: Path) -> None:
-    # The README's promise: --preset quick trains the ODE-Net to >= 98.5% test accuracy
-    # in under 30 minutes on 2 CPU cores (measured: 98.72% in 16 minutes on one thread).
+    # The promise of docs/experiments/mnist.md: --preset quick trains the ODE-Net to >= 98.5%
+    # test accuracy in under 30 minutes on 2 CPU cores (measured: 98.72% in 16 minutes on one
+    # thread).
     run = tmp_path / "quick"
     neuralode(
         "train", "mnist", "--preset", "quick", "--model", "odenet",

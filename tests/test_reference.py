@@ -138,7 +138,8 @@ def test_against_scipy_reference(method: str, problem: str, tol: float) -> None:
     assert ours <= ERR_BOUND, f"error {ours:.1f} tolerance units > {ERR_BOUND}"
     assert ours <= SCIPY_ERR_FACTOR * theirs, f"error {ours:.2f} vs scipy's {theirs:.2f} units"
     assert nfe <= NFE_FACTOR * nfev, f"nfe {nfe} vs scipy's {nfev}"
-    # What the README claims, exactly: bosh3 and dopri5 are scipy's RK23 and RK45 step for step
+    # What the docs claim (docs/testing.md, docs/performance.md), exactly: bosh3 and dopri5 are
+    # scipy's RK23 and RK45 step for step
     # (same error estimate, scale, controller and initial step), and dopri8 is DOP853 at
     # 0.97-1.0x its evaluations.
     if (method, problem, tol) in SLIVER:
@@ -159,7 +160,8 @@ def test_against_scipy_reference(method: str, problem: str, tol: float) -> None:
 # 1e-3 to 1e-6 (ours; torchdiffeq 0.2.5's in brackets): adaptive_heun 0.9-2.0 (3.5-5.6); fehlberg2
 # 180-1200 (430-840 at 1e-4 and 1e-6).  Fehlberg's first-order solution is nearly the midpoint
 # rule's, so the difference that estimates its error is far below the step's true error: the pair
-# keeps its tolerance only in name, in both libraries (README: Methods).  The stiff methods on these
+# keeps its tolerance only in name, in both libraries (docs/concepts/solvers.md: Methods).  The
+# stiff methods on these
 # (non-stiff) problems, measured at 1e-3 / 1e-4 / 1e-6 (max over the three problems): rosenbrock23
 # 32 / 49 / 164 (an order-2 method's global error grows as the tolerance tightens: ~500 steps at
 # 1e-6), rodas4 7.6 / 5.2 / 3.7, rodas5p 4.7 / 11.4 / 26.6 (on Lotka-Volterra; 0.2-4.7 on the
