@@ -12,7 +12,8 @@ import pytest
 
 import neuralode
 
-MODULES = sorted(
+# The package itself (``load_run``'s example lives in its __init__) and every submodule.
+MODULES = ["neuralode"] + sorted(
     m.name
     for m in pkgutil.walk_packages(neuralode.__path__, "neuralode.")
     if "__main__" not in m.name

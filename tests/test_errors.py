@@ -454,8 +454,12 @@ def test_status_messages_say_what_to_do(status: Status) -> None:
 
 
 def test_max_steps_message_names_the_option() -> None:
-    assert "max_num_steps" in Status.MAX_STEPS_REACHED.message
+    # Both spellings: solve's keywords (the messages named only odeint's options={...}, which
+    # solve() refuses) and odeint's options.
+    assert "max_num_steps=N (solve)" in Status.MAX_STEPS_REACHED.message
+    assert "options={'max_num_steps': N} (odeint)" in Status.MAX_STEPS_REACHED.message
     assert "rtol/atol" in Status.STEP_SIZE_UNDERFLOW.message
+    assert "t_dtype=torch.float64 in solve" in Status.STEP_SIZE_UNDERFLOW.message
     assert "time named in the error" in Status.NONFINITE.message
 
 

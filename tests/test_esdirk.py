@@ -74,6 +74,14 @@ def test_tableau_checks_its_data() -> None:
         EsdirkTableau(**{**fields, "b": (*KVAERNO3.b[:2], KVAERNO3.b[2] + 1, KVAERNO3.b[3] - 1)})
     with pytest.raises(TypeError, match="EsdirkTableau"):
         Esdirk(neuralode.get_tableau("dopri5"))  # type: ignore[arg-type]
+    # A two-stage pair whose rows are consistent but whose last stage sits at 3/4 of the step
+    # (so sum(b) == 3/4): it was accepted.
+    g = Fraction(1, 2)
+    with pytest.raises(ValueError, match=r"c\[-1\] == 1"):
+        EsdirkTableau(
+            "bad", 1, 1, g, ((), (Fraction(1, 4),)), (Fraction(1, 4), g), (Fraction(0),) * 2,
+            (Fraction(0), Fraction(3, 4)), ((), (Fraction(1),)),
+        )  # fmt: skip
 
 
 # -- one step --------------------------------------------------------------------------------------

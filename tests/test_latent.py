@@ -388,8 +388,9 @@ def test_bad_input_raises() -> None:
         model(values, torch.tensor([0.0, 1.0, 1.0, 2.0]))
     with pytest.raises(ValueError, match="non-decreasing"):
         GRUEncoder(2)(values, torch.tensor([0.0, 2.0, 1.0, 3.0]))
-    with pytest.raises(ValueError, match="obs_std"):
-        LatentODE(2, obs_std=0.0)
+    for bad in (0.0, float("nan"), float("inf")):  # NaN was accepted, and the loss was NaN
+        with pytest.raises(ValueError, match="obs_std must be a finite positive number"):
+            LatentODE(2, obs_std=bad)
     with pytest.raises(ValueError, match="activation"):
         LatentDynamics(activation="sigmoid")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="n_samples"):

@@ -346,6 +346,15 @@ def test_global_draw_sliced_equals_whole_batch() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def test_num_batches_counts_and_refuses_a_bad_size() -> None:
+    assert mnist.num_batches(103, 10) == 10 and mnist.num_batches(103, 10, drop_last=False) == 11
+    assert mnist.num_batches(0, 4) == 0
+    # batch_size 0 was a ZeroDivisionError and -3 gave -35 batches.
+    for n, size in ((10, 0), (103, -3), (-1, 4)):
+        with pytest.raises(ValueError, match="num_batches needs n >= 0 and batch_size >= 1"):
+            mnist.num_batches(n, size)
+
+
 def test_batch_indices_deterministic_and_a_permutation() -> None:
     a = list(mnist.batch_indices(103, 10, epoch=2, seed=5))
     b = list(mnist.batch_indices(103, 10, epoch=2, seed=5))

@@ -271,3 +271,12 @@ def test_every_model_family_keeps_its_solver_settings_in_one_type() -> None:
             on.ODEBlock(on.ODEFunc(4), **bad)
     with pytest.raises(TypeError):
         on.ODEBlock(on.ODEFunc(4), max_num_steps=99)  # one spelling: solve_options={...}
+    # batched is the block's own argument (it was accepted here, then failed in forward with
+    # "solve() got multiple values for keyword argument 'batched'"); the latent models decide
+    # it from their data, and the ODE-RNN encoder sets its own adjoint_params.
+    with pytest.raises(ValueError, match=r"\['batched'\] have their own arguments"):
+        on.ODEBlock(on.ODEFunc(4), solve_options={"batched": True})
+    with pytest.raises(ValueError, match="batched"):
+        ODERNNEncoder(2, 3, 8, solve_options={"batched": False})
+    with pytest.raises(ValueError, match="adjoint_params'\\] is set by ODERNNEncoder"):
+        ODERNNEncoder(2, 3, 8, gradient="adjoint", solve_options={"adjoint_params": ()})

@@ -47,26 +47,39 @@ if TYPE_CHECKING:
 def load_run(run: str | os.PathLike[str], device: str = "cpu") -> TrainedRun:
     """The trained model of a run folder written by ``neuralode train`` (any experiment).
 
-    Example::
-
-        import neuralode
-
-        run = neuralode.load_run("runs/demo")
-        run.model                       # the nn.Module, eval mode, last checkpoint's weights
-        run.config.method               # every setting of the run (its config dataclass)
-        run.step                        # training steps those weights have taken
-        run.task.evaluate(run.model)    # the run's test metrics, recomputed
+    The model and its task are rebuilt from the run's stored config, as ``neuralode evaluate``
+    rebuilds them.
 
     Args:
-        run: the run folder.
+        run: the run folder (holding ``config.json`` and ``checkpoints/last.pt``).
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``: where the model (and its task's data) go.
 
     Returns:
-        A :class:`neuralode.experiments.engine.TrainedRun` (``model``, ``config``, ``step``,
-        ``task``, ``ctx``).
+        A :class:`neuralode.experiments.engine.TrainedRun`: ``model`` (the experiment's
+        ``nn.Module`` with the last checkpoint's weights, in eval mode), ``config`` (every
+        setting of the run, its experiment's config dataclass), ``step`` (the training steps
+        those weights have taken), ``task`` (its data and ``evaluate(model)``) and ``ctx``.
 
     Raises:
         ValueError: if ``run`` is not a run folder or has no checkpoint yet.
+
+    Examples:
+        With a run trained by ``neuralode train spiral --out runs/demo`` (training one takes
+        longer than an example should, hence the skipped lines):
+
+        >>> import neuralode
+        >>> run = neuralode.load_run("runs/demo")  # doctest: +SKIP
+        >>> type(run.model).__name__, run.model.training, run.config.method  # doctest: +SKIP
+        ('SpiralField', False, 'dopri5')
+        >>> metrics = run.task.evaluate(run.model)  # the run's test metrics  # doctest: +SKIP
+
+        A folder that holds no run is refused:
+
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     neuralode.load_run(folder)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ValueError: '...' is not a run folder: '.../config.json' does not exist
     """
     from .experiments.engine import load_run as _load_run  # experiments load on demand only
 

@@ -117,8 +117,18 @@ def odeint(
         theorem).
 
     Raises:
-        ValueError, TypeError: bad input, naming the argument.
-        SolverError: the solve failed (too many steps, step size underflow, non-finite values).
+        ValueError, TypeError: bad input, naming the argument (a ``ValueError`` for a ``t`` that
+            is not 1-D: per-sample grids ``[batch, T]`` are :func:`neuralode.solve`'s).
+        SolverError: the solve failed (too many steps, step size underflow, non-finite values),
+            or, with ``event_fn``, no event was found.
+        ImportError: ``method="scipy_solver"`` without scipy installed.
+
+    Examples:
+        >>> import torch
+        >>> from neuralode import odeint
+        >>> ys = odeint(lambda t, y: -y, torch.tensor([1.0, 2.0]), torch.linspace(0, 1, 3))
+        >>> ys.shape, ys[-1]  # y0 * exp(-1)
+        (torch.Size([3, 2]), tensor([0.3679, 0.7358]))
     """
     method = "dopri5" if method is None else method
     _check_1d(t, "odeint")
@@ -162,20 +172,54 @@ def odeint_adjoint(
     plain callable with ``adjoint_params`` given.  ``adjoint_options`` takes ``norm``
     (``"seminorm"``, the default; ``"rms"``, torchdiffeq's default; or ``"max"``), ``unused``
     (``"zero"`` here, as torchdiffeq: a parameter ``func`` never uses gets a zero gradient, with
-    a warning; ``"error"`` refuses it) and the keys of :data:`ODE_OPTIONS`; an unknown key warns
-    and is ignored; the other ``adjoint_*`` arguments default to the forward ones.
-    The backward solve carries its step size from one output interval to the next.
+    a warning; ``"error"`` refuses it) and the stepping keys of :data:`ODE_OPTIONS` (listed
+    under ``adjoint_options`` below); an unknown key warns and is ignored; the other
+    ``adjoint_*`` arguments default to the forward ones.  The backward solve carries its step
+    size from one output interval to the next.
     ``event_fn`` integrates until an event, as :func:`odeint`'s.  See :func:`neuralode.solve`.
+
+    Args:
+        func: as :func:`odeint`: ``func(t, y) -> dy/dt``; an ``nn.Module`` whose trainable
+            parameters get gradients, or a plain callable with ``adjoint_params``.
+        y0: initial state at ``t[0]``: a floating tensor of any shape, or a tuple of them.
+        t: 1-D strictly increasing or strictly decreasing output times ``[T]``.
+        rtol, atol: the forward solve's tolerances, as :func:`odeint`.
+        method: the forward solve's method, as :func:`odeint` (not ``"scipy_solver"``).
+        options: the forward solve's options, keys of :data:`ODE_OPTIONS` (an unknown key
+            warns and is ignored).
+        adjoint_rtol, adjoint_atol: the backward solve's tolerances (default: ``rtol``,
+            ``atol``).
+        adjoint_method: the backward solve's method (default: ``method``).
+        adjoint_options: the backward solve's options: ``norm`` and ``unused`` as above, and
+            ``step_size``, ``first_step``, ``max_num_steps``, ``dtype``, ``safety``, ``beta``,
+            ``ifactor``, ``dfactor``, ``min_step``, ``max_step`` as in :data:`ODE_OPTIONS`.
+        adjoint_params: the tensors to differentiate, e.g. ``net.parameters()`` (default: the
+            parameters of an ``nn.Module`` ``func`` that require grad).
+        event_fn: ``event_fn(t, y) -> tensor`` (``[]`` or ``[k]``): integrate until it changes
+            sign, as :func:`odeint`.
 
     Returns:
         ``[T, *y0.shape]`` (a tuple of such for a tuple ``y0``); with ``event_fn``
         ``(event_t, solution)`` as :func:`odeint`.
 
     Raises:
-        ValueError, TypeError: bad input, naming the argument.
+        ValueError, TypeError: bad input, naming the argument; ``method="scipy_solver"`` (a
+            ``ValueError``: it has no gradient).
         SolverError: the forward or the backward solve failed.
         RuntimeError: at backward, when asked for higher-order gradients (``create_graph=True``):
             the adjoint's backward pass is not differentiable; use :func:`odeint` instead.
+
+    Examples:
+        The gradient of ``y(1) = exp(a)`` for ``dy/dt = a y`` is ``exp(a)``:
+
+        >>> import torch
+        >>> from neuralode import odeint_adjoint
+        >>> a = torch.tensor(-1.0, requires_grad=True)
+        >>> ys = odeint_adjoint(lambda t, y: a * y, torch.tensor([1.0]), torch.tensor([0.0, 1.0]),
+        ...                     adjoint_params=[a])
+        >>> ys[-1].sum().backward()
+        >>> ys[-1].detach(), a.grad
+        (tensor([0.3679]), tensor(0.3679))
     """
     method = "dopri5" if method is None else method
     if isinstance(method, str) and method == "scipy_solver":
@@ -253,8 +297,24 @@ def odeint_event(
         (``y0`` and the state at the event; a tuple for a tuple ``y0``).
 
     Raises:
+        ValueError: ``t0`` is not a tensor of one element; a fixed-step method without
+            ``options["step_size"]``; and the interface's own errors for bad input.
         SolverError: no event within the horizon (``1e6 (1 + |t0|)`` time units, or 20000 fixed
             steps) or the solve failed first.
+
+    Examples:
+        A ball dropped from 1 m lands at ``sqrt(2 h / g)``; the landing time's gradient with
+        respect to the height is ``1 / sqrt(2 g h)``:
+
+        >>> import torch
+        >>> from neuralode import odeint_event
+        >>> def fall(t, y):  # y = [height, velocity]
+        ...     return torch.stack([y[1], torch.full_like(y[1], -9.81)])
+        >>> y0 = torch.tensor([1.0, 0.0], requires_grad=True)
+        >>> t_hit, ys = odeint_event(fall, y0, torch.tensor(0.0), event_fn=lambda t, y: y[0])
+        >>> t_hit.backward()
+        >>> round(t_hit.item(), 4), ys.shape, round(y0.grad[0].item(), 4)
+        (0.4515, torch.Size([2, 2]), 0.2258)
     """
     if not isinstance(t0, torch.Tensor) or t0.numel() != 1:
         raise ValueError(f"t0 must be a tensor of one element, got {t0!r}")

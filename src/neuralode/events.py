@@ -39,7 +39,30 @@ _MAX_ITERS = 200
 
 class GrazingEventError(ValueError):
     """An event function touched zero without crossing it transversally: ``dg/dt`` along the
-    solution is (numerically) zero at the event, and its time has no derivative."""
+    solution is (numerically) zero at the event, and its time has no derivative.
+
+    Raised by a solve with ``events`` when it takes the event time's gradient (the implicit
+    function theorem divides by that rate), which it does with every gradient strategy while
+    autograd is enabled, whether or not any input requires grad (the solve cannot tell what
+    ``func`` closes over).  Under ``torch.no_grad()`` the same event is located without a
+    gradient and is not an error.  A ``ValueError``, so ``except ValueError`` catches it too.
+
+    Args:
+        *args: the message, which names the event, the first sample that grazed and its time.
+
+    Examples:
+        ``y = (t - 1)^3`` crosses zero at ``t = 1`` with zero slope:
+
+        >>> import torch
+        >>> from neuralode import Event, GrazingEventError, solve
+        >>> y0 = torch.tensor(-1.0, dtype=torch.float64, requires_grad=True)
+        >>> try:
+        ...     solve(lambda t, y: 3 * (t - 1) ** 2, y0, torch.tensor([0.0, 2.0]),
+        ...           method="rk4", step_size=0.5, events=Event(lambda t, y: y))
+        ... except GrazingEventError as err:
+        ...     print(err)  # doctest: +ELLIPSIS
+        event: at the event of sample 0 (t=1) ... so the event time has no derivative
+    """
 
 
 @dataclass(frozen=True)
@@ -75,6 +98,25 @@ class Event:
     A function that is exactly zero at the initial time (or at the state a reset left) does not
     fire there; it fires when it next changes sign.  One occurrence per function per step is
     located (the first); use ``checks`` when a function can cross twice within a step.
+
+    Raises:
+        TypeError: ``fn`` or ``reset`` is not callable.
+        ValueError: ``direction`` is not -1, 0 or +1; ``terminal`` is not a bool or an integer
+            ``>= 1``; ``xtol`` is not a positive finite number; ``checks`` is not an integer
+            ``>= 0``.  (What ``fn`` returns is checked by the solve: a ``TypeError`` for a
+            non-tensor, a ``ValueError`` for a wrong shape or NaN/Inf at the initial state.)
+
+    Examples:
+        A ball dropped from 1 m: the terminal event finds the ground at ``t = sqrt(2 / g)``.
+
+        >>> import torch
+        >>> from neuralode import Event, solve
+        >>> def fall(t, y):  # y = [height, velocity]
+        ...     return torch.stack([y[1], torch.full_like(y[1], -9.81)])
+        >>> ground = Event(lambda t, y: y[0], direction=-1, name="ground")
+        >>> sol = solve(fall, torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), events=ground)
+        >>> round(float(sol.event_t), 4), sol.event_log[0][2]  # sqrt(2 / 9.81) = 0.45152...
+        (0.4515, 'terminal')
     """
 
     fn: Callable[[torch.Tensor, Any], torch.Tensor]

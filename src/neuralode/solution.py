@@ -13,7 +13,31 @@ __all__ = ["Solution", "Stats", "Status", "SolverError"]
 
 
 class Status(enum.IntEnum):
-    """Per-sample outcome of a solve; each member carries a message that says what to do."""
+    """Per-sample outcome of a solve; each member carries a message that says what to do.
+
+    ``Solution.status`` holds these codes as an ``int64`` tensor (``[batch]``, or ``[]``
+    unbatched); ``Status(int(code))`` gives the member back.
+
+    Attributes:
+        SUCCESS: 0, the sample reached its last output time.
+        MAX_STEPS_REACHED: 1, it took ``max_num_steps`` steps (accepted + rejected) first.
+        STEP_SIZE_UNDERFLOW: 2, the step fell below the resolution of time.
+        NONFINITE: 3, the vector field returned NaN or Inf and smaller steps did not help.
+        NEWTON_FAILED: 4, an implicit method's Newton iteration did not converge.
+        EVENT: 5, the sample stopped at a terminal event (a success: see :attr:`ok`).
+
+    Examples:
+        >>> import torch
+        >>> from neuralode import Status, solve
+        >>> sol = solve(lambda t, y: -y, torch.ones(2, 1), torch.tensor([0.0, 100.0]),
+        ...             batched=True, max_num_steps=2, throw=False)
+        >>> [Status(code).name for code in sol.status.tolist()]
+        ['MAX_STEPS_REACHED', 'MAX_STEPS_REACHED']
+        >>> Status.MAX_STEPS_REACHED.ok, Status.EVENT.ok
+        (False, True)
+        >>> Status.MAX_STEPS_REACHED.message.split(". ")[0]
+        'The maximum number of solver steps was reached'
+    """
 
     SUCCESS = 0
     MAX_STEPS_REACHED = 1
@@ -29,6 +53,7 @@ class Status(enum.IntEnum):
 
     @property
     def message(self) -> str:
+        """What happened, and what to do about it (one or two sentences)."""
         return _MESSAGES[self]
 
 
@@ -36,13 +61,15 @@ _MESSAGES = {
     Status.SUCCESS: "The solve reached the last requested time.",
     Status.MAX_STEPS_REACHED: (
         "The maximum number of solver steps was reached. Increase it with "
-        "options={'max_num_steps': N}, loosen rtol/atol, or check the problem for stiffness "
-        "(explicit methods need tiny steps on stiff problems)."
+        "max_num_steps=N (solve) or options={'max_num_steps': N} (odeint), loosen rtol/atol, "
+        "or check the problem for stiffness (explicit methods need tiny steps on stiff "
+        "problems: try method='auto' or 'rodas5p')."
     ),
     Status.STEP_SIZE_UNDERFLOW: (
         "The step size fell below the resolution of the time variable. The solution is probably "
         "blowing up or the problem is stiff; check the vector field, loosen rtol/atol, or keep "
-        "time in float64 (options={'dtype': torch.float64})."
+        "time in float64 (t_dtype=torch.float64 in solve, options={'dtype': torch.float64} in "
+        "odeint)."
     ),
     Status.NONFINITE: (
         "The vector field returned NaN or Inf and smaller steps did not help. Check the vector "
@@ -63,7 +90,31 @@ _MESSAGES = {
 
 class SolverError(RuntimeError):
     """Raised when a solve fails for at least one sample (see ``Solution.status`` for per-sample
-    outcomes when ``throw=False``)."""
+    outcomes when ``throw=False``).
+
+    Also raised by the gradient strategies when their backward pass fails (the adjoint's
+    backward solve, a checkpoint's replayed step), and by :func:`neuralode.odeint_event` when no
+    event occurs.
+
+    Args:
+        message: what failed: the first failed sample, the time it reached and its
+            :attr:`Status.message`.
+        solution: the solve's :class:`Solution` (its ``status``, ``stats``, ``t_end``, and
+            outputs up to the failure, NaN after it), or ``None`` where there is none (a
+            failure in a backward pass).
+
+    Attributes:
+        solution: the ``solution`` argument.
+
+    Examples:
+        >>> import torch
+        >>> from neuralode import SolverError, Status, solve
+        >>> try:
+        ...     solve(lambda t, y: -y, torch.ones(1), torch.tensor([0.0, 100.0]), max_num_steps=2)
+        ... except SolverError as err:
+        ...     print(Status(int(err.solution.status)).name, err.solution.ys[-1])
+        MAX_STEPS_REACHED tensor([nan])
+    """
 
     def __init__(self, message: str, solution: Solution | None = None) -> None:
         super().__init__(message)
@@ -85,6 +136,16 @@ class Stats:
         nlu: LU factorisations (stiff methods: one per attempted step); as ``njev``.
         n_newton: Newton iterations (implicit methods, summed over the stages; each costs one
             evaluation of the vector field, counted in ``nfe`` as well); as ``njev``.
+
+    Examples:
+        >>> import torch
+        >>> from neuralode import solve
+        >>> sol = solve(lambda t, y: -y, torch.ones(2, 1), torch.linspace(0, 1, 3), batched=True)
+        >>> stats = sol.stats
+        >>> stats.nfe.shape, bool((stats.n_accepted + stats.n_rejected == stats.n_steps).all())
+        (torch.Size([2]), True)
+        >>> sorted(stats.as_dict())
+        ['n_accepted', 'n_newton', 'n_rejected', 'n_steps', 'nfe', 'njev', 'nlu']
     """
 
     nfe: torch.Tensor
@@ -96,6 +157,8 @@ class Stats:
     n_newton: torch.Tensor | None = None
 
     def as_dict(self) -> dict[str, Any]:
+        """The counters as (nested) lists of ints, ready for JSON; those not counted (``None``)
+        are left out."""
         return {k: v.tolist() for k, v in vars(self).items() if v is not None}
 
 
@@ -124,6 +187,16 @@ class Solution:
             unbatched), in time order: ``(t, index, kind)`` with ``t`` a float (user time),
             ``index`` as ``event_index`` and ``kind`` ``"event"`` (recorded), ``"reset"`` (the
             state jumped) or ``"terminal"`` (the sample stopped).
+
+    Examples:
+        >>> import torch
+        >>> from neuralode import solve
+        >>> sol = solve(lambda t, y: -y, torch.ones(2, 1), torch.linspace(0, 1, 3),
+        ...             batched=True, dense=True)
+        >>> sol.ys.shape, sol.status.tolist(), sol.success
+        (torch.Size([2, 3, 1]), [0, 0], True)
+        >>> sol.evaluate(torch.tensor([0.25, 0.75])).shape  # dense output: [batch, M, 1]
+        torch.Size([2, 2, 1])
     """
 
     ts: torch.Tensor
@@ -168,6 +241,9 @@ class Solution:
             Uses the method's own interpolant (Hermite for methods without one) and is
             differentiable.  NaN past the time a sample stopped at (a terminal event, a
             failure), as its outputs are.  Requires ``solve(..., dense=True)``.
+
+        Raises:
+            ValueError: the solve was not asked for dense output (``dense=True``).
         """
         if self._interpolator is None:
             raise ValueError("Solution.evaluate needs dense output: call solve(..., dense=True).")

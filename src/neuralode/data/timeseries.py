@@ -66,6 +66,19 @@ class Observations:
             means everything is observed.
         index: ``[B, T]`` (``int64``) positions of the observations in the grid they were drawn
             from (:func:`subsample`), or ``None``.
+
+    Floating tensors may be of any floating dtype; :meth:`to` converts them together.
+
+    Raises:
+        ValueError: ``values`` is not 3-D, ``times`` is neither ``[T]`` nor ``[B, T]``, or
+            ``mask`` does not have the shape of ``values``.
+
+    Examples:
+        >>> import torch
+        >>> from neuralode.data.timeseries import Observations
+        >>> obs = Observations(times=torch.linspace(0.0, 1.0, 4), values=torch.zeros(2, 4, 1))
+        >>> obs.batch_size, obs.per_sample_times().shape, obs.select(slice(0, 1)).values.shape
+        (2, torch.Size([2, 4]), torch.Size([1, 4, 1]))
     """
 
     times: Tensor
@@ -90,6 +103,7 @@ class Observations:
 
     @property
     def batch_size(self) -> int:
+        """The number of series, ``B``."""
         return int(self.values.shape[0])
 
     def per_sample_times(self) -> Tensor:
@@ -157,6 +171,17 @@ class SpiralConfig:
             counter-clockwise Archimedean spiral (``y -> -y``) centred at ``(-5, 0)`` instead.
         seed: seed of the numpy Generator (ignored when a Generator is passed to
             :func:`make_spirals`).
+
+    Raises:
+        ValueError: a count below 1 (``n_extrapolate`` below 0), a negative ``noise_std``,
+            ``stop <= start``, an unknown ``shape``, or no room on the dense curve for the
+            window and extrapolation points after ``min_start``.
+
+    Examples:
+        >>> from neuralode.data.timeseries import SpiralConfig
+        >>> cfg = SpiralConfig(n_spirals=4, n_total=60, n_window=20, n_extrapolate=10)
+        >>> cfg.start_range  # first and last start index on the dense curve
+        (20, 30)
     """
 
     n_spirals: int = 1000
@@ -225,6 +250,17 @@ class SpiralDataset:
         curve_times: ``[n_total]`` times of the dense curves (``theta - start``).
         curve_ccw, curve_cw: ``[n_total, 2]`` the two dense curves, for plots.
         config: the configuration.
+
+    The floating tensors have the ``dtype`` given to :func:`make_spirals`.
+
+    Examples:
+        >>> from neuralode.data.timeseries import SpiralConfig, make_spirals
+        >>> cfg = SpiralConfig(n_spirals=4, n_total=60, n_window=20, n_extrapolate=10)
+        >>> data = make_spirals(cfg, seed=0)
+        >>> len(data), data.noisy.shape, data.window, data.extrapolation
+        (4, torch.Size([4, 30, 2]), slice(0, 20, None), slice(20, 30, None))
+        >>> data.observe(5, seed=0).values.shape, data.targets().values.shape
+        (torch.Size([4, 5, 2]), torch.Size([4, 10, 2]))
     """
 
     times: Tensor
@@ -316,7 +352,19 @@ def make_spirals(
         dtype: floating dtype of the returned tensors (the data are computed in float64).
 
     Returns:
-        A :class:`SpiralDataset`.
+        A :class:`SpiralDataset` of ``n_spirals`` series of ``n_window + n_extrapolate`` points.
+
+    Raises:
+        TypeError: ``seed`` is neither an int, a :class:`numpy.random.Generator` nor ``None``.
+
+    Examples:
+        >>> import torch
+        >>> from neuralode.data.timeseries import SpiralConfig, make_spirals
+        >>> data = make_spirals(SpiralConfig(n_spirals=6, n_total=300), seed=0)
+        >>> data.times.shape, data.clean.shape, int(data.clockwise.sum())
+        (torch.Size([200]), torch.Size([6, 200, 2]), 3)
+        >>> torch.equal(data.noisy, make_spirals(SpiralConfig(n_spirals=6, n_total=300), 0).noisy)
+        True
     """
     cfg = SpiralConfig() if config is None else config
     rng = _rng(cfg.seed if seed is None else seed)
@@ -370,7 +418,21 @@ def subsample(
 
     Returns:
         :class:`Observations` with per-series ``times`` ``[B, n_obs]``, ``values``
-        ``[B, n_obs, D]``, ``index`` ``[B, n_obs]`` and no mask.
+        ``[B, n_obs, D]`` (dtypes of ``times`` and ``values``), ``index`` ``[B, n_obs]``
+        (``int64``) and no mask.
+
+    Raises:
+        ValueError: ``times`` is not ``[T]`` or ``values`` not ``[B, T, D]``, or ``n_obs`` is
+            outside ``1..len(candidates)``.
+        TypeError: ``seed`` is neither an int, a :class:`numpy.random.Generator` nor ``None``.
+
+    Examples:
+        >>> import torch
+        >>> from neuralode.data.timeseries import subsample
+        >>> values = torch.arange(12.0).reshape(2, 6, 1)  # 2 series on a grid of 6 times
+        >>> obs = subsample(torch.linspace(0.0, 1.0, 6), values, 3, seed=0)
+        >>> obs.times.shape, obs.values.shape, bool((obs.times.diff(dim=1) > 0).all())
+        (torch.Size([2, 3]), torch.Size([2, 3, 1]), True)
     """
     if times.ndim != 1 or values.ndim != 3 or values.shape[1] != times.shape[0]:
         raise ValueError(
@@ -418,6 +480,16 @@ class PeriodicConfig:
     The phase is the exact integral of the linear frequency ramp,
     ``phi(t) = 2 pi (f0 t + (f1 - f0) t^2 / (2 max_t))``; the reference accumulates a Riemann sum
     over the irregular grid instead.
+
+    Raises:
+        ValueError: ``n_series < 1``, ``n_times < 2``, ``max_t <= 0``, a negative ``noise`` or
+            an unknown ``noise_kind``.
+
+    Examples:
+        >>> from neuralode.data.timeseries import PeriodicConfig
+        >>> cfg = PeriodicConfig(n_series=8, n_times=20, noise_kind="gaussian")
+        >>> cfg.max_t, cfg.freq_range
+        (5.0, (0.4, 0.8))
     """
 
     n_series: int = 1000
@@ -455,6 +527,16 @@ class PeriodicDataset:
         freqs: ``[n_series, 2]`` frequency at ``t = 0`` and at ``t = max_t``.
         offsets: ``[n_series]``.
         config: the configuration.
+
+    The floating tensors have the ``dtype`` given to :func:`make_periodic`.
+
+    Examples:
+        >>> from neuralode.data.timeseries import PeriodicConfig, make_periodic
+        >>> data = make_periodic(PeriodicConfig(n_series=8, n_times=20), seed=0)
+        >>> len(data), data.values.shape, float(data.times[0])
+        (8, torch.Size([8, 20, 1]), 0.0)
+        >>> len(data.select(slice(0, 3)))
+        3
     """
 
     times: Tensor
@@ -494,7 +576,20 @@ def make_periodic(
         dtype: floating dtype of the returned tensors.
 
     Returns:
-        A :class:`PeriodicDataset`; use :func:`periodic_task` for the observed/target split.
+        A :class:`PeriodicDataset` of ``n_series`` series on ``n_times`` shared times; use
+        :func:`periodic_task` for the observed/target split.
+
+    Raises:
+        TypeError: ``seed`` is neither an int, a :class:`numpy.random.Generator` nor ``None``.
+
+    Examples:
+        >>> import torch
+        >>> from neuralode.data.timeseries import PeriodicConfig, make_periodic
+        >>> data = make_periodic(PeriodicConfig(n_series=8, n_times=20), seed=0)
+        >>> data.times.shape, data.values.shape, data.freqs.shape
+        (torch.Size([20]), torch.Size([8, 20, 1]), torch.Size([8, 2]))
+        >>> bool((data.times.diff() > 0).all())
+        True
     """
     cfg = PeriodicConfig() if config is None else config
     rng = _rng(cfg.seed if seed is None else seed)
@@ -553,7 +648,23 @@ def periodic_task(
         seed: an int or a :class:`numpy.random.Generator` for the subsampling.
 
     Returns:
-        ``(observed, target)``, both :class:`Observations` with shared ``times`` and a mask.
+        ``(observed, target)``, both :class:`Observations` with shared ``times`` and a mask of
+        the values' dtype: ``observed`` on the observed grid (``[T_obs]``, values and mask
+        ``[B, T_obs, 1]``), ``target`` on the target grid with a mask of ones.
+
+    Raises:
+        ValueError: an unknown ``task``, or ``n_observed`` outside ``1..T_obs``.
+        TypeError: ``seed`` is neither an int, a :class:`numpy.random.Generator` nor ``None``
+            (only checked when ``n_observed`` is given).
+
+    Examples:
+        >>> from neuralode.data.timeseries import PeriodicConfig, make_periodic, periodic_task
+        >>> data = make_periodic(PeriodicConfig(n_series=8, n_times=20), seed=0)
+        >>> observed, target = periodic_task(data, "extrapolation", n_observed=4, seed=0)
+        >>> observed.values.shape, observed.mask.sum(dim=1).flatten().tolist()
+        (torch.Size([8, 10, 1]), [4.0, 4.0, 4.0, 4.0, 4.0, 4.0, 4.0, 4.0])
+        >>> target.times.shape, bool(target.times.min() > observed.times.max())
+        (torch.Size([10]), True)
     """
     n_times = data.times.shape[0]
     if task == "interpolation":
@@ -586,8 +697,27 @@ def split_indices(
     the rest the test set (the generators already draw series in random order; this is
     Rubanova et al.'s ``split_train_test``); with a seed, a random permutation is split.
 
+    Args:
+        n: number of series.
+        train_fraction: share of the training set, strictly between 0 and 1; the training set
+            has ``int(train_fraction * n)`` series.
+        seed: ``None`` for the ordered split, else an int or a
+            :class:`numpy.random.Generator` for a random one.
+
     Returns:
         ``(train, test)``, sorted ``int64`` arrays that partition ``range(n)``.
+
+    Raises:
+        ValueError: ``train_fraction`` is not in ``(0, 1)``.
+        TypeError: ``seed`` is neither an int, a :class:`numpy.random.Generator` nor ``None``.
+
+    Examples:
+        >>> from neuralode.data.timeseries import split_indices
+        >>> split_indices(5)
+        (array([0, 1, 2, 3]), array([4]))
+        >>> train, test = split_indices(10, 0.7, seed=0)
+        >>> len(train), len(test), sorted(train.tolist() + test.tolist()) == list(range(10))
+        (7, 3, True)
     """
     if not 0.0 < train_fraction < 1.0:
         raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}")

@@ -84,7 +84,22 @@ _SCALE_8, _NOISE_8, _SHRINK_8 = 4.0, 0.5, 1.414
 
 def eight_gaussians(n: int, rng: np.random.Generator) -> np.ndarray:
     """``8gaussians`` (FFJORD ``inf_train_gen``): ``(4 c_k + 0.5 N(0, I)) / 1.414`` with
-    ``c_k`` one of 8 unit directions (axes and diagonals) chosen uniformly."""
+    ``c_k`` one of 8 unit directions (axes and diagonals) chosen uniformly.
+
+    Args:
+        n: number of points (not checked here; :func:`sample` checks it).
+        rng: the only source of randomness, advanced in place.
+
+    Returns:
+        ``float32`` ``[n, 2]``.
+
+    Examples:
+        >>> import numpy as np
+        >>> from neuralode.data.toy2d import eight_gaussians
+        >>> x = eight_gaussians(1000, np.random.default_rng(0))
+        >>> x.shape, x.dtype
+        ((1000, 2), dtype('float32'))
+    """
     idx = rng.integers(0, 8, size=n)
     pts = _DIRS_8[idx] * _SCALE_8 + rng.standard_normal((n, 2)) * _NOISE_8
     return _f32(pts / _SHRINK_8)
@@ -92,7 +107,22 @@ def eight_gaussians(n: int, rng: np.random.Generator) -> np.ndarray:
 
 def checkerboard(n: int, rng: np.random.Generator) -> np.ndarray:
     """``checkerboard`` (FFJORD ``inf_train_gen``): uniform on the 8 dark squares (side 2) of a
-    4x4 board over ``[-4, 4)^2``."""
+    4x4 board over ``[-4, 4)^2``.
+
+    Args:
+        n: number of points (not checked here; :func:`sample` checks it).
+        rng: the only source of randomness, advanced in place.
+
+    Returns:
+        ``float32`` ``[n, 2]``.
+
+    Examples:
+        >>> import numpy as np
+        >>> from neuralode.data.toy2d import checkerboard
+        >>> x = checkerboard(1000, np.random.default_rng(0))
+        >>> x.shape, x.dtype, bool((np.abs(x) <= 4).all())
+        ((1000, 2), dtype('float32'), True)
+    """
     x1 = rng.random(n) * 4 - 2
     x2 = rng.random(n) - rng.integers(0, 2, size=n) * 2 + np.floor(x1) % 2
     return _f32(np.stack([x1, x2], 1) * 2)
@@ -100,7 +130,22 @@ def checkerboard(n: int, rng: np.random.Generator) -> np.ndarray:
 
 def two_spirals(n: int, rng: np.random.Generator) -> np.ndarray:
     """``2spirals`` (FFJORD ``inf_train_gen``): two opposite arms of 1.5 turns,
-    ``r = theta``, with ``U(0, 0.5)`` jitter, scaled by 1/3, plus ``0.1 N(0, I)``."""
+    ``r = theta``, with ``U(0, 0.5)`` jitter, scaled by 1/3, plus ``0.1 N(0, I)``.
+
+    Args:
+        n: number of points (not checked here; :func:`sample` checks it).
+        rng: the only source of randomness, advanced in place.
+
+    Returns:
+        ``float32`` ``[n, 2]``.
+
+    Examples:
+        >>> import numpy as np
+        >>> from neuralode.data.toy2d import two_spirals
+        >>> x = two_spirals(1000, np.random.default_rng(0))
+        >>> x.shape, x.dtype
+        ((1000, 2), dtype('float32'))
+    """
     m = (n + 1) // 2
     theta = np.sqrt(rng.random((m, 1))) * 540 * (2 * np.pi) / 360
     d1x = -np.cos(theta) * theta + rng.random((m, 1)) * 0.5
@@ -113,7 +158,22 @@ def two_spirals(n: int, rng: np.random.Generator) -> np.ndarray:
 def pinwheel(n: int, rng: np.random.Generator) -> np.ndarray:
     """``pinwheel`` (FFJORD ``inf_train_gen``, after Johnson et al. 2016): 5 arms; radial
     ``N(1, 0.3^2)``, tangential ``N(0, 0.1^2)``, each point rotated by
-    ``2 pi k / 5 + 0.25 exp(radial)``, scaled by 2."""
+    ``2 pi k / 5 + 0.25 exp(radial)``, scaled by 2.
+
+    Args:
+        n: number of points (not checked here; :func:`sample` checks it).
+        rng: the only source of randomness, advanced in place.
+
+    Returns:
+        ``float32`` ``[n, 2]``.
+
+    Examples:
+        >>> import numpy as np
+        >>> from neuralode.data.toy2d import pinwheel
+        >>> x = pinwheel(1000, np.random.default_rng(0))
+        >>> x.shape, x.dtype
+        ((1000, 2), dtype('float32'))
+    """
     radial_std, tangential_std, num_classes, rate = 0.3, 0.1, 5, 0.25
     rads = np.linspace(0, 2 * np.pi, num_classes, endpoint=False)
     feats = rng.standard_normal((n, 2)) * np.array([radial_std, tangential_std])
@@ -137,7 +197,24 @@ def _ring_sizes(n: int) -> list[int]:
 def rings(n: int, rng: np.random.Generator) -> np.ndarray:
     """``rings`` (FFJORD ``inf_train_gen``): 4 concentric circles of radii 3, 2.25, 1.5, 0.75
     with ``n // 4`` evenly spaced angles each (the innermost takes the remainder), shuffled,
-    plus ``0.08 N(0, I)``."""
+    plus ``0.08 N(0, I)``.
+
+    Args:
+        n: number of points (not checked here; :func:`sample` checks it).
+        rng: the only source of randomness, advanced in place.
+
+    Returns:
+        ``float32`` ``[n, 2]``.
+
+    Examples:
+        >>> import numpy as np
+        >>> from neuralode.data.toy2d import rings
+        >>> x = rings(8, np.random.default_rng(0))  # 2 points per ring
+        >>> x.shape, x.dtype
+        ((8, 2), dtype('float32'))
+        >>> np.sort(np.linalg.norm(x, axis=1)).round(1)
+        array([0.7, 0.7, 1.6, 1.7, 2.2, 2.3, 2.9, 3. ], dtype=float32)
+    """
     parts = []
     for radius, size in zip(_RING_RADII, _ring_sizes(n)):
         ang = np.linspace(0, 2 * np.pi, size, endpoint=False)
@@ -148,14 +225,50 @@ def rings(n: int, rng: np.random.Generator) -> np.ndarray:
 
 def swissroll(n: int, rng: np.random.Generator) -> np.ndarray:
     """``swissroll`` (FFJORD ``inf_train_gen``): sklearn ``make_swiss_roll(noise=1.0)``,
-    coordinates 0 and 2, divided by 5."""
+    coordinates 0 and 2, divided by 5.
+
+    Args:
+        n: number of points (not checked here; :func:`sample` checks it).
+        rng: the only source of randomness, advanced in place.
+
+    Returns:
+        ``float32`` ``[n, 2]``.
+
+    Raises:
+        ImportError: scikit-learn is not installed.
+
+    Examples:
+        >>> import numpy as np
+        >>> from neuralode.data.toy2d import swissroll
+        >>> x = swissroll(1000, np.random.default_rng(0))
+        >>> x.shape, x.dtype
+        ((1000, 2), dtype('float32'))
+    """
     data = _sklearn_datasets().make_swiss_roll(n_samples=n, noise=1.0, random_state=_seed(rng))
     return _f32(data[0][:, [0, 2]] / 5)
 
 
 def moons(n: int, rng: np.random.Generator) -> np.ndarray:
     """``moons`` (FFJORD ``inf_train_gen``): sklearn ``make_moons(noise=0.1)``, times 2, plus
-    ``(-1, -0.2)``."""
+    ``(-1, -0.2)``.
+
+    Args:
+        n: number of points (not checked here; :func:`sample` checks it).
+        rng: the only source of randomness, advanced in place.
+
+    Returns:
+        ``float32`` ``[n, 2]``.
+
+    Raises:
+        ImportError: scikit-learn is not installed.
+
+    Examples:
+        >>> import numpy as np
+        >>> from neuralode.data.toy2d import moons
+        >>> x = moons(1000, np.random.default_rng(0))
+        >>> x.shape, x.dtype
+        ((1000, 2), dtype('float32'))
+    """
     data = _sklearn_datasets().make_moons(n_samples=n, noise=0.1, random_state=_seed(rng))
     return _f32(data[0] * 2 + np.array([-1.0, -0.2]))
 
@@ -167,14 +280,31 @@ _CIRCLE_NOISE = 0.08 * 3
 def circles(n: int, rng: np.random.Generator) -> np.ndarray:
     """``circles`` (FFJORD ``inf_train_gen``): sklearn ``make_circles(factor=0.5,
     noise=0.08)`` times 3: circles of radii 3 and 1.5 (``n // 2`` outer points), noise std
-    0.24."""
+    0.24.
+
+    Args:
+        n: number of points (not checked here; :func:`sample` checks it).
+        rng: the only source of randomness, advanced in place.
+
+    Returns:
+        ``float32`` ``[n, 2]``.
+
+    Raises:
+        ImportError: scikit-learn is not installed.
+
+    Examples:
+        >>> import numpy as np
+        >>> from neuralode.data.toy2d import circles
+        >>> x = circles(1000, np.random.default_rng(0))
+        >>> x.shape, x.dtype
+        ((1000, 2), dtype('float32'))
+    """
     data = _sklearn_datasets().make_circles(
         n_samples=n, factor=0.5, noise=0.08, random_state=_seed(rng)
     )
     return _f32(data[0] * 3)
 
 
-#: Name -> generator ``gen(n, rng) -> float32 [n, 2]``.
 DATASETS: dict[str, Generator] = {
     "8gaussians": eight_gaussians,
     "checkerboard": checkerboard,
@@ -185,6 +315,7 @@ DATASETS: dict[str, Generator] = {
     "moons": moons,
     "circles": circles,
 }
+"""Name -> generator ``gen(n, rng) -> float32 [n, 2]``."""
 
 
 def _lookup(table: dict[str, _T], name: str, what: str) -> _T:
@@ -203,6 +334,18 @@ def sample(name: str, n: int, seed: int | np.random.Generator | None = None) -> 
 
     Returns:
         ``np.ndarray`` ``[n, 2]``, ``float32`` (``torch.from_numpy`` makes it a tensor).
+
+    Raises:
+        ValueError: an unknown ``name`` (the message lists the known ones) or ``n`` not a
+            positive integer.
+        ImportError: ``swissroll``, ``moons`` or ``circles`` without scikit-learn.
+
+    Examples:
+        >>> import torch
+        >>> from neuralode.data.toy2d import sample
+        >>> x = torch.from_numpy(sample("8gaussians", 512, seed=0))
+        >>> x.shape, x.dtype
+        (torch.Size([512, 2]), torch.float32)
     """
     gen = _lookup(DATASETS, name, "dataset")
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
@@ -270,13 +413,13 @@ def _density_circles(x: torch.Tensor) -> torch.Tensor:
     return _log_rings_mixture(x, _CIRCLE_RADII, np.full(2, 0.5), _CIRCLE_NOISE)
 
 
-#: Name -> closed-form ``log p(x)`` (torch, ``[N, 2] -> [N]``).
 DENSITIES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "8gaussians": _density_8gaussians,
     "checkerboard": _density_checkerboard,
     "rings": _density_rings,
     "circles": _density_circles,
 }
+"""Name -> closed-form ``log p(x)`` (torch, ``[N, 2] -> [N]``)."""
 
 
 def true_log_density(name: str, x: Any) -> torch.Tensor:
@@ -289,7 +432,16 @@ def true_log_density(name: str, x: Any) -> torch.Tensor:
 
     Returns:
         ``[N]`` torch tensor of ``log p(x)`` in nats (``-inf`` off the checkerboard),
-        differentiable in ``x``.
+        differentiable in ``x``; the dtype of ``x`` if floating, else the default dtype.
+
+    Raises:
+        ValueError: ``name`` has no closed-form density (or is unknown), or ``x`` is not
+            ``[N, 2]``.
+
+    Examples:
+        >>> from neuralode.data.toy2d import true_log_density
+        >>> true_log_density("checkerboard", [[1.0, 1.0], [1.0, -1.0]])  # log(1/32), off-board
+        tensor([-3.4657,    -inf])
     """
     if name in DATASETS and name not in DENSITIES:
         raise ValueError(
@@ -328,13 +480,13 @@ def _u4(z: torch.Tensor) -> torch.Tensor:
     return -torch.logsumexp(torch.stack([a, b], 1), 1)
 
 
-#: Rezende & Mohamed 2015, Table 1: potentials ``U(z)`` with ``p(z) ∝ exp(-U(z))``.
 POTENTIALS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "U1": _u1,
     "U2": _u2,
     "U3": _u3,
     "U4": _u4,
 }
+"""Rezende & Mohamed 2015, Table 1: potentials ``U(z)`` with ``p(z) ∝ exp(-U(z))``."""
 
 
 def unnormalised_log_density(name: str, x: Any) -> torch.Tensor:
@@ -348,6 +500,18 @@ def unnormalised_log_density(name: str, x: Any) -> torch.Tensor:
     Returns:
         ``[N]`` torch tensor (nats, up to an additive constant for the potentials),
         differentiable in ``x``.
+
+    Raises:
+        ValueError: an unknown ``name`` (the message lists the known ones), or ``x`` is not
+            ``[N, 2]``.
+
+    Examples:
+        >>> import torch
+        >>> from neuralode.data.toy2d import unnormalised_log_density
+        >>> z = torch.tensor([[1.0, 0.0]], requires_grad=True)
+        >>> logp = unnormalised_log_density("U2", z)  # -U2(z) = -(z2 - sin(pi z1 / 2))^2 / 0.32
+        >>> logp.detach(), logp.requires_grad
+        (tensor([-3.1250]), True)
     """
     if name in POTENTIALS:
         return -POTENTIALS[name](_as_points(x))

@@ -22,8 +22,22 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 def activation(name: str) -> nn.Module:
     """A new activation module named ``name``.
 
+    Args:
+        name: a key of :data:`ACTIVATIONS`: ``"elu"``, ``"tanh"``, ``"relu"`` or ``"softplus"``.
+
+    Returns:
+        A fresh instance of the module class (elementwise: any shape in, the same shape out).
+
     Raises:
         ValueError: for an unknown name (listing the known ones).
+
+    Examples:
+        >>> import torch
+        >>> from neuralode.nn.activations import activation
+        >>> activation("tanh")
+        Tanh()
+        >>> activation("relu")(torch.tensor([-1.0, 2.0]))
+        tensor([0., 2.])
     """
     if name not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {name!r}")

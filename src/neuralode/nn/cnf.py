@@ -79,10 +79,16 @@ def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
     """``log N(z; 0, I)`` per sample.
 
     Args:
-        z: ``[B, *shape]``.
+        z: ``[B, *shape]``, floating point.
 
     Returns:
-        ``[B]`` (nats).
+        ``[B]`` (nats), in ``z``'s dtype.
+
+    Examples:
+        >>> import torch
+        >>> from neuralode.nn.cnf import standard_normal_log_prob
+        >>> standard_normal_log_prob(torch.zeros(2, 3))  # -1.5 log(2 pi)
+        tensor([-2.7568, -2.7568])
     """
     flat = z.reshape(z.shape[0], -1)
     return -0.5 * flat.pow(2).sum(1) - 0.5 * flat.shape[1] * math.log(2 * math.pi)
@@ -111,7 +117,15 @@ def divergence_exact(
         frobenius: also return ``||df/dz||_F^2`` per sample.
 
     Returns:
-        ``(div [B], frob [B] or None)``.
+        ``(div [B], frob [B] or None)``, in ``z``'s dtype; zeros where ``f`` does not depend
+        on ``z``.
+
+    Examples:
+        >>> import torch
+        >>> from neuralode.nn.cnf import divergence_exact
+        >>> z = torch.randn(3, 2, requires_grad=True)
+        >>> divergence_exact(2 * z, z, frobenius=True)  # df/dz = 2 I
+        (tensor([4., 4., 4.]), tensor([8., 8., 8.]))
     """
     b = z.shape[0]
     f_flat = f.reshape(b, -1)
@@ -142,6 +156,13 @@ def divergence_hutchinson(
     Returns:
         ``(div [B], |eps^T df/dz|^2 [B])``; the second is the unbiased estimate of
         ``||df/dz||_F^2`` used by the Jacobian regulariser.
+
+    Examples:
+        >>> import torch
+        >>> from neuralode.nn.cnf import divergence_hutchinson
+        >>> z = torch.randn(3, 2, requires_grad=True)
+        >>> divergence_hutchinson(2 * z, z, torch.ones(3, 2))  # df/dz = 2 I
+        (tensor([4., 4., 4.]), tensor([8., 8., 8.]))
     """
     b = z.shape[0]
     e_j = _grad(f, z, eps, create_graph).reshape(b, -1)
@@ -151,8 +172,27 @@ def divergence_hutchinson(
 def draw_noise(
     like: torch.Tensor, kind: str, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Hutchinson noise with the shape, dtype and device of ``like``: standard Gaussian or
-    Rademacher (``+-1`` with probability 1/2)."""
+    """Hutchinson noise with the shape, dtype and device of ``like``.
+
+    Args:
+        like: the tensor whose shape, dtype and device the noise takes (e.g. ``[B, *shape]``).
+        kind: ``"gaussian"`` (standard normal) or ``"rademacher"`` (``+-1`` with probability
+            1/2).
+        generator: random generator (on ``like``'s device); ``None``: the global one.
+
+    Returns:
+        A new tensor shaped as ``like``.
+
+    Raises:
+        ValueError: for an unknown ``kind`` (listing :data:`NOISES`).
+
+    Examples:
+        >>> import torch
+        >>> from neuralode.nn.cnf import draw_noise
+        >>> eps = draw_noise(torch.zeros(2, 3), "rademacher")
+        >>> eps.shape, eps.abs().unique()
+        (torch.Size([2, 3]), tensor([1.]))
+    """
     if kind == "gaussian":
         return torch.randn(like.shape, dtype=like.dtype, device=like.device, generator=generator)
     if kind == "rademacher":
@@ -218,6 +258,14 @@ class CNFOutput:
         solution: the :class:`neuralode.Solution` of the joint solve (``stats``, ``status``,
             and ``backward_stats`` after ``backward()`` for the adjoint and checkpoint).
         eps: the Hutchinson noise used (``[B, *shape]``), or ``None`` for the exact trace.
+
+    Examples:
+        >>> import torch
+        >>> from neuralode.nn import CNF, ConcatSquashMLP
+        >>> cnf = CNF(ConcatSquashMLP(dim=2, hidden=(8,)), trace="hutchinson", kinetic_weight=0.1)
+        >>> out = cnf(torch.randn(4, 2))
+        >>> out.z.shape, out.delta_logp.shape, out.kinetic.shape, out.jacobian, out.nfe > 0
+        (torch.Size([4, 2]), torch.Size([4]), torch.Size([4]), None, True)
     """
 
     z: torch.Tensor
@@ -276,7 +324,26 @@ class CNF(nn.Module):
             plain function); ``T`` gets its gradient through the time grid.
 
     Shapes: inputs ``x`` / ``z`` are ``[B, *shape]`` (``[B, D]`` for the 2-D toys); per-sample
-    outputs are ``[B]``.
+    outputs are ``[B]``.  ``T`` takes the dtype of the field's first parameter (the default
+    dtype for a field without parameters).
+
+    Raises:
+        TypeError: if ``field`` is not callable.
+        ValueError: for an unknown ``trace`` or ``noise``, a ``T`` that is not a positive
+            finite number, a negative or non-finite regulariser weight, a ``solve_options`` key
+            that CNF sets itself (``batched``, ``method``, ...), or settings that
+            :class:`~neuralode.nn.SolveSettings` rejects.
+
+    Examples:
+        >>> import torch
+        >>> from neuralode.nn import CNF, ConcatSquashMLP
+        >>> cnf = CNF(ConcatSquashMLP(dim=2, hidden=(8,)))
+        >>> logp, out = cnf.log_likelihood(torch.randn(4, 2))  # data -> base, log p(x)
+        >>> logp.shape, out.z.shape
+        (torch.Size([4]), torch.Size([4, 2]))
+        >>> x, logq = cnf.sample_and_log_prob(3)  # base -> data
+        >>> x.shape, logq.shape
+        (torch.Size([3, 2]), torch.Size([3]))
     """
 
     def __init__(
@@ -333,7 +400,11 @@ class CNF(nn.Module):
 
     @property
     def T(self) -> torch.Tensor:
-        """The integration time, a positive 0-dim tensor (differentiable when learned)."""
+        """The integration time, a positive 0-dim tensor (differentiable when learned).
+
+        Returns:
+            ``softplus(raw_T)`` with ``train_T``, else the fixed value.
+        """
         return nn.functional.softplus(self.raw_T) if self.train_T else self.raw_T
 
     def extra_repr(self) -> str:
@@ -367,6 +438,14 @@ class CNF(nn.Module):
 
         Returns:
             A :class:`CNFOutput`; see the module docstring for the sign of ``delta_logp``.
+
+        Raises:
+            ValueError: if ``x`` is not a floating tensor with a batch dimension, if ``eps``
+                does not have ``x``'s shape, or if ``eps`` is given with ``trace="exact"``.
+            TypeError: for an input :func:`neuralode.solve` rejects (e.g. an unknown key of
+                ``solve_options``).
+            neuralode.SolverError: if the solve fails (too many steps, step size underflow,
+                non-finite values), unless ``solve_options={"throw": False}``.
         """
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim < 2:
             raise ValueError(
@@ -415,18 +494,39 @@ class CNF(nn.Module):
 
         Args:
             x: ``[B, *shape]`` data.
+            eps, generator: the Hutchinson noise, as :meth:`forward`.
 
         Returns:
             ``(logp [B], output)``: ``logp = log N(z(T)) - delta_logp``; ``output.nfe`` is the
             solve's evaluation count (``output.backward_nfe`` after ``backward()`` under the
             adjoint or checkpoint).  With ``trace="hutchinson"`` ``logp`` is an unbiased
             estimate.
+
+        Raises:
+            ValueError: as :meth:`forward`.
+
+        Examples:
+            >>> import torch
+            >>> from neuralode.nn import CNF
+            >>> cnf = CNF(lambda t, z: -z)  # contracts: div f = -2 in 2-D
+            >>> logp, out = cnf.log_likelihood(torch.zeros(1, 2))
+            >>> round(out.delta_logp.item(), 4), round(logp.item(), 4)  # log N(0) - 2
+            (2.0, -3.8379)
         """
         out = self(x, eps=eps, generator=generator)
         return standard_normal_log_prob(out.z) - out.delta_logp, out
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        """``log p(x)`` per sample (``[B]``), data -> base; see :meth:`log_likelihood`."""
+        """``log p(x)`` per sample, data -> base; see :meth:`log_likelihood`.
+
+        Args:
+            x: ``[B, *shape]`` data.
+
+        Returns:
+            ``[B]``, nats: exact with ``trace="exact"``; with ``trace="hutchinson"`` an unbiased
+            estimate that differs from call to call (new noise each solve; score with
+            :meth:`exact_view` for exact values).
+        """
         return self.log_likelihood(x)[0]
 
     def sample_and_log_prob(
@@ -450,7 +550,11 @@ class CNF(nn.Module):
             z: ``[n, *shape]`` base samples to push instead of a fresh draw.
 
         Returns:
-            ``(x [n, *shape], log q(x) [n])``.
+            ``(x [n, *shape], log q(x) [n])``; a fresh ``z`` takes ``T``'s dtype and device.
+
+        Raises:
+            ValueError: if neither ``shape`` nor ``z`` is given and the field has no integer
+                ``dim`` attribute; otherwise as :meth:`forward`.
         """
         if z is None:
             event = tuple(shape) if shape is not None else (self._dim(),)
@@ -468,7 +572,12 @@ class CNF(nn.Module):
     def exact_view(self) -> CNF:
         """A CNF that shares this one's field and (current) ``T`` but uses the exact trace, no
         regularisers and plain backprop: the model to evaluate ``log p(x)`` with, whatever
-        estimator trained it (it has no parameters of its own)."""
+        estimator trained it (it has no parameters of its own).
+
+        Returns:
+            A new :class:`CNF` with this one's method, tolerances, step size and
+            ``solve_options``, on the device of ``T``.
+        """
         return CNF(
             self.field,
             T=float(self.T.detach()),
@@ -482,10 +591,29 @@ class CNF(nn.Module):
         ).to(self.raw_T.device)
 
     def trajectory(self, z: torch.Tensor, frames: int) -> tuple[list[torch.Tensor], list[str]]:
-        """Base samples ``z`` (``[n, D]``) carried to data: the states at ``frames`` evenly
-        spaced times from ``t = T`` to ``0`` (one solve of the field alone, with this CNF's
-        solver settings), and a label per state (``"t = 0.5"``). Call under
-        ``torch.no_grad()`` unless gradients are wanted."""
+        """Base samples ``z`` carried to data, for plotting the flow.
+
+        One solve of the field alone (no log-density), with this CNF's solver settings, from
+        ``t = T`` to ``0``.  Call under ``torch.no_grad()`` unless gradients are wanted.
+
+        Args:
+            z: ``[n, D]`` base samples.
+            frames: number of evenly spaced times, at least 2.
+
+        Returns:
+            ``(states, labels)``: ``frames`` tensors ``[n, D]`` (the first is ``z``, the last
+            the data-side samples) and a label per state (``"t = 0.5"``).
+
+        Raises:
+            ValueError: if ``frames < 2``.
+
+        Examples:
+            >>> import torch
+            >>> from neuralode.nn import CNF
+            >>> states, labels = CNF(lambda t, z: -z).trajectory(torch.randn(5, 2), frames=3)
+            >>> len(states), states[-1].shape, labels
+            (3, torch.Size([5, 2]), ['t = 1', 't = 0.5', 't = 0'])
+        """
         if frames < 2:
             raise ValueError(f"frames must be at least 2, got {frames}")
         t = torch.linspace(float(self.T.detach()), 0.0, frames, dtype=z.dtype, device=z.device)
@@ -495,7 +623,15 @@ class CNF(nn.Module):
         return list(sol.ys), [f"t = {float(s):.3g}" for s in t]
 
     def penalty(self, out: CNFOutput) -> torch.Tensor:
-        """``kinetic_weight * mean(kinetic) + jacobian_weight * mean(jacobian)`` (0-dim)."""
+        """The regularisation term to add to the loss.
+
+        Args:
+            out: a :class:`CNFOutput` of this CNF.
+
+        Returns:
+            ``kinetic_weight * mean(kinetic) + jacobian_weight * mean(jacobian)``, 0-dim (0
+            when ``out`` carries neither).
+        """
         total = out.delta_logp.new_zeros(())
         if out.kinetic is not None:
             total = total + self.kinetic_weight * out.kinetic.mean()
@@ -521,6 +657,13 @@ class ConcatSquashLinear(nn.Module):
         dim_in, dim_out: feature sizes.
 
     Shapes: ``t`` 0-dim (or ``[B]``), ``x`` ``[B, dim_in]`` -> ``[B, dim_out]``.
+
+    Examples:
+        >>> import torch
+        >>> from neuralode.nn import ConcatSquashLinear
+        >>> layer = ConcatSquashLinear(2, 8)
+        >>> layer(torch.tensor(0.5), torch.zeros(3, 2)).shape
+        torch.Size([3, 8])
     """
 
     def __init__(self, dim_in: int, dim_out: int) -> None:
@@ -530,6 +673,15 @@ class ConcatSquashLinear(nn.Module):
         self.hyper_bias = nn.Linear(1, dim_out, bias=False)
 
     def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Apply the layer.
+
+        Args:
+            t: the time, a 0-dim tensor (or ``[B]``, one per row).
+            x: ``[B, dim_in]``.
+
+        Returns:
+            ``[B, dim_out]``, in ``x``'s dtype.
+        """
         tt = _time_column(t, x)
         out: torch.Tensor = self.layer(x) * torch.sigmoid(self.hyper_gate(tt)) + self.hyper_bias(tt)
         return out
@@ -546,6 +698,16 @@ class ConcatSquashMLP(nn.Module):
             ``"softplus"``, ``"elu"``, ``"relu"``).
 
     Shapes: ``t`` 0-dim, ``z`` ``[B, D]`` -> ``[B, D]``.
+
+    Raises:
+        ValueError: for an unknown ``activation`` (listing the known ones).
+
+    Examples:
+        >>> import torch
+        >>> from neuralode.nn import ConcatSquashMLP
+        >>> field = ConcatSquashMLP(dim=2, hidden=(16, 16))
+        >>> field(torch.tensor(0.5), torch.zeros(3, 2)).shape
+        torch.Size([3, 2])
     """
 
     def __init__(
@@ -559,6 +721,15 @@ class ConcatSquashMLP(nn.Module):
         self.act = act
 
     def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """``dz/dt``.
+
+        Args:
+            t: the time, a 0-dim tensor (or ``[B]``).
+            z: ``[B, D]``.
+
+        Returns:
+            ``[B, D]``.
+        """
         h = z
         for i, layer in enumerate(self.layers):
             h = layer(t, h)
@@ -583,6 +754,15 @@ class PlanarField(nn.Module):
         hidden: hypernetwork width.
 
     Shapes: ``t`` 0-dim, ``z`` ``[B, D]`` -> ``[B, D]``.
+
+    Examples:
+        >>> import torch
+        >>> from neuralode.nn import CNF, PlanarField
+        >>> field = PlanarField(dim=2, width=4, hidden=8)
+        >>> field(torch.tensor(0.5), torch.zeros(3, 2)).shape
+        torch.Size([3, 2])
+        >>> CNF(field).log_prob(torch.zeros(3, 2)).shape
+        torch.Size([3])
     """
 
     def __init__(self, dim: int = 2, width: int = 8, hidden: int = 32) -> None:
@@ -597,7 +777,15 @@ class PlanarField(nn.Module):
         )
 
     def params(self, t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        """``(W [M, D], b [M], U [M, D])`` at time ``t`` (0-dim); ``U`` already gated."""
+        """The planar units' parameters at time ``t``.
+
+        Args:
+            t: the time, 0-dim.
+            dtype: the dtype of the returned tensors (the hypernetwork's input takes it).
+
+        Returns:
+            ``(W [M, D], b [M], U [M, D])``; ``U`` already gated.
+        """
         p = self.hyper(t.to(dtype).reshape(1, 1)).reshape(-1)
         md = self.width * self.dim
         w = p[:md].view(self.width, self.dim)
@@ -607,6 +795,18 @@ class PlanarField(nn.Module):
         return w, b, u * gate
 
     def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """``dz/dt = tanh(z W^T + b) U``.
+
+        Args:
+            t: the time, a 0-dim tensor (one for the batch).
+            z: ``[B, D]``.
+
+        Returns:
+            ``[B, D]``, in ``z``'s dtype.
+
+        Raises:
+            ValueError: if ``t`` is not 0-dim (a batched solve's per-sample times).
+        """
         if t.ndim != 0:
             raise ValueError(f"PlanarField needs a 0-dim t (an unbatched solve), got {t.shape}")
         w, b, u = self.params(t, z.dtype)

@@ -40,7 +40,17 @@ class PlanarLayer(nn.Module):
 
     Args:
         dim: data dimension ``D``.
-        generator: random generator for the initialisation (``U(-1/sqrt(D), 1/sqrt(D))``).
+        generator: random generator for the initialisation (``U(-1/sqrt(D), 1/sqrt(D))`` for
+            ``u``, ``w`` and ``b``, in the default dtype); ``None``: the global one.
+
+    Examples:
+        >>> import torch
+        >>> from neuralode.nn import PlanarLayer
+        >>> layer = PlanarLayer(2, generator=torch.Generator().manual_seed(0))
+        >>> z = torch.randn(3, 2)
+        >>> y, log_det = layer(z)
+        >>> y.shape, log_det.shape, torch.allclose(layer.inverse(y), z, atol=1e-6)
+        (torch.Size([3, 2]), torch.Size([3]), True)
     """
 
     def __init__(self, dim: int, generator: torch.Generator | None = None) -> None:
@@ -55,14 +65,25 @@ class PlanarLayer(nn.Module):
         self.b = init(1)
 
     def u_hat(self) -> torch.Tensor:
-        """``[D]``: ``u`` projected so that ``w^T u_hat = -1 + softplus(w^T u) > -1``."""
+        """``u`` projected so that ``w^T u_hat = -1 + softplus(w^T u) > -1`` (invertibility).
+
+        Returns:
+            ``[D]``, differentiable in ``u`` and ``w``.
+        """
         wu = self.w @ self.u
         m = -1 + nn.functional.softplus(wu)
         w_sq = (self.w @ self.w).clamp_min(torch.finfo(self.w.dtype).tiny)
         return self.u + (m - wu) * self.w / w_sq
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(f(z) [B, D], log|det df/dz| [B])``."""
+        """Apply the layer.
+
+        Args:
+            z: ``[B, D]``.
+
+        Returns:
+            ``(f(z) [B, D], log|det df/dz| [B])``.
+        """
         u = self.u_hat()
         a = z @ self.w + self.b  # [B]
         h = torch.tanh(a)
@@ -71,10 +92,18 @@ class PlanarLayer(nn.Module):
         return z + h.unsqueeze(1) * u, log_det
 
     def inverse(self, y: torch.Tensor, iters: int = 60) -> torch.Tensor:
-        """``f^{-1}(y)`` (``[B, D]``), exact to round-off after ``iters`` bisection steps.
+        """``f^{-1}(y)``, exact to round-off after ``iters`` bisection steps.
 
         ``alpha = w^T z`` solves ``g(alpha) = alpha + c tanh(alpha + b) = w^T y`` with
         ``c = w^T u_hat > -1`` (``g`` increasing); then ``z = y - u_hat tanh(alpha + b)``.
+
+        Args:
+            y: ``[B, D]``.
+            iters: bisection steps (each halves the bracket of width ``2 |c|``).
+
+        Returns:
+            ``z`` ``[B, D]`` with ``forward(z)[0] == y``; differentiable in ``y`` and the
+            parameters through one Newton step at the root.
         """
         u = self.u_hat()
         c = self.w @ u
@@ -106,6 +135,19 @@ class PlanarFlow(nn.Module):
         seed: seed of the initialisation (``None``: the global generator).
 
     Shapes: samples ``[n, D]``, log-densities ``[n]`` (nats).
+
+    Raises:
+        ValueError: if ``num_layers < 1``.
+
+    Examples:
+        >>> import torch
+        >>> from neuralode.nn import PlanarFlow
+        >>> flow = PlanarFlow(dim=2, num_layers=4, seed=0)
+        >>> x, log_q = flow.sample_and_log_prob(5)  # base -> data, exact density
+        >>> x.shape, log_q.shape
+        (torch.Size([5, 2]), torch.Size([5]))
+        >>> torch.allclose(flow.log_prob(x), log_q, atol=1e-4)  # data -> base, by inversion
+        True
     """
 
     def __init__(self, dim: int = 2, num_layers: int = 8, seed: int | None = None) -> None:
@@ -120,7 +162,14 @@ class PlanarFlow(nn.Module):
         return [layer for layer in self.layers if isinstance(layer, PlanarLayer)]
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Base -> data: ``(x [B, D], sum_k log|det df_k/dz| [B])``."""
+        """Base -> data through every layer.
+
+        Args:
+            z: ``[B, D]`` base samples.
+
+        Returns:
+            ``(x [B, D], sum_k log|det df_k/dz| [B])``.
+        """
         total = z.new_zeros(z.shape[0])
         for layer in self.layers:
             z, log_det = layer(z)
@@ -128,8 +177,15 @@ class PlanarFlow(nn.Module):
         return z, total
 
     def inverse(self, x: torch.Tensor, iters: int = 60) -> torch.Tensor:
-        """Data -> base: ``z [B, D]`` with ``forward(z)[0] == x`` (see
-        :meth:`PlanarLayer.inverse`)."""
+        """Data -> base, layer by layer (see :meth:`PlanarLayer.inverse`).
+
+        Args:
+            x: ``[B, D]`` data.
+            iters: bisection steps per layer.
+
+        Returns:
+            ``z [B, D]`` with ``forward(z)[0] == x`` to round-off.
+        """
         for layer in reversed(self._planar_layers()):
             x = layer.inverse(x, iters)
         return x
@@ -137,8 +193,18 @@ class PlanarFlow(nn.Module):
     def sample_and_log_prob(
         self, n: int, *, generator: torch.Generator | None = None, z: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x [n, D], log q(x) [n])`` with ``log q(x) = log N(z_0) - sum_k log|det|``;
-        differentiable in the parameters (reparameterised), for reverse-KL training."""
+        """Samples with their log-density, differentiable in the parameters (reparameterised),
+        for reverse-KL training.
+
+        Args:
+            n: number of samples (ignored when ``z`` is given).
+            generator: random generator for the base samples.
+            z: ``[n, D]`` base samples to push instead of a fresh draw.
+
+        Returns:
+            ``(x [n, D], log q(x) [n])`` with ``log q(x) = log N(z; 0, I) - sum_k log|det|``
+            (nats); a fresh ``z`` takes the parameters' dtype and device.
+        """
         if z is None:
             p = self._planar_layers()[0].u
             z = torch.randn(n, self.dim, dtype=p.dtype, device=p.device, generator=generator)
@@ -146,9 +212,28 @@ class PlanarFlow(nn.Module):
         return x, standard_normal_log_prob(z) - log_det
 
     def trajectory(self, z: torch.Tensor, frames: int) -> tuple[list[torch.Tensor], list[str]]:
-        """Base samples ``z`` (``[n, D]``) carried to data: the states after ``0, ..., K``
-        layers at ``frames`` evenly spaced counts, and a label per state (``"after 8
-        layers"``), as :meth:`neuralode.nn.CNF.trajectory` for the continuous flow."""
+        """Base samples carried to data, as :meth:`neuralode.nn.CNF.trajectory` for the
+        continuous flow.
+
+        Args:
+            z: ``[n, D]`` base samples.
+            frames: number of evenly spaced layer counts in ``0, ..., K``, at least 2.
+
+        Returns:
+            ``(states, labels)``: the states ``[n, D]`` after those numbers of layers (fewer
+            than ``frames`` when ``frames > K + 1``: repeated counts appear once), and a label
+            per state (``"after 8 layers"``).
+
+        Raises:
+            ValueError: if ``frames < 2``.
+
+        Examples:
+            >>> import torch
+            >>> from neuralode.nn import PlanarFlow
+            >>> states, labels = PlanarFlow(num_layers=4).trajectory(torch.randn(5, 2), 3)
+            >>> labels
+            ['after 0 layers', 'after 2 layers', 'after 4 layers']
+        """
         if frames < 2:
             raise ValueError(f"frames must be at least 2, got {frames}")
         layers = list(self.layers)
@@ -163,7 +248,15 @@ class PlanarFlow(nn.Module):
         return states, labels
 
     def log_prob(self, x: torch.Tensor, iters: int = 60) -> torch.Tensor:
-        """``log q(x)`` per sample (``[B]``) by numerical inversion (see the module docstring)."""
+        """``log q(x)`` per sample by numerical inversion (see the module docstring).
+
+        Args:
+            x: ``[B, D]`` data.
+            iters: bisection steps per layer.
+
+        Returns:
+            ``[B]``, nats.
+        """
         z = self.inverse(x, iters)
         _, log_det = self(z)
         log_q: torch.Tensor = standard_normal_log_prob(z) - log_det

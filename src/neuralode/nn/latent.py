@@ -133,7 +133,15 @@ def gaussian_log_likelihood(
             Masked-out entries contribute exactly 0 whatever ``x`` holds there (even NaN).
 
     Returns:
-        ``[...]``: the sum over the last two dimensions.
+        ``[...]``: the sum over the last two dimensions (nats), in ``mean``'s dtype.
+
+    Examples:
+        >>> import torch
+        >>> from neuralode.nn.latent import gaussian_log_likelihood
+        >>> x = torch.zeros(2, 3, 1)  # 2 series, 3 times, 1 feature
+        >>> mask = torch.ones(2, 3, 1); mask[1] = 0  # the second series is unobserved
+        >>> gaussian_log_likelihood(x, torch.zeros(2, 3, 1), 1.0, mask)  # -1.5 log(2 pi), 0
+        tensor([-2.7568,  0.0000])
     """
     std_t = torch.as_tensor(std, dtype=mean.dtype, device=mean.device)
     term = -0.5 * (_LOG_2PI + 2 * torch.log(std_t) + ((x - mean) / std_t) ** 2)
@@ -143,14 +151,40 @@ def gaussian_log_likelihood(
 
 
 def kl_standard_normal(mean: Tensor, logvar: Tensor) -> Tensor:
-    """``KL(N(mean, exp(logvar)) || N(0, I))``, analytic, summed over the last dimension:
-    ``0.5 * sum(mean^2 + exp(logvar) - 1 - logvar)``.  Shapes ``[..., L] -> [...]``."""
+    """``KL(N(mean, exp(logvar)) || N(0, I))``, analytic, summed over the last dimension.
+
+    Args:
+        mean, logvar: ``[..., L]``, the diagonal Gaussian's mean and log-variance.
+
+    Returns:
+        ``[...]``: ``0.5 * sum(mean^2 + exp(logvar) - 1 - logvar)`` (nats).
+
+    Examples:
+        >>> import torch
+        >>> from neuralode.nn.latent import kl_standard_normal
+        >>> kl_standard_normal(torch.tensor([[0.0, 0.0], [1.0, 1.0]]), torch.zeros(2, 2))
+        tensor([0., 1.])
+    """
     return 0.5 * (mean**2 + logvar.exp() - 1.0 - logvar).sum(dim=-1)
 
 
 def kl_annealing(iteration: int, *, wait: int = 10, rate: float = 0.99) -> float:
-    """KL weight schedule of Rubanova et al.'s ``run_models.py``: 0 for the first ``wait``
-    iterations, then ``1 - rate ** (iteration - wait)``, rising towards 1."""
+    """KL weight schedule of Rubanova et al.'s ``run_models.py``.
+
+    Args:
+        iteration: the training iteration (from 0).
+        wait: iterations with weight 0.
+        rate: the decay of ``1 - weight`` per iteration after ``wait``.
+
+    Returns:
+        0 for the first ``wait`` iterations, then ``1 - rate ** (iteration - wait)``, rising
+        towards 1 (the ``kl_weight`` of :meth:`LatentODE.forward`).
+
+    Examples:
+        >>> from neuralode.nn.latent import kl_annealing
+        >>> kl_annealing(5), round(kl_annealing(110), 4)
+        (0.0, 0.634)
+    """
     if iteration < wait:
         return 0.0
     return 1.0 - rate ** (iteration - wait)
@@ -179,7 +213,17 @@ class GRUEncoder(nn.Module):
         time_gaps: append ``dt_i`` to the input.
 
     Attributes:
-        cell: the :class:`torch.nn.GRUCell`; ``head``: the ``Linear(hidden_dim, 2 latent_dim)``.
+        cell: the :class:`torch.nn.GRUCell`.
+        head: the ``Linear(hidden_dim, 2 latent_dim)`` to ``(mean, logvar)``.
+
+    Examples:
+        >>> import torch
+        >>> from neuralode.nn import GRUEncoder
+        >>> encoder = GRUEncoder(obs_dim=2, latent_dim=3, hidden_dim=8)
+        >>> values, times = torch.randn(4, 5, 2), torch.linspace(0.0, 1.0, 5)
+        >>> mean, logvar = encoder(values, times, mask=torch.ones(4, 5))
+        >>> mean.shape, logvar.shape
+        (torch.Size([4, 3]), torch.Size([4, 3]))
     """
 
     def __init__(
@@ -201,18 +245,35 @@ class GRUEncoder(nn.Module):
     def forward(
         self, values: Tensor, times: Tensor, mask: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        """``(mean, logvar)`` of ``q(z0 | x)``, each ``[B, latent_dim]``.
+        """Encode a batch of series.
 
         Args:
-            values: ``[B, T, D]``.
+            values: ``[B, T, D]``, floating point.
             times: ``[T]`` or ``[B, T]``, non-decreasing (zero gaps allowed).
             mask: ``[B, T, D]`` or ``[B, T]`` (1 = observed), or ``None``.
+
+        Returns:
+            ``(mean, logvar)`` of ``q(z0 | x)``, each ``[B, latent_dim]``.
+
+        Raises:
+            ValueError: for shapes that do not match (naming the argument) or times that
+                decrease.
         """
         mean, logvar = self.head(self.hidden(values, times, mask)).chunk(2, dim=-1)
         return mean, logvar
 
     def hidden(self, values: Tensor, times: Tensor, mask: Tensor | None = None) -> Tensor:
-        """The final hidden state ``[B, hidden_dim]`` (at ``times[:, 0]``)."""
+        """The final hidden state, after reading the series backwards.
+
+        Args:
+            values, times, mask: as :meth:`forward`.
+
+        Returns:
+            ``[B, hidden_dim]``, the hidden state at ``times[:, 0]``.
+
+        Raises:
+            ValueError: as :meth:`forward`.
+        """
         values, times, mask = _series(values, times, mask)
         _check_increasing(times, "times", strict=False)
         b, n, _ = values.shape
@@ -263,6 +324,18 @@ class ODERNNEncoder(GRUEncoder):
         gradient: the gradient strategy of :func:`neuralode.solve`.
         solve_options: further keyword arguments for :func:`neuralode.solve`. The settings
             are kept as ``encoder.solver`` (:class:`~neuralode.nn.SolveSettings`).
+
+    Raises:
+        ValueError: for settings that :class:`~neuralode.nn.SolveSettings` rejects, or
+            ``adjoint_params`` in ``solve_options`` (the encoder sets them).
+
+    Examples:
+        >>> import torch
+        >>> from neuralode.nn import ODERNNEncoder
+        >>> encoder = ODERNNEncoder(obs_dim=2, latent_dim=3, hidden_dim=8)
+        >>> mean, logvar = encoder(torch.randn(4, 5, 2), torch.linspace(0.0, 1.0, 5))
+        >>> mean.shape, encoder.solver
+        (torch.Size([4, 3]), method='euler', rtol=0.001, atol=0.0001, gradient='backprop')
     """
 
     def __init__(
@@ -284,6 +357,11 @@ class ODERNNEncoder(GRUEncoder):
         super().__init__(obs_dim, latent_dim, hidden_dim, use_mask=use_mask, time_gaps=time_gaps)
         self.ode_func = _mlp(hidden_dim, ode_hidden or hidden_dim, hidden_dim, 1, "tanh")
         self.solver = SolveSettings(method, rtol, atol, step_size, gradient, solve_options or {})
+        if "adjoint_params" in self.solver.options:
+            raise ValueError(
+                "solve_options['adjoint_params'] is set by ODERNNEncoder itself (its field is a "
+                "closure over ode_func's parameters and the time gaps)"
+            )
 
     def _evolve(self, h: Tensor, gap: Tensor) -> Tensor:
         if not bool((gap != 0).any()):
@@ -313,6 +391,22 @@ class LatentDynamics(nn.Module):
 
     Defaults follow torchdiffeq's ``examples/latent_ode.py`` (``LatentODEfunc``: two hidden
     layers of 20 ELU units).  ``forward(t, z)`` ignores ``t``; ``z`` is ``[..., L]``.
+
+    Args:
+        latent_dim: ``L``.
+        hidden_dim: units per hidden layer.
+        n_layers: number of hidden layers, at least 1.
+        activation: ``"elu"``, ``"tanh"``, ``"relu"`` or ``"softplus"``.
+
+    Raises:
+        ValueError: for an unknown activation or ``n_layers < 1``.
+
+    Examples:
+        >>> import torch
+        >>> from neuralode.nn.latent import LatentDynamics
+        >>> f = LatentDynamics(latent_dim=3, hidden_dim=8)
+        >>> f(torch.tensor(0.0), torch.zeros(4, 3)).shape
+        torch.Size([4, 3])
     """
 
     def __init__(
@@ -326,6 +420,15 @@ class LatentDynamics(nn.Module):
         self.net = _mlp(latent_dim, hidden_dim, latent_dim, n_layers, activation)
 
     def forward(self, t: Tensor, z: Tensor) -> Tensor:
+        """``dz/dt = f(z)``.
+
+        Args:
+            t: the time (ignored: the field is autonomous).
+            z: ``[..., L]``.
+
+        Returns:
+            ``[..., L]``.
+        """
         dz: Tensor = self.net(z)
         return dz
 
@@ -346,6 +449,19 @@ class ELBO:
         z: ``[K, B, T, L]`` latent trajectories at the observation times.
         qz0_mean, qz0_logvar: ``[B, L]``, the posterior parameters.
         nfe: ``[K, B]`` vector-field evaluations of the latent solve, per sample and series.
+
+    With target points (``target_values=...``), ``T`` is their number ``T'`` and the entries
+    above refer to them.
+
+    Examples:
+        >>> import torch
+        >>> from neuralode.nn import LatentODE
+        >>> model = LatentODE(obs_dim=2, latent_dim=3, rec_hidden=8, dynamics_hidden=8)
+        >>> out = model(torch.randn(4, 5, 2), torch.linspace(0.0, 1.0, 5), n_samples=2)
+        >>> out.loss.shape, out.elbo.shape, out.nfe.shape
+        (torch.Size([]), torch.Size([4]), torch.Size([2, 4]))
+        >>> out.mean.shape, out.z.shape  # [K, B, T, D], [K, B, T, L]
+        (torch.Size([2, 4, 5, 2]), torch.Size([2, 4, 5, 3]))
     """
 
     loss: Tensor
@@ -368,6 +484,17 @@ class Prediction:
         samples: ``[K, B, T', D]`` decoded means, one per sample of ``z0``.
         latent: ``[K, B, T', L]`` latent trajectories.
         times: ``[B, T']`` the prediction times.
+
+    Examples:
+        >>> import torch
+        >>> from neuralode.nn import LatentODE
+        >>> model = LatentODE(obs_dim=2, latent_dim=3, rec_hidden=8, dynamics_hidden=8)
+        >>> values, times = torch.randn(4, 5, 2), torch.linspace(0.0, 1.0, 5)
+        >>> pred = model.predict(values, times, torch.linspace(0.0, 2.0, 7), n_samples=3)
+        >>> pred.samples.shape, pred.latent.shape  # [K, B, T', D], [K, B, T', L]
+        (torch.Size([3, 4, 7, 2]), torch.Size([3, 4, 7, 3]))
+        >>> pred.times.shape, pred.mean.shape, pred.std.shape
+        (torch.Size([4, 7]), torch.Size([4, 7, 2]), torch.Size([4, 7, 2]))
     """
 
     samples: Tensor
@@ -376,13 +503,21 @@ class Prediction:
 
     @property
     def mean(self) -> Tensor:
-        """``[B, T', D]``, the average over the samples."""
+        """The average over the samples.
+
+        Returns:
+            ``[B, T', D]``.
+        """
         return self.samples.mean(dim=0)
 
     @property
     def std(self) -> Tensor:
-        """``[B, T', D]``, the spread over the samples (0 for one sample); a band is
-        ``mean +- 2 std`` (add ``obs_std`` in quadrature for the predictive band of data)."""
+        """The spread over the samples (0 for one sample); a band is ``mean +- 2 std`` (add
+        ``obs_std`` in quadrature for the predictive band of data).
+
+        Returns:
+            ``[B, T', D]``, the population standard deviation over the ``K`` samples.
+        """
         return self.samples.std(dim=0, correction=0)
 
 
@@ -405,6 +540,20 @@ class LatentODE(nn.Module):
         solve_options: further keyword arguments for :func:`neuralode.solve`
             (``max_num_steps``, ``adjoint_options``, ...). The settings are kept as
             ``model.solver`` (:class:`~neuralode.nn.SolveSettings`).
+
+    Raises:
+        ValueError: if ``obs_std`` is not a finite positive number, for an unknown ``activation`` or
+            ``dynamics_layers < 1`` (default dynamics), or for settings that
+            :class:`~neuralode.nn.SolveSettings` rejects.
+
+    Examples:
+        >>> import torch
+        >>> from neuralode.nn import LatentODE
+        >>> model = LatentODE(obs_dim=2, latent_dim=3, rec_hidden=8, dynamics_hidden=8)
+        >>> values, times = torch.randn(4, 5, 2), torch.linspace(0.0, 1.0, 5)  # [B, T, D], [T]
+        >>> model(values, times).loss.backward()  # the negative ELBO
+        >>> model.predict(values, times, torch.linspace(0.0, 2.0, 7)).samples.shape
+        torch.Size([1, 4, 7, 2])
     """
 
     def __init__(
@@ -428,8 +577,8 @@ class LatentODE(nn.Module):
         solve_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if obs_std <= 0:
-            raise ValueError(f"obs_std must be positive, got {obs_std}")
+        if not (math.isfinite(obs_std) and obs_std > 0):
+            raise ValueError(f"obs_std must be a finite positive number, got {obs_std}")
         self.obs_dim, self.latent_dim, self.obs_std = obs_dim, latent_dim, obs_std
         self.encoder = (
             encoder if encoder is not None else GRUEncoder(obs_dim, latent_dim, rec_hidden)
@@ -447,7 +596,14 @@ class LatentODE(nn.Module):
     def encode(
         self, values: Tensor, times: Tensor, mask: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        """``(mean, logvar)`` of ``q(z0 | x)``, each ``[B, L]``; inputs as :meth:`forward`."""
+        """The posterior of the initial latent state.
+
+        Args:
+            values, times, mask: as :meth:`forward`.
+
+        Returns:
+            ``(mean, logvar)`` of ``q(z0 | x)``, each ``[B, L]``.
+        """
         mean, logvar = self.encoder(values, times, mask)
         return mean, logvar
 
@@ -458,7 +614,19 @@ class LatentODE(nn.Module):
         n_samples: int = 1,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """``z0 = mean + exp(logvar / 2) * eps``, ``eps ~ N(0, I)``: ``[n_samples, B, L]``."""
+        """Reparameterised samples ``z0 = mean + exp(logvar / 2) * eps``, ``eps ~ N(0, I)``.
+
+        Args:
+            mean, logvar: ``[B, L]``.
+            n_samples: ``K``, at least 1.
+            generator: random generator for ``eps``.
+
+        Returns:
+            ``[K, B, L]``, differentiable in ``mean`` and ``logvar``.
+
+        Raises:
+            ValueError: if ``n_samples < 1``.
+        """
         if n_samples < 1:
             raise ValueError(f"n_samples must be at least 1, got {n_samples}")
         eps = torch.randn(
@@ -476,7 +644,11 @@ class LatentODE(nn.Module):
 
         Returns:
             ``(z, nfe)``: ``z`` is ``[K, B, T', L]`` (``[B, T', L]`` for a ``[B, L]`` input) and
-            ``nfe`` ``[K, B]`` (``[B]``) the latent field's evaluations per series.
+            ``nfe`` ``[K, B]`` (``[B]``) the latent field's evaluations per series (int64).
+
+        Raises:
+            ValueError: for shapes that do not match, ``times`` not strictly increasing, or
+                times before ``t0``.
         """
         squeeze = z0.ndim == 2
         z0 = z0[None] if squeeze else z0
@@ -512,7 +684,14 @@ class LatentODE(nn.Module):
         return (z[0], nfe[0]) if squeeze else (z, nfe)
 
     def decode(self, z: Tensor) -> Tensor:
-        """Observation means ``[..., D]`` from latent states ``[..., L]``."""
+        """Observation means from latent states.
+
+        Args:
+            z: ``[..., L]``.
+
+        Returns:
+            ``[..., D]``.
+        """
         out: Tensor = self.decoder(z)
         return out
 
@@ -550,6 +729,13 @@ class LatentODE(nn.Module):
 
         Returns:
             An :class:`ELBO`.
+
+        Raises:
+            ValueError: for shapes that do not match (naming the argument), ``times`` (or
+                ``target_times``) not strictly increasing, target times before a series'
+                first time, ``n_samples < 1``, or ``target_times``/``target_mask`` without
+                ``target_values`` (or the reverse).
+            neuralode.SolverError: if the latent solve fails.
         """
         values, times, mask = _series(values, times, mask)
         qz0_mean, qz0_logvar = self.encode(values, times, mask)
@@ -612,6 +798,10 @@ class LatentODE(nn.Module):
 
         Returns:
             A :class:`Prediction` with ``samples`` ``[K, B, T', D]``.
+
+        Raises:
+            ValueError: as :meth:`forward`, and for ``t_pred`` not strictly increasing or
+                before a series' ``times[:, 0]``.
         """
         values, times, mask = _series(values, times, mask)
         qz0_mean, qz0_logvar = self.encode(values, times, mask)
@@ -650,8 +840,22 @@ class LatentODE(nn.Module):
             generator: random generator for the samples.
 
         Returns:
-            ``(samples [K, B, G, D], latent [K, B, G, L], valid [B, G] bool, nfe [K, B])``;
-            entries where ``valid`` is False hold 0.
+            ``(samples [K, B, G, D], latent [K, B, G, L], valid [B, G] bool, nfe [K, B])``
+            (``K = 1`` for ``n_samples=0``); entries where ``valid`` is False hold 0.
+
+        Raises:
+            ValueError: as :meth:`forward`.
+
+        Examples:
+            >>> import torch
+            >>> from neuralode.nn import LatentODE
+            >>> model = LatentODE(obs_dim=2, latent_dim=3, rec_hidden=8, dynamics_hidden=8)
+            >>> times = torch.stack([torch.linspace(0, 1, 5), torch.linspace(0.5, 1.5, 5)])
+            >>> samples, latent, valid, nfe = model.predict_on_grid(
+            ...     torch.randn(2, 5, 2), times, torch.linspace(0, 2, 9)
+            ... )
+            >>> samples.shape, valid.sum(dim=1)  # the second series starts at t = 0.5
+            (torch.Size([1, 2, 9, 2]), tensor([9, 7]))
         """
         values, times, mask = _series(values, times, mask)
         mean, logvar = self.encode(values, times, mask)
@@ -723,6 +927,16 @@ class RNNBaseline(nn.Module):
         hidden_dim: GRU state size (default 25).
         use_time_gaps: append the gap to the next time to every input.
         use_mask: append the mask to every input (masked values are always fed as 0).
+
+    Examples:
+        >>> import torch
+        >>> from neuralode.nn import RNNBaseline
+        >>> rnn = RNNBaseline(obs_dim=2, hidden_dim=8, use_time_gaps=True)
+        >>> values, times = torch.randn(4, 5, 2), torch.linspace(0.0, 1.0, 5)
+        >>> rnn(values, times).shape, rnn.loss(values, times).shape
+        (torch.Size([4, 4, 2]), torch.Size([]))
+        >>> rnn.predict(values, times, torch.tensor([1.5, 2.0])).shape
+        torch.Size([4, 2, 2])
     """
 
     def __init__(
@@ -750,10 +964,18 @@ class RNNBaseline(nn.Module):
         return h_next
 
     def forward(self, values: Tensor, times: Tensor, mask: Tensor | None = None) -> Tensor:
-        """One-step-ahead predictions of ``x_1 .. x_{T-1}``: ``[B, T - 1, D]``.
+        """One-step-ahead predictions of ``x_1 .. x_{T-1}``.
 
         Args:
-            values: ``[B, T, D]``; times: ``[T]`` or ``[B, T]``; mask: ``[B, T, D]`` or ``None``.
+            values: ``[B, T, D]``.
+            times: ``[T]`` or ``[B, T]``.
+            mask: ``[B, T, D]`` or ``[B, T]`` (1 = observed), or ``None``.
+
+        Returns:
+            ``[B, T - 1, D]``.
+
+        Raises:
+            ValueError: for shapes that do not match (naming the argument).
         """
         values, times, mask = _series(values, times, mask)
         b, n, _ = values.shape
@@ -768,7 +990,18 @@ class RNNBaseline(nn.Module):
         return torch.stack(preds, dim=1)
 
     def loss(self, values: Tensor, times: Tensor, mask: Tensor | None = None) -> Tensor:
-        """Mean squared one-step-ahead error over the observed targets ``x_1 .. x_{T-1}``."""
+        """Mean squared one-step-ahead error over the observed targets ``x_1 .. x_{T-1}``.
+
+        Args:
+            values, times, mask: as :meth:`forward`.
+
+        Returns:
+            A 0-dim tensor (0 when no target is observed; NaN for a single time point and no
+            mask, as the mean of nothing).
+
+        Raises:
+            ValueError: as :meth:`forward`.
+        """
         values, times, mask = _series(values, times, mask)
         pred: Tensor = self(values, times, mask)
         sq = (pred - values[:, 1:]) ** 2
@@ -788,6 +1021,9 @@ class RNNBaseline(nn.Module):
 
         Returns:
             ``[B, T', D]`` predictions.
+
+        Raises:
+            ValueError: as :meth:`forward`, and for an empty ``t_pred``.
         """
         values, times, mask = _series(values, times, mask)
         b, n, _ = values.shape

@@ -53,19 +53,42 @@ __all__ = [
 
 
 def norm(dim: int) -> nn.GroupNorm:
-    """GroupNorm with ``min(32, dim)`` groups over ``dim`` channels (as the reference code)."""
+    """GroupNorm with ``min(32, dim)`` groups over ``dim`` channels (as the reference code).
+
+    Args:
+        dim: the number of channels ``C`` of its ``[B, C, H, W]`` input.
+
+    Returns:
+        A new :class:`torch.nn.GroupNorm` (affine, shape-preserving).
+
+    Examples:
+        >>> from neuralode.nn.odenet import norm
+        >>> norm(64).num_groups, norm(8).num_groups
+        (32, 8)
+    """
     return nn.GroupNorm(min(32, dim), dim)
 
 
 class ConcatConv2d(nn.Module):
     """A 2-D convolution that sees the time ``t`` as an extra constant input channel.
 
-    ``forward(t, x)`` convolves ``cat([t * ones(B, 1, H, W), x], dim=1)``.
+    ``forward(t, x)`` convolves ``cat([t * ones(B, 1, H, W), x], dim=1)`` (float ``x``; the
+    time channel takes ``x``'s dtype and device).
 
     Args:
         dim_in, dim_out: channels of ``x`` and of the output.
-        ksize, stride, padding, dilation, groups, bias: as :class:`torch.nn.Conv2d`.
+        ksize, stride, padding, dilation, groups, bias: as :class:`torch.nn.Conv2d` (its
+            ``kernel_size`` is ``ksize``; the defaults give a shape-preserving 3x3 convolution).
         transpose: use :class:`torch.nn.ConvTranspose2d` instead.
+
+    Examples:
+        >>> import torch
+        >>> from neuralode.nn import ConcatConv2d
+        >>> conv = ConcatConv2d(3, 4)
+        >>> conv(0.5, torch.zeros(2, 3, 8, 8)).shape
+        torch.Size([2, 4, 8, 8])
+        >>> conv(torch.tensor([0.0, 1.0]), torch.zeros(2, 3, 8, 8)).shape  # a time per sample
+        torch.Size([2, 4, 8, 8])
     """
 
     def __init__(
@@ -94,13 +117,19 @@ class ConcatConv2d(nn.Module):
         )
 
     def forward(self, t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
-        """Args:
+        """Convolve ``x`` with the time channel prepended.
+
+        Args:
             t: the time: a float or 0-dim tensor shared by the batch, or ``[B]`` (per sample,
                 as a batched solve passes it).
-            x: ``[B, dim_in, H, W]``.
+            x: ``[B, dim_in, H, W]``, floating point.
 
         Returns:
-            ``[B, dim_out, H', W']``.
+            ``[B, dim_out, H', W']`` (``H' = H``, ``W' = W`` with the default 3x3, stride 1,
+            padding 1), in ``x``'s dtype.
+
+        Raises:
+            ValueError: if ``t`` is neither 0-dim nor of shape ``[B]``.
         """
         b, _, h, w = x.shape
         tt = torch.as_tensor(t, dtype=x.dtype, device=x.device)
@@ -117,12 +146,25 @@ class ConcatConv2d(nn.Module):
 class ODEFunc(nn.Module):
     """The image vector field ``f(t, h)``: GN-ReLU-ConcatConv3x3-GN-ReLU-ConcatConv3x3-GN.
 
+    The ODE-Net's field (Chen et al. 2018, section 3; torchdiffeq's ``ODEfunc``): it keeps the
+    shape ``[B, dim, H, W]`` of the state, and sees ``t`` through :class:`ConcatConv2d`.
+
+    Args:
+        dim: channels of the state ``h`` (``[B, dim, H, W]``); the GroupNorms use
+            ``min(32, dim)`` groups, so ``dim`` must be a multiple of 32 when above 32.
+
     Attributes:
         nfe: number of calls since construction or :meth:`reset_nfe` (forward and, with the
             adjoint, backward calls alike).
 
-    Args:
-        dim: channels of the state ``h`` (``[B, dim, H, W]``).
+    Examples:
+        >>> import torch
+        >>> from neuralode.nn import ODEFunc
+        >>> f = ODEFunc(dim=4)
+        >>> f(torch.tensor(0.0), torch.zeros(2, 4, 5, 5)).shape
+        torch.Size([2, 4, 5, 5])
+        >>> f.nfe
+        1
     """
 
     def __init__(self, dim: int = 64) -> None:
@@ -135,10 +177,19 @@ class ODEFunc(nn.Module):
         self.nfe = 0
 
     def reset_nfe(self) -> None:
+        """Set the call counter :attr:`nfe` to zero."""
         self.nfe = 0
 
     def forward(self, t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """``dh/dt`` (shaped as ``h``) for ``t`` 0-dim or ``[B]`` and ``h`` ``[B, dim, H, W]``."""
+        """The vector field; counts the call in :attr:`nfe`.
+
+        Args:
+            t: the time, 0-dim or ``[B]`` (a batched solve's per-sample times).
+            h: the state ``[B, dim, H, W]``.
+
+        Returns:
+            ``dh/dt``, shaped as ``h``.
+        """
         self.nfe += 1
         out = self.conv1(t, torch.relu(self.norm1(h)))
         out = self.conv2(t, torch.relu(self.norm2(out)))
@@ -193,6 +244,21 @@ class ODEBlock(nn.Module):
     by ``Solution.backward_stats``, and for ``"backprop"`` by convention equal to
     ``nfe_forward`` (one vector-Jacobian product per forward evaluation).  It is ``None`` until a
     backward pass has gone through the block.
+
+    Raises:
+        ValueError: if ``t_end`` is not positive and finite, or for settings that
+            :class:`~neuralode.nn.SolveSettings` rejects (unknown method or gradient, negative
+            tolerance, a ``solve_options`` key that has its own argument).
+
+    Examples:
+        >>> import torch
+        >>> from neuralode.nn import ODEBlock, ODEFunc
+        >>> block = ODEBlock(ODEFunc(dim=4), method="rk4", step_size=0.25, gradient="backprop")
+        >>> out = block(torch.randn(2, 4, 6, 6))
+        >>> out.shape, block.nfe_forward  # 4 steps of 4 stages
+        (torch.Size([2, 4, 6, 6]), 16)
+        >>> out.sum().backward(); block.nfe_backward
+        16
     """
 
     integration_time: torch.Tensor
@@ -225,11 +291,20 @@ class ODEBlock(nn.Module):
         return f"t_end={self.t_end}, {self.solver!r}, batched={self.batched}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Args:
-            x: the initial state ``[B, C, H, W]`` (any shape ``odefunc`` accepts).
+        """Solve ``dh/dt = odefunc(t, h)`` from ``h(0) = x`` to ``t_end``.
+
+        Args:
+            x: the initial state ``[B, C, H, W]`` (any shape ``odefunc`` accepts), floating
+                point; the integration times take its dtype.
 
         Returns:
             The state at ``t_end``, shaped as ``x``.
+
+        Raises:
+            TypeError: for input :func:`neuralode.solve` rejects, e.g. an integer ``x`` or an
+                unknown keyword in ``solve_options``.
+            neuralode.SolverError: if the solve fails (too many steps, step size underflow,
+                non-finite values), unless ``solve_options={"throw": False}``.
         """
         t = self.integration_time.to(x.dtype)
         sol = solve(self.odefunc, x, t, batched=self.batched, **self.solver.kwargs())
@@ -270,7 +345,14 @@ class ResBlock(nn.Module):
         inplanes, planes: input and output channels.
         stride: stride of the first 3x3 convolution.
         downsample: applied to ``ReLU(GN(x))`` for the shortcut when the shape changes
-            (default: the identity shortcut).
+            (default: the identity shortcut, which needs ``inplanes == planes`` and
+            ``stride == 1``).
+
+    Examples:
+        >>> import torch
+        >>> from neuralode.nn.odenet import ResBlock
+        >>> ResBlock(8, 8)(torch.zeros(2, 8, 6, 6)).shape
+        torch.Size([2, 8, 6, 6])
     """
 
     def __init__(
@@ -288,7 +370,14 @@ class ResBlock(nn.Module):
         self.downsample = downsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, inplanes, H, W]`` -> ``[B, planes, H / stride, W / stride]``."""
+        """Apply the block.
+
+        Args:
+            x: ``[B, inplanes, H, W]``.
+
+        Returns:
+            ``[B, planes, ceil(H / stride), ceil(W / stride)]``.
+        """
         out = torch.relu(self.norm1(x))
         shortcut: torch.Tensor = x if self.downsample is None else self.downsample(out)
         residual: torch.Tensor = self.conv2(torch.relu(self.norm2(self.conv1(out))))
@@ -298,9 +387,25 @@ class ResBlock(nn.Module):
 def downsampling_layers(kind: str = "conv", dim: int = 64, in_channels: int = 1) -> nn.Sequential:
     """The reference code's downsampling of ``[B, in_channels, 28, 28]`` images.
 
-    ``"conv"``: ``Conv(in,dim,3,1)-GN-ReLU-Conv(dim,dim,4,2,1)-GN-ReLU-Conv(dim,dim,4,2,1)`` to
-    ``[B, dim, 6, 6]``; ``"res"``: ``Conv(in,dim,3,1)`` and two strided residual blocks to
-    ``[B, dim, 7, 7]``.
+    Args:
+        kind: ``"conv"``:
+            ``Conv(in,dim,3,1)-GN-ReLU-Conv(dim,dim,4,2,1)-GN-ReLU-Conv(dim,dim,4,2,1)`` to
+            ``[B, dim, 6, 6]``; ``"res"``: ``Conv(in,dim,3,1)`` and two strided residual blocks
+            to ``[B, dim, 7, 7]``.
+        dim: output channels.
+        in_channels: channels of the images.
+
+    Returns:
+        A new :class:`torch.nn.Sequential`.
+
+    Raises:
+        ValueError: for a ``kind`` other than ``"conv"`` and ``"res"``.
+
+    Examples:
+        >>> import torch
+        >>> from neuralode.nn.odenet import downsampling_layers
+        >>> downsampling_layers("conv", dim=8)(torch.zeros(2, 1, 28, 28)).shape
+        torch.Size([2, 8, 6, 6])
     """
     if kind == "conv":
         return nn.Sequential(
@@ -322,8 +427,21 @@ def downsampling_layers(kind: str = "conv", dim: int = 64, in_channels: int = 1)
 
 
 def head(dim: int = 64, num_classes: int = 10) -> nn.Sequential:
-    """``GN-ReLU-AdaptiveAvgPool(1)-Flatten-Linear(dim, num_classes)``: ``[B, dim, H, W]`` ->
-    ``[B, num_classes]``."""
+    """The classifier head ``GN-ReLU-AdaptiveAvgPool(1)-Flatten-Linear(dim, num_classes)``.
+
+    Args:
+        dim: channels of its ``[B, dim, H, W]`` input.
+        num_classes: number of logits.
+
+    Returns:
+        A new :class:`torch.nn.Sequential` mapping ``[B, dim, H, W]`` to ``[B, num_classes]``.
+
+    Examples:
+        >>> import torch
+        >>> from neuralode.nn.odenet import head
+        >>> head(dim=8)(torch.zeros(2, 8, 6, 6)).shape
+        torch.Size([2, 10])
+    """
     return nn.Sequential(
         norm(dim),
         nn.ReLU(),
@@ -362,6 +480,27 @@ def odenet(
 
     Children: ``downsampling``, ``features`` (the :class:`ODEBlock`), ``head``.  Defaults are the
     reference code's: dopri5 at ``rtol = atol = 1e-3`` over ``[0, 1]``, with the adjoint.
+
+    Args:
+        dim: channels of the ODE state (64 in the paper).
+        downsampling: ``"conv"`` or ``"res"`` (see :func:`downsampling_layers`).
+        in_channels: image channels.
+        num_classes: number of logits.
+        t_end, method, rtol, atol, gradient, step_size, batched, solve_options: the
+            :class:`ODEBlock`'s.
+
+    Returns:
+        A new :class:`torch.nn.Sequential`.
+
+    Raises:
+        ValueError: for an unknown ``downsampling``, or an argument :class:`ODEBlock` rejects.
+
+    Examples:
+        >>> import torch
+        >>> from neuralode.nn.odenet import odenet
+        >>> model = odenet(dim=8)
+        >>> model(torch.zeros(2, 1, 28, 28)).shape
+        torch.Size([2, 10])
     """
     block = ODEBlock(
         ODEFunc(dim),
@@ -388,7 +527,29 @@ def rknet(
     steps: int = 4,
 ) -> nn.Sequential:
     """RK-Net: the ODE-Net solved with ``steps`` fixed steps of ``method`` (default rk4, 4 steps:
-    16 evaluations), differentiated by backpropagation through the solver."""
+    16 evaluations), differentiated by backpropagation through the solver.
+
+    Args:
+        dim, downsampling, in_channels, num_classes, t_end: as :func:`odenet`.
+        method: a fixed-step method (``"rk4"``, ``"euler"``, ...).
+        steps: number of steps over ``[0, t_end]`` (step size ``t_end / steps``).
+
+    Returns:
+        A new :class:`torch.nn.Sequential`, ``[B, in_channels, 28, 28]`` ->
+        ``[B, num_classes]``.
+
+    Raises:
+        ValueError: if ``steps`` is not a positive ``int``, or for an argument
+            :class:`ODEBlock` rejects.
+
+    Examples:
+        >>> import torch
+        >>> from neuralode.nn import model_nfe
+        >>> from neuralode.nn.odenet import rknet
+        >>> model = rknet(dim=8, steps=2)
+        >>> model(torch.zeros(2, 1, 28, 28)).shape, model_nfe(model)["forward"]
+        (torch.Size([2, 10]), 8)
+    """
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     block = ODEBlock(
@@ -405,14 +566,46 @@ def resnet(
     num_classes: int = 10,
     num_blocks: int = 6,
 ) -> nn.Sequential:
-    """ResNet: downsampling, ``num_blocks`` :class:`ResBlock` s, head."""
+    """ResNet: downsampling, ``num_blocks`` :class:`ResBlock` s, head.
+
+    Args:
+        dim, downsampling, in_channels, num_classes: as :func:`odenet`.
+        num_blocks: residual blocks in place of the ODE block (6 in the paper).
+
+    Returns:
+        A new :class:`torch.nn.Sequential`, ``[B, in_channels, 28, 28]`` ->
+        ``[B, num_classes]``.
+
+    Raises:
+        ValueError: for an unknown ``downsampling``.
+
+    Examples:
+        >>> import torch
+        >>> from neuralode.nn.odenet import resnet
+        >>> resnet(dim=8, num_blocks=2)(torch.zeros(2, 1, 28, 28)).shape
+        torch.Size([2, 10])
+    """
     blocks = nn.Sequential(*(ResBlock(dim, dim) for _ in range(num_blocks)))
     return _classifier(blocks, dim, downsampling, in_channels, num_classes)
 
 
 def mlp(*, in_features: int = 784, hidden: int = 300, num_classes: int = 10) -> nn.Sequential:
-    """The paper's 1-layer MLP: ``Flatten-Linear(784, 300)-ReLU-Linear(300, 10)``;
-    ``[B, 1, 28, 28]`` -> ``[B, 10]``."""
+    """The paper's 1-layer MLP: ``Flatten-Linear(784, 300)-ReLU-Linear(300, 10)``.
+
+    Args:
+        in_features: pixels per image (``C * H * W``).
+        hidden: hidden units.
+        num_classes: number of logits.
+
+    Returns:
+        A new :class:`torch.nn.Sequential`, ``[B, 1, 28, 28]`` -> ``[B, num_classes]``.
+
+    Examples:
+        >>> import torch
+        >>> from neuralode.nn.odenet import mlp
+        >>> mlp(hidden=16)(torch.zeros(2, 1, 28, 28)).shape
+        torch.Size([2, 10])
+    """
     return nn.Sequential(
         nn.Flatten(),
         nn.Linear(in_features, hidden),
@@ -435,12 +628,27 @@ def build_model(name: str, **options: Any) -> nn.Module:
 
     Args:
         name: ``"odenet"``, ``"resnet"``, ``"rknet"`` or ``"mlp"``.
-        **options: the factory's keywords (see :func:`odenet`, :func:`resnet`, :func:`rknet`,
-            :func:`mlp`).  ``odenet`` also passes unknown keywords on to
-            :func:`neuralode.solve`, which rejects those it does not know at the first forward.
+        **options: the factory's keywords (see :func:`~neuralode.nn.odenet.odenet`,
+            :func:`~neuralode.nn.odenet.resnet`, :func:`~neuralode.nn.odenet.rknet`,
+            :func:`~neuralode.nn.odenet.mlp`); further keywords of :func:`neuralode.solve` go
+            in the ODE-Net's ``solve_options``.
 
     Returns:
-        A module mapping ``float`` ``[B, 1, 28, 28]`` to logits ``[B, num_classes]``.
+        A new module mapping ``float`` ``[B, 1, 28, 28]`` to logits ``[B, num_classes]``.
+
+    Raises:
+        ValueError: for an unknown ``name`` (listing the known ones), or an option value the
+            factory rejects.
+        TypeError: for a keyword the factory does not take (listing the ones it takes).
+
+    Examples:
+        >>> import torch
+        >>> from neuralode.nn import build_model, count_parameters
+        >>> model = build_model("mlp", hidden=16)
+        >>> model(torch.zeros(2, 1, 28, 28)).shape, count_parameters(model)
+        (torch.Size([2, 10]), 12730)
+        >>> build_model("odenet", dim=8, method="rk4", step_size=0.5).features.solver
+        method='rk4', rtol=0.001, atol=0.001, gradient='adjoint', step_size=0.5
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known models are {list(MODELS)}")
@@ -455,17 +663,51 @@ def build_model(name: str, **options: Any) -> nn.Module:
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
-    """Number of scalar parameters of ``model`` (only those that require grad by default)."""
+    """Number of scalar parameters of ``model`` (only those that require grad by default).
+
+    Args:
+        model: any module.
+        trainable_only: count only the parameters with ``requires_grad``; ``False`` counts
+            frozen ones too (buffers never count).
+
+    Returns:
+        The total number of elements.
+
+    Examples:
+        >>> from torch import nn
+        >>> from neuralode.nn import count_parameters
+        >>> layer = nn.Linear(3, 2)
+        >>> count_parameters(layer)
+        8
+        >>> _ = layer.bias.requires_grad_(False)
+        >>> count_parameters(layer), count_parameters(layer, trainable_only=False)
+        (6, 8)
+    """
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 def model_nfe(model: nn.Module) -> dict[str, int | None]:
     """Forward and backward NFE of the last pass, summed over the model's :class:`ODEBlock` s.
 
+    Args:
+        model: any module; its :class:`ODEBlock` submodules (at any depth) are counted.
+
     Returns:
         ``{"forward": int, "backward": int | None}``; ``backward`` is ``None`` when a block has
         not been through a backward pass since its last forward (see :class:`ODEBlock` for the
         backprop convention).  A model without ODE blocks gives ``{"forward": 0, "backward": 0}``.
+
+    Examples:
+        >>> import torch
+        >>> from neuralode.nn import ODEBlock, ODEFunc, model_nfe
+        >>> block = ODEBlock(ODEFunc(4), method="rk4", step_size=0.5, gradient="backprop")
+        >>> model = torch.nn.Sequential(block, torch.nn.Flatten())
+        >>> out = model(torch.randn(2, 4, 6, 6))
+        >>> model_nfe(model)  # 2 steps of 4 stages; no backward pass yet
+        {'forward': 8, 'backward': None}
+        >>> out.sum().backward()
+        >>> model_nfe(model)
+        {'forward': 8, 'backward': 8}
     """
     forward = 0
     backward: int | None = 0
@@ -478,7 +720,20 @@ def model_nfe(model: nn.Module) -> dict[str, int | None]:
 
 
 def reset_nfe(model: nn.Module) -> None:
-    """Set the call counter ``nfe`` of every :class:`ODEFunc` in ``model`` to zero."""
+    """Set the call counter ``nfe`` of every :class:`ODEFunc` in ``model`` to zero.
+
+    Args:
+        model: any module; its :class:`ODEFunc` submodules (at any depth) are reset.
+
+    Examples:
+        >>> import torch
+        >>> from neuralode.nn import ODEFunc
+        >>> from neuralode.nn.odenet import reset_nfe
+        >>> f = ODEFunc(4)
+        >>> _ = f(torch.tensor(0.0), torch.zeros(1, 4, 3, 3))
+        >>> reset_nfe(torch.nn.Sequential(f)); f.nfe
+        0
+    """
     for m in model.modules():
         if isinstance(m, ODEFunc):
             m.reset_nfe()

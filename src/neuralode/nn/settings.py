@@ -19,7 +19,7 @@ from ..solvers import get_solver
 __all__ = ["SolveSettings"]
 
 #: Keywords a model sets itself: the problem, and the settings that have their own argument.
-_OWN = frozenset({"func", "y0", "t", "method", "rtol", "atol", "step_size", "gradient"})
+_OWN = frozenset({"func", "y0", "t", "batched", "method", "rtol", "atol", "step_size", "gradient"})
 
 
 @dataclass(frozen=True)
@@ -33,12 +33,24 @@ class SolveSettings:
         step_size: the step of the fixed-step methods (``None``: one step per output interval).
         gradient: ``"backprop"``, ``"adjoint"`` or ``"checkpoint"``.
         options: any other keyword of :func:`neuralode.solve` (``adjoint_options``,
-            ``max_num_steps``, ``adjoint_params``, ...).
+            ``max_num_steps``, ``adjoint_params``, ...), copied into a plain ``dict``.
 
     Raises:
         ValueError: for an unknown method or gradient (naming the known ones), the checkpoint
-            gradient with a multistep method, a negative tolerance, or an option that has its own
-            argument (``options={"rtol": ...}``).
+            gradient with a multistep method, a negative or NaN tolerance, or an option that has
+            its own argument (``options={"rtol": ...}``).
+
+    Examples:
+        >>> from neuralode.nn import SolveSettings
+        >>> settings = SolveSettings("rk4", step_size=0.1)
+        >>> settings.kwargs()
+        {'method': 'rk4', 'rtol': 0.001, 'atol': 0.001, 'step_size': 0.1, 'gradient': 'backprop'}
+        >>> settings.replace(method="dopri5", step_size=None, rtol=1e-6)
+        method='dopri5', rtol=1e-06, atol=0.001, gradient='backprop'
+        >>> SolveSettings(gradient="magic")
+        Traceback (most recent call last):
+            ...
+        ValueError: gradient must be one of ['backprop', 'adjoint', 'checkpoint'], got 'magic'
     """
 
     method: str = "dopri5"
@@ -65,17 +77,35 @@ class SolveSettings:
         if clash:
             raise ValueError(
                 f"solve_options {clash} have their own arguments (method, rtol, atol, step_size, "
-                "gradient) or are set by the model itself"
+                "gradient) or are set by the model itself (batched: ODEBlock's own argument; "
+                "the other models decide it from their data)"
             )
         object.__setattr__(self, "options", dict(self.options))
 
     def kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of :func:`neuralode.solve` these settings stand for."""
+        """The keyword arguments of :func:`neuralode.solve` these settings stand for.
+
+        Returns:
+            A new ``dict``: ``method``, ``rtol``, ``atol``, ``step_size`` and ``gradient``, then
+            the entries of ``options``.
+        """
         own = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         return {**{k: v for k, v in own.items() if k != "options"}, **self.options}
 
     def replace(self, **changes: Any) -> SolveSettings:
-        """A copy with ``changes`` (checked again)."""
+        """A copy with ``changes`` (checked again).
+
+        Args:
+            **changes: new values of fields (``method``, ``rtol``, ``atol``, ``step_size``,
+                ``gradient``, ``options``).
+
+        Returns:
+            A new :class:`SolveSettings`; this one is unchanged (it is frozen).
+
+        Raises:
+            TypeError: for a name that is not a field.
+            ValueError: for a new value the constructor rejects.
+        """
         return dataclasses.replace(self, **changes)
 
     def __repr__(self) -> str:

@@ -183,7 +183,10 @@ class AdamsBashforth(Solver):
             default 4.  (torchdiffeq's ``max_order`` counts one more: its ``explicit_adams``
             reaches Adams-Bashforth of order ``max_order - 1``; its default is 12.)
 
-    Example:
+    Raises:
+        ValueError: ``max_order`` is not an integer from 1 to 12.
+
+    Examples:
         >>> import math, torch, neuralode
         >>> from neuralode.solvers import AdamsBashforth
         >>> t = torch.linspace(0, 1, 41, dtype=torch.float64)
@@ -304,8 +307,21 @@ class AdamsBashforthMoulton(AdamsBashforth):
             (``1e-7``, ``1e-9``); :func:`neuralode.odeint` passes its own ``rtol``/``atol``, as
             torchdiffeq does.
 
-    With :func:`neuralode.solve`, pass a configured instance:
-    ``solve(f, y0, t, method=AdamsBashforthMoulton(max_order=3, max_iters=2))``.
+    Raises:
+        ValueError: ``max_order`` is not an integer from 1 to 12, ``max_iters`` not an integer
+            of at least 1, ``rtol`` or ``atol`` negative or not finite, or both 0.
+
+    Examples:
+        With :func:`neuralode.solve`, pass a configured instance (``method="implicit_adams"``
+        is ``AdamsBashforthMoulton()``: order 4, 4 iterations):
+
+        >>> import math, torch, neuralode
+        >>> from neuralode.solvers import AdamsBashforthMoulton
+        >>> t = torch.linspace(0, 1, 41, dtype=torch.float64)
+        >>> sol = neuralode.solve(lambda t, y: -y, torch.ones(1, dtype=torch.float64), t,
+        ...                       method=AdamsBashforthMoulton(max_order=3, max_iters=2))
+        >>> f"{abs(float(sol.ys[-1, 0]) - math.exp(-1)):.0e}"  # the error at t = 1
+        '2e-07'
     """
 
     implicit = True

@@ -157,8 +157,15 @@ class AutoSwitch(Solver):
         max_nonstiff_steps: consecutive non-stiff verdicts of ``stiff`` steps after which a row
             switches back (on the next one).
         tol: the verdict's threshold, as a fraction of the stability limit.
+        name: the solver's name (``"auto"``: the registered ``tsit5``/``rodas5p`` pair).
 
-    Example:
+    Raises:
+        ValueError: ``explicit`` is not an adaptive first-same-as-last :class:`ExplicitRK`
+            whose last two nodes are 1; ``stiff`` is not adaptive or has another error order;
+            or a count is out of range (``stiff_steps``, ``calm_reset``, ``window`` below 1,
+            ``max_nonstiff_steps`` below 0, ``tol`` not positive).
+
+    Examples:
         >>> import torch, neuralode
         >>> lam = torch.tensor([[1.0], [1e4]], dtype=torch.float64)  # the second row is stiff
         >>> f = lambda t, y: -lam * (y - torch.cos(t).unsqueeze(-1))

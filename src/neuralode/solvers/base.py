@@ -63,6 +63,15 @@ class StepResult(NamedTuple):
         nlu: LU factorisations the step made (per row); 0 for explicit methods.
         n_newton: Newton iterations the step made (per row, summed over its stages); 0 for
             methods that do not iterate.
+
+    Examples:
+        One step of ``rk4`` (fixed-step: no error estimate) taken by hand, as the loop takes it:
+
+        >>> import torch, neuralode
+        >>> rk4, f, y = neuralode.get_solver("rk4"), (lambda t, y: -y), torch.ones(2)
+        >>> result = rk4.step(f, 0.0, 0.1, y, rk4.init(f, 0.0, y, None))
+        >>> result.y1, result.nfe, result.y_error  # y1 ~ exp(-0.1) = 0.904837
+        (tensor([0.9048, 0.9048]), 4, None)
     """
 
     y1: torch.Tensor
@@ -89,6 +98,21 @@ class DenseStep(NamedTuple):
         ks: the vectors ``k_j`` (stages and extra stages), each shaped like ``y0``.
         P: ``[len(ks), degree]`` coefficients in float64: forming the weights in the state dtype
             loses digits when ``|P|`` is large (DOP853's reach 545).
+
+    Examples:
+        ``rk4``'s interpolant (cubic Hermite: one extra stage, ``f(t + h, y1)``) at the step's
+        middle, by the formula above:
+
+        >>> import math, torch, neuralode
+        >>> rk4, f, y = neuralode.get_solver("rk4"), (lambda t, y: -y), torch.ones(2)
+        >>> result = rk4.step(f, 0.0, 0.1, y, None)
+        >>> dense, extra_nfe, _ = rk4.dense(f, 0.0, 0.1, y, result)
+        >>> len(dense.ks), tuple(dense.P.shape), extra_nfe
+        (5, (5, 3), 1)
+        >>> B = (dense.P * 0.5 ** torch.arange(1, 4)).sum(1)  # B_j(1/2)
+        >>> y_mid = dense.y0 + dense.h * sum(float(b) * k for b, k in zip(B, dense.ks))
+        >>> round(float(y_mid[0]), 5), round(math.exp(-0.05), 5)
+        (0.95123, 0.95123)
     """
 
     y0: torch.Tensor
@@ -104,7 +128,47 @@ class Solver(abc.ABC):
     embedded solution that the error estimate compares against; ``None`` for a fixed-step method)
     and ``dense_order`` (of the interpolant), and implement :meth:`init`, :meth:`step` and
     :meth:`dense`.  They must not keep per-solve mutable state on ``self``: one instance serves
-    every solve, and all that changes between steps goes through ``state``.
+    every solve, and all that changes between steps goes through ``state``.  An instance is a
+    ``method=`` of :func:`neuralode.solve` and :func:`neuralode.odeint` (as is any registered
+    name: :func:`~neuralode.solvers.get_solver`).
+
+    Attributes:
+        name: the method's name (in ``repr`` and error messages).
+        order: order of the propagated solution (global error ``O(h^order)``).
+        error_order: order of the embedded solution that the error estimate compares against
+            (the step-size controller's exponent is ``1 / (error_order + 1)``), or ``None``
+            for a fixed-step method (then :attr:`adaptive` is ``False``).
+        dense_order: order of the interpolant that :meth:`dense` builds.
+        lands_on_outputs: whether an adaptive solve ends a step on every output time instead
+            of interpolating (for a method whose interpolant is much less accurate than its
+            steps).
+        lands_per_row: whether that holds on some rows only, as :meth:`landing` says.
+        uses_jacobian: whether the method takes Jacobians of ``f`` (then a user's ``jac``
+            serves it).
+        multistep: whether a step uses values of earlier steps (then
+            ``gradient="checkpoint"`` is refused).
+
+    Examples:
+        A minimal solver, explicit Euler with linear interpolation (``P = [[1]]``:
+        ``B_0(theta) = theta``), used as any other method:
+
+        >>> import torch, neuralode
+        >>> from neuralode.solvers import DenseStep, Solver, StepResult
+        >>> class Euler(Solver):
+        ...     name, order, dense_order = "my_euler", 1, 1
+        ...     def init(self, f, t, y, f0):
+        ...         return None  # nothing carried from step to step
+        ...     def step(self, f, t, h, y, state, times=None):
+        ...         k = f(torch.as_tensor(t, dtype=y.dtype), y)
+        ...         h = torch.as_tensor(h, dtype=y.dtype).reshape(-1, *[1] * (y.ndim - 1))
+        ...         return StepResult(y + h * k, None, [k], None, 1)  # h per row, broadcast
+        ...     def dense(self, f, t, h, y, result):
+        ...         P = torch.ones(1, 1, dtype=torch.float64)
+        ...         return DenseStep(y, h, result.dense_info, P), 0, None
+        >>> sol = neuralode.solve(lambda t, y: -y, torch.ones(1), torch.tensor([0.0, 0.3, 1.0]),
+        ...                       method=Euler(), step_size=0.25)
+        >>> sol.ys[:, 0]  # 0.75 ** 4 = 0.3164 at t = 1; t = 0.3 interpolated
+        tensor([1.0000, 0.7125, 0.3164])
     """
 
     name: str = "solver"
@@ -132,8 +196,17 @@ class Solver(abc.ABC):
     def init(self, f: Func, t: Time, y: torch.Tensor, f0: torch.Tensor | None) -> Any:
         """The carried state at the start of a solve, or after a jump of the state.
 
-        ``f0`` is ``f(t, y)`` when the caller already has it (the entry evaluates it to check what
-        ``f`` returns), else ``None``; a solver that needs it evaluates it in its first step.
+        Args:
+            f: the vector field, ``f(t, y)`` with ``t`` in ``y``'s dtype and the row shape.
+            t: the start time (row tensor in the time dtype, or a float).
+            y: the start state.
+            f0: ``f(t, y)`` when the caller already has it (the entry evaluates it to check
+                what ``f`` returns), else ``None``; a solver that needs it evaluates it in its
+                first step.
+
+        Returns:
+            The state that the first :meth:`step` receives (anything :meth:`merge` can
+                merge; ``None`` when the solver carries nothing).
         """
 
     @abc.abstractmethod
@@ -143,19 +216,39 @@ class Solver(abc.ABC):
         """Attempt one step of size ``h`` (``>= 0``) from ``(t, y)``.
 
         Must be a pure function of its arguments (no host synchronisation, no Python branching on
-        tensor values): a compiled loop wraps it.  ``times`` is this solver's own
-        :meth:`stage_times` for the step when the loop precomputed them for a known grid.
+        tensor values): a compiled loop wraps it.
+
+        Args:
+            f: the vector field.
+            t: the step's start (row tensor in the time dtype, or a float).
+            h: the step (same form as ``t``; ``0`` on rows the loop masked out).
+            y: the start state.
+            state: the carried state (from :meth:`init`, the last accepted step, or the
+                rejected step's ``retry_state``).
+            times: this solver's own :meth:`stage_times` for the step when the loop
+                precomputed them for a known grid, else ``None``.
+
+        Returns:
+            The step's :class:`StepResult` (the new state, the error estimate and the
+                work done).
         """
 
     @abc.abstractmethod
     def dense(
         self, f: Func, t: Time, h: Time, y: torch.Tensor, result: StepResult
     ) -> tuple[DenseStep, int, Any]:
-        """The interpolant of an accepted step: ``(dense_step, nfe, state)``.
+        """The interpolant of an accepted step.
 
-        ``nfe`` counts the evaluations the interpolant added (its extra stages).  ``state`` is a
-        carried state to use instead of ``result.state`` when those evaluations include
-        ``f(t + h, y1)`` (which then starts the next step), else ``None``.
+        Args:
+            f: the vector field (for an interpolant's extra stages).
+            t, h, y: the step's start, size and start state, as :meth:`step` received them.
+            result: what :meth:`step` returned for it.
+
+        Returns:
+            dense_step: the step's :class:`DenseStep`.
+            nfe: the evaluations of ``f`` the interpolant added (its extra stages).
+            state: a carried state to use instead of ``result.state`` when those evaluations
+                include ``f(t + h, y1)`` (which then starts the next step), else ``None``.
         """
 
     def configured(self, controller: Any) -> Solver:

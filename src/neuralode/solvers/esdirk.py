@@ -55,6 +55,20 @@ class NewtonSettings:
             norm); ``None``: root mean square over every dimension but the batch's.
         dims: the dimensions ``norm`` reduces.
         max_iters: iterations per stage before the step fails.
+
+    Examples:
+        ``kvaerno3`` with at most 5 Newton iterations per stage (the solve's tolerances still
+        scale the corrections, as ``rtol`` and ``atol`` are left ``None``):
+
+        >>> import torch, neuralode
+        >>> from neuralode.solvers import ESDIRK_TABLEAUS, Esdirk, NewtonSettings
+        >>> solver = Esdirk(ESDIRK_TABLEAUS["kvaerno3"], NewtonSettings(max_iters=5))
+        >>> f = lambda t, y: -1e4 * (y - torch.cos(t))  # stiff: relaxes onto cos t
+        >>> sol = neuralode.solve(f, torch.zeros(1, dtype=torch.float64),
+        ...                       torch.tensor([0.0, 1.0], dtype=torch.float64), method=solver,
+        ...                       rtol=1e-4, atol=1e-7)
+        >>> round(float(sol.ys[-1, 0]), 3), sol.success, int(sol.stats.n_newton) > 0
+        (0.54, True, True)
     """
 
     rtol: float | torch.Tensor | None = None
@@ -73,7 +87,18 @@ class Esdirk(_LinearlyImplicit):
     stage's Newton iterations (one evaluation of ``f`` each).  ``Solution.stats.n_newton`` counts
     the iterations.
 
-    Example:
+    Args:
+        tableau: the method, ``kvaerno3``, ``kvaerno5`` (``ESDIRK_TABLEAUS``) or one of your
+            own.
+        settings: how the stage iterations stop; default :class:`NewtonSettings` ``()``: the
+            solve's own tolerances and norm, 10 iterations per stage.
+
+    Raises:
+        TypeError: ``tableau`` is not an :class:`EsdirkTableau`.
+
+    Examples:
+        Van der Pol's oscillator with ``mu = 1000`` (stiff):
+
         >>> import torch, neuralode
         >>> def van_der_pol(t, y, mu=1000.0):
         ...     return torch.stack([y[1], mu * (1 - y[0] ** 2) * y[1] - y[0]])

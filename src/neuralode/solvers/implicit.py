@@ -67,13 +67,17 @@ class ImplicitRK(Solver):
         max_iters: Newton iterations per step before the step fails (torchdiffeq's option of
             the same name; its default, 100, is for Broyden's slower iteration).
 
+    Raises:
+        TypeError: ``tableau`` is not an :class:`ImplicitTableau`.
+        ValueError: ``max_iters`` is not a positive integer.
+
     Per step: one Jacobian at the start (its forward pass is ``f(t, y)``), ``r`` evaluations
     of ``f`` per Newton iteration (``r`` implicit stages), and more Jacobians only when the
     simplified iteration contracts slowly.  ``Solution.stats`` counts ``njev``, ``nlu`` and
     ``n_newton``.  The interpolant between grid points is cubic Hermite (one evaluation of
     ``f(t + h, y1)``, only for steps with outputs inside them).
 
-    Example:
+    Examples:
         >>> import torch, neuralode
         >>> lam = 1e4  # stiff: an explicit method with this step would blow up
         >>> f = lambda t, y: -lam * (y - torch.cos(t)) - torch.sin(t)  # y = cos t

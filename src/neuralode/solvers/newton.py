@@ -75,7 +75,7 @@ def jacobian(f: Func, t: torch.Tensor, y: torch.Tensor) -> Linearisation:
         y: the state, ``[*state]`` unbatched or ``[batch, *features]`` batched (``t.ndim == 1``).
 
     Returns:
-        A :class:`Linearisation`.
+        The point's :class:`Linearisation`.
     """
     batched = t.ndim == 1
     if isinstance(f, JacobianField):

@@ -61,9 +61,31 @@ def get_solver(method: str | ButcherTableau | Solver) -> Solver:
     once per dtype and device); a tableau is keyed by identity, as hashing its fractions on every
     solve would cost more than a small solve's step.
 
+    Args:
+        method: a name in :data:`METHODS` or an alias (``"heun2"``, ``"fixed_adams"``); a
+            :class:`ButcherTableau` (run by :class:`ExplicitRK`); or a :class:`Solver`.
+
+    Returns:
+        The solver, a :class:`Solver`: the same instance for every call with one name (or
+            one tableau object), ``method`` itself for a solver.
+
     Raises:
-        ValueError: an unknown name (the message lists :data:`METHODS`).
+        ValueError: an unknown name (the message lists :data:`METHODS`), or a tableau with no
+            dense output (:class:`ExplicitRK`).
         TypeError: anything else.
+
+    Examples:
+        A registered stiff method, used in a solve (the same as ``method="rodas5p"``):
+
+        >>> import torch, neuralode
+        >>> solver = neuralode.get_solver("rodas5p")
+        >>> solver, solver.order, solver.uses_jacobian, neuralode.get_solver("rodas5p") is solver
+        (Rosenbrock('rodas5p'), 5, True, True)
+        >>> f = lambda t, y: -1e4 * (y - torch.cos(t))  # stiff: relaxes onto cos t
+        >>> sol = neuralode.solve(f, torch.zeros(1, dtype=torch.float64),
+        ...                       torch.tensor([0.0, 1.0], dtype=torch.float64), method=solver)
+        >>> round(float(sol.ys[-1, 0]), 3), sol.success
+        (0.54, True)
     """
     if isinstance(method, str):
         method = ALIASES.get(method, method)

@@ -88,9 +88,14 @@ class ExplicitRK(Solver):
 
     Args:
         tableau: a validated :class:`ButcherTableau` (``b_err`` makes it adaptive; ``dense``
-            gives its interpolant, cubic Hermite when the tableau has none of its own).
+            gives its interpolant: every registered tableau has one, and a tableau of your own
+            can take cubic Hermite's, :func:`~neuralode.tableaus.hermite_dense_output`).
 
-    Example:
+    Raises:
+        TypeError: ``tableau`` is not a :class:`ButcherTableau`.
+        ValueError: ``tableau.dense`` is ``None`` (the message says how to give it one).
+
+    Examples:
         >>> import torch, neuralode
         >>> from neuralode.solvers import ExplicitRK
         >>> rk4 = ExplicitRK(neuralode.get_tableau("rk4"))

@@ -130,7 +130,16 @@ class Rosenbrock(_LinearlyImplicit):
     Jacobian (``N`` vector-Jacobian products, batched over the samples) and one
     LU factorisation per sample, and solves one linear system per stage.
 
-    Example:
+    Args:
+        tableau: the method, ``rodas4``, ``rodas5p`` (``ROSENBROCK_TABLEAUS``) or one of your
+            own.
+
+    Raises:
+        TypeError: ``tableau`` is not a :class:`RosenbrockTableau`.
+
+    Examples:
+        Robertson's chemical kinetics (stiff: rate constants from ``0.04`` to ``3e7``):
+
         >>> import torch, neuralode
         >>> k = torch.tensor([0.04, 3e7, 1e4], dtype=torch.float64)
         >>> def robertson(t, y):
@@ -221,7 +230,19 @@ class Rosenbrock23(_LinearlyImplicit):
     and the dense output ``y0 + h (theta (1 - theta) K1 + theta (theta - 2 d) K2) / (1 - 2 d)``.
     It is a W-method (its order 2 holds for any approximation of ``J``) and L-stable.  Three
     evaluations of ``f`` per step (the first is the Jacobian's forward pass); ``F2`` and ``K3``
-    serve the error estimate only and are computed without autograd.
+    serve the error estimate only and are computed without autograd.  Registered as
+    ``method="rosenbrock23"``; it takes no arguments.
+
+    Examples:
+        A stiff relaxation onto ``cos t`` (``lambda = -1e4``):
+
+        >>> import torch, neuralode
+        >>> f = lambda t, y: -1e4 * (y - torch.cos(t))
+        >>> y0 = torch.zeros(1, dtype=torch.float64)
+        >>> t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+        >>> sol = neuralode.solve(f, y0, t, method="rosenbrock23", rtol=1e-4, atol=1e-7)
+        >>> round(float(sol.ys[-1, 0]), 3), sol.success  # cos(1) = 0.540
+        (0.54, True)
     """
 
     name = "rosenbrock23"

@@ -113,6 +113,15 @@ class DenseOutput:
         extra_a: ``a`` rows of the extra stages, each over all earlier stages (the method's stages,
             then earlier extra stages).
         order: order of the interpolant (its error is ``O(h^(order+1))`` locally).
+
+    ``degree`` (a property) is the number of columns of ``P``, the polynomials' degree.  The
+    rows are checked against their tableau when a :class:`ButcherTableau` is built with them.
+
+    Examples:
+        >>> import neuralode
+        >>> dense = neuralode.get_tableau("dopri5").dense  # Hairer's quartic interpolant
+        >>> dense.order, dense.degree, len(dense.P), dense.extra_c
+        (4, 4, 7, ())
     """
 
     P: tuple[Row, ...]
@@ -139,8 +148,38 @@ class ButcherTableau:
         error_order: order of the embedded solution; the controller exponent is
             ``1 / (error_order + 1)``.
         b_err2: a second error estimator (DOP853's 3rd-order one), combined as in Hairer's DOP853.
-        dense: continuous extension, or ``None`` to use cubic Hermite interpolation.
+        dense: continuous extension.  :class:`~neuralode.solvers.ExplicitRK` (and so
+            ``method=``) needs one: pass :func:`hermite_dense_output` ``(b, order)`` for cubic
+            Hermite interpolation; ``None`` is accepted here but refused by the solver.
         tol: tolerance of the order-condition checks (0 for exact rational tableaus).
+        fsal: computed, not passed: whether the last stage is ``f(t + h, y1)`` (node 1 and
+            ``a[-1] + (0,) == b``), which the solver then carries into the next step.
+
+    Coefficients are :class:`fractions.Fraction` or ``int`` (write a decimal as
+    ``Fraction("0.1")``).  ``stages`` and ``adaptive`` (``b_err`` given) are properties.
+
+    Raises:
+        ValueError: the data fail a check: lengths (``c``, ``a``, ``b`` one entry per stage,
+            ``a[i]`` of length ``i``), a row of ``a`` that does not sum to its node,
+            ``sum(b) != 1``, ``sum(b_err) != 0``, ``b_err`` without ``error_order`` (or the
+            reverse), or a dense output that does not end on ``b``.  The message names the
+            tableau and the check.
+
+    Examples:
+        Heun's method with Euler's as the embedded pair, order 2(1), used as ``method=``:
+
+        >>> from fractions import Fraction as F
+        >>> import torch, neuralode
+        >>> from neuralode.tableaus import hermite_dense_output
+        >>> b = (F(1, 2), F(1, 2))
+        >>> heun_euler = neuralode.ButcherTableau(
+        ...     name="heun_euler", order=2, c=(F(0), F(1)), a=((), (F(1),)), b=b,
+        ...     b_err=(F(-1, 2), F(1, 2)), error_order=1, dense=hermite_dense_output(b, 2))
+        >>> sol = neuralode.solve(lambda t, y: -y, torch.ones(1, dtype=torch.float64),
+        ...                       torch.tensor([0.0, 1.0], dtype=torch.float64),
+        ...                       method=heun_euler, rtol=1e-4, atol=1e-6)
+        >>> round(float(sol.ys[-1, 0]), 4), heun_euler.adaptive, heun_euler.fsal  # exp(-1)
+        (0.3679, True, False)
     """
 
     name: str
@@ -211,6 +250,21 @@ def hermite_dense_output(b: Row, order: int) -> DenseOutput:
     at the last step.  With ``y1 - y0 = h sum_j b_j k_j``:
     ``B_j = (3 theta^2 - 2 theta^3) b_j + [j=0] (theta - 2 theta^2 + theta^3)
     + [j=f1] (theta^3 - theta^2)``.
+
+    Args:
+        b: the tableau's weights (exact fractions), one per stage.
+        order: the tableau's order; the interpolant's is ``min(order, 3)``.
+
+    Returns:
+        The interpolant, a :class:`DenseOutput` over the ``len(b)`` stages and the extra
+            stage ``f1``.
+
+    Examples:
+        >>> from fractions import Fraction as F
+        >>> from neuralode.tableaus import hermite_dense_output
+        >>> dense = hermite_dense_output((F(1, 2), F(1, 2)), order=2)
+        >>> dense.order, dense.degree, len(dense.P), dense.extra_c
+        (2, 3, 3, (Fraction(1, 1),))
     """
     s = len(b)
     rows: list[Row] = []
@@ -808,7 +862,28 @@ ALIASES: dict[str, str] = {"heun2": "heun"}
 
 
 def get_tableau(method: str) -> ButcherTableau:
-    """Return the tableau registered as ``method``; raise ``ValueError`` listing the known ones."""
+    """The explicit Runge-Kutta tableau registered as ``method``.
+
+    Args:
+        method: a name in :data:`TABLEAUS` (``"dopri5"``, ``"tsit5"``, ``"rk4"``, ...) or an
+            alias (``"heun2"``).
+
+    Returns:
+        The registered :class:`ButcherTableau` (frozen, so shared by every caller).
+
+    Raises:
+        ValueError: ``method`` is no explicit tableau: the message lists the known ones, or
+            says where a stiff or multistep method's coefficients are (``rodas5p``:
+            ``ROSENBROCK_TABLEAUS``; ``kvaerno5``: ``ESDIRK_TABLEAUS``).
+
+    Examples:
+        >>> import neuralode
+        >>> tableau = neuralode.get_tableau("dopri5")
+        >>> tableau.order, tableau.error_order, tableau.stages, tableau.fsal
+        (5, 4, 7, True)
+        >>> neuralode.get_tableau("heun2").name  # torchdiffeq's spelling
+        'heun'
+    """
     try:
         return TABLEAUS[ALIASES.get(method, method)]
     except (KeyError, TypeError):
@@ -879,6 +954,18 @@ class RosenbrockTableau:
         m, m_err: solution and error weights (``m_err = m - m_hat``).
         H: the dense output's rows ``H[r]`` over the stages.
         tol: tolerance of the checks (the published coefficients are 16-digit decimals).
+
+    Raises:
+        ValueError: the data fail a check (the lengths above, ``c`` or ``d`` against
+            ``Gamma``); the message names the tableau and the check.
+
+    Examples:
+        >>> from neuralode.solvers import ROSENBROCK_TABLEAUS, Rosenbrock
+        >>> tableau = ROSENBROCK_TABLEAUS["rodas4"]
+        >>> tableau.order, tableau.error_order, tableau.dense_order, tableau.stages
+        (4, 3, 3, 6)
+        >>> Rosenbrock(tableau)  # the solver; method="rodas4" is this one
+        Rosenbrock('rodas4')
     """
 
     name: str
@@ -1172,9 +1259,22 @@ class EsdirkTableau:
         a: strictly lower rows (``a[i]`` has ``i`` entries; ``a[0]`` is empty).
         b: solution weights (checked: the last row of the full matrix, ``(*a[-1], gamma)``).
         b_err: ``b - b_hat``.
-        c: nodes (checked: ``c[0] == 0``, ``c[i] == sum(a[i]) + gamma``, ``c[-1] == 1``).
+        c: nodes (checked: ``c[0] == 0``, ``c[i] == sum(a[i]) + gamma``, and ``c[-1] == 1``,
+            which with the rows gives ``sum(b) == 1``, the consistency condition).
         pred: predictor rows, ``pred[i]`` over the ``i`` earlier stages (``pred[0]`` empty).
         tol: tolerance of the checks (Kvaerno's order-5 pair is published as 17-digit decimals).
+
+    Raises:
+        ValueError: the data fail a check (the lengths and the checks above, each ``pred[i]``
+            summing to 1, ``sum(b_err) == 0``); the message names the tableau and the check.
+
+    Examples:
+        >>> from neuralode.solvers import ESDIRK_TABLEAUS
+        >>> tableau = ESDIRK_TABLEAUS["kvaerno5"]
+        >>> tableau.order, tableau.error_order, tableau.stages, float(tableau.gamma)
+        (5, 4, 7, 0.26)
+        >>> tableau.A[-1] == list(tableau.b)  # stiffly accurate
+        True
     """
 
     name: str
@@ -1204,6 +1304,8 @@ class EsdirkTableau:
         for j in range(s):
             self._close(self.b[j], last[j], f"b[{j}] == the last row's (stiffly accurate)")
         self._close(sum(self.b_err), F(0), "sum(b_err) == 0")
+        # The step ends at the last stage, so that stage must sit at t + h: then sum(b) == 1.
+        self._close(self.c[-1], F(1), "c[-1] == 1 (the last stage is the step's end)")
 
     def _close(self, x: Fraction | int, y: Fraction, what: str) -> None:
         _check_close(self.name, self.tol, x, y, what)
@@ -1329,6 +1431,24 @@ class ImplicitTableau:
         A: the full ``s x s`` matrix.
         b: weights (checked: they sum to 1).
         tol: tolerance of the checks (coefficients with square roots are stored to 40 digits).
+
+    Raises:
+        ValueError: the data fail a check (``A`` not ``s x s``, ``c`` of another length, or a
+            check above); the message names the tableau and the check.
+
+    Examples:
+        The implicit midpoint rule, written out and run by :class:`~neuralode.solvers.ImplicitRK`
+        (``method="implicit_midpoint"`` is the same method):
+
+        >>> from fractions import Fraction as F
+        >>> import torch, neuralode
+        >>> from neuralode.solvers import ImplicitRK, ImplicitTableau
+        >>> midpoint = ImplicitTableau("my_midpoint", 2, c=(F(1, 2),), A=((F(1, 2),),), b=(F(1),))
+        >>> t = torch.linspace(0, 1, 11, dtype=torch.float64)
+        >>> ys = neuralode.odeint(lambda t, y: -y, torch.ones(1, dtype=torch.float64), t,
+        ...                       method=ImplicitRK(midpoint))
+        >>> round(float(ys[-1, 0]), 4)  # (0.95 / 1.05) ** 10; exp(-1) = 0.3679
+        0.3676
     """
 
     name: str
