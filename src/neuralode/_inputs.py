@@ -60,7 +60,7 @@ def all_finite(x: torch.Tensor) -> bool:
     The sum is finite whenever every element is, except when it overflows; only a non-finite
     sum pays for the exact elementwise check.  One reduction is cheaper than ``isfinite(x)``
     followed by ``all()`` (a temporary of the state's size), and a solve checks its state, its
-    first evaluation and its outputs (the README's speed section has the timing)."""
+    first evaluation and its outputs (docs/performance.md has the timing)."""
     x = x.detach()
     if bool(torch.isfinite(x.sum())):
         return True

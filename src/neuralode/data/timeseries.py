@@ -463,7 +463,7 @@ class PeriodicConfig:
     """Parameters of :func:`make_periodic`; defaults follow Rubanova et al.'s ``periodic`` data.
 
     Attributes:
-        n_series: number of series (their ``-n``; the README runs use 1000).
+        n_series: number of series (their ``-n``; the documented runs use 1000).
         n_times: points of the grid shared by all series (``--timepoints``, 100).
         max_t: the grid lies in ``[0, max_t]`` (``--max-t``, 5): time 0 plus ``n_times - 1``
             uniform draws, sorted.
@@ -471,7 +471,7 @@ class PeriodicConfig:
             uniformly from this range (0.4, 0.8); it changes linearly in between.
         amplitude: amplitude of the sine (1).
         offset, offset_std: each series is ``offset + N(0, offset_std)`` plus the sine (1, 0.1).
-        noise: noise scale (``--noise-weight``, 0.01 in the README runs).
+        noise: noise scale (``--noise-weight``, 0.01 in the documented runs).
         noise_kind: ``"uniform"`` adds ``noise * U[0, 1)`` as the reference does (its
             ``np.random.sample``; biased, not zero-mean), ``"gaussian"`` adds ``N(0, noise)``.
             Noise is added to every point but the first, as in the reference.

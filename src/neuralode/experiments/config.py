@@ -170,7 +170,7 @@ def add_config_arguments(
             "--preset",
             choices=shipped,
             default=argparse.SUPPRESS,
-            help="a recipe shipped with neuralode (the README says what each one is and how "
+            help="a recipe shipped with neuralode (docs/experiments says what each one is and how "
             "long it takes); --config and flags override its settings",
         )
     parser.add_argument(

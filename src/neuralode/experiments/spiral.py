@@ -65,9 +65,10 @@ LOSSES = ("l1", "mse", "relative")
 class SpiralDemoConfig(RunSettings):
     """Settings of one spiral run (written to ``config.json``).
 
-    The defaults run in under a minute on 2 CPU threads (see the README's demo results). The
-    training and evaluation tolerances apply to ``method``; the true trajectory is always
-    generated with dopri5 at ``data_rtol``/``data_atol``. Everything is float64.
+    The defaults run in under a minute on 2 CPU threads (see the demo results in
+    docs/experiments/index.md). The training and evaluation tolerances apply to ``method``;
+    the true trajectory is always generated with dopri5 at ``data_rtol``/``data_atol``.
+    Everything is float64.
     """
 
     out: str = run_field("out", "runs/spiral")

@@ -26,8 +26,8 @@ Gradients for the times: ``dL/ds_i = <dL/dy_i, f(s_i, y_i)>`` for ``i >= 1`` and
 The backward solve's default error norm is the seminorm of Kidger, Chen & Lyons (2021, "Hey,
 that's not an ODE"): it leaves the parameter-gradient channels out of the step-size control,
 because they do not feed back into the dynamics.  ``adjoint_options={"norm": "rms"}`` restores the
-full (mixed RMS) norm, torchdiffeq's default; ``"max"`` the max norm.  The README's speed section
-measures both.
+full (mixed RMS) norm, torchdiffeq's default; ``"max"`` the max norm.  The performance page
+(docs/performance.md) measures both.
 """
 
 from __future__ import annotations

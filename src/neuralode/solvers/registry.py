@@ -47,7 +47,7 @@ _FACTORIES: dict[str, Callable[[], Solver]] = {
 #: Other names of registered methods (torchdiffeq's spellings).
 ALIASES: dict[str, str] = {**_TABLEAU_ALIASES, "fixed_adams": "implicit_adams"}
 
-#: The registered method names, in the order the README lists them.
+#: The registered method names, in the order the docs list them (docs/concepts/solvers.md).
 METHODS: tuple[str, ...] = tuple(_FACTORIES)
 
 _SOLVERS: dict[str, Solver] = {}

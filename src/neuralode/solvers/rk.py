@@ -4,8 +4,8 @@ Stage combinations are chains of ``add_(k, alpha=a_ij)`` over the non-zero coeff
 the coefficients as Python floats: no tableau tensors, no stacking, and autograd sees one node per
 term.  Per-row step sizes enter once per stage through ``addcmul``; a step given as a Python float
 (the one-row driver) is folded into the coefficients instead.  Stacking the stages and forming
-each one with a single ``addmm`` was measured slower on CPU (``benchmarks/``, README), so the
-chains stay.
+each one with a single ``addmm`` was measured slower on CPU (``benchmarks/``,
+docs/performance.md), so the chains stay.
 
 First-same-as-last is carried state, not a loop assumption: the carried state is ``f(t, y)`` at
 the step's start when it is known (the previous step's last stage for an FSAL tableau, the
