@@ -404,6 +404,23 @@ def test_grazing_event_time_has_no_derivative():
         bsolve(lambda t, y: -y, y0, torch.tensor([0.0, 1.0]), events=Event(step))
 
 
+@pytest.mark.parametrize("gradient", ["backprop", "adjoint", "checkpoint"])
+def test_a_grazing_event_without_gradients_is_located(gradient):
+    """y' = 3 (t - 1)^2 from -1 touches y = 0 at t = 1 without crossing sign of its rate.  With
+    nothing that requires grad, the event time needs no derivative: it is located (it raised
+    GrazingEventError whenever autograd was on).  With y0 requiring grad it still raises."""
+    f = lambda t, y: 3 * (t - 1) ** 2  # noqa: E731
+    t = torch.tensor([0.0, 2.0], dtype=torch.float64)
+    kw = dict(method="rk4", step_size=0.5, events=Event(lambda t, y: y))
+    if gradient != "backprop":
+        kw["adjoint_params"] = ()
+    y0 = torch.tensor(-1.0, dtype=torch.float64)
+    sol = solve(f, y0, t, gradient=gradient, **kw)
+    assert abs(float(sol.event_t) - 1.0) < 1e-6
+    with pytest.raises(GrazingEventError, match="grazes"):
+        solve(f, y0.clone().requires_grad_(), t, gradient=gradient, **kw)
+
+
 # -- input handling -------------------------------------------------------------------------------
 
 

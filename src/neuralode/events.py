@@ -578,9 +578,13 @@ def event_time(
 
     Raises:
         GrazingEventError: the denominator is zero to round-off on a row (the solution touches
-            the event surface without crossing it): the event time has no derivative there.
+            the event surface without crossing it) and a gradient is needed (``t``, ``y`` or
+            ``g(t, y)`` has a graph): the event time has no derivative there.
     """
     parts = y if isinstance(y, tuple) else (y,)
+    gv = _column(g(t, y), col)
+    if not (gv.requires_grad or t.requires_grad or any(p.requires_grad for p in parts)):
+        return t.detach()  # nothing upstream needs a gradient: the value is all there is
     t = t.detach()
     td = t.clone().requires_grad_(True)
     yd = tuple(p.detach().requires_grad_(True) for p in parts)
@@ -608,7 +612,6 @@ def event_time(
             f"function's rate along the solution, dg/dt + dg/dy . f, is zero to round-off (the "
             f"solution grazes the event surface), so the event time has no derivative"
         )
-    gv = _column(g(t, y), col)
     step = (gv - gv.detach()) / torch.where(rows, rate, 1.0).to(gv.dtype)
     t_event = t - torch.where(rows, step, 0.0).to(t.dtype)
     return t_event
