@@ -26,7 +26,7 @@ demo: $(STAMP)
 	rm -rf runs/demo
 	$(PYTHON) -m neuralode train spiral --out runs/demo
 
-# Two workers (pytest-xdist: 1m40 instead of 2m30 here) in a random order (pytest-randomly).
+# Two workers (pytest-xdist; about ten minutes here) in a random order (pytest-randomly).
 test: $(STAMP)
 	$(PYTHON) -m pytest -q -n 2
 

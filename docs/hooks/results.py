@@ -40,6 +40,7 @@ MAKERS = {
     "runs/density": "make density",
     "runs/bench/compare": "make bench",
     "runs/bench/quick": "make bench-quick",
+    "runs/bench/figure3": "make bench",
     "runs/bench/stiff": "make bench-stiff",
     "runs/examples/bouncing_balls": "python examples/bouncing_balls.py",
 }
