@@ -227,13 +227,34 @@ def test_method_as_name_tableau_or_solver(method: str) -> None:
 def test_explicit_rk_refuses_what_it_cannot_run() -> None:
     with pytest.raises(TypeError, match=r"^ExplicitRK needs a ButcherTableau, got str$"):
         ExplicitRK("dopri5")  # type: ignore[arg-type]
-    no_dense = ButcherTableau(name="euler_bare", order=1, c=(Fr(0),), a=((),), b=(Fr(1),))
-    with pytest.raises(ValueError) as info:
-        ExplicitRK(no_dense)
-    assert str(info.value) == (
-        "tableau 'euler_bare' has no dense output; give it one (for example "
-        "neuralode.tableaus.hermite_dense_output(b, order))"
+
+
+def test_a_tableau_without_dense_output_gets_cubic_hermite() -> None:
+    """Ralston's second-order method as a user would write it (no interpolant): it was refused
+    with a ValueError; it now runs with cubic Hermite interpolation, the same numbers and
+    evaluations as the tableau given hermite_dense_output explicitly, and keeps its order."""
+    from neuralode.tableaus import hermite_dense_output
+
+    c, a, b = (Fr(0), Fr(2, 3)), ((), (Fr(2, 3),)), (Fr(1, 4), Fr(3, 4))
+    bare = ButcherTableau(name="ralston", order=2, c=c, a=a, b=b)
+    given = ButcherTableau(
+        name="ralston_h", order=2, c=c, a=a, b=b, dense=hermite_dense_output(b, 2)
     )
+    t = torch.tensor([0.0, 0.5, 2.0], dtype=torch.float64)
+    y0 = torch.tensor([1.0, -0.5], dtype=torch.float64)
+    sols = [
+        neuralode.solve(lambda t, y: -y + torch.sin(t), y0, t, method=m, step_size=0.1, dense=True)
+        for m in (bare, given)
+    ]
+    assert torch.equal(sols[0].ys, sols[1].ys)
+    assert int(sols[0].stats.nfe) == int(sols[1].stats.nfe)
+    q = torch.tensor([0.33, 1.27], dtype=torch.float64)
+    assert torch.equal(sols[0].evaluate(q), sols[1].evaluate(q))
+    errs = []
+    for h in (0.1, 0.05):
+        ys = neuralode.odeint(lambda t, y: -y, y0, t, method=bare, options={"step_size": h})
+        errs.append(float((ys[-1] - y0 * math.exp(-2.0)).abs().max()))
+    assert 3.6 < errs[0] / errs[1] < 4.4  # second order
 
 
 def test_solvers_and_their_constants_are_built_once() -> None:

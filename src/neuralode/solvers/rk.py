@@ -21,7 +21,7 @@ import torch
 
 from .._rows import per_row
 from .base import DenseStep, Func, Solver, StepResult, Time
-from .tableaus import ButcherTableau
+from .tableaus import ButcherTableau, hermite_dense_output
 
 __all__ = ["ExplicitRK", "KnownFirstStage"]
 
@@ -89,11 +89,10 @@ class ExplicitRK(Solver):
     Args:
         tableau: a validated :class:`ButcherTableau` (``b_err`` makes it adaptive; ``dense``
             gives its interpolant: every registered tableau has one, and a tableau of your own
-            can take cubic Hermite's, :func:`~neuralode.tableaus.hermite_dense_output`).
+            without one gets cubic Hermite's, :func:`~neuralode.tableaus.hermite_dense_output`).
 
     Raises:
         TypeError: ``tableau`` is not a :class:`ButcherTableau`.
-        ValueError: ``tableau.dense`` is ``None`` (the message says how to give it one).
 
     Examples:
         >>> import torch, neuralode
@@ -106,12 +105,9 @@ class ExplicitRK(Solver):
     def __init__(self, tableau: ButcherTableau) -> None:
         if not isinstance(tableau, ButcherTableau):
             raise TypeError(f"ExplicitRK needs a ButcherTableau, got {type(tableau).__name__}")
-        dense = tableau.dense
-        if dense is None:
-            raise ValueError(
-                f"tableau {tableau.name!r} has no dense output; give it one (for example "
-                f"neuralode.tableaus.hermite_dense_output(b, order))"
-            )
+        # A tableau of the user's without an interpolant gets cubic Hermite's (its f(t + h, y1)
+        # starts the next step, so it costs an evaluation only at the last step).
+        dense = tableau.dense or hermite_dense_output(tableau.b, tableau.order)
         self.tableau = tableau
         self.name = tableau.name
         self.order = tableau.order

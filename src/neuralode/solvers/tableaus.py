@@ -148,9 +148,9 @@ class ButcherTableau:
         error_order: order of the embedded solution; the controller exponent is
             ``1 / (error_order + 1)``.
         b_err2: a second error estimator (DOP853's 3rd-order one), combined as in Hairer's DOP853.
-        dense: continuous extension.  :class:`~neuralode.solvers.ExplicitRK` (and so
-            ``method=``) needs one: pass :func:`hermite_dense_output` ``(b, order)`` for cubic
-            Hermite interpolation; ``None`` is accepted here but refused by the solver.
+        dense: continuous extension; ``None``: :class:`~neuralode.solvers.ExplicitRK` (and so
+            ``method=``) uses cubic Hermite interpolation, :func:`hermite_dense_output`
+            ``(b, order)``.
         tol: tolerance of the order-condition checks (0 for exact rational tableaus).
         fsal: computed, not passed: whether the last stage is ``f(t + h, y1)`` (node 1 and
             ``a[-1] + (0,) == b``), which the solver then carries into the next step.
