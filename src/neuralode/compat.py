@@ -19,7 +19,7 @@ import torch
 
 from ._inputs import CALLBACK_NAMES, check_state, check_times
 from .events import Event
-from .gradients.adjoint import ADJOINT_OPTIONS
+from .gradients.adjoint import ADJOINT_OPTIONS, find_adjoint_params
 from .solution import SolverError
 from .solve import DEFAULT_MAX_NUM_STEPS, solve
 from .solvers import AdamsBashforth, AdamsBashforthMoulton, ButcherTableau, Solver, get_solver
@@ -99,10 +99,11 @@ def odeint(
         method: a name in :data:`neuralode.METHODS` (``dopri5``, ``bosh3``, ``fehlberg2``,
             ``adaptive_heun``, ``euler``, ``rk4``, ``explicit_adams``, ``implicit_adams``, ...)
             or an alias (``heun2``, ``fixed_adams``), ``None``
-            (``dopri5``), ``"scipy_solver"`` (forward only, no gradient: see
-            :data:`SCIPY_OPTIONS`), or your own :class:`~neuralode.ButcherTableau` or
-            :class:`~neuralode.solvers.Solver`.  Our ``rk4`` is the classic rule; torchdiffeq's
-            ``rk4`` is Kutta's 3/8 rule, ours ``rk38``.
+            (``dopri5``), ``"scipy_solver"`` (no gradient here, as torchdiffeq;
+            :func:`odeint_adjoint` gives one; see :data:`SCIPY_OPTIONS`), or your own
+            :class:`~neuralode.ButcherTableau` or :class:`~neuralode.solvers.Solver`.  Our
+            ``rk4`` is the classic rule; torchdiffeq's ``rk4`` is Kutta's 3/8 rule, ours
+            ``rk38``.
         options: keys of :data:`ODE_OPTIONS` (an unknown key warns and is ignored, as in
             torchdiffeq); torchdiffeq's older ``grid_points``/``eps`` are read as ``step_t``
             (``eps=0``) or ``jump_t``, with a ``FutureWarning``.
@@ -184,7 +185,9 @@ def odeint_adjoint(
         y0: initial state at ``t[0]``: a floating tensor of any shape, or a tuple of them.
         t: 1-D strictly increasing or strictly decreasing output times ``[T]``.
         rtol, atol: the forward solve's tolerances, as :func:`odeint`.
-        method: the forward solve's method, as :func:`odeint` (not ``"scipy_solver"``).
+        method: the forward solve's method, as :func:`odeint`.  With ``"scipy_solver"`` the
+            backward solve runs the augmented system through ``scipy.integrate.solve_ivp`` too
+            (``adjoint_options["solver"]``, default: the forward's), as torchdiffeq does.
         options: the forward solve's options, keys of :data:`ODE_OPTIONS` (an unknown key
             warns and is ignored).
         adjoint_rtol, adjoint_atol: the backward solve's tolerances (default: ``rtol``,
@@ -203,8 +206,7 @@ def odeint_adjoint(
         ``(event_t, solution)`` as :func:`odeint`.
 
     Raises:
-        ValueError, TypeError: bad input, naming the argument; ``method="scipy_solver"`` (a
-            ``ValueError``: it has no gradient).
+        ValueError, TypeError: bad input, naming the argument.
         SolverError: the forward or the backward solve failed.
         RuntimeError: at backward, when asked for higher-order gradients (``create_graph=True``):
             the adjoint's backward pass is not differentiable; use :func:`odeint` instead.
@@ -223,9 +225,26 @@ def odeint_adjoint(
     """
     method = "dopri5" if method is None else method
     if isinstance(method, str) and method == "scipy_solver":
-        raise ValueError(
-            "method='scipy_solver' has no gradient (scipy's solve is not differentiable): use "
-            "odeint with it, or a neuralode method with odeint_adjoint"
+        if event_fn is not None:
+            raise ValueError("event_fn is not supported with method='scipy_solver'")
+        if adjoint_method not in (None, "scipy_solver"):
+            raise ValueError(
+                f"method='scipy_solver' takes its backward solve from scipy too; "
+                f"adjoint_method={adjoint_method!r} cannot serve it (leave it None)"
+            )
+        _check_1d(t, "odeint_adjoint")
+        return _scipy_adjoint(
+            func,
+            y0,
+            t,
+            (rtol, atol),
+            options,
+            (
+                rtol if adjoint_rtol is None else adjoint_rtol,
+                atol if adjoint_atol is None else adjoint_atol,
+            ),
+            options if adjoint_options is None else adjoint_options,
+            find_adjoint_params(func, adjoint_params, "adjoint"),
         )
     _check_1d(t, "odeint_adjoint")
     adjoint: dict[str, Any] = dict(
@@ -727,7 +746,8 @@ def _scipy_solve(
 ) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """``method="scipy_solver"``: ``scipy.integrate.solve_ivp`` on a NumPy view of ``func``.
 
-    Forward only, as in torchdiffeq: the outputs carry no gradient.  The state is solved as one
+    As in torchdiffeq the outputs carry no gradient (``odeint_adjoint`` gives them one, by
+    :func:`_scipy_adjoint`).  The state is solved as one
     float64 vector and returned in ``y0``'s dtype and device."""
     try:
         from scipy.integrate import solve_ivp
@@ -784,3 +804,167 @@ def _scipy_solve(
     if not res.success or res.y.shape[1] != tt.shape[0]:
         raise SolverError(f"odeint(method='scipy_solver'): scipy's solve_ivp failed: {res.message}")
     return unpack(torch.as_tensor(res.y.T).to(device, dtype))
+
+
+def _scipy_adjoint(
+    func: Callable[[torch.Tensor, Any], Any],
+    y0: Any,
+    t: torch.Tensor,
+    tolerances: tuple[Any, Any],
+    options: dict[str, Any] | None,
+    adjoint_tolerances: tuple[Any, Any],
+    adjoint_options: dict[str, Any] | None,
+    params: tuple[torch.Tensor, ...],
+) -> Any:
+    """``odeint_adjoint(method="scipy_solver")``: scipy's forward solve, and the adjoint's
+    augmented system ``(y, a, g)`` solved backwards over each output interval by scipy as well
+    (``dy/ds = f``, ``da/ds = -a df/dy``, ``dg/ds = -a df/dp``), as torchdiffeq does."""
+    ys = _scipy_solve(func, y0, t, *tolerances, options)
+    parts_in = y0 if isinstance(y0, tuple) else (y0,)
+    parts_out = ys if isinstance(ys, tuple) else (ys,)
+    run = _ScipyAdjointRun(func, y0, t, adjoint_tolerances, adjoint_options, params)
+    # torch.autograd.Function.apply has no annotations (torch 2.13).
+    outs = _ScipyAdjoint.apply(run, t, len(parts_in), *parts_out, *parts_in, *params)  # type: ignore[no-untyped-call]
+    return tuple(outs) if isinstance(y0, tuple) else outs[0]
+
+
+class _ScipyAdjointRun:
+    """What the backward pass of :func:`_scipy_adjoint` needs: the flattened field and the
+    backward solve's settings."""
+
+    def __init__(
+        self,
+        func: Callable[[torch.Tensor, Any], Any],
+        y0: Any,
+        t: torch.Tensor,
+        tolerances: tuple[Any, Any],
+        options: dict[str, Any] | None,
+        params: tuple[torch.Tensor, ...],
+    ) -> None:
+        parts = y0 if isinstance(y0, tuple) else (y0,)
+        self.func, self.is_tuple, self.params = func, isinstance(y0, tuple), params
+        self.shapes = [p.shape for p in parts]
+        self.sizes = [math.prod(sh) for sh in self.shapes]
+        self.dtype, self.device = parts[0].dtype, parts[0].device
+        for name, tol in zip(("adjoint_rtol", "adjoint_atol"), tolerances):
+            if isinstance(tol, torch.Tensor) and tol.numel() != 1:
+                raise ValueError(
+                    f"{name} must be a number with method='scipy_solver' (the backward state "
+                    f"mixes y, the adjoint and the parameter gradients), got shape "
+                    f"{tuple(tol.shape)}"
+                )
+        self.rtol, self.atol = (float(x) for x in tolerances)
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(SCIPY_OPTIONS) - {"norm"})
+        if unknown:
+            _warn_unknown(unknown, list(SCIPY_OPTIONS), "odeint_adjoint(method='scipy_solver')")
+        self.solver = options.get("solver", "LSODA")
+        self.extra = {k: options[k] for k in ("min_step", "max_step") if k in options}
+
+    def field(self, s: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+        """``func`` on a flat state ``[N]`` (the state's dtype), flat ``[N]`` out."""
+        chunks = torch.split(flat, self.sizes)
+        ys = tuple(c.reshape(sh) for c, sh in zip(chunks, self.shapes))
+        out = self.func(s, ys if self.is_tuple else ys[0])
+        outs = out if isinstance(out, tuple) else (out,)
+        return torch.cat([o.reshape(-1) for o in outs])
+
+    def backward(
+        self, t: torch.Tensor, ys: torch.Tensor, grads: torch.Tensor, t_grad: bool
+    ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
+        """``(dL/dy0, dL/dparams, dL/dt)`` from the outputs ``ys`` ``[T, N]`` (float64) and
+        their gradients ``grads`` ``[T, N]``."""
+        from scipy.integrate import solve_ivp
+
+        n = ys.shape[1]
+        numels = [p.numel() for p in self.params]
+        tt = t.detach().double().cpu().numpy()
+
+        def state(s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return self.field(s.to(self.dtype), y.to(self.dtype)).double()
+
+        def aug(s: float, x: Any) -> Any:
+            xt = torch.as_tensor(x, device=self.device)
+            y, a = xt[:n], xt[n : 2 * n]
+            with torch.enable_grad():
+                yd = y.to(self.dtype).detach().requires_grad_(True)
+                f = self.field(torch.tensor(s, dtype=self.dtype, device=self.device), yd)
+                vjps = torch.autograd.grad(f, (yd, *self.params), a.to(f.dtype), allow_unused=True)
+            pieces = [f.detach().double()]
+            for v, like in zip(vjps, (yd, *self.params)):
+                v = torch.zeros_like(like) if v is None else v
+                pieces.append(-v.detach().reshape(-1).double())
+            return torch.cat(pieces).cpu().numpy()
+
+        a = grads[-1].clone()
+        g = torch.zeros(sum(numels), dtype=torch.float64, device=self.device)
+        t_grads = torch.zeros(len(tt), dtype=torch.float64) if t_grad else None
+        flowed = torch.zeros_like(a)
+        for i in range(len(tt) - 1, 0, -1):
+            if t_grads is not None:  # moving an output time moves that output along f
+                with torch.no_grad():
+                    t_grads[i] = (grads[i] * state(t[i], ys[i])).sum()
+            x0 = torch.cat([ys[i], a, g]).cpu().numpy()
+            res = solve_ivp(
+                aug,
+                (tt[i], tt[i - 1]),
+                x0,
+                method=self.solver,
+                rtol=self.rtol,
+                atol=self.atol,
+                **self.extra,
+            )
+            if not res.success:
+                raise SolverError(
+                    f"odeint_adjoint(method='scipy_solver'): the backward solve failed on the "
+                    f"output interval between output times {i - 1} and {i}: {res.message}"
+                )
+            x1 = torch.as_tensor(res.y[:, -1], device=self.device)
+            flowed = x1[n : 2 * n]  # the adjoint of the later outputs, carried to t[i - 1]
+            a = flowed + grads[i - 1]
+            g = x1[2 * n :]
+        if t_grads is not None:  # the start: -a(t0) . f(t0, y0), without the output at t0,
+            with torch.no_grad():  # which is y0 wherever t0 is
+                t_grads[0] = -(flowed * state(t[0], ys[0])).sum()
+        param_grads = list(torch.split(g, numels))
+        return a, param_grads, t_grads
+
+
+class _ScipyAdjoint(torch.autograd.Function):
+    """scipy's outputs, with the adjoint's gradient to ``y0``, ``t`` and the parameters."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, run: _ScipyAdjointRun, t: torch.Tensor, n_parts: int, *tensors: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        outs = tensors[:n_parts]
+        ctx.run, ctx.n_parts = run, n_parts
+        flat = torch.cat([o.detach().reshape(o.shape[0], -1).double() for o in outs], dim=1)
+        ctx.save_for_backward(t, flat)
+        ctx.in_parts = [p for p in tensors[n_parts : 2 * n_parts]]
+        return tuple(o.detach().clone() for o in outs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[Any, ...]:
+        t, flat = ctx.saved_tensors
+        run: _ScipyAdjointRun = ctx.run
+        T = flat.shape[0]
+        g_flat = torch.cat(
+            [
+                (
+                    torch.zeros(T, n, dtype=torch.float64, device=flat.device)
+                    if g is None
+                    else g.reshape(T, -1).double()
+                )
+                for g, n in zip(grads, run.sizes)
+            ],
+            dim=1,
+        )
+        a, param_grads, t_grads = run.backward(t, flat, g_flat, ctx.needs_input_grad[1])
+        y0_grads = [
+            c.reshape(p.shape).to(p.dtype) for c, p in zip(torch.split(a, run.sizes), ctx.in_parts)
+        ]
+        p_grads = [g.reshape(p.shape).to(p.dtype) for g, p in zip(param_grads, run.params)]
+        tg = None if t_grads is None else t_grads.to(t.dtype).to(t.device)
+        return (None, tg, None, *([None] * ctx.n_parts), *y0_grads, *p_grads)
