@@ -315,6 +315,24 @@ def test_the_tableau_cache_is_bounded() -> None:
     assert len(registry._FROM_TABLEAU) == 1
 
 
+def test_a_name_builds_its_solver_on_first_use_and_keeps_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The registry builds a name's solver when it is first asked for (the suite's own
+    imports asked for every name already, so the cache is emptied here), under the name an
+    alias stands for, and hands that same solver out after."""
+    from neuralode.solvers import registry
+
+    monkeypatch.setattr(registry, "_SOLVERS", {})
+    heun = registry.get_solver("heun2")
+    assert isinstance(heun, ExplicitRK) and heun.tableau is neuralode.get_tableau("heun")
+    assert registry._SOLVERS == {"heun": heun}
+    assert registry.get_solver("heun") is heun and registry.get_solver("heun2") is heun
+    adams = registry.get_solver("fixed_adams")
+    assert type(adams).__name__ == "AdamsBashforthMoulton"
+    assert registry._SOLVERS == {"heun": heun, "implicit_adams": adams}
+
+
 def test_user_tableau_converges_at_its_order() -> None:
     """A tableau passed as ``method=`` is a real method: Ralston's 3rd order, measured."""
     tab = ButcherTableau(
@@ -343,6 +361,14 @@ def test_unknown_methods_are_named() -> None:
         neuralode.solve(field, Y0, T, method="rk5")
     with pytest.raises(TypeError, match=r"method must be a name in .*ButcherTableau.*Solver"):
         neuralode.solve(field, Y0, T, method=5)  # type: ignore[arg-type]
+    from neuralode.solvers import get_solver
+
+    with pytest.raises(TypeError) as info:
+        get_solver(5.0)  # type: ignore[arg-type]
+    assert str(info.value) == (
+        f"method must be a name in {list(neuralode.METHODS)}, a neuralode.ButcherTableau or a "
+        "neuralode.solvers.Solver, got float"
+    )
 
 
 class CappedStep(Solver):
