@@ -480,9 +480,23 @@ def test_runge_kutta_merge_keeps_each_rows_known_first_stage() -> None:
     marked = KnownFirstStage(torch.full((3, 2), 7.0, dtype=torch.float64), accept)
     res = solver.step(f, t, h, y, marked)
     assert res.nfe.tolist() == [2, 3, 2] and len(calls) == 3
+    assert calls[0].tolist() == [0.0, 0.0, 0.0]  # the rows' f(t, y), at the step's start
     assert torch.equal(res.dense_info[0][0], marked.k0[0])  # carried, not re-evaluated
     assert torch.equal(res.dense_info[0][1], -y[1])
     assert torch.equal(res.retry_state, res.dense_info[0])  # a retry starts from f(t, y)
+
+
+def test_a_fixed_step_method_gives_no_error_estimate() -> None:
+    """``StepResult``'s contract for a method without an embedded pair: no error estimate
+    (``None``), no carried state (rk4 is not FSAL), its four evaluations, and the RK4 update,
+    which for ``y' = -y`` is the Taylor polynomial of ``exp(-h)`` to degree 4."""
+    solver = neuralode.get_solver("rk4")
+    y = torch.tensor([1.0, 2.0], dtype=F64)
+    h = 0.1
+    res = solver.step(lambda t, y: -y, 0.0, h, y, None)
+    assert res.y_error is None and res.state is None and res.nfe == 4
+    growth = 1 - h + h**2 / 2 - h**3 / 6 + h**4 / 24
+    torch.testing.assert_close(res.y1, y * growth, rtol=1e-15, atol=0)
 
 
 class StateChecker(Solver):
