@@ -336,6 +336,24 @@ def test_the_tableau_cache_is_bounded() -> None:
     assert len(registry._FROM_TABLEAU) == 1
 
 
+def test_a_name_builds_its_solver_on_first_use_and_keeps_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The registry builds a name's solver when it is first asked for (the suite's own
+    imports asked for every name already, so the cache is emptied here), under the name an
+    alias stands for, and hands that same solver out after."""
+    from neuralode.solvers import registry
+
+    monkeypatch.setattr(registry, "_SOLVERS", {})
+    heun = registry.get_solver("heun2")
+    assert isinstance(heun, ExplicitRK) and heun.tableau is neuralode.get_tableau("heun")
+    assert registry._SOLVERS == {"heun": heun}
+    assert registry.get_solver("heun") is heun and registry.get_solver("heun2") is heun
+    adams = registry.get_solver("fixed_adams")
+    assert type(adams).__name__ == "AdamsBashforthMoulton"
+    assert registry._SOLVERS == {"heun": heun, "implicit_adams": adams}
+
+
 def test_user_tableau_converges_at_its_order() -> None:
     """A tableau passed as ``method=`` is a real method: Ralston's 3rd order, measured."""
     tab = ButcherTableau(
@@ -364,6 +382,14 @@ def test_unknown_methods_are_named() -> None:
         neuralode.solve(field, Y0, T, method="rk5")
     with pytest.raises(TypeError, match=r"method must be a name in .*ButcherTableau.*Solver"):
         neuralode.solve(field, Y0, T, method=5)  # type: ignore[arg-type]
+    from neuralode.solvers import get_solver
+
+    with pytest.raises(TypeError) as info:
+        get_solver(5.0)  # type: ignore[arg-type]
+    assert str(info.value) == (
+        f"method must be a name in {list(neuralode.METHODS)}, a neuralode.ButcherTableau or a "
+        "neuralode.solvers.Solver, got float"
+    )
 
 
 class CappedStep(Solver):
@@ -475,9 +501,23 @@ def test_runge_kutta_merge_keeps_each_rows_known_first_stage() -> None:
     marked = KnownFirstStage(torch.full((3, 2), 7.0, dtype=torch.float64), accept)
     res = solver.step(f, t, h, y, marked)
     assert res.nfe.tolist() == [2, 3, 2] and len(calls) == 3
+    assert calls[0].tolist() == [0.0, 0.0, 0.0]  # the rows' f(t, y), at the step's start
     assert torch.equal(res.dense_info[0][0], marked.k0[0])  # carried, not re-evaluated
     assert torch.equal(res.dense_info[0][1], -y[1])
     assert torch.equal(res.retry_state, res.dense_info[0])  # a retry starts from f(t, y)
+
+
+def test_a_fixed_step_method_gives_no_error_estimate() -> None:
+    """``StepResult``'s contract for a method without an embedded pair: no error estimate
+    (``None``), no carried state (rk4 is not FSAL), its four evaluations, and the RK4 update,
+    which for ``y' = -y`` is the Taylor polynomial of ``exp(-h)`` to degree 4."""
+    solver = neuralode.get_solver("rk4")
+    y = torch.tensor([1.0, 2.0], dtype=F64)
+    h = 0.1
+    res = solver.step(lambda t, y: -y, 0.0, h, y, None)
+    assert res.y_error is None and res.state is None and res.nfe == 4
+    growth = 1 - h + h**2 / 2 - h**3 / 6 + h**4 / 24
+    torch.testing.assert_close(res.y1, y * growth, rtol=1e-15, atol=0)
 
 
 class StateChecker(Solver):

@@ -31,7 +31,14 @@ from trees import Tree, gamma, trees_of_order
 import neuralode
 from neuralode import ButcherTableau, get_tableau
 from neuralode.solvers import ExplicitRK
-from neuralode.solvers.tableaus import ESDIRK_TABLEAUS, IMPLICIT_TABLEAUS, ROSENBROCK_TABLEAUS
+from neuralode.solvers.tableaus import (
+    ESDIRK_TABLEAUS,
+    IMPLICIT_TABLEAUS,
+    ROSENBROCK_TABLEAUS,
+    EsdirkTableau,
+    ImplicitTableau,
+    RosenbrockTableau,
+)
 from neuralode.tableaus import DenseOutput
 
 #: The explicit methods (the registry's others are stiff: tests/test_stiff.py).
@@ -294,6 +301,40 @@ def test_get_tableau_unknown_lists_all_methods() -> None:
         get_tableau("nope")
 
 
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        (
+            "rodas5p",
+            r"'rodas5p' is a Rosenbrock method, not an explicit Runge-Kutta tableau: its "
+            r"coefficients are neuralode.solvers.ROSENBROCK_TABLEAUS\['rodas5p'\]",
+        ),
+        (
+            "kvaerno3",
+            r"'kvaerno3' is an implicit \(ESDIRK\) method, not an explicit Runge-Kutta tableau: "
+            r"its coefficients are neuralode.solvers.ESDIRK_TABLEAUS\['kvaerno3'\]",
+        ),
+        (
+            "rosenbrock23",
+            r"'rosenbrock23' is a Rosenbrock method with no tableau of its own "
+            r"\(neuralode.solvers.Rosenbrock23\)",
+        ),
+        *(
+            (
+                name,
+                rf"'{name}' is a multistep \(Adams\) method with no Butcher tableau "
+                r"\(neuralode.solvers.AdamsBashforth, AdamsBashforthMoulton\)",
+            )
+            for name in ("explicit_adams", "implicit_adams", "fixed_adams")
+        ),
+    ],
+)
+def test_get_tableau_of_a_method_without_one_says_where_it_is(name: str, message: str) -> None:
+    with pytest.raises(ValueError, match=f"^{message}$") as info:
+        get_tableau(name)
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
 def test_aliases_are_the_same_method() -> None:
     # torchdiffeq's `heun2` is Heun's method: the same tableau and the same solver object.
     assert get_tableau("heun2") is get_tableau("heun")
@@ -343,6 +384,19 @@ def test_tableaus_built_now_are_the_registered_ones() -> None:
         fresh.get_tableau("nope")
 
 
+def test_stiff_tableaus_built_now_are_the_registered_ones() -> None:
+    """The stiff methods' tableaus (whose coefficients tests/test_stiff.py, test_esdirk.py and
+    test_implicit.py check) come out of their builders, run now, the same to the last digit."""
+    fresh = _fresh_tableaus_module()
+    for table in ("ROSENBROCK_TABLEAUS", "ESDIRK_TABLEAUS", "IMPLICIT_TABLEAUS"):
+        registered = getattr(neuralode.solvers.tableaus, table)
+        built = getattr(fresh, table)
+        assert list(built) == list(registered), table
+        for name, tab in registered.items():
+            assert dataclasses.astuple(built[name]) == dataclasses.astuple(tab), name
+            assert type(built[name]).__name__ == type(tab).__name__
+
+
 @pytest.mark.parametrize("name", EXPLICIT)
 def test_solver_built_now_matches_the_registered_one(name: str) -> None:
     """``ExplicitRK`` derives its stage terms from the tableau once; built now, it holds what
@@ -369,3 +423,144 @@ def test_theta_rows_drop_the_constant_term_and_pad_to_one_degree() -> None:
     )
     with pytest.raises(ValueError, match=r"^dense output polynomials must vanish at theta = 0$"):
         _theta_rows((F(0), F(1)), (F(1, 2), F(1)))
+
+
+# -- the stiff methods' tableaus: each check, with the message that names it --------------------
+# Their other tests (order conditions, stability, solves) are in tests/test_stiff.py,
+# tests/test_esdirk.py and tests/test_implicit.py; these are the construction checks alone.
+def _fields(tab) -> dict:
+    return {k: getattr(tab, k) for k in tab.__dataclass_fields__}
+
+
+def _with(row: tuple, i: int, x: Fraction) -> tuple:
+    return (*row[:i], x, *row[i + 1 :])
+
+
+_RODAS4 = ROSENBROCK_TABLEAUS["rodas4"]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"a": _RODAS4.a[:-1]}, r"a must be strictly lower \(6 stages\)"),
+        ({"a": _with(_RODAS4.a, 2, (F(1),))}, r"a must be strictly lower \(6 stages\)"),
+        ({"C": _RODAS4.C[:-1]}, r"C must be strictly lower \(6 stages\)"),
+        ({"C": _with(_RODAS4.C, 3, (F(1), F(2)))}, r"C must be strictly lower \(6 stages\)"),
+        ({"c": _RODAS4.c[:-1]}, r"c must have 6 entries"),
+        ({"d": _RODAS4.d[:-1]}, r"d must have 6 entries"),
+        ({"m_err": _RODAS4.m_err[:-1]}, r"m_err must have 6 entries"),
+        ({"H": (_RODAS4.H[0], _RODAS4.H[1][:-1])}, r"each dense row H\[r\] must have 6 entries"),
+        # c[2] of Rodas4 is 0.21, the sum of row 2 of alpha = a Gamma.
+        (
+            {"c": _with(_RODAS4.c, 2, F("0.22"))},
+            r"fails its check c\[2\] == row 2 of alpha = a "
+            r"Gamma: 0\.21 vs 0\.22",
+        ),
+        (
+            {"d": _with(_RODAS4.d, 0, F(1, 2))},
+            r"fails its check d\[0\] == row 0 of Gamma: 0\.25 "
+            r"vs 0\.5",
+        ),
+    ],
+)
+def test_bad_rosenbrock_tableau_raises_naming_the_check(change: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=r"^tableau 'rodas4'(: | )" + message + "$"):
+        RosenbrockTableau(**{**_fields(_RODAS4), **change})
+
+
+def test_rosenbrock_checks_hold_to_their_tolerance() -> None:
+    """The published coefficients have 16 digits: a node off by 1e-16 passes, by 1e-13 fails."""
+    c = _RODAS4.c
+    RosenbrockTableau(**{**_fields(_RODAS4), "c": _with(c, 2, c[2] + F(1, 10**16))})
+    with pytest.raises(ValueError, match=r"c\[2\]"):
+        RosenbrockTableau(**{**_fields(_RODAS4), "c": _with(c, 2, c[2] + F(1, 10**13))})
+
+
+_KV3 = ESDIRK_TABLEAUS["kvaerno3"]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"a": _KV3.a[:-1]}, r": a must be strictly lower \(4 stages\)"),
+        ({"a": _with(_KV3.a, 2, (F(1),))}, r": a must be strictly lower \(4 stages\)"),
+        ({"pred": _KV3.pred[:-1]}, r": pred must be strictly lower \(4 stages\)"),
+        ({"pred": _with(_KV3.pred, 3, (F(1),))}, r": pred must be strictly lower \(4 stages\)"),
+        ({"c": _KV3.c[:-1]}, r": c must have 4 entries"),
+        ({"b_err": _KV3.b_err[:-1]}, r": b_err must have 4 entries"),
+        (
+            {"c": _with(_KV3.c, 0, F(1, 10))},
+            r" fails its check c\[0\] == 0 \(an explicit first "
+            r"stage\): 0\.1 vs 0\.0",
+        ),
+        # c[1] = 2 gamma = 0.8717...
+        (
+            {"c": _with(_KV3.c, 1, F(87, 100))},
+            r" fails its check c\[1\] == sum\(a\[1\]\) \+ "
+            r"gamma: 0\.871733043016918 vs 0\.87",
+        ),
+        (
+            {"c": _with(_KV3.c, 3, F(2))},
+            r" fails its check c\[3\] == sum\(a\[3\]\) \+ gamma: "
+            r"1\.0 vs 2\.0",
+        ),
+        (
+            {"pred": _with(_KV3.pred, 1, (F(2),))},
+            r" fails its check pred\[1\] sums to 1: 2\.0 "
+            r"vs 1\.0",
+        ),
+        (
+            {"pred": _with(_KV3.pred, 3, (F(1), F(0), F(1)))},
+            r" fails its check pred\[3\] sums "
+            r"to 1: 2\.0 vs 1\.0",
+        ),
+        # b is the last row of the full matrix, (*a[-1], gamma), gamma = 0.4358...
+        (
+            {"b": _with(_KV3.b, 3, F(1, 2))},
+            r" fails its check b\[3\] == the last row's \(stiffly "
+            r"accurate\): 0\.5 vs 0\.435866521508459",
+        ),
+        (
+            {"b_err": _with(_KV3.b_err, 3, F(1))},
+            r" fails its check sum\(b_err\) == 0: "
+            r"0\.564133478491541 vs 0\.0",
+        ),
+    ],
+)
+def test_bad_esdirk_tableau_raises_naming_the_check(change: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=r"^tableau 'kvaerno3'" + message + "$"):
+        EsdirkTableau(**{**_fields(_KV3), **change})
+
+
+_H = F(1, 2)
+_TRAPEZOID = dict(name="bad", order=2, c=(F(0), F(1)), A=((F(0), F(0)), (_H, _H)), b=(_H, _H))
+
+
+def test_implicit_template_builds() -> None:
+    tab = ImplicitTableau(**_TRAPEZOID)
+    assert tab.stages == 2 and tab.explicit_first
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"c": (F(0),)}, r": A must be 2 x 2 and c have 2 entries"),
+        ({"A": ((F(0), F(0)),)}, r": A must be 2 x 2 and c have 2 entries"),
+        ({"A": ((F(0), F(0)), (F(1),))}, r": A must be 2 x 2 and c have 2 entries"),
+        ({"c": (F(0), F(1, 2))}, r" fails its check c\[1\] == sum\(A\[1\]\): 1\.0 vs 0\.5"),
+        # The trapezoidal rule is of order 2: its weights integrate theta^2 wrongly.
+        (
+            {"order": 3},
+            r" fails its check sum_j b_j c_j\^2 == 1/3 \(order 3\): 0\.5 vs "
+            r"0\.3333333333333333",
+        ),
+        # Weights that do not sum to 1 fail the first quadrature condition.
+        (
+            {"c": (F(1),), "A": ((F(1),),), "b": (_H,), "order": 1},
+            r" fails its check sum_j b_j c_j\^0 == 1/1 \(order 1\): 0\.5 vs 1\.0",
+        ),
+    ],
+)
+def test_bad_implicit_tableau_raises_naming_the_check(change: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=r"^tableau 'bad'" + message + "$"):
+        ImplicitTableau(**{**_TRAPEZOID, **change})
