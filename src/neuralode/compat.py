@@ -844,6 +844,7 @@ class _ScipyAdjointRun:
         parts = y0 if isinstance(y0, tuple) else (y0,)
         self.func, self.is_tuple, self.params = func, isinstance(y0, tuple), params
         self.shapes = [p.shape for p in parts]
+        self.dtypes = [p.dtype for p in parts]
         self.sizes = [math.prod(sh) for sh in self.shapes]
         self.dtype, self.device = parts[0].dtype, parts[0].device
         for name, tol in zip(("adjoint_rtol", "adjoint_atol"), tolerances):
@@ -941,7 +942,6 @@ class _ScipyAdjoint(torch.autograd.Function):
         ctx.run, ctx.n_parts = run, n_parts
         flat = torch.cat([o.detach().reshape(o.shape[0], -1).double() for o in outs], dim=1)
         ctx.save_for_backward(t, flat)
-        ctx.in_parts = [p for p in tensors[n_parts : 2 * n_parts]]
         return tuple(o.detach().clone() for o in outs)
 
     @staticmethod
@@ -963,8 +963,9 @@ class _ScipyAdjoint(torch.autograd.Function):
         )
         a, param_grads, t_grads = run.backward(t, flat, g_flat, ctx.needs_input_grad[1])
         y0_grads = [
-            c.reshape(p.shape).to(p.dtype) for c, p in zip(torch.split(a, run.sizes), ctx.in_parts)
+            c.reshape(sh).to(dt)
+            for c, sh, dt in zip(torch.split(a, run.sizes), run.shapes, run.dtypes)
         ]
         p_grads = [g.reshape(p.shape).to(p.dtype) for g, p in zip(param_grads, run.params)]
-        tg = None if t_grads is None else t_grads.to(t.dtype).to(t.device)
+        tg = None if t_grads is None else t_grads.to(t.device, t.dtype)
         return (None, tg, None, *([None] * ctx.n_parts), *y0_grads, *p_grads)
