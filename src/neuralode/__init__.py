@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
+from ._compiled import CompileOptions
 from .compat import ODE_OPTIONS, odeint, odeint_adjoint, odeint_event
 from .events import Event, GrazingEventError
 from .solution import Solution, SolverError, Stats, Status
@@ -24,6 +25,7 @@ __all__ = [
     "odeint_adjoint",
     "odeint_event",
     "solve",
+    "CompileOptions",
     "Solution",
     "SolverError",
     "Stats",

@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from ._compiled import CompileOptions, drive
 from ._inputs import Callbacks, all_finite
 from ._outputs import Outputs, StepRecord
 from ._rows import per_row
@@ -97,6 +98,9 @@ class LoopSpec:
             before it (torchdiffeq's ``perturb``; :class:`PerturbedField`).
         events: batched solves: ``events(t0, y0) -> EventTracker``, the events the commit
             checks on every accepted step (:mod:`neuralode.events`); ``None`` for none.
+        compile: run the attempts in compiled blocks (:mod:`neuralode._compiled`; explicit
+            Runge-Kutta methods, no events, dense output, records, step or jump times,
+            callbacks or perturbation); ``None``: the eager drivers.
     """
 
     func: Func
@@ -112,6 +116,7 @@ class LoopSpec:
     callbacks: Callbacks = Callbacks()
     perturb: bool = False
     events: Callable[[torch.Tensor, torch.Tensor], EventTracker] | None = None
+    compile: CompileOptions | None = None
 
     def __post_init__(self) -> None:
         # A Newton iteration stops at the solve's own tolerances (see Solver.configured).
@@ -286,6 +291,8 @@ class _Run:
     def run(self) -> LoopResult:
         if self.T == 1:
             ys, status, t_end, stats, h_next = self._no_steps()
+        elif self.spec.compile is not None and self.records is None:
+            ys, status, t_end, stats, h_next = self._compiled_driver(self.spec.compile)
         elif self.batched:
             ys, status, t_end, stats, h_next = self._tensor_driver()
         else:
@@ -297,6 +304,25 @@ class _Run:
             tracker = self._events or self.spec.events(self.out_times[:, 0], self.y0)
             log = tracker.log()
         return LoopResult(ys, status, t_end, stats, h_next, self.dense, self.records, log)
+
+    def _compiled_driver(self, opts: CompileOptions) -> tuple[Any, ...]:
+        spec = self.spec
+        return drive(
+            self.f,
+            self.solver,
+            self.controller,
+            self.batched,
+            self.y0,
+            self.f0,
+            self.out_times,
+            step_size=spec.step_size,
+            first_step=self.first_step,
+            t_floor=self._t_floor,
+            resolution=self._resolution,
+            max_num_steps=spec.max_num_steps,
+            carry_step=self.carry_step,
+            opts=opts,
+        )
 
     def _no_steps(self) -> tuple[Any, ...]:
         rows = self.out_times.shape[:-1]

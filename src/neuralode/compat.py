@@ -56,6 +56,9 @@ ODE_OPTIONS = {
     "max_order": "explicit_adams, implicit_adams (fixed_adams): the order k of the method, the "
     "number of values of func it combines, 1 to 12 (default 4; torchdiffeq's default is 12, "
     "and its explicit_adams reaches order max_order - 1)",
+    "compile": "neuralode's own (torchdiffeq has none): True, or a dict of CompileOptions "
+    "fields, to run an explicit Runge-Kutta method's steps in blocks compiled by torch.compile "
+    "(see neuralode.solve's compile)",
     "max_iters": "implicit_adams (fixed_adams): corrector iterations per step, at least 1 "
     "(default 4; the corrector stops earlier once its change is within rtol/atol); the "
     "fixed-step implicit methods (implicit_euler, ..., trbdf2): Newton iterations per step "

@@ -41,7 +41,7 @@ def rms_norm(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     """Root mean square over ``dims`` (Hairer's norm; scipy and torchdiffeq use it too)."""
     if not dims:
         return x.abs()
-    n = math.prod(x.shape[d] for d in dims)  # states are never empty (checked at the entry)
+    n = math.prod([x.shape[d] for d in dims])  # states are never empty (checked at the entry)
     # One fused reduction (instead of square, mean, sqrt): the norm sits in every step.
     norm: torch.Tensor = torch.linalg.vector_norm(x, dim=dims)
     return norm.mul(1.0 / math.sqrt(n))

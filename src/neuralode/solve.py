@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ._compiled import CompileOptions, refusal
 from ._event_solve import check_events, differentiate, make_tracker, unbatched_events, with_events
 from ._inputs import CALLBACK_NAMES, Problem, _fmt_time, check_solver_options, normalise
 from ._loop import LoopSpec
@@ -76,6 +77,7 @@ def solve(
     adjoint_atol: float | torch.Tensor | None = None,
     adjoint_method: str | ButcherTableau | Solver | None = None,
     adjoint_options: dict[str, Any] | None = None,
+    compile: bool | dict[str, Any] | CompileOptions = False,
 ) -> Solution:
     """Solve ``dy/dt = func(t, y)`` from ``y(t[..., 0]) = y0`` and report the solution at ``t``.
 
@@ -168,6 +170,17 @@ def solve(
             ``max_num_steps``, ``dtype``, ``safety``, ``beta``, ``ifactor``, ``dfactor``.  After
             ``backward()``,
             ``Solution.backward_stats`` holds the backward solve's work counters.
+        compile: run the solver's attempts in blocks compiled by ``torch.compile`` with
+            ``fullgraph=True`` (``True``, or a dict of :class:`~neuralode.CompileOptions`
+            fields: ``backend``, ``mode``, ``block``, ``max_outputs``).  Every decision is a
+            mask and the host synchronises once per block, so the per-operation overhead that
+            dominates small solves is fused away; the first solve of each shape pays the
+            compilation (seconds to a minute on a CPU).  For the explicit Runge-Kutta methods
+            with ``gradient="backprop"`` (compiled forward and backward) or ``"adjoint"``
+            (compiled forward; the backward solve is eager); not with events, ``dense``,
+            ``step_t``/``jump_t``, ``perturb``, func's callbacks or ``"checkpoint"``.  A step
+            passes at most ``max_outputs`` output times (8), so with denser outputs it takes
+            more steps than the eager solve.  See docs/performance.md for when it pays.
 
     Returns:
         A :class:`Solution`: ``ys`` is ``[T, *y0.shape]`` unbatched and ``[batch, T, *features]``
@@ -233,6 +246,7 @@ def solve(
         )
     if not isinstance(perturb, bool):
         raise TypeError(f"perturb must be True or False, got {perturb!r}")
+    compile_opts = CompileOptions.build(compile)
     prob = normalise(
         func,
         y0,
@@ -257,6 +271,19 @@ def solve(
     if prob.jac is not None:
         prob = dataclasses.replace(prob, func=JacobianField(prob.func, prob.jac))
     cb = prob.callbacks
+    if compile_opts is not None:
+        why = refusal(
+            solver,
+            events=events is not None,
+            dense=dense,
+            step_t=step_t is not None,
+            jump_t=jump_t is not None,
+            perturb=perturb,
+            callbacks=cb.any,
+            **{'gradient="checkpoint"': gradient == "checkpoint"},
+        )
+        if why is not None:
+            raise ValueError(why)
     if not solver.adaptive and (cb.accept is not None or cb.reject is not None):
         unused = {
             n
@@ -314,6 +341,7 @@ def solve(
         jump_t=jump_s,
         callbacks=prob.callbacks,
         perturb=perturb,
+        compile=compile_opts,
     )
     if events is not None:
         if solver.multistep and any(e.reset is not None for e in events):

@@ -1,0 +1,218 @@
+"""Eager against compiled solves (``solve(..., compile=True)``), side by side in one process.
+
+For each shape and gradient mode: the eager solve, the compiled one (inductor, the default
+options), torchdiffeq where it is installed, and the floor (the same number of bare evaluations
+of the field, chained, eager).  Times are the best of interleaved rounds; the compiled solve's
+first call (compilation included) is timed apart, and the break-even is the number of solves
+after which compiling has paid for itself.  Then rk4's per-step time on a trivial field
+(10,000 steps), eager and compiled.
+
+    python benchmarks/compiled.py --out runs/bench/compiled     # or: make bench-compiled
+
+Writes ``compiled.json`` and ``compiled.md`` (the table in docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import neuralode
+
+try:  # a peer, where installed (the bench extra)
+    import torchdiffeq
+except ImportError:  # pragma: no cover - depends on the environment
+    torchdiffeq = None
+
+
+class Field(torch.nn.Module):
+    def __init__(self, sizes: list[int], acts: list[type[torch.nn.Module]]) -> None:
+        super().__init__()
+        mods: list[torch.nn.Module] = []
+        for i, act in enumerate(acts):
+            mods += [torch.nn.Linear(sizes[i], sizes[i + 1]), act()]
+        self.net = torch.nn.Sequential(*mods)
+        self.nfe = 0
+
+    def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.nfe += 1
+        return self.net(y)
+
+
+SHAPES: dict[str, tuple[list[int], list[type[torch.nn.Module]], int, float]] = {
+    "mlp-32-128-b256": ([32, 128, 128, 32], [torch.nn.Tanh, torch.nn.Tanh, torch.nn.Identity],
+                        256, 1.0),
+    "diffrax-4-32-b64": ([4, 32, 4], [torch.nn.Softplus, torch.nn.Tanh], 64, 100.0),
+    "tiny-2-16-b16": ([2, 16, 2], [torch.nn.Tanh, torch.nn.Identity], 16, 1.0),
+}  # fmt: skip
+
+
+def best_of(runners: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Best time (ms) of each runner over ``repeats`` interleaved rounds."""
+    best = {k: float("inf") for k in runners}
+    for _ in range(repeats):
+        for name, fn in runners.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return {k: v * 1e3 for k, v in best.items()}
+
+
+def case(shape: str, mode: str, repeats: int, tol: float) -> dict[str, Any]:
+    sizes, acts, batch, t1 = SHAPES[shape]
+    torch.manual_seed(0)
+    f = Field(sizes, acts)
+    y0 = torch.randn(batch, sizes[0])
+    t = torch.tensor([0.0, t1])
+    grad = {"forward": None, "backprop": "backprop", "adjoint": "adjoint"}[mode]
+
+    def ours(compile: bool) -> Callable[[], int]:
+        def run() -> int:
+            f.nfe = 0
+            with torch.set_grad_enabled(grad is not None):
+                sol = neuralode.solve(
+                    f, y0, t, rtol=tol, atol=tol, gradient=grad or "backprop", compile=compile
+                )
+                if grad is not None:
+                    sol.ys[-1].square().sum().backward()
+            return f.nfe
+
+        return run
+
+    def peer() -> int:
+        assert torchdiffeq is not None
+        f.nfe = 0
+        solver = torchdiffeq.odeint_adjoint if grad == "adjoint" else torchdiffeq.odeint
+        with torch.set_grad_enabled(grad is not None):
+            y1 = solver(f, y0, t, rtol=tol, atol=tol, method="dopri5")[-1]
+            if grad is not None:
+                y1.square().sum().backward()
+        return f.nfe
+
+    eager, compiled = ours(False), ours(True)
+    t0 = time.perf_counter()
+    nfe_c = compiled()  # compiles (and fills inductor's cache)
+    first = time.perf_counter() - t0
+    nfe_e = eager()
+    fwd_nfe = int(neuralode.solve(f, y0, t, rtol=tol, atol=tol).stats.nfe)
+
+    def floor() -> None:
+        with torch.set_grad_enabled(grad == "backprop"):
+            y = y0
+            for _ in range(fwd_nfe):
+                y = y + 1e-3 * f(t, y)
+            if grad == "backprop":
+                y.square().sum().backward()
+
+    runners: dict[str, Callable[[], Any]] = {"eager": eager, "compiled": compiled}
+    if grad != "adjoint":  # the adjoint's floor would need its backward evaluations too
+        runners["floor"] = floor
+    nfe_p = None
+    if torchdiffeq is not None:
+        runners["torchdiffeq"] = peer
+        nfe_p = peer()
+    ms = best_of(runners, repeats)
+    saved = ms["eager"] - ms["compiled"]
+    out = {
+        "shape": shape, "mode": mode, "ms": ms, "nfe": {"eager": nfe_e, "compiled": nfe_c},
+        "nfe_forward": fwd_nfe, "first_call_s": first,
+        "compiled_over_eager": ms["compiled"] / ms["eager"],
+        "break_even_solves": (first * 1e3 / saved) if saved > 0 else None,
+    }  # fmt: skip
+    if "floor" in ms:
+        out["compiled_over_floor"] = ms["compiled"] / ms["floor"]
+        out["eager_over_floor"] = ms["eager"] / ms["floor"]
+    if "torchdiffeq" in ms:
+        out["nfe"]["torchdiffeq"] = nfe_p
+        out["compiled_over_torchdiffeq"] = ms["compiled"] / ms["torchdiffeq"]
+    print(
+        f"{shape:18s} {mode:8s} eager {ms['eager']:8.2f} ms  compiled {ms['compiled']:8.2f} ms "
+        f"({out['compiled_over_eager']:.2f}x)  first call {first:5.1f} s  nfe {nfe_e}/{nfe_c}",
+        flush=True,
+    )
+    return out
+
+
+def rk4_steps(steps: int, repeats: int) -> dict[str, Any]:
+    """Per-step time of rk4 on a trivial field (the solver's own overhead)."""
+    y0 = torch.randn(1, 8)
+    t = torch.tensor([0.0, 1.0])
+
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return -y
+
+    def run(compile: bool) -> Callable[[], None]:
+        return lambda: neuralode.solve(
+            f, y0, t, method="rk4", step_size=1.0 / steps, compile=compile
+        ).ys
+
+    t0 = time.perf_counter()
+    run(True)()
+    first = time.perf_counter() - t0
+    ms = best_of({"eager": run(False), "compiled": run(True)}, repeats)
+    us = {k: v * 1e3 / steps for k, v in ms.items()}
+    print(f"rk4 {steps} steps: eager {us['eager']:.2f} us/step, compiled {us['compiled']:.2f}")
+    return {"steps": steps, "us_per_step": us, "first_call_s": first}
+
+
+def table(res: dict[str, Any]) -> str:
+    rows = [
+        "| shape | mode | NFE | eager ms | compiled ms | compiled / eager | compiled / floor "
+        "| compiled / torchdiffeq | first call s | break-even solves |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def fmt(x: Any, spec: str = ".2f") -> str:
+        return "n/a" if x is None else format(x, spec)
+
+    for c in res["cases"]:
+        be = c["break_even_solves"]
+        rows.append(
+            f"| {c['shape']} | {c['mode']} | {c['nfe']['compiled']} | {c['ms']['eager']:.2f} "
+            f"| {c['ms']['compiled']:.2f} | {c['compiled_over_eager']:.2f} "
+            f"| {fmt(c.get('compiled_over_floor'))} | {fmt(c.get('compiled_over_torchdiffeq'))} "
+            f"| {c['first_call_s']:.1f} | {'never' if be is None else f'{be:.0f}'} |"
+        )
+    r = res["rk4"]
+    rows.append("")
+    rows.append(
+        f"rk4, trivial field, {r['steps']} steps: eager {r['us_per_step']['eager']:.1f} us/step, "
+        f"compiled {r['us_per_step']['compiled']:.1f} us/step (first call {r['first_call_s']:.1f} s)."
+    )
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    ap.add_argument("--modes", nargs="+", default=["forward", "backprop", "adjoint"])
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--tol", type=float, default=1e-6)
+    ap.add_argument("--rk4-steps", type=int, default=10_000)
+    ap.add_argument("--out", type=Path, default=Path("runs/bench/compiled"))
+    args = ap.parse_args()
+    res: dict[str, Any] = {
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "torchdiffeq": getattr(torchdiffeq, "__version__", None), "tol": args.tol,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }  # fmt: skip
+    res["cases"] = [case(s, m, args.repeats, args.tol) for s in args.shapes for m in args.modes]
+    res["rk4"] = rk4_steps(args.rk4_steps, max(3, args.repeats // 5))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "compiled.json").write_text(json.dumps(res, indent=1))
+    (args.out / "compiled.md").write_text(table(res) + "\n")
+    print(table(res))
+
+
+if __name__ == "__main__":
+    main()

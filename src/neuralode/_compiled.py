@@ -1,0 +1,543 @@
+"""The compiled driver: the loop's attempts in blocks under ``torch.compile(fullgraph=True)``.
+
+On small and medium problems a solve's time is per-operation overhead (dispatch, autograd
+bookkeeping, one Python call per tensor operation), not arithmetic.  This driver runs the same
+arithmetic as the tensor driver of :mod:`neuralode._loop` (the solver's ``step`` and ``dense``,
+the controller's ``error_ratio`` and ``adapt``), but as a pure function of tensors over a block of
+``k`` attempts that ``torch.compile`` traces whole (``fullgraph=True``: no graph breaks) and fuses:
+
+* every decision is a mask (``torch.where``): a row that finished takes steps of zero and keeps
+  its state, so a block never branches on a value;
+* outputs are placed without a search: each attempt evaluates the step's interpolant at the next
+  ``m`` output times of each row and keeps the ones inside the step; a step may not pass more
+  than ``m`` outputs (it ends on the ``m``-th instead, as a landing step, which does not shrink
+  the next one), so ``m`` is static.  Values are scattered into the outputs once, at the end;
+* the host synchronises once per block (does any row run on, and how many steps remain, which
+  chooses the next block's size), not once per attempt;
+* tolerances enter as tensors, so a new tolerance does not recompile.
+
+Fixed-step solves compile their rollout in blocks of steps of the grid (known before the first
+step): no synchronisation at all.
+
+What it covers: the explicit Runge-Kutta methods (every :class:`~neuralode.ButcherTableau`),
+batched and unbatched (one row), ``gradient="backprop"`` (autograd through the compiled blocks:
+AOTAutograd compiles their backward too) and the adjoint's forward pass.  The rest (events,
+dense output, step and jump times, callbacks, perturbation, the stiff and multistep solvers)
+needs the host-side commit of the eager loop, and ``solve`` refuses it with ``compile=True``.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any, NamedTuple
+
+import torch
+
+from ._rows import per_row
+from .controllers import ControllerState, FixedGrid, PIController
+from .solution import Stats, Status
+from .solvers.base import Func, Solver
+from .solvers.rk import ExplicitRK
+
+__all__ = ["CompileOptions", "refusal", "drive", "reset"]
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """How a solve with ``compile=...`` compiles (``compile=True`` takes the defaults).
+
+    Attributes:
+        backend: ``torch.compile``'s backend (``"inductor"``; ``"aot_eager"`` traces and checks
+            the graph without generating code, which is quick to build).
+        mode: ``torch.compile``'s mode (``None``, ``"reduce-overhead"`` for CUDA graphs on a
+            GPU, ``"max-autotune"``).
+        block: attempts per compiled call (per host synchronisation).  ``None`` chooses per
+            block: 4 while at least 4 steps remain on some row, else 1 (two graphs to compile);
+            fixed-step solves take blocks of 8 steps (fewer if the grid has fewer).  A number
+            compiles one graph of that size; more attempts per call mean fewer synchronisations
+            (what pays on a GPU) but more attempts computed for rows already done.
+        max_outputs: output times one step may pass (each attempt evaluates its interpolant at
+            that many); a step that would pass more ends on the last of them instead.
+
+    Examples:
+        >>> import torch, neuralode
+        >>> opts = neuralode.CompileOptions(backend="aot_eager", block=4)
+        >>> sol = neuralode.solve(lambda t, y: -y, torch.ones(2), torch.tensor([0.0, 1.0]),
+        ...                       compile=opts)
+        >>> round(float(sol.ys[-1, 0]), 4)  # exp(-1)
+        0.3679
+    """
+
+    backend: str = "inductor"
+    mode: str | None = None
+    block: int | None = None
+    max_outputs: int = 8
+
+    @classmethod
+    def build(cls, value: object) -> CompileOptions | None:
+        """``compile=`` as given to ``solve``: ``False``/``None`` (eager), ``True`` (the
+        defaults), a dict of the fields above, or a :class:`CompileOptions`."""
+        if value is None or value is False:
+            return None
+        if value is True:
+            return cls()
+        if isinstance(value, CompileOptions):
+            opts = value
+        elif isinstance(value, dict):
+            known = {"backend", "mode", "block", "max_outputs"}
+            unknown = sorted(set(value) - known)
+            if unknown:
+                raise ValueError(
+                    f"unknown compile option(s) {unknown}; known options are {sorted(known)}"
+                )
+            opts = cls(**value)
+        else:
+            raise TypeError(
+                f"compile must be True, False or a dict of options "
+                f"(backend, mode, block, max_outputs), got {value!r}"
+            )
+        for name in ("block", "max_outputs"):
+            v = getattr(opts, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"compile option {name} must be a positive int, got {v!r}")
+        if opts.max_outputs is None:
+            raise ValueError("compile option max_outputs must be a positive int, got None")
+        return opts
+
+
+def refusal(solver: Solver, **features: bool) -> str | None:
+    """Why a solve cannot be compiled (``None`` when it can): ``features`` are the solve's
+    options that need the eager loop's host-side commit, named as the user passes them."""
+    if type(solver) is not ExplicitRK:
+        return (
+            f"compile=True runs the explicit Runge-Kutta methods (dopri5, tsit5, bosh3, dopri8, "
+            f"rk4, ... or a ButcherTableau); {solver.name!r} is solved by the eager loop only"
+        )
+    used = [name for name, on in features.items() if on]
+    if used:
+        return (
+            f"compile=True does not combine with {', '.join(used)}: they need the eager loop's "
+            f"host-side commit; leave compile off for this solve"
+        )
+    return None
+
+
+# -- the blocks ------------------------------------------------------------------------------------
+
+
+class _Carry(NamedTuple):
+    """The driver's state between attempts, every field per row (``[rows, ...]``)."""
+
+    t: torch.Tensor
+    h: torch.Tensor  # the next step to try
+    y: torch.Tensor
+    k0: torch.Tensor  # f(t, y), the next step's first stage
+    prev_ratio: torch.Tensor
+    rejected: torch.Tensor
+    running: torch.Tensor
+    status: torch.Tensor
+    nfe: torch.Tensor
+    n_steps: torch.Tensor
+    n_accepted: torch.Tensor
+    next_out: torch.Tensor  # index of the next output time to produce
+    h_end: torch.Tensor  # the step proposed after landing on the end (a continuing solve's)
+
+
+class _Plan(NamedTuple):
+    """What the block's graph is specialised on (Python values)."""
+
+    m: int  # outputs a step may pass
+    interpolate: bool  # evaluate the interpolant (else every output is a step's end)
+    dense_stage: bool  # compute the interpolant's extra stages in every step
+    carry_k0: bool  # the next first stage is known after every step (FSAL, or f(t + h, y1))
+    resolution: float  # steps below this many times |t| make no progress
+    max_steps: int
+
+
+def _interpolate(
+    y: torch.Tensor, h: torch.Tensor, ks: list[torch.Tensor], P: torch.Tensor, theta: torch.Tensor
+) -> torch.Tensor:
+    """The step's interpolant at ``theta`` (``[rows, m]``): ``[rows, m, *features]``;
+    the weights are formed in float64 as :func:`neuralode.interpolation.weights` does."""
+    powers = torch.arange(1, P.shape[1] + 1, dtype=torch.float64, device=P.device)
+    w = (theta.unsqueeze(-1).to(torch.float64).pow(powers) @ P.T).to(y.dtype)  # [B, m, n_k]
+    B = y.shape[0]
+    K = torch.stack([k.reshape(B, -1) for k in ks], dim=1)  # [B, n_k, N]
+    dy = (w @ K).view((B, theta.shape[1]) + y.shape[1:])
+    return y.unsqueeze(1) + per_row(h.to(y.dtype), dy.ndim) * dy
+
+
+def _place(
+    plan: _Plan,
+    out: torch.Tensor,
+    c: _Carry,
+    accept: torch.Tensor,
+    t_new: torch.Tensor,
+    h: torch.Tensor,
+    y1: torch.Tensor,
+    ks: list[torch.Tensor] | None,
+    P: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The outputs an attempt produced: values ``[rows, m, *features]``, their indices
+    ``[rows, m]`` (``T`` for none: a column dropped at the end) and each row's next output."""
+    T = out.shape[1]
+    idx = c.next_out.unsqueeze(1) + torch.arange(plan.m, device=out.device)
+    ts = out.gather(1, idx.clamp(max=T - 1))
+    valid = accept.unsqueeze(1) & (idx < T) & (ts <= t_new.unsqueeze(1))
+    if plan.interpolate:
+        assert ks is not None
+        theta = (ts - c.t.unsqueeze(1)) / h.clamp(min=1e-300).unsqueeze(1)
+        vals = _interpolate(c.y, h, ks, P, theta)
+        at_end = per_row(ts == t_new.unsqueeze(1), vals.ndim)
+        vals = torch.where(at_end, y1.unsqueeze(1), vals)  # a step's end is its own value
+    else:
+        vals = y1.unsqueeze(1)
+    return vals, torch.where(valid, idx, T), c.next_out + valid.sum(1)
+
+
+def _attempt_adaptive(
+    c: _Carry,
+    f: Func,
+    solver: ExplicitRK,
+    ctrl: PIController,
+    plan: _Plan,
+    out: torch.Tensor,
+    t_floor: torch.Tensor,
+    P: torch.Tensor,
+) -> tuple[_Carry, torch.Tensor, torch.Tensor]:
+    """One attempt on every row, as :meth:`neuralode._loop._Run._attempt` and its commit do,
+    with every decision a mask."""
+    T = out.shape[1]
+    tgt = (c.next_out + (plan.m - 1)).clamp(max=T - 1)
+    target = out.gather(1, tgt.unsqueeze(1)).squeeze(1)
+    is_end = tgt == T - 1
+    gap = target - c.t
+    hit = c.h * 1.01 >= gap  # land on the target rather than leave a sliver of a step
+    h = torch.where(c.running, torch.where(hit, gap, c.h), 0.0)
+    res = solver.step(f, c.t, h, c.y, c.k0 if plan.carry_k0 else None)
+    assert res.y_error is not None
+    ratio = ctrl.error_ratio(c.y, res.y1, res.y_error, solver.error_norm)
+    accept, h_prop, cstate = ctrl.adapt(ratio, h, ControllerState(c.prev_ratio, c.rejected))
+    accept = accept & c.running
+    t_new = torch.where(accept, torch.where(hit, target, c.t + h), c.t)
+    landed = accept & hit
+    done = landed & is_end
+    # A step shortened to land on an output does not shrink the next one.
+    h_prop = torch.where(landed & ~is_end, torch.maximum(h_prop, c.h), h_prop)
+    n_steps = c.n_steps + c.running
+    still = c.running & ~done
+    # No progress: a step (or the next one) below the resolution of t, or out of steps.
+    res_t = torch.maximum(c.t.abs(), t_floor) * plan.resolution
+    under = still & ((h <= res_t) | ~(h_prop > res_t))
+    finite = torch.isfinite(res.y1).flatten(1).all(1)
+    bad = torch.where(finite, int(Status.STEP_SIZE_UNDERFLOW), int(Status.NONFINITE))
+    status = torch.where(under, bad, c.status)
+    maxed = still & ~under & (n_steps >= plan.max_steps)
+    status = torch.where(maxed, int(Status.MAX_STEPS_REACHED), status)
+    still = still & ~(under | maxed)
+    nfe = c.nfe + c.running * res.nfe
+    ks: list[torch.Tensor] = list(res.dense_info)
+    first = res.state
+    if plan.dense_stage:
+        d, extra, next_state = solver.dense(f, c.t, h, c.y, res)
+        ks = list(d.ks)
+        nfe = nfe + c.running * extra
+        if next_state is not None:
+            first = next_state
+    acc = per_row(accept, c.y.ndim)
+    k0 = torch.where(acc, first, res.retry_state) if plan.carry_k0 else c.k0
+    vals, idx, next_out = _place(plan, out, c, accept, t_new, h, res.y1, ks, P)
+    carry = _Carry(
+        t=t_new,
+        h=torch.where(c.running, h_prop, c.h),
+        y=torch.where(acc, res.y1, c.y),
+        k0=k0,
+        prev_ratio=cstate.prev_ratio,
+        rejected=cstate.rejected_last,
+        running=still,
+        status=status,
+        nfe=nfe,
+        n_steps=n_steps,
+        n_accepted=c.n_accepted + accept,
+        next_out=next_out,
+        h_end=torch.where(done, torch.maximum(h_prop, c.h), c.h_end),
+    )
+    return carry, vals, idx
+
+
+def _adaptive_block(
+    c: _Carry,
+    f: Func,
+    solver: ExplicitRK,
+    ctrl: PIController,
+    plan: _Plan,
+    out: torch.Tensor,
+    t_floor: torch.Tensor,
+    P: torch.Tensor,
+    k: int,
+) -> tuple[_Carry, torch.Tensor, torch.Tensor]:
+    """``k`` attempts (unrolled when traced); their outputs stacked ``[k, rows, m, ...]``."""
+    vals, idx = [], []
+    for _ in range(k):
+        c, v, i = _attempt_adaptive(c, f, solver, ctrl, plan, out, t_floor, P)
+        vals.append(v)
+        idx.append(i)
+    return c, torch.stack(vals), torch.stack(idx)
+
+
+def _fixed_block(
+    c: _Carry,
+    f: Func,
+    solver: ExplicitRK,
+    plan: _Plan,
+    out: torch.Tensor,
+    starts: torch.Tensor,
+    steps: torch.Tensor,
+    ends: torch.Tensor,
+    P: torch.Tensor,
+    k: int,
+) -> tuple[_Carry, torch.Tensor, torch.Tensor]:
+    """``k`` steps of the fixed grid (``starts``/``steps``/``ends``: ``[k, rows]``; a step of
+    zero pads a row that has ended)."""
+    vals, idx = [], []
+    for i in range(k):
+        t, h, t_new = starts[i], steps[i], ends[i]
+        moves = h > 0
+        res = solver.step(f, t, h, c.y, c.k0 if plan.carry_k0 else None)
+        nfe = c.nfe + moves * res.nfe
+        ks: list[torch.Tensor] = list(res.dense_info)
+        first = res.state
+        if plan.dense_stage:
+            d, extra, next_state = solver.dense(f, t, h, c.y, res)
+            ks = list(d.ks)
+            nfe = nfe + moves * extra
+            if next_state is not None:
+                first = next_state
+        v, j, next_out = _place(plan, out, c._replace(t=t), moves, t_new, h, res.y1, ks, P)
+        vals.append(v)
+        idx.append(j)
+        c = c._replace(
+            t=torch.where(moves, t_new, c.t),
+            y=res.y1,  # a zero step leaves y as it is
+            k0=first if plan.carry_k0 else c.k0,
+            nfe=nfe,
+            n_steps=c.n_steps + moves,
+            n_accepted=c.n_accepted + moves,
+            next_out=next_out,
+        )
+    return c, torch.stack(vals), torch.stack(idx)
+
+
+# Compiled blocks, one per kind of solve.  torch.compile keeps its graphs, and its limit on
+# recompilations, per code object, so each kind gets a code object of its own: the block sizes,
+# methods, layouts and fields of one process do not evict each other's graphs.  A kind that
+# still reaches the limit (a field whose guards fail on every call) starts a fresh code object.
+_CACHE: dict[tuple[Any, ...], Callable[..., Any]] = {}
+
+
+def _field_key(f: Any) -> Any:
+    """What a field's graphs can be shared by: its class (a module's parameters are graph
+    inputs), or its code (a function)."""
+    inner = f.f if isinstance(f, _OneRow) else f
+    if isinstance(inner, torch.nn.Module):
+        return type(inner)
+    return getattr(inner, "__code__", type(inner))
+
+
+def _call(base: Callable[..., Any], key: tuple[Any, ...], opts: CompileOptions, *args: Any) -> Any:
+    """``base(*args)`` compiled (fullgraph) for the kind ``key``."""
+    full = (base.__name__, opts.backend, opts.mode, *key)
+    for fresh in (False, True):
+        fn = None if fresh else _CACHE.get(full)
+        if fn is None:
+            name = f"{base.__name__}_{len(_CACHE)}"
+            code = base.__code__.replace(co_name=name)
+            new = types.FunctionType(code, base.__globals__, name, base.__defaults__)
+            fn = _CACHE[full] = torch.compile(
+                new, fullgraph=True, backend=opts.backend, mode=opts.mode
+            )
+        try:
+            return fn(*args)
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            if fresh:
+                raise
+    raise AssertionError("unreachable")
+
+
+def reset() -> None:
+    """Forget every compiled block (and torch.compile's own caches)."""
+    _CACHE.clear()
+    torch._dynamo.reset()
+
+
+# -- the driver -------------------------------------------------------------------------------
+
+
+class _OneRow:
+    """An unbatched field as a field of one row: ``f(t[0], y[0])`` with the row put back."""
+
+    def __init__(self, f: Func) -> None:
+        self.f = f
+
+    def __call__(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.f(t[0], y[0]).unsqueeze(0)
+
+
+def drive(
+    func: Func,
+    solver: Solver,
+    controller: PIController | None,
+    batched: bool,
+    y0: torch.Tensor,
+    f0: torch.Tensor | None,
+    out_times: torch.Tensor,
+    *,
+    step_size: float | None,
+    first_step: torch.Tensor | float | None,
+    t_floor: torch.Tensor,
+    resolution: float,
+    max_num_steps: int,
+    carry_step: bool,
+    opts: CompileOptions,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Stats, torch.Tensor | float | None]:
+    """Run a solve (``T >= 2`` outputs) in compiled blocks; returns what the eager drivers
+    return: ``(ys, status, t_end, stats, h_next)`` in the solve's own layout."""
+    assert isinstance(solver, ExplicitRK)
+    if batched:
+        f, Y0, out = func, y0, out_times
+        F0 = f0
+        floor = t_floor
+    else:  # one row
+        f, Y0, out = _OneRow(func), y0.unsqueeze(0), out_times.unsqueeze(0)
+        F0 = None if f0 is None else f0.unsqueeze(0)
+        floor = t_floor.reshape(1)
+    B, T = out.shape
+    zeros = torch.zeros(B, dtype=torch.long, device=y0.device)
+    # The carry's tensors are fresh and contiguous, as a block returns them (a graph is
+    # specialised on its inputs' strides, even along dimensions of size one).
+    Y0, out = _fresh(Y0), _fresh(out)
+    t = _fresh(out[:, 0])
+    nfe0 = zeros + 1
+    F0 = f(t.to(Y0.dtype), Y0) if F0 is None else _fresh(F0)
+    # The solver's constants, built before tracing (their caches are not filled inside a graph).
+    P = solver._coefficients(y0.device)
+    solver._nodes(t.dtype, t.device)
+    key = (solver.name, solver.n_stages, batched, Y0.ndim, Y0.dtype, Y0.device, _field_key(f))
+    carry_k0 = solver.fsal or any(solver.extra_is_f1)
+    extras = bool(solver.extra_c)
+    ctrl = None
+    if controller is not None:
+        # Tolerances as tensors: a new tolerance is a new input, not a new graph.
+        dims = controller.dims if batched else tuple(d + 1 for d in controller.dims)
+        ctrl = replace(
+            controller,
+            rtol=torch.as_tensor(controller.rtol, dtype=y0.dtype, device=y0.device),
+            atol=torch.as_tensor(controller.atol, dtype=y0.dtype, device=y0.device),
+            dims=dims,
+        )
+    grid = None
+    if ctrl is None:
+        grid = FixedGrid(out, step_size)
+        m, inside = _outputs_per_step(grid, out)
+    elif T == 2 or (extras and not any(solver.extra_is_f1)):
+        m, inside = 1, False  # every output is a step's end (dopri8's interpolant costs 3 f)
+    else:
+        m = min(T - 1, opts.max_outputs)
+        inside = m > 1
+    plan = _Plan(
+        m=m,
+        interpolate=inside,
+        dense_stage=(inside and extras) or (not solver.fsal and carry_k0),
+        carry_k0=carry_k0,
+        resolution=resolution,
+        max_steps=max_num_steps,
+    )
+    c = _Carry(
+        t=t,
+        h=torch.zeros_like(t),
+        y=Y0,
+        k0=F0,
+        prev_ratio=torch.ones_like(t),
+        rejected=torch.zeros_like(t, dtype=torch.bool),
+        running=torch.ones_like(t, dtype=torch.bool),
+        status=zeros.clone(),
+        nfe=nfe0,
+        n_steps=zeros.clone(),
+        n_accepted=zeros.clone(),
+        next_out=zeros + 1,
+        h_end=torch.zeros_like(t),
+    )
+    vals: list[torch.Tensor] = []
+    idx: list[torch.Tensor] = []
+    if ctrl is not None:
+        if first_step is not None:
+            h0 = torch.as_tensor(first_step, dtype=t.dtype, device=t.device).expand(B).clone()
+        else:
+            h0 = ctrl.initial_step(f, t, Y0, F0)
+            c = c._replace(nfe=c.nfe + 1)
+        c = c._replace(h=h0)
+        t_end = out[:, -1]
+        left = math.inf
+        while True:
+            k = opts.block or (4 if left >= 4 else 1)
+            adaptive_args = (c, f, solver, ctrl, plan, out, floor, P, k)
+            c, v, i = _call(_adaptive_block, (*key, k, plan), opts, *adaptive_args)
+            vals.append(v)
+            idx.append(i)
+            # The block's one synchronisation: does a row run on, and how many steps remain.
+            steps_left = torch.where(c.running, (t_end - c.t) / c.h.clamp(min=1e-300), 0.0)
+            go_on, left = torch.stack((c.running.any().to(t.dtype), steps_left.amax())).tolist()
+            if not go_on:
+                break
+    else:
+        assert grid is not None
+        n = grid.n
+        k = opts.block or min(8, n)
+        pad = -n % k
+        times, steps = grid.times, grid.steps  # [n + 1, B], [n, B]
+        if pad:
+            times = torch.cat([times, times[-1:].expand(pad, -1)])
+            steps = torch.cat([steps, steps.new_zeros((pad, B))])
+        for s in range(0, n + pad, k):
+            fixed_args = (c, f, solver, plan, out, times[s : s + k], steps[s : s + k],
+                          times[s + 1 : s + k + 1], P, k)  # fmt: skip
+            c, v, i = _call(_fixed_block, (*key, k, plan), opts, *fixed_args)
+            vals.append(v)
+            idx.append(i)
+    ys = _assemble(Y0, T, torch.cat(vals), torch.cat(idx))
+    h_next: torch.Tensor | float | None = None
+    if carry_step and ctrl is not None:
+        h_next = c.h_end if batched else float(c.h_end[0])
+    counts = (c.nfe, c.n_steps, c.n_accepted, c.n_steps - c.n_accepted, zeros, zeros, zeros)
+    if batched:
+        return ys, c.status, c.t, Stats(*counts), h_next
+    return ys[0], c.status[0], c.t[0], Stats(*(x[0] for x in counts)), h_next
+
+
+def _fresh(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with contiguous strides (a differentiable copy)."""
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device).copy_(x)
+
+
+def _outputs_per_step(grid: FixedGrid, out: torch.Tensor) -> tuple[int, bool]:
+    """The most outputs any row has inside or at the end of one fixed step, and whether any
+    lies strictly inside a step (then the steps' interpolants are evaluated)."""
+    g = grid.grid  # [B, n + 1]
+    lo = torch.searchsorted(out, g[:, :-1].contiguous(), right=True)
+    below = torch.searchsorted(out, g[:, 1:].contiguous(), right=False)
+    hi = torch.searchsorted(out, g[:, 1:].contiguous(), right=True)
+    most, inside = torch.stack(((hi - lo).amax(), (below - lo).amax())).tolist()
+    return max(1, most), inside > 0
+
+
+def _assemble(y0: torch.Tensor, T: int, vals: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Outputs ``[rows, T, *features]`` from the attempts' values ``[A, rows, m, *features]``
+    at indices ``[A, rows, m]`` (``T`` for none); outputs no attempt reached are NaN."""
+    B = y0.shape[0]
+    rows = torch.arange(B, device=y0.device).view(1, B, 1).expand_as(idx)
+    ys = y0.new_full((B, T + 1) + y0.shape[1:], math.nan)
+    ys = ys.index_put((rows.reshape(-1), idx.reshape(-1)), vals.reshape((-1,) + y0.shape[1:]))
+    return torch.cat([y0.unsqueeze(1), ys[:, 1:T]], dim=1)

@@ -1,0 +1,290 @@
+"""The compiled driver (``solve(..., compile=...)``): the same solves as the eager loop.
+
+Most tests compile with the ``"eager"`` backend (dynamo traces the block whole, with
+``fullgraph=True``, and runs the captured graph as it is) or ``"aot_eager"`` (the graph and its
+backward through AOTAutograd): both check that a block has no graph break, and both build in a
+second.  One test compiles with inductor, as users do.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import neuralode
+from neuralode import CompileOptions, Event, SolverError, Status, odeint, solve
+from neuralode._compiled import _CACHE, reset
+
+# One block size (one graph per kind of solve) keeps the tracing short.
+TRACE = {"backend": "eager", "block": 2}
+AOT = {"backend": "aot_eager", "block": 2}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_graphs():
+    yield
+    reset()
+
+
+class MLP(torch.nn.Module):
+    def __init__(self, d: int = 3, h: int = 16, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(d, h), torch.nn.Tanh(), torch.nn.Linear(h, d)
+        ).to(dtype)
+
+    def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.net(y) * torch.cos(t).unsqueeze(-1) if t.ndim else self.net(y) * torch.cos(t)
+
+
+def _pair(method, y0, t, batched, **kw):
+    f = MLP(y0.shape[-1], dtype=y0.dtype)
+    eager = solve(f, y0, t, method=method, batched=batched, **kw)
+    comp = solve(f, y0, t, method=method, batched=batched, compile=TRACE, **kw)
+    return eager, comp
+
+
+def comp_fsal(method: str) -> bool:
+    return bool(neuralode.get_solver(method).fsal)
+
+
+ADAPTIVE = ["dopri5", "tsit5", "bosh3", "fehlberg2", "dopri8"]
+
+
+@pytest.mark.parametrize(
+    ("method", "batched"),
+    [(m, b) for m in ADAPTIVE for b in (False, True) if b or m in ("dopri5", "fehlberg2")],
+)
+def test_adaptive_matches_the_eager_loop(method, batched):
+    """Same steps, same counters, same outputs: at the end only, and at outputs inside steps
+    (interpolated; dopri8, whose interpolant costs three more evaluations, lands on each)."""
+    y0 = torch.randn(5, 3, dtype=torch.float64)
+    kw = {"rtol": 1e-7, "atol": 1e-9}
+    t2 = torch.tensor([0.0, 3.0], dtype=torch.float64)
+    eager, comp = _pair(method, y0, t2, batched, **kw)
+    torch.testing.assert_close(comp.ys, eager.ys, rtol=1e-10, atol=1e-10)
+    for name in ("n_steps", "n_accepted", "n_rejected"):
+        assert torch.equal(getattr(comp.stats, name), getattr(eager.stats, name)), name
+    # A method without first-same-as-last (fehlberg2) computes its interpolant's f(t + h, y1),
+    # the next step's first stage, in every attempt: one more at the last step and at each
+    # rejected one.
+    extra = comp.stats.nfe - eager.stats.nfe
+    expected = 0 if comp_fsal(method) else 1 + eager.stats.n_rejected
+    assert torch.equal(extra, torch.zeros_like(extra) + expected)
+    assert torch.equal(comp.status, eager.status)
+    torch.testing.assert_close(comp.t_end, eager.t_end)
+    t6 = torch.linspace(0.0, 3.0, 6, dtype=torch.float64)
+    eager, comp = _pair(method, y0, t6, batched, **kw)
+    if method == "dopri8":  # lands on every output: other steps, the same solution
+        torch.testing.assert_close(comp.ys, eager.ys, rtol=1e-6, atol=1e-6)
+    else:
+        torch.testing.assert_close(comp.ys, eager.ys, rtol=1e-10, atol=1e-10)
+        assert torch.equal(comp.stats.n_steps, eager.stats.n_steps)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+@pytest.mark.parametrize("method", ["euler", "midpoint", "rk4", "rk38"])
+def test_fixed_matches_the_eager_loop(method, batched):
+    """Fixed grids, with outputs on the grid (``step_size=None``) and between its points (the
+    method's interpolant); a grid of 7 steps is not a multiple of the block (8 -> one block of
+    7) and one of 23 is (blocks of 8, padded with zero steps)."""
+    y0 = torch.randn(4, 3, dtype=torch.float64)
+    for t, step in (
+        (torch.linspace(0, 2, 8, dtype=torch.float64), None),
+        (torch.linspace(0, 2, 5, dtype=torch.float64), 0.09),
+    ):
+        eager, comp = _pair(method, y0, t, batched, step_size=step)
+        torch.testing.assert_close(comp.ys, eager.ys, rtol=1e-12, atol=1e-12)
+        assert torch.equal(comp.stats.n_steps, eager.stats.n_steps)
+        # The interpolant's f(t + h, y1) starts the next step; the last step's is one more.
+        assert bool((comp.stats.nfe - eager.stats.nfe <= 1).all())
+
+
+def test_converges_at_the_method_order():
+    """rk4 through the compiled rollout: error ratio 16 per halving of the step."""
+    y0 = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    t = torch.tensor([0.0, 2.0], dtype=torch.float64)
+
+    def f(t, y):
+        return torch.stack([y[1], -y[0]])
+
+    exact = torch.tensor([math.cos(2.0), -math.sin(2.0)], dtype=torch.float64)
+    errs = [
+        float((solve(f, y0, t, method="rk4", step_size=h, compile=TRACE).ys[-1] - exact).norm())
+        for h in (0.1, 0.05)
+    ]
+    assert 14 < errs[0] / errs[1] < 18
+
+
+def test_many_outputs_pass_at_most_max_outputs_per_step():
+    """Fifty outputs over a few steps: a step passes at most ``max_outputs`` of them, and every
+    output still agrees with the eager solve to the tolerance."""
+    y0 = torch.randn(3, dtype=torch.float64)
+    t = torch.linspace(0, 5, 50, dtype=torch.float64)
+    f = MLP(3, dtype=torch.float64)
+    eager = solve(f, y0, t, rtol=1e-8, atol=1e-10)
+    comp = solve(f, y0, t, rtol=1e-8, atol=1e-10, compile={**TRACE, "max_outputs": 4})
+    assert int(comp.stats.n_accepted) >= 49 // 4
+    torch.testing.assert_close(comp.ys, eager.ys, rtol=1e-6, atol=1e-6)
+    assert not bool(torch.isnan(comp.ys).any())
+
+
+def test_per_row_steps_and_decreasing_time_and_tuple_state():
+    """Rows keep their own steps (a stiff-ish row does not shrink the others); time may run
+    backwards; a tuple state is flattened as in the eager solve."""
+    rates = torch.tensor([0.1, 1.0, 30.0], dtype=torch.float64)
+
+    def f(t, y):
+        a, b = y
+        return (-rates.unsqueeze(1) * a, a.sum(-1, keepdim=True) - b)
+
+    y0 = (torch.ones(3, 2, dtype=torch.float64), torch.zeros(3, 1, dtype=torch.float64))
+    t = torch.tensor([1.0, 0.5, -1.0], dtype=torch.float64)
+    eager = solve(f, y0, t, batched=True, rtol=1e-6, atol=1e-8)
+    comp = solve(f, y0, t, batched=True, rtol=1e-6, atol=1e-8, compile=TRACE)
+    for a, b in zip(comp.ys, eager.ys):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert torch.equal(comp.stats.nfe, eager.stats.nfe)
+    assert len(set(comp.stats.nfe.tolist())) == 3
+
+
+def test_backprop_gradients_match_the_eager_loop():
+    f = MLP(3, dtype=torch.float64)
+    y0 = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, 0.7, 1.5], dtype=torch.float64, requires_grad=True)
+    grads = []
+    for comp in (False, AOT):
+        sol = solve(f, y0, t, rtol=1e-8, atol=1e-10, batched=True, compile=comp)
+        loss = sol.ys.square().sum()
+        grads.append(torch.autograd.grad(loss, (y0, t, *f.parameters())))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_gradcheck_through_compiled_blocks():
+    """Gradients of the compiled solve against finite differences (float64)."""
+    w = torch.tensor([[-0.5, 1.0], [-1.0, -0.2]], dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, 0.4, 1.0], dtype=torch.float64)
+
+    def run(y0, w):
+        return solve(lambda t, y: y @ w.T, y0, t, rtol=1e-10, atol=1e-12, compile=AOT).ys
+
+    y0 = torch.tensor([1.0, 0.5], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(run, (y0, w))
+
+
+def test_adjoint_forward_is_compiled():
+    f = MLP(3, dtype=torch.float64)
+    y0 = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    grads = []
+    for comp in (False, AOT):
+        sol = solve(f, y0, t, rtol=1e-9, atol=1e-11, gradient="adjoint", compile=comp)
+        grads.append(torch.autograd.grad(sol.ys[-1].sum(), (y0, *f.parameters())))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
+
+
+def test_new_tolerances_and_values_reuse_the_graph():
+    """Tolerances are tensors in the graph, and a new ``y0`` of the same shape is a new input:
+    neither compiles again."""
+    graphs = []
+
+    def counting(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    f = MLP()
+    t = torch.tensor([0.0, 1.0])
+    for rtol, seed in ((1e-5, 0), (1e-6, 1), (1e-4, 2)):
+        torch.manual_seed(seed)
+        solve(f, torch.randn(8, 3), t, rtol=rtol, atol=1e-6, compile={"backend": counting})
+    # Block sizes 4 and 1, once each (a graph per size, not per solve).
+    assert 1 <= len(graphs) <= 2
+
+
+def test_failures_are_reported_as_in_the_eager_loop():
+    def f(t, y):
+        return -y
+
+    y0 = torch.ones(2, 1)
+    t = torch.tensor([0.0, 100.0])
+    sol = solve(f, y0, t, batched=True, max_num_steps=3, throw=False, compile=TRACE)
+    assert sol.status.tolist() == [Status.MAX_STEPS_REACHED] * 2
+    assert bool(torch.isnan(sol.ys[:, -1]).all())
+    with pytest.raises(SolverError, match="maximum number of steps|max_num_steps"):
+        solve(f, y0[0], t, max_num_steps=3, compile=TRACE)
+
+    def blows_up(t, y):
+        return torch.where(t > 0.5, torch.full_like(y, math.nan), -y)
+
+    sol = solve(blows_up, torch.ones(3), torch.tensor([0.0, 1.0]), throw=False, compile=TRACE)
+    assert int(sol.status) == Status.NONFINITE
+    eager = solve(blows_up, torch.ones(3), torch.tensor([0.0, 1.0]), throw=False)
+    assert int(eager.status) == int(sol.status)
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"method": "kvaerno5"}, "explicit Runge-Kutta"),
+        ({"method": "explicit_adams", "step_size": 0.1}, "explicit Runge-Kutta"),
+        ({"dense": True}, "dense"),
+        ({"step_t": [0.5]}, "step_t"),
+        ({"gradient": "checkpoint", "adjoint_params": ()}, "checkpoint"),
+        ({"events": Event(lambda t, y: y[..., 0] - 0.5)}, "events"),
+    ],
+)
+def test_what_it_does_not_cover_is_refused(kw, match):
+    y0 = torch.ones(2, 1)
+    with pytest.raises(ValueError, match=match):
+        solve(lambda t, y: -y, y0, torch.tensor([0.0, 1.0]), batched=True, compile=True, **kw)
+
+
+@pytest.mark.parametrize(
+    ("value", "err"),
+    [
+        ("yes", TypeError),
+        ({"blocks": 4}, ValueError),
+        ({"block": 0}, ValueError),
+        ({"max_outputs": 2.5}, ValueError),
+    ],
+)
+def test_bad_compile_options_are_named(value, err):
+    with pytest.raises(err, match="compile"):
+        solve(lambda t, y: -y, torch.ones(2), torch.tensor([0.0, 1.0]), compile=value)
+
+
+def test_odeint_takes_compile_as_an_option():
+    f = MLP()
+    y0 = torch.randn(3)
+    t = torch.linspace(0, 1, 4)
+    torch.testing.assert_close(odeint(f, y0, t, options={"compile": TRACE}), odeint(f, y0, t))
+
+
+def test_blocks_of_one_size_and_the_cache():
+    f = MLP()
+    y0 = torch.randn(2, 3)
+    t = torch.tensor([0.0, 2.0])
+    sol = solve(f, y0, t, compile={**TRACE, "block": 3})
+    ref = solve(f, y0, t)
+    torch.testing.assert_close(sol.ys, ref.ys, rtol=1e-5, atol=1e-6)
+    assert len(_CACHE) == 1
+
+
+def test_inductor_forward_and_backward():
+    """The default backend, as users run it: generated code, forward and backward."""
+    f = MLP()
+    y0 = torch.randn(6, 3, requires_grad=True)
+    t = torch.tensor([0.0, 0.5, 1.0])
+    opts = CompileOptions(block=2)
+    out = []
+    for comp in (False, opts):
+        sol = solve(f, y0, t, method="tsit5", rtol=1e-5, atol=1e-6, batched=True, compile=comp)
+        out.append((sol.ys, *torch.autograd.grad(sol.ys.sum(), (y0, *f.parameters()))))
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert neuralode.CompileOptions.build(True) == CompileOptions()
