@@ -251,6 +251,8 @@ def test_what_it_does_not_cover_is_refused(kw, match):
         ({"blocks": 4}, ValueError),
         ({"block": 0}, ValueError),
         ({"max_outputs": 2.5}, ValueError),
+        ({"options": "fast"}, TypeError),
+        ({"options": {}, "mode": "max-autotune"}, ValueError),
     ],
 )
 def test_bad_compile_options_are_named(value, err):
@@ -272,7 +274,8 @@ def test_blocks_of_one_size_and_the_cache():
     sol = solve(f, y0, t, compile={**TRACE, "block": 3})
     ref = solve(f, y0, t)
     torch.testing.assert_close(sol.ys, ref.ys, rtol=1e-5, atol=1e-6)
-    assert len(_CACHE) == 1
+    # One block size: one compiled block (and Hairer's first step, compiled apart).
+    assert sorted(key[0] for key in _CACHE) == ["_adaptive_block", "_initial_step"]
 
 
 def test_inductor_forward_and_backward():
@@ -288,3 +291,27 @@ def test_inductor_forward_and_backward():
     for a, b in zip(*out):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert neuralode.CompileOptions.build(True) == CompileOptions()
+    # On a CPU inductor's generated kernels are called from C++ (its cpp_wrapper).
+    assert opts.compiler_options(torch.device("cpu")) == {"cpp_wrapper": True}
+    assert CompileOptions(mode="max-autotune").compiler_options(torch.device("cpu")) is None
+
+
+def test_a_field_that_recompiles_every_call_stays_correct():
+    """A counter attribute changes a guarded value on every call: past torch.compile's
+    recompilation limit the solves go on (uncompiled, with a warning) with the right numbers."""
+
+    class Counting(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls = 0
+
+        def forward(self, t, y):
+            self.calls += 1
+            return -y
+
+    f = Counting()
+    t = torch.tensor([0.0, 0.1])
+    for _ in range(12):
+        sol = solve(f, torch.ones(2), t, rtol=1e-6, atol=1e-8, compile={**TRACE, "block": 1})
+    torch.testing.assert_close(sol.ys[-1], torch.full((2,), math.exp(-0.1)), rtol=1e-6, atol=0)
+    assert f.calls >= 12 * int(sol.stats.nfe)  # each solve's evaluations ran
