@@ -7,7 +7,7 @@ PYTHON = $(VENV)/bin/python
 PIP = $(PYTHON) -m pip
 STAMP = $(VENV)/.ready
 
-.PHONY: all demo test test-slow docs lint mutate bench bench-quick bench-stiff bench-events clean distclean mnist-quick mnist-paper latent density
+.PHONY: all demo test test-slow docs lint mutate bench bench-quick bench-stiff bench-compiled bench-events clean distclean mnist-quick mnist-paper latent density
 
 all: test
 
@@ -73,6 +73,11 @@ bench-stiff: $(BENCH_STAMP)
 
 # Events: a batch of bouncing balls to their n-th bounce against torchdiffeq's odeint_event,
 # looped per sample and batched event to event (about 30 seconds).
+# Eager against compiled solves (solve(..., compile=True)), torchdiffeq beside them; about 8
+# minutes, most of it compiling (inductor's cache is kept between runs).
+bench-compiled: $(BENCH_STAMP)
+	$(PYTHON) benchmarks/compiled.py --out runs/bench/compiled
+
 bench-events: $(BENCH_STAMP)
 	$(PYTHON) benchmarks/events.py --out runs/bench/events.json
 	$(PYTHON) benchmarks/events.py --batch 32 --bounces 10 --out runs/bench/events_32x10.json

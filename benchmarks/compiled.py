@@ -2,10 +2,10 @@
 
 For each shape and gradient mode: the eager solve, the compiled one (inductor, the default
 options), torchdiffeq where it is installed, and the floor (the same number of bare evaluations
-of the field, chained, eager).  Times are the best of interleaved rounds; the compiled solve's
-first call (compilation included) is timed apart, and the break-even is the number of solves
-after which compiling has paid for itself.  Then rk4's per-step time on a trivial field
-(10,000 steps), eager and compiled.
+of the field, chained, eager), on one thread as in compare.py.  Times are the best of
+interleaved rounds; the compiled solve's first call (compilation included) is timed apart, and
+the break-even is the number of solves after which compiling has paid for itself.  Then rk4's
+per-step time on a trivial field (10,000 steps), eager and compiled.
 
     python benchmarks/compiled.py --out runs/bench/compiled     # or: make bench-compiled
 
@@ -214,7 +214,9 @@ def main() -> None:
     ap.add_argument("--tol", type=float, default=1e-6)
     ap.add_argument("--rk4-steps", type=int, default=10_000)
     ap.add_argument("--out", type=Path, default=Path("runs/bench/compiled"))
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (compare.py's: 1)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     res: dict[str, Any] = {
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",

@@ -315,3 +315,73 @@ def test_a_field_that_recompiles_every_call_stays_correct():
         sol = solve(f, torch.ones(2), t, rtol=1e-6, atol=1e-8, compile={**TRACE, "block": 1})
     torch.testing.assert_close(sol.ys[-1], torch.full((2,), math.exp(-0.1)), rtol=1e-6, atol=0)
     assert f.calls >= 12 * int(sol.stats.nfe)  # each solve's evaluations ran
+
+
+class _Block(torch.nn.Module):
+    """A model with an ODE block, as users write it."""
+
+    def __init__(self, method: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(3, 3)
+        self.method = method
+        self.register_buffer("t", torch.linspace(0, 1, 4))
+
+    def field(self, t, y):
+        return torch.tanh(self.lin(y)) * torch.cos(t)
+
+    def forward(self, y):
+        return odeint(self.field, y, self.t, method=self.method)[-1].square().sum()
+
+
+@pytest.mark.parametrize("method", ["rk4", "euler"])
+def test_a_model_with_a_fixed_step_solve_compiles_whole(method):
+    """torch.compile of a model that calls odeint with a fixed-step method on its output grid:
+    one graph (``fullgraph=True`` would fail on a break), the eager values and gradients."""
+    model = _Block(method)
+    y = torch.randn(5, 3)
+    explained = torch._dynamo.explain(model)(y)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    got = compiled(y)
+    (g_got,) = torch.autograd.grad(got, model.lin.weight)
+    want = model(y)
+    (g_want,) = torch.autograd.grad(want, model.lin.weight)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(g_got, g_want)
+
+
+def test_a_model_with_an_adaptive_solve_compiles_around_it():
+    """An adaptive solve runs eagerly behind a graph break (its steps depend on values)."""
+    model = _Block("dopri5")
+    y = torch.randn(5, 3)
+    compiled = torch.compile(model, backend="eager")
+    torch.testing.assert_close(compiled(y), model(y))
+
+
+def test_failures_inside_a_trace_are_a_status():
+    def run(y0):
+        return solve(lambda t, y: y / (1.0 - t), y0, torch.tensor([0.0, 0.5, 1.0]), method="rk4")
+
+    sol = torch.compile(run, fullgraph=True, backend="eager")(torch.ones(2))
+    assert int(sol.status) == Status.NONFINITE
+    assert int(sol.stats.nfe) == 8
+
+
+def test_vmap_and_grad_over_fixed_step_solves():
+    lin = torch.nn.Linear(3, 3)
+
+    def f(t, y):
+        return torch.tanh(lin(y))
+
+    t = torch.linspace(0, 1, 5)
+    ys = torch.randn(6, 3)
+    mapped = torch.func.vmap(lambda y: odeint(f, y, t, method="rk4"))(ys)
+    looped = torch.stack([odeint(f, y, t, method="rk4") for y in ys])
+    torch.testing.assert_close(mapped, looped)
+    g = torch.func.grad(lambda y: odeint(f, y, t, method="midpoint")[-1].sum())(ys[0])
+    y = ys[0].clone().requires_grad_()
+    odeint(f, y, t, method="midpoint")[-1].sum().backward()
+    torch.testing.assert_close(g, y.grad)
+    with pytest.raises(ValueError, match="batched=True instead of vmap"):
+        torch.func.vmap(lambda y: odeint(f, y, t))(ys)

@@ -43,7 +43,7 @@ from .solution import Stats, Status
 from .solvers.base import Func, Solver
 from .solvers.rk import ExplicitRK
 
-__all__ = ["CompileOptions", "refusal", "drive", "reset"]
+__all__ = ["CompileOptions", "refusal", "drive", "reset", "traceable", "traced_fixed"]
 
 
 @dataclass(frozen=True)
@@ -587,3 +587,61 @@ def _assemble(y0: torch.Tensor, T: int, vals: torch.Tensor, idx: torch.Tensor) -
     ys = y0.new_full((B, T + 1) + y0.shape[1:], math.nan)
     ys = ys.index_put((rows.reshape(-1), idx.reshape(-1)), vals.reshape((-1,) + y0.shape[1:]))
     return torch.cat([y0.unsqueeze(1), ys[:, 1:T]], dim=1)
+
+
+# -- a solve inside the user's own torch.compile ------------------------------------------------
+
+
+def traceable(
+    solver: Solver, y0: object, t: object, batched: bool | None, features: dict[str, bool]
+) -> bool:
+    """Whether a solve met while ``torch.compile`` traces the caller can be traced whole: a
+    fixed-step explicit Runge-Kutta method on its output grid (``step_size=None``), a tensor
+    state and a 1-D tensor of times, none of the options that need the eager loop."""
+    return (
+        type(solver) is ExplicitRK
+        and solver.error_order is None
+        and isinstance(y0, torch.Tensor)
+        and y0.is_floating_point()
+        and isinstance(t, torch.Tensor)
+        and t.ndim == 1
+        and t.shape[0] >= 1
+        and not (batched and y0.ndim == 0)
+        and not any(features.values())
+    )
+
+
+def traced_fixed(
+    func: Func, solver: ExplicitRK, y0: torch.Tensor, t: torch.Tensor, batched: bool
+) -> tuple[torch.Tensor, torch.Tensor, Stats]:
+    """A fixed-step solve on the output grid as plain tensor operations: no host
+    synchronisation and no branch on a value, so the caller's graph holds the whole rollout.
+    The steps may be negative (decreasing times): a Runge-Kutta step does not mind.  What the
+    eager entry checks by value (finite state, monotonic times) is not checked here; the
+    outputs' finiteness is reported in the returned status (``NONFINITE``), not raised.
+
+    Returns:
+        ``(ys, status, stats)`` in the solve's layout.
+    """
+    s = t.to(torch.float64) if t.dtype in (torch.float16, torch.bfloat16, torch.float32) else t
+    n = s.shape[0] - 1
+    rows = y0.shape[:1] if batched else ()
+
+    def at(x: torch.Tensor) -> torch.Tensor:
+        return x.expand(rows) if batched else x
+
+    ys = [y0]
+    y, state = y0, solver.init(func, at(s[0]), y0, None)
+    for k in range(n):
+        res = solver.step(func, at(s[k]), at(s[k + 1] - s[k]), y, state)
+        y, state = res.y1, res.state
+        ys.append(y)
+    out = torch.stack(ys, dim=1 if batched else 0)
+    finite = torch.isfinite(out).flatten(1 if batched else 0).all(-1)
+    if batched:
+        finite = finite.reshape(rows)
+    status = torch.where(finite, int(Status.SUCCESS), int(Status.NONFINITE))
+    per = torch.zeros(rows, dtype=torch.long, device=y0.device)
+    steps = per + n
+    stats = Stats(per + n * solver.n_stages, steps, steps, per, per, per, per)
+    return out, status, stats

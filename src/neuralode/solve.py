@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ._compiled import CompileOptions, refusal
+from ._compiled import CompileOptions, refusal, traceable, traced_fixed
 from ._event_solve import check_events, differentiate, make_tracker, unbatched_events, with_events
 from ._inputs import CALLBACK_NAMES, Problem, _fmt_time, check_solver_options, normalise
 from ._loop import LoopSpec
@@ -37,6 +37,7 @@ from .solution import Solution, SolverError, Status
 from .solvers.base import Solver
 from .solvers.newton import JacobianField
 from .solvers.registry import METHODS, get_solver
+from .solvers.rk import ExplicitRK
 from .solvers.tableaus import ButcherTableau
 
 __all__ = ["solve", "DEFAULT_MAX_NUM_STEPS"]
@@ -198,6 +199,38 @@ def solve(
         >>> sol.ys.shape, int(sol.stats.nfe) > 0
         (torch.Size([5, 3]), True)
     """
+    # Inside the caller's torch.compile, or a torch.func transform (vmap, grad, jacrev):
+    # no host synchronisation may happen, so a fixed-step solve is traced whole.
+    transformed = torch._C._are_functorch_transforms_active()
+    if torch.compiler.is_compiling() or transformed:
+        traced = _traced_solve(
+            func, y0, t, method, batched, gradient,
+            events=events is not None, dense=bool(dense), step_size=step_size is not None,
+            step_t=step_t is not None, jump_t=jump_t is not None, jac=jac is not None,
+            perturb=bool(perturb), t_dtype=t_dtype is not None,
+            callbacks=any(getattr(func, n, None) is not None for n in CALLBACK_NAMES),
+        )  # fmt: skip
+        if traced is not None:
+            return traced
+        if transformed:
+            raise ValueError(
+                "under torch.func transforms (vmap, grad, jacrev, ...) solve runs the "
+                "fixed-step explicit methods (euler, midpoint, rk4, ...) on the output grid "
+                "(step_size=None, a tensor state, 1-D t, gradient='backprop', none of events, "
+                "dense, step_t, jump_t, jac, perturb, t_dtype); the adaptive solve decides its "
+                "steps from values, which a transform cannot do: solve a batch with "
+                "batched=True instead of vmap"
+            )
+        return _eager_solve(
+            func, y0, t, method=method, rtol=rtol, atol=atol, batched=batched,
+            step_size=step_size, first_step=first_step, max_num_steps=max_num_steps,
+            t_dtype=t_dtype, norm=norm, safety=safety, beta=beta, ifactor=ifactor,
+            dfactor=dfactor, min_step=min_step, max_step=max_step, dense=dense, step_t=step_t,
+            jump_t=jump_t, jac=jac, perturb=perturb, events=events, throw=throw,
+            gradient=gradient, adjoint_params=adjoint_params, adjoint_rtol=adjoint_rtol,
+            adjoint_atol=adjoint_atol, adjoint_method=adjoint_method,
+            adjoint_options=adjoint_options, compile=compile,
+        )  # fmt: skip
     kw = {k: v for k, v in locals().items() if k not in ("func", "y0", "t", "events")}
     if events is not None:
         events = check_events(events)
@@ -365,6 +398,37 @@ def solve(
             return located
         return differentiate(solve, func, y0, t, events, kw, located, res.events.widths)
     return _finish(prob, t, strategy.solve(prob, spec), dense, throw)
+
+
+def _traced_solve(
+    func: Callable[[torch.Tensor, Any], Any],
+    y0: Any,
+    t: Any,
+    method: str | ButcherTableau | Solver,
+    batched: bool | None,
+    gradient: str,
+    **features: bool,
+) -> Solution | None:
+    """A solve met while ``torch.compile`` traces its caller.  A fixed-step explicit method on
+    the output grid is traced whole (no graph break: the caller's graph holds the rollout;
+    failures are reported in ``status``, not raised, and the value checks of the eager entry
+    are skipped).  Anything else returns ``None``: it runs as an eager solve (or, with
+    ``compile=``, its own compiled blocks) behind one graph break."""
+    solver = get_solver(method)
+    features["gradient"] = gradient != "backprop"
+    if not traceable(solver, y0, t, batched, features):
+        return None
+    assert isinstance(y0, torch.Tensor) and isinstance(t, torch.Tensor)
+    assert isinstance(solver, ExplicitRK)
+    ys, status, stats = traced_fixed(func, solver, y0, t, bool(batched))
+    t_end = t[-1].expand(status.shape) if status.ndim else t[-1]
+    return Solution(ts=t, ys=ys, stats=stats, status=status, t_end=t_end)
+
+
+@torch.compiler.disable
+def _eager_solve(func: Any, y0: Any, t: Any, **kw: Any) -> Solution:
+    """:func:`solve` outside the caller's graph (one graph break)."""
+    return solve(func, y0, t, **kw)
 
 
 def _refuse_for_events(func: Any, y0: Any, t: Any, kw: dict[str, Any]) -> None:
