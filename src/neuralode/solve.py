@@ -425,12 +425,6 @@ def _traced_solve(
     return Solution(ts=t, ys=ys, stats=stats, status=status, t_end=t_end)
 
 
-@torch.compiler.disable
-def _eager_solve(func: Any, y0: Any, t: Any, **kw: Any) -> Solution:
-    """:func:`solve` outside the caller's graph (one graph break)."""
-    return solve(func, y0, t, **kw)
-
-
 def _refuse_for_events(func: Any, y0: Any, t: Any, kw: dict[str, Any]) -> None:
     """What events do not combine with, named."""
     if kw.get("perturb"):
@@ -609,3 +603,7 @@ def _solve_complex(func: Any, y0: Any, t: Any, kw: dict[str, Any]) -> Solution:
             return view.to_complex(inner(tt))
 
     return dataclasses.replace(sol, ys=view.to_complex(sol.ys), _interpolator=interpolator)
+
+
+#: :func:`solve` outside the caller's graph (one graph break).
+_eager_solve: Callable[..., Solution] = torch.compiler.disable(solve)  # type: ignore[no-untyped-call]
