@@ -33,18 +33,19 @@ try:  # a peer, where installed (the bench extra)
 except ImportError:  # pragma: no cover - depends on the environment
     torchdiffeq = None
 
+sys.path.insert(0, str(Path(__file__).parent))
+import compare  # noqa: E402  (benchmarks/compare.py: its problems carry the JAX field too)
+import peers  # noqa: E402
+
 
 class Field(torch.nn.Module):
     """The MLP field.  Ours report their evaluations in ``Solution.stats``; torchdiffeq's are
     counted by :class:`Counted` (a counter in the field would be a Python side effect in every
     compiled graph, and a new guard value on every call)."""
 
-    def __init__(self, sizes: list[int], acts: list[type[torch.nn.Module]]) -> None:
+    def __init__(self, net: torch.nn.Module) -> None:
         super().__init__()
-        mods: list[torch.nn.Module] = []
-        for i, act in enumerate(acts):
-            mods += [torch.nn.Linear(sizes[i], sizes[i + 1]), act()]
-        self.net = torch.nn.Sequential(*mods)
+        self.net = net
 
     def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.net(y)
@@ -60,36 +61,51 @@ class Counted(torch.nn.Module):
         return self.f(t, y)
 
 
-SHAPES: dict[str, tuple[list[int], list[type[torch.nn.Module]], int, float]] = {
-    "mlp-32-128-b256": ([32, 128, 128, 32], [torch.nn.Tanh, torch.nn.Tanh, torch.nn.Identity],
-                        256, 1.0),
-    "diffrax-4-32-b64": ([4, 32, 4], [torch.nn.Softplus, torch.nn.Tanh], 64, 100.0),
-    "tiny-2-16-b16": ([2, 16, 2], [torch.nn.Tanh, torch.nn.Identity], 16, 1.0),
-}  # fmt: skip
+#: name -> (layer sizes, activations after each linear layer, batch, t1): compare.py's shapes.
+SHAPES: dict[str, tuple[list[int], list[str], int, float]] = {
+    "mlp-32-128-b256": ([32, 128, 128, 32], ["tanh", "tanh", "id"], 256, 1.0),
+    "diffrax-4-32-b64": ([4, 32, 4], ["softplus", "tanh"], 64, 100.0),
+    "tiny-2-16-b16": ([2, 16, 2], ["tanh", "id"], 16, 1.0),
+}
 
 
-def best_of(runners: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    """Best time (ms) of each runner over ``repeats`` interleaved rounds."""
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_of(
+    runners: dict[str, Callable[[], Any]], repeats: int, device: torch.device | None = None
+) -> dict[str, float]:
+    """Best time (ms) of each runner over ``repeats`` interleaved rounds (a GPU's queue is
+    drained before and after each)."""
+    dev = device or torch.device("cpu")
     best = {k: float("inf") for k in runners}
     for _ in range(repeats):
         for name, fn in runners.items():
+            _sync(dev)
             t0 = time.perf_counter()
             fn()
+            _sync(dev)
             best[name] = min(best[name], time.perf_counter() - t0)
     return {k: v * 1e3 for k, v in best.items()}
 
 
-def case(shape: str, mode: str, repeats: int, tol: float) -> dict[str, Any]:
+def case(
+    shape: str, mode: str, repeats: int, tol: float, device: str = "cpu", compile: Any = True
+) -> dict[str, Any]:
+    """One shape and mode: eager, compiled (``compile=`` as given), torchdiffeq, the floor."""
     sizes, acts, batch, t1 = SHAPES[shape]
-    torch.manual_seed(0)
-    f = Field(sizes, acts)
-    y0 = torch.randn(batch, sizes[0])
-    t = torch.tensor([0.0, t1])
+    dev = torch.device(device)
+    p = compare.mlp_problem(shape, sizes, acts, batch, t1)  # the weights diffrax gets too
+    f = Field(p.f_torch.net).to(dev)
+    y0 = p.y0.to(dev)
+    t = torch.tensor([0.0, t1], device=dev)
     grad = {"forward": None, "backprop": "backprop", "adjoint": "adjoint"}[mode]
 
     counted = Counted(f)
 
-    def ours(compile: bool) -> Callable[[], int]:
+    def ours(compile: Any) -> Callable[[], int]:
         def run() -> int:
             with torch.set_grad_enabled(grad is not None):
                 sol = neuralode.solve(
@@ -112,7 +128,7 @@ def case(shape: str, mode: str, repeats: int, tol: float) -> dict[str, Any]:
                 y1.square().sum().backward()
         return counted.nfe
 
-    eager, compiled = ours(False), ours(True)
+    eager, compiled = ours(False), ours(compile)
     t0 = time.perf_counter()
     nfe_c = compiled()  # compiles (and fills inductor's cache)
     first = time.perf_counter() - t0
@@ -134,7 +150,12 @@ def case(shape: str, mode: str, repeats: int, tol: float) -> dict[str, Any]:
     if torchdiffeq is not None:
         runners["torchdiffeq"] = peer
         nfe_p = peer()
-    ms = best_of(runners, repeats)
+    jax_run = peers.prepare("diffrax", p, "dopri5", tol, tol, grad) if dev.type == "cpu" else ""
+    nfe_j = None
+    if not isinstance(jax_run, str):
+        runners["diffrax"] = jax_run
+        nfe_j = jax_run().nfe  # compiles (jit)
+    ms = best_of(runners, repeats, dev)
     saved = ms["eager"] - ms["compiled"]
     out = {
         "shape": shape, "mode": mode, "ms": ms, "nfe": {"eager": nfe_e, "compiled": nfe_c},
@@ -148,6 +169,10 @@ def case(shape: str, mode: str, repeats: int, tol: float) -> dict[str, Any]:
     if "torchdiffeq" in ms:
         out["nfe"]["torchdiffeq"] = nfe_p
         out["compiled_over_torchdiffeq"] = ms["compiled"] / ms["torchdiffeq"]
+    if "diffrax" in ms:
+        out["nfe"]["diffrax"] = nfe_j
+        out["compiled_over_diffrax"] = ms["compiled"] / ms["diffrax"]
+        out["eager_over_diffrax"] = ms["eager"] / ms["diffrax"]
     print(
         f"{shape:18s} {mode:8s} eager {ms['eager']:8.2f} ms  compiled {ms['compiled']:8.2f} ms "
         f"({out['compiled_over_eager']:.2f}x)  first call {first:5.1f} s  nfe {nfe_e}/{nfe_c}",
@@ -181,8 +206,9 @@ def rk4_steps(steps: int, repeats: int) -> dict[str, Any]:
 def table(res: dict[str, Any]) -> str:
     rows = [
         "| shape | mode | NFE | eager ms | compiled ms | compiled / eager | compiled / floor "
-        "| compiled / torchdiffeq | first call s | break-even solves |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| compiled / torchdiffeq | eager / diffrax | compiled / diffrax | first call s "
+        "| break-even solves |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def fmt(x: Any, spec: str = ".2f") -> str:
@@ -194,6 +220,7 @@ def table(res: dict[str, Any]) -> str:
             f"| {c['shape']} | {c['mode']} | {c['nfe']['compiled']} | {c['ms']['eager']:.2f} "
             f"| {c['ms']['compiled']:.2f} | {c['compiled_over_eager']:.2f} "
             f"| {fmt(c.get('compiled_over_floor'))} | {fmt(c.get('compiled_over_torchdiffeq'))} "
+            f"| {fmt(c.get('eager_over_diffrax'))} | {fmt(c.get('compiled_over_diffrax'))} "
             f"| {c['first_call_s']:.1f} | {'never' if be is None else f'{be:.0f}'} |"
         )
     r = res["rk4"]
@@ -221,6 +248,7 @@ def main() -> None:
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "torchdiffeq": getattr(torchdiffeq, "__version__", None), "tol": args.tol,
+        "diffrax": peers.available("diffrax"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }  # fmt: skip
     res["cases"] = [case(s, m, args.repeats, args.tol) for s in args.shapes for m in args.modes]
