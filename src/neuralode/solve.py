@@ -231,7 +231,11 @@ def solve(
             adjoint_atol=adjoint_atol, adjoint_method=adjoint_method,
             adjoint_options=adjoint_options, compile=compile,
         )  # fmt: skip
-    kw = {k: v for k, v in locals().items() if k not in ("func", "y0", "t", "events")}
+    kw = {
+        k: v
+        for k, v in locals().items()
+        if k not in ("func", "y0", "t", "events", "transformed")
+    }
     if events is not None:
         events = check_events(events)
         _refuse_for_events(func, y0, t, kw)
