@@ -232,9 +232,7 @@ def solve(
             adjoint_options=adjoint_options, compile=compile,
         )  # fmt: skip
     kw = {
-        k: v
-        for k, v in locals().items()
-        if k not in ("func", "y0", "t", "events", "transformed")
+        k: v for k, v in locals().items() if k not in ("func", "y0", "t", "events", "transformed")
     }
     if events is not None:
         events = check_events(events)
