@@ -7,10 +7,16 @@ and one fixture pins small-tensor modules to one thread.
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Iterator
 
 import pytest
 import torch
+
+# Inductor compiles in this process, not in a pool of worker processes: the suite runs two
+# pytest workers on two cores beside subprocess tests (torchrun), and a pool per worker would
+# only compete with them.
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 import neuralode
 from neuralode.gradients import GRADIENTS as _GRADIENTS
