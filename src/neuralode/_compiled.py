@@ -40,7 +40,7 @@ import torch
 from ._rows import per_row
 from .controllers import ControllerState, FixedGrid, PIController
 from .solution import Stats, Status
-from .solvers.base import Func, Solver
+from .solvers.base import Func, Solver, StepResult
 from .solvers.rk import ExplicitRK
 
 __all__ = ["CompileOptions", "refusal", "drive", "reset", "traceable", "traced_fixed"]
@@ -216,6 +216,24 @@ def _place(
     return vals, torch.where(valid, idx, T), c.next_out + valid.sum(1)
 
 
+def _stages(
+    plan: _Plan,
+    solver: ExplicitRK,
+    f: Func,
+    t: torch.Tensor,
+    h: torch.Tensor,
+    y: torch.Tensor,
+    res: StepResult,
+) -> tuple[list[torch.Tensor], torch.Tensor, int]:
+    """A step's vectors for its interpolant, the next step's first stage (used where the step
+    is accepted) and the evaluations spent on them: the interpolant's extra stages are computed
+    when the plan needs them (an ``f(t + h, y1)`` among them starts the next step)."""
+    if not plan.dense_stage:
+        return list(res.dense_info), res.state, 0
+    d, extra, next_state = solver.dense(f, t, h, y, res)
+    return list(d.ks), res.state if next_state is None else next_state, extra
+
+
 def _attempt_adaptive(
     c: _Carry,
     f: Func,
@@ -256,15 +274,8 @@ def _attempt_adaptive(
     maxed = still & ~under & (n_steps >= plan.max_steps)
     status = torch.where(maxed, int(Status.MAX_STEPS_REACHED), status)
     still = still & ~(under | maxed)
-    nfe = c.nfe + c.running * res.nfe
-    ks: list[torch.Tensor] = list(res.dense_info)
-    first = res.state
-    if plan.dense_stage:
-        d, extra, next_state = solver.dense(f, c.t, h, c.y, res)
-        ks = list(d.ks)
-        nfe = nfe + c.running * extra
-        if next_state is not None:
-            first = next_state
+    ks, first, extra = _stages(plan, solver, f, c.t, h, c.y, res)
+    nfe = c.nfe + c.running * (res.nfe + extra)
     acc = per_row(accept, c.y.ndim)
     k0 = torch.where(acc, first, res.retry_state) if plan.carry_k0 else c.k0
     vals, idx, next_out = _place(plan, out, c, accept, t_new, h, res.y1, ks, P)
@@ -333,15 +344,8 @@ def _fixed_block(
         t, h, t_new = starts[i], steps[i], ends[i]
         moves = h > 0
         res = solver.step(f, t, h, c.y, c.k0 if plan.carry_k0 else None)
-        nfe = c.nfe + moves * res.nfe
-        ks: list[torch.Tensor] = list(res.dense_info)
-        first = res.state
-        if plan.dense_stage:
-            d, extra, next_state = solver.dense(f, t, h, c.y, res)
-            ks = list(d.ks)
-            nfe = nfe + moves * extra
-            if next_state is not None:
-                first = next_state
+        ks, first, extra = _stages(plan, solver, f, t, h, c.y, res)
+        nfe = c.nfe + moves * (res.nfe + extra)
         v, j, next_out = _place(plan, out, c._replace(t=t), moves, t_new, h, res.y1, ks, P)
         vals.append(v)
         idx.append(j)
@@ -638,8 +642,6 @@ def traced_fixed(
         ys.append(y)
     out = torch.stack(ys, dim=1 if batched else 0)
     finite = torch.isfinite(out).flatten(1 if batched else 0).all(-1)
-    if batched:
-        finite = finite.reshape(rows)
     status = torch.where(finite, int(Status.SUCCESS), int(Status.NONFINITE))
     per = torch.zeros(rows, dtype=torch.long, device=y0.device)
     steps = per + n
