@@ -470,7 +470,6 @@ def drive(
     # specialised on its inputs' strides, even along dimensions of size one).
     Y0, out = _fresh(Y0), _fresh(out)
     t = _fresh(out[:, 0])
-    nfe0 = zeros + 1
     F0 = f(t.to(Y0.dtype), Y0) if F0 is None else _fresh(F0)
     # The solver's constants, built before tracing (their caches are not filled inside a graph).
     P = solver._coefficients(y0.device)
@@ -514,7 +513,7 @@ def drive(
         rejected=torch.zeros_like(t, dtype=torch.bool),
         running=torch.ones_like(t, dtype=torch.bool),
         status=zeros.clone(),
-        nfe=nfe0,
+        nfe=zeros + 1,  # f0: given, or evaluated above
         n_steps=zeros.clone(),
         n_accepted=zeros.clone(),
         next_out=zeros + 1,

@@ -199,17 +199,12 @@ def solve(
         >>> sol.ys.shape, int(sol.stats.nfe) > 0
         (torch.Size([5, 3]), True)
     """
+    kw = {k: v for k, v in locals().items() if k not in ("func", "y0", "t", "events")}
     # Inside the caller's torch.compile, or a torch.func transform (vmap, grad, jacrev):
     # no host synchronisation may happen, so a fixed-step solve is traced whole.
     transformed = torch._C._are_functorch_transforms_active()
     if torch.compiler.is_compiling() or transformed:
-        traced = _traced_solve(
-            func, y0, t, method, batched, gradient,
-            events=events is not None, dense=bool(dense), step_size=step_size is not None,
-            step_t=step_t is not None, jump_t=jump_t is not None, jac=jac is not None,
-            perturb=bool(perturb), t_dtype=t_dtype is not None,
-            callbacks=any(getattr(func, n, None) is not None for n in CALLBACK_NAMES),
-        )  # fmt: skip
+        traced = _traced_solve(func, y0, t, events, kw)
         if traced is not None:
             return traced
         if transformed:
@@ -221,19 +216,7 @@ def solve(
                 "steps from values, which a transform cannot do: solve a batch with "
                 "batched=True instead of vmap"
             )
-        return _eager_solve(
-            func, y0, t, method=method, rtol=rtol, atol=atol, batched=batched,
-            step_size=step_size, first_step=first_step, max_num_steps=max_num_steps,
-            t_dtype=t_dtype, norm=norm, safety=safety, beta=beta, ifactor=ifactor,
-            dfactor=dfactor, min_step=min_step, max_step=max_step, dense=dense, step_t=step_t,
-            jump_t=jump_t, jac=jac, perturb=perturb, events=events, throw=throw,
-            gradient=gradient, adjoint_params=adjoint_params, adjoint_rtol=adjoint_rtol,
-            adjoint_atol=adjoint_atol, adjoint_method=adjoint_method,
-            adjoint_options=adjoint_options, compile=compile,
-        )  # fmt: skip
-    kw = {
-        k: v for k, v in locals().items() if k not in ("func", "y0", "t", "events", "transformed")
-    }
+        return _eager_solve(func, y0, t, events=events, **kw)
     if events is not None:
         events = check_events(events)
         _refuse_for_events(func, y0, t, kw)
@@ -360,9 +343,10 @@ def solve(
             min_step=float(min_step),
             max_step=float(max_step),
         )
-    step_s, jump_s = (
-        _step_times(name, x, solver, prob) for name, x in (("step_t", step_t), ("jump_t", jump_t))
-    )
+    # (Two calls, not a generator: a closure over solve's locals would make them cells, which
+    # the locals() above cannot read inside torch.compile's trace.)
+    step_s = _step_times("step_t", step_t, solver, prob)
+    jump_s = _step_times("jump_t", jump_t, solver, prob)
     spec = LoopSpec(
         func=prob.func,
         solver=solver,
@@ -406,18 +390,23 @@ def _traced_solve(
     func: Callable[[torch.Tensor, Any], Any],
     y0: Any,
     t: Any,
-    method: str | ButcherTableau | Solver,
-    batched: bool | None,
-    gradient: str,
-    **features: bool,
+    events: Event | Sequence[Event] | None,
+    kw: dict[str, Any],
 ) -> Solution | None:
     """A solve met while ``torch.compile`` traces its caller.  A fixed-step explicit method on
     the output grid is traced whole (no graph break: the caller's graph holds the rollout;
     failures are reported in ``status``, not raised, and the value checks of the eager entry
     are skipped).  Anything else returns ``None``: it runs as an eager solve (or, with
     ``compile=``, its own compiled blocks) behind one graph break."""
-    solver = get_solver(method)
-    features["gradient"] = gradient != "backprop"
+    solver = get_solver(kw["method"])
+    features = {
+        "events": events is not None,
+        "gradient": kw["gradient"] != "backprop",
+        "callbacks": any(getattr(func, n, None) is not None for n in CALLBACK_NAMES),
+        **{k: kw[k] is not None for k in ("step_size", "step_t", "jump_t", "jac", "t_dtype")},
+        **{k: bool(kw[k]) for k in ("dense", "perturb")},
+    }
+    batched = kw["batched"]
     if not traceable(solver, y0, t, batched, features):
         return None
     assert isinstance(y0, torch.Tensor) and isinstance(t, torch.Tensor)
