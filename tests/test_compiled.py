@@ -385,3 +385,117 @@ def test_vmap_and_grad_over_fixed_step_solves():
     torch.testing.assert_close(g, y.grad)
     with pytest.raises(ValueError, match="batched=True instead of vmap"):
         torch.func.vmap(lambda y: odeint(f, y, t))(ys)
+
+
+# -- Rosenbrock methods ------------------------------------------------------------------------
+
+STIFF_T = torch.tensor([0.0, 0.4, 4.0, 40.0], dtype=torch.float64)
+
+
+def _robertson(k: torch.Tensor):
+    def f(t, y):
+        y1, y2, y3 = y.unbind(-1)
+        r1, r2, r3 = k[..., 0] * y1, k[..., 1] * y2 * y2, k[..., 2] * y2 * y3
+        return torch.stack([-r1 + r3, r1 - r2 - r3, r2], -1)
+
+    return f
+
+
+K_ROB = torch.tensor([0.04, 3e7, 1e4], dtype=torch.float64)
+
+
+@pytest.mark.parametrize(
+    ("method", "batched"),
+    [("rodas5p", False), ("rodas5p", True), ("rodas4", True), ("rosenbrock23", False),
+     ("rosenbrock23", True)],
+)  # fmt: skip
+def test_rosenbrock_matches_the_eager_loop(method, batched):
+    """Robertson's problem (stiff): the same steps and values as the eager loop, each row of a
+    batch with rates of its own taking its own steps.  A block takes the Jacobian at each
+    attempt's end (it cannot skip it where the step is rejected): one more Jacobian and its
+    evaluation than the eager loop at each rejection and at the last step; the LU
+    factorisations are the same."""
+    if batched:
+        k = K_ROB * torch.tensor([[1.0], [3.0], [0.3]], dtype=torch.float64)
+        y0 = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64).expand(3, 3)
+    else:
+        k, y0 = K_ROB, torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    f = _robertson(k)
+    kw = dict(method=method, rtol=1e-5, atol=1e-9, batched=batched)
+    eager = solve(f, y0, STIFF_T, **kw)
+    comp = solve(f, y0, STIFF_T, compile=TRACE, **kw)
+    assert bool(torch.all(eager.status == 0)) and torch.equal(comp.status, eager.status)
+    torch.testing.assert_close(comp.ys, eager.ys, rtol=1e-10, atol=1e-14)
+    s, e = comp.stats, eager.stats
+    for name in ("n_steps", "n_accepted", "n_rejected", "nlu"):
+        assert torch.equal(getattr(s, name), getattr(e, name)), name
+    assert torch.equal(s.nfe - e.nfe, 1 + e.n_rejected)
+    assert torch.equal(s.njev - e.njev, 1 + e.n_rejected)
+    assert int(e.n_rejected.sum()) > 0  # the retries are exercised
+    if batched:
+        assert len(set(s.n_steps.tolist())) > 1  # rows take steps of their own
+
+
+def test_rosenbrock23_interpolates_outputs_inside_steps():
+    """``rosenbrock23`` interpolates outputs inside its steps (the Rodas methods land on them,
+    above), passing up to ``max_outputs`` of them per step."""
+
+    def f(t, y):
+        return torch.stack([y[1], -y[0]]) * (1 + 0.1 * torch.cos(t))
+
+    y0 = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    t = torch.linspace(0.0, 2.0, 41, dtype=torch.float64)
+    kw = dict(method="rosenbrock23", rtol=1e-3, atol=1e-6)
+    eager, comp = solve(f, y0, t, **kw), solve(f, y0, t, compile=TRACE, **kw)
+    assert int(eager.stats.n_accepted) < 20  # the outputs lie inside steps
+    torch.testing.assert_close(comp.ys, eager.ys, rtol=1e-10, atol=1e-14)
+    assert torch.equal(comp.stats.n_steps, eager.stats.n_steps)
+
+
+def test_rosenbrock_gradients_match_the_eager_loop():
+    """Backprop through compiled Rosenbrock blocks (their Jacobians differentiated too), on a
+    stiff problem, and the adjoint with a compiled forward, on a mildly stiff one (a stiff,
+    dissipative problem is unstable backwards), give the eager solve's gradients."""
+    y0 = torch.tensor([[1.0, 0.5], [0.2, -1.0]], dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    cases = ((-50.0, "rodas5p", "backprop"), (-5.0, "rosenbrock23", "adjoint"))
+    for rate, method, gradient in cases:
+        a = torch.tensor([[rate, 1.0], [2.0, -0.5]], dtype=torch.float64, requires_grad=True)
+
+        def f(t, y, a=a):
+            return y @ a.T + torch.sin(y) * torch.cos(t).unsqueeze(-1)
+
+        extra = {"adjoint_params": (a,)} if gradient == "adjoint" else {}
+        grads = []
+        for comp in (False, AOT):
+            sol = solve(f, y0, t, method=method, rtol=1e-7, atol=1e-9, batched=True,
+                        gradient=gradient, compile=comp, **extra)  # fmt: skip
+            grads.append(torch.autograd.grad(sol.ys.square().sum(), (y0, a)))
+        for g_eager, g_comp in zip(*grads):
+            torch.testing.assert_close(g_comp, g_eager, rtol=1e-6, atol=1e-8)
+
+
+def test_rosenbrock_compile_refuses_what_it_cannot_do():
+    y0 = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    f = _robertson(K_ROB)
+    for method in ("kvaerno5", "auto"):
+        with pytest.raises(ValueError, match="Rosenbrock methods"):
+            solve(f, y0, STIFF_T, method=method, compile=True)
+    with pytest.raises(ValueError, match="jac"):
+        solve(f, y0, STIFF_T, method="rodas5p", jac=lambda t, y: torch.eye(3), compile=True)
+
+    class Neg(torch.autograd.Function):  # no setup_context: torch.func cannot transform it
+        @staticmethod
+        def forward(ctx, x):
+            return -x
+
+        @staticmethod
+        def backward(ctx, g):
+            return -g
+
+    def opaque(t, y):
+        return Neg.apply(y)
+
+    with pytest.raises(ValueError, match="torch.func"):
+        solve(opaque, torch.ones(2, dtype=torch.float64), STIFF_T, method="rodas5p",
+              compile=TRACE)  # fmt: skip

@@ -19,11 +19,15 @@ the controller's ``error_ratio`` and ``adapt``), but as a pure function of tenso
 Fixed-step solves compile their rollout in blocks of steps of the grid (known before the first
 step): no synchronisation at all.
 
-What it covers: the explicit Runge-Kutta methods (every :class:`~neuralode.ButcherTableau`),
+What it covers: the explicit Runge-Kutta methods (every :class:`~neuralode.ButcherTableau`) and
+the Rosenbrock methods (``rosenbrock23``, ``rodas4``, ``rodas5p``: each attempt takes the
+Jacobian at its end with ``torch.func``, carried to the next step where the step is accepted),
 batched and unbatched (one row), ``gradient="backprop"`` (autograd through the compiled blocks:
 AOTAutograd compiles their backward too) and the adjoint's forward pass.  The rest (events,
-dense output, step and jump times, callbacks, perturbation, the stiff and multistep solvers)
-needs the host-side commit of the eager loop, and ``solve`` refuses it with ``compile=True``.
+dense output, step and jump times, callbacks, perturbation, a user's ``jac``, the ESDIRK,
+switching and multistep solvers) needs the host-side commit of the eager loop (the ESDIRK
+stages' Newton iterations stop per row on a value), and ``solve`` refuses it with
+``compile=True``.
 """
 
 from __future__ import annotations
@@ -41,7 +45,9 @@ from ._rows import per_row
 from .controllers import ControllerState, FixedGrid, PIController
 from .solution import Stats, Status
 from .solvers.base import Func, Solver, StepResult
+from .solvers.newton import _AUTOGRAD_ONLY, Linearisation, _by_func, jacobian
 from .solvers.rk import ExplicitRK
+from .solvers.rosenbrock import Rosenbrock, Rosenbrock23, _LinearlyImplicit
 
 __all__ = ["CompileOptions", "refusal", "drive", "reset", "traceable", "traced_fixed"]
 
@@ -129,10 +135,11 @@ class CompileOptions:
 def refusal(solver: Solver, **features: bool) -> str | None:
     """Why a solve cannot be compiled (``None`` when it can): ``features`` are the solve's
     options that need the eager loop's host-side commit, named as the user passes them."""
-    if type(solver) is not ExplicitRK:
+    if type(solver) not in (ExplicitRK, Rosenbrock, Rosenbrock23):
         return (
             f"compile=True runs the explicit Runge-Kutta methods (dopri5, tsit5, bosh3, dopri8, "
-            f"rk4, ... or a ButcherTableau); {solver.name!r} is solved by the eager loop only"
+            f"rk4, ... or a ButcherTableau) and the Rosenbrock methods (rosenbrock23, rodas4, "
+            f"rodas5p); {solver.name!r} is solved by the eager loop only"
         )
     used = [name for name, on in features.items() if on]
     if used:
@@ -152,7 +159,7 @@ class _Carry(NamedTuple):
     t: torch.Tensor
     h: torch.Tensor  # the next step to try
     y: torch.Tensor
-    k0: torch.Tensor  # f(t, y), the next step's first stage
+    state: Any  # the next step's carried state: f(t, y) (explicit), its Linearisation (stiff)
     prev_ratio: torch.Tensor
     rejected: torch.Tensor
     running: torch.Tensor
@@ -160,6 +167,8 @@ class _Carry(NamedTuple):
     nfe: torch.Tensor
     n_steps: torch.Tensor
     n_accepted: torch.Tensor
+    njev: torch.Tensor
+    nlu: torch.Tensor
     next_out: torch.Tensor  # index of the next output time to produce
     h_end: torch.Tensor  # the step proposed after landing on the end (a continuing solve's)
 
@@ -171,6 +180,7 @@ class _Plan(NamedTuple):
     interpolate: bool  # evaluate the interpolant (else every output is a step's end)
     dense_stage: bool  # compute the interpolant's extra stages in every step
     carry_k0: bool  # the next first stage is known after every step (FSAL, or f(t + h, y1))
+    linear: bool  # a Rosenbrock method: the carried state is the next start's Linearisation
     resolution: float  # steps below this many times |t| make no progress
     max_steps: int
 
@@ -216,28 +226,43 @@ def _place(
     return vals, torch.where(valid, idx, T), c.next_out + valid.sum(1)
 
 
-def _stages(
+def _next(
     plan: _Plan,
-    solver: ExplicitRK,
+    solver: Solver,
     f: Func,
     t: torch.Tensor,
     h: torch.Tensor,
+    t_new: torch.Tensor,
     y: torch.Tensor,
     res: StepResult,
-) -> tuple[list[torch.Tensor], torch.Tensor, int]:
-    """A step's vectors for its interpolant, the next step's first stage (used where the step
-    is accepted) and the evaluations spent on them: the interpolant's extra stages are computed
-    when the plan needs them (an ``f(t + h, y1)`` among them starts the next step)."""
+) -> tuple[list[torch.Tensor], Any, int]:
+    """A step's vectors for its interpolant, the next step's carried state (used where the step
+    is accepted) and the evaluations spent on it.  Explicit: the interpolant's extra stages are
+    computed when the plan needs them (an ``f(t + h, y1)`` among them starts the next step).
+    Rosenbrock: the Jacobian at the step's end ``t_new`` (one evaluation of ``f``, the
+    Jacobian's forward pass), taken in every attempt, as a block cannot skip it on the rows
+    that rejected (the eager loop reuses the start's on a retry)."""
+    if plan.linear:
+        lin = _by_func(f, t_new.to(y.dtype), res.y1, True)
+        return list(res.dense_info), lin, 1
     if not plan.dense_stage:
         return list(res.dense_info), res.state, 0
+    assert isinstance(solver, ExplicitRK)
     d, extra, next_state = solver.dense(f, t, h, y, res)
     return list(d.ks), res.state if next_state is None else next_state, extra
+
+
+def _where_rows(mask: torch.Tensor, new: Any, old: Any) -> Any:
+    """``new`` where ``mask`` (per row), else ``old``: a tensor or a tuple of tensors."""
+    if isinstance(new, torch.Tensor):
+        return torch.where(per_row(mask, new.ndim), new, old)
+    return type(new)(*(torch.where(per_row(mask, a.ndim), a, b) for a, b in zip(new, old)))
 
 
 def _attempt_adaptive(
     c: _Carry,
     f: Func,
-    solver: ExplicitRK,
+    solver: Solver,
     ctrl: PIController,
     plan: _Plan,
     out: torch.Tensor,
@@ -253,7 +278,7 @@ def _attempt_adaptive(
     gap = target - c.t
     hit = c.h * 1.01 >= gap  # land on the target rather than leave a sliver of a step
     h = torch.where(c.running, torch.where(hit, gap, c.h), 0.0)
-    res = solver.step(f, c.t, h, c.y, c.k0 if plan.carry_k0 else None)
+    res = solver.step(f, c.t, h, c.y, c.state if plan.carry_k0 else None)
     assert res.y_error is not None
     ratio = ctrl.error_ratio(c.y, res.y1, res.y_error, solver.error_norm)
     accept, h_prop, cstate = ctrl.adapt(ratio, h, ControllerState(c.prev_ratio, c.rejected))
@@ -274,16 +299,21 @@ def _attempt_adaptive(
     maxed = still & ~under & (n_steps >= plan.max_steps)
     status = torch.where(maxed, int(Status.MAX_STEPS_REACHED), status)
     still = still & ~(under | maxed)
-    ks, first, extra = _stages(plan, solver, f, c.t, h, c.y, res)
+    ks, first, extra = _next(plan, solver, f, c.t, h, t_new, c.y, res)
     nfe = c.nfe + c.running * (res.nfe + extra)
     acc = per_row(accept, c.y.ndim)
-    k0 = torch.where(acc, first, res.retry_state) if plan.carry_k0 else c.k0
+    if plan.linear:  # a rejected row retries with the linearisation it had
+        state = _where_rows(accept, first, c.state)
+    elif plan.carry_k0:
+        state = torch.where(acc, first, res.retry_state)
+    else:
+        state = c.state
     vals, idx, next_out = _place(plan, out, c, accept, t_new, h, res.y1, ks, P)
     carry = _Carry(
         t=t_new,
         h=torch.where(c.running, h_prop, c.h),
         y=torch.where(acc, res.y1, c.y),
-        k0=k0,
+        state=state,
         prev_ratio=cstate.prev_ratio,
         rejected=cstate.rejected_last,
         running=still,
@@ -291,6 +321,8 @@ def _attempt_adaptive(
         nfe=nfe,
         n_steps=n_steps,
         n_accepted=c.n_accepted + accept,
+        njev=c.njev + c.running * (res.njev + int(plan.linear)),
+        nlu=c.nlu + c.running * res.nlu,
         next_out=next_out,
         h_end=torch.where(done, torch.maximum(h_prop, c.h), c.h_end),
     )
@@ -300,7 +332,7 @@ def _attempt_adaptive(
 def _adaptive_block(
     c: _Carry,
     f: Func,
-    solver: ExplicitRK,
+    solver: Solver,
     ctrl: PIController,
     plan: _Plan,
     out: torch.Tensor,
@@ -328,7 +360,7 @@ def _initial_step(
 def _fixed_block(
     c: _Carry,
     f: Func,
-    solver: ExplicitRK,
+    solver: Solver,
     plan: _Plan,
     out: torch.Tensor,
     starts: torch.Tensor,
@@ -343,8 +375,8 @@ def _fixed_block(
     for i in range(k):
         t, h, t_new = starts[i], steps[i], ends[i]
         moves = h > 0
-        res = solver.step(f, t, h, c.y, c.k0 if plan.carry_k0 else None)
-        ks, first, extra = _stages(plan, solver, f, t, h, c.y, res)
+        res = solver.step(f, t, h, c.y, c.state if plan.carry_k0 else None)
+        ks, first, extra = _next(plan, solver, f, t, h, t_new, c.y, res)
         nfe = c.nfe + moves * (res.nfe + extra)
         v, j, next_out = _place(plan, out, c._replace(t=t), moves, t_new, h, res.y1, ks, P)
         vals.append(v)
@@ -352,10 +384,12 @@ def _fixed_block(
         c = c._replace(
             t=torch.where(moves, t_new, c.t),
             y=res.y1,  # a zero step leaves y as it is
-            k0=first if plan.carry_k0 else c.k0,
+            state=first if plan.carry_k0 else c.state,
             nfe=nfe,
             n_steps=c.n_steps + moves,
             n_accepted=c.n_accepted + moves,
+            njev=c.njev + moves * (res.njev + int(plan.linear)),
+            nlu=c.nlu + moves * res.nlu,
             next_out=next_out,
         )
     return c, torch.stack(vals), torch.stack(idx)
@@ -455,7 +489,8 @@ def drive(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Stats, torch.Tensor | float | None]:
     """Run a solve (``T >= 2`` outputs) in compiled blocks; returns what the eager drivers
     return: ``(ys, status, t_end, stats, h_next)`` in the solve's own layout."""
-    assert isinstance(solver, ExplicitRK)
+    linear = isinstance(solver, _LinearlyImplicit)
+    assert isinstance(solver, ExplicitRK) or linear
     if batched:
         f, Y0, out = func, y0, out_times
         F0 = f0
@@ -470,13 +505,38 @@ def drive(
     # specialised on its inputs' strides, even along dimensions of size one).
     Y0, out = _fresh(Y0), _fresh(out)
     t = _fresh(out[:, 0])
-    F0 = f(t.to(Y0.dtype), Y0) if F0 is None else _fresh(F0)
+    lin0 = None
+    if linear:
+        # The first step's linearisation, eagerly: it finds out whether torch.func can
+        # transform the field, which the compiled blocks' Jacobians need.
+        lin0 = jacobian(f, t.to(Y0.dtype), Y0)
+        if f in _AUTOGRAD_ONLY:
+            raise ValueError(
+                "compile=True with a Rosenbrock method takes the Jacobian with torch.func "
+                "(vjp and vmap), which cannot transform this vector field; leave compile off "
+                "(the eager solve falls back to torch.autograd)"
+            )
+        lin0 = Linearisation(*(_fresh(x) for x in lin0))
+    F0 = (lin0.f0 if lin0 is not None else f(t.to(Y0.dtype), Y0)) if F0 is None else _fresh(F0)
     # The solver's constants, built before tracing (their caches are not filled inside a graph).
-    P = solver._coefficients(y0.device)
-    solver._nodes(t.dtype, t.device)
-    key = (solver.name, solver.n_stages, batched, Y0.ndim, Y0.dtype, Y0.device, _field_key(f))
-    carry_k0 = solver.fsal or any(solver.extra_is_f1)
-    extras = bool(solver.extra_c)
+    if isinstance(solver, ExplicitRK):
+        P = solver._coefficients(y0.device)
+        solver._nodes(t.dtype, t.device)
+        carry_k0 = solver.fsal or any(solver.extra_is_f1)
+        extras, extra_is_f1, fsal = bool(solver.extra_c), any(solver.extra_is_f1), solver.fsal
+    else:
+        assert isinstance(solver, _LinearlyImplicit)
+        P = torch.tensor(solver._P, dtype=torch.float64, device=y0.device)
+        carry_k0, extras, extra_is_f1, fsal = True, False, False, True
+    key = (
+        solver.name,
+        getattr(solver, "n_stages", 0),
+        batched,
+        Y0.ndim,
+        Y0.dtype,
+        Y0.device,
+        _field_key(f),
+    )
     ctrl = None
     if controller is not None:
         # Tolerances as tensors: a new tolerance is a new input, not a new graph.
@@ -491,16 +551,19 @@ def drive(
     if ctrl is None:
         grid = FixedGrid(out, step_size)
         m, inside = _outputs_per_step(grid, out)
-    elif T == 2 or (extras and not any(solver.extra_is_f1)):
-        m, inside = 1, False  # every output is a step's end (dopri8's interpolant costs 3 f)
+    elif T == 2 or solver.lands_on_outputs or (extras and not extra_is_f1):
+        # Every output is a step's end (dopri8's interpolant costs 3 f; the Rodas methods'
+        # interpolants are not accurate enough in the stiff regime).
+        m, inside = 1, False
     else:
         m = min(T - 1, opts.max_outputs)
         inside = m > 1
     plan = _Plan(
         m=m,
         interpolate=inside,
-        dense_stage=(inside and extras) or (not solver.fsal and carry_k0),
+        dense_stage=(inside and extras) or (not fsal and carry_k0),
         carry_k0=carry_k0,
+        linear=linear,
         resolution=resolution,
         max_steps=max_num_steps,
     )
@@ -508,14 +571,17 @@ def drive(
         t=t,
         h=torch.zeros_like(t),
         y=Y0,
-        k0=F0,
+        state=lin0 if lin0 is not None else F0,
         prev_ratio=torch.ones_like(t),
         rejected=torch.zeros_like(t, dtype=torch.bool),
         running=torch.ones_like(t, dtype=torch.bool),
         status=zeros.clone(),
-        nfe=zeros + 1,  # f0: given, or evaluated above
+        # f0 (given, or evaluated above) and the first linearisation's forward pass
+        nfe=zeros + 1 + int(linear and f0 is not None),
         n_steps=zeros.clone(),
         n_accepted=zeros.clone(),
+        njev=zeros + int(linear),
+        nlu=zeros.clone(),
         next_out=zeros + 1,
         h_end=torch.zeros_like(t),
     )
@@ -560,7 +626,7 @@ def drive(
     h_next: torch.Tensor | float | None = None
     if carry_step and ctrl is not None:
         h_next = c.h_end if batched else float(c.h_end[0])
-    counts = (c.nfe, c.n_steps, c.n_accepted, c.n_steps - c.n_accepted, zeros, zeros, zeros)
+    counts = (c.nfe, c.n_steps, c.n_accepted, c.n_steps - c.n_accepted, c.njev, c.nlu, zeros)
     if batched:
         return ys, c.status, c.t, Stats(*counts), h_next
     return ys[0], c.status[0], c.t[0], Stats(*(x[0] for x in counts)), h_next

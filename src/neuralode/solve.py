@@ -177,7 +177,8 @@ def solve(
             mask and the host synchronises once per block, so the per-operation overhead that
             dominates small solves is fused away; the first solve of each shape pays the
             compilation (seconds to a minute on a CPU).  For the explicit Runge-Kutta methods
-            with ``gradient="backprop"`` (compiled forward and backward) or ``"adjoint"``
+            and the Rosenbrock methods (``rosenbrock23``, ``rodas4``, ``rodas5p``; Jacobians by
+            ``torch.func``, not with ``jac``) with ``gradient="backprop"`` (compiled forward and backward) or ``"adjoint"``
             (compiled forward; the backward solve is eager); not with events, ``dense``,
             ``step_t``/``jump_t``, ``perturb``, func's callbacks or ``"checkpoint"``.  A step
             passes at most ``max_outputs`` output times (8), so with denser outputs it takes
@@ -298,6 +299,7 @@ def solve(
             jump_t=jump_t is not None,
             perturb=perturb,
             callbacks=cb.any,
+            jac=prob.jac is not None,
             **{'gradient="checkpoint"': gradient == "checkpoint"},
         )
         if why is not None:
