@@ -13,7 +13,9 @@ Work-precision, one problem at a time (float64, one thread):
 
 Ours: ``rosenbrock23``, ``rodas4``, ``rodas5p``, the ESDIRK ``kvaerno5`` (``kvaerno3``, an
 order-3 method for loose tolerances, would take ~10^4 steps at rtol 1e-8: left out) and ``auto``
-(tsit5 switching to rodas5p) on the torch field (Jacobians by autograd);
+(tsit5 switching to rodas5p) on the torch field (Jacobians by autograd), and ``--compiled``
+methods with ``compile=True`` (the compiled driver; timed after the first call, which compiles
+and is reported apart, as diffrax's is);
 scipy's ``Radau``, ``BDF`` and ``LSODA`` on a NumPy copy of the field with their default
 finite-difference Jacobians, as a scipy user would run them; diffrax's ``Kvaerno5`` (JAX,
 jit-compiled, one CPU thread, Jacobians by JAX's autodiff; timed after its compilation, which is
@@ -143,30 +145,42 @@ def median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
     return statistics.median(times), out
 
 
-def work_precision(tols: list[int], repeats: int) -> list[dict[str, Any]]:
+def work_precision(
+    tols: list[int],
+    repeats: int,
+    ours: tuple[str, ...] = OURS,
+    compiled: tuple[str, ...] = ("rodas5p",),
+    problems: tuple[str, ...] = tuple(PROBLEMS),
+) -> list[dict[str, Any]]:
     rows = []
-    for name, p in PROBLEMS.items():
+    for name in problems:
+        p = PROBLEMS[name]
         ref = reference(p)
         ts_t = torch.tensor(p["ts"], dtype=torch.float64)
         y0_t = torch.tensor(p["y0"], dtype=torch.float64)
         for e in tols:
             rtol = 10.0**-e
             atol = rtol * p["atol_scale"]
-            for m in OURS:
-                ours = functools.partial(
+            for m, comp in [(m, False) for m in ours] + [(m, True) for m in compiled]:
+                run = functools.partial(
                     neuralode.solve, p["f_t"], y0_t, ts_t, method=m, rtol=rtol, atol=atol,
-                    throw=False,
+                    throw=False, compile=comp,
                 )  # fmt: skip
-                secs, sol = median_time(ours, repeats)
+                t0 = time.perf_counter()
+                run()
+                first = time.perf_counter() - t0
+                secs, sol = median_time(run, repeats)
                 ok = bool(sol.success)
-                rows.append(
-                    dict(
-                        problem=name, rtol=rtol, solver=m, seconds=secs, ok=ok,
-                        error=units(sol.ys.numpy(), ref, rtol, atol) if ok else None,
-                        steps=int(sol.stats.n_steps), nfe=int(sol.stats.nfe),
-                        njev=int(sol.stats.njev),
-                    )
+                row = dict(
+                    problem=name, rtol=rtol, solver=f"{m} compiled" if comp else m,
+                    seconds=secs, ok=ok,
+                    error=units(sol.ys.numpy(), ref, rtol, atol) if ok else None,
+                    steps=int(sol.stats.n_steps), nfe=int(sol.stats.nfe),
+                    njev=int(sol.stats.njev),
                 )  # fmt: skip
+                if comp:
+                    row["first_call_seconds"] = first
+                rows.append(row)
             for m in SCIPY:
                 theirs = functools.partial(
                     solve_ivp, p["f_np"], (p["ts"][0], p["ts"][-1]), p["y0"], method=m,
@@ -226,6 +240,17 @@ def batched(batch: int, seed: int = 0) -> dict[str, Any]:
     out["kvaerno5_seconds"] = time.perf_counter() - t0
     out["kvaerno5_steps_max"] = int(kv.stats.n_steps.max())
     out["kvaerno5_max_abs_difference_to_rodas5p"] = float((kv.ys - sol.ys).abs().max())
+    comp = functools.partial(
+        neuralode.solve, robertson(k), y0, torch.tensor(ts), batched=True, method="rodas5p",
+        rtol=rtol, atol=atol, compile=True,
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    comp()
+    out["compiled_first_call_seconds"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    csol = comp()
+    out["compiled_seconds"] = time.perf_counter() - t0
+    out["compiled_max_abs_difference_to_eager"] = float((csol.ys - sol.ys).abs().max())
     errs = []
     for m in SCIPY:
         t0 = time.perf_counter()
@@ -270,13 +295,23 @@ def markdown(rows: list[dict[str, Any]], batch: dict[str, Any] | None) -> str:
             f"{min(compiled):.1f}-{max(compiled):.1f} s here, not in the times above.",
             "",
         ]
+    ours_first = [r["first_call_seconds"] for r in rows if "first_call_seconds" in r]
+    if ours_first:
+        lines += [
+            f"Our compiled solves' first calls (compiling once per problem: the tolerances are "
+            f"graph inputs) took {min(ours_first):.1f}-{max(ours_first):.1f} s, not in the "
+            f"times above.",
+            "",
+        ]
     if batch:
         best = min(batch[f"scipy_{m}_seconds"] for m in SCIPY)
         lines.append(
             f"Batched: {batch['batch']} Robertson problems (rates x 10^U(0,1)), rtol 1e-6: "
             f"rodas5p batched {batch['ours_seconds']:.2f} s "
             f"({batch['ours_steps_min']}-{batch['ours_steps_max']} steps per sample), kvaerno5 "
-            f"batched {batch['kvaerno5_seconds']:.2f} s; scipy "
+            f"batched {batch['kvaerno5_seconds']:.2f} s, rodas5p compiled "
+            f"{batch['compiled_seconds']:.2f} s (first call "
+            f"{batch['compiled_first_call_seconds']:.0f} s); scipy "
             + ", ".join(f"{m} {batch[f'scipy_{m}_seconds']:.1f} s" for m in SCIPY)
             + f" one by one; ours / best scipy = {batch['ours_seconds'] / best:.3f}."
         )
@@ -289,9 +324,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch", type=int, default=1024, help="0 skips the batched comparison")
     ap.add_argument("--out", default="runs/bench/stiff")
+    ap.add_argument("--ours", nargs="*", default=list(OURS), help="eager methods")
+    ap.add_argument("--compiled", nargs="*", default=["rodas5p"], help="compiled methods")
+    ap.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
     args = ap.parse_args()
     torch.set_num_threads(1)
-    rows = work_precision(args.tols, args.repeats)
+    rows = work_precision(
+        args.tols, args.repeats, tuple(args.ours), tuple(args.compiled), tuple(args.problems)
+    )
     batch = batched(args.batch) if args.batch else None
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -99,8 +99,8 @@ class LoopSpec:
         events: batched solves: ``events(t0, y0) -> EventTracker``, the events the commit
             checks on every accepted step (:mod:`neuralode.events`); ``None`` for none.
         compile: run the attempts in compiled blocks (:mod:`neuralode._compiled`; explicit
-            Runge-Kutta and Rosenbrock methods, no events, dense output, records, step or jump times,
-            callbacks or perturbation); ``None``: the eager drivers.
+            Runge-Kutta and Rosenbrock methods, no events, dense output, records, step or jump
+            times, callbacks or perturbation); ``None``: the eager drivers.
     """
 
     func: Func

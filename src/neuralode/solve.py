@@ -178,8 +178,9 @@ def solve(
             dominates small solves is fused away; the first solve of each shape pays the
             compilation (seconds to a minute on a CPU).  For the explicit Runge-Kutta methods
             and the Rosenbrock methods (``rosenbrock23``, ``rodas4``, ``rodas5p``; Jacobians by
-            ``torch.func``, not with ``jac``) with ``gradient="backprop"`` (compiled forward and backward) or ``"adjoint"``
-            (compiled forward; the backward solve is eager); not with events, ``dense``,
+            ``torch.func``, not with ``jac``) with ``gradient="backprop"`` (compiled forward and
+            backward) or ``"adjoint"`` (compiled forward; the backward solve is eager); not with
+            events, ``dense``,
             ``step_t``/``jump_t``, ``perturb``, func's callbacks or ``"checkpoint"``.  A step
             passes at most ``max_outputs`` output times (8), so with denser outputs it takes
             more steps than the eager solve.  See docs/performance.md for when it pays.
