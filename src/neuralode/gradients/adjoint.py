@@ -46,6 +46,7 @@ from .._loop import LoopResult, LoopSpec
 from .._rows import per_row
 from ..controllers import NORMS, PIController, rms_norm
 from ..solution import SolverError, Stats
+from ..solvers.newton import Linearisation, jacobian
 from ..solvers.registry import get_solver
 from .base import GradientStrategy, Outcome, refuse_double_backward
 
@@ -435,6 +436,66 @@ class _AdjointRun:
         return dataclasses.replace(spec, step_t=step_t, jump_t=jump_t)
 
 
+class _AugmentedJacobian:
+    """The augmented field's Jacobian in block form (:meth:`_Augmented.linearise`)."""
+
+    def __init__(
+        self,
+        aug: _Augmented,
+        Jf: torch.Tensor,
+        scale: torch.Tensor | float,
+        jt_w: torch.Tensor,
+        w: torch.Tensor,
+    ) -> None:
+        self.n_y, self.batched = aug.n_y, aug.batched
+        self.Jf, self.scale, self.jt_w, self.w = Jf, scale, jt_w, w
+
+    def product(self, v: torch.Tensor) -> torch.Tensor:
+        """``J_aug v`` for a flat ``v``."""
+        (jv,) = torch.autograd.grad(self.jt_w, self.w, v, retain_graph=True)
+        return jv
+
+    def inf_norm(self) -> torch.Tensor:
+        """The stiffness the blocks carry: ``max(||S J||_inf, ||S J||_1)`` (the diagonal
+        blocks' norms; the eigenvalues of ``J_aug`` are those of ``-S J``, ``S J^T`` and 0)."""
+        scale = self.scale.view(-1, 1, 1) if isinstance(self.scale, torch.Tensor) else self.scale
+        A = (self.Jf * scale).abs()
+        return torch.maximum(A.sum(-1).amax(-1), A.sum(-2).amax(-1)).amax()
+
+    def factored(self, hg: torch.Tensor | float, like: torch.Tensor) -> _AugmentedSolve:
+        return _AugmentedSolve(self, hg)
+
+
+class _AugmentedSolve:
+    """``(I - hg J_aug)^-1`` by block forward substitution over ``[y, a, g]``."""
+
+    def __init__(self, op: _AugmentedJacobian, hg: torch.Tensor | float) -> None:
+        self.op, self.hg = op, hg
+        Jf = op.Jf
+        N = Jf.shape[-1]
+        eye = torch.eye(N, dtype=Jf.dtype, device=Jf.device)
+        scale = op.scale.view(-1, 1, 1) if isinstance(op.scale, torch.Tensor) else op.scale
+        hs = hg * scale
+        self.lu_y = torch.linalg.lu_factor_ex(eye + hs * Jf)[:2]
+        self.lu_a = torch.linalg.lu_factor_ex(eye - hs * Jf.transpose(-1, -2))[:2]
+        self.cols = (Jf.shape[0], N, 1) if Jf.ndim == 3 else (N, 1)
+
+    def _lu(self, lu: tuple[torch.Tensor, torch.Tensor], r: torch.Tensor) -> torch.Tensor:
+        x: torch.Tensor = torch.linalg.lu_solve(lu[0], lu[1], r.reshape(self.cols))
+        return x.reshape(-1)
+
+    def solve(self, rhs: torch.Tensor) -> torch.Tensor:
+        n = self.op.n_y
+        r_y, r_a, r_g = rhs[:n], rhs[n : 2 * n], rhs[2 * n :]
+        u_y = self._lu(self.lu_y, r_y)
+        zeros = torch.zeros_like(rhs)
+        v = torch.cat([u_y, zeros[n:]])
+        u_a = self._lu(self.lu_a, r_a + self.hg * self.op.product(v)[n : 2 * n])
+        v = torch.cat([u_y, u_a, zeros[2 * n :]])
+        u_g = r_g + self.hg * self.op.product(v)[2 * n :]
+        return torch.cat([u_y, u_a, u_g])
+
+
 def _status_message(status: torch.Tensor) -> str:
     from ..solution import Status
 
@@ -472,6 +533,10 @@ class _Augmented:
     #: ``torch.func`` cannot transform this field (it calls ``torch.autograd.grad``): a stiff
     #: backward solve takes its Jacobian with ``torch.autograd.grad`` (neuralode.solvers.newton).
     no_torch_func = True
+
+    #: Stiff backward solves use the block form of the Jacobian (:meth:`linearise`); off, they
+    #: take it densely, as any field's (kept for the tests, which compare the two).
+    structured = True
 
     def span(self, i: int) -> float:
         """The length of interval ``i`` in the backward loop's time units."""
@@ -538,6 +603,49 @@ class _Augmented:
                 self.used[k] = True
             parts.append(v.reshape(-1))
         return torch.cat(parts)
+
+    def linearise(self, sigma: torch.Tensor, x: torch.Tensor) -> Linearisation | None:
+        """The augmented field's value, derivative in ``sigma`` and Jacobian at ``(sigma, x)``
+        for a stiff backward solve, with the Jacobian kept in its block form.
+
+        In ``x = [y, a, g]`` the Jacobian is block lower-triangular,
+        ``[[-S J, 0, 0], [S H_ya, S J^T, 0], [S H_yg, S F^T, 0]]`` (``J = df/dy``, ``F =
+        df/dtheta``, ``H`` the second derivatives of ``a^T f``, ``S`` the clock's scale), so a
+        system ``(I - hg J_aug) u = r`` is solved block by block: two LU factorisations of
+        ``func``'s own ``N x N`` Jacobian (per sample) and two products with ``J_aug`` (one
+        backward pass each), instead of a dense Jacobian of the ``2 N + P`` augmented
+        components (``P`` the number of parameters: thousands for a network), each row a
+        second-order product.  ``None`` (then the Jacobian is taken densely) when
+        :attr:`structured` is off."""
+        if not self.structured:
+            return None
+        i, dtype = self.interval, x.dtype
+        s_hi = self.s[:, i] if self.batched else self.s[i]
+        if self.per_row:
+            length = self.lengths[:, i - 1]
+            s_now = (s_hi - sigma.to(s_hi.dtype) * length).to(dtype)
+            scale: torch.Tensor | float = length.to(dtype)
+        else:
+            s_now = (s_hi - sigma.to(s_hi.dtype)).to(dtype)
+            scale = 1.0
+        y = x[: self.n_y].view(self.y_shape)
+        Jf = jacobian(self.func, s_now, y).J  # [B, N, N] batched, [N, N] unbatched
+        with torch.enable_grad():
+            sig = sigma.detach().requires_grad_(True)
+            xx = x.detach().requires_grad_(True)
+            out = self(sig, xx)  # with the graph of its vector-Jacobian products (track)
+            # d out / d sigma, by the double-backward trick (one forward-mode product).
+            u = torch.zeros_like(out, requires_grad=True)
+            (g_sig,) = torch.autograd.grad(out, sig, u, create_graph=True, allow_unused=True)
+            if g_sig is None:
+                ft = torch.zeros_like(out)
+            else:
+                (ft,) = torch.autograd.grad(g_sig, u, torch.ones_like(g_sig), retain_graph=True)
+            # J_aug^T w as a function of w: J_aug v is then one backward pass in w.
+            w = torch.zeros_like(out, requires_grad=True)
+            (jt_w,) = torch.autograd.grad(out, xx, w, create_graph=True)
+        op = _AugmentedJacobian(self, Jf, scale, jt_w, w)
+        return Linearisation(out.detach(), op, ft.detach())  # type: ignore[arg-type]
 
     def norm(self, kind: str) -> Any:
         """The backward solve's error norm over ``[y, a, g_1, g_2, ...]``.

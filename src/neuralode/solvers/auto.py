@@ -44,7 +44,7 @@ import torch
 
 from .._rows import per_row
 from .base import DenseStep, Func, Solver, StepResult, Time
-from .newton import Linearisation, jacobian
+from .newton import Linearisation, inf_norm, jacobian
 from .rk import ExplicitRK, _stage, _time
 
 __all__ = ["AutoSwitch", "AutoState", "spectral_radius", "stability_limit"]
@@ -420,7 +420,7 @@ class AutoSwitch(Solver):
         if r_s is not None:
             lin = r_s.retry_state
             if isinstance(lin, Linearisation):
-                rho_s = lin.J.abs().sum(-1).amax(-1)
+                rho_s = inf_norm(lin.J)
             else:  # a stiff method that keeps no Jacobian: no verdict against it
                 rho_s = torch.full(stiff.shape, torch.inf, dtype=y.dtype, device=y.device)
         if rho_e is None:

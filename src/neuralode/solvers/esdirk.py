@@ -36,7 +36,7 @@ from ..solution import Status
 from .base import Func, Solver, StepResult, Time
 from .newton import jacobian
 from .rk import _combine, _h_state, _stage, _terms, _time
-from .rosenbrock import _Factored, _hg, _linearise, _LinearlyImplicit
+from .rosenbrock import _factor, _Factored, _hg, _linearise, _LinearlyImplicit
 from .tableaus import EsdirkTableau
 
 __all__ = ["Esdirk", "NewtonSettings"]
@@ -159,7 +159,7 @@ class Esdirk(_LinearlyImplicit):
         hg = _hg(h, self.gamma, y)
         with torch.no_grad():  # the iteration matrix is not differentiated
             lin, nfe, njev = _linearise(f, t, y, state, 1)
-            lu = _Factored(lin.J, hg, y)
+            lu = _factor(lin.J, hg, y)
         graph = torch.is_grad_enabled()
         # The explicit first stage: f(t, y), again with its graph when gradients are wanted.
         k0 = lin.f0
@@ -215,7 +215,7 @@ class _Newton:
         settings: NewtonSettings,
         y: torch.Tensor,
         hg: torch.Tensor | float,
-        lu: _Factored,
+        lu: Any,
         batched: bool,
     ) -> None:
         self.lu, self.hg, self.max_iters = lu, hg, settings.max_iters

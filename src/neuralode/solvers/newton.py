@@ -10,8 +10,9 @@ A vector field that ``torch.func`` cannot transform (a ``.item()``, an in-place 
 captured tensor, an ``autograd.Function`` without a vmap rule) falls back to ``N`` calls of
 ``torch.autograd.grad``, with the same results; the fallback is remembered for that field.  A
 field that sets ``no_torch_func = True`` goes there directly (the adjoint's augmented field,
-which calls ``torch.autograd.grad`` itself; its Jacobian costs ``2 N + P`` second-order
-vector-Jacobian products, ``P`` the number of parameters).
+which calls ``torch.autograd.grad`` itself; taken densely, its Jacobian costs ``2 N + P``
+second-order vector-Jacobian products, ``P`` the number of parameters, which is why the stiff
+steps ask it for its block form instead: ``jacobian(..., structured=True)``).
 
 The Jacobian is differentiable when gradients are enabled (backprop and checkpoint through a
 Rosenbrock step differentiate the matrix ``I - h gamma J`` as well, so the gradient is the exact
@@ -28,7 +29,7 @@ import torch
 
 from .base import Func
 
-__all__ = ["Linearisation", "JacobianField", "jacobian"]
+__all__ = ["Linearisation", "JacobianField", "jacobian", "inf_norm"]
 
 #: Fields that ``torch.func`` failed on (then differentiated with ``torch.autograd.grad``).
 _AUTOGRAD_ONLY: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -40,7 +41,9 @@ class Linearisation(NamedTuple):
     Attributes:
         f0: ``f(t, y)``, shaped like ``y``.
         J: ``df/dy``: ``[batch, N, N]`` batched, ``[N, N]`` unbatched (``N`` = features per
-            sample, flattened; ``J[..., i, j] = d f_i / d y_j``).
+            sample, flattened; ``J[..., i, j] = d f_i / d y_j``); from
+            ``jacobian(..., structured=True)`` it may instead be a field's own operator with
+            ``factored(hg, like).solve(rhs)`` and ``inf_norm()`` (the adjoint's block form).
         ft: ``df/dt``, shaped like ``y``.
     """
 
@@ -64,8 +67,15 @@ class JacobianField:
         return self.f(t, y)
 
 
-def jacobian(f: Func, t: torch.Tensor, y: torch.Tensor) -> Linearisation:
+def jacobian(f: Func, t: torch.Tensor, y: torch.Tensor, structured: bool = False) -> Linearisation:
     """``f(t, y)`` with its Jacobian in ``y`` and its derivative in ``t``, per sample.
+
+    With ``structured`` (the Rosenbrock and ESDIRK steps, whose only use of the Jacobian is to
+    solve systems ``I - h gamma J``), an unbatched field that knows the structure of
+    its own Jacobian (a ``linearise(t, y)`` method returning a :class:`Linearisation` or
+    ``None``: the adjoint's augmented field, whose Jacobian is block lower-triangular) gives its
+    own, without gradients (under ``torch.no_grad``); its ``J`` is then an object with
+    ``factored(hg, like)`` and ``inf_norm()`` rather than a matrix.
 
     Args:
         f: the vector field; batched, row ``b`` of ``f(t, y)`` may depend on row ``b`` of ``y``
@@ -80,6 +90,11 @@ def jacobian(f: Func, t: torch.Tensor, y: torch.Tensor) -> Linearisation:
     batched = t.ndim == 1
     if isinstance(f, JacobianField):
         return _by_user(f, t, y, batched)
+    own = getattr(f, "linearise", None)
+    if structured and own is not None and not batched and not torch.is_grad_enabled():
+        lin = own(t, y)
+        if isinstance(lin, Linearisation):
+            return lin
     if f not in _AUTOGRAD_ONLY and not getattr(f, "no_torch_func", False):
         try:
             return _by_func(f, t, y, batched)
@@ -89,6 +104,15 @@ def jacobian(f: Func, t: torch.Tensor, y: torch.Tensor) -> Linearisation:
             except TypeError:  # not weak-referenceable: try again next time
                 pass
     return _by_autograd(f, t, y, batched)
+
+
+def inf_norm(J: Any) -> torch.Tensor:
+    """``||J||_inf`` per row (the largest absolute row sum), or a structured Jacobian's own
+    estimate of it (see :func:`jacobian`)."""
+    if isinstance(J, torch.Tensor):
+        return J.abs().sum(-1).amax(-1)
+    result: torch.Tensor = J.inf_norm()
+    return result
 
 
 def _sizes(y: torch.Tensor, batched: bool) -> tuple[int, int]:

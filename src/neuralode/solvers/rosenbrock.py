@@ -50,6 +50,14 @@ class _Factored:
         return x.reshape(self.shape)
 
 
+def _factor(J: Any, hg: torch.Tensor | float, like: torch.Tensor) -> Any:
+    """``I - hg J`` factored: LU per row for a matrix, the structured Jacobian's own solver
+    otherwise (:func:`~neuralode.solvers.newton.jacobian`'s ``structured``)."""
+    if isinstance(J, torch.Tensor):
+        return _Factored(J, hg, like)
+    return J.factored(hg, like)
+
+
 class KnownLinearisation(NamedTuple):
     """A batch's carried linearisation known on some rows only (those that rejected their step
     and retry from the same start, while others accepted and moved on)."""
@@ -68,7 +76,7 @@ def _linearise(
     one row's does) and each row is charged what it would have spent solved alone."""
     if isinstance(state, Linearisation):
         return state, n_stages - 1, 0
-    lin = jacobian(f, _time(t, y), y)
+    lin = jacobian(f, _time(t, y), y, structured=True)
     if isinstance(state, KnownLinearisation):
         known = state.known
         lin = Linearisation(
@@ -189,7 +197,7 @@ class Rosenbrock(_LinearlyImplicit):
     ) -> StepResult:
         h_y = _h_state(h, y)
         lin, nfe, njev = _linearise(f, t, y, state, self.n_stages)
-        lu = _Factored(lin.J, _hg(h, self.gamma, y), y)
+        lu = _factor(lin.J, _hg(h, self.gamma, y), y)
         ks: list[torch.Tensor] = []
         for i in range(self.n_stages):
             if i == 0:
@@ -266,7 +274,7 @@ class Rosenbrock23(_LinearlyImplicit):
         d = self.d
         h_y = _h_state(h, y)
         lin, nfe, njev = _linearise(f, t, y, state, 3)
-        lu = _Factored(lin.J, _hg(h, d, y), y)
+        lu = _factor(lin.J, _hg(h, d, y), y)
         hdT = h_y * d * lin.ft
         k1 = lu.solve(lin.f0 + hdT)
         f1 = f(_time(t + 0.5 * h, y), _stage(y, h_y, [k1], ((0, 0.5),)))
