@@ -10,8 +10,8 @@ take the same steps and give the same gradients (one thread, float64):
 
     .venv/bin/python benchmarks/stiff_adjoint.py [--widths 16 32 64] [--methods rodas5p kvaerno5]
 
-Field: ``y' = A y + 0.5 tanh-MLP(y)`` (``2 N + P`` with ``N = 6``: two samples of 3) with ``A``'s eigenvalues near -30, -3 and -1 (mildly
-stiff), batch 2, 3 components, t in [0, 1], rtol 1e-6, atol 1e-8.
+Field: ``y' = A y + 0.5 tanh-MLP(y)`` with ``A``'s eigenvalues near -30, -3 and -1 (mildly
+stiff), batch 2, 3 components (``N = 6`` in ``2 N + P``), t in [0, 1], rtol 1e-6, atol 1e-8.
 """
 
 from __future__ import annotations
