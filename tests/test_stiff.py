@@ -656,3 +656,28 @@ def test_jacobian_matches_autograd(fallback: bool) -> None:
     one = jacobian(f, t[0], y[0])  # unbatched
     torch.testing.assert_close(one.J, lin.J[0])
     torch.testing.assert_close(one.ft, lin.ft[0])
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+def test_unrolled_lu_is_lapacks(n: int) -> None:
+    """The elimination written out for compiled graphs (small systems) pivots as LAPACK does
+    and solves to round-off, on random matrices, one that needs every row swapped, and the
+    iteration matrix of a stiff step (Robertson, h gamma = 1e4); its gradient is the solve's."""
+    from neuralode.solvers.rosenbrock import _lu_solve_unrolled, _lu_unrolled
+
+    torch.manual_seed(n)
+    mats = [torch.randn(4, n, n, dtype=DTYPE), torch.eye(n, dtype=DTYPE).flip(0).unsqueeze(0)]
+    if n == 3:
+        J = jacobian(robertson(), torch.tensor(0.0, dtype=DTYPE),
+                     torch.tensor([0.9, 3e-5, 0.1], dtype=DTYPE)).J  # fmt: skip
+        mats.append((torch.eye(3, dtype=DTYPE) - 1e4 * J).unsqueeze(0))
+    for A in mats:
+        LU, perm = _lu_unrolled(A)
+        LU_ref, _, _ = torch.linalg.lu_factor_ex(A)
+        torch.testing.assert_close(LU, LU_ref, rtol=1e-12, atol=1e-14)
+        b = torch.randn(A.shape[:-1], dtype=DTYPE)
+        x = _lu_solve_unrolled(LU, perm, b)
+        torch.testing.assert_close(x, torch.linalg.solve(A, b), rtol=1e-10, atol=1e-12)
+    A = mats[0].clone().requires_grad_()
+    b = torch.randn(A.shape[:-1], dtype=DTYPE, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda A, b: _lu_solve_unrolled(*_lu_unrolled(A), b), (A, b))

@@ -339,14 +339,18 @@ def _adaptive_block(
     t_floor: torch.Tensor,
     P: torch.Tensor,
     k: int,
-) -> tuple[_Carry, torch.Tensor, torch.Tensor]:
-    """``k`` attempts (unrolled when traced); their outputs stacked ``[k, rows, m, ...]``."""
+) -> tuple[_Carry, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``k`` attempts (unrolled when traced); their outputs stacked ``[k, rows, m, ...]``, and
+    what the host reads after the block: does a row run on, and the most steps a row has left
+    at its current step size."""
     vals, idx = [], []
     for _ in range(k):
         c, v, i = _attempt_adaptive(c, f, solver, ctrl, plan, out, t_floor, P)
         vals.append(v)
         idx.append(i)
-    return c, torch.stack(vals), torch.stack(idx)
+    steps_left = torch.where(c.running, (out[:, -1] - c.t) / c.h.clamp(min=1e-300), 0.0)
+    flags = torch.stack((c.running.any().to(steps_left.dtype), steps_left.amax()))
+    return c, torch.stack(vals), torch.stack(idx), flags
 
 
 def _initial_step(
@@ -594,17 +598,17 @@ def drive(
             h0 = _call(_initial_step, key, opts, y0.device, ctrl, f, t, Y0, F0)
             c = c._replace(nfe=c.nfe + 1)
         c = c._replace(h=h0)
-        t_end = out[:, -1]
         left = math.inf
         while True:
             k = opts.block or (4 if left >= 4 else 1)
             adaptive_args = (c, f, solver, ctrl, plan, out, floor, P, k)
-            c, v, i = _call(_adaptive_block, (*key, k, plan), opts, y0.device, *adaptive_args)
+            c, v, i, flags = _call(
+                _adaptive_block, (*key, k, plan), opts, y0.device, *adaptive_args
+            )
             vals.append(v)
             idx.append(i)
             # The block's one synchronisation: does a row run on, and how many steps remain.
-            steps_left = torch.where(c.running, (t_end - c.t) / c.h.clamp(min=1e-300), 0.0)
-            go_on, left = torch.stack((c.running.any().to(t.dtype), steps_left.amax())).tolist()
+            go_on, left = flags.tolist()
             if not go_on:
                 break
     else:

@@ -31,9 +31,18 @@ from .tableaus import RosenbrockTableau
 __all__ = ["Rosenbrock", "Rosenbrock23"]
 
 
+#: Systems up to this size are factored by unrolled elimination inside a compiled graph.
+_UNROLL_MAX = 3
+
+
 class _Factored:
     """``I - h gamma J`` per row, LU-factored once per step; :meth:`solve` takes and returns
-    tensors shaped like the state."""
+    tensors shaped like the state.
+
+    Inside a ``torch.compile`` trace (the compiled driver) a system of at most
+    :data:`_UNROLL_MAX` unknowns is factored by :func:`_lu_unrolled`, elimination written out
+    in elementwise operations, which inductor fuses into the generated code (the LAPACK
+    kernels run outside it, through a slow fallback, and cost most of a compiled stiff step)."""
 
     def __init__(self, J: torch.Tensor, hg: torch.Tensor | float, like: torch.Tensor) -> None:
         self.shape = like.shape
@@ -42,12 +51,66 @@ class _Factored:
         eye = torch.eye(N, dtype=J.dtype, device=J.device)
         if isinstance(hg, torch.Tensor) and batched:
             hg = hg.view(-1, 1, 1)
-        self.LU, self.pivots, _ = torch.linalg.lu_factor_ex(eye - hg * J)
+        self.unrolled = N <= _UNROLL_MAX and torch.compiler.is_compiling()
+        if self.unrolled:
+            self.LU, self.pivots = _lu_unrolled(eye - hg * J)
+        else:
+            self.LU, self.pivots, _ = torch.linalg.lu_factor_ex(eye - hg * J)
         self.cols = (like.shape[0], N, 1) if batched else (N, 1)
 
     def solve(self, rhs: torch.Tensor) -> torch.Tensor:
+        if self.unrolled:
+            return _lu_solve_unrolled(self.LU, self.pivots, rhs.reshape(self.cols[:-1])).reshape(
+                self.shape
+            )
         x: torch.Tensor = torch.linalg.lu_solve(self.LU, self.pivots, rhs.reshape(self.cols))
         return x.reshape(self.shape)
+
+
+def _lu_unrolled(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``P A = L U`` with partial pivoting (LAPACK's choice of pivot: the largest magnitude in
+    the column, the first of equals), for ``A`` ``[..., N, N]`` with a small static ``N``,
+    written out row by row: returns ``LU`` (``L``'s multipliers below the diagonal, ``U`` on
+    and above) and the row permutation ``perm`` ``[..., N]`` (row ``i`` of ``P A`` is row
+    ``perm[i]`` of ``A``)."""
+    N = A.shape[-1]
+    rows = [A[..., i, :] for i in range(N)]
+    perm = [torch.full(A.shape[:-2], i, dtype=torch.long, device=A.device) for i in range(N)]
+    for k in range(N):
+        col = torch.stack([rows[i][..., k].abs() for i in range(k, N)], -1)
+        pivot = col.argmax(-1) + k
+        row_k, perm_k = rows[k], perm[k]
+        for i in range(k + 1, N):
+            swap = pivot == i
+            row_i = rows[i]
+            rows[i] = torch.where(swap.unsqueeze(-1), row_k, row_i)
+            row_k = torch.where(swap.unsqueeze(-1), row_i, row_k)
+            perm[i], perm_k = torch.where(swap, perm_k, perm[i]), torch.where(swap, perm[i], perm_k)
+        rows[k], perm[k] = row_k, perm_k
+        for i in range(k + 1, N):
+            m = rows[i][..., k] / row_k[..., k]
+            rest = rows[i][..., k + 1 :] - m.unsqueeze(-1) * row_k[..., k + 1 :]
+            rows[i] = torch.cat([rows[i][..., :k], m.unsqueeze(-1), rest], -1)
+    return torch.stack(rows, -2), torch.stack(perm, -1)
+
+
+def _lu_solve_unrolled(LU: torch.Tensor, perm: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``x`` with ``A x = b`` (``b`` ``[..., N]``) from :func:`_lu_unrolled`'s factors."""
+    N = LU.shape[-1]
+    pb = torch.gather(b, -1, perm)
+    z: list[torch.Tensor] = []
+    for i in range(N):
+        v = pb[..., i]
+        for j in range(i):
+            v = v - LU[..., i, j] * z[j]
+        z.append(v)
+    x: list[torch.Tensor] = [z[0]] * N
+    for i in reversed(range(N)):
+        v = z[i]
+        for j in range(i + 1, N):
+            v = v - LU[..., i, j] * x[j]
+        x[i] = v / LU[..., i, i]
+    return torch.stack(x, -1)
 
 
 def _factor(J: Any, hg: torch.Tensor | float, like: torch.Tensor) -> Any:
