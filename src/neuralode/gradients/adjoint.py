@@ -458,8 +458,7 @@ class _AugmentedJacobian:
     def inf_norm(self) -> torch.Tensor:
         """The stiffness the blocks carry: ``max(||S J||_inf, ||S J||_1)`` (the diagonal
         blocks' norms; the eigenvalues of ``J_aug`` are those of ``-S J``, ``S J^T`` and 0)."""
-        scale = self.scale.view(-1, 1, 1) if isinstance(self.scale, torch.Tensor) else self.scale
-        A = (self.Jf * scale).abs()
+        A = (self.Jf * self.scale).abs()
         return torch.maximum(A.sum(-1).amax(-1), A.sum(-2).amax(-1)).amax()
 
     def factored(self, hg: torch.Tensor | float, like: torch.Tensor) -> _AugmentedSolve:
@@ -474,8 +473,7 @@ class _AugmentedSolve:
         Jf = op.Jf
         N = Jf.shape[-1]
         eye = torch.eye(N, dtype=Jf.dtype, device=Jf.device)
-        scale = op.scale.view(-1, 1, 1) if isinstance(op.scale, torch.Tensor) else op.scale
-        hs = hg * scale
+        hs = hg * op.scale
         self.lu_y = torch.linalg.lu_factor_ex(eye + hs * Jf)[:2]
         self.lu_a = torch.linalg.lu_factor_ex(eye - hs * Jf.transpose(-1, -2))[:2]
         self.cols = (Jf.shape[0], N, 1) if Jf.ndim == 3 else (N, 1)
@@ -553,21 +551,26 @@ class _Augmented:
         the user's clock (the backward clock's own ulps near 0 would vanish in ``s_i - sigma``)."""
         return self(sigma, x, (at_start, at_end))
 
-    def __call__(
-        self, sigma: torch.Tensor, x: torch.Tensor, nudge: tuple[torch.Tensor, ...] | None = None
-    ) -> torch.Tensor:
-        i, dtype = self.interval, x.dtype
-        n_y = self.n_y
-        y = x[:n_y].view(self.y_shape)
-        adj = x[n_y : 2 * n_y].view(self.y_shape)
+    def clock(
+        self, sigma: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``func``'s time at the backward time ``sigma`` of the current interval, in
+        ``dtype``, and the clock's scale per row (``d s / d sigma = -scale``; ``None``: 1)."""
+        i = self.interval
         s_hi = self.s[:, i] if self.batched else self.s[i]
         if self.per_row:
             length = self.lengths[:, i - 1]
-            s_now = (s_hi - sigma.to(s_hi.dtype) * length).to(dtype)
-            scale: torch.Tensor | None = per_row(length.to(dtype), y.ndim)
-        else:
-            s_now = (s_hi - sigma.to(s_hi.dtype)).to(dtype)
-            scale = None
+            return (s_hi - sigma.to(s_hi.dtype) * length).to(dtype), length.to(dtype)
+        return (s_hi - sigma.to(s_hi.dtype)).to(dtype), None
+
+    def __call__(
+        self, sigma: torch.Tensor, x: torch.Tensor, nudge: tuple[torch.Tensor, ...] | None = None
+    ) -> torch.Tensor:
+        n_y = self.n_y
+        y = x[:n_y].view(self.y_shape)
+        adj = x[n_y : 2 * n_y].view(self.y_shape)
+        s_now, length = self.clock(sigma, x.dtype)
+        scale = None if length is None else per_row(length, y.ndim)
         if nudge is not None:
             inf = s_now.new_tensor(math.inf)
             up = torch.where(nudge[1], torch.nextafter(s_now, inf), s_now)
@@ -619,15 +622,7 @@ class _Augmented:
         :attr:`structured` is off."""
         if not self.structured:
             return None
-        i, dtype = self.interval, x.dtype
-        s_hi = self.s[:, i] if self.batched else self.s[i]
-        if self.per_row:
-            length = self.lengths[:, i - 1]
-            s_now = (s_hi - sigma.to(s_hi.dtype) * length).to(dtype)
-            scale: torch.Tensor | float = length.to(dtype)
-        else:
-            s_now = (s_hi - sigma.to(s_hi.dtype)).to(dtype)
-            scale = 1.0
+        s_now, length = self.clock(sigma, x.dtype)
         y = x[: self.n_y].view(self.y_shape)
         Jf = jacobian(self.func, s_now, y).J  # [B, N, N] batched, [N, N] unbatched
         with torch.enable_grad():
@@ -644,6 +639,8 @@ class _Augmented:
             # J_aug^T w as a function of w: J_aug v is then one backward pass in w.
             w = torch.zeros_like(out, requires_grad=True)
             (jt_w,) = torch.autograd.grad(out, xx, w, create_graph=True)
+        # The diagonal blocks' scale, shaped to multiply J ([B, N, N] per row, or a number).
+        scale = 1.0 if length is None else length.view(-1, 1, 1)
         op = _AugmentedJacobian(self, Jf, scale, jt_w, w)
         return Linearisation(out.detach(), op, ft.detach())  # type: ignore[arg-type]
 
