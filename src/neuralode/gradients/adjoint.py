@@ -447,7 +447,7 @@ class _AugmentedJacobian:
         jt_w: torch.Tensor,
         w: torch.Tensor,
     ) -> None:
-        self.n_y, self.batched = aug.n_y, aug.batched
+        self.n_y = aug.n_y
         self.Jf, self.scale, self.jt_w, self.w = Jf, scale, jt_w, w
 
     def product(self, v: torch.Tensor) -> torch.Tensor:
