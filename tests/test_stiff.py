@@ -681,3 +681,35 @@ def test_unrolled_lu_is_lapacks(n: int) -> None:
     A = mats[0].clone().requires_grad_()
     b = torch.randn(A.shape[:-1], dtype=DTYPE, requires_grad=True)
     assert torch.autograd.gradcheck(lambda A, b: _lu_solve_unrolled(*_lu_unrolled(A), b), (A, b))
+
+
+@pytest.mark.parametrize("method", ["rodas5p", "kvaerno5"])
+def test_batched_large_systems_on_two_threads(method: str) -> None:
+    """torch 2.13's batched CPU LU runs LAPACK's ``getrf`` on several threads at once, which
+    MKL does not survive from about 150 unknowns (pytorch/pytorch#181570): two 160-component
+    linear systems solved as a batch on two threads stopped with "Pivots given to lu_solve
+    must all be greater or equal to 1" (and a batch of 2 x 160 random matrices factored to
+    residuals of 1e10).  Now batches of large CPU matrices are factored one by one
+    (``newton.lu_factor``) and the solve reaches ``expm(A) y0``."""
+    from neuralode.solvers.newton import lu_factor
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(0)
+        N = 160
+        A = -torch.diag(torch.logspace(0, 3, N, dtype=DTYPE))
+        A = A + 0.3 * torch.randn(N, N, generator=g, dtype=DTYPE) / N**0.5
+        M = torch.randn(2, N, N, generator=g, dtype=DTYPE)
+        LU, piv = lu_factor(M)
+        b = torch.randn(2, N, 1, generator=g, dtype=DTYPE)
+        torch.testing.assert_close(M @ torch.linalg.lu_solve(LU, piv, b), b)
+        y0 = torch.stack([torch.ones(N, dtype=DTYPE), torch.linspace(-1, 1, N, dtype=DTYPE)])
+        ts = torch.tensor([0.0, 0.5], dtype=DTYPE)
+        sol = neuralode.solve(
+            lambda t, y: y @ A.T, y0, ts, method=method, batched=True, rtol=1e-7, atol=1e-9,
+        )  # fmt: skip
+        exact = y0 @ torch.linalg.matrix_exp(0.5 * A).T
+        torch.testing.assert_close(sol.ys[:, -1], exact, rtol=1e-5, atol=1e-7)
+    finally:
+        torch.set_num_threads(old)

@@ -46,7 +46,7 @@ from .._loop import LoopResult, LoopSpec
 from .._rows import per_row
 from ..controllers import NORMS, PIController, rms_norm
 from ..solution import SolverError, Stats
-from ..solvers.newton import Linearisation, jacobian
+from ..solvers.newton import Linearisation, jacobian, lu_factor
 from ..solvers.registry import get_solver
 from .base import GradientStrategy, Outcome, refuse_double_backward
 
@@ -474,8 +474,8 @@ class _AugmentedSolve:
         N = Jf.shape[-1]
         eye = torch.eye(N, dtype=Jf.dtype, device=Jf.device)
         hs = hg * op.scale
-        self.lu_y = torch.linalg.lu_factor_ex(eye + hs * Jf)[:2]
-        self.lu_a = torch.linalg.lu_factor_ex(eye - hs * Jf.transpose(-1, -2))[:2]
+        self.lu_y = lu_factor(eye + hs * Jf)
+        self.lu_a = lu_factor(eye - hs * Jf.transpose(-1, -2))
         self.cols = (Jf.shape[0], N, 1) if Jf.ndim == 3 else (N, 1)
 
     def _lu(self, lu: tuple[torch.Tensor, torch.Tensor], r: torch.Tensor) -> torch.Tensor:

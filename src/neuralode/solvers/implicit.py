@@ -44,7 +44,7 @@ from .._rows import per_row, row_dims
 from ..solution import Status
 from .base import DenseStep, Func, Solver, StepResult, Time
 from .esdirk import _ImplicitStage
-from .newton import jacobian
+from .newton import jacobian, lu_factor
 from .rk import _h_state, _time
 from .tableaus import ImplicitTableau
 
@@ -300,8 +300,7 @@ class _StageNewton:
     def matrix(self, Js: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """LU of ``I - h [a_ij J_j]`` per row (``Js``: one Jacobian per stage, or one for all)."""
         M = newton_matrix(self.s._A(self.y), Js, self.h, self.s.r, self.batched)
-        LU, piv, _ = torch.linalg.lu_factor_ex(M)
-        return LU, piv
+        return lu_factor(M)
 
     def solve(
         self, J0: torch.Tensor, w0: torch.Tensor | None = None
@@ -411,5 +410,5 @@ class _TransposedStages:
             r = self.s.r
             Js = [jacobian(self.f, self.ts[i].detach(), self.z[i]).J for i in range(r)]
             M = newton_matrix(self.s._A(v), Js, self.h, r, self.batched)
-            LU, piv, _ = torch.linalg.lu_factor_ex(M.transpose(-1, -2))
+            LU, piv = lu_factor(M.transpose(-1, -2))
             return lu_apply(LU, piv, v, r, self.batched)

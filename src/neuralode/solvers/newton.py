@@ -29,10 +29,12 @@ import torch
 
 from .base import Func
 
-__all__ = ["Linearisation", "JacobianField", "jacobian", "inf_norm"]
+__all__ = ["Linearisation", "JacobianField", "jacobian", "inf_norm", "lu_factor"]
 
 #: Fields that ``torch.func`` failed on (then differentiated with ``torch.autograd.grad``).
 _AUTOGRAD_ONLY: weakref.WeakSet[Any] = weakref.WeakSet()
+#: A batch of CPU matrices from this size is factored one matrix at a time (see lu_factor).
+LU_ONE_BY_ONE = 128
 
 
 class Linearisation(NamedTuple):
@@ -227,3 +229,29 @@ def _laid_out(
         J = dy.reshape(N, N)
         ft = dt.reshape(y.shape)
     return Linearisation(f0, J, ft)
+
+
+def lu_factor(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.linalg.lu_factor_ex(M)``'s ``(LU, pivots)`` for ``M`` ``[..., N, N]``,
+    differentiable, without LAPACK's error checks (a singular row shows in its solution).
+
+    A batch of CPU matrices of :data:`LU_ONE_BY_ONE` unknowns or more, with several intra-op
+    threads, is factored one matrix at a time: torch's batched CPU kernel (2.13) then runs
+    ``getrf`` on several threads at once, which MKL does not survive from about 150 unknowns
+    (measured here: invalid or wrong pivots, residuals of 1e10, "Parameter 6 was incorrect on
+    entry to DLASWP"; pytorch/pytorch#181570).  Each matrix alone still uses every thread.
+    """
+    N = M.shape[-1]
+    batch = M.shape[:-2]
+    if (
+        M.device.type == "cpu"
+        and N >= LU_ONE_BY_ONE
+        and batch.numel() > 1
+        and torch.get_num_threads() > 1
+    ):
+        parts = [torch.linalg.lu_factor_ex(m)[:2] for m in M.reshape(-1, N, N).unbind(0)]
+        LU = torch.stack([p[0] for p in parts]).reshape(M.shape)
+        pivots = torch.stack([p[1] for p in parts]).reshape(M.shape[:-1])
+        return LU, pivots
+    LU, pivots, _ = torch.linalg.lu_factor_ex(M)
+    return LU, pivots

@@ -24,7 +24,7 @@ import torch
 
 from .._rows import per_row
 from .base import DenseStep, Func, Solver, StepResult, Time
-from .newton import Linearisation, jacobian
+from .newton import Linearisation, jacobian, lu_factor
 from .rk import Terms, _combine, _h_state, _stage, _terms, _time
 from .tableaus import RosenbrockTableau
 
@@ -55,7 +55,7 @@ class _Factored:
         if self.unrolled:
             self.LU, self.pivots = _lu_unrolled(eye - hg * J)
         else:
-            self.LU, self.pivots, _ = torch.linalg.lu_factor_ex(eye - hg * J)
+            self.LU, self.pivots = lu_factor(eye - hg * J)
         self.cols = (like.shape[0], N, 1) if batched else (N, 1)
 
     def solve(self, rhs: torch.Tensor) -> torch.Tensor:
