@@ -59,6 +59,7 @@ bench: $(BENCH_STAMP)
 	$(PYTHON) benchmarks/figure3.py
 	$(PYTHON) benchmarks/stiff.py --out runs/bench/stiff
 	$(PYTHON) benchmarks/stiff_adjoint.py > runs/bench/stiff_adjoint.md
+	$(PYTHON) benchmarks/krylov.py > runs/bench/krylov.md
 
 # The same comparison with fewer repeats and tolerances (about 4 minutes).
 bench-quick: $(BENCH_STAMP)
@@ -69,10 +70,12 @@ bench-quick: $(BENCH_STAMP)
 # The stiff solvers and auto against scipy's Radau, BDF and LSODA and diffrax's Kvaerno5
 # (work-precision on three problems, eager and compiled, and 1024 batched problems against scipy's
 # loop; about 35 minutes; diffrax is in the bench extra, and the benchmark leaves it out where it
-# is missing), then the stiff adjoint's backward Jacobian in block form against dense (a minute).
+# is missing), then the stiff adjoint's backward Jacobian in block form against dense (a minute)
+# and the ESDIRK methods' Newton systems by GMRES against dense, by state size (2 minutes).
 bench-stiff: $(BENCH_STAMP)
 	$(PYTHON) benchmarks/stiff.py --out runs/bench/stiff
 	$(PYTHON) benchmarks/stiff_adjoint.py > runs/bench/stiff_adjoint.md
+	$(PYTHON) benchmarks/krylov.py > runs/bench/krylov.md
 
 # Events: a batch of bouncing balls to their n-th bounce against torchdiffeq's odeint_event,
 # looped per sample and batched event to event (about 30 seconds).

@@ -5,7 +5,9 @@ reference solutions and for the benchmark's scipy runs): shared by ``tests/test_
 * Robertson's chemical kinetics (Hairer and Wanner II, IV.1), rate constants ``k``;
 * Van der Pol with stiffness ``mu``;
 * HIRES (II, IV.10), 8 components, t in [0, 321.8122];
-* OREGO, the Oregonator (II, IV.1), 3 components, t in [0, 360].
+* OREGO, the Oregonator (II, IV.1), 3 components, t in [0, 360];
+* BRUSS, the Brusselator's reaction-diffusion on a grid of ``M`` points (II, IV.10), ``2 M``
+  components, t in [0, 10]: its stiffness (diffusion, ``4 alpha (M + 1)^2``) grows with the grid.
 """
 
 from __future__ import annotations
@@ -131,3 +133,30 @@ PROBLEMS: dict[str, tuple[TorchField, NumpyField, list[float], np.ndarray, float
     "hires": (hires, hires_np, [1.0, 0, 0, 0, 0, 0, 0, 0.0057], np.linspace(0, 321.8122, 5), 1e-4),
     "orego": (orego, orego_np, [1.0, 2.0, 3.0], np.linspace(0, 360, 7), 1.0),
 }
+
+
+def brusselator(M: int, alpha: Any = 0.02) -> tuple[TorchField, NumpyField, np.ndarray]:
+    """BRUSS on ``M`` interior points (boundary values ``u = 1``, ``v = 3``), the state laid out
+    as ``[u_1..u_M, v_1..v_M]`` (batched: ``[batch, 2 M]``): the torch field, its NumPy copy and
+    ``y0`` (``u = 1 + sin(2 pi x)``, ``v = 3``)."""
+    c = alpha * (M + 1) ** 2
+
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        u, v = y[..., :M], y[..., M:]
+        one = torch.ones_like(u[..., :1])
+        up, vp = torch.cat([one, u, one], -1), torch.cat([3 * one, v, 3 * one], -1)
+        uuv = u * u * v
+        du = 1 + uuv - 4 * u + c * (up[..., 2:] - 2 * u + up[..., :-2])
+        dv = 3 * u - uuv + c * (vp[..., 2:] - 2 * v + vp[..., :-2])
+        return torch.cat([du, dv], -1)
+
+    def f_np(t: float, y: np.ndarray) -> np.ndarray:
+        u, v = y[:M], y[M:]
+        up, vp = np.concatenate([[1.0], u, [1.0]]), np.concatenate([[3.0], v, [3.0]])
+        uuv = u * u * v
+        du = 1 + uuv - 4 * u + c * (up[2:] - 2 * u + up[:-2])
+        dv = 3 * u - uuv + c * (vp[2:] - 2 * v + vp[:-2])
+        return np.concatenate([du, dv])
+
+    x = np.arange(1, M + 1) / (M + 1)
+    return f, f_np, np.concatenate([1 + np.sin(2 * np.pi * x), np.full(M, 3.0)])

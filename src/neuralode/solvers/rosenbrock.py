@@ -130,23 +130,32 @@ class KnownLinearisation(NamedTuple):
 
 
 def _linearise(
-    f: Func, t: Time, y: torch.Tensor, state: Any, n_stages: int
+    f: Func, t: Time, y: torch.Tensor, state: Any, n_stages: int, jacobian_free: bool = False
 ) -> tuple[Linearisation, int | torch.Tensor, int | torch.Tensor]:
     """``f(t, y)`` and its Jacobians at the step's start, the step's evaluations of ``f`` and
     its Jacobians taken (per row when rows differ).  A retry of a rejected step starts where it
     did and reuses the linearisation it carried (``StepResult.retry_state``).  Where only some
     rows of a batch know theirs, the batch takes a new one in one call (its Jacobian costs what
-    one row's does) and each row is charged what it would have spent solved alone."""
+    one row's does) and each row is charged what it would have spent solved alone.
+
+    ``jacobian_free`` (an ESDIRK step that solves its systems by GMRES): ``f(t, y)`` only, with
+    empty placeholders for the Jacobians."""
     if isinstance(state, Linearisation):
         return state, n_stages - 1, 0
-    lin = jacobian(f, _time(t, y), y, structured=True)
+    tt = _time(t, y)
+    if jacobian_free:
+        empty = y.new_zeros(y.shape[:1] + (0,) if tt.ndim == 1 else (0,))
+        lin = Linearisation(f(tt, y), empty, empty)
+    else:
+        lin = jacobian(f, tt, y, structured=True)
+    jev = 0 if jacobian_free else 1
     if isinstance(state, KnownLinearisation):
         known = state.known
         lin = Linearisation(
             *(torch.where(per_row(known, new.ndim), old, new) for new, old in zip(lin, state.lin))
         )
-        return lin, n_stages - known.long(), (~known).long()
-    return lin, n_stages, 1
+        return lin, n_stages - known.long(), (~known).long() * jev
+    return lin, n_stages, jev
 
 
 def _merge_linearisation(accept: torch.Tensor, new: Any, old: Any) -> Any:

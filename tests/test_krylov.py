@@ -1,0 +1,294 @@
+"""The matrix-free path of the ESDIRK methods: GMRES on finite-difference products ``J v``.
+
+* :func:`gmres` solves batched systems per row: to LAPACK's solution, each row stopping at its
+  own tolerance (an exact solution found early, a zero right-hand side), with restarts.
+* The finite-difference product agrees with the Jacobian to ``sqrt(eps)``.
+* ``NewtonSettings(linear="gmres")`` solves the stiff problems to scipy ``Radau``'s reference
+  within the dense path's error, with no Jacobian and no factorisation; a Krylov space smaller
+  than the state (inexact Newton) still converges (the Brusselator, 40 components, dimension
+  10); batched rows keep their own steps.
+* Gradients: ``gradcheck`` in float64 through the implicit function theorem with the transposed
+  system solved by GMRES (restarted), backprop and checkpoint; the adjoint agrees with backprop.
+* ``linear="auto"`` picks GMRES from ``KRYLOV_MIN_ENTRIES`` entries of the dense matrices
+  (``batch * N^2``), dense below and for a field with its own Jacobian; bad settings are
+  refused by name.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from stiff_problems import PROBLEMS, brusselator
+
+import neuralode
+from neuralode.solvers import esdirk
+from neuralode.solvers.esdirk import Esdirk, NewtonSettings
+from neuralode.solvers.krylov import KrylovTransposedSolve, gmres, jvp
+from neuralode.solvers.tableaus import ESDIRK_TABLEAUS
+
+scipy_integrate = pytest.importorskip(
+    "scipy.integrate", reason="needs scipy: pip install -e '.[dev]'"
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+DTYPE = torch.float64
+
+
+def _systems(B: int, N: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.eye(N, dtype=DTYPE) + 0.6 * torch.randn(B, N, N, generator=g, dtype=DTYPE) / N**0.5
+
+
+def _matvec(A: torch.Tensor):  # type: ignore[no-untyped-def]
+    return lambda v: torch.bmm(A, v.unsqueeze(2)).squeeze(2)
+
+
+# -- GMRES -----------------------------------------------------------------------------------------
+def test_gmres_solves_batched_systems_per_row() -> None:
+    A = _systems(4, 12)
+    b = torch.randn(4, 12, dtype=DTYPE, generator=torch.Generator().manual_seed(1))
+    x, products, ok = gmres(_matvec(A), b, 1e-12 * b.norm(dim=1), 12)
+    torch.testing.assert_close(x, torch.linalg.solve(A, b), rtol=1e-10, atol=1e-10)
+    assert bool(ok.all()) and bool((products <= 12).all()) and bool((products >= 8).all())
+
+
+def test_gmres_stops_each_row_at_its_own_convergence() -> None:
+    """Row 0: the identity (one product); row 1: three distinct eigenvalues (the Krylov space
+    stops growing after three products, an exact solution: the breakdown path); row 2: a zero
+    right-hand side (no product); row 3: a general system (all twelve)."""
+    N = 12
+    A = _systems(4, N)
+    A[0] = torch.eye(N, dtype=DTYPE)
+    A[1] = torch.diag(torch.tensor([1.0, 2.0, 5.0] * 4, dtype=DTYPE))
+    b = torch.randn(4, N, dtype=DTYPE, generator=torch.Generator().manual_seed(2))
+    b[2] = 0
+    x, products, ok = gmres(_matvec(A), b, torch.full((4,), 1e-11, dtype=DTYPE), N)
+    assert products.tolist()[:3] == [1, 3, 0] and int(products[3]) >= 9
+    assert bool(ok.all()) and torch.isfinite(x).all()
+    torch.testing.assert_close(x, torch.linalg.solve(A, b), rtol=1e-9, atol=1e-9)
+
+
+def test_gmres_restarts() -> None:
+    A = _systems(2, 40, seed=3)
+    b = torch.randn(2, 40, dtype=DTYPE, generator=torch.Generator().manual_seed(4))
+    tol = 1e-10 * b.norm(dim=1)
+    _, _, ok = gmres(_matvec(A), b, tol, 5)
+    assert not bool(ok.any())  # one cycle of 5 is not enough
+    x, products, ok = gmres(_matvec(A), b, tol, 5, restarts=30)
+    assert bool(ok.all()) and bool((products > 5).all())
+    torch.testing.assert_close(x, torch.linalg.solve(A, b), rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_finite_difference_product_is_the_jacobians(batched: bool) -> None:
+    f, _, y0 = brusselator(6)
+    z = torch.tensor(y0, dtype=DTYPE)
+    t = torch.tensor(0.0, dtype=DTYPE)
+    v = torch.randn(z.shape, dtype=DTYPE, generator=torch.Generator().manual_seed(5))
+    J = torch.autograd.functional.jacobian(lambda y: f(t, y), z)
+    exact = J @ v
+    if batched:
+        z, v, t = z.expand(3, -1), torch.stack([v, 0 * v, 2 * v]), t.expand(3)
+        got = jvp(f, t, z, f(t, z), v)
+        torch.testing.assert_close(
+            got, torch.stack([exact, 0 * exact, 2 * exact]), rtol=1e-6, atol=1e-6
+        )
+        assert bool((got[1] == 0).all())  # a zero direction: zero, not 0/0
+    else:
+        torch.testing.assert_close(jvp(f, t, z, f(t, z), v), exact, rtol=1e-6, atol=1e-6)
+
+
+def test_transposed_solve_warns_when_it_does_not_converge() -> None:
+    """The gradient's solve: 21 cycles of dimension 1 cannot solve a stiff 50-component system
+    to round-off, and the user is told the gradient is approximate."""
+    f, _, y0 = brusselator(25)
+    z, t = torch.tensor(y0, dtype=DTYPE), torch.tensor(0.0, dtype=DTYPE)
+    solve_t = KrylovTransposedSolve(f, t, z, 0.1, max_dim=1)
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+        solve_t(torch.ones_like(z))
+    exact = torch.linalg.solve(
+        torch.eye(50, dtype=DTYPE)
+        - 0.1 * torch.autograd.functional.jacobian(lambda y: f(t, y), z).T,
+        torch.ones_like(z),
+    )
+    torch.testing.assert_close(KrylovTransposedSolve(f, t, z, 0.1, 30)(torch.ones_like(z)), exact)
+
+
+# -- ESDIRK with GMRES -----------------------------------------------------------------------------
+def _solver(linear: str, krylov_dim: int = 30, method: str = "kvaerno5") -> Esdirk:
+    return Esdirk(ESDIRK_TABLEAUS[method], NewtonSettings(linear=linear, krylov_dim=krylov_dim))
+
+
+def _units(sol: neuralode.Solution, ref: np.ndarray, rtol: float, atol: float) -> float:
+    return float((np.abs(sol.ys.numpy() - ref) / (atol + rtol * np.abs(ref))).max())
+
+
+@pytest.mark.parametrize("problem", ["robertson", "vdp_mu1e3", "hires", "orego"])
+def test_stiff_problems_by_gmres_as_dense(problem: str) -> None:
+    """GMRES (dimension 30, at least the state's size here) with finite-difference products,
+    no Jacobian or factorisation taken: within kvaerno5's bound of ``test_stiff.py`` (30
+    tolerance units against scipy ``Radau`` at rtol 1e-10).  Measured at rtol 1e-6, dense /
+    GMRES: robertson 3.2 / 2.3, vdp_mu1e3 2.1 / 10, hires 0.98 / 18, orego 11 / 42.  The GMRES
+    path is Newton's method proper, which converges where the dense path's chord iteration
+    fails and shrinks the step (HIRES's last phase: a step of 30 is 6e-4 units from its stages
+    solved to round-off, where the chord iteration fails); larger steps, each within its local
+    tolerance, larger global errors on the relaxation oscillator OREGO (scipy ``BDF``: 58
+    units there).  With the products at the step's start instead (the chord iteration, as
+    the dense path) the errors were the dense path's (hires 0.96, orego 11.5) for twice the
+    products."""
+    f, f_np, y0, ts, scale = PROBLEMS[problem]
+    rtol = 1e-6
+    atol = rtol * scale
+    ref = scipy_integrate.solve_ivp(
+        f_np, (ts[0], ts[-1]), y0, method="Radau", t_eval=ts, rtol=1e-10, atol=1e-10 * scale
+    ).y.T
+    y0_t, ts_t = torch.tensor(y0, dtype=DTYPE), torch.tensor(ts, dtype=DTYPE)
+    units = {}
+    for linear in ("dense", "gmres"):
+        sol = neuralode.solve(f, y0_t, ts_t, method=_solver(linear), rtol=rtol, atol=atol)
+        units[linear] = _units(sol, ref, rtol, atol)
+        if linear == "gmres":
+            assert int(sol.stats.njev) == 0 and int(sol.stats.nlu) == 0
+    print(problem, units)
+    assert units["gmres"] < (60 if problem == "orego" else 30), units
+
+
+def test_inexact_newton_on_the_brusselator() -> None:
+    """40 components, a Krylov space of 10: each Newton system is solved inexactly, and the
+    solve still reaches Radau's solution; the products are counted in ``nfe``."""
+    f, f_np, y0 = brusselator(20)
+    ts = np.linspace(0, 10, 5)
+    rtol, atol = 1e-6, 1e-8
+    ref = scipy_integrate.solve_ivp(
+        f_np, (0, 10), y0, method="Radau", t_eval=ts, rtol=1e-11, atol=1e-13
+    ).y.T
+    y0_t, ts_t = torch.tensor(y0, dtype=DTYPE), torch.tensor(ts, dtype=DTYPE)
+    dense = neuralode.solve(f, y0_t, ts_t, method=_solver("dense"), rtol=rtol, atol=atol)
+    krylov = neuralode.solve(f, y0_t, ts_t, method=_solver("gmres", 10), rtol=rtol, atol=atol)
+    units = _units(dense, ref, rtol, atol), _units(krylov, ref, rtol, atol)
+    print("bruss 20: dense, gmres units", units, dense.stats.as_dict(), krylov.stats.as_dict())
+    assert krylov.success and units[1] < max(1.5 * units[0], 2.0)
+    # Every Newton iteration costs its evaluation and at least one product.
+    assert int(krylov.stats.nfe) > int(krylov.stats.n_steps) + 2 * int(krylov.stats.n_newton)
+
+
+def test_batched_rows_keep_their_own_steps_with_gmres() -> None:
+    """Three Brusselators with different diffusion solved together give each one's own solve
+    (per-row Krylov spaces, per-row counts)."""
+    M, ts = 10, torch.tensor([0.0, 2.0, 5.0], dtype=DTYPE)
+    alphas = (0.01, 0.02, 0.05)
+    alpha = torch.tensor(alphas, dtype=DTYPE).unsqueeze(1)  # one per row, broadcast
+    batch_f, _, y0_np = brusselator(M, alpha)  # type: ignore[arg-type]
+    y0 = torch.tensor(y0_np, dtype=DTYPE)
+    kw = {"method": _solver("gmres", 8), "rtol": 1e-6, "atol": 1e-8}
+    batch = neuralode.solve(batch_f, y0.expand(3, -1), ts, batched=True, **kw)
+    for i, a in enumerate(alphas):
+        one = neuralode.solve(brusselator(M, a)[0], y0, ts, **kw)
+        torch.testing.assert_close(batch.ys[i], one.ys, rtol=1e-7, atol=1e-9)
+        assert int(batch.stats.n_steps[i]) == int(one.stats.n_steps)
+        assert int(batch.stats.nfe[i]) == int(one.stats.nfe)
+
+
+class _Cube(torch.autograd.Function):
+    """``y ** 3`` in the old style (``forward(ctx, ...)``), which ``torch.func`` refuses."""
+
+    @staticmethod
+    def forward(ctx, y):  # type: ignore[no-untyped-def]
+        ctx.save_for_backward(y)
+        return y**3
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[no-untyped-def]
+        (y,) = ctx.saved_tensors
+        return 3 * y * y * grad
+
+
+@pytest.mark.parametrize(
+    ("gradient", "traceable"), [("backprop", True), ("checkpoint", True), ("backprop", False)]
+)
+def test_gradcheck_through_gmres_stages(gradient: str, traceable: bool) -> None:
+    """The implicit function theorem's transposed solve by GMRES with a Krylov dimension of 2
+    on 4 components (restarted), stages solved to round-off; constant steps as in
+    ``test_esdirk.py``.  Its products: ``torch.func.vjp``, or ``torch.autograd.grad`` for a
+    field that ``torch.func`` cannot transform (an ``autograd.Function`` without
+    ``setup_context``)."""
+    solver = Esdirk(
+        ESDIRK_TABLEAUS["kvaerno3"],
+        NewtonSettings(1e-13, 1e-13, max_iters=40, linear="gmres", krylov_dim=2),
+    )
+    theta = torch.tensor([30.0, 1.0], dtype=DTYPE, requires_grad=True)
+    y0 = torch.tensor([0.5, -0.3, 0.2, 0.1], dtype=DTYPE, requires_grad=True)
+    ts = torch.tensor([0.0, 0.25, 0.5], dtype=DTYPE)
+    mix = torch.tensor(
+        [[1.0, 0.5, 0, 0], [0, 1, 0.3, 0], [0, 0, 1, 0.2], [0.1, 0, 0, 1]], dtype=DTYPE
+    )
+
+    def run(y0: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            cube = y**3 if traceable else _Cube.apply(y)  # type: ignore[no-untyped-call]
+            return -theta[0] * (y - torch.cos(t)) @ mix.T - theta[1] * cube
+
+        kw = {} if gradient == "backprop" else {"adjoint_params": (theta,)}
+        sol = neuralode.solve(
+            f, y0, ts, method=solver, first_step=0.0625, rtol=1e10, atol=1e10, ifactor=1.0,
+            gradient=gradient, **kw,
+        )  # fmt: skip
+        assert int(sol.stats.n_rejected) == 0 and int(sol.stats.njev) == 0
+        return sol.ys
+
+    assert torch.autograd.gradcheck(run, (y0, theta), atol=1e-6, rtol=1e-5)
+
+
+def test_adjoint_with_gmres_agrees_with_backprop() -> None:
+    theta = torch.tensor([5.0, 1.0], dtype=DTYPE, requires_grad=True)
+    y0 = torch.tensor([0.5, -0.3], dtype=DTYPE, requires_grad=True)
+    ts = torch.tensor([0.0, 0.3, 1.0], dtype=DTYPE)
+
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return -theta[0] * (y - torch.sin(t)) - theta[1] * y**3
+
+    grads = {}
+    for gradient in ("backprop", "adjoint"):
+        kw = {} if gradient == "backprop" else {"adjoint_params": (theta,)}
+        sol = neuralode.solve(
+            f, y0, ts, method=_solver("gmres"), rtol=1e-8, atol=1e-10, gradient=gradient, **kw
+        )
+        grads[gradient] = torch.autograd.grad(sol.ys.square().sum(), (y0, theta))
+        if gradient == "adjoint":  # the backward solve is matrix-free too
+            back = sol.backward_stats
+            assert back is not None and int(back.njev) == 0 and int(back.n_newton) > 0
+    for a, b in zip(grads["adjoint"], grads["backprop"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+# -- choosing ------------------------------------------------------------------------------------
+def test_auto_picks_gmres_by_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    f, _, y0 = brusselator(5)
+    y0_t, ts = torch.tensor(y0, dtype=DTYPE), torch.tensor([0.0, 1.0], dtype=DTYPE)
+    for entries, jev in ((101, True), (100, False)):  # 10 components: 100 entries
+        monkeypatch.setattr(esdirk, "KRYLOV_MIN_ENTRIES", entries)
+        sol = neuralode.solve(f, y0_t, ts, method="kvaerno5", rtol=1e-5, atol=1e-7)
+        assert (int(sol.stats.njev) > 0) == jev, entries
+    # A Jacobian of the user's own: dense whatever the size.
+    J = torch.autograd.functional.jacobian(lambda y: f(ts[0], y), y0_t)
+    sol = neuralode.solve(
+        f, y0_t, ts, method="kvaerno5", rtol=1e-5, atol=1e-7,
+        jac=lambda t, y: torch.autograd.functional.jacobian(lambda z: f(t, z), y),
+    )  # fmt: skip
+    assert J.shape == (10, 10) and int(sol.stats.njev) > 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"linear": "lu"}, ValueError, r"linear must be one of \['auto', 'dense', 'gmres'\]"),
+        ({"krylov_dim": 0}, ValueError, "krylov_dim must be >= 1"),
+        ({"krylov_dim": 2.5}, TypeError, "krylov_dim must be an int"),
+        ({"max_iters": 0}, ValueError, "max_iters must be >= 1"),
+    ],
+)
+def test_bad_settings_are_named(kwargs: dict, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        NewtonSettings(**kwargs)
