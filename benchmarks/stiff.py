@@ -15,7 +15,7 @@ Ours: ``rosenbrock23``, ``rodas4``, ``rodas5p``, the ESDIRK ``kvaerno5`` (``kvae
 order-3 method for loose tolerances, would take ~10^4 steps at rtol 1e-8: left out) and ``auto``
 (tsit5 switching to rodas5p) on the torch field (Jacobians by autograd), and ``--compiled``
 methods with ``compile=True`` (the compiled driver; timed after the first call, which compiles
-and is reported apart, as diffrax's is);
+and is reported apart, as diffrax's is; ``--block`` sets its attempts per compiled call);
 scipy's ``Radau``, ``BDF`` and ``LSODA`` on a NumPy copy of the field with their default
 finite-difference Jacobians, as a scipy user would run them; diffrax's ``Kvaerno5`` (JAX,
 jit-compiled, one CPU thread, Jacobians by JAX's autodiff; timed after its compilation, which is
@@ -151,8 +151,10 @@ def work_precision(
     ours: tuple[str, ...] = OURS,
     compiled: tuple[str, ...] = ("rodas5p",),
     problems: tuple[str, ...] = tuple(PROBLEMS),
+    block: int | None = None,
 ) -> list[dict[str, Any]]:
     rows = []
+    compiled_as = f" compiled (block {block})" if block else " compiled"
     for name in problems:
         p = PROBLEMS[name]
         ref = reference(p)
@@ -164,7 +166,7 @@ def work_precision(
             for m, comp in [(m, False) for m in ours] + [(m, True) for m in compiled]:
                 run = functools.partial(
                     neuralode.solve, p["f_t"], y0_t, ts_t, method=m, rtol=rtol, atol=atol,
-                    throw=False, compile=comp,
+                    throw=False, compile={"block": block} if comp else False,
                 )  # fmt: skip
                 t0 = time.perf_counter()
                 run()
@@ -172,7 +174,7 @@ def work_precision(
                 secs, sol = median_time(run, repeats)
                 ok = bool(sol.success)
                 row = dict(
-                    problem=name, rtol=rtol, solver=f"{m} compiled" if comp else m,
+                    problem=name, rtol=rtol, solver=m + compiled_as if comp else m,
                     seconds=secs, ok=ok,
                     error=units(sol.ys.numpy(), ref, rtol, atol) if ok else None,
                     steps=int(sol.stats.n_steps), nfe=int(sol.stats.nfe),
@@ -270,7 +272,7 @@ def batched(batch: int, seed: int = 0) -> dict[str, Any]:
 
 def markdown(rows: list[dict[str, Any]], batch: dict[str, Any] | None) -> str:
     lines = []
-    for name in PROBLEMS:
+    for name in dict.fromkeys(r["problem"] for r in rows):
         solvers = list(dict.fromkeys(r["solver"] for r in rows if r["problem"] == name))
         lines += [
             f"**{name}** (time in ms / error in tolerance units / f evaluations, Jacobians; "
@@ -327,11 +329,15 @@ def main() -> None:
     ap.add_argument("--ours", nargs="*", default=list(OURS), help="eager methods")
     ap.add_argument("--compiled", nargs="*", default=["rodas5p"], help="compiled methods")
     ap.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
+    ap.add_argument(
+        "--block", type=int, default=None, help="attempts per compiled call (CompileOptions.block)"
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     rows = work_precision(
-        args.tols, args.repeats, tuple(args.ours), tuple(args.compiled), tuple(args.problems)
-    )
+        args.tols, args.repeats, tuple(args.ours), tuple(args.compiled), tuple(args.problems),
+        args.block,
+    )  # fmt: skip
     batch = batched(args.batch) if args.batch else None
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

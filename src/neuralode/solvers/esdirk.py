@@ -43,9 +43,10 @@ from .tableaus import EsdirkTableau
 __all__ = ["Esdirk", "NewtonSettings"]
 
 #: ``linear="auto"`` solves the Newton systems by GMRES once the dense Newton matrices of a
-#: solve would hold this many entries (``batch * N^2``; 32 MiB in float64): measured in
-#: ``benchmarks/krylov.py``, where GMRES was 1.7x faster on a 2048-component neural field and
-#: 5.8x on 16 samples of 512, and dense 1.2x faster on 1024 components (1M entries).
+#: solve would hold this many entries (``batch * N^2``; 32 MiB in float64).  Measured in
+#: ``benchmarks/krylov.py`` (GMRES time / dense time): a neural field 1.95 at 512 components,
+#: 0.90 at 1024 and 0.61 at 2048, 0.79 for 16 samples of 256 and 0.21 of 512; the Brusselator
+#: (a diffusion, GMRES's hard case) 5-12 at 200-2000 components, which this keeps dense.
 KRYLOV_MIN_ENTRIES = 2**22
 _LINEAR = ("auto", "dense", "gmres")
 
