@@ -73,6 +73,7 @@ class NewtonSettings:
             (``jac=``, the adjoint's block form).  GMRES is unpreconditioned: a stiffness
             spread over many modes (a discretised diffusion) needs many products per system,
             and there ``"dense"`` may be faster whatever the size (``docs/concepts/stiff.md``).
+            A ``jac=`` given to ``solve`` is not used by ``"gmres"``.
         krylov_dim: GMRES's Krylov dimension per Newton system (``J v`` products at most).
 
     Examples:
@@ -88,6 +89,17 @@ class NewtonSettings:
         ...                       rtol=1e-4, atol=1e-7)
         >>> round(float(sol.ys[-1, 0]), 3), sol.success, int(sol.stats.n_newton) > 0
         (0.54, True, True)
+
+        Matrix-free: the Newton systems by GMRES (no Jacobian taken; each product ``J v``
+        is one evaluation of ``f``, counted in ``nfe``), on decay rates from 1 to 1000:
+
+        >>> solver = Esdirk(ESDIRK_TABLEAUS["kvaerno5"], NewtonSettings(linear="gmres"))
+        >>> lam = torch.logspace(0, 3, 50, dtype=torch.float64)
+        >>> sol = neuralode.solve(lambda t, y: -lam * y, torch.ones(50, dtype=torch.float64),
+        ...                       torch.tensor([0.0, 1.0], dtype=torch.float64), method=solver,
+        ...                       rtol=1e-6, atol=1e-9)
+        >>> int(sol.stats.njev), float((sol.ys[-1] - torch.exp(-lam)).abs().max()) < 1e-7
+        (0, True)
     """
 
     rtol: float | torch.Tensor | None = None

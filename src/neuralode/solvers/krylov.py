@@ -67,6 +67,20 @@ def gmres(
         ``(x, products, converged)``: the solution ``[batch, N]``, the products each row needed
         (``[batch]``, counted until its own convergence) and whether it met ``tol``
         (``[batch]`` bool).
+
+    Examples:
+        Two systems at once: row 0 has two distinct eigenvalues (two products), row 1 is the
+        identity (one):
+
+        >>> import torch
+        >>> from neuralode.solvers.krylov import gmres
+        >>> A = torch.stack([torch.diag(torch.tensor([1.0, 3.0, 3.0])), torch.eye(3)])
+        >>> b = torch.ones(2, 3)
+        >>> x, products, ok = gmres(lambda v: (A @ v.unsqueeze(2)).squeeze(2), b,
+        ...                         torch.full((2,), 1e-6), max_dim=3)
+        >>> x, products.tolist(), ok.tolist()
+        (tensor([[1.0000, 0.3333, 0.3333],
+                [1.0000, 1.0000, 1.0000]]), [2, 1], [True, True])
     """
     B, N = b.shape
     m = max(1, min(max_dim, N))
