@@ -14,7 +14,9 @@ threads, float64, rtol 1e-4, atol 1e-6) and reports which ``linear="auto"`` pick
   and a batch of 16 (``--batched``: each row its own steps);
 * bruss: the Brusselator's reaction-diffusion on ``M`` grid points (``N = 2 M``, t in
   [0, 10], ``tests/stiff_problems.py``), whose stiffness ``4 alpha (M + 1)^2`` (a diffusion's
-  spread of eigenvalues) is the hard case for an unpreconditioned Krylov space.
+  spread of eigenvalues) is the hard case for an unpreconditioned Krylov space; and again with
+  ``NewtonSettings.preconditioner`` solving the diffusion exactly (one ``M x M`` LU per step,
+  ``stiff_problems.brusselator_preconditioner``).
 
 Columns: seconds per solve (one run each; a solve takes seconds), the ratio GMRES / dense,
 steps, evaluations of ``f`` (GMRES: its products included) and Jacobians, and the largest
@@ -38,7 +40,7 @@ from neuralode.solvers.esdirk import Esdirk, NewtonSettings
 from neuralode.solvers.tableaus import ESDIRK_TABLEAUS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from stiff_problems import brusselator  # noqa: E402
+from stiff_problems import brusselator, brusselator_preconditioner  # noqa: E402
 
 RTOL, ATOL = 1e-4, 1e-6
 Field = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -63,8 +65,10 @@ def bruss(M: int) -> tuple[Field, torch.Tensor, torch.Tensor]:
     return f, torch.tensor(y0), torch.tensor([0.0, 10.0], dtype=torch.float64)
 
 
-def run(f: Field, y0: torch.Tensor, ts: torch.Tensor, linear: str, batched: bool) -> Any:
-    solver = Esdirk(ESDIRK_TABLEAUS["kvaerno5"], NewtonSettings(linear=linear))
+def run(
+    f: Field, y0: torch.Tensor, ts: torch.Tensor, settings: NewtonSettings, batched: bool
+) -> Any:
+    solver = Esdirk(ESDIRK_TABLEAUS["kvaerno5"], settings)
     start = time.perf_counter()
     sol = neuralode.solve(f, y0, ts, method=solver, rtol=RTOL, atol=ATOL, batched=batched)
     return time.perf_counter() - start, sol
@@ -74,12 +78,21 @@ def total(x: torch.Tensor) -> int:
     return int(x.sum())
 
 
-def row(name: str, f: Field, y0: torch.Tensor, ts: torch.Tensor, batched: bool) -> None:
+def row(
+    name: str,
+    f: Field,
+    y0: torch.Tensor,
+    ts: torch.Tensor,
+    batched: bool,
+    preconditioner: Any = None,
+) -> None:
     rows = y0.shape[0] if batched else 1
     N = y0[0].numel() if batched else y0.numel()
-    auto = "gmres" if rows * N * N >= esdirk.KRYLOV_MIN_ENTRIES else "dense"
-    t_d, dense = run(f, y0, ts, "dense", batched)
-    t_g, krylov = run(f, y0, ts, "gmres", batched)
+    big = rows * N * N >= esdirk.KRYLOV_MIN_ENTRIES
+    auto = "gmres" if big or preconditioner is not None else "dense"
+    t_d, dense = run(f, y0, ts, NewtonSettings(linear="dense"), batched)
+    settings = NewtonSettings(linear="gmres", preconditioner=preconditioner)
+    t_g, krylov = run(f, y0, ts, settings, batched)
     units = float(((dense.ys - krylov.ys).abs() / (ATOL + RTOL * dense.ys.abs())).max())
     sd, sk = dense.stats, krylov.stats
     print(
@@ -108,6 +121,9 @@ def main() -> None:
         row("neural, batched", *neural(N, 16), batched=True)
     for M in args.bruss:
         row("bruss", *bruss(M), batched=False)
+    for M in args.bruss:
+        pc = brusselator_preconditioner(M)
+        row("bruss, preconditioned", *bruss(M), batched=False, preconditioner=pc)
 
 
 if __name__ == "__main__":

@@ -160,3 +160,28 @@ def brusselator(M: int, alpha: Any = 0.02) -> tuple[TorchField, NumpyField, np.n
 
     x = np.arange(1, M + 1) / (M + 1)
     return f, f_np, np.concatenate([1 + np.sin(2 * np.pi * x), np.full(M, 3.0)])
+
+
+def brusselator_preconditioner(M: int, alpha: float = 0.02) -> Callable[..., torch.Tensor]:
+    """A preconditioner for BRUSS's Newton systems (``NewtonSettings.preconditioner``):
+    ``(I - hg c T)^-1 r`` on the ``u`` and ``v`` halves, ``T`` the grid's second difference, ``c
+    = alpha (M + 1)^2``: the diffusion, BRUSS's stiff part, solved exactly, the reaction left
+    out.  One LU per ``hg`` (one per step), kept for the step's systems."""
+    c = alpha * (M + 1) ** 2
+    cache: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def solve(t: torch.Tensor, y: torch.Tensor, hg: Any, r: torch.Tensor) -> torch.Tensor:
+        key = float(hg)
+        if key not in cache:
+            cache.clear()
+            T = (
+                torch.diag(torch.full((M - 1,), 1.0, dtype=r.dtype), 1)
+                + torch.diag(torch.full((M - 1,), 1.0, dtype=r.dtype), -1)
+                - 2 * torch.eye(M, dtype=r.dtype)
+            )
+            cache[key] = torch.linalg.lu_factor(torch.eye(M, dtype=r.dtype) - key * c * T)
+        LU, piv = cache[key]
+        halves = r.reshape(2, M).T  # [M, 2]: the u and v columns
+        return torch.linalg.lu_solve(LU, piv, halves).T.reshape(r.shape)
+
+    return solve

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from stiff_problems import PROBLEMS, brusselator
+from stiff_problems import PROBLEMS, brusselator, brusselator_preconditioner
 
 import neuralode
 from neuralode.solvers import esdirk
@@ -79,6 +79,23 @@ def test_gmres_restarts() -> None:
     x, products, ok = gmres(_matvec(A), b, tol, 5, restarts=30)
     assert bool(ok.all()) and bool((products > 5).all())
     torch.testing.assert_close(x, torch.linalg.solve(A, b), rtol=1e-8, atol=1e-8)
+
+
+def test_right_preconditioning() -> None:
+    """With ``M = A`` one product solves each row; with ``M`` = ``A``'s diagonal, fewer
+    products than without, and the residual tested is ``A x - b`` itself."""
+    A = _systems(3, 30, seed=6) + 4 * torch.diag(torch.linspace(0, 20, 30, dtype=DTYPE))
+    b = torch.randn(3, 30, dtype=DTYPE, generator=torch.Generator().manual_seed(7))
+    tol = 1e-10 * b.norm(dim=1)
+    exact = torch.linalg.solve(A, b)
+    x, products, ok = gmres(_matvec(A), b, tol, 30, precondition=lambda v: torch.linalg.solve(A, v))
+    assert products.tolist() == [1, 1, 1] and bool(ok.all())
+    torch.testing.assert_close(x, exact)
+    plain = gmres(_matvec(A), b, tol, 30)[1]
+    D = torch.diagonal(A, dim1=1, dim2=2)
+    x, jacobi, ok = gmres(_matvec(A), b, tol, 30, precondition=lambda v: v / D)
+    assert bool(ok.all()) and bool((jacobi < plain).all()), (jacobi, plain)
+    torch.testing.assert_close(x, exact, rtol=1e-8, atol=1e-8)
 
 
 @pytest.mark.parametrize("batched", [False, True])
@@ -174,6 +191,31 @@ def test_inexact_newton_on_the_brusselator() -> None:
     assert int(krylov.stats.nfe) > int(krylov.stats.n_steps) + 2 * int(krylov.stats.n_newton)
 
 
+def test_preconditioned_gmres_on_the_brusselator() -> None:
+    """BRUSS on 50 points (100 components, stiffness 4 alpha (M + 1)^2 = 208): unpreconditioned,
+    each Newton system fills its Krylov space; with the diffusion solved exactly as the
+    preconditioner (``stiff_problems.brusselator_preconditioner``), a few products per
+    system (measured: 5,812 evaluations against 1,711, as many steps), and Radau's solution
+    within the dense path's bound."""
+    M = 50
+    f, f_np, y0 = brusselator(M)
+    ts = np.linspace(0, 10, 3)
+    rtol, atol = 1e-4, 1e-6
+    ref = scipy_integrate.solve_ivp(
+        f_np, (0, 10), y0, method="Radau", t_eval=ts, rtol=1e-10, atol=1e-12
+    ).y.T
+    y0_t, ts_t = torch.tensor(y0, dtype=DTYPE), torch.tensor(ts, dtype=DTYPE)
+    plain = neuralode.solve(f, y0_t, ts_t, method=_solver("gmres"), rtol=rtol, atol=atol)
+    settings = NewtonSettings(preconditioner=brusselator_preconditioner(M))  # "auto": GMRES
+    pc = neuralode.solve(
+        f, y0_t, ts_t, method=Esdirk(ESDIRK_TABLEAUS["kvaerno5"], settings), rtol=rtol, atol=atol
+    )
+    print("bruss 50 plain / preconditioned:", plain.stats.as_dict(), pc.stats.as_dict())
+    assert int(pc.stats.njev) == 0 and pc.success
+    assert 3 * int(pc.stats.nfe) < int(plain.stats.nfe)
+    assert _units(pc, ref, rtol, atol) < 30
+
+
 def test_batched_rows_keep_their_own_steps_with_gmres() -> None:
     """Three Brusselators with different diffusion solved together give each one's own solve
     (per-row Krylov spaces, per-row counts)."""
@@ -263,6 +305,34 @@ def test_adjoint_with_gmres_agrees_with_backprop() -> None:
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_adjoint_with_a_preconditioner() -> None:
+    """The preconditioner knows the forward system only: the adjoint's backward solve (the
+    augmented system, ``2 N`` components here) does not call it, and the gradient is
+    backprop's."""
+    M = 5
+    f, _, y0_np = brusselator(M)
+    pc = brusselator_preconditioner(M)
+    seen: list[tuple[int, ...]] = []
+
+    def recording(t, y, hg, r):  # type: ignore[no-untyped-def]
+        seen.append(tuple(r.shape))
+        return pc(t, y, hg, r)
+
+    method = Esdirk(ESDIRK_TABLEAUS["kvaerno5"], NewtonSettings(preconditioner=recording))
+    ts = torch.tensor([0.0, 0.5, 1.0], dtype=DTYPE)
+    grads = []
+    for gradient in ("backprop", "adjoint"):
+        y0 = torch.tensor(y0_np, dtype=DTYPE, requires_grad=True)
+        sol = neuralode.solve(
+            f, y0, ts, method=method, rtol=1e-8, atol=1e-10, gradient=gradient,
+            adjoint_params=() if gradient == "adjoint" else None,
+        )  # fmt: skip
+        (g,) = torch.autograd.grad(sol.ys.square().sum(), y0)
+        grads.append(g)
+    assert seen and set(seen) == {(2 * M,)}
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+
+
 # -- choosing ------------------------------------------------------------------------------------
 def test_auto_picks_gmres_by_size(monkeypatch: pytest.MonkeyPatch) -> None:
     f, _, y0 = brusselator(5)
@@ -287,6 +357,12 @@ def test_auto_picks_gmres_by_size(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"krylov_dim": 0}, ValueError, "krylov_dim must be >= 1"),
         ({"krylov_dim": 2.5}, TypeError, "krylov_dim must be an int"),
         ({"max_iters": 0}, ValueError, "max_iters must be >= 1"),
+        ({"preconditioner": 3}, TypeError, "preconditioner must be a callable"),
+        (
+            {"preconditioner": lambda t, y, hg, r: r, "linear": "dense"},
+            ValueError,
+            "a preconditioner serves linear='gmres'",
+        ),
     ],
 )
 def test_bad_settings_are_named(kwargs: dict, error: type, match: str) -> None:

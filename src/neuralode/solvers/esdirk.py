@@ -44,9 +44,10 @@ __all__ = ["Esdirk", "NewtonSettings"]
 
 #: ``linear="auto"`` solves the Newton systems by GMRES once the dense Newton matrices of a
 #: solve would hold this many entries (``batch * N^2``; 32 MiB in float64).  Measured in
-#: ``benchmarks/krylov.py`` (GMRES time / dense time): a neural field 1.95 at 512 components,
-#: 0.90 at 1024 and 0.61 at 2048, 0.79 for 16 samples of 256 and 0.21 of 512; the Brusselator
-#: (a diffusion, GMRES's hard case) 5-12 at 200-2000 components, which this keeps dense.
+#: ``benchmarks/krylov.py`` (GMRES time / dense time): a neural field 1.83 at 512 components,
+#: 1.03 at 1024 and 0.59 at 2048, 0.80 for 16 samples of 256 and 0.20 of 512; the Brusselator
+#: (a diffusion, unpreconditioned GMRES's hard case) 6-13 at 200-2000 components, which this
+#: keeps dense (with a preconditioner: 0.26 at 2000).
 KRYLOV_MIN_ENTRIES = 2**22
 _LINEAR = ("auto", "dense", "gmres")
 
@@ -75,6 +76,14 @@ class NewtonSettings:
             and there ``"dense"`` may be faster whatever the size (``docs/concepts/stiff.md``).
             A ``jac=`` given to ``solve`` is not used by ``"gmres"``.
         krylov_dim: GMRES's Krylov dimension per Newton system (``J v`` products at most).
+        preconditioner: for GMRES, ``preconditioner(t, y, hg, r)``: an approximate solve
+            ``M^-1 r`` with ``M ~ I - hg J(t, y)`` (``t``: ``[]`` or ``[batch]``; ``y`` and
+            ``r`` shaped like the state; ``hg = h gamma``, a float or ``[batch]``), applied
+            on the right, so the Newton test's residuals are the true ones; a good one (the
+            stiff linear part solved exactly: a diffusion's tridiagonal system) cuts the
+            products per system to a few.  Given, ``"auto"`` means ``"gmres"``; with
+            ``"dense"`` it is an error.  The gradient's transposed solve and the adjoint's
+            backward solve (another system) do not use it.
 
     Examples:
         ``kvaerno3`` with at most 5 Newton iterations per stage (the solve's tolerances still
@@ -109,6 +118,7 @@ class NewtonSettings:
     max_iters: int = 10
     linear: str = "auto"
     krylov_dim: int = 30
+    preconditioner: Any = None
 
     def __post_init__(self) -> None:
         if self.linear not in _LINEAR:
@@ -119,6 +129,17 @@ class NewtonSettings:
             raise TypeError(f"NewtonSettings: krylov_dim must be an int, got {self.krylov_dim!r}")
         if self.krylov_dim < 1:
             raise ValueError(f"NewtonSettings: krylov_dim must be >= 1, got {self.krylov_dim}")
+        if self.preconditioner is not None:
+            if not callable(self.preconditioner):
+                raise TypeError(
+                    "NewtonSettings: preconditioner must be a callable (t, y, hg, r) -> M^-1 r, "
+                    f"got {type(self.preconditioner).__name__}"
+                )
+            if self.linear == "dense":
+                raise ValueError(
+                    "NewtonSettings: a preconditioner serves linear='gmres' (or 'auto'), not "
+                    "linear='dense'"
+                )
         if isinstance(self.max_iters, bool) or not isinstance(self.max_iters, int):
             raise TypeError(f"NewtonSettings: max_iters must be an int, got {self.max_iters!r}")
         if self.max_iters < 1:
@@ -206,6 +227,8 @@ class Esdirk(_LinearlyImplicit):
             return linear == "gmres"
         if isinstance(f, JacobianField) or getattr(f, "linearise", None) is not None:
             return False
+        if self.settings.preconditioner is not None:
+            return True
         rows, size = (y.shape[0], y[0].numel()) if batched else (1, y.numel())
         return rows * size * size >= KRYLOV_MIN_ENTRIES
 
@@ -234,8 +257,10 @@ class Esdirk(_LinearlyImplicit):
             newton.linear = lambda r, t, z, fz, active: lu.solve(r)
         else:
             gmres = KrylovNewton(
-                f, hg, newton.scale, 0.05 * newton.kappa, self.settings.krylov_dim, newton.rows
-            )
+                f, hg, newton.scale, 0.05 * newton.kappa, self.settings.krylov_dim, newton.rows,
+                # The adjoint's augmented field is not the system the preconditioner knows.
+                None if getattr(f, "linearise", None) is not None else self.settings.preconditioner,
+            )  # fmt: skip
             newton.linear = gmres.solve
         z = y
         for i in range(1, self.n_stages):

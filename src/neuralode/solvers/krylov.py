@@ -51,6 +51,7 @@ def gmres(
     tol: torch.Tensor,
     max_dim: int,
     restarts: int = 0,
+    precondition: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Solve ``A x = b`` per row by restarted GMRES from ``x = 0``.
 
@@ -62,6 +63,9 @@ def gmres(
             most this.
         max_dim: the Krylov space's dimension per cycle (products per cycle, at most ``N``).
         restarts: further cycles, each from the last cycle's solution.
+        precondition: ``v -> M^-1 v`` with ``M`` an approximation of ``A`` (per row, as
+            ``matvec``), applied on the right: GMRES solves ``A M^-1 u = b`` and returns
+            ``x = M^-1 u``, so the residual it tests is ``A x - b`` itself.
 
     Returns:
         ``(x, products, converged)``: the solution ``[batch, N]``, the products each row needed
@@ -89,6 +93,10 @@ def gmres(
     r = b
     done = r.norm(dim=1) <= tol
     tiny = torch.finfo(b.dtype).tiny
+    op = matvec  # the operator whose Krylov space is built: A, or A M^-1
+    if precondition is not None:
+        solve_m = precondition
+        op = lambda v: matvec(solve_m(v))  # noqa: E731
     for cycle in range(restarts + 1):
         if bool(done.all()):
             break
@@ -111,7 +119,7 @@ def gmres(
         last = torch.full((B,), -1, dtype=torch.long, device=b.device)
         k = 0
         for k in range(m):
-            w = matvec(V[:, k])
+            w = op(V[:, k])
             products = products + ~done
             last = torch.where(done, last, k)
             Vk = V[:, : k + 1]
@@ -147,7 +155,8 @@ def gmres(
         Rk = Rk + torch.diag_embed((diag == 0).to(Rk.dtype))
         rhs = torch.where(own, beta.unsqueeze(1) * Q[:, : k + 1, 0], 0.0).unsqueeze(2)
         y = torch.linalg.solve_triangular(Rk, rhs, upper=True)
-        x = x + torch.bmm(V[:, : k + 1].transpose(1, 2), y).squeeze(2)
+        u = torch.bmm(V[:, : k + 1].transpose(1, 2), y).squeeze(2)
+        x = x + (u if precondition is None else precondition(u))
     return x, products, done
 
 
@@ -185,6 +194,8 @@ class KrylovNewton:
         tol: the scaled residual's root-mean-square tolerance (``0.05 kappa``).
         max_dim: the Krylov space's dimension.
         rows: the row shape (``[]`` or ``[batch]``).
+        preconditioner: ``(t, z, hg, r) -> M^-1 r``, ``M`` an approximation of
+            ``I - hg J(t, z)`` (``NewtonSettings.preconditioner``), or ``None``.
     """
 
     def __init__(
@@ -195,8 +206,10 @@ class KrylovNewton:
         tol: float,
         max_dim: int,
         rows: tuple[int, ...],
+        preconditioner: Callable[..., torch.Tensor] | None = None,
     ) -> None:
         self.f, self.scale, self.tol, self.max_dim = f, scale, tol, max_dim
+        self.preconditioner, self.hg_rows = preconditioner, hg
         self.hg = per_row(hg, scale.ndim) if isinstance(hg, torch.Tensor) else hg
         self.rows = rows
         self.products: torch.Tensor | int = 0
@@ -221,9 +234,17 @@ class KrylovNewton:
             Av = v - self.hg * jvp(self.f, t, z, fz, v)
             return (Av / scale).reshape(B, -1)
 
+        precondition = None
+        if self.preconditioner is not None:
+            user, hg = self.preconditioner, self.hg_rows
+
+            def precondition(u: torch.Tensor) -> torch.Tensor:
+                out = user(t, z, hg, u.reshape(shape) * scale)
+                return (out / scale).reshape(B, -1)
+
         b = (torch.where(per_row(active, r.ndim), r, 0.0) / scale).reshape(B, -1)
         tol = torch.full((B,), self.tol * math.sqrt(b.shape[1]), dtype=b.dtype, device=b.device)
-        u, products, _ = gmres(matvec, b, tol, self.max_dim)
+        u, products, _ = gmres(matvec, b, tol, self.max_dim, precondition=precondition)
         self.products = self.products + (products if self.rows else products[0])
         return u.reshape(shape) * scale
 
