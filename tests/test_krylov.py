@@ -172,16 +172,22 @@ def test_stiff_problems_by_gmres_as_dense(problem: str) -> None:
     assert units["gmres"] < (60 if problem == "orego" else 30), units
 
 
+def _bruss(M: int, n_out: int, ref_rtol: float, ref_atol: float):  # type: ignore[no-untyped-def]
+    """BRUSS on ``M`` points over [0, 10]: the field, ``y0``, ``n_out`` output times and scipy
+    ``Radau``'s solution there at the given tolerances."""
+    f, f_np, y0 = brusselator(M)
+    ts = np.linspace(0, 10, n_out)
+    ref = scipy_integrate.solve_ivp(
+        f_np, (0, 10), y0, method="Radau", t_eval=ts, rtol=ref_rtol, atol=ref_atol
+    ).y.T
+    return f, torch.tensor(y0, dtype=DTYPE), torch.tensor(ts, dtype=DTYPE), ref
+
+
 def test_inexact_newton_on_the_brusselator() -> None:
     """40 components, a Krylov space of 10: each Newton system is solved inexactly, and the
     solve still reaches Radau's solution; the products are counted in ``nfe``."""
-    f, f_np, y0 = brusselator(20)
-    ts = np.linspace(0, 10, 5)
+    f, y0_t, ts_t, ref = _bruss(20, 5, 1e-11, 1e-13)
     rtol, atol = 1e-6, 1e-8
-    ref = scipy_integrate.solve_ivp(
-        f_np, (0, 10), y0, method="Radau", t_eval=ts, rtol=1e-11, atol=1e-13
-    ).y.T
-    y0_t, ts_t = torch.tensor(y0, dtype=DTYPE), torch.tensor(ts, dtype=DTYPE)
     dense = neuralode.solve(f, y0_t, ts_t, method=_solver("dense"), rtol=rtol, atol=atol)
     krylov = neuralode.solve(f, y0_t, ts_t, method=_solver("gmres", 10), rtol=rtol, atol=atol)
     units = _units(dense, ref, rtol, atol), _units(krylov, ref, rtol, atol)
@@ -198,13 +204,8 @@ def test_preconditioned_gmres_on_the_brusselator() -> None:
     system (measured: 5,812 evaluations against 1,711, as many steps), and Radau's solution
     within the dense path's bound."""
     M = 50
-    f, f_np, y0 = brusselator(M)
-    ts = np.linspace(0, 10, 3)
+    f, y0_t, ts_t, ref = _bruss(M, 3, 1e-10, 1e-12)
     rtol, atol = 1e-4, 1e-6
-    ref = scipy_integrate.solve_ivp(
-        f_np, (0, 10), y0, method="Radau", t_eval=ts, rtol=1e-10, atol=1e-12
-    ).y.T
-    y0_t, ts_t = torch.tensor(y0, dtype=DTYPE), torch.tensor(ts, dtype=DTYPE)
     plain = neuralode.solve(f, y0_t, ts_t, method=_solver("gmres"), rtol=rtol, atol=atol)
     settings = NewtonSettings(preconditioner=brusselator_preconditioner(M))  # "auto": GMRES
     pc = neuralode.solve(
