@@ -225,7 +225,7 @@ class Esdirk(_LinearlyImplicit):
         linear = self.settings.linear
         if linear != "auto":
             return linear == "gmres"
-        if isinstance(f, JacobianField) or getattr(f, "linearise", None) is not None:
+        if isinstance(f, JacobianField) or _structured(f):
             return False
         if self.settings.preconditioner is not None:
             return True
@@ -259,7 +259,7 @@ class Esdirk(_LinearlyImplicit):
             gmres = KrylovNewton(
                 f, hg, newton.scale, 0.05 * newton.kappa, self.settings.krylov_dim, newton.rows,
                 # The adjoint's augmented field is not the system the preconditioner knows.
-                None if getattr(f, "linearise", None) is not None else self.settings.preconditioner,
+                None if _structured(f) else self.settings.preconditioner,
             )  # fmt: skip
             newton.linear = gmres.solve
         z = y
@@ -290,11 +290,16 @@ class Esdirk(_LinearlyImplicit):
         with torch.no_grad():  # step-size control is not differentiated
             y_error = _combine(ks, self.e_terms).mul_(h_y)
         status = torch.where(torch.as_tensor(failed, device=y.device), int(Status.NEWTON_FAILED), 0)
-        if lu is None:  # each J v product is one (forward-mode) evaluation of f
+        if lu is None:  # each J v product is one (finite-difference) evaluation of f
             return StepResult(
                 z, y_error, ks, None, nfe + iters + gmres.products, status, lin, 0, 0, iters
             )
         return StepResult(z, y_error, ks, None, nfe + iters, status, lin, njev, 1, iters)
+
+
+def _structured(f: Func) -> bool:
+    """A field with its own Jacobian's structure (the adjoint's augmented field)."""
+    return getattr(f, "linearise", None) is not None
 
 
 def _safe(hg: torch.Tensor | float) -> torch.Tensor | float:
