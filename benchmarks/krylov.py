@@ -6,7 +6,7 @@ factorisation per sample and step; ``linear="gmres"`` takes finite-difference pr
 (``neuralode.solvers.krylov``).  This script times kvaerno5 both ways on the same solves (two
 threads, float64, rtol 1e-4, atol 1e-6) and reports which ``linear="auto"`` picks:
 
-    .venv/bin/python benchmarks/krylov.py [--neural 512 1024 2048] [--batched 256 512]
+    .venv/bin/python benchmarks/krylov.py [--neural 512 1024 2048 4096] [--batched 256 512]
                                           [--bruss 100 500 1000]
 
 * neural: ``y' = -diag(lambda) y + W2 tanh(W1 y) + sin t``, ``lambda`` log-spaced over
@@ -88,7 +88,8 @@ def row(
 ) -> None:
     rows = y0.shape[0] if batched else 1
     N = y0[0].numel() if batched else y0.numel()
-    big = rows * N * N >= esdirk.KRYLOV_MIN_ENTRIES
+    least = esdirk.KRYLOV_MIN_ENTRIES if rows > 1 else esdirk.KRYLOV_MIN_ENTRIES_ONE
+    big = rows * N * N >= least
     auto = "gmres" if big or preconditioner is not None else "dense"
     t_d, dense = run(f, y0, ts, NewtonSettings(linear="dense"), batched)
     settings = NewtonSettings(linear="gmres", preconditioner=preconditioner)
@@ -105,7 +106,7 @@ def row(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--neural", type=int, nargs="*", default=[512, 1024, 2048])
+    ap.add_argument("--neural", type=int, nargs="*", default=[512, 1024, 2048, 4096])
     ap.add_argument("--batched", type=int, nargs="*", default=[256, 512])
     ap.add_argument("--bruss", type=int, nargs="*", default=[100, 500, 1000])
     args = ap.parse_args()

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from fractions import Fraction
 
 import pytest
@@ -206,7 +207,7 @@ def test_iterations_that_never_converge_say_so(monkeypatch: pytest.MonkeyPatch) 
 
     def never(self, f, t, base, z):  # type: ignore[no-untyped-def]
         rows = torch.zeros(self.rows, dtype=torch.bool)
-        return z, rows, rows.long() + 1
+        return z, rows, rows.long() + 1, rows
 
     monkeypatch.setattr(esdirk._Newton, "solve", never)
     solver = neuralode.get_solver("kvaerno3")
@@ -253,3 +254,75 @@ def test_a_fixed_step_that_fails_stops_its_row() -> None:
     assert int(sol.status) == neuralode.Status.NEWTON_FAILED
     assert float(sol.t_end) == pytest.approx(0.4)
     assert int(sol.stats.n_accepted) == 2 and int(sol.stats.n_steps) == 3
+
+
+# -- Jacobian reuse ------------------------------------------------------------------------------
+def _stale_state(y: torch.Tensor, J: torch.Tensor, current: bool) -> object:
+    """A carried state whose Jacobian ``J`` is a previous step's (``current=False``), or the
+    retry's own (``current=True``), with ``f(t, y)`` still to take."""
+    from neuralode.solvers.esdirk import _Carried
+    from neuralode.solvers.newton import Linearisation
+
+    rows = y.shape[:1] if J.ndim == 3 else ()
+    known = torch.ones(rows, dtype=torch.bool)
+    return _Carried(Linearisation(y, J, y), ~known, known, known & current, math.nan)
+
+
+def test_a_stale_jacobian_that_fails_is_replaced_within_the_step() -> None:
+    """scipy's Radau policy, per row: an iteration that fails with a previous step's Jacobian
+    is run again at the same step with a fresh one (the step succeeds, one Jacobian and a
+    second factorisation charged to that row only); one that fails with the step's own
+    Jacobian rejects the step.  The carried Jacobian here is zero, which makes the chord
+    iteration the fixed-point one: on ``y' = A y`` with ``h |A| = 100`` it diverges."""
+    A = torch.diag(torch.tensor([-1e3, -1.0], dtype=DTYPE))
+    f = lambda t, y: y @ A.T  # noqa: E731
+    solver = Esdirk(ESDIRK_TABLEAUS["kvaerno5"], NewtonSettings(1e-10, 1e-10))
+    y = torch.tensor([[1.0, 2.0], [3.0, -1.0]], dtype=DTYPE)
+    t, h = torch.zeros(2, dtype=DTYPE), torch.full((2,), 0.1, dtype=DTYPE)
+    with torch.no_grad():
+        fresh = solver.step(f, t, h, y, None)
+        assert fresh.status is not None and not bool(fresh.status.any())
+        # Row 0 carries a wrong Jacobian, row 1 the right one.
+        J = torch.stack([torch.zeros(2, 2, dtype=DTYPE), A])
+        res = solver.step(f, t, h, y, _stale_state(y, J, current=False))
+        assert res.status is not None and res.status.tolist() == [0, 0]
+        assert res.njev.tolist() == [1, 0]  # type: ignore[union-attr]
+        assert res.nlu.tolist() == [2, 1]  # type: ignore[union-attr]
+        torch.testing.assert_close(res.y1, fresh.y1, rtol=1e-9, atol=1e-12)
+        # The same wrong Jacobian as the step's own: no second try, the step fails.
+        failed = solver.step(f, t, h, y, _stale_state(y, J, current=True))
+        assert failed.status is not None
+        assert failed.status.tolist() == [int(neuralode.Status.NEWTON_FAILED), 0]
+        assert int(torch.as_tensor(failed.njev).sum()) == 0
+
+
+def test_jacobians_and_factorisations_are_reused() -> None:
+    """Constant steps on a linear field (one iteration per stage, never slow): one Jacobian and
+    one factorisation for the whole solve, the values of a Jacobian per step to round-off; an
+    adaptive solve of a nonlinear field takes fewer Jacobians than steps, and
+    ``reuse_jacobian=False`` one per accepted step."""
+    A = torch.tensor([[-200.0, 1.0], [0.5, -1.0]], dtype=DTYPE)
+    y0, ts = torch.tensor([1.0, -2.0], dtype=DTYPE), torch.tensor([0.0, 1.0], dtype=DTYPE)
+    kw = dict(first_step=1 / 16, rtol=1e10, atol=1e10, ifactor=1.0)
+    sols = {}
+    for reuse in (True, False):
+        solver = Esdirk(ESDIRK_TABLEAUS["kvaerno3"], NewtonSettings(reuse_jacobian=reuse))
+        sols[reuse] = neuralode.solve(lambda t, y: A @ y, y0, ts, method=solver, **kw)
+    stats = sols[True].stats
+    assert int(stats.n_steps) == 16 and int(stats.njev) == 1 and int(stats.nlu) == 1
+    assert int(sols[False].stats.njev) == int(sols[False].stats.nlu) == 16
+    torch.testing.assert_close(sols[True].ys, sols[False].ys, rtol=1e-12, atol=1e-14)
+
+    def vdp(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.stack([y[1], 10 * (1 - y[0] ** 2) * y[1] - y[0]])
+
+    y0, ts = torch.tensor([2.0, 0.0], dtype=DTYPE), torch.tensor([0.0, 20.0], dtype=DTYPE)
+    for reuse in (True, False):
+        solver = Esdirk(ESDIRK_TABLEAUS["kvaerno5"], NewtonSettings(reuse_jacobian=reuse))
+        sols[reuse] = neuralode.solve(vdp, y0, ts, method=solver, rtol=1e-6, atol=1e-8)
+    on, off = sols[True].stats, sols[False].stats
+    assert int(on.njev) < 0.8 * int(on.n_steps)
+    assert int(off.njev) <= int(off.n_steps) == int(off.nlu)
+    assert int(off.njev) >= int(off.n_accepted)
+    scale = 1e-8 + 1e-6 * sols[False].ys.abs()
+    assert float(((sols[True].ys - sols[False].ys).abs() / scale).max()) < 10

@@ -13,7 +13,8 @@
   system solved by GMRES (restarted), backprop and checkpoint; the adjoint agrees with backprop,
   with and without a preconditioner (which only the forward system's solves call).
 * An event is located on a GMRES solve where the dense path locates it.
-* ``linear="auto"`` picks GMRES from ``KRYLOV_MIN_ENTRIES`` entries of the dense matrices
+* ``linear="auto"`` picks GMRES from ``KRYLOV_MIN_ENTRIES`` (one system:
+  ``KRYLOV_MIN_ENTRIES_ONE``) entries of the dense matrices
   (``batch * N^2``), dense below and for a field with its own Jacobian; bad settings are
   refused by name.
 """
@@ -360,10 +361,19 @@ def test_adjoint_with_a_preconditioner() -> None:
 def test_auto_picks_gmres_by_size(monkeypatch: pytest.MonkeyPatch) -> None:
     f, _, y0 = brusselator(5)
     y0_t, ts = torch.tensor(y0, dtype=DTYPE), torch.tensor([0.0, 1.0], dtype=DTYPE)
-    for entries, jev in ((101, True), (100, False)):  # 10 components: 100 entries
-        monkeypatch.setattr(esdirk, "KRYLOV_MIN_ENTRIES", entries)
+    # 10 components: 100 entries for one system (KRYLOV_MIN_ENTRIES_ONE), 300 for a batch of 3.
+    monkeypatch.setattr(esdirk, "KRYLOV_MIN_ENTRIES", 301)
+    for entries, jev in ((101, True), (100, False)):
+        monkeypatch.setattr(esdirk, "KRYLOV_MIN_ENTRIES_ONE", entries)
         sol = neuralode.solve(f, y0_t, ts, method="kvaerno5", rtol=1e-5, atol=1e-7)
         assert (int(sol.stats.njev) > 0) == jev, entries
+    monkeypatch.setattr(esdirk, "KRYLOV_MIN_ENTRIES_ONE", 10**9)
+    for entries, jev in ((301, True), (300, False)):
+        monkeypatch.setattr(esdirk, "KRYLOV_MIN_ENTRIES", entries)
+        batch = neuralode.solve(
+            f, y0_t.expand(3, 10), ts, method="kvaerno5", rtol=1e-5, atol=1e-7, batched=True
+        )
+        assert (int(batch.stats.njev.sum()) > 0) == jev, entries
     # A Jacobian of the user's own: dense whatever the size.
     J = torch.autograd.functional.jacobian(lambda y: f(ts[0], y), y0_t)
     sol = neuralode.solve(
@@ -380,6 +390,7 @@ def test_auto_picks_gmres_by_size(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"krylov_dim": 0}, ValueError, "krylov_dim must be >= 1"),
         ({"krylov_dim": 2.5}, TypeError, "krylov_dim must be an int"),
         ({"max_iters": 0}, ValueError, "max_iters must be >= 1"),
+        ({"reuse_jacobian": "yes"}, TypeError, "reuse_jacobian must be a bool"),
         ({"preconditioner": 3}, TypeError, "preconditioner must be a callable"),
         (
             {"preconditioner": lambda t, y, hg, r: r, "linear": "dense"},

@@ -1,11 +1,15 @@
 """ESDIRK methods: implicit Runge-Kutta stages solved by Newton's method, per sample.
 
 Each implicit stage ``z = base + h gamma f(t_i, z)`` is solved by the simplified (chord) Newton
-iteration with the matrix ``I - h gamma J`` of the step's start, LU-factored once per step and
-per sample (as the Rosenbrock methods do).  Every row of a batch iterates until its own
-convergence test passes; a row whose iteration diverges, or would not converge within
-``max_iters``, fails its step (``StepResult.status``), which the loop rejects and retries smaller,
-as it does a step with a large error.
+iteration with the matrix ``I - h gamma J``, LU-factored per sample when ``h`` or ``J``
+changes.  ``J`` is kept from step to step while the iterations converge fast, with scipy's
+``Radau`` policy (``NewtonSettings.reuse_jacobian``): after a step whose iterations were slow
+the next takes a new one at its start; a row whose iteration fails with a previous step's
+Jacobian runs the step again with a fresh one (inside the step, that row only); and a rejected
+step's retry keeps it.  Every row of a batch iterates until its own convergence test passes; a
+row whose iteration diverges, or would not converge within ``max_iters``, with its step's own
+Jacobian, fails its step (``StepResult.status``), which the loop rejects and retries smaller, as
+it does a step with a large error.
 
 The stopping test is Hairer and Wanner's (Solving ODEs II, IV.8): with ``theta`` the observed
 contraction rate, stop when ``theta / (1 - theta) ||dz|| <= kappa``, the norm scaled by the
@@ -27,7 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -35,21 +39,40 @@ from .._rows import per_row, row_dims
 from ..solution import Status
 from .base import Func, Solver, StepResult, Time
 from .krylov import KrylovNewton, KrylovTransposedSolve
-from .newton import JacobianField, jacobian
+from .newton import JacobianField, Linearisation, jacobian
 from .rk import _combine, _h_state, _stage, _terms, _time
-from .rosenbrock import _factor, _Factored, _hg, _linearise, _LinearlyImplicit
+from .rosenbrock import (
+    KnownLinearisation,
+    _factor,
+    _Factored,
+    _hg,
+    _linearise,
+    _LinearlyImplicit,
+    _merge_linearisation,
+)
 from .tableaus import EsdirkTableau
 
 __all__ = ["Esdirk", "NewtonSettings"]
 
-#: ``linear="auto"`` solves the Newton systems by GMRES once the dense Newton matrices of a
-#: solve would hold this many entries (``batch * N^2``; 32 MiB in float64).  Measured in
-#: ``benchmarks/krylov.py`` (GMRES time / dense time): a neural field 1.83 at 512 components,
-#: 1.03 at 1024 and 0.59 at 2048, 0.80 for 16 samples of 256 and 0.20 of 512; the Brusselator
-#: (a diffusion, unpreconditioned GMRES's hard case) 6-13 at 200-2000 components, which this
-#: keeps dense (with a preconditioner: 0.26 at 2000).
+#: ``linear="auto"`` solves a batch's Newton systems by GMRES once its dense Newton matrices
+#: would hold this many entries (``batch * N^2``; 32 MiB in float64), and a single system's
+#: from :data:`KRYLOV_MIN_ENTRIES_ONE`.  Measured in ``benchmarks/krylov.py`` (kvaerno5, rtol
+#: 1e-4, Jacobians reused; GMRES time / dense time): a neural field 3.38 at 512 components,
+#: 1.57 at 1024, 1.41 at 2048 and 0.88 at 4096; 16 samples 1.66 at 256 and 0.51 at 512 (a
+#: batch's products are matrix-matrix products, one system's memory-bound matrix-vector
+#: ones); the Brusselator (a diffusion, unpreconditioned GMRES's hard case) 6-13 at 200-2000
+#: components, which this keeps dense (with a preconditioner: 0.28 at 2000).
 KRYLOV_MIN_ENTRIES = 2**22
+KRYLOV_MIN_ENTRIES_ONE = 2**24
 _LINEAR = ("auto", "dense", "gmres")
+#: With a previous step's Jacobian, a stage's iteration stops after two corrections only if the
+#: second is below this fraction of the first.  The usual test (the rate estimated from those
+#: two) let iterates through 2e4 tolerance units off the root on Van der Pol (mu = 1e3,
+#: kvaerno3, rtol 1e-3: 1053 units at the outputs against 0.47 with a Jacobian per step);
+#: measured worst stage errors (units): 0.2 -> 7e3, 0.05 -> 0.19, 0.01 -> 0.13, and never
+#: after two -> 1.5 (``fresh`` Jacobians: 0.028, below kappa = 0.03).  0.01 costs no
+#: iterations over fresh Jacobians on the neural field (645 against 639 evaluations).
+_STALE_RATE = 0.01
 
 
 @dataclass(frozen=True)
@@ -66,16 +89,24 @@ class NewtonSettings:
         dims: the dimensions ``norm`` reduces.
         max_iters: iterations per stage before the step fails.
         linear: how each Newton system ``(I - h gamma J) dz = r`` is solved: ``"dense"`` (the
-            Jacobian, ``N`` vector-Jacobian products, and an LU factorisation per sample, once
-            per step), ``"gmres"`` (matrix-free: GMRES on Jacobian-vector products at the
-            current iterate, :mod:`neuralode.solvers.krylov`), or ``"auto"`` (the default):
-            GMRES once the dense matrices would hold :data:`KRYLOV_MIN_ENTRIES` entries
-            (``batch * N^2``), dense below and for a field with a Jacobian of its own
+            Jacobian, ``N`` vector-Jacobian products, and an LU factorisation per sample,
+            reused as ``reuse_jacobian`` says), ``"gmres"`` (matrix-free: GMRES on
+            Jacobian-vector products at the current iterate, :mod:`neuralode.solvers.krylov`),
+            or ``"auto"`` (the default): GMRES once the dense matrices would hold
+            :data:`KRYLOV_MIN_ENTRIES` entries (``batch * N^2``; a single system
+            :data:`KRYLOV_MIN_ENTRIES_ONE`), dense below and for a field with a Jacobian of its own
             (``jac=``, the adjoint's block form).  GMRES is unpreconditioned: a stiffness
             spread over many modes (a discretised diffusion) needs many products per system,
             and there ``"dense"`` may be faster whatever the size (``docs/concepts/stiff.md``).
             A ``jac=`` given to ``solve`` is not used by ``"gmres"``.
         krylov_dim: GMRES's Krylov dimension per Newton system (``J v`` products at most).
+        reuse_jacobian: keep the iteration Jacobian from step to step while the iterations
+            converge fast (``"dense"`` systems; the default), with scipy's ``Radau`` policy: a
+            step whose iterations were slow (more than two, the last contracting by more than
+            1e-3) has the next step take a new one; a row whose iteration fails with a
+            previous step's Jacobian tries the same step again with a fresh one before the
+            step is rejected; a rejected step's retry keeps it.  The matrix ``I - h gamma J``
+            is factored again whenever ``h`` changes.  ``False``: a Jacobian per step.
         preconditioner: for GMRES, ``preconditioner(t, y, hg, r)``: an approximate solve
             ``M^-1 r`` with ``M ~ I - hg J(t, y)`` (``t``: ``[]`` or ``[batch]``; ``y`` and
             ``r`` shaped like the state; ``hg = h gamma``, a float or ``[batch]``), applied
@@ -119,6 +150,7 @@ class NewtonSettings:
     linear: str = "auto"
     krylov_dim: int = 30
     preconditioner: Any = None
+    reuse_jacobian: bool = True
 
     def __post_init__(self) -> None:
         if self.linear not in _LINEAR:
@@ -140,6 +172,10 @@ class NewtonSettings:
                     "NewtonSettings: a preconditioner serves linear='gmres' (or 'auto'), not "
                     "linear='dense'"
                 )
+        if not isinstance(self.reuse_jacobian, bool):
+            raise TypeError(
+                f"NewtonSettings: reuse_jacobian must be a bool, got {self.reuse_jacobian!r}"
+            )
         if isinstance(self.max_iters, bool) or not isinstance(self.max_iters, int):
             raise TypeError(f"NewtonSettings: max_iters must be an int, got {self.max_iters!r}")
         if self.max_iters < 1:
@@ -150,10 +186,12 @@ class Esdirk(_LinearlyImplicit):
     """A stiffly accurate ESDIRK method given by its :class:`EsdirkTableau` (``kvaerno3``,
     ``kvaerno5``).
 
-    Per step: one Jacobian (at the start, which also gives the explicit first stage ``f(t, y)``;
-    a retry after a rejection reuses both) and one LU factorisation per sample, then each implicit
-    stage's Newton iterations (one evaluation of ``f`` each).  ``Solution.stats.n_newton`` counts
-    the iterations.
+    Per step: ``f(t, y)`` (the explicit first stage; a retry after a rejection reuses it), the
+    iteration Jacobian where the last one is not kept (see :class:`NewtonSettings`
+    ``reuse_jacobian``), an LU factorisation per sample where ``h`` or the Jacobian changed, then
+    each implicit stage's Newton iterations (one evaluation of ``f`` each).
+    ``Solution.stats`` counts the Jacobians (``njev``), factorisations (``nlu``) and iterations
+    (``n_newton``).
 
     Args:
         tableau: the method, ``kvaerno3``, ``kvaerno5`` (``ESDIRK_TABLEAUS``) or one of your
@@ -230,7 +268,28 @@ class Esdirk(_LinearlyImplicit):
         if self.settings.preconditioner is not None:
             return True
         rows, size = (y.shape[0], y[0].numel()) if batched else (1, y.numel())
-        return rows * size * size >= KRYLOV_MIN_ENTRIES
+        least = KRYLOV_MIN_ENTRIES if rows > 1 else KRYLOV_MIN_ENTRIES_ONE
+        return rows * size * size >= least
+
+    def choice(self, state: Any) -> Any:
+        """The Jacobian a step will iterate with where it is carried (a previous step's, or a
+        retry's), so that the checkpoint strategy's replay of the step does the same
+        arithmetic (a fresh Jacobian would converge to other iterates, within the Newton
+        tolerance); ``None`` where every row takes its own."""
+        if isinstance(state, _Carried) and bool(state.j_known.any()):
+            return state.lin.J, state.j_known, state.j_current
+        return None
+
+    def replay_state(self, f: Func, t: Time, y: torch.Tensor, choice: Any) -> Any:
+        if choice is None:
+            return self.init(f, t, y, None)
+        J, known, current = choice
+        return _Carried(Linearisation(y, J, y), torch.zeros_like(known), known, current, math.nan)
+
+    def merge(self, accept: torch.Tensor, new: Any, old: Any) -> Any:
+        if isinstance(new, _Carried) or isinstance(old, _Carried):
+            return _merge_carried(accept, new, old)
+        return _merge_linearisation(accept, new, old)  # GMRES: the retry's f(t, y) only
 
     def step(
         self, f: Func, t: Time, h: Time, y: torch.Tensor, state: Any, times: Any = None
@@ -238,63 +297,154 @@ class Esdirk(_LinearlyImplicit):
         h_y = _h_state(h, y)
         hg = _hg(h, self.gamma, y)
         batched = not isinstance(h, float) and h.ndim == 1
-        krylov = self.krylov(f, y, batched)
+        if self.krylov(f, y, batched):
+            return self._step_krylov(f, t, h, y, state, h_y, hg, batched)
+        tt = _time(t, y)
         with torch.no_grad():  # the iteration matrix is not differentiated
-            lin, nfe, njev = _linearise(f, t, y, state, 1, jacobian_free=krylov)
-            lu = None if krylov else _factor(lin.J, hg, y)
-        graph = torch.is_grad_enabled()
-        # The explicit first stage: f(t, y), again with its graph when gradients are wanted.
-        k0 = lin.f0
-        if graph:
-            k0, nfe = f(_time(t, y), y), nfe + 1
-        ks = [k0]
-        iters: int | torch.Tensor = 0
-        failed: torch.Tensor | bool = False
+            lin, current, taken, nfe, njev = _start(f, tt, y, state)
+            lu, nlu = _refactor(state, lin, taken, hg, y)
+        newton = _Newton(self.settings, y, h_y * self.gamma, batched)
+        newton.linear = lambda r, t, z, fz, active: lu.solve(r)
+        newton.stale = ~current
+        with torch.no_grad():
+            zs, ks, iters, failed, slow = self._iterate(f, t, h, y, h_y, lin.f0, newton)
+            # A row whose iteration failed with a previous step's Jacobian tries the same step
+            # again with a fresh one (scipy's Radau) before its step is rejected.
+            redo = failed & ~current
+            if bool(redo.any()):
+                fresh = jacobian(f, tt, y, structured=True)
+                lin = lin._replace(J=_pick(redo, fresh.J, lin.J))
+                lu = _factor(lin.J, hg, y)
+                newton.stale, newton.rows_only = None, redo
+                zs2, ks2, iters2, failed2, slow2 = self._iterate(f, t, h, y, h_y, lin.f0, newton)
+                rows = per_row(redo, y.ndim)
+                zs = [torch.where(rows, b, a) for a, b in zip(zs, zs2)]
+                ks = [torch.where(rows, b, a) for a, b in zip(ks, ks2)]
+                iters = iters + iters2  # iters2 is 0 on the other rows
+                failed = torch.where(redo, failed2, failed)
+                slow = torch.where(redo, slow2, slow)
+                current = current | redo
+                nfe, njev, nlu = nfe + redo, njev + redo, nlu + redo
+        z = zs[-1] if zs else y
+        if torch.is_grad_enabled():
+            transposed = lambda ti, zi: _TransposedSolve(f, ti, zi, hg)  # noqa: E731
+            ks, z, extra = self._differentiable(f, t, h, y, h_y, zs, transposed)
+            nfe = nfe + extra
+        with torch.no_grad():  # step-size control is not differentiated
+            y_error = _combine(ks, self.e_terms).mul_(h_y)
+        status = torch.where(failed, int(Status.NEWTON_FAILED), 0)
+        # The next step (rows that accept) keeps this Jacobian unless the iterations were slow
+        # (scipy's Radau: more than two iterations, the last at a rate above 1e-3), and this
+        # factorisation where h is unchanged; a retry (rows that reject) keeps the Jacobian
+        # and f(t, y), and factors again (its h is smaller).
+        keep = ~slow & ~failed if self.settings.reuse_jacobian else torch.zeros_like(slow)
+        no = torch.zeros_like(current)
+        after = _Carried(lin, no, keep, no, hg, lu)
+        retry = _Carried(lin, ~no, ~no, current, math.nan)
+        return StepResult(
+            z, y_error, ks, after, nfe + iters, status, retry, njev=njev, nlu=nlu, n_newton=iters
+        )
+
+    def _iterate(
+        self,
+        f: Func,
+        t: Time,
+        h: Time,
+        y: torch.Tensor,
+        h_y: torch.Tensor | float,
+        k0: torch.Tensor,
+        newton: _Newton,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The implicit stages by Newton's method, without gradients: the converged stages,
+        all stages' slopes, and per row the iterations, whether any stage failed, and whether
+        any converged slowly."""
+        ks, zs = [k0], []
         hg_y = h_y * self.gamma
         safe_hg = _safe(hg_y)
-        newton = _Newton(self.settings, y, hg_y, batched)
-        if lu is not None:
-            newton.linear = lambda r, t, z, fz, active: lu.solve(r)
-        else:
-            gmres = KrylovNewton(
-                f, hg, newton.scale, 0.05 * newton.kappa, self.settings.krylov_dim, newton.rows,
-                # The adjoint's augmented field is not the system the preconditioner knows.
-                None if _structured(f) else self.settings.preconditioner,
-            )  # fmt: skip
-            newton.linear = gmres.solve
-        z = y
+        iters: Any = 0
+        failed: Any = torch.zeros(newton.rows, dtype=torch.bool, device=y.device)
+        slow: Any = torch.zeros_like(failed)
         for i in range(1, self.n_stages):
             ti = _time(t + self.c_list[i] * h, y)
             base = _stage(y, h_y, ks, self.a_terms[i])
-            with torch.no_grad():
-                # The published predictors (OrdinaryDiffEq.jl's): measured against starting
-                # from the previous stage, they took as many evaluations over the benchmark
-                # problems and were more accurate on Van der Pol.
-                z0 = base + hg_y * _combine(ks, self.pred_terms[i])
-                z_star, ok, its = newton.solve(f, ti, base, z0)
-            iters, failed = iters + its, failed | ~ok
-            z = z_star
-            if graph:  # z* held fixed: the right side of the implicit function theorem
-                f_star = f(ti, z_star)
-                nfe = nfe + 1
-                if f_star.requires_grad or base.requires_grad:
-                    implicit = base + hg_y * f_star
-                    solve_t: Any = (
-                        _TransposedSolve(f, ti, z, hg)
-                        if lu is not None
-                        else KrylovTransposedSolve(f, ti, z, hg, self.settings.krylov_dim)
-                    )
-                    # torch.autograd.Function.apply has no annotations (torch 2.13).
-                    z = _ImplicitStage.apply(implicit, z_star, solve_t)  # type: ignore[no-untyped-call]
+            # The published predictors (OrdinaryDiffEq.jl's): measured against starting from
+            # the previous stage, they took as many evaluations over the benchmark problems
+            # and were more accurate on Van der Pol.
+            z0 = base + hg_y * _combine(ks, self.pred_terms[i])
+            z, ok, its, slow_i = newton.solve(f, ti, base, z0)
+            iters, failed, slow = iters + its, failed | ~ok, slow | slow_i
+            zs.append(z)
             ks.append((z - base) / safe_hg)
-        with torch.no_grad():  # step-size control is not differentiated
-            y_error = _combine(ks, self.e_terms).mul_(h_y)
-        status = torch.where(torch.as_tensor(failed, device=y.device), int(Status.NEWTON_FAILED), 0)
-        if lu is None:  # each J v product is one (finite-difference) evaluation of f
-            return StepResult(
-                z, y_error, ks, None, nfe + iters + gmres.products, status, lin, 0, 0, iters
+        return zs, ks, iters, failed, slow
+
+    def _differentiable(
+        self,
+        f: Func,
+        t: Time,
+        h: Time,
+        y: torch.Tensor,
+        h_y: torch.Tensor | float,
+        zs: list[torch.Tensor],
+        transposed: Any,
+    ) -> tuple[list[torch.Tensor], torch.Tensor, int]:
+        """The stages again with gradients, from the converged ``zs``: each is the root of its
+        stage equation, its gradient by the implicit function theorem (``transposed(t_i, z_i)``
+        solves with ``(I - h gamma J(z_i))^T``); the values are the iteration's.  Returns the
+        slopes, the step's end and the evaluations of ``f`` spent (one per stage)."""
+        hg_y = h_y * self.gamma
+        safe_hg = _safe(hg_y)
+        ks = [f(_time(t, y), y)]  # the explicit first stage, with its graph
+        z, nfe = y, 1
+        for i in range(1, self.n_stages):
+            ti = _time(t + self.c_list[i] * h, y)
+            base = _stage(y, h_y, ks, self.a_terms[i])
+            z_star = zs[i - 1]
+            f_star = f(ti, z_star)  # z* held fixed: the implicit function theorem's right side
+            nfe += 1
+            z = z_star
+            if f_star.requires_grad or base.requires_grad:
+                # torch.autograd.Function.apply has no annotations (torch 2.13).
+                z = _ImplicitStage.apply(base + hg_y * f_star, z_star, transposed(ti, z_star))  # type: ignore[no-untyped-call]
+            ks.append((z - base) / safe_hg)
+        return ks, z, nfe
+
+    def _step_krylov(
+        self,
+        f: Func,
+        t: Time,
+        h: Time,
+        y: torch.Tensor,
+        state: Any,
+        h_y: torch.Tensor | float,
+        hg: torch.Tensor | float,
+        batched: bool,
+    ) -> StepResult:
+        """A step whose Newton systems are solved by GMRES (no Jacobian, nothing reused)."""
+        with torch.no_grad():
+            lin, nfe, _ = _linearise(f, t, y, state, 1, jacobian_free=True)
+        newton = _Newton(self.settings, y, h_y * self.gamma, batched)
+        gmres = KrylovNewton(
+            f, hg, newton.scale, 0.05 * newton.kappa, self.settings.krylov_dim, newton.rows,
+            # The adjoint's augmented field is not the system the preconditioner knows.
+            None if _structured(f) else self.settings.preconditioner,
+        )  # fmt: skip
+        newton.linear = gmres.solve
+        with torch.no_grad():
+            zs, ks, iters, failed, _ = self._iterate(f, t, h, y, h_y, lin.f0, newton)
+        z = zs[-1] if zs else y
+        if torch.is_grad_enabled():
+            dim = self.settings.krylov_dim
+            ks, z, extra = self._differentiable(
+                f, t, h, y, h_y, zs, lambda ti, zi: KrylovTransposedSolve(f, ti, zi, hg, dim)
             )
-        return StepResult(z, y_error, ks, None, nfe + iters, status, lin, njev, 1, iters)
+            nfe = nfe + extra
+        with torch.no_grad():
+            y_error = _combine(ks, self.e_terms).mul_(h_y)
+        status = torch.where(failed, int(Status.NEWTON_FAILED), 0)
+        # Each J v product is one (finite-difference) evaluation of f.
+        return StepResult(
+            z, y_error, ks, None, nfe + iters + gmres.products, status, lin, 0, 0, iters
+        )
 
 
 def _structured(f: Func) -> bool:
@@ -307,6 +457,110 @@ def _safe(hg: torch.Tensor | float) -> torch.Tensor | float:
     if isinstance(hg, float):
         return hg if hg != 0 else 1.0
     return torch.where(hg == 0, 1.0, hg)
+
+
+class _Carried(NamedTuple):
+    """What an ESDIRK step (dense linear algebra) hands to the next attempt, per row (flags
+    ``[batch]``, or ``[]`` unbatched): the next step's state, or a rejected step's retry's."""
+
+    lin: Linearisation  # f(t, y) where f0_known, the Jacobian to reuse where j_known
+    f0_known: torch.Tensor  # f0 is the value at the row's start (a retry)
+    j_known: torch.Tensor  # J may serve the row's next attempt
+    j_current: torch.Tensor  # J was taken at the row's start (a retry's)
+    hg_lu: torch.Tensor | float  # the h gamma ``lu`` was factored with, per row (NaN: none)
+    lu: Any = None  # I - h gamma J factored (dropped where rows part: merge)
+
+
+def _pick(mask: torch.Tensor, new: Any, old: Any) -> Any:
+    """Per row ``new`` where ``mask``, else ``old``: tensors row by row, a structured Jacobian
+    (one row: the adjoint's augmented field) whole."""
+    if isinstance(new, torch.Tensor) and isinstance(old, torch.Tensor):
+        return torch.where(per_row(mask, new.ndim), new, old)
+    return new if bool(mask.all()) else old
+
+
+def _start(
+    f: Func, t: torch.Tensor, y: torch.Tensor, state: Any
+) -> tuple[Linearisation, torch.Tensor, torch.Tensor, Any, Any]:
+    """The step's ``f(t, y)`` and iteration Jacobian; per row, whether that Jacobian is the
+    start's own and whether it was taken now; and the evaluations and Jacobians spent (per
+    row).  The carried state may hold ``f(t, y)`` (a retry) and a Jacobian to reuse (a
+    retry's, or a previous step's); the rows that need a Jacobian get one in one batched call,
+    each charged what it would have spent alone."""
+    rows = y.shape[:1] if t.ndim == 1 else ()
+    if not isinstance(state, _Carried):
+        lin, nfe, njev = _linearise(f, t, y, state, 1)
+        yes = torch.ones(rows, dtype=torch.bool, device=y.device)
+        if isinstance(state, KnownLinearisation):
+            return lin, yes, ~state.known, nfe, njev
+        return lin, yes, yes if state is None else ~yes, nfe, njev
+    need_j, need_f = ~state.j_known, ~state.f0_known
+    if bool(need_j.any()):
+        new = jacobian(f, t, y, structured=True)
+        lin = Linearisation(
+            _pick(need_f, new.f0, state.lin.f0),
+            _pick(need_j, new.J, state.lin.J),
+            _pick(need_f, new.ft, state.lin.ft),
+        )
+        return lin, state.j_current | need_j, need_j, need_f.long(), need_j.long()
+    if bool(need_f.any()):
+        f0 = _pick(need_f, f(t, y), state.lin.f0)
+        return state.lin._replace(f0=f0), state.j_current, need_j, need_f.long(), 0
+    return state.lin, state.j_current, need_j, 0, 0
+
+
+def _refactor(
+    state: Any, lin: Linearisation, taken: torch.Tensor, hg: Any, y: torch.Tensor
+) -> tuple[Any, Any]:
+    """``I - h gamma J`` factored, and the factorisations charged per row: none to a row whose
+    Jacobian and ``h gamma`` are those of the carried factorisation (a fixed step, or an
+    unchanged one), which is reused when every row's is (else the batch is factored in one
+    call)."""
+    if not isinstance(state, _Carried):
+        return _factor(lin.J, hg, y), 1
+    same = ~taken & (torch.as_tensor(hg, device=y.device) == state.hg_lu)
+    if state.lu is not None and bool(same.all()):
+        return state.lu, 0
+    return _factor(lin.J, hg, y), (~same).long()
+
+
+def _merge_carried(accept: torch.Tensor, new: Any, old: Any) -> Any:
+    """Per row: ``new`` where ``accept`` (the next step's state; ``None`` after a jump of the
+    state: nothing known), else ``old`` (the retry's).  The factorisation itself is dropped
+    (the rows' differ); each row's ``h gamma`` stays, for the count."""
+
+    def carried(x: Any) -> _Carried | None:
+        if x is None or isinstance(x, _Carried):
+            return x
+        known = x.known if isinstance(x, KnownLinearisation) else torch.ones_like(accept)
+        lin = x.lin if isinstance(x, KnownLinearisation) else x
+        return _Carried(lin, known, known, known, math.nan)
+
+    a, b = carried(new), carried(old)
+    if a is None and b is None:
+        return None
+    if a is None or b is None:
+        kept, mask = (b, ~accept) if a is None else (a, accept)
+        assert kept is not None
+        return _Carried(
+            kept.lin,
+            kept.f0_known & mask,
+            kept.j_known & mask,
+            kept.j_current & mask,
+            torch.where(mask, _rows(kept.hg_lu, mask), math.nan),
+        )
+    return _Carried(
+        Linearisation(*(_pick(accept, x, y) for x, y in zip(a.lin, b.lin))),
+        torch.where(accept, a.f0_known, b.f0_known),
+        torch.where(accept, a.j_known, b.j_known),
+        torch.where(accept, a.j_current, b.j_current),
+        torch.where(accept, _rows(a.hg_lu, accept), b.hg_lu),
+    )
+
+
+def _rows(hg: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+    """A carried ``h gamma`` as a per-row tensor (a retry's is a float NaN)."""
+    return torch.as_tensor(hg, dtype=torch.float64, device=like.device).expand(like.shape)
 
 
 class _Newton:
@@ -335,18 +589,27 @@ class _Newton:
         r_min = float(rtol) if isinstance(rtol, float) else float(torch.as_tensor(rtol).min())
         self.kappa = max(10 * eps / r_min, min(0.03, math.sqrt(r_min)))
         self.rows = y.shape[:1] if batched else ()
+        #: Rows iterating with a previous step's Jacobian (``None``: none).
+        self.stale: torch.Tensor | None = None
+        #: The only rows to iterate (``None``: all); the others keep their prediction.
+        self.rows_only: torch.Tensor | None = None
 
     def solve(
         self, f: Func, t: torch.Tensor, base: torch.Tensor, z: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(z*, converged, iterations)`` per row, from the prediction ``z``."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(z*, converged, iterations, slow)`` per row, from the prediction ``z``; ``slow``:
+        more than two iterations, the last at a contraction rate above 1e-3 (scipy's ``Radau``
+        takes a new Jacobian after such a step)."""
         # No carried rate: a first correction is trusted only once it is itself below kappa.
         eta = torch.ones(self.rows, dtype=z.dtype, device=z.device)
         active = torch.ones_like(eta, dtype=torch.bool)
+        if self.rows_only is not None:
+            active = active & self.rows_only
         ok = torch.zeros_like(active)
         its = torch.zeros(active.shape, dtype=torch.long, device=z.device)
         prev: torch.Tensor | None = None
         ratio: torch.Tensor | None = None
+        rate = torch.zeros_like(eta)
         for m in range(self.max_iters):
             fz = f(t, z)
             dz = self.linear(base - z + self.hg * fz, t, z, fz, active)
@@ -362,6 +625,7 @@ class _Newton:
                 theta = new_ratio if ratio is None else (new_ratio * ratio).sqrt()
                 ratio = new_ratio
                 eta = torch.where(active, theta / (1 - theta).clamp(min=1e-30), eta)
+                rate = torch.where(active, new_ratio, rate)
                 if m >= 2:
                     left = self.max_iters - 1 - m
                     # Diverging, or too slow to converge in the iterations left.
@@ -370,14 +634,21 @@ class _Newton:
             # A non-finite correction is the field's NaN or Inf: the row stops iterating with
             # NaN in its stage, which its error ratio rejects and the loop reports as such.
             nonfinite = active & ~finite
-            converged = active & ~diverged & ((eta * n <= self.kappa) | (n == 0))
+            small = (eta * n <= self.kappa) | (n == 0)
+            if m < 2 and self.stale is not None:
+                # A previous step's Jacobian: two corrections can hide a slowly converging
+                # mode (their ratio small by chance), so these rows stop after two only at a
+                # ratio below _STALE_RATE, else after three (see _STALE_RATE).
+                fast = ratio < _STALE_RATE if ratio is not None and m == 1 else False
+                small = small & (~self.stale | fast)
+            converged = active & ~diverged & small
             converged |= nonfinite
             ok = ok | converged
             active = active & ~converged & ~diverged
             prev = n
             if not bool(active.any()):  # the step's host synchronisation
                 break
-        return z, ok, its
+        return z, ok, its, (its > 2) & (rate > 1e-3)
 
 
 def _rms(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
