@@ -640,7 +640,7 @@ class _Newton:
                 # mode (their ratio small by chance), so these rows stop after two only at a
                 # ratio below _STALE_RATE, else after three (see _STALE_RATE).
                 fast = ratio < _STALE_RATE if ratio is not None and m == 1 else False
-                small = small & (~self.stale | fast)
+                small = (small & (~self.stale | fast)) | (n == 0)  # a zero correction: a root
             converged = active & ~diverged & small
             converged |= nonfinite
             ok = ok | converged
