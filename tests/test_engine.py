@@ -152,6 +152,23 @@ def test_resolve_device() -> None:
             resolve_device("cuda")
 
 
+def test_collective_timeout_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NEURALODE_DIST_TIMEOUT bounds how long a collective waits for a process that is gone
+    (torch's default, 30 minutes, when unset); a bad value is refused by name."""
+    import datetime
+
+    from neuralode.experiments import distributed
+
+    monkeypatch.delenv(distributed.TIMEOUT_ENV, raising=False)
+    assert distributed._timeout() is None
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "90")
+    assert distributed._timeout() == datetime.timedelta(seconds=90)
+    for bad in ("0", "-5", "soon", "nan"):
+        monkeypatch.setenv(distributed.TIMEOUT_ENV, bad)
+        with pytest.raises(ValueError, match="NEURALODE_DIST_TIMEOUT must be a positive"):
+            distributed._timeout()
+
+
 class _ToyTask:
     """Noisy linear regression: batches from a saved generator, dropout from the global RNG."""
 

@@ -80,27 +80,34 @@ def test_torchrun_two_processes_match_one_process(tmp_path: Path) -> None:
              "--train-limit", "128", "--test-limit", "64", "--epochs", "1"]  # fmt: skip
     single, multi = tmp_path / "single", tmp_path / "multi"
     neuralode("train", "mnist", *rknet, "--out", str(single))
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            "--master_addr=127.0.0.1",
-            f"--master_port={free_port()}",
-            "-m",
-            "neuralode",
-            "train",
-            "mnist",
-            *rknet,
-            "--out",
-            str(multi),
-        ],  # fmt: skip
-        capture_output=True,
-        text=True,
-        env=env(),
-        timeout=600,
-    )
+    # A collective that waits on a process that is gone fails in 120 s (not torch's 30 min),
+    # and a run that still hangs is stopped at 400 s with both ranks' output shown.
+    child_env = {**env(), "NEURALODE_DIST_TIMEOUT": "120"}
+    try:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node=2",
+                "--master_addr=127.0.0.1",
+                f"--master_port={free_port()}",
+                "-m",
+                "neuralode",
+                "train",
+                "mnist",
+                *rknet,
+                "--out",
+                str(multi),
+            ],  # fmt: skip
+            capture_output=True,
+            text=True,
+            env=child_env,
+            timeout=400,
+        )
+    except subprocess.TimeoutExpired as exc:
+        out = [x.decode() if isinstance(x, bytes) else x or "" for x in (exc.stdout, exc.stderr)]
+        pytest.fail("torchrun did not finish in 400 s:\n" + "\n".join(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert json.loads((multi / "config.json").read_text())["env"]["world_size"] == 2
     one, two = records(single), records(multi)

@@ -10,6 +10,7 @@ process and nothing is initialised. neuralode adds no launcher of its own.
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -75,8 +76,30 @@ class DistContext:
             dist.destroy_process_group()
 
 
+#: Seconds a collective may wait for the other processes before failing (environment
+#: variable; unset: torch's default, 30 minutes).  A process that died or took another path
+#: otherwise leaves its peers asleep that long.
+TIMEOUT_ENV = "NEURALODE_DIST_TIMEOUT"
+
+
+def _timeout() -> datetime.timedelta | None:
+    value = os.environ.get(TIMEOUT_ENV)
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ValueError(f"{TIMEOUT_ENV} must be a positive number of seconds, got {value!r}")
+    return datetime.timedelta(seconds=seconds)
+
+
 def setup(device: str = "auto") -> DistContext:
-    """Initialise the process group when launched by torchrun; resolve this process's device."""
+    """Initialise the process group when launched by torchrun; resolve this process's device.
+
+    Collectives wait :data:`TIMEOUT_ENV` seconds (``NEURALODE_DIST_TIMEOUT``) for the other
+    processes when it is set, torch's default otherwise."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -85,5 +108,6 @@ def setup(device: str = "auto") -> DistContext:
         backend = "nccl" if torch_device.type == "cuda" else "gloo"
         if torch_device.type == "cuda":
             torch.cuda.set_device(torch_device)
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        kwargs = {} if _timeout() is None else {"timeout": _timeout()}
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **kwargs)
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=torch_device)

@@ -799,6 +799,9 @@ def run_experiment(
         metrics = finish(trainer, run_dir)
         if ctx.is_main:
             print(_headline(experiment, metrics, headline, run_dir), flush=True)
+        # The processes leave together: rank 0 draws the figures while the others would
+        # already be tearing the process group down.
+        ctx.barrier()
         return metrics
     finally:
         ctx.shutdown()
