@@ -108,6 +108,11 @@ def setup(device: str = "auto") -> DistContext:
         backend = "nccl" if torch_device.type == "cuda" else "gloo"
         if torch_device.type == "cuda":
             torch.cuda.set_device(torch_device)
-        kwargs = {} if _timeout() is None else {"timeout": _timeout()}
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **kwargs)
+        timeout = _timeout()
+        if timeout is None:
+            dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        else:
+            dist.init_process_group(
+                backend=backend, rank=rank, world_size=world_size, timeout=timeout
+            )
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=torch_device)
