@@ -57,11 +57,11 @@ __all__ = ["Esdirk", "NewtonSettings"]
 #: ``linear="auto"`` solves a batch's Newton systems by GMRES once its dense Newton matrices
 #: would hold this many entries (``batch * N^2``; 32 MiB in float64), and a single system's
 #: from :data:`KRYLOV_MIN_ENTRIES_ONE`.  Measured in ``benchmarks/krylov.py`` (kvaerno5, rtol
-#: 1e-4, Jacobians reused; GMRES time / dense time): a neural field 3.38 at 512 components,
-#: 1.57 at 1024, 1.41 at 2048 and 0.88 at 4096; 16 samples 1.66 at 256 and 0.51 at 512 (a
-#: batch's products are matrix-matrix products, one system's memory-bound matrix-vector
-#: ones); the Brusselator (a diffusion, unpreconditioned GMRES's hard case) 6-13 at 200-2000
-#: components, which this keeps dense (with a preconditioner: 0.28 at 2000).
+#: 1e-4, Jacobians reused; GMRES time / dense time, one run): a neural field 3.36 at 512
+#: components, 1.99 at 1024, 1.39 at 2048 and 0.85 at 4096; 16 samples 1.82 at 256 and 0.59
+#: at 512 (a batch's products are matrix-matrix products, one system's memory-bound
+#: matrix-vector ones); the Brusselator (a diffusion, unpreconditioned GMRES's hard case)
+#: 7-13 at 200-2000 components, which this keeps dense (with a preconditioner: 0.27 at 2000).
 KRYLOV_MIN_ENTRIES = 2**22
 KRYLOV_MIN_ENTRIES_ONE = 2**24
 _LINEAR = ("auto", "dense", "gmres")
