@@ -495,7 +495,8 @@ def _start(
             return lin, yes, ~state.known, nfe, njev
         return lin, yes, yes if state is None else ~yes, nfe, njev
     need_j, need_f = ~state.j_known, ~state.f0_known
-    if bool(need_j.any()):
+    any_j, any_f = torch.stack([need_j.any(), need_f.any()]).tolist()  # one synchronisation
+    if any_j:
         new = jacobian(f, t, y, structured=True)
         lin = Linearisation(
             _pick(need_f, new.f0, state.lin.f0),
@@ -503,7 +504,7 @@ def _start(
             _pick(need_f, new.ft, state.lin.ft),
         )
         return lin, state.j_current | need_j, need_j, need_f.long(), need_j.long()
-    if bool(need_f.any()):
+    if any_f:
         f0 = _pick(need_f, f(t, y), state.lin.f0)
         return state.lin._replace(f0=f0), state.j_current, need_j, need_f.long(), 0
     return state.lin, state.j_current, need_j, 0, 0
