@@ -42,7 +42,6 @@ from .krylov import KrylovNewton, KrylovTransposedSolve
 from .newton import JacobianField, Linearisation, jacobian
 from .rk import _combine, _h_state, _stage, _terms, _time
 from .rosenbrock import (
-    KnownLinearisation,
     _factor,
     _Factored,
     _hg,
@@ -301,17 +300,17 @@ class Esdirk(_LinearlyImplicit):
             return self._step_krylov(f, t, h, y, state, h_y, hg, batched)
         tt = _time(t, y)
         with torch.no_grad():  # the iteration matrix is not differentiated
-            lin, current, taken, nfe, njev = _start(f, tt, y, state)
+            lin, current, stale, taken, nfe, njev = _start(f, tt, y, state)
             lu, nlu = _refactor(state, lin, taken, hg, y)
         newton = _Newton(self.settings, y, h_y * self.gamma, batched)
         newton.linear = lambda r, t, z, fz, active: lu.solve(r)
-        newton.stale = ~current
+        newton.stale = stale
         with torch.no_grad():
             zs, ks, iters, failed, slow = self._iterate(f, t, h, y, h_y, lin.f0, newton)
             # A row whose iteration failed with a previous step's Jacobian tries the same step
             # again with a fresh one (scipy's Radau) before its step is rejected.
             redo = failed & ~current
-            if bool(redo.any()):
+            if stale is not None and bool(redo.any()):
                 fresh = jacobian(f, tt, y, structured=True)
                 lin = lin._replace(J=_pick(redo, fresh.J, lin.J))
                 lu = _factor(lin.J, hg, y)
@@ -325,14 +324,9 @@ class Esdirk(_LinearlyImplicit):
                 slow = torch.where(redo, slow2, slow)
                 current = current | redo
                 nfe, njev, nlu = nfe + redo, njev + redo, nlu + redo
-        z = zs[-1] if zs else y
-        if torch.is_grad_enabled():
-            transposed = lambda ti, zi: _TransposedSolve(f, ti, zi, hg)  # noqa: E731
-            ks, z, extra = self._differentiable(f, t, h, y, h_y, zs, transposed)
-            nfe = nfe + extra
-        with torch.no_grad():  # step-size control is not differentiated
-            y_error = _combine(ks, self.e_terms).mul_(h_y)
-        status = torch.where(failed, int(Status.NEWTON_FAILED), 0)
+        transposed = lambda ti, zi: _TransposedSolve(f, ti, zi, hg)  # noqa: E731
+        z, ks, y_error, status, extra = self._finish(f, t, h, y, h_y, zs, ks, failed, transposed)
+        nfe = nfe + extra
         # The next step (rows that accept) keeps this Jacobian unless the iterations were slow
         # (scipy's Radau: more than two iterations, the last at a rate above 1e-3), and this
         # factorisation where h is unchanged; a retry (rows that reject) keeps the Jacobian
@@ -376,6 +370,28 @@ class Esdirk(_LinearlyImplicit):
             zs.append(z)
             ks.append((z - base) / safe_hg)
         return zs, ks, iters, failed, slow
+
+    def _finish(
+        self,
+        f: Func,
+        t: Time,
+        h: Time,
+        y: torch.Tensor,
+        h_y: torch.Tensor | float,
+        zs: list[torch.Tensor],
+        ks: list[torch.Tensor],
+        failed: torch.Tensor,
+        transposed: Any,
+    ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor, int]:
+        """A step's end from its converged stages: ``y1``, the slopes (with gradients when
+        they are enabled: :meth:`_differentiable`), the error estimate, the per-row status and
+        the evaluations of ``f`` spent on the gradients' stages."""
+        z, extra = (zs[-1] if zs else y), 0
+        if torch.is_grad_enabled():
+            ks, z, extra = self._differentiable(f, t, h, y, h_y, zs, transposed)
+        with torch.no_grad():  # step-size control is not differentiated
+            y_error = _combine(ks, self.e_terms).mul_(h_y)
+        return z, ks, y_error, torch.where(failed, int(Status.NEWTON_FAILED), 0), extra
 
     def _differentiable(
         self,
@@ -431,16 +447,10 @@ class Esdirk(_LinearlyImplicit):
         newton.linear = gmres.solve
         with torch.no_grad():
             zs, ks, iters, failed, _ = self._iterate(f, t, h, y, h_y, lin.f0, newton)
-        z = zs[-1] if zs else y
-        if torch.is_grad_enabled():
-            dim = self.settings.krylov_dim
-            ks, z, extra = self._differentiable(
-                f, t, h, y, h_y, zs, lambda ti, zi: KrylovTransposedSolve(f, ti, zi, hg, dim)
-            )
-            nfe = nfe + extra
-        with torch.no_grad():
-            y_error = _combine(ks, self.e_terms).mul_(h_y)
-        status = torch.where(failed, int(Status.NEWTON_FAILED), 0)
+        dim = self.settings.krylov_dim
+        transposed = lambda ti, zi: KrylovTransposedSolve(f, ti, zi, hg, dim)  # noqa: E731
+        z, ks, y_error, status, extra = self._finish(f, t, h, y, h_y, zs, ks, failed, transposed)
+        nfe = nfe + extra
         # Each J v product is one (finite-difference) evaluation of f.
         return StepResult(
             z, y_error, ks, None, nfe + iters + gmres.products, status, lin, 0, 0, iters
@@ -480,34 +490,35 @@ def _pick(mask: torch.Tensor, new: Any, old: Any) -> Any:
 
 
 def _start(
-    f: Func, t: torch.Tensor, y: torch.Tensor, state: Any
-) -> tuple[Linearisation, torch.Tensor, torch.Tensor, Any, Any]:
+    f: Func, t: torch.Tensor, y: torch.Tensor, state: _Carried | None
+) -> tuple[Linearisation, torch.Tensor, torch.Tensor | None, torch.Tensor, Any, Any]:
     """The step's ``f(t, y)`` and iteration Jacobian; per row, whether that Jacobian is the
-    start's own and whether it was taken now; and the evaluations and Jacobians spent (per
-    row).  The carried state may hold ``f(t, y)`` (a retry) and a Jacobian to reuse (a
-    retry's, or a previous step's); the rows that need a Jacobian get one in one batched call,
-    each charged what it would have spent alone."""
-    rows = y.shape[:1] if t.ndim == 1 else ()
-    if not isinstance(state, _Carried):
-        lin, nfe, njev = _linearise(f, t, y, state, 1)
-        yes = torch.ones(rows, dtype=torch.bool, device=y.device)
-        if isinstance(state, KnownLinearisation):
-            return lin, yes, ~state.known, nfe, njev
-        return lin, yes, yes if state is None else ~yes, nfe, njev
+    start's own (``current``), the rows that iterate with an older one (``None``: none) and
+    those whose Jacobian was taken now; and the evaluations and Jacobians spent (per row).  The
+    carried state may hold ``f(t, y)`` (a retry) and a Jacobian to reuse (a retry's, or a
+    previous step's); the rows that need a Jacobian get one in one batched call, each charged
+    what it would have spent alone."""
+    if state is None:  # a solve's first step, or a restart after a jump of the state
+        lin = jacobian(f, t, y, structured=True)
+        yes = torch.ones(y.shape[:1] if t.ndim == 1 else (), dtype=torch.bool, device=y.device)
+        return lin, yes, None, yes, 1, 1
     need_j, need_f = ~state.j_known, ~state.f0_known
-    any_j, any_f = torch.stack([need_j.any(), need_f.any()]).tolist()  # one synchronisation
+    current = state.j_current | need_j
+    # One synchronisation for the three questions.
+    any_j, any_f, all_current = torch.stack([need_j.any(), need_f.any(), current.all()]).tolist()
+    stale = None if all_current else ~current
+    lin = state.lin
     if any_j:
         new = jacobian(f, t, y, structured=True)
         lin = Linearisation(
-            _pick(need_f, new.f0, state.lin.f0),
-            _pick(need_j, new.J, state.lin.J),
-            _pick(need_f, new.ft, state.lin.ft),
+            _pick(need_f, new.f0, lin.f0),
+            _pick(need_j, new.J, lin.J),
+            _pick(need_f, new.ft, lin.ft),
         )
-        return lin, state.j_current | need_j, need_j, need_f.long(), need_j.long()
-    if any_f:
-        f0 = _pick(need_f, f(t, y), state.lin.f0)
-        return state.lin._replace(f0=f0), state.j_current, need_j, need_f.long(), 0
-    return state.lin, state.j_current, need_j, 0, 0
+    elif any_f:
+        lin = lin._replace(f0=_pick(need_f, f(t, y), lin.f0))
+    nfe = need_f.long() if any_f else 0
+    return lin, current, stale, need_j, nfe, need_j.long() if any_j else 0
 
 
 def _refactor(
@@ -517,7 +528,7 @@ def _refactor(
     Jacobian and ``h gamma`` are those of the carried factorisation (a fixed step, or an
     unchanged one), which is reused when every row's is (else the batch is factored in one
     call)."""
-    if not isinstance(state, _Carried):
+    if state is None:
         return _factor(lin.J, hg, y), 1
     same = ~taken & (torch.as_tensor(hg, device=y.device) == state.hg_lu)
     if state.lu is not None and bool(same.all()):
@@ -530,14 +541,7 @@ def _merge_carried(accept: torch.Tensor, new: Any, old: Any) -> Any:
     state: nothing known), else ``old`` (the retry's).  The factorisation itself is dropped
     (the rows' differ); each row's ``h gamma`` stays, for the count."""
 
-    def carried(x: Any) -> _Carried | None:
-        if x is None or isinstance(x, _Carried):
-            return x
-        known = x.known if isinstance(x, KnownLinearisation) else torch.ones_like(accept)
-        lin = x.lin if isinstance(x, KnownLinearisation) else x
-        return _Carried(lin, known, known, known, math.nan)
-
-    a, b = carried(new), carried(old)
+    a, b = new, old
     if a is None and b is None:
         return None
     if a is None or b is None:
