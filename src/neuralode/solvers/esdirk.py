@@ -112,8 +112,15 @@ class NewtonSettings:
             on the right, so the Newton test's residuals are the true ones; a good one (the
             stiff linear part solved exactly: a diffusion's tridiagonal system) cuts the
             products per system to a few.  Given, ``"auto"`` means ``"gmres"``; with
-            ``"dense"`` it is an error.  The gradient's transposed solve and the adjoint's
-            backward solve (another system) do not use it.
+            ``"dense"`` it is an error.  The adjoint's backward solve (another system) does
+            not use it.
+        preconditioner_transposed: for the gradient of GMRES-solved stages (backprop and
+            checkpoint; the implicit function theorem solves ``(I - hg J)^T u = v`` at each
+            converged stage, to round-off): ``preconditioner_transposed(t, y, hg, r) ->
+            M^-T r``, the same signature.  For a symmetric ``M`` (a diffusion's) pass the
+            same function as ``preconditioner``.  ``None``: that solve is unpreconditioned
+            (GMRES with restarts, which a stiff diffusion can take hundreds of products per
+            stage to finish).
 
     Examples:
         ``kvaerno3`` with at most 5 Newton iterations per stage (the solve's tolerances still
@@ -150,6 +157,7 @@ class NewtonSettings:
     krylov_dim: int = 30
     preconditioner: Any = None
     reuse_jacobian: bool = True
+    preconditioner_transposed: Any = None
 
     def __post_init__(self) -> None:
         if self.linear not in _LINEAR:
@@ -160,16 +168,18 @@ class NewtonSettings:
             raise TypeError(f"NewtonSettings: krylov_dim must be an int, got {self.krylov_dim!r}")
         if self.krylov_dim < 1:
             raise ValueError(f"NewtonSettings: krylov_dim must be >= 1, got {self.krylov_dim}")
-        if self.preconditioner is not None:
-            if not callable(self.preconditioner):
+        for name, solves in (("preconditioner", "M^-1 r"), ("preconditioner_transposed", "M^-T r")):
+            given = getattr(self, name)
+            if given is None:
+                continue
+            if not callable(given):
                 raise TypeError(
-                    "NewtonSettings: preconditioner must be a callable (t, y, hg, r) -> M^-1 r, "
-                    f"got {type(self.preconditioner).__name__}"
+                    f"NewtonSettings: {name} must be a callable (t, y, hg, r) -> {solves}, "
+                    f"got {type(given).__name__}"
                 )
             if self.linear == "dense":
                 raise ValueError(
-                    "NewtonSettings: a preconditioner serves linear='gmres' (or 'auto'), not "
-                    "linear='dense'"
+                    f"NewtonSettings: {name} serves linear='gmres' (or 'auto'), not linear='dense'"
                 )
         if not isinstance(self.reuse_jacobian, bool):
             raise TypeError(
@@ -265,6 +275,8 @@ class Esdirk(_LinearlyImplicit):
         if isinstance(f, JacobianField) or _structured(f):
             return False
         if self.settings.preconditioner is not None:
+            return True
+        if self.settings.preconditioner_transposed is not None:
             return True
         rows, size = (y.shape[0], y[0].numel()) if batched else (1, y.numel())
         least = KRYLOV_MIN_ENTRIES if rows > 1 else KRYLOV_MIN_ENTRIES_ONE
@@ -448,7 +460,8 @@ class Esdirk(_LinearlyImplicit):
         with torch.no_grad():
             zs, ks, iters, failed, _ = self._iterate(f, t, h, y, h_y, lin.f0, newton)
         dim = self.settings.krylov_dim
-        transposed = lambda ti, zi: KrylovTransposedSolve(f, ti, zi, hg, dim)  # noqa: E731
+        pt = None if _structured(f) else self.settings.preconditioner_transposed
+        transposed = lambda ti, zi: KrylovTransposedSolve(f, ti, zi, hg, dim, pt)  # noqa: E731
         z, ks, y_error, status, extra = self._finish(f, t, h, y, h_y, zs, ks, failed, transposed)
         nfe = nfe + extra
         # Each J v product is one (finite-difference) evaluation of f.

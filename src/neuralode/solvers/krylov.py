@@ -24,7 +24,8 @@ smaller, where the system is better conditioned.
 
 The gradient of a converged stage (the implicit function theorem, :mod:`.esdirk`) needs a solve
 with ``(I - h gamma J(z*))^T``: GMRES again, on vector-Jacobian products (one reverse pass each,
-all from one forward pass), to ``eps^0.75`` relative to the incoming gradient, with restarts.
+all from one forward pass), to ``eps^0.75`` relative to the incoming gradient, with restarts,
+right preconditioned by ``NewtonSettings.preconditioner_transposed`` where one is given.
 """
 
 from __future__ import annotations
@@ -251,13 +252,24 @@ class KrylovNewton:
 
 class KrylovTransposedSolve:
     """``v -> (I - h gamma J(z*))^-T v`` per row by GMRES on vector-Jacobian products (the
-    gradient of a converged stage, :class:`~neuralode.solvers.esdirk._ImplicitStage`)."""
+    gradient of a converged stage, :class:`~neuralode.solvers.esdirk._ImplicitStage`), right
+    preconditioned by ``preconditioner(t, z*, hg, r) -> M^-T r`` where one is given
+    (``NewtonSettings.preconditioner_transposed``)."""
 
     def __init__(
-        self, f: Func, t: torch.Tensor, z: torch.Tensor, hg: torch.Tensor | float, max_dim: int
+        self,
+        f: Func,
+        t: torch.Tensor,
+        z: torch.Tensor,
+        hg: torch.Tensor | float,
+        max_dim: int,
+        preconditioner: Callable[..., torch.Tensor] | None = None,
     ) -> None:
         self.f, self.t, self.z, self.max_dim = f, t.detach(), z.detach(), max_dim
+        self.preconditioner, self.hg_rows = preconditioner, hg
         self.hg = per_row(hg, z.ndim) if isinstance(hg, torch.Tensor) else hg
+        #: The products the last solve took per row (``[batch]``, or ``[1]`` unbatched).
+        self.products: torch.Tensor | None = None
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         shape = self.z.shape
@@ -269,17 +281,27 @@ class KrylovTransposedSolve:
             w = u.reshape(shape)
             return (w - self.hg * vjp(w)).reshape(B, -1)
 
+        precondition = None
+        if self.preconditioner is not None:
+            user, t, z, hg = self.preconditioner, self.t, self.z, self.hg_rows
+
+            def precondition(u: torch.Tensor) -> torch.Tensor:
+                return user(t, z, hg, u.reshape(shape)).reshape(B, -1)
+
         b = v.reshape(B, -1)
         eps = torch.finfo(v.dtype).eps
         tol = eps**0.75 * b.norm(dim=1)
         with torch.no_grad():
-            u, _, ok = gmres(matvec, b, tol, self.max_dim, _TRANSPOSED_RESTARTS)
+            u, products, ok = gmres(
+                matvec, b, tol, self.max_dim, _TRANSPOSED_RESTARTS, precondition=precondition
+            )
+        self.products = products
         if not bool(ok.all()):
             warnings.warn(
                 "the gradient's linear solve (I - h gamma J)^T u = v of an ESDIRK stage did not "
                 f"converge in {(_TRANSPOSED_RESTARTS + 1) * self.max_dim} GMRES iterations; "
-                "the gradient is approximate (raise NewtonSettings.krylov_dim, or use "
-                "linear='dense')",
+                "the gradient is approximate (give NewtonSettings.preconditioner_transposed, "
+                "raise NewtonSettings.krylov_dim, or use linear='dense')",
                 RuntimeWarning,
                 stacklevel=2,
             )
