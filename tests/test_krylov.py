@@ -124,6 +124,55 @@ def test_finite_difference_product_is_the_jacobians(batched: bool) -> None:
         torch.testing.assert_close(jvp(f, t, z, f(t, z), v), exact, rtol=1e-6, atol=1e-6)
 
 
+def test_finite_difference_increment_is_sundials_per_row() -> None:
+    """The increment is ``delta = sqrt(eps) (1 + ||z||) / ||v||`` with root-mean-square norms of
+    each row's own ``z`` and ``v``: ``f(y) = y^2`` at ``z = 0`` returns ``delta v^2`` exactly; a
+    batch of rows of very different size (a state of 1e4, one of RMS norm exactly 1, a scalar
+    state per row) gives each row what it gets alone, and stays accurate at ``|z| = 1e4``; a
+    zero direction gives zero even for a field that is not deterministic (dropout)."""
+    eps = torch.finfo(DTYPE).eps
+    square = lambda t, y: y * y  # noqa: E731
+    t = torch.tensor(0.0, dtype=DTYPE)
+    v = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=DTYPE)
+    z = torch.zeros(4, dtype=DTYPE)
+    delta = eps**0.5 * 1.0 / float(v.square().mean().sqrt())
+    torch.testing.assert_close(
+        jvp(square, t, z, square(t, z), v), delta * v * v, rtol=1e-12, atol=0
+    )
+
+    f, _, y0 = brusselator(3)
+    g = torch.Generator().manual_seed(7)
+    zs = torch.stack([torch.tensor(y0, dtype=DTYPE), 1e4 * torch.ones(6, dtype=DTYPE)])
+    zs = torch.cat([zs, torch.ones(1, 6, dtype=DTYPE)])  # RMS norm exactly 1
+    vs = torch.randn(3, 6, dtype=DTYPE, generator=g) * torch.tensor([[1.0], [1e-3], [50.0]])
+    tb = t.expand(3)
+    batch = jvp(f, tb, zs, f(tb, zs), vs)
+    for i in range(3):
+        alone = jvp(f, t, zs[i], f(t, zs[i]), vs[i])
+        torch.testing.assert_close(batch[i], alone, rtol=1e-13, atol=0)
+        J = torch.autograd.functional.jacobian(lambda y: f(t, y), zs[i])
+        torch.testing.assert_close(alone, J @ vs[i], rtol=1e-6, atol=0)
+
+    # One component per row (a state of shape [batch]): each row's own norms.
+    cube = lambda t, y: y**3  # noqa: E731
+    zc = torch.tensor([0.5, 1e3, -2.0], dtype=DTYPE)
+    vc = torch.tensor([1.0, 1e-2, 4.0], dtype=DTYPE)
+    batch = jvp(cube, tb, zc, cube(tb, zc), vc)
+    for i in range(3):
+        alone = jvp(cube, t, zc[i], cube(t, zc[i]), vc[i])
+        torch.testing.assert_close(batch[i], alone, rtol=1e-13, atol=0)
+        torch.testing.assert_close(alone, 3 * zc[i] ** 2 * vc[i], rtol=1e-6, atol=0)
+
+    # A direction of RMS norm exactly 1 is an ordinary one.
+    ones = torch.ones(4, dtype=DTYPE)
+    torch.testing.assert_close(jvp(cube, t, ones, cube(t, ones), ones), 3 * ones, rtol=1e-6, atol=0)
+    # A zero direction is not evaluated into the product: f(z) - f(z) of a noisy field is not 0.
+    noisy = lambda t, y: y + torch.randn(y.shape, dtype=y.dtype)  # noqa: E731
+    zs, vs = torch.ones(2, 4, dtype=DTYPE), torch.stack([torch.zeros(4, dtype=DTYPE), ones])
+    got = jvp(noisy, tb[:2], zs, noisy(tb[:2], zs), vs)
+    assert bool((got[0] == 0).all())
+
+
 def test_transposed_solve_warns_when_it_does_not_converge() -> None:
     """The gradient's solve: 21 cycles of dimension 1 cannot solve a stiff 50-component system
     to round-off, and the user is told the gradient is approximate."""

@@ -181,7 +181,7 @@ def jvp(
     d = per_row(torch.where(v_norm == 0, 0.0, delta), z.ndim)
     with torch.no_grad():
         diff = f(t, z + d * v) - fz
-    return torch.where(d == 0, 0.0, diff / torch.where(d == 0, 1.0, d))
+    return torch.where(d == 0, 0.0, diff / d)  # 0 / 0 where v = 0, discarded
 
 
 class KrylovNewton:
