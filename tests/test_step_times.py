@@ -116,6 +116,33 @@ def test_jump_t_across_a_discontinuity() -> None:
     assert int(step.stats.n_rejected) > 0
 
 
+@pytest.mark.parametrize("method", ["dopri5", "kvaerno3", "rodas5p"])
+def test_a_step_onto_a_jump_never_evaluates_the_jump_itself(method: str) -> None:
+    """From t = 0.3 the step that lands one ulp before the jump at 1 has ``h = (1 - ulp) -
+    0.3``, and ``0.3 + h`` rounds up to 1.0 itself: the step's last stage (``c = 1``) saw the
+    field's other side (a batched kvaerno3 solve was rejected there and took another step).
+    Unbatched and batched, no stage reaches the jump, and y = t, then 2 - t, is exact."""
+    before = math.nextafter(1.0, 0.0)
+    assert 0.3 + (before - 0.3) == 1.0  # the rounding this test is about
+    rec = Recorder(_switch)
+    t = torch.tensor([0.3, 2.0], dtype=DTYPE)
+    y0 = torch.tensor([0.3], dtype=DTYPE)
+    kw = dict(method=method, rtol=1e-8, atol=1e-10, jump_t=[1.0], first_step=0.7)
+    one = neuralode.solve(rec, y0, t, **kw)  # type: ignore[arg-type]
+    after = math.nextafter(1.0, 2.0)
+    assert 1.0 not in rec.times and after in rec.times  # and the restart sees the right side
+    assert float((one.ys[-1] - 0.0).abs()) < 1e-12 and int(one.stats.n_rejected) == 0
+    rec.times.clear()
+    grids = torch.stack([t, torch.tensor([0.0, 2.0], dtype=DTYPE)])
+    rows = neuralode.solve(
+        lambda t, y: rec(t.unsqueeze(-1), y), torch.tensor([[0.3], [0.0]], dtype=DTYPE), grids,
+        **kw,  # type: ignore[arg-type]
+    )  # fmt: skip
+    assert 1.0 not in rec.times
+    torch.testing.assert_close(rows.ys[:, -1], torch.zeros(2, 1, dtype=DTYPE), atol=1e-12, rtol=0)
+    assert int(rows.stats.n_rejected[0]) == 0
+
+
 def test_odeint_options_match_solve() -> None:
     t = torch.tensor([0.0, 2.5], dtype=DTYPE)
     y0 = torch.zeros(1, dtype=DTYPE)

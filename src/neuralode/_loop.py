@@ -447,6 +447,8 @@ class _Run:
             assert ctrl is not None
             t_end = self._target
             gap = t_end - t
+            if self._jumps is not None:  # no stage past the ulp before a jump
+                gap = torch.where(t + gap > t_end, torch.nextafter(gap, torch.zeros_like(gap)), gap)
             hit = c.h * 1.01 >= gap  # land on the end rather than leave a sliver of a step
             h = torch.where(running, torch.where(hit, gap, c.h), 0.0)
             res = solver.step(self.f, t, h, y, c.solver_state)
@@ -838,6 +840,10 @@ class _Run:
         while True:
             hit = h * 1.01 >= t_end - t  # land on the end rather than leave a sliver of a step
             h_eff = t_end - t if hit else h
+            if hit and jumps and t + h_eff > t_end:
+                # t + (t_end - t) can round up to the jump itself, where the step's last stage
+                # would see the field's other side: one ulp less.
+                h_eff = math.nextafter(h_eff, 0.0)
             if cb.step is not None:
                 cb.step(self._t(t), y, self._t(h_eff))
             res = solver.step(f, t, h_eff, y, state)
