@@ -7,7 +7,7 @@ PYTHON = $(VENV)/bin/python
 PIP = $(PYTHON) -m pip
 STAMP = $(VENV)/.ready
 
-.PHONY: all demo test test-slow docs lint mutate bench bench-quick bench-stiff bench-compiled bench-events clean distclean mnist-quick mnist-paper latent density
+.PHONY: all demo test test-slow docs lint mutate mutate-fast bench bench-quick bench-stiff bench-compiled bench-events clean distclean mnist-quick mnist-paper latent density
 
 all: test
 
@@ -128,6 +128,15 @@ density: $(STAMP)
 mutate: $(STAMP)
 	$(VENV)/bin/mutmut run --max-children 2
 	$(PYTHON) tests/mutation_report.py --out runs/mutation/report.md
+
+# The same mutants switched on in one process (tests/mutation_fast.py: no per-mutant start-up),
+# for the functions matching MUTANTS against the tests in MUTANT_TESTS; the default is the
+# matrix-free Newton path (krylov.py, 693 mutants: hours, as every survivor runs each test that
+# reaches it, about 70 seconds of test_krylov.py).
+MUTANTS ?= neuralode.solvers.krylov.*
+MUTANT_TESTS ?= tests/test_krylov.py
+mutate-fast: $(STAMP)
+	$(PYTHON) tests/mutation_fast.py --mutants '$(MUTANTS)' -- $(MUTANT_TESTS)
 
 # The documentation site (mkdocs-material, API reference by mkdocstrings) into site/; --strict
 # fails on a warning (a broken reference, a docstring griffe cannot read).

@@ -88,6 +88,73 @@ def test_gmres_restarts() -> None:
     torch.testing.assert_close(x, torch.linalg.solve(A, b), rtol=1e-8, atol=1e-8)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_gmres_keeps_its_contract(seed: int) -> None:
+    """Random batches of systems, Krylov dimensions, restarts, tolerances and preconditioners:
+    a row reported converged has a true residual ``||b - A x||`` at most its ``tol``; the
+    products are counted per row as ``long`` and the operator is applied exactly as often as the
+    busiest row's count (none after every row is done), at most ``restarts + 1`` cycles of
+    ``max_dim`` plus a residual per restart; a right-hand side already within ``tol`` (zero
+    with ``tol = 0`` too) takes no product and returns ``x = 0``; one cycle by default."""
+    g = torch.Generator().manual_seed(seed)
+    N = (6, 20, 20, 40)[seed]
+    B = 5
+    A = _systems(B, N, seed=seed + 10)
+    b = torch.randn(B, N, dtype=DTYPE, generator=g)
+    b[0] = 0
+    b[1] *= 1e-9
+    D = torch.diagonal(A, dim1=1, dim2=2)
+    for max_dim in (1, 3, N):
+        for restarts in (0, 1, 3):
+            for rel in (1e-2, 1e-6, 1e-11):
+                tol = rel * b.norm(dim=1).clamp_min(1.0)
+                tol[0], tol[1] = 0.0, 2 * b[1].norm()
+                for pre in (None, lambda v: v / D):
+                    calls = {"n": 0}
+
+                    def counted(v: torch.Tensor, calls: dict = calls) -> torch.Tensor:
+                        calls["n"] += 1
+                        return _matvec(A)(v)
+
+                    x, products, ok = gmres(counted, b, tol, max_dim, restarts, precondition=pre)
+                    case = (max_dim, restarts, rel, pre is not None)
+                    assert products.dtype == torch.long, case
+                    assert calls["n"] == int(products.max()), (case, calls, products)
+                    assert bool((products <= (restarts + 1) * max_dim + restarts).all()), case
+                    residual = (b - _matvec(A)(x)).norm(dim=1)
+                    assert bool((residual[ok] <= tol[ok] * (1 + 1e-6) + 1e-300).all()), (
+                        case,
+                        residual,
+                        tol,
+                        ok,
+                    )
+                    assert bool(ok[:2].all()) and products[:2].tolist() == [0, 0], case
+                    assert bool((x[:2] == 0).all()), case
+                    if max_dim != 3 or rel != 1e-6:
+                        continue
+                    # Each row as it would be alone (its own space, stopping test, count).
+                    for i in range(B):
+                        xi, pi, oki = gmres(
+                            _matvec(A[i : i + 1]), b[i : i + 1], tol[i : i + 1], max_dim,
+                            restarts, precondition=None if pre is None else lambda v, d=D[i]: v / d,
+                        )  # fmt: skip
+                        assert pi.tolist() == products[i : i + 1].tolist(), (case, i)
+                        assert oki.tolist() == ok[i : i + 1].tolist(), (case, i)
+                        torch.testing.assert_close(xi[0], x[i], rtol=1e-10, atol=1e-13)
+    # The default is one cycle: a system that needs more is reported as not converged.
+    x, products, ok = gmres(_matvec(A), b, 1e-12 * b.norm(dim=1), 2)
+    assert not bool(ok[2:].any()) and products[2:].tolist() == [2, 2, 2]
+    # Each restart minimises the residual over the last solution plus a Krylov space: it never
+    # grows from cycle to cycle, and falls while the rows are not solved.
+    tight = torch.zeros(B, dtype=DTYPE)
+    last = b[2:].norm(dim=1)
+    for restarts in range(4):
+        x, _, _ = gmres(_matvec(A), b, tight, 2, restarts)
+        now = (b - _matvec(A)(x)).norm(dim=1)[2:]
+        assert bool((now < last).all()), (restarts, now, last)
+        last = now
+
+
 def test_right_preconditioning() -> None:
     """With ``M = A`` one product solves each row; with ``M`` = ``A``'s diagonal, fewer
     products than without, and the residual tested is ``A x - b`` itself."""

@@ -1,0 +1,202 @@
+"""Mutation testing of chosen functions in one process: mutmut's mutants, switched on one at a time.
+
+``mutmut run`` starts a fresh process per mutant (import torch, collect the tests: seconds each)
+after a statistics pass over the whole test selection; on this 2-core machine that set-up alone
+took half an hour.  This script uses mutmut's own mutant generation (``mutants/``, the
+``[tool.mutmut]`` settings of ``pyproject.toml``) and its trampolines, but runs the tests in one
+pytest session:
+
+1. each selected test runs once with no mutant, recording which mutated functions it reaches
+   (mutmut's ``"stats"`` mode) and how long it takes (a test that fails here is left out);
+2. for each mutant whose name matches ``--mutants``, the tests that reach its function run,
+   fastest first, until one fails (killed), one runs past ``--timeout-factor`` times its clean
+   time plus ``--timeout-extra`` seconds (timeout, counted as caught, as by mutmut), or all pass
+   (survived);
+3. the verdicts go into mutmut's ``mutants/**/*.meta`` files, so ``mutmut results`` and
+   ``tests/mutation_report.py`` read them as they read ``mutmut run``'s.
+
+Usage (from the repository root; ``make mutate-fast MUTANTS=... MUTANT_TESTS=...`` wraps it)::
+
+    .venv/bin/python tests/mutation_fast.py --mutants 'neuralode.solvers.krylov.x_gmres*' \\
+        -- tests/test_krylov.py -k "gmres_ or preconditioning"
+
+The mutants see the state the tests leave behind in one process (a cache filled by an earlier
+test), so a verdict here can differ from ``mutmut run``'s; a survivor is checked by hand
+(``mutmut apply NAME`` in a scratch copy) before it is listed as equivalent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import signal
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class _Timeout(BaseException):
+    """Raised by the alarm: a BaseException, so that ``except Exception`` in code under test
+    does not swallow it."""
+
+
+def generate() -> None:
+    """mutmut's mutant generation (as ``mutmut run`` does it, without its test runs)."""
+    from mutmut.__main__ import create_mutants
+    from mutmut.mutation.trampoline import set_mutant_under_test
+    from mutmut.utils.file_utils import copy_also_copy_files, copy_src_dir
+
+    set_mutant_under_test("mutant_generation")
+    Path("mutants").mkdir(exist_ok=True)
+    copy_src_dir()
+    copy_also_copy_files()
+    create_mutants(2)
+    set_mutant_under_test("")
+
+
+def mutants_matching(patterns: list[str]) -> dict[str, Path]:
+    """Mutant name -> its ``.meta`` file, for the names matching any pattern."""
+    out = {}
+    for meta in sorted(Path("mutants").rglob("*.py.meta")):
+        for name in json.loads(meta.read_text())["exit_code_by_key"]:
+            if any(fnmatch.fnmatchcase(name, p) for p in patterns):
+                out[name] = meta.resolve()
+    return out
+
+
+class Runner:
+    """A pytest plugin that takes over the test loop."""
+
+    def __init__(self, names: dict[str, Path], factor: float, extra: float) -> None:
+        self.names, self.factor, self.extra = names, factor, extra
+        self.verdicts: dict[str, int] = {}
+
+    def _run(self, item: Any, limit: float | None) -> tuple[bool, float, bool]:
+        """(passed, seconds, timed out) of one run of ``item``."""
+        from _pytest.runner import runtestprotocol
+
+        def alarm(signum: int, frame: Any) -> None:
+            raise _Timeout
+
+        old = signal.signal(signal.SIGALRM, alarm)
+        if limit is not None:
+            signal.setitimer(signal.ITIMER_REAL, limit)
+        start = time.perf_counter()
+        timed_out = False
+        try:
+            reports = runtestprotocol(item, nextitem=None, log=False)
+            passed = all(r.passed or r.skipped for r in reports)
+        except _Timeout:
+            passed, timed_out = False, True
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+        return passed, time.perf_counter() - start, timed_out
+
+    def pytest_runtestloop(self, session: Any) -> bool:
+        import mutmut.mutation.trampoline as trampoline
+        from mutmut.mutation.trampoline import set_mutant_under_test
+        from mutmut.utils.format_utils import mangled_name_from_mutant_name
+
+        hits: set[str] = set()
+        trampoline.record_trampoline_hit = lambda name, caller=None: hits.add(name)  # type: ignore[assignment]
+        reached: dict[str, list[Any]] = defaultdict(list)
+        clean: dict[Any, float] = {}
+        set_mutant_under_test("stats")
+        t0 = time.perf_counter()
+        for item in session.items:
+            hits.clear()
+            passed, seconds, _ = self._run(item, None)
+            if not passed:
+                print(f"left out (fails without a mutant): {item.nodeid}", flush=True)
+                continue
+            clean[item] = seconds
+            for name in hits:
+                reached[name].append(item)
+        print(
+            f"clean pass: {len(clean)} tests, {time.perf_counter() - t0:.0f} s; "
+            f"{len(self.names)} mutants",
+            flush=True,
+        )
+        t0 = time.perf_counter()
+        for i, name in enumerate(sorted(self.names)):
+            tests = sorted(reached.get(mangled_name_from_mutant_name(name), []), key=clean.get)
+            if not tests:
+                self.verdicts[name] = 33
+                continue
+            set_mutant_under_test(name)
+            verdict = 0
+            for item in tests:
+                limit = self.factor * clean[item] + self.extra
+                passed, _, timed_out = self._run(item, limit)
+                if timed_out:
+                    verdict = 36
+                    break
+                if not passed:
+                    verdict = 1
+                    break
+            set_mutant_under_test("")
+            self.verdicts[name] = verdict
+            status = {0: "SURVIVED", 1: "killed", 36: "timeout"}[verdict]
+            print(
+                f"[{i + 1}/{len(self.names)} {time.perf_counter() - t0:.0f} s] {status} {name}",
+                flush=True,
+            )
+        return True
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mutants", nargs="+", required=True, help="fnmatch patterns of names")
+    ap.add_argument("pytest_args", nargs=argparse.REMAINDER, help="after --: files, -k ...")
+    ap.add_argument("--timeout-factor", type=float, default=10.0)
+    ap.add_argument("--timeout-extra", type=float, default=10.0)
+    ap.add_argument("--fresh", action="store_true", help="delete mutants/ and generate anew")
+    args = ap.parse_args()
+    tests = [a for a in args.pytest_args if a != "--"]
+    if not tests:
+        ap.error("give the tests after --, for example: -- tests/test_krylov.py -k gmres")
+    os.chdir(ROOT)
+    if args.fresh and Path("mutants").exists():
+        import shutil
+
+        shutil.rmtree("mutants")
+    generate()
+    names = mutants_matching(args.mutants)
+    if not names:
+        print(f"no mutant matches {args.mutants}")
+        return 2
+    # Import the mutated package, not the checkout's.
+    os.chdir("mutants")
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "src"]
+    sys.path.insert(0, str(Path("src").resolve()))
+    sys.path.insert(0, str(Path("tests").resolve()))
+    import pytest
+
+    runner = Runner(names, args.timeout_factor, args.timeout_extra)
+    pytest.main(
+        ["-q", "-p", "no:randomly", "-p", "no:cacheprovider", "-p", "no:xdist", *tests],
+        plugins=[runner],
+    )
+    by_meta: dict[Path, dict[str, int]] = defaultdict(dict)
+    for name, code in runner.verdicts.items():
+        by_meta[names[name]][name] = code
+    for meta, codes in by_meta.items():
+        data = json.loads(meta.read_text())
+        data["exit_code_by_key"].update(codes)
+        meta.write_text(json.dumps(data, indent=4))
+    survived = sorted(n for n, c in runner.verdicts.items() if c == 0)
+    print(f"{len(runner.verdicts)} mutants: {len(survived)} survived")
+    for name in survived:
+        print("  ", name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
