@@ -25,6 +25,7 @@ import torch
 from trees import Tree, assert_sharp_orders, residuals
 
 import neuralode
+from neuralode.solvers import esdirk as esdirk_module
 from neuralode.solvers.base import DenseStep, Solver, StepResult
 from neuralode.solvers.esdirk import Esdirk, NewtonSettings
 from neuralode.solvers.tableaus import ESDIRK_TABLEAUS, KVAERNO3, EsdirkTableau
@@ -296,20 +297,26 @@ def test_a_stale_jacobian_that_fails_is_replaced_within_the_step() -> None:
         assert int(torch.as_tensor(failed.njev).sum()) == 0
 
 
-def test_jacobians_and_factorisations_are_reused() -> None:
+def test_jacobians_and_factorisations_are_reused(monkeypatch: pytest.MonkeyPatch) -> None:
     """Constant steps on a linear field (one iteration per stage, never slow): one Jacobian and
-    one factorisation for the whole solve, the values of a Jacobian per step to round-off; an
-    adaptive solve of a nonlinear field takes fewer Jacobians than steps, and
-    ``reuse_jacobian=False`` one per accepted step."""
+    one factorisation for the whole solve (counted, and done: ``_factor`` runs once), the values
+    of a Jacobian per step to round-off; an adaptive solve of a nonlinear field takes fewer
+    Jacobians than steps, and ``reuse_jacobian=False`` one per accepted step."""
+    factored = []
+    factor = esdirk_module._factor
+    monkeypatch.setattr(esdirk_module, "_factor", lambda *a: factored.append(1) or factor(*a))
     A = torch.tensor([[-200.0, 1.0], [0.5, -1.0]], dtype=DTYPE)
     y0, ts = torch.tensor([1.0, -2.0], dtype=DTYPE), torch.tensor([0.0, 1.0], dtype=DTYPE)
     kw = dict(first_step=1 / 16, rtol=1e10, atol=1e10, ifactor=1.0)
-    sols = {}
+    sols, calls = {}, {}
     for reuse in (True, False):
         solver = Esdirk(ESDIRK_TABLEAUS["kvaerno3"], NewtonSettings(reuse_jacobian=reuse))
+        factored.clear()
         sols[reuse] = neuralode.solve(lambda t, y: A @ y, y0, ts, method=solver, **kw)
+        calls[reuse] = len(factored)
     stats = sols[True].stats
     assert int(stats.n_steps) == 16 and int(stats.njev) == 1 and int(stats.nlu) == 1
+    assert calls == {True: 1, False: 16}
     assert int(sols[False].stats.njev) == int(sols[False].stats.nlu) == 16
     torch.testing.assert_close(sols[True].ys, sols[False].ys, rtol=1e-12, atol=1e-14)
 
