@@ -155,6 +155,37 @@ def test_gmres_keeps_its_contract(seed: int) -> None:
         last = now
 
 
+def test_gmres_stops_at_the_first_product_within_tol() -> None:
+    """GMRES's residual after ``k`` products is the least ``||b - A x||`` over the Krylov space
+    of ``k`` vectors (computed here independently, by least squares on an orthonormal basis of
+    ``[b, A b, ..., A^{k-1} b]``); a row stops at the first ``k`` where that is within ``tol``,
+    so its residual estimate must be the true one (not a multiple of it)."""
+    N, B = 10, 3
+    A = _systems(B, N, seed=21)
+    b = torch.randn(B, N, dtype=DTYPE, generator=torch.Generator().manual_seed(22))
+    least = torch.zeros(B, N + 1, dtype=DTYPE)
+    for i in range(B):
+        K = [b[i]]
+        for _ in range(N - 1):
+            K.append(A[i] @ K[-1])
+        for k in range(N + 1):
+            if k == 0:
+                least[i, 0] = b[i].norm()
+                continue
+            Q, _ = torch.linalg.qr(torch.stack(K[:k], 1))
+            y = torch.linalg.lstsq(A[i] @ Q, b[i].unsqueeze(1)).solution
+            least[i, k] = (b[i] - A[i] @ Q @ y.squeeze(1)).norm()
+    for k in range(1, N - 1):
+        # A tolerance a third of the way (in logarithm) from the k-th residual to the previous.
+        tol = least[:, k] ** (2 / 3) * least[:, k - 1] ** (1 / 3)
+        _, products, ok = gmres(_matvec(A), b, tol, N)
+        assert bool(ok.all()) and products.tolist() == [k] * B, (
+            k,
+            products,
+            least[:, k - 1 : k + 1],
+        )
+
+
 def test_right_preconditioning() -> None:
     """With ``M = A`` one product solves each row; with ``M`` = ``A``'s diagonal, fewer
     products than without, and the residual tested is ``A x - b`` itself."""
