@@ -531,9 +531,21 @@ def test_block_solve_of_the_augmented_system_is_exact(per_row: bool) -> None:
 def test_stiff_adjoint_with_the_block_jacobian(method: str, monkeypatch) -> None:
     """A network's stiff adjoint: the backward solve with the block-form Jacobian takes the same
     steps and gives the same gradients as with the dense one (2 N + P = 137 components here,
-    each row of it a second-order product), and both agree with backprop."""
+    each row of it a second-order product), and both agree with backprop; the block form never
+    builds the dense Jacobian of the augmented field (its first step's neither)."""
     from neuralode.gradients.adjoint import _Augmented
+    from neuralode.solvers import newton
 
+    dense_of_augmented = []
+    for name in ("_by_func", "_by_autograd"):
+        original = getattr(newton, name)
+
+        def counted(f, *args, _original=original):  # type: ignore[no-untyped-def]
+            if isinstance(f, _Augmented):
+                dense_of_augmented.append(1)
+            return _original(f, *args)
+
+        monkeypatch.setattr(newton, name, counted)
     net = _small_net()
     A = torch.tensor([[-30.0, 1.0, 0.0], [0.0, -1.0, 2.0], [0.5, 0.0, -3.0]], dtype=DTYPE)
 
@@ -545,11 +557,15 @@ def test_stiff_adjoint_with_the_block_jacobian(method: str, monkeypatch) -> None
     params = tuple(net.parameters())
     kw = dict(method=method, rtol=1e-7, atol=1e-9, batched=True)
     out = {}
+    dense_calls = {}
     for structured in (True, False):
         monkeypatch.setattr(_Augmented, "structured", structured)
+        dense_of_augmented.clear()
         sol = neuralode.solve(f, y0, ts, gradient="adjoint", adjoint_params=params, **kw)
         grads = torch.autograd.grad(sol.ys.square().sum(), (y0, *params))
         out[structured] = (grads, sol.backward_stats)
+        dense_calls[structured] = len(dense_of_augmented)
+    assert dense_calls[True] == 0 < dense_calls[False], dense_calls
     (g_block, s_block), (g_dense, s_dense) = out[True], out[False]
     assert s_block is not None and s_dense is not None
     for name in ("n_steps", "n_accepted", "njev", "nlu", "n_newton"):
