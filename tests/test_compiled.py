@@ -9,6 +9,7 @@ second.  One test compiles with inductor, as users do.
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -186,6 +187,131 @@ def test_adjoint_forward_is_compiled():
         grads.append(torch.autograd.grad(sol.ys[-1].sum(), (y0, *f.parameters())))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
+
+
+class _Counting:
+    """A torch.compile backend that keeps each graph it is given and counts their calls."""
+
+    def __init__(self) -> None:
+        self.graphs: list[torch.fx.GraphModule] = []
+        self.calls = 0
+
+    def __call__(self, gm: torch.fx.GraphModule, inputs: list[torch.Tensor]):
+        self.graphs.append(gm)
+
+        def run(*args):
+            self.calls += 1
+            return gm.forward(*args)
+
+        return run
+
+
+def _grads_and_work(f, y0, t, comp, **kw):
+    y0 = y0.detach().requires_grad_(True)
+    sol = solve(f, y0, t, rtol=1e-7, atol=1e-9, gradient="adjoint", compile=comp, **kw)
+    grads = torch.autograd.grad(sol.ys.square().sum(), (y0, *f.parameters()))
+    return grads, sol.backward_stats
+
+
+@pytest.mark.parametrize(
+    ("batched", "grid", "norm"),
+    [
+        (False, "shared", "seminorm"),
+        (True, "shared", "rms"),
+        (True, "per-row", "seminorm"),
+        (True, "shared", "max"),
+        (False, "shared", "callable"),
+    ],
+)
+def test_adjoint_backward_is_compiled(batched, grid, norm):
+    """With ``compile=``, the adjoint's backward solve runs in compiled blocks too: every
+    interval's, on graphs built once (not per output interval), with the eager backward solve's
+    steps, counters and gradients, for each norm of the augmented state and per-row grids."""
+    f = MLP(3, dtype=torch.float64)
+    y0 = torch.randn(4, 3, dtype=torch.float64) if batched else torch.randn(3, dtype=torch.float64)
+    t = torch.linspace(0.0, 2.0, 6, dtype=torch.float64)
+    if grid == "per-row":
+        t = t * torch.tensor([[1.0], [0.5], [1.5], [0.8]], dtype=torch.float64)
+
+    def mixed(parts):  # torchdiffeq's signature: (t, y, adj_y, *adj_params)
+        return 3.0 * torch.stack([p.abs().max() for p in parts[1:3]]).max()
+
+    kw = {"batched": batched, "adjoint_options": {"norm": mixed if norm == "callable" else norm}}
+    g_eager, work_eager = _grads_and_work(f, y0, t, False, **kw)
+    backend = _Counting()
+    comp = {"backend": backend, "block": 2}
+    y0 = y0.detach().requires_grad_(True)
+    sol = solve(f, y0, t, rtol=1e-7, atol=1e-9, gradient="adjoint", compile=comp, **kw)
+    forward_graphs = len(backend.graphs)
+    backend.calls = 0
+    g_comp = torch.autograd.grad(sol.ys.square().sum(), (y0, *f.parameters()))
+    backward_graphs = len(backend.graphs) - forward_graphs
+    # Hairer's first step (the first interval only) and the block: built once for 5 intervals.
+    assert backward_graphs == 2, backward_graphs
+    assert backend.calls >= int(work_eager.n_steps) // 2  # every step in a compiled block
+    for a, b in zip(g_comp, g_eager):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    for name in ("nfe", "n_steps", "n_accepted", "n_rejected"):
+        assert torch.equal(getattr(sol.backward_stats, name), getattr(work_eager, name)), name
+    assert int(work_eager.n_steps) > 5  # more than one step per interval
+    if norm == "callable":  # the callable, not a default norm, chose the steps
+        _, work_default = _grads_and_work(f, y0, t, False, batched=batched)
+        assert int(work_default.n_steps) < int(work_eager.n_steps)
+    # A second solve with new values reuses every graph.
+    before = len(backend.graphs)
+    _grads_and_work(f, y0 * 0.5, t, comp, **kw)
+    assert len(backend.graphs) == before
+
+
+@pytest.mark.parametrize("first_step", [None, 0.01])
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("batched", [False, True])
+def test_each_block_is_compiled_once(first_step, grad, batched):
+    """The first block's inputs have the strides and ``requires_grad`` the later blocks' have (a
+    graph is specialised on both: a broadcast ``first_step``, and a ``y0`` without grad for a
+    field with parameters, compiled the block a second time): one graph for the block, and one
+    for Hairer's first step where it is taken."""
+    backend = _Counting()
+    y0 = torch.randn(4, 3, dtype=torch.float64) if batched else torch.randn(3, dtype=torch.float64)
+    t = torch.tensor([0.0, 2.0], dtype=torch.float64)
+    f = MLP(3, dtype=torch.float64)
+    with torch.set_grad_enabled(grad):
+        sol = solve(f, y0, t, first_step=first_step, batched=batched,
+                    compile={"backend": backend, "block": 2})  # fmt: skip
+    assert sol.ys.requires_grad == grad
+    assert int(sol.stats.n_steps.max()) > 4  # more than two blocks
+    assert len(backend.graphs) == 1 + (first_step is None)
+
+
+def test_adjoint_backward_runs_eager_where_it_cannot_be_traced():
+    """A field whose output depends on ``adjoint_params`` through a graph built before the solve
+    (``k = log_k.exp()``) cannot be traced inside a compiled graph: its backward solve runs
+    eager, with one warning for that field, and the gradients are the eager solve's."""
+    log_k = torch.tensor([0.1, -0.3], dtype=torch.float64, requires_grad=True)
+    y0 = torch.tensor([[1.0, 2.0], [0.5, 0.1]], dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+
+    def run(comp):
+        k = log_k.exp()
+
+        def f(t, y):
+            return -k * y + torch.sin(t)
+
+        sol = solve(f, y0, t, batched=True, gradient="adjoint", adjoint_params=(log_k,),
+                    compile=comp, rtol=1e-8, atol=1e-8)  # fmt: skip
+        return torch.autograd.grad(sol.ys.square().sum(), (y0, log_k)), sol.backward_stats
+
+    g_eager, work_eager = run(False)
+    with pytest.warns(RuntimeWarning, match="cannot trace the backward solve's augmented field"):
+        g_comp, work_comp = run(TRACE)
+    for a, b in zip(g_comp, g_eager):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert torch.equal(work_comp.nfe, work_eager.nfe)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning, no second attempt to trace
+        g_again, _ = run(TRACE)
+    for a, b in zip(g_again, g_eager):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
 def test_new_tolerances_and_values_reuse_the_graph():

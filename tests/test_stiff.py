@@ -503,7 +503,7 @@ def test_block_solve_of_the_augmented_system_is_exact(per_row: bool) -> None:
                      dtype=DTYPE)  # fmt: skip
     aug = _Augmented(f, params, True, ys, s, None)
     assert aug.per_row == per_row
-    aug.interval = 2
+    aug.at_interval(2)
     n_p = sum(p.numel() for p in params)
     x = torch.randn(2 * ys[:, 0].numel() + n_p, dtype=DTYPE)
     sigma = torch.tensor(0.3, dtype=DTYPE)

@@ -23,10 +23,11 @@ What it covers: the explicit Runge-Kutta methods (every :class:`~neuralode.Butch
 the Rosenbrock methods (``rosenbrock23``, ``rodas4``, ``rodas5p``: each attempt takes the
 Jacobian at its end with ``torch.func``, carried to the next step where the step is accepted),
 batched and unbatched (one row), ``gradient="backprop"`` (autograd through the compiled blocks:
-AOTAutograd compiles their backward too) and the adjoint's forward pass.  The rest (events,
-dense output, step and jump times, callbacks, perturbation, a user's ``jac``, the ESDIRK,
-switching and multistep solvers) needs the host-side commit of the eager loop (the ESDIRK
-stages' Newton iterations stop per row on a value), and ``solve`` refuses it with
+AOTAutograd compiles their backward too) and the adjoint's forward pass, and its backward solve
+with an explicit method (the augmented field's ``torch.autograd.grad`` traced into the blocks).
+The rest (events, dense output, step and jump times, callbacks, perturbation, a user's ``jac``,
+the ESDIRK, switching and multistep solvers) needs the host-side commit of the eager loop (the
+ESDIRK stages' Newton iterations stop per row on a value), and ``solve`` refuses it with
 ``compile=True``.
 """
 
@@ -49,7 +50,16 @@ from .solvers.newton import _AUTOGRAD_ONLY, Linearisation, _by_func, jacobian
 from .solvers.rk import ExplicitRK
 from .solvers.rosenbrock import Rosenbrock, Rosenbrock23, _LinearlyImplicit
 
-__all__ = ["CompileOptions", "refusal", "drive", "reset", "traceable", "traced_fixed"]
+__all__ = [
+    "UNTRACEABLE",
+    "CompileOptions",
+    "drive",
+    "field_key",
+    "refusal",
+    "reset",
+    "traceable",
+    "traced_fixed",
+]
 
 
 @dataclass(frozen=True)
@@ -406,10 +416,12 @@ def _fixed_block(
 _CACHE: dict[tuple[Any, ...], Callable[..., Any]] = {}
 
 
-def _field_key(f: Any) -> Any:
+def field_key(f: Any) -> Any:
     """What a field's graphs can be shared by: its class (a module's parameters are graph
     inputs), or its code (a function)."""
     inner = f.f if isinstance(f, _OneRow) else f
+    if hasattr(inner, "wraps"):  # a field built on the user's (the adjoint's augmented field)
+        return (type(inner), field_key(inner.wraps))
     if isinstance(inner, torch.nn.Module):
         return type(inner)
     return getattr(inner, "__code__", type(inner))
@@ -455,9 +467,16 @@ def _call(
     return base(*args)
 
 
+#: Kinds of field (:func:`field_key`) whose solves torch.compile could not trace: the
+#: adjoint's backward solves of these run eager without trying again (a failed trace costs
+#: about as much as a compilation).
+UNTRACEABLE: set[Any] = set()
+
+
 def reset() -> None:
     """Forget every compiled block (and torch.compile's own caches)."""
     _CACHE.clear()
+    UNTRACEABLE.clear()
     torch._dynamo.reset()
 
 
@@ -522,6 +541,12 @@ def drive(
             )
         lin0 = Linearisation(*(_fresh(x) for x in lin0))
     F0 = (lin0.f0 if lin0 is not None else f(t.to(Y0.dtype), Y0)) if F0 is None else _fresh(F0)
+    if F0.requires_grad and not Y0.requires_grad:
+        # The blocks' states will require grad (from the field's parameters): so does the
+        # first block's, or its graph would be built twice (a graph is specialised on which of
+        # its inputs require grad).  Y0 is the driver's own copy: nothing outside reads its
+        # gradient.
+        Y0.requires_grad_(True)
     # The solver's constants, built before tracing (their caches are not filled inside a graph).
     if isinstance(solver, ExplicitRK):
         P = solver._coefficients(y0.device)
@@ -539,7 +564,7 @@ def drive(
         Y0.ndim,
         Y0.dtype,
         Y0.device,
-        _field_key(f),
+        field_key(f),
     )
     ctrl = None
     if controller is not None:
@@ -593,7 +618,7 @@ def drive(
     idx: list[torch.Tensor] = []
     if ctrl is not None:
         if first_step is not None:
-            h0 = torch.as_tensor(first_step, dtype=t.dtype, device=t.device).expand(B).clone()
+            h0 = _fresh(torch.as_tensor(first_step, dtype=t.dtype, device=t.device).expand(B))
         else:
             h0 = _call(_initial_step, key, opts, y0.device, ctrl, f, t, Y0, F0)
             c = c._replace(nfe=c.nfe + 1)

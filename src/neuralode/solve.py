@@ -179,7 +179,8 @@ def solve(
             compilation (seconds to a minute on a CPU).  For the explicit Runge-Kutta methods
             and the Rosenbrock methods (``rosenbrock23``, ``rodas4``, ``rodas5p``; Jacobians by
             ``torch.func``, not with ``jac``) with ``gradient="backprop"`` (compiled forward and
-            backward) or ``"adjoint"`` (compiled forward; the backward solve is eager); not with
+            backward) or ``"adjoint"`` (compiled forward solve, and a compiled backward solve
+            for the explicit methods; eager where torch.compile cannot trace it); not with
             events, ``dense``,
             ``step_t``/``jump_t``, ``perturb``, func's callbacks or ``"checkpoint"``.  A step
             passes at most ``max_outputs`` output times (8), so with denser outputs it takes

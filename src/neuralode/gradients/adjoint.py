@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from .._compiled import UNTRACEABLE, field_key, refusal
 from .._inputs import CALLBACK_NAMES, Callbacks, Problem, all_finite, check_solver_options
 from .._loop import LoopResult, LoopSpec
 from .._rows import per_row
@@ -48,6 +49,7 @@ from ..controllers import NORMS, PIController, rms_norm
 from ..solution import SolverError, Stats
 from ..solvers.newton import Linearisation, jacobian, lu_factor
 from ..solvers.registry import get_solver
+from ..solvers.rk import ExplicitRK
 from .base import GradientStrategy, Outcome, refuse_double_backward
 
 #: The backward solve's counters, summed over the output intervals.
@@ -346,6 +348,21 @@ class _AdjointRun:
         if step_size is not None and aug.per_row:  # time units -> the intervals' tau units
             # (a step longer than an interval is cut to it, one step, by the fixed grid)
             step_size = float(step_size) / float(aug.lengths.max())
+        # func's callback_*_adjoint, called around the backward solve's steps with its own
+        # time and flat augmented state (torchdiffeq calls them with its augmented state)
+        callbacks = Callbacks(
+            *(getattr(strategy.user_func, n + "_adjoint", None) for n in CALLBACK_NAMES)
+        )
+        perturb = self.spec.perturb and not solver.adaptive
+        # A compiled forward solve compiles the backward one too, where its method and options
+        # allow (an explicit method; the Rosenbrock methods' torch.func Jacobian cannot
+        # transform the augmented field, which calls torch.autograd.grad).
+        compiled = self.spec.compile
+        if compiled is not None and (
+            not isinstance(solver, ExplicitRK)
+            or refusal(solver, callbacks=callbacks.any, perturb=perturb) is not None
+        ):
+            compiled = None
         return LoopSpec(
             func=aug,
             solver=solver,
@@ -354,12 +371,9 @@ class _AdjointRun:
             step_size=step_size,
             first_step=opts.get("first_step") if solver.adaptive else None,
             max_num_steps=opts.get("max_num_steps", LoopSpec.max_num_steps),
-            # func's callback_*_adjoint, called around the backward solve's steps with its own
-            # time and flat augmented state (torchdiffeq calls them with its augmented state)
-            callbacks=Callbacks(
-                *(getattr(strategy.user_func, n + "_adjoint", None) for n in CALLBACK_NAMES)
-            ),
-            perturb=self.spec.perturb and not solver.adaptive,
+            callbacks=callbacks,
+            perturb=perturb,
+            compile=compiled,
         )
 
     def _interval(
@@ -375,7 +389,7 @@ class _AdjointRun:
         ``s_{i-1}``), starting from the stored output and the jumped adjoint."""
         y_i = self._out(aug.ys, i)
         x0 = torch.cat([y_i.reshape(-1), a.reshape(-1), *(p.reshape(-1) for p in g)])
-        aug.interval = i
+        aug.at_interval(i)
         span = aug.span(i)
         sigma = torch.tensor([0.0, span], dtype=aug.t_dtype, device=x0.device)
         spec = self._landing(aug, spec, i)
@@ -383,7 +397,7 @@ class _AdjointRun:
         # would evaluate it as its first stage (the loop counts it either way).
         # (Perturbed fixed steps evaluate their first stage inside the step instead.)
         f0 = None if spec.perturb else aug(sigma[0], x0)  # aug takes the clock to the state dtype
-        out = spec.run(x0, f0, sigma, first_step=h, carry_step=True)
+        out = self._run(spec, x0, f0, sigma, h)
         if not bool((out.status == 0).all()):
             raise SolverError(
                 f"gradient='adjoint': the backward solve failed on the output interval between "
@@ -404,6 +418,37 @@ class _AdjointRun:
         # The augmented state is one flat row, so the next step is a float (None: fixed steps).
         assert not isinstance(out.h_next, torch.Tensor)
         return a_new, g_new, out.stats, out.h_next
+
+    def _run(
+        self,
+        spec: LoopSpec,
+        x0: torch.Tensor,
+        f0: torch.Tensor | None,
+        sigma: torch.Tensor,
+        h: float | None,
+    ) -> LoopResult:
+        """One interval's backward solve; compiled where ``spec`` says so (its graphs then hold
+        the augmented field's ``torch.autograd.grad``, which torch.compile traces only when
+        asked to).  Where torch.compile cannot trace the field (its output depends on
+        ``adjoint_params`` through a graph built before the solve, ``k = log_k.exp()``), that
+        kind of field's backward solves run eager from then on, with one warning."""
+        kind = field_key(spec.func)
+        if spec.compile is not None and kind not in UNTRACEABLE:
+            try:
+                with torch._dynamo.config.patch(trace_autograd_ops=True):
+                    return spec.run(x0, f0, sigma, first_step=h, carry_step=True)
+            except torch._dynamo.exc.Unsupported as err:
+                UNTRACEABLE.add(kind)
+                warnings.warn(
+                    f"gradient='adjoint' with compile: torch.compile cannot trace the backward "
+                    f"solve's augmented field ({str(err).splitlines()[0]}); the backward "
+                    f"solves of this field run eager",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        if spec.compile is not None:
+            spec = dataclasses.replace(spec, compile=None)
+        return spec.run(x0, f0, sigma, first_step=h, carry_step=True)
 
     def _landing(self, aug: _Augmented, spec: LoopSpec, i: int) -> LoopSpec:
         """The backward spec for interval ``i`` with the forward solve's ``step_t``/``jump_t``
@@ -521,12 +566,21 @@ class _Augmented:
         self.func, self.params, self.batched, self.ys, self.s = func, params, batched, ys, s
         self.t_dtype = t_dtype or s.dtype
         self.used = [False] * len(params)
-        self.interval: int  # the output interval being solved, set before each solve
+        # The upper end and length of the output interval being solved (set before each solve
+        # by ``at_interval``), as tensors: a compiled backward block reads them as inputs, so a
+        # new interval is not a new graph.
+        self._s_hi: torch.Tensor
+        self._length: torch.Tensor | None = None
         y_like = ys[:, 0] if batched else ys[0]
         self.y_shape, self.n_y = y_like.shape, y_like.numel()
         # Per-sample grids are integrated in normalised time; one shared grid in its own units.
         self.per_row = batched and s.shape[-1] > 1 and not bool((s == s[:1]).all())
         self.lengths = s.diff(dim=-1)  # [(B,) T-1]
+
+    @property
+    def wraps(self) -> Any:
+        """The user's field this one is built on (compiled blocks are kept per user field)."""
+        return self.func
 
     #: ``torch.func`` cannot transform this field (it calls ``torch.autograd.grad``): a stiff
     #: backward solve takes its Jacobian with ``torch.autograd.grad`` (neuralode.solvers.newton).
@@ -535,6 +589,11 @@ class _Augmented:
     #: Stiff backward solves use the block form of the Jacobian (:meth:`linearise`); off, they
     #: take it densely, as any field's (kept for the tests, which compare the two).
     structured = True
+
+    def at_interval(self, i: int) -> None:
+        """Solve output interval ``i`` (from ``s_i`` back to ``s_{i-1}``) next."""
+        self._s_hi = (self.s[:, i] if self.batched else self.s[i]).contiguous()
+        self._length = self.lengths[:, i - 1].contiguous() if self.per_row else None
 
     def span(self, i: int) -> float:
         """The length of interval ``i`` in the backward loop's time units."""
@@ -556,10 +615,8 @@ class _Augmented:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``func``'s time at the backward time ``sigma`` of the current interval, in
         ``dtype``, and the clock's scale per row (``d s / d sigma = -scale``; ``None``: 1)."""
-        i = self.interval
-        s_hi = self.s[:, i] if self.batched else self.s[i]
-        if self.per_row:
-            length = self.lengths[:, i - 1]
+        s_hi, length = self._s_hi, self._length
+        if length is not None:
             return (s_hi - sigma.to(s_hi.dtype) * length).to(dtype), length.to(dtype)
         return (s_hi - sigma.to(s_hi.dtype)).to(dtype), None
 
@@ -662,8 +719,10 @@ class _Augmented:
         pieces = [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
 
         def mixed(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
-            # x is one flat row: each part's RMS is a scalar, and the norm their maximum.
-            return torch.stack([rms_norm(x[lo:hi], dims) for lo, hi in pieces]).max()
+            # x is one flat row (``[n]``; ``[1, n]`` in a compiled solve's layout of rows):
+            # each part's RMS is a number per row, and the norm their maximum.
+            parts = [rms_norm(x[..., lo:hi], dims) for lo, hi in pieces]
+            return torch.stack(parts).amax(0)
 
         return mixed
 
@@ -676,6 +735,8 @@ class _Augmented:
         sizes = [p.numel() for p in self.params]
 
         def custom(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+            if x.ndim == 2:  # a compiled solve's layout of rows (one row)
+                return custom(x[0], (0,)).unsqueeze(0)
             y, adj = x[:n_y].view(shape), x[n_y : 2 * n_y].view(shape)
             gs = torch.split(x[2 * n_y :], sizes) if sizes else ()
             grads = [g.view_as(p) for g, p in zip(gs, self.params)]
