@@ -3,7 +3,8 @@
 1. Checks: every registered method (but ``scipy_solver``) with every gradient strategy it takes,
    on a small field in float64 on the GPU, against the same solve on the CPU: outputs and
    gradients (to ``y0`` and the parameters) must agree to 1e-6 (relative).  Then the compiled
-   path (``compile=True``; on CUDA, ``mode="reduce-overhead"``: CUDA graphs) for dopri5 and rk4.
+   path (``compile=True``; on CUDA, ``mode="reduce-overhead"``: CUDA graphs) for dopri5 and rk4
+   by backprop, and dopri5 by the adjoint (its backward solve compiled too).
 2. Timing: the table of ``benchmarks/compiled.py`` (eager, compiled, torchdiffeq, the floor) on
    the GPU.
 
@@ -83,18 +84,21 @@ def checks(device: str) -> list[dict[str, Any]]:
             rows.append(row)
             print(f"  {method:16s} {gradient:10s} {'ok' if row['ok'] else 'FAILED'}", flush=True)
     mode = {"mode": "reduce-overhead"} if device == "cuda" else True
-    for method in ("dopri5", "rk4"):
-        row = {"method": method, "gradient": "backprop", "compile": mode}
+    # (the adjoint compiles its backward solve too: the augmented field's vector-Jacobian
+    # products traced into the blocks)
+    for method, gradient in (("dopri5", "backprop"), ("rk4", "backprop"), ("dopri5", "adjoint")):
+        row = {"method": method, "gradient": gradient, "compile": mode}
         try:
             row["rel_diff"] = close(
-                solve_on(device, method, "backprop", compile=mode),
-                solve_on("cpu", method, "backprop"),
+                solve_on(device, method, gradient, compile=mode),
+                solve_on("cpu", method, gradient),
             )
             row["ok"] = row["rel_diff"] < 1e-6
         except Exception as err:
             row["ok"], row["error"] = False, f"{type(err).__name__}: {err}"[:300]
         rows.append(row)
-        print(f"  {method:16s} compiled   {'ok' if row['ok'] else 'FAILED'}", flush=True)
+        print(f"  {method:16s} {gradient:10s} compiled {'ok' if row['ok'] else 'FAILED'}",
+              flush=True)  # fmt: skip
     return rows
 
 
