@@ -16,11 +16,26 @@ import torch
 
 import neuralode
 from neuralode import CompileOptions, Event, SolverError, Status, odeint, solve
-from neuralode._compiled import _CACHE, reset
+from neuralode._compiled import _CACHE, NO_LOOP, reset
 
 # One block size (one graph per kind of solve) keeps the tracing short.
 TRACE = {"backend": "eager", "block": 2}
 AOT = {"backend": "aot_eager", "block": 2}
+# The whole solve in one while_loop (solves through which no gradient flows).
+LOOP = {"backend": "eager", "loop": True}
+DRIVERS = pytest.mark.parametrize("drv", [TRACE, LOOP], ids=["blocks", "loop"])
+
+
+def csolve(*args, compile, **kw):
+    """``solve`` compiled as ``compile`` says, without autograd for the loop (which a solve
+    that needs a gradient does not take)."""
+    with torch.set_grad_enabled(compile is not LOOP):
+        sol = solve(*args, compile=compile, **kw)
+    used = {key[0] for key in _CACHE}
+    if compile is LOOP:  # the solve ran in one loop, not in blocks after a failed trace
+        assert not NO_LOOP and used & {"_adaptive_loop", "_fixed_loop"}, used
+        assert not used & {"_adaptive_block", "_fixed_block", "_initial_step"}, used
+    return sol
 
 
 @pytest.fixture(autouse=True)
@@ -41,11 +56,10 @@ class MLP(torch.nn.Module):
         return self.net(y) * torch.cos(t).unsqueeze(-1) if t.ndim else self.net(y) * torch.cos(t)
 
 
-def _pair(method, y0, t, batched, **kw):
+def _pair(method, y0, t, batched, comp=TRACE, **kw):
     f = MLP(y0.shape[-1], dtype=y0.dtype)
     eager = solve(f, y0, t, method=method, batched=batched, **kw)
-    comp = solve(f, y0, t, method=method, batched=batched, compile=TRACE, **kw)
-    return eager, comp
+    return eager, csolve(f, y0, t, method=method, batched=batched, compile=comp, **kw)
 
 
 def comp_fsal(method: str) -> bool:
@@ -59,13 +73,14 @@ ADAPTIVE = ["dopri5", "tsit5", "bosh3", "fehlberg2", "dopri8"]
     ("method", "batched"),
     [(m, b) for m in ADAPTIVE for b in (False, True) if b or m in ("dopri5", "fehlberg2")],
 )
-def test_adaptive_matches_the_eager_loop(method, batched):
+@DRIVERS
+def test_adaptive_matches_the_eager_loop(method, batched, drv):
     """Same steps, same counters, same outputs: at the end only, and at outputs inside steps
     (interpolated; dopri8, whose interpolant costs three more evaluations, lands on each)."""
     y0 = torch.randn(5, 3, dtype=torch.float64)
     kw = {"rtol": 1e-7, "atol": 1e-9}
     t2 = torch.tensor([0.0, 3.0], dtype=torch.float64)
-    eager, comp = _pair(method, y0, t2, batched, **kw)
+    eager, comp = _pair(method, y0, t2, batched, drv, **kw)
     torch.testing.assert_close(comp.ys, eager.ys, rtol=1e-10, atol=1e-10)
     for name in ("n_steps", "n_accepted", "n_rejected"):
         assert torch.equal(getattr(comp.stats, name), getattr(eager.stats, name)), name
@@ -78,7 +93,7 @@ def test_adaptive_matches_the_eager_loop(method, batched):
     assert torch.equal(comp.status, eager.status)
     torch.testing.assert_close(comp.t_end, eager.t_end)
     t6 = torch.linspace(0.0, 3.0, 6, dtype=torch.float64)
-    eager, comp = _pair(method, y0, t6, batched, **kw)
+    eager, comp = _pair(method, y0, t6, batched, drv, **kw)
     if method == "dopri8":  # lands on every output: other steps, the same solution
         torch.testing.assert_close(comp.ys, eager.ys, rtol=1e-6, atol=1e-6)
     else:
@@ -88,7 +103,8 @@ def test_adaptive_matches_the_eager_loop(method, batched):
 
 @pytest.mark.parametrize("batched", [False, True])
 @pytest.mark.parametrize("method", ["euler", "midpoint", "rk4", "rk38"])
-def test_fixed_matches_the_eager_loop(method, batched):
+@DRIVERS
+def test_fixed_matches_the_eager_loop(method, batched, drv):
     """Fixed grids, with outputs on the grid (``step_size=None``) and between its points (the
     method's interpolant); a grid of 7 steps is not a multiple of the block (8 -> one block of
     7) and one of 23 is (blocks of 8, padded with zero steps)."""
@@ -97,7 +113,7 @@ def test_fixed_matches_the_eager_loop(method, batched):
         (torch.linspace(0, 2, 8, dtype=torch.float64), None),
         (torch.linspace(0, 2, 5, dtype=torch.float64), 0.09),
     ):
-        eager, comp = _pair(method, y0, t, batched, step_size=step)
+        eager, comp = _pair(method, y0, t, batched, drv, step_size=step)
         torch.testing.assert_close(comp.ys, eager.ys, rtol=1e-12, atol=1e-12)
         assert torch.equal(comp.stats.n_steps, eager.stats.n_steps)
         # The interpolant's f(t + h, y1) starts the next step; the last step's is one more.
@@ -133,7 +149,8 @@ def test_many_outputs_pass_at_most_max_outputs_per_step():
     assert not bool(torch.isnan(comp.ys).any())
 
 
-def test_per_row_steps_and_decreasing_time_and_tuple_state():
+@DRIVERS
+def test_per_row_steps_and_decreasing_time_and_tuple_state(drv):
     """Rows keep their own steps (a stiff-ish row does not shrink the others); time may run
     backwards; a tuple state is flattened as in the eager solve."""
     rates = torch.tensor([0.1, 1.0, 30.0], dtype=torch.float64)
@@ -145,7 +162,7 @@ def test_per_row_steps_and_decreasing_time_and_tuple_state():
     y0 = (torch.ones(3, 2, dtype=torch.float64), torch.zeros(3, 1, dtype=torch.float64))
     t = torch.tensor([1.0, 0.5, -1.0], dtype=torch.float64)
     eager = solve(f, y0, t, batched=True, rtol=1e-6, atol=1e-8)
-    comp = solve(f, y0, t, batched=True, rtol=1e-6, atol=1e-8, compile=TRACE)
+    comp = csolve(f, y0, t, batched=True, rtol=1e-6, atol=1e-8, compile=drv)
     for a, b in zip(comp.ys, eager.ys):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     assert torch.equal(comp.stats.nfe, eager.stats.nfe)
@@ -283,6 +300,50 @@ def test_each_block_is_compiled_once(first_step, grad, batched):
     assert len(backend.graphs) == 1 + (first_step is None)
 
 
+@pytest.mark.parametrize("fixed", [False, True])
+def test_a_solve_without_gradient_is_one_loop_call(fixed):
+    """A solve through which no gradient flows runs whole in one compiled call (a while_loop:
+    no host synchronisation), on one graph that new values and tolerances reuse; one that
+    needs a gradient takes blocks."""
+    backend = _Counting()
+    f = MLP(3, dtype=torch.float64)
+    t = torch.linspace(0.0, 2.0, 5, dtype=torch.float64)
+    kw = {"method": "rk4", "step_size": 0.1} if fixed else {"rtol": 1e-7, "atol": 1e-9}
+    opts = {"backend": backend}  # loop=None: the loop where no block size is given
+    with torch.no_grad():
+        for k in range(3):
+            y0 = torch.randn(4, 3, dtype=torch.float64)
+            sol = solve(f, y0, t, batched=True, compile=opts, **kw)
+            ref = solve(f, y0, t, batched=True, **kw)
+            torch.testing.assert_close(sol.ys, ref.ys, rtol=1e-10, atol=1e-12)
+            assert torch.equal(sol.stats.n_steps, ref.stats.n_steps)
+            assert len(backend.graphs) == 1 and backend.calls == k + 1
+            # more steps than a block of the default size
+            assert k > 0 or int(sol.stats.n_steps.max()) > 8
+            if not fixed:
+                kw["rtol"] *= 10  # a new tolerance: a new input, not a new graph
+    sol = solve(f, y0, t, batched=True, compile=opts, **kw)  # with autograd: blocks
+    assert sol.ys.requires_grad
+    assert len(backend.graphs) > 1
+    assert ("_fixed_block" if fixed else "_adaptive_block") in {k[0] for k in _CACHE}
+
+
+def test_a_field_that_cannot_run_in_a_loop_takes_blocks():
+    """A loop's body may not change Python state: a field that does (a call counter) is
+    solved in blocks instead, with the same numbers."""
+    calls = []
+
+    def f(t, y):
+        calls.append(1)
+        return -y
+
+    y0, t = torch.ones(2, dtype=torch.float64), torch.tensor([0.0, 1.0], dtype=torch.float64)
+    sol = solve(f, y0, t, rtol=1e-8, atol=1e-10, compile={"backend": "eager"})
+    torch.testing.assert_close(sol.ys[-1], torch.full_like(y0, math.exp(-1.0)))
+    assert len(NO_LOOP) == 1 and {k[0] for k in _CACHE} >= {"_adaptive_block"}
+    assert calls
+
+
 def test_adjoint_backward_runs_eager_where_it_cannot_be_traced():
     """A field whose output depends on ``adjoint_params`` through a graph built before the solve
     (``k = log_k.exp()``) cannot be traced inside a compiled graph: its backward solve runs
@@ -332,22 +393,23 @@ def test_new_tolerances_and_values_reuse_the_graph():
     assert 1 <= len(graphs) <= 2
 
 
-def test_failures_are_reported_as_in_the_eager_loop():
+@DRIVERS
+def test_failures_are_reported_as_in_the_eager_loop(drv):
     def f(t, y):
         return -y
 
     y0 = torch.ones(2, 1)
     t = torch.tensor([0.0, 100.0])
-    sol = solve(f, y0, t, batched=True, max_num_steps=3, throw=False, compile=TRACE)
+    sol = csolve(f, y0, t, batched=True, max_num_steps=3, throw=False, compile=drv)
     assert sol.status.tolist() == [Status.MAX_STEPS_REACHED] * 2
     assert bool(torch.isnan(sol.ys[:, -1]).all())
     with pytest.raises(SolverError, match="maximum number of steps|max_num_steps"):
-        solve(f, y0[0], t, max_num_steps=3, compile=TRACE)
+        csolve(f, y0[0], t, max_num_steps=3, compile=drv)
 
     def blows_up(t, y):
         return torch.where(t > 0.5, torch.full_like(y, math.nan), -y)
 
-    sol = solve(blows_up, torch.ones(3), torch.tensor([0.0, 1.0]), throw=False, compile=TRACE)
+    sol = csolve(blows_up, torch.ones(3), torch.tensor([0.0, 1.0]), throw=False, compile=drv)
     assert int(sol.status) == Status.NONFINITE
     eager = solve(blows_up, torch.ones(3), torch.tensor([0.0, 1.0]), throw=False)
     assert int(eager.status) == int(sol.status)
@@ -376,6 +438,7 @@ def test_what_it_does_not_cover_is_refused(kw, match):
         ("yes", TypeError),
         ({"blocks": 4}, ValueError),
         ({"block": 0}, ValueError),
+        ({"loop": "yes"}, TypeError),
         ({"max_outputs": 2.5}, ValueError),
         ({"options": "fast"}, TypeError),
         ({"options": {}, "mode": "max-autotune"}, ValueError),
@@ -513,6 +576,29 @@ def test_vmap_and_grad_over_fixed_step_solves():
         torch.func.vmap(lambda y: odeint(f, y, t))(ys)
 
 
+def test_constants_cached_inside_a_transform_are_plain_tensors():
+    """A solver's cached constants (its nodes, its interpolant's coefficients) first built
+    inside ``torch.func.grad`` are plain tensors, not the transform's wrappers: a later loop
+    solve of the same method (a ``while_loop`` cannot take a wrapper) runs."""
+    solver = neuralode.get_solver("midpoint")
+    solver._c_cache.clear()
+    solver._P_cache.clear()
+    lin = torch.nn.Linear(3, 3)
+
+    def f(t, y):
+        return torch.tanh(lin(y))
+
+    t = torch.linspace(0, 1, 5)  # float32 times: the nodes in float64
+    torch.func.grad(lambda y: odeint(f, y, t, method="midpoint")[-1].sum())(torch.ones(3))
+    for c in (*solver._c_cache.values(), *solver._P_cache.values()):
+        assert not torch._C._functorch.is_functorch_wrapped_tensor(c)
+    y0 = torch.ones(2, 3, dtype=torch.float64)
+    t64 = t.to(torch.float64)
+    sol = csolve(lambda t, y: -y, y0, t64, method="midpoint", batched=True, compile=LOOP)
+    ref = solve(lambda t, y: -y, y0, t64, method="midpoint", batched=True)
+    torch.testing.assert_close(sol.ys, ref.ys, rtol=1e-12, atol=1e-14)
+
+
 # -- Rosenbrock methods ------------------------------------------------------------------------
 
 STIFF_T = torch.tensor([0.0, 0.4, 4.0, 40.0], dtype=torch.float64)
@@ -535,7 +621,8 @@ K_ROB = torch.tensor([0.04, 3e7, 1e4], dtype=torch.float64)
     [("rodas5p", False), ("rodas5p", True), ("rodas4", True), ("rosenbrock23", False),
      ("rosenbrock23", True)],
 )  # fmt: skip
-def test_rosenbrock_matches_the_eager_loop(method, batched):
+@DRIVERS
+def test_rosenbrock_matches_the_eager_loop(method, batched, drv):
     """Robertson's problem (stiff): the same steps and values as the eager loop, each row of a
     batch with rates of its own taking its own steps.  A block takes the Jacobian at each
     attempt's end (it cannot skip it where the step is rejected): one more Jacobian and its
@@ -549,7 +636,7 @@ def test_rosenbrock_matches_the_eager_loop(method, batched):
     f = _robertson(k)
     kw = dict(method=method, rtol=1e-5, atol=1e-9, batched=batched)
     eager = solve(f, y0, STIFF_T, **kw)
-    comp = solve(f, y0, STIFF_T, compile=TRACE, **kw)
+    comp = csolve(f, y0, STIFF_T, compile=drv, **kw)
     assert bool(torch.all(eager.status == 0)) and torch.equal(comp.status, eager.status)
     torch.testing.assert_close(comp.ys, eager.ys, rtol=1e-10, atol=1e-14)
     s, e = comp.stats, eager.stats
@@ -562,7 +649,8 @@ def test_rosenbrock_matches_the_eager_loop(method, batched):
         assert len(set(s.n_steps.tolist())) > 1  # rows take steps of their own
 
 
-def test_rosenbrock23_interpolates_outputs_inside_steps():
+@DRIVERS
+def test_rosenbrock23_interpolates_outputs_inside_steps(drv):
     """``rosenbrock23`` interpolates outputs inside its steps (the Rodas methods land on them,
     above), passing up to ``max_outputs`` of them per step."""
 
@@ -572,7 +660,7 @@ def test_rosenbrock23_interpolates_outputs_inside_steps():
     y0 = torch.tensor([1.0, 0.0], dtype=torch.float64)
     t = torch.linspace(0.0, 2.0, 41, dtype=torch.float64)
     kw = dict(method="rosenbrock23", rtol=1e-3, atol=1e-6)
-    eager, comp = solve(f, y0, t, **kw), solve(f, y0, t, compile=TRACE, **kw)
+    eager, comp = solve(f, y0, t, **kw), csolve(f, y0, t, compile=drv, **kw)
     assert int(eager.stats.n_accepted) < 20  # the outputs lie inside steps
     torch.testing.assert_close(comp.ys, eager.ys, rtol=1e-10, atol=1e-14)
     assert torch.equal(comp.stats.n_steps, eager.stats.n_steps)

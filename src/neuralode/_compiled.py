@@ -82,6 +82,11 @@ class CompileOptions:
             (what pays on a GPU) but more attempts computed for rows already done.
         max_outputs: output times one step may pass (each attempt evaluates its interpolant at
             that many); a step that would pass more ends on the last of them instead.
+        loop: run an adaptive solve through which no gradient flows (under ``torch.no_grad``,
+            a field without parameters that need one, the adjoint's forward and backward
+            solves) in one compiled call, its attempts in a ``torch.while_loop``: no host
+            synchronisation at all, and one graph of one attempt to compile.  ``None`` (the
+            default): where no ``block`` is given.  Solves that need a gradient take blocks.
 
     Examples:
         >>> import torch, neuralode
@@ -97,6 +102,7 @@ class CompileOptions:
     block: int | None = None
     max_outputs: int = 8
     options: dict[str, Any] | None = None
+    loop: bool | None = None
 
     @classmethod
     def build(cls, value: object) -> CompileOptions | None:
@@ -109,7 +115,7 @@ class CompileOptions:
         if isinstance(value, CompileOptions):
             opts = value
         elif isinstance(value, dict):
-            known = {"backend", "mode", "block", "max_outputs", "options"}
+            known = {"backend", "mode", "block", "max_outputs", "options", "loop"}
             unknown = sorted(set(value) - known)
             if unknown:
                 raise ValueError(
@@ -119,7 +125,7 @@ class CompileOptions:
         else:
             raise TypeError(
                 f"compile must be True, False or a dict of options "
-                f"(backend, mode, block, max_outputs, options), got {value!r}"
+                f"(backend, mode, block, max_outputs, options, loop), got {value!r}"
             )
         for name in ("block", "max_outputs"):
             v = getattr(opts, name)
@@ -127,6 +133,8 @@ class CompileOptions:
                 raise ValueError(f"compile option {name} must be a positive int, got {v!r}")
         if opts.max_outputs is None:
             raise ValueError("compile option max_outputs must be a positive int, got None")
+        if opts.loop is not None and not isinstance(opts.loop, bool):
+            raise TypeError(f"compile option loop must be True, False or None, got {opts.loop!r}")
         if opts.options is not None and not isinstance(opts.options, dict):
             raise TypeError(f"compile option options must be a dict, got {opts.options!r}")
         if opts.options is not None and opts.mode is not None:
@@ -363,6 +371,43 @@ def _adaptive_block(
     return c, torch.stack(vals), torch.stack(idx), flags
 
 
+def _adaptive_loop(
+    c: _Carry,
+    f: Func,
+    solver: Solver,
+    ctrl: PIController,
+    plan: _Plan,
+    out: torch.Tensor,
+    t_floor: torch.Tensor,
+    P: torch.Tensor,
+    ys: torch.Tensor,
+    start: bool,
+) -> tuple[_Carry, torch.Tensor]:
+    """The whole solve in one call: Hairer's first step (``start``) and then attempts in a
+    ``while_loop`` until no row runs, each attempt's outputs written into ``ys`` (``[rows,
+    T + 1, *features]``; column ``T`` takes the values an attempt does not produce).  No
+    gradient flows through a ``while_loop``: for solves that need none."""
+    if start:
+        f0 = c.state.f0 if plan.linear else c.state
+        c = c._replace(h=ctrl.initial_step(f, c.t, c.y, f0), nfe=c.nfe + 1)
+    leaves, spec = torch.utils._pytree.tree_flatten((c, ys))
+    rows = torch.arange(ys.shape[0], device=ys.device).unsqueeze(1).expand(-1, plan.m)
+
+    def cond(*carried: torch.Tensor) -> torch.Tensor:
+        now: _Carry = torch.utils._pytree.tree_unflatten(list(carried), spec)[0]
+        return now.running.any()
+
+    def body(*carried: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        now, buf = torch.utils._pytree.tree_unflatten(list(carried), spec)
+        now, vals, idx = _attempt_adaptive(now, f, solver, ctrl, plan, out, t_floor, P)
+        buf = buf.index_put((rows, idx), vals)
+        return _as_carried(torch.utils._pytree.tree_leaves((now, buf)), carried)
+
+    final = torch._higher_order_ops.while_loop(cond, body, tuple(leaves))
+    c, ys = torch.utils._pytree.tree_unflatten(list(final), spec)
+    return c, ys
+
+
 def _initial_step(
     ctrl: PIController, f: Func, t: torch.Tensor, y0: torch.Tensor, f0: torch.Tensor
 ) -> torch.Tensor:
@@ -387,26 +432,90 @@ def _fixed_block(
     zero pads a row that has ended)."""
     vals, idx = [], []
     for i in range(k):
-        t, h, t_new = starts[i], steps[i], ends[i]
-        moves = h > 0
-        res = solver.step(f, t, h, c.y, c.state if plan.carry_k0 else None)
-        ks, first, extra = _next(plan, solver, f, t, h, t_new, c.y, res)
-        nfe = c.nfe + moves * (res.nfe + extra)
-        v, j, next_out = _place(plan, out, c._replace(t=t), moves, t_new, h, res.y1, ks, P)
+        c, v, j = _fixed_step(c, f, solver, plan, out, starts[i], steps[i], ends[i], P)
         vals.append(v)
         idx.append(j)
-        c = c._replace(
-            t=torch.where(moves, t_new, c.t),
-            y=res.y1,  # a zero step leaves y as it is
-            state=first if plan.carry_k0 else c.state,
-            nfe=nfe,
-            n_steps=c.n_steps + moves,
-            n_accepted=c.n_accepted + moves,
-            njev=c.njev + moves * (res.njev + int(plan.linear)),
-            nlu=c.nlu + moves * res.nlu,
-            next_out=next_out,
-        )
     return c, torch.stack(vals), torch.stack(idx)
+
+
+def _fixed_step(
+    c: _Carry,
+    f: Func,
+    solver: Solver,
+    plan: _Plan,
+    out: torch.Tensor,
+    t: torch.Tensor,
+    h: torch.Tensor,
+    t_new: torch.Tensor,
+    P: torch.Tensor,
+) -> tuple[_Carry, torch.Tensor, torch.Tensor]:
+    """One step of the fixed grid, from ``t`` to ``t_new`` (``h = 0``: a row that has ended)."""
+    moves = h > 0
+    res = solver.step(f, t, h, c.y, c.state if plan.carry_k0 else None)
+    ks, first, extra = _next(plan, solver, f, t, h, t_new, c.y, res)
+    nfe = c.nfe + moves * (res.nfe + extra)
+    v, j, next_out = _place(plan, out, c._replace(t=t), moves, t_new, h, res.y1, ks, P)
+    c = c._replace(
+        t=torch.where(moves, t_new, c.t),
+        y=res.y1,  # a zero step leaves y as it is
+        state=first if plan.carry_k0 else c.state,
+        nfe=nfe,
+        n_steps=c.n_steps + moves,
+        n_accepted=c.n_accepted + moves,
+        njev=c.njev + moves * (res.njev + int(plan.linear)),
+        nlu=c.nlu + moves * res.nlu,
+        next_out=next_out,
+    )
+    return c, v, j
+
+
+def _as_carried(
+    new: list[torch.Tensor], carried: tuple[torch.Tensor, ...]
+) -> tuple[torch.Tensor, ...]:
+    """A loop body's results as a ``while_loop`` takes them: none of them one of its inputs
+    itself, each with its input's strides (even along dimensions of size one)."""
+    out = []
+    for x, a in zip(new, carried):
+        if any(x is b for b in carried) or x.stride() != a.stride():
+            x = torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device=a.device).copy_(x)
+        out.append(x)
+    return tuple(out)
+
+
+def _fixed_loop(
+    c: _Carry,
+    f: Func,
+    solver: Solver,
+    plan: _Plan,
+    out: torch.Tensor,
+    times: torch.Tensor,
+    steps: torch.Tensor,
+    P: torch.Tensor,
+    ys: torch.Tensor,
+) -> tuple[_Carry, torch.Tensor]:
+    """Every step of the fixed grid (``times``/``steps``: ``[n + 1, rows]``/``[n, rows]``) in
+    one ``while_loop``, the outputs written into ``ys`` as :func:`_adaptive_loop` does."""
+    n = torch.tensor(steps.shape[0], device=steps.device)
+    i0 = torch.zeros((), dtype=torch.long, device=steps.device)
+    leaves, spec = torch.utils._pytree.tree_flatten((c, ys, i0))
+    rows = torch.arange(ys.shape[0], device=ys.device).unsqueeze(1).expand(-1, plan.m)
+
+    def cond(*carried: torch.Tensor) -> torch.Tensor:
+        return carried[-1] < n
+
+    def body(*carried: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        now, buf, i = torch.utils._pytree.tree_unflatten(list(carried), spec)
+        at = i.reshape(1)
+        t, h = times.index_select(0, at)[0], steps.index_select(0, at)[0]
+        t_new = times.index_select(0, at + 1)[0]
+        now, v, j = _fixed_step(now, f, solver, plan, out, t, h, t_new, P)
+        return _as_carried(
+            torch.utils._pytree.tree_leaves((now, buf.index_put((rows, j), v), i + 1)), carried
+        )
+
+    final = torch._higher_order_ops.while_loop(cond, body, tuple(leaves))
+    c, ys, _ = torch.utils._pytree.tree_unflatten(list(final), spec)
+    return c, ys
 
 
 # Compiled blocks, one per kind of solve.  torch.compile keeps its graphs, and its limit on
@@ -472,11 +581,16 @@ def _call(
 #: about as much as a compilation).
 UNTRACEABLE: set[Any] = set()
 
+#: Kinds of solve (their cache keys) that failed to trace in one ``while_loop``: they take
+#: blocks from then on.
+NO_LOOP: set[tuple[Any, ...]] = set()
+
 
 def reset() -> None:
     """Forget every compiled block (and torch.compile's own caches)."""
     _CACHE.clear()
     UNTRACEABLE.clear()
+    NO_LOOP.clear()
     torch._dynamo.reset()
 
 
@@ -616,7 +730,22 @@ def drive(
     )
     vals: list[torch.Tensor] = []
     idx: list[torch.Tensor] = []
-    if ctrl is not None:
+    ys = None
+    whole = opts.loop if opts.loop is not None else opts.block is None
+    if whole and ctrl is not None and _loops(f, key, Y0, F0, out, c.state):
+        c0 = c
+        if first_step is not None:
+            c0 = c._replace(h=_fresh(torch.as_tensor(first_step, dtype=t.dtype,
+                                                     device=t.device).expand(B)))  # fmt: skip
+        buf = Y0.new_full((B, T + 1) + Y0.shape[1:], math.nan)
+        loop_args = (c0, f, solver, ctrl, plan, out, floor, P, buf, first_step is None)
+        try:
+            c, buf = _call(_adaptive_loop, (*key, plan, first_step is None), opts, y0.device,
+                           *loop_args)  # fmt: skip
+            ys = torch.cat([Y0.unsqueeze(1), buf[:, 1:T]], dim=1)
+        except torch._dynamo.exc.TorchDynamoException:
+            NO_LOOP.add(key)  # (a field torch.compile cannot trace in a loop: blocks instead)
+    if ys is None and ctrl is not None:
         if first_step is not None:
             h0 = _fresh(torch.as_tensor(first_step, dtype=t.dtype, device=t.device).expand(B))
         else:
@@ -636,7 +765,17 @@ def drive(
             go_on, left = flags.tolist()
             if not go_on:
                 break
-    else:
+    if ctrl is None and whole and _loops(f, key, Y0, F0, out, c.state):
+        assert grid is not None
+        buf = Y0.new_full((B, T + 1) + Y0.shape[1:], math.nan)
+        # (the grid's times may be a view of the outputs': a loop's inputs may not alias)
+        loop_args = (c, f, solver, plan, out, _fresh(grid.times), _fresh(grid.steps), P, buf)
+        try:
+            c, buf = _call(_fixed_loop, (*key, plan), opts, y0.device, *loop_args)
+            ys = torch.cat([Y0.unsqueeze(1), buf[:, 1:T]], dim=1)
+        except torch._dynamo.exc.TorchDynamoException:
+            NO_LOOP.add(key)
+    if ys is None and ctrl is None:
         assert grid is not None
         n = grid.n
         k = opts.block or min(8, n)
@@ -651,7 +790,8 @@ def drive(
             c, v, i = _call(_fixed_block, (*key, k, plan), opts, y0.device, *fixed_args)
             vals.append(v)
             idx.append(i)
-    ys = _assemble(Y0, T, torch.cat(vals), torch.cat(idx))
+    if ys is None:
+        ys = _assemble(Y0, T, torch.cat(vals), torch.cat(idx))
     h_next: torch.Tensor | float | None = None
     if carry_step and ctrl is not None:
         h_next = c.h_end if batched else float(c.h_end[0])
@@ -659,6 +799,20 @@ def drive(
     if batched:
         return ys, c.status, c.t, Stats(*counts), h_next
     return ys[0], c.status[0], c.t[0], Stats(*(x[0] for x in counts)), h_next
+
+
+def _loops(f: Func, key: tuple[Any, ...], *xs: Any) -> bool:
+    """Whether a solve may run in one ``while_loop``: no gradient flows through it from these
+    tensors (or tuples of them), and its field does not differentiate inside itself (as the
+    adjoint's augmented field does: a loop's body runs without autograd), nor failed to trace
+    in a loop before."""
+    inner = f.f if isinstance(f, _OneRow) else f
+    if key in NO_LOOP or getattr(inner, "no_torch_func", False):
+        return False
+    if not torch.is_grad_enabled():
+        return True
+    leaves = torch.utils._pytree.tree_leaves(xs)
+    return not any(isinstance(x, torch.Tensor) and x.requires_grad for x in leaves)
 
 
 def _fresh(x: torch.Tensor) -> torch.Tensor:

@@ -659,8 +659,8 @@ class _Augmented:
         for k, v in enumerate(vjps[1:]):
             if v is None:
                 v = torch.zeros_like(self.params[k])
-            else:
-                self.used[k] = True
+            elif not self.used[k]:  # (set by the eager f0 of each interval before a compiled
+                self.used[k] = True  # solve traces this: a while_loop allows no side effect)
             parts.append(v.reshape(-1))
         return torch.cat(parts)
 

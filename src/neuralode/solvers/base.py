@@ -302,6 +302,16 @@ class Solver(abc.ABC):
         return f"{type(self).__name__}({self.name!r})"
 
 
+def constant(make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``make()``, a constant a solver keeps for later solves, built as a plain tensor even
+    inside a ``torch.func`` transform (there a new tensor is the transform's wrapper, which
+    would outlive it in the cache: a later compiled solve's ``while_loop`` cannot take it)."""
+    if torch.compiler.is_compiling() or torch._C._functorch.maybe_current_level() is None:
+        return make()
+    with torch._C._DisableFuncTorch():
+        return make()
+
+
 def _merge_tree(accept: torch.Tensor, new: Any, old: Any) -> Any:
     if new is None or old is None:
         return None

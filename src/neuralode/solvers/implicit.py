@@ -42,7 +42,7 @@ import torch
 
 from .._rows import per_row, row_dims
 from ..solution import Status
-from .base import DenseStep, Func, Solver, StepResult, Time
+from .base import DenseStep, Func, Solver, StepResult, Time, constant
 from .esdirk import _ImplicitStage
 from .newton import jacobian, lu_factor
 from .rk import _h_state, _time
@@ -135,7 +135,7 @@ class ImplicitRK(Solver):
         key = (id(src), like.dtype, like.device)
         out = self._cache.get(key)
         if out is None:
-            out = self._cache[key] = src.to(dtype=like.dtype, device=like.device)
+            out = self._cache[key] = constant(lambda: src.to(dtype=like.dtype, device=like.device))
         return out
 
     def step(

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .._rows import per_row
-from .base import DenseStep, Func, Solver, StepResult, Time
+from .base import DenseStep, Func, Solver, StepResult, Time, constant
 from .tableaus import ButcherTableau, hermite_dense_output
 
 __all__ = ["ExplicitRK", "KnownFirstStage"]
@@ -136,8 +136,8 @@ class ExplicitRK(Solver):
         """The nodes ``c`` in the time dtype, built once per dtype and device."""
         c = self._c_cache.get((dtype, device))
         if c is None:
-            c = self._c_cache[(dtype, device)] = torch.tensor(
-                self.c_list, dtype=dtype, device=device
+            c = self._c_cache[(dtype, device)] = constant(
+                lambda: torch.tensor(self.c_list, dtype=dtype, device=device)
             )
         return c
 
@@ -145,7 +145,9 @@ class ExplicitRK(Solver):
         """The interpolant's ``P`` in float64, built once per device."""
         P = self._P_cache.get(device)
         if P is None:
-            P = self._P_cache[device] = torch.tensor(self._P, dtype=torch.float64, device=device)
+            P = self._P_cache[device] = constant(
+                lambda: torch.tensor(self._P, dtype=torch.float64, device=device)
+            )
         return P
 
     def init(self, f: Func, t: Time, y: torch.Tensor, f0: torch.Tensor | None) -> Any:

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .._rows import per_row
-from .base import DenseStep, Func, Solver, StepResult, Time
+from .base import DenseStep, Func, Solver, StepResult, Time, constant
 from .newton import Linearisation, jacobian, lu_factor
 from .rk import Terms, _combine, _h_state, _stage, _terms, _time
 from .tableaus import RosenbrockTableau
@@ -195,8 +195,8 @@ class _LinearlyImplicit(Solver):
     ) -> tuple[DenseStep, int, Any]:
         P = self._P_cache.get(y.device)
         if P is None:
-            P = self._P_cache[y.device] = torch.tensor(
-                self._P, dtype=torch.float64, device=y.device
+            P = self._P_cache[y.device] = constant(
+                lambda: torch.tensor(self._P, dtype=torch.float64, device=y.device)
             )
         return DenseStep(y, h, list(result.dense_info), P), 0, None
 
