@@ -1,4 +1,5 @@
-"""The compiled driver: the loop's attempts in blocks under ``torch.compile(fullgraph=True)``.
+"""The compiled driver: the loop's attempts in blocks (or in one ``while_loop``) under
+``torch.compile(fullgraph=True)``.
 
 On small and medium problems a solve's time is per-operation overhead (dispatch, autograd
 bookkeeping, one Python call per tensor operation), not arithmetic.  This driver runs the same
@@ -18,6 +19,15 @@ the controller's ``error_ratio`` and ``adapt``), but as a pure function of tenso
 
 Fixed-step solves compile their rollout in blocks of steps of the grid (known before the first
 step): no synchronisation at all.
+
+A solve through which no gradient flows (under ``torch.no_grad``, or with nothing that needs
+one; the adjoint's forward solve) runs whole in one compiled call instead: Hairer's first step
+and then the attempts (or the grid's steps) in a ``torch.while_loop`` until no row runs, each
+attempt's outputs written into the outputs as it goes.  No synchronisation at all, and one
+attempt to compile rather than a block of them.  A loop's body runs without autograd and may
+not change Python state, so solves that need a gradient, and the adjoint's backward solve
+(whose field differentiates inside itself), take blocks; a field that fails to trace in a loop
+takes blocks from then on.
 
 What it covers: the explicit Runge-Kutta methods (every :class:`~neuralode.ButcherTableau`) and
 the Rosenbrock methods (``rosenbrock23``, ``rodas4``, ``rodas5p``: each attempt takes the

@@ -173,8 +173,9 @@ def solve(
             ``Solution.backward_stats`` holds the backward solve's work counters.
         compile: run the solver's attempts in blocks compiled by ``torch.compile`` with
             ``fullgraph=True`` (``True``, or a dict of :class:`~neuralode.CompileOptions`
-            fields: ``backend``, ``mode``, ``block``, ``max_outputs``).  Every decision is a
-            mask and the host synchronises once per block, so the per-operation overhead that
+            fields: ``backend``, ``mode``, ``block``, ``max_outputs``, ``options``, ``loop``).
+            Every decision is a mask and the host synchronises once per block (a solve that
+            needs no gradient runs whole in one ``while_loop``), so the per-operation overhead that
             dominates small solves is fused away; the first solve of each shape pays the
             compilation (seconds to a minute on a CPU).  For the explicit Runge-Kutta methods
             and the Rosenbrock methods (``rosenbrock23``, ``rodas4``, ``rodas5p``; Jacobians by
