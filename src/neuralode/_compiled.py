@@ -413,7 +413,9 @@ def _adaptive_loop(
         buf = buf.index_put((rows, idx), vals)
         return _as_carried(torch.utils._pytree.tree_leaves((now, buf)), carried)
 
-    final = torch._higher_order_ops.while_loop(cond, body, tuple(leaves))
+    final = torch._higher_order_ops.while_loop(  # type: ignore[no-untyped-call]
+        cond, body, tuple(leaves)
+    )
     c, ys = torch.utils._pytree.tree_unflatten(list(final), spec)
     return c, ys
 
@@ -523,7 +525,9 @@ def _fixed_loop(
             torch.utils._pytree.tree_leaves((now, buf.index_put((rows, j), v), i + 1)), carried
         )
 
-    final = torch._higher_order_ops.while_loop(cond, body, tuple(leaves))
+    final = torch._higher_order_ops.while_loop(  # type: ignore[no-untyped-call]
+        cond, body, tuple(leaves)
+    )
     c, ys, _ = torch.utils._pytree.tree_unflatten(list(final), spec)
     return c, ys
 
@@ -779,9 +783,9 @@ def drive(
         assert grid is not None
         buf = Y0.new_full((B, T + 1) + Y0.shape[1:], math.nan)
         # (the grid's times may be a view of the outputs': a loop's inputs may not alias)
-        loop_args = (c, f, solver, plan, out, _fresh(grid.times), _fresh(grid.steps), P, buf)
+        grid_args = (c, f, solver, plan, out, _fresh(grid.times), _fresh(grid.steps), P, buf)
         try:
-            c, buf = _call(_fixed_loop, (*key, plan), opts, y0.device, *loop_args)
+            c, buf = _call(_fixed_loop, (*key, plan), opts, y0.device, *grid_args)
             ys = torch.cat([Y0.unsqueeze(1), buf[:, 1:T]], dim=1)
         except torch._dynamo.exc.TorchDynamoException:
             NO_LOOP.add(key)
