@@ -479,6 +479,13 @@ def test_inductor_forward_and_backward():
         out.append((sol.ys, *torch.autograd.grad(sol.ys.sum(), (y0, *f.parameters()))))
     for a, b in zip(*out):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # Without a gradient: the whole solve in one loop, as inductor generates it.
+    with torch.no_grad():
+        ref = solve(f, y0, t, method="tsit5", rtol=1e-5, atol=1e-6, batched=True)
+        sol = solve(f, y0, t, method="tsit5", rtol=1e-5, atol=1e-6, batched=True, compile=True)
+    assert {key[0] for key in _CACHE} >= {"_adaptive_loop"} and not NO_LOOP
+    torch.testing.assert_close(sol.ys, ref.ys, rtol=1e-4, atol=1e-5)
+    assert torch.equal(sol.stats.n_steps, ref.stats.n_steps)
     assert neuralode.CompileOptions.build(True) == CompileOptions()
     # On a CPU inductor's generated kernels are called from C++ (its cpp_wrapper).
     assert opts.compiler_options(torch.device("cpu")) == {"cpp_wrapper": True}
