@@ -745,23 +745,33 @@ def drive(
     vals: list[torch.Tensor] = []
     idx: list[torch.Tensor] = []
     ys = None
+    h_given = None  # first_step, per row
+    if ctrl is not None and first_step is not None:
+        h_given = _fresh(torch.as_tensor(first_step, dtype=t.dtype, device=t.device).expand(B))
     whole = opts.loop if opts.loop is not None else opts.block is None
-    if whole and ctrl is not None and _loops(f, key, Y0, F0, out, c.state):
-        c0 = c
-        if first_step is not None:
-            c0 = c._replace(h=_fresh(torch.as_tensor(first_step, dtype=t.dtype,
-                                                     device=t.device).expand(B)))  # fmt: skip
+    if whole and _loops(f, key, Y0, F0, out, c.state):
         buf = Y0.new_full((B, T + 1) + Y0.shape[1:], math.nan)
-        loop_args = (c0, f, solver, ctrl, plan, out, floor, P, buf, first_step is None)
+        base: Callable[..., Any]
+        kind: tuple[Any, ...]
+        args: tuple[Any, ...]
+        if ctrl is not None:
+            start = h_given is None
+            c0 = c if h_given is None else c._replace(h=h_given)
+            base, kind = _adaptive_loop, (*key, plan, start)
+            args = (c0, f, solver, ctrl, plan, out, floor, P, buf, start)
+        else:
+            assert grid is not None
+            # (the grid's times may be a view of the outputs': a loop's inputs may not alias)
+            base, kind = _fixed_loop, (*key, plan)
+            args = (c, f, solver, plan, out, _fresh(grid.times), _fresh(grid.steps), P, buf)
         try:
-            c, buf = _call(_adaptive_loop, (*key, plan, first_step is None), opts, y0.device,
-                           *loop_args)  # fmt: skip
+            c, buf = _call(base, kind, opts, y0.device, *args)
             ys = torch.cat([Y0.unsqueeze(1), buf[:, 1:T]], dim=1)
         except torch._dynamo.exc.TorchDynamoException:
             NO_LOOP.add(key)  # (a field torch.compile cannot trace in a loop: blocks instead)
     if ys is None and ctrl is not None:
-        if first_step is not None:
-            h0 = _fresh(torch.as_tensor(first_step, dtype=t.dtype, device=t.device).expand(B))
+        if h_given is not None:
+            h0 = h_given
         else:
             h0 = _call(_initial_step, key, opts, y0.device, ctrl, f, t, Y0, F0)
             c = c._replace(nfe=c.nfe + 1)
@@ -779,16 +789,6 @@ def drive(
             go_on, left = flags.tolist()
             if not go_on:
                 break
-    if ctrl is None and whole and _loops(f, key, Y0, F0, out, c.state):
-        assert grid is not None
-        buf = Y0.new_full((B, T + 1) + Y0.shape[1:], math.nan)
-        # (the grid's times may be a view of the outputs': a loop's inputs may not alias)
-        grid_args = (c, f, solver, plan, out, _fresh(grid.times), _fresh(grid.steps), P, buf)
-        try:
-            c, buf = _call(_fixed_loop, (*key, plan), opts, y0.device, *grid_args)
-            ys = torch.cat([Y0.unsqueeze(1), buf[:, 1:T]], dim=1)
-        except torch._dynamo.exc.TorchDynamoException:
-            NO_LOOP.add(key)
     if ys is None and ctrl is None:
         assert grid is not None
         n = grid.n
