@@ -92,11 +92,12 @@ class CompileOptions:
             (what pays on a GPU) but more attempts computed for rows already done.
         max_outputs: output times one step may pass (each attempt evaluates its interpolant at
             that many); a step that would pass more ends on the last of them instead.
-        loop: run an adaptive solve through which no gradient flows (under ``torch.no_grad``,
-            a field without parameters that need one, the adjoint's forward and backward
-            solves) in one compiled call, its attempts in a ``torch.while_loop``: no host
+        loop: run a solve through which no gradient flows (under ``torch.no_grad``, a field
+            without parameters that need one, the adjoint's forward solve) in one compiled
+            call, its attempts (or its fixed grid's steps) in a ``torch.while_loop``: no host
             synchronisation at all, and one graph of one attempt to compile.  ``None`` (the
-            default): where no ``block`` is given.  Solves that need a gradient take blocks.
+            default): where no ``block`` is given.  Solves that need a gradient, and the
+            adjoint's backward solve (its field differentiates inside itself), take blocks.
 
     Examples:
         >>> import torch, neuralode
