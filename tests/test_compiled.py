@@ -328,6 +328,74 @@ def test_a_solve_without_gradient_is_one_loop_call(fixed):
     assert ("_fixed_block" if fixed else "_adaptive_block") in {k[0] for k in _CACHE}
 
 
+@pytest.mark.parametrize("n_steps", [9, 10, 2])
+def test_a_fixed_loop_takes_block_steps_per_iteration(n_steps):
+    """With ``loop`` and a ``block`` of 3, a fixed grid's loop runs 3 steps per iteration (a
+    grid of 9 exactly, one of 10 padded with two steps of zero, one of 2 with one): the same
+    outputs and counters as the eager loop, from one graph; the outputs inside steps (the
+    interpolant) are placed from every step of an iteration."""
+    backend = _Counting()
+    f = MLP(3, dtype=torch.float64)
+    y0 = torch.randn(4, 3, dtype=torch.float64)
+    h = 2.0 / n_steps
+    t = torch.tensor(sorted({0.0, 0.3 * h, 1.5 * h, 2.0 - 0.5 * h, 2.0}), dtype=torch.float64)
+    opts = {"backend": backend, "loop": True, "block": 3}
+    with torch.no_grad():
+        ref = solve(f, y0, t, batched=True, method="rk4", step_size=h)
+        sol = solve(f, y0, t, batched=True, method="rk4", step_size=h, compile=opts)
+    torch.testing.assert_close(sol.ys, ref.ys, rtol=1e-12, atol=1e-12)
+    assert torch.equal(sol.stats.n_steps, ref.stats.n_steps)
+    assert torch.equal(sol.stats.n_steps, torch.full((4,), n_steps))
+    assert len(backend.graphs) == 1 and {k[0] for k in _CACHE} == {"_fixed_loop"}
+    assert {k[-1] for k in _CACHE} == {3}
+
+
+def test_a_loop_carries_each_value_exactly():
+    """The loop packs its per-row vectors into one floating and one integer matrix and
+    unpacks them into their own dtypes, exactly (float32 and float64 vectors share a float64
+    matrix, bools and counters a long one); a float32 state of one number per row, itself
+    such a vector, comes out of an adaptive and a fixed-step loop as out of the eager loop."""
+    from neuralode._compiled import _Packed
+
+    leaves = [
+        torch.tensor([0.1, -2.5], dtype=torch.float32),
+        torch.tensor([1e-300, 3.0], dtype=torch.float64),
+        torch.tensor([True, False]),
+        torch.tensor([2**40, -1]),
+        torch.randn(2, 3),
+        torch.tensor(7),
+        torch.randn(2, dtype=torch.complex64),  # a complex vector stays as it is
+    ]
+    packing = _Packed(leaves)
+    packed = packing.pack(leaves)
+    assert len(packed) == 2 + 3  # four vectors in two matrices, three tensors as they are
+    assert packed[0].dtype == torch.float64 and packed[1].dtype == torch.long
+    back = packing.unpack(tuple(packed))
+    for a, b in zip(back, leaves):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+    def f(t, y):
+        return -y * (1 + 0.5 * torch.sin(t))
+
+    y0 = torch.tensor([1.0, 2.0, -0.5], dtype=torch.float32)  # [rows]: one number per row
+    t = torch.linspace(0.0, 2.0, 4)
+    cases = [(kw, drv) for kw in ({"rtol": 1e-5, "atol": 1e-7}, {"method": "rk4", "step_size": 0.1})
+             for drv in (LOOP, TRACE)]  # fmt: skip
+    for kw, drv in cases:  # (blocks too: a state of one number per row failed in both before)
+        ref = solve(f, y0, t, batched=True, **kw)
+        sol = csolve(f, y0, t, batched=True, compile=drv, **kw)
+        assert sol.ys.dtype == torch.float32
+        torch.testing.assert_close(sol.ys, ref.ys, rtol=1e-6, atol=1e-7)
+        for name in ("n_steps", "n_accepted", "n_rejected"):
+            assert torch.equal(getattr(sol.stats, name), getattr(ref.stats, name)), name
+        # (rk4's interpolant evaluates f(t + h, y1), the next step's first stage, in the
+        # compiled steps: one more evaluation at the last)
+        extra = 0 if "rtol" in kw else 1
+        assert torch.equal(sol.stats.nfe, ref.stats.nfe + extra)
+        assert torch.equal(sol.status, ref.status)
+        reset()
+
+
 def test_a_field_that_cannot_run_in_a_loop_takes_blocks():
     """A loop's body may not change Python state: a field that does (a call counter) is
     solved in blocks instead, with the same numbers."""
