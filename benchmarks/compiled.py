@@ -182,7 +182,8 @@ def case(
 
 
 def rk4_steps(steps: int, repeats: int) -> dict[str, Any]:
-    """Per-step time of rk4 on a trivial field (the solver's own overhead)."""
+    """Per-step time of rk4 on a trivial field (the solver's own overhead): eager, compiled,
+    and diffrax's (jit, compare.py's overhead problem) where it is installed."""
     y0 = torch.randn(1, 8)
     t = torch.tensor([0.0, 1.0])
 
@@ -197,10 +198,19 @@ def rk4_steps(steps: int, repeats: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     run(True)()
     first = time.perf_counter() - t0
-    ms = best_of({"eager": run(False), "compiled": run(True)}, repeats)
+    runners: dict[str, Callable[[], Any]] = {"eager": run(False), "compiled": run(True)}
+    p = peers.Problem("decay-dim8", f, y0, 0.0, 1.0, lambda t, y, a: -y)
+    jax_run = peers.prepare("diffrax", p, "rk4", gradient=None, step_size=1.0 / steps)
+    if not isinstance(jax_run, str):
+        jax_run()  # compiles (jit)
+        runners["diffrax"] = jax_run
+    ms = best_of(runners, repeats)
     us = {k: v * 1e3 / steps for k, v in ms.items()}
-    print(f"rk4 {steps} steps: eager {us['eager']:.2f} us/step, compiled {us['compiled']:.2f}")
-    return {"steps": steps, "us_per_step": us, "first_call_s": first}
+    print(f"rk4 {steps} steps: " + ", ".join(f"{k} {v:.2f} us/step" for k, v in us.items()))
+    out = {"steps": steps, "us_per_step": us, "first_call_s": first}
+    if "diffrax" in us:
+        out["compiled_over_diffrax"] = us["compiled"] / us["diffrax"]
+    return out
 
 
 def table(res: dict[str, Any]) -> str:
@@ -226,16 +236,20 @@ def table(res: dict[str, Any]) -> str:
     r = res["rk4"]
     rows.append("")
     us = r["us_per_step"]
+    peer = ""
+    if "diffrax" in us:
+        ratio = r["compiled_over_diffrax"]
+        peer = f", diffrax {us['diffrax']:.2f} (compiled / diffrax {ratio:.1f})"
     rows.append(
         f"rk4, trivial field, {r['steps']} steps: eager {us['eager']:.1f} us/step, "
-        f"compiled {us['compiled']:.1f} us/step (first call {r['first_call_s']:.1f} s)."
+        f"compiled {us['compiled']:.2f} us/step{peer} (first call {r['first_call_s']:.1f} s)."
     )
     return "\n".join(rows)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    ap.add_argument("--shapes", nargs="*", default=list(SHAPES), help="none: rk4 only")
     ap.add_argument("--modes", nargs="+", default=["forward", "backprop", "adjoint"])
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--tol", type=float, default=1e-6)
