@@ -243,6 +243,32 @@ def test_esdirk_counts(method: str, reuse: bool) -> None:
             assert 0 <= redos < int(st.njev) < n_acc // 2 and int(st.nlu) <= n + redos
 
 
+@pytest.mark.parametrize("method", ["rodas5p", "rosenbrock23", "kvaerno5", "dopri5"])
+def test_batched_counters_are_each_rows_own_integers(method: str) -> None:
+    """A batched solve's counters (the stiff methods' Jacobians, factorisations and Newton
+    iterations among them) are ``long`` tensors holding what each row's solve alone counts:
+    rows of different stiffness take different steps, Jacobians and iterations."""
+    scale = torch.tensor([1.0, 8.0], dtype=DTYPE)
+
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return scale.view(-1, 1) * _stiffish(t.view(-1, 1), y)
+
+    y0 = Y0.expand(2, 3)
+    t = torch.tensor([0.0, 3.0], dtype=DTYPE)
+    kw = dict(method=method, rtol=1e-6, atol=1e-8)
+    rows = neuralode.solve(f, y0, t, batched=True, **kw).stats
+    for name, value in vars(rows).items():
+        assert value.dtype == torch.long, name
+    for i in range(2):
+        alone = neuralode.solve(lambda t, y, k=float(scale[i]): k * _stiffish(t, y), Y0, t, **kw)
+        for name, value in vars(alone.stats).items():
+            assert int(getattr(rows, name)[i]) == int(value), (name, i)
+    stiff = method != "dopri5"
+    assert not stiff or (rows.njev > 0).all() and (rows.nlu > 0).all()
+    assert (rows.n_newton > rows.n_steps).all() == (method == "kvaerno5")
+    assert rows.n_steps[0] != rows.n_steps[1]
+
+
 @pytest.mark.parametrize("method", ADAPTIVE)
 def test_zero_vector_field_takes_few_steps(method: str) -> None:
     solver = get_solver(method)

@@ -941,7 +941,8 @@ def _finite_rows(res: StepResult, batched: bool) -> torch.Tensor:
         parts.append(res.y_error)
     elif res.y_error is not None:
         parts.extend(res.y_error)
-    ok = [torch.isfinite(p).flatten(1 if batched else 0).all(-1) for p in parts]
+    # (per row: [rows, -1], as a state of one number per row, [rows], has no dimension 1)
+    ok = [torch.isfinite(p).reshape((p.shape[0], -1) if batched else (-1,)).all(-1) for p in parts]
     out = ok[0]
     for x in ok[1:]:
         out = out & x
