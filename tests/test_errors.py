@@ -225,7 +225,6 @@ def test_step_size_underflow_at_blow_up_default_tolerances() -> None:
     assert int(sol.status) == Status.STEP_SIZE_UNDERFLOW
 
 
-
 @pytest.mark.parametrize("shape", [(2,), (2, 1), (2, 1, 1)])
 def test_step_size_underflow_of_some_rows_with_any_state_shape(shape: tuple[int, ...]) -> None:
     """A batched solve whose state is one number per row (``[rows]``, no feature dimension)
@@ -237,6 +236,7 @@ def test_step_size_underflow_of_some_rows_with_any_state_shape(shape: tuple[int,
     assert sol.status.tolist() == [Status.STEP_SIZE_UNDERFLOW, Status.SUCCESS]
     assert float(sol.t_end[0]) == pytest.approx(1.0, abs=1e-6) and float(sol.t_end[1]) == 2.0
     torch.testing.assert_close(sol.ys[1, -1].reshape(()), torch.tensor(0.5, dtype=F64))
+
 
 def test_max_num_steps_says_how_to_raise_it() -> None:
     with pytest.raises(SolverError, match=r"max_num_steps") as info:
