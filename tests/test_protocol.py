@@ -560,6 +560,39 @@ class StateCheckerWithoutTimes(StateChecker):
     stage_times = Solver.stage_times
 
 
+class StateCheckerWithoutRetry(StateChecker):
+    """The same, giving no retry state (the protocol's ``None``: a rejected row keeps the
+    carried state its step started from)."""
+
+    def step(self, f, t, h, y, state, times=None) -> StepResult:
+        return super().step(f, t, h, y, state, times)._replace(retry_state=None)
+
+
+@pytest.mark.parametrize("rows", [0, 1, 3], ids=["one_row", "row", "batch"])
+def test_a_rejected_step_without_a_retry_state_keeps_the_rows_own(rows: int) -> None:
+    """A solver that gives no retry state (``None``) is handed, after a rejection, the carried
+    state its rejected step started from, in the float driver, in the tensor driver when every
+    row rejects and when some rows accept while others reject; the steps are dopri5's."""
+
+    def stiffish(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        t = t.unsqueeze(-1) if t.ndim else t
+        return -30.0 * (y - torch.sin(3.0 * t)) + torch.cos(t)
+
+    y0 = torch.tensor([0.5, -1.0], dtype=F64)
+    if rows:  # rows of different starts reject at different steps
+        y0 = y0 + 0.7 * torch.arange(rows, dtype=F64).unsqueeze(1)
+    t = torch.tensor([0.0, 3.0], dtype=F64)
+    kw = dict(rtol=1e-5, atol=1e-7, batched=rows > 0)
+    checker = StateCheckerWithoutRetry("dopri5")
+    sol = neuralode.solve(stiffish, y0, t, method=checker, **kw)
+    ref = neuralode.solve(stiffish, y0, t, method="dopri5", **kw)
+    torch.testing.assert_close(sol.ys, ref.ys, rtol=1e-12, atol=1e-12)
+    assert torch.equal(sol.stats.n_rejected, ref.stats.n_rejected)
+    assert bool((sol.stats.n_rejected > 0).all()) and checker.checked > 0
+    if rows > 1:
+        assert len(set(ref.stats.n_steps.tolist())) > 1
+
+
 @pytest.mark.parametrize(
     ("method", "kw"),
     [("rk4", dict(step_size=0.1)), ("dopri5", dict(rtol=1e-6, atol=1e-8))],

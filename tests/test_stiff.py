@@ -515,7 +515,7 @@ def test_block_solve_of_the_augmented_system_is_exact(per_row: bool) -> None:
     torch.testing.assert_close(block.ft, dense.ft, rtol=1e-10, atol=1e-12)
     r = torch.randn_like(x)
     for hg in (0.01, 0.3):
-        u = block.J.factored(hg, x).solve(r)
+        u = block.J.factored(hg).solve(r)
         eye = torch.eye(x.numel(), dtype=DTYPE)
         expected = torch.linalg.solve(eye - hg * dense.J, r)
         torch.testing.assert_close(u, expected, rtol=1e-10, atol=1e-12)

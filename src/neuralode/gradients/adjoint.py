@@ -506,7 +506,7 @@ class _AugmentedJacobian:
         A = (self.Jf * self.scale).abs()
         return torch.maximum(A.sum(-1).amax(-1), A.sum(-2).amax(-1)).amax()
 
-    def factored(self, hg: torch.Tensor | float, like: torch.Tensor) -> _AugmentedSolve:
+    def factored(self, hg: torch.Tensor | float) -> _AugmentedSolve:
         return _AugmentedSolve(self, hg)
 
 

@@ -45,7 +45,7 @@ class Linearisation(NamedTuple):
         J: ``df/dy``: ``[batch, N, N]`` batched, ``[N, N]`` unbatched (``N`` = features per
             sample, flattened; ``J[..., i, j] = d f_i / d y_j``); from
             ``jacobian(..., structured=True)`` it may instead be a field's own operator with
-            ``factored(hg, like).solve(rhs)`` and ``inf_norm()`` (the adjoint's block form).
+            ``factored(hg).solve(rhs)`` and ``inf_norm()`` (the adjoint's block form).
         ft: ``df/dt``, shaped like ``y``.
     """
 
@@ -77,7 +77,7 @@ def jacobian(f: Func, t: torch.Tensor, y: torch.Tensor, structured: bool = False
     its own Jacobian (a ``linearise(t, y)`` method returning a :class:`Linearisation` or
     ``None``: the adjoint's augmented field, whose Jacobian is block lower-triangular) gives its
     own, without gradients (under ``torch.no_grad``); its ``J`` is then an object with
-    ``factored(hg, like)`` and ``inf_norm()`` rather than a matrix.
+    ``factored(hg)`` and ``inf_norm()`` rather than a matrix.
 
     Args:
         f: the vector field; batched, row ``b`` of ``f(t, y)`` may depend on row ``b`` of ``y``

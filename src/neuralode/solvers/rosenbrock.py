@@ -118,7 +118,7 @@ def _factor(J: Any, hg: torch.Tensor | float, like: torch.Tensor) -> Any:
     otherwise (:func:`~neuralode.solvers.newton.jacobian`'s ``structured``)."""
     if isinstance(J, torch.Tensor):
         return _Factored(J, hg, like)
-    return J.factored(hg, like)
+    return J.factored(hg)
 
 
 class KnownLinearisation(NamedTuple):
