@@ -136,6 +136,23 @@ def test_l_stable(method: str) -> None:
     assert abs(_one_step(method, z) - math.exp(z)) < 10 * abs(z) ** (p + 1)
 
 
+@pytest.mark.parametrize("method", STIFF)
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_float32_state_is_solved_in_float32(method: str, batched: bool) -> None:
+    """Robertson in float32 (its time in float64): the linear algebra runs in the state's
+    dtype (``h gamma`` per row cast to it), the outputs are float32 and agree with the float64
+    solve to float32's tolerance."""
+    t = torch.tensor([0.0, 1.0, 10.0], dtype=DTYPE)
+    y0 = torch.tensor([1.0, 0.0, 0.0], dtype=DTYPE)
+    if batched:
+        y0 = y0.expand(2, 3)
+    kw = dict(method=method, rtol=1e-4, atol=1e-7, batched=batched)
+    ref = neuralode.solve(robertson(), y0, t, **kw)
+    sol = neuralode.solve(robertson(), y0.float(), t, **kw)
+    assert sol.ys.dtype == torch.float32 and sol.success
+    torch.testing.assert_close(sol.ys.double(), ref.ys, rtol=1e-3, atol=1e-6)
+
+
 @pytest.mark.parametrize("method", ROSENBROCK)
 def test_one_step_evaluates_at_its_nodes(method: str) -> None:
     """One accepted step evaluates ``f`` once per stage, at ``t0 + c_i h`` (the first through
