@@ -243,6 +243,29 @@ def test_esdirk_counts(method: str, reuse: bool) -> None:
             assert 0 <= redos < int(st.njev) < n_acc // 2 and int(st.nlu) <= n + redos
 
 
+def test_newton_iterations_stop_at_the_solves_own_tolerances() -> None:
+    """An adaptive implicit solve configures its Newton iteration with its own rtol, atol and
+    norm: the same iterations as those tolerances given to ``NewtonSettings``, and fewer than
+    the round-off tolerance (``eps ** 0.75``) a step taken outside a controlled solve uses."""
+    t = torch.tensor([0.0, 3.0], dtype=DTYPE)
+    tab = ESDIRK_TABLEAUS["kvaerno5"]
+    eps = torch.finfo(DTYPE).eps ** 0.75
+
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # nonlinear: Newton iterates
+        d = y - torch.sin(3.0 * t)
+        return -30.0 * (d + d**3)
+
+    def run(settings: NewtonSettings | None) -> neuralode.Solution:
+        solver = Esdirk(tab, settings)
+        return neuralode.solve(f, Y0, t, method=solver, rtol=1e-3, atol=1e-6)
+
+    own, given = run(None), run(NewtonSettings(rtol=1e-3, atol=1e-6))
+    tight = run(NewtonSettings(rtol=eps, atol=eps))
+    assert int(own.stats.n_newton) == int(given.stats.n_newton)
+    torch.testing.assert_close(own.ys, given.ys, rtol=0, atol=0)
+    assert int(own.stats.n_newton) < int(tight.stats.n_newton)
+
+
 @pytest.mark.parametrize("method", ["rodas5p", "rosenbrock23", "kvaerno5", "dopri5"])
 def test_batched_counters_are_each_rows_own_integers(method: str) -> None:
     """A batched solve's counters (the stiff methods' Jacobians, factorisations and Newton
