@@ -186,6 +186,47 @@ def test_gmres_stops_at_the_first_product_within_tol() -> None:
         )
 
 
+def test_one_cycle_of_gmres_minimises_the_residual_over_its_space() -> None:
+    """After one cycle of ``k < N`` products the solution is the least-squares one over the
+    Krylov space of ``k`` vectors: its true residual is the least (computed independently by
+    least squares on ``[b, A b, ..., A^{k-1} b]``), not merely a smaller one."""
+    N, B = 8, 3
+    A = _systems(B, N, seed=31)
+    b = torch.randn(B, N, dtype=DTYPE, generator=torch.Generator().manual_seed(32))
+    for k in (1, 2, 4, 7):
+        x, products, ok = gmres(_matvec(A), b, torch.zeros(B, dtype=DTYPE), k)
+        assert products.tolist() == [k] * B and not bool(ok.any())
+        for i in range(B):
+            K = [b[i]]
+            for _ in range(k - 1):
+                K.append(A[i] @ K[-1])
+            Q, _ = torch.linalg.qr(torch.stack(K, 1))
+            y = torch.linalg.lstsq(A[i] @ Q, b[i].unsqueeze(1)).solution.squeeze(1)
+            least = (b[i] - A[i] @ Q @ y).norm()
+            torch.testing.assert_close((b[i] - A[i] @ x[i]).norm(), least, rtol=1e-8, atol=1e-12)
+            torch.testing.assert_close(x[i], Q @ y, rtol=1e-8, atol=1e-12)
+
+
+def test_gmres_on_a_singular_space_stops_unconverged() -> None:
+    """A Krylov space on which ``A`` is singular (``A = [[0, 1], [0, 0]]``, ``b = e1``: ``A b =
+    0``, though ``x = e2`` solves it) cannot lower the residual: the row stops after the product
+    that shows it, reported not converged with ``x = 0`` (residual ``||b||``), restarts or
+    not, while the batch's other row converges.  It was reported converged, its residual 1."""
+    A = torch.tensor([[[0.0, 1.0], [0.0, 0.0]], [[2.0, 0.0], [0.0, 1.0]]], dtype=DTYPE)
+    b = torch.tensor([[1.0, 0.0], [1.0, 1.0]], dtype=DTYPE)
+    for restarts in (0, 3):
+        x, products, ok = gmres(_matvec(A), b, torch.full((2,), 1e-10, dtype=DTYPE), 2, restarts)
+        assert ok.tolist() == [False, True] and products.tolist() == [1, 2]
+        assert torch.equal(x[0], torch.zeros(2, dtype=DTYPE))
+        torch.testing.assert_close(x[1], torch.tensor([0.5, 1.0], dtype=DTYPE))
+    # A singular A whose Krylov space holds the solution: found, in the products it needs.
+    S = torch.diag(torch.tensor([0.0, 1.0, 3.0], dtype=DTYPE)).unsqueeze(0)
+    x, products, ok = gmres(_matvec(S), torch.tensor([[0.0, 1.0, 3.0]], dtype=DTYPE),
+                            torch.full((1,), 1e-12, dtype=DTYPE), 3)  # fmt: skip
+    assert ok.tolist() == [True] and products.tolist() == [2]
+    torch.testing.assert_close(x[0], torch.tensor([0.0, 1.0, 1.0], dtype=DTYPE))
+
+
 def test_right_preconditioning() -> None:
     """With ``M = A`` one product solves each row; with ``M`` = ``A``'s diagonal, fewer
     products than without, and the residual tested is ``A x - b`` itself."""

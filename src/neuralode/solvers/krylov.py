@@ -93,18 +93,22 @@ def gmres(
     products = torch.zeros(B, dtype=torch.long, device=b.device)
     r = b
     done = r.norm(dim=1) <= tol
+    # Rows whose Krylov space stopped growing with ``A`` singular on it (a column of the
+    # Hessenberg matrix that rotates to zero): no further product, nor restart, can lower
+    # their residual, which stays above ``tol``; they stop, not converged.
+    stuck = torch.zeros_like(done)
     tiny = torch.finfo(b.dtype).tiny
     op = matvec  # the operator whose Krylov space is built: A, or A M^-1
     if precondition is not None:
         solve_m = precondition
         op = lambda v: matvec(solve_m(v))  # noqa: E731
     for cycle in range(restarts + 1):
-        if bool(done.all()):
+        if bool((done | stuck).all()):
             break
         if cycle > 0:
             r = b - matvec(x)
-            products = products + ~done
-            done = done | (r.norm(dim=1) <= tol)
+            products = products + ~(done | stuck)
+            done = done | (~stuck & (r.norm(dim=1) <= tol))
         beta = r.norm(dim=1)
         V = b.new_zeros(B, m + 1, N)
         V[:, 0] = r / beta.clamp_min(tiny).unsqueeze(1)
@@ -120,9 +124,10 @@ def gmres(
         last = torch.full((B,), -1, dtype=torch.long, device=b.device)
         k = 0
         for k in range(m):
+            idle = done | stuck
             w = op(V[:, k])
-            products = products + ~done
-            last = torch.where(done, last, k)
+            products = products + ~idle
+            last = torch.where(idle, last, k)
             Vk = V[:, : k + 1]
             # Classical Gram-Schmidt, twice (as stable as the modified one, in two products).
             h = torch.bmm(Vk, w.unsqueeze(2))
@@ -136,15 +141,20 @@ def gmres(
             col = torch.bmm(Q[:, : k + 2, : k + 2], col.unsqueeze(2)).squeeze(2)
             a, c_next = col[:, k], col[:, k + 1]
             rho = torch.hypot(a, c_next)
-            safe = rho.clamp_min(tiny)
-            c = torch.where(rho > 0, a / safe, 1.0).unsqueeze(1)
-            s = torch.where(rho > 0, c_next / safe, 0.0).unsqueeze(1)
+            safe = rho.clamp_min(tiny)  # (rho = 0: c = s = 0, on a row that stops here)
+            c, s = (a / safe).unsqueeze(1), (c_next / safe).unsqueeze(1)
             R[:, :k, k] = col[:, :k]
             R[:, k, k] = rho
             q_k, q_next = Q[:, k, : k + 2], Q[:, k + 1, : k + 2]
             Q[:, k, : k + 2], Q[:, k + 1, : k + 2] = c * q_k + s * q_next, c * q_next - s * q_k
-            done = done | (beta * Q[:, k + 1, 0].abs() <= tol)
-            if bool(done.all()):
+            # rho = 0: column k adds nothing (A V_k lies in A's image of the earlier columns),
+            # and beta |Q[k + 1, 0]| is not the residual, which stays the last one: such a row
+            # solves without the column (its rows k and k + 1 of Q are not read), and stops.
+            singular = ~idle & (rho == 0)
+            last = torch.where(singular, k - 1, last)
+            stuck = stuck | singular
+            done = done | (~stuck & (beta * Q[:, k + 1, 0].abs() <= tol))
+            if bool((done | stuck).all()):
                 break
         # Columns past a row's last (and zero ones: a space that stopped growing, its exact
         # solution found) are replaced by the identity's, with zero right-hand sides, which
