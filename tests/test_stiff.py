@@ -544,12 +544,16 @@ def test_block_solve_of_the_augmented_system_is_exact(per_row: bool) -> None:
     torch.testing.assert_close(block.J.inf_norm(), expected_norm, rtol=1e-12, atol=0.0)
 
 
-@pytest.mark.parametrize("method", ["rodas5p", "kvaerno5"])
-def test_stiff_adjoint_with_the_block_jacobian(method: str, monkeypatch) -> None:
+@pytest.mark.parametrize(
+    ("method", "cubic"), [("rodas5p", 0.0), ("kvaerno5", 0.0), ("kvaerno5", -40.0)]
+)
+def test_stiff_adjoint_with_the_block_jacobian(method: str, cubic: float, monkeypatch) -> None:
     """A network's stiff adjoint: the backward solve with the block-form Jacobian takes the same
     steps and gives the same gradients as with the dense one (2 N + P = 137 components here,
     each row of it a second-order product), and both agree with backprop; the block form never
-    builds the dense Jacobian of the augmented field (its first step's neither)."""
+    builds the dense Jacobian of the augmented field (its first step's neither).  With a cubic
+    term, kvaerno5's reused Jacobians fail to converge and are taken again within an interval
+    (43 Jacobians for 2 intervals): the block form is refreshed as the dense one is."""
     from neuralode.gradients.adjoint import _Augmented
     from neuralode.solvers import newton
 
@@ -567,7 +571,7 @@ def test_stiff_adjoint_with_the_block_jacobian(method: str, monkeypatch) -> None
     A = torch.tensor([[-30.0, 1.0, 0.0], [0.0, -1.0, 2.0], [0.5, 0.0, -3.0]], dtype=DTYPE)
 
     def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return y @ A.T + 0.5 * net(y)
+        return y @ A.T + cubic * y**3 + 0.5 * net(y)
 
     y0 = torch.tensor([[1.0, 0.5, -0.2], [0.3, -0.4, 0.8]], dtype=DTYPE, requires_grad=True)
     ts = torch.tensor([0.0, 0.3, 1.0], dtype=DTYPE)
@@ -583,7 +587,9 @@ def test_stiff_adjoint_with_the_block_jacobian(method: str, monkeypatch) -> None
         out[structured] = (grads, sol.backward_stats)
         dense_calls[structured] = len(dense_of_augmented)
     assert dense_calls[True] == 0 < dense_calls[False], dense_calls
-    if method == "kvaerno5":  # a Jacobian every step: the block form at every step's start too
+    if cubic:
+        assert out[True][1] is not None and int(out[True][1].njev.sum()) > 2 * len(ts)
+    if method == "kvaerno5" and not cubic:  # a Jacobian every step: the block form too
         from neuralode.solvers.esdirk import Esdirk, NewtonSettings
         from neuralode.solvers.tableaus import ESDIRK_TABLEAUS
 
@@ -609,7 +615,9 @@ def test_stiff_adjoint_with_the_block_jacobian(method: str, monkeypatch) -> None
     g_ref = torch.autograd.grad(ref.ys.square().sum(), (y0, *params))
     flat = torch.cat([g.reshape(-1) for g in g_block])
     flat_ref = torch.cat([g.reshape(-1) for g in g_ref])
-    assert float((flat - flat_ref).norm() / flat_ref.norm()) < 1e-4
+    # (the adjoint's and backprop's gradients differ by the solves' errors: 1.9e-4 with the
+    # cubic term)
+    assert float((flat - flat_ref).norm() / flat_ref.norm()) < (1e-3 if cubic else 1e-4)
 
 
 def test_adjoint_on_a_dissipative_stiff_problem_says_to_use_checkpoint() -> None:
