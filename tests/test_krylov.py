@@ -219,6 +219,14 @@ def test_gmres_on_a_singular_space_stops_unconverged() -> None:
         assert ok.tolist() == [False, True] and products.tolist() == [1, 2]
         assert torch.equal(x[0], torch.zeros(2, dtype=DTYPE))
         torch.testing.assert_close(x[1], torch.tensor([0.5, 1.0], dtype=DTYPE))
+    # Singular on its space at the second product, exactly (A = diag(0, 0, 2, 2), b = ones:
+    # the basis is exact in binary, and the second column rotates to exactly zero): the
+    # least-squares solution over the first column's space, x = b / 2, residual sqrt(2).
+    D = torch.diag(torch.tensor([0.0, 0.0, 2.0, 2.0], dtype=DTYPE)).unsqueeze(0)
+    b1 = torch.ones(1, 4, dtype=DTYPE)
+    x, products, ok = gmres(_matvec(D), b1, torch.full((1,), 1e-10, dtype=DTYPE), 4)
+    assert ok.tolist() == [False] and products.tolist() == [2]
+    torch.testing.assert_close(x, b1 / 2)
     # A singular A whose Krylov space holds the solution: found, in the products it needs.
     S = torch.diag(torch.tensor([0.0, 1.0, 3.0], dtype=DTYPE)).unsqueeze(0)
     x, products, ok = gmres(_matvec(S), torch.tensor([[0.0, 1.0, 3.0]], dtype=DTYPE),
