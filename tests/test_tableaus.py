@@ -525,6 +525,16 @@ _KV3 = ESDIRK_TABLEAUS["kvaerno3"]
             r" fails its check sum\(b_err\) == 0: "
             r"0\.564133478491541 vs 0\.0",
         ),
+        # The last row, b and c[-1] moved together by 1/2: every check above holds, but
+        # sum(b) = c[-1] = 3/2 (the last stage would sit past the step's end).
+        (
+            {
+                "a": _with(_KV3.a, 3, (_KV3.a[3][0] + F(1, 2), *_KV3.a[3][1:])),
+                "b": _with(_KV3.b, 0, _KV3.b[0] + F(1, 2)),
+                "c": _with(_KV3.c, 3, F(3, 2)),
+            },
+            r" fails its check c\[-1\] == 1 \(the last stage is the step's end\): 1\.5 vs 1\.0",
+        ),
     ],
 )
 def test_bad_esdirk_tableau_raises_naming_the_check(change: dict, message: str) -> None:
