@@ -189,8 +189,21 @@ def test_method_as_name_or_solver() -> None:
     by_solver = neuralode.solve(f, y0, ts, method=Rosenbrock(RODAS5P), rtol=1e-6, atol=1e-8)
     assert torch.equal(by_name.ys, by_solver.ys)
     assert int(by_name.stats.nfe) == int(by_solver.stats.nfe)
-    with pytest.raises(TypeError, match="RosenbrockTableau"):
+    with pytest.raises(TypeError, match="needs a RosenbrockTableau, got ButcherTableau$"):
         Rosenbrock(neuralode.get_tableau("dopri5"))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["rodas4", "rodas5p"])
+def test_a_rosenbrock_built_now_holds_what_the_registrys_does(name: str) -> None:
+    """``Rosenbrock`` derives its name, orders and stage terms from the tableau once; built
+    now, it holds what the registry's instance holds (the per-device cache aside)."""
+    from neuralode.solvers.rosenbrock import Rosenbrock
+    from neuralode.solvers.tableaus import ROSENBROCK_TABLEAUS
+
+    fresh, registered = Rosenbrock(ROSENBROCK_TABLEAUS[name]), neuralode.get_solver(name)
+    want = {k: v for k, v in vars(registered).items() if k != "_P_cache"}
+    assert {k: v for k, v in vars(fresh).items() if k != "_P_cache"} == want
+    assert fresh.name == name and fresh.order == ROSENBROCK_TABLEAUS[name].order
 
 
 @pytest.mark.parametrize(("method", "order"), [("rosenbrock23", 2), ("rodas4", 1)])
