@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import pickle
@@ -213,6 +214,75 @@ def _toy_trainer(run_dir: Path, fault: int | None = None) -> engine.Trainer:
     return engine.Trainer(
         run_dir, _ToyTask(model), model, optimizer, scheduler, schedule, DistContext(), quiet=True
     )
+
+
+@dataclass(frozen=True)
+class _RunConfig:
+    out: str
+    device: str = "cpu"
+    quiet: bool = True
+    epochs: int = 3
+
+    def data_requirements(self) -> dict[str, str]:
+        return {}
+
+
+def test_the_ddp_wrapper_is_gone_before_the_process_group_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DDP's reducer holds the process group; if it outlives ``destroy_process_group``, the
+    group's destructor runs inside the reducer's, holding the GIL, and can wait forever on a
+    gloo worker that needs it (torchrun hung at exit once in ~10 runs on 2 busy cores). A real
+    DDP run (a one-process gloo group behind a two-process context) checks that no wrapper is
+    alive when the group is destroyed, on a finished run and on a crashed one."""
+    import gc
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from neuralode.experiments import distributed
+
+    alive: list[int] = []
+    real_destroy = dist.destroy_process_group
+
+    def destroy(*args: Any, **kwargs: Any) -> None:
+        alive.append(sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects()))
+        real_destroy(*args, **kwargs)
+
+    monkeypatch.setattr(dist, "destroy_process_group", destroy)
+    monkeypatch.setattr(distributed, "setup", lambda device: DistContext(world_size=2))
+
+    def make_trainer(ctx: DistContext, run_dir: Path, *, crash: int | None) -> engine.Trainer:
+        assert ctx.distributed
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 8), nn.Linear(8, 1))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=7)
+        schedule = engine.Schedule(total_steps=6, steps_per_epoch=2, log_every=2,
+                                   checkpoint_every=2)  # fmt: skip
+        task = _ToyTask(model)
+        task.crash_at = crash
+        trainer = engine.Trainer(run_dir, task, model, optimizer, scheduler, schedule, ctx,
+                                 quiet=True)  # fmt: skip
+        assert isinstance(trainer.train_model, DistributedDataParallel)
+        return trainer
+
+    def finish(trainer: engine.Trainer, run_dir: Path) -> dict[str, Any]:
+        return {"test_loss": trainer.last_epoch.get("test_loss")}
+
+    for crash in (None, 3):
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        config = _RunConfig(out=str(tmp_path / f"run{crash}"))
+        try:
+            metrics = engine.run_experiment(
+                "toy", config, functools.partial(make_trainer, crash=crash), finish
+            )
+        except RuntimeError as exc:
+            assert crash is not None and "simulated crash" in str(exc)
+        else:
+            assert crash is None and metrics["test_loss"] > 0
+        assert not dist.is_initialized()
+    assert alive == [0, 0]
 
 
 def _without_times(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
