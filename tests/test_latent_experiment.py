@@ -126,6 +126,7 @@ def test_baselines_and_periodic_data_run(model: str, data: str, task: str, tmp_p
         assert metrics["test_interp_rmse"] > 0 and "paper_test_extrap_rmse" not in metrics
     else:
         assert metrics["paper_test_extrap_rmse"] == TABLE2[("rnn", 30)]
+        assert 0 < metrics["test_extrap_rmse_seen"] != metrics["test_extrap_rmse"]
     assert (tmp_path / "run" / "figures" / "predictions.png").exists()
 
 
@@ -156,6 +157,42 @@ def test_the_targets_are_the_papers() -> None:
     torch.testing.assert_close(test.grid_values, data.clean[test_idx], rtol=0, atol=0)
     # The observed values are the noisy ones; clean holds the truth at the same times.
     assert float((test.values - test.clean).std()) == pytest.approx(0.3, rel=0.25)
+
+
+def test_extrapolation_seen_by_hand() -> None:
+    # Windows of 3 points, 2 extrapolation targets; training series 0 (curve 0, points 2-4)
+    # and 1 (curve 1, points 0-2).  Series 2 (curve 0, start 0) is scored on points 3-4:
+    # seen; series 3 (curve 0, start 1) on 4-5: 5 is not; series 4 (curve 1, start 0) on 3-4:
+    # not (curve 1 is covered to 2 only, curve 0's cover does not count).
+    starts = torch.tensor([2, 0, 0, 1, 0])
+    clockwise = torch.tensor([False, True, False, False, True])
+    seen = lat.extrapolation_seen(starts, clockwise, torch.tensor([0, 1]), 3, 2)
+    assert seen.tolist() == [False, False, True, False, False]
+    mask = torch.tensor([True, True, False, False, False])
+    assert torch.equal(lat.extrapolation_seen(starts, clockwise, mask, 3, 2), seen)
+
+
+def test_the_seen_rmse_is_over_the_series_the_training_windows_cover() -> None:
+    # The paper's spirals: starts uniform in [100, 800] of the 1000-point curves; a test series
+    # starting after the latest training window (per direction) extrapolates onto unseen points.
+    config = lat.LatentConfig(n_series=1000, observations=30)
+    train, test = lat.load_series(config)
+    data = make_spirals(SpiralConfig(n_spirals=1000, noise_std=0.3, seed=0))
+    train_idx, test_idx = split_indices(1000, 0.8)
+    start, cw = data.start_index, data.clockwise
+    for d in (False, True):
+        last = int(start[train_idx][cw[train_idx] == d].max())  # windows reach last + 99
+        rows = test_idx[(cw[test_idx] == d).numpy()]
+        expected = (start[rows] + 199 <= last + 99).tolist()
+        assert test.seen is not None and test.seen[cw[test_idx] == d].tolist() == expected
+    assert 0 < int(test.seen.sum()) < len(test)
+    assert train.seen is not None and train.seen.shape == (800,)
+    # Off by 1 on the seen series, by 5 on the others: the seen RMSE is 1.
+    pred = test.grid_values[:, 100:] + torch.where(test.seen, 1.0, 5.0)[:, None, None]
+    assert lat._seen_rmse(pred, test)["extrap_rmse_seen"] == pytest.approx(1.0)
+    k = int(test.seen.sum())
+    overall = lat.masked_rmse(pred, test.grid_values[:, 100:])
+    assert overall == pytest.approx(((k + 25 * (200 - k)) / 200) ** 0.5)
 
 
 def test_grid_predictions_land_on_the_right_points() -> None:

@@ -1,0 +1,129 @@
+"""Table 2 of the paper from latent run folders, and the test RMSE of runs against iterations.
+
+Reads each run's ``config.json`` (model, observations, seed) and its final metrics
+(``evaluation.json`` when ``neuralode evaluate`` wrote one, else ``metrics.json``), groups the
+runs by model and n, and prints a Markdown table of the extrapolation RMSE over all test series
+and over the ``seen`` ones (whose extrapolation targets lie on points some training window
+observes: :func:`neuralode.experiments.latent.extrapolation_seen`), each as the mean over seeds
+with the range, beside the paper's numbers.  ``--figure`` draws the test extrapolation RMSE
+of the ``--curves`` runs against the iteration.
+
+    python benchmarks/latent_table.py runs/latent-*            # after `make latent`
+    python benchmarks/latent_table.py runs/latent-* --figure budget.png \\
+        --curves "latent ODE, n = 30=runs/latent-latent-ode-30-s0"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+# Chen et al. (2018), Table 2: predictive RMSE at n = 30, 50, 100 observed points.
+PAPER = {
+    "rnn": {30: 0.3937, 50: 0.3202, 100: 0.1813},
+    "latent-ode": {30: 0.1642, 50: 0.1502, 100: 0.1346},
+}
+NAMES = {"latent-ode": "Latent ODE", "rnn": "RNN", "rnn-gaps": "RNN with time gaps"}
+
+
+def final_metrics(run: Path) -> dict[str, Any]:
+    """The run's last test metrics: ``evaluation.json`` if present, else ``metrics.json``."""
+    for name in ("evaluation.json", "metrics.json"):
+        if (run / name).is_file():
+            return dict(json.loads((run / name).read_text()))
+    raise SystemExit(f"{run}: no metrics.json or evaluation.json (train or evaluate it first)")
+
+
+def cell(values: list[float]) -> str:
+    """``mean`` of one value, ``mean (min-max)`` of several."""
+    if not values:
+        return "-"
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.3f}"
+    return f"{mean:.3f} ({min(values):.3f}-{max(values):.3f})"
+
+
+def table(runs: list[Path]) -> str:
+    groups: dict[tuple[str, int, int], list[dict[str, Any]]] = defaultdict(list)
+    for run in runs:
+        config = json.loads((run / "config.json").read_text())
+        if config.get("experiment") != "latent" or config.get("data") != "spirals":
+            continue
+        metrics = final_metrics(run)
+        group = (config["model"], int(config["observations"]), int(config["iterations"]))
+        groups[group].append(metrics)
+    ns = sorted({n for _, n, _ in groups})
+    head = "| extrapolation RMSE | " + " | ".join(f"n = {n}" for n in ns) + " |"
+    lines = [head, "|" + " --- |" * (len(ns) + 1)]
+    for model in ("rnn", "latent-ode"):
+        lines.append(
+            f"| {NAMES[model]} (paper) | "
+            + " | ".join(f"{PAPER[model].get(n, '-')}" for n in ns)
+            + " |"
+        )
+    for model in ("rnn", "rnn-gaps", "latent-ode"):
+        for steps in sorted({s for m, _, s in groups if m == model}):
+            for key, what in (("test_extrap_rmse", "all"), ("test_extrap_rmse_seen", "seen")):
+                row, seeds = [], 0
+                for n in ns:
+                    found = groups.get((model, n, steps), [])
+                    row.append(cell([r[key] for r in found if r.get(key) is not None]))
+                    seeds = max(seeds, len(found))
+                lines.append(
+                    f"| {NAMES[model]}, ours, {steps} it., {what} series "
+                    f"({seeds} seed{'s' * (seeds > 1)}) | " + " | ".join(row) + " |"
+                )
+    return "\n".join(lines)
+
+
+def figure(path: Path, curves: list[tuple[str, Path]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.4))
+    for i, (label, run) in enumerate(curves):
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x]
+        for key, style, what in (
+            ("test_extrap_rmse", "-", "all test series"),
+            ("test_extrap_rmse_seen", "--", "seen series"),
+        ):
+            points = [(r["step"], r[key]) for r in rows if key in r]
+            if points:
+                ax.plot(*zip(*points), style, color=f"C{i}", label=f"{label}: {what}")
+    ax.axhline(0.1642, color="k", ls=":", lw=1, label="paper, latent ODE, n = 30")
+    ax.axhline(0.1346, color="gray", ls=":", lw=1, label="paper, latent ODE, n = 100")
+    ax.set(
+        xlabel="iteration (batches of 100 series)",
+        ylabel="test extrapolation RMSE",
+        yscale="log",
+        title="Latent ODE on the spirals: test RMSE against the training budget",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="latent run folders")
+    parser.add_argument("--figure", type=Path, help="draw the --curves runs into this PNG")
+    parser.add_argument(
+        "--curves", nargs="*", default=[], help="LABEL=RUN: runs to draw against iterations"
+    )
+    args = parser.parse_args()
+    print(table([r for r in args.runs if (r / "config.json").is_file()]))
+    if args.figure:
+        figure(args.figure, [(c.rsplit("=", 1)[0], Path(c.rsplit("=", 1)[1])) for c in args.curves])
+
+
+if __name__ == "__main__":
+    main()
