@@ -16,13 +16,20 @@ import json
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from clitools import neuralode, records
 from conftest import EXPERIMENTS_EXTRA, requires
 
 from neuralode import cli
-from neuralode.data.timeseries import SpiralConfig, make_spirals, split_indices
+from neuralode.data.timeseries import (
+    SpiralConfig,
+    co2_windows,
+    load_co2,
+    make_spirals,
+    split_indices,
+)
 from neuralode.experiments import engine
 from neuralode.experiments import latent as lat
 from neuralode.experiments.config import config_from_dict, load_preset
@@ -220,6 +227,66 @@ def test_grid_predictions_land_on_the_right_points() -> None:
             )
             assert float(samples[0, b, : int(i0[b])].abs().sum()) == 0.0
     assert nfe.shape == (1, len(series))
+
+
+def test_co2_windows_leave_out_gaps_and_split_in_time() -> None:
+    ppm = np.arange(40.0)
+    ppm[[3, 25]] = np.nan
+    train, test = co2_windows(ppm, window=4, horizon=2, stride=3, split=21)
+    span = 6
+    starts = np.arange(0, 35, 3)  # every third week while a whole window fits
+    complete = [s for s in starts if not np.isnan(ppm[s : s + span]).any()]
+    assert train.tolist() == [s for s in complete if s + span <= 21] == [6, 9, 12, 15]
+    assert test.tolist() == [s for s in complete if s >= 21] == [27, 30, 33]
+    with pytest.raises(ValueError, match="split must be in"):
+        co2_windows(ppm, 4, 2, 3, split=40)
+    with pytest.raises(ValueError, match="no complete 6-week window on the test side"):
+        co2_windows(ppm, 4, 2, 3, split=36)
+    with pytest.raises(ValueError, match="at least 1"):
+        co2_windows(ppm, 4, 0, 3, split=20)
+
+
+@requires("statsmodels", install="pip install statsmodels")
+def test_the_co2_record_and_its_windows() -> None:
+    years, ppm = load_co2()
+    assert ppm.shape == years.shape == (2284,) and int(np.isnan(ppm).sum()) == 59
+    assert years[0] == pytest.approx(1958 + 87 / 365) and years[-1] == pytest.approx(
+        2001.99, abs=0.01
+    )
+    assert np.all(np.diff(years) == pytest.approx(7 / 365.25, abs=0.003))
+    assert 313 <= np.nanmin(ppm) < 316 and 370 < np.nanmax(ppm) < 375  # the 1958-2001 rise
+    config = lat.LatentConfig(data="co2", observations=20)
+    train, test = lat.load_series(config)
+    assert (len(train), len(test)) == (290, 95)
+    assert train.values.shape == (290, 20, 1) and test.grid.shape == (78,)
+    assert test.n_interp == 52 and bool((test.times < test.grid[52]).all())
+    # Centred on the mean of what each window observes; the targets are the record's weeks.
+    assert float(test.values.mean(dim=1).abs().max()) < 1e-4
+    split = int(0.8 * 2284)
+    starts, _ = co2_windows(ppm, 52, 26, 4, split)
+    first = torch.from_numpy(ppm[starts[0] : starts[0] + 78]).float()
+    level = first[0] - train.grid_values[0, 0, 0]
+    torch.testing.assert_close(train.grid_values[0, :, 0] + level, first)
+    week = torch.round(train.times[0] * 365.2425 / 7).long()
+    torch.testing.assert_close(train.values[0, :, 0], train.grid_values[0, week, 0])
+    with pytest.raises(ValueError, match="at most the window's 52 weeks"):
+        lat.load_series(lat.LatentConfig(data="co2", observations=53))
+
+
+@requires("statsmodels", install="pip install statsmodels")
+@pytest.mark.parametrize("model", ["latent-ode", "rnn-gaps"])
+def test_a_model_trains_on_the_co2_record(model: str, tmp_path: Path) -> None:
+    values = {
+        "model": model, "data": "co2", "observations": 20, "iterations": 30,
+        "batch_size": 32, "eval_every": 15, "log_every": 5, "rtol": 1e-3, "atol": 1e-3,
+        "quiet": True, "out": str(tmp_path / "run"),
+    }  # fmt: skip
+    metrics = engine.train(lat, config_from_dict(lat.LatentConfig, values))
+    epochs = [r for r in engine.read_metrics(tmp_path / "run") if r["kind"] == "epoch"]
+    assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]
+    assert metrics["test_size"] == 95 and 0 < metrics["test_extrap_rmse"] < 10  # ppm
+    assert "paper_test_extrap_rmse" not in metrics and "test_extrap_rmse_seen" not in metrics
+    assert (tmp_path / "run" / "figures" / "predictions.png").exists()
 
 
 @pytest.mark.parametrize("name", ["paper", "quick"])

@@ -30,12 +30,15 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "WEEKS_PER_YEAR",
     "Observations",
     "PeriodicConfig",
     "PeriodicDataset",
     "SpiralConfig",
     "SpiralDataset",
     "make_periodic",
+    "co2_windows",
+    "load_co2",
     "make_spirals",
     "periodic_task",
     "split_indices",
@@ -724,3 +727,82 @@ def split_indices(
     n_train = int(train_fraction * n)
     order = np.arange(n) if seed is None else _rng(seed).permutation(n)
     return np.sort(order[:n_train]), np.sort(order[n_train:])
+
+
+# --------------------------------------------------------------------------------------------
+# A real irregularly sampled record: Mauna Loa's weekly CO2
+
+#: Weeks in a year (365.2425 / 7): the CO2 windows' time unit is the year.
+WEEKS_PER_YEAR = 365.2425 / 7
+
+
+def load_co2() -> tuple[np.ndarray, np.ndarray]:
+    """Weekly mean atmospheric CO2 at Mauna Loa, March 1958 to December 2001.
+
+    Keeling and Whorf's record (Scripps; public domain) in the copy that ships inside
+    statsmodels (``statsmodels.datasets.co2``; nothing is downloaded): 2284 consecutive weeks,
+    59 of them without data (no steady six-hour period in the week), most before 1967.
+
+    Returns:
+        ``(years, ppm)``: float64 ``[2284]`` arrays, the first day of each week as a decimal
+        year and the week's mean CO2 in parts per million (NaN for a week without data).
+
+    Raises:
+        ImportError: statsmodels is not installed (``pip install statsmodels``).
+    """
+    from statsmodels.datasets import co2
+
+    frame = co2.load_pandas().data
+    index = frame.index
+    days = np.where(index.is_leap_year, 366.0, 365.0)
+    years = index.year.to_numpy() + (index.day_of_year.to_numpy() - 1) / days
+    return years.astype(np.float64), np.array(frame["co2"], dtype=np.float64)  # a writable copy
+
+
+def co2_windows(
+    ppm: np.ndarray, window: int, horizon: int, stride: int, split: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Start weeks of the training and test windows of a weekly record, split in time.
+
+    A window is ``window`` weeks to observe and the ``horizon`` weeks after them to predict;
+    starts are every ``stride``-th week, and a window with a week without data (NaN) anywhere
+    in its ``window + horizon`` weeks is left out. Training windows end by week ``split``
+    (exclusive) and test windows start at or after it, so no week is in both and the test
+    years come after the training years.
+
+    Args:
+        ppm: ``[T]`` the record, NaN where a week has no data.
+        window, horizon, stride: weeks (each at least 1).
+        split: the first week of the test period, ``0 < split < T``.
+
+    Returns:
+        ``(train, test)``: sorted ``int64`` arrays of start weeks.
+
+    Raises:
+        ValueError: a size below 1, ``split`` outside ``(0, T)``, or a side with no window.
+
+    Examples:
+        >>> import numpy as np
+        >>> from neuralode.data.timeseries import co2_windows
+        >>> ppm = np.arange(20.0)
+        >>> ppm[3] = np.nan
+        >>> co2_windows(ppm, window=3, horizon=2, stride=2, split=12)
+        (array([4, 6]), array([12, 14]))
+    """
+    span = window + horizon
+    if min(window, horizon, stride) < 1:
+        raise ValueError(
+            f"window, horizon and stride must be at least 1, got {window}, {horizon}, {stride}"
+        )
+    if not 0 < split < len(ppm):
+        raise ValueError(f"split must be in (0, {len(ppm)}), got {split}")
+    starts = np.arange(0, len(ppm) - span + 1, stride)
+    complete = np.array([not np.isnan(ppm[s : s + span]).any() for s in starts], dtype=bool)
+    starts = starts[complete]
+    train, test = starts[starts + span <= split], starts[starts >= split]
+    if len(train) == 0 or len(test) == 0:
+        raise ValueError(
+            f"no complete {span}-week window on the {'training' if len(train) == 0 else 'test'} "
+            f"side of week {split}"
+        )
+    return train.astype(np.int64), test.astype(np.int64)

@@ -31,6 +31,15 @@ observation std is 0.01 and the reported MSE is against the (slightly noisy) dat
 extrapolation task the latent ODE is fitted to the second half only: its interpolation RMSE on
 the observed half is reported but was never trained for.)
 
+``--data co2`` runs a real record instead of generated series: Mauna Loa's weekly mean CO2,
+March 1958 to December 2001 (Keeling and Whorf; the copy that ships inside statsmodels),
+cut into windows of a year (52 weeks) observed at ``n`` random weeks each, and scored on the 26
+weeks after each window. Windows start every 4 weeks; one that contains a week without data is
+left out. The training windows lie in the first ``train_fraction`` of the record (to March
+1993 by default: 290 windows), the test windows after it (95), so the test years were never
+seen. Each window is centred on the mean of its observations; RMSEs are in ppm and the
+likelihood's std is 0.35 ppm (the week-to-week noise).
+
 Training runs on the experiment engine (:mod:`neuralode.experiments.engine`): Adam at lr 1e-2 as
 torchdiffeq's ``examples/latent_ode.py``, mini-batches of ``batch_size`` training series drawn
 without replacement (each pass over the training series a permutation keyed by ``(seed,
@@ -93,7 +102,9 @@ __all__ = [
 ]
 
 MODELS = ("latent-ode", "rnn", "rnn-gaps")
-DATASETS = ("spirals", "periodic")
+DATASETS = ("spirals", "periodic", "co2")
+#: ``--data co2``: weeks observed per window, weeks predicted after it, weeks between starts.
+CO2_WINDOW, CO2_HORIZON, CO2_STRIDE = 52, 26, 4
 ENCODERS = ("gru", "odernn")
 TASKS = ("interpolation", "extrapolation")
 
@@ -212,6 +223,8 @@ class LatentConfig(RunSettings):
 
     def data_requirements(self) -> dict[str, str]:
         """Optional packages the data needs (import name -> what for)."""
+        if self.data == "co2":
+            return {"statsmodels": "the Mauna Loa CO2 record it ships (pip install statsmodels)"}
         return {}  # generated in torch
 
     def extension_blocker(self) -> str | None:
@@ -249,10 +262,11 @@ class LatentConfig(RunSettings):
 
     @property
     def likelihood_std(self) -> float:
-        """The observation std of the likelihood (0.3: the spirals' noise; 0.01: Rubanova's)."""
+        """The observation std of the likelihood (0.3: the spirals' noise; 0.01: Rubanova's;
+        0.35 ppm for CO2: the week-to-week difference's std over sqrt 2)."""
         if self.obs_std is not None:
             return self.obs_std
-        return 0.3 if self.data == "spirals" else 0.01
+        return {"spirals": 0.3, "co2": 0.35}.get(self.data, 0.01)
 
 
 NAME = "latent"
@@ -411,6 +425,8 @@ def load_series(config: LatentConfig) -> tuple[SeriesSet, SeriesSet]:
             n_interp=spiral_config.n_window,
             labels=data.clockwise,
         )
+    elif config.data == "co2":
+        return _co2_series(config, observe_rng)
     else:
         pdata = ts.make_periodic(ts.PeriodicConfig(n_series=config.n_series, seed=config.data_seed))
         task = cast(Literal["interpolation", "extrapolation"], config.periodic_task)
@@ -443,6 +459,50 @@ def load_series(config: LatentConfig) -> tuple[SeriesSet, SeriesSet]:
         )
         full = dataclasses.replace(full, seen=seen)
     return full.select(train_idx), full.select(test_idx)
+
+
+def _co2_series(
+    config: LatentConfig, observe_rng: np.random.Generator
+) -> tuple[SeriesSet, SeriesSet]:
+    """Mauna Loa's weekly CO2 as windows: each a year (``CO2_WINDOW`` weeks) observed at
+    ``observations`` of its weeks, and the ``CO2_HORIZON`` weeks after it to predict.
+
+    Windows start every ``CO2_STRIDE`` weeks; one with a week without data is left out
+    (:func:`~neuralode.data.timeseries.co2_windows`). The first ``train_fraction`` of the
+    record's weeks hold the training windows, the test windows start after them. Each window is
+    centred on the mean of the values it observes (its level, from its observations alone) and
+    its times are years from its first week; RMSEs are in ppm. ``n_series`` is not used.
+    """
+    from neuralode.data import timeseries as ts
+
+    if config.observations > CO2_WINDOW:
+        raise ValueError(
+            f"observations must be at most the window's {CO2_WINDOW} weeks, got "
+            f"{config.observations}"
+        )
+    _, ppm = ts.load_co2()
+    split = int(config.train_fraction * len(ppm))
+    span = CO2_WINDOW + CO2_HORIZON
+    grid = torch.arange(span, dtype=torch.float64) / ts.WEEKS_PER_YEAR
+
+    def windows(starts: np.ndarray) -> SeriesSet:
+        values = torch.from_numpy(ppm[starts[:, None] + np.arange(span)])[..., None]  # [B, G, 1]
+        obs = ts.subsample(grid, values, config.observations, observe_rng,
+                           candidates=slice(0, CO2_WINDOW))  # fmt: skip
+        level = obs.values.mean(dim=1, keepdim=True)
+        observed = (obs.values - level).float()
+        return SeriesSet(
+            values=observed,
+            times=obs.per_sample_times().float(),
+            mask=None,
+            clean=observed,  # a record: no noise-free truth, the observations are the targets
+            grid=grid.float(),
+            grid_values=(values - level).float(),
+            n_interp=CO2_WINDOW,
+        )
+
+    train, test = ts.co2_windows(ppm, CO2_WINDOW, CO2_HORIZON, CO2_STRIDE, split)
+    return windows(train), windows(test)
 
 
 # --------------------------------------------------------------------------------------------
