@@ -90,8 +90,10 @@ bench-events: $(BENCH_STAMP)
 	$(PYTHON) benchmarks/events.py --batch 1 --repeats 20 --out runs/bench/events_1x5.json
 
 # Paper experiments (slow; not part of `make test`). Each writes a run folder under runs/; a run
-# that was killed is resumed from its last checkpoint instead of started again.
-TRAIN = run() { if [ -f "$$1/checkpoints/last.pt" ]; then $(PYTHON) -m neuralode resume "$$1"; \
+# that was killed is resumed from its last checkpoint instead of started again, and a finished
+# one (it has its metrics.json) is kept, so a target that was stopped goes on where it was.
+TRAIN = run() { if [ -f "$$1/metrics.json" ]; then echo "$$1: finished, kept"; \
+	elif [ -f "$$1/checkpoints/last.pt" ]; then $(PYTHON) -m neuralode resume "$$1"; \
 	else out="$$1"; shift; $(PYTHON) -m neuralode train "$$@" --out "$$out"; fi; }; run
 
 mnist-quick: $(STAMP)
@@ -103,12 +105,20 @@ mnist-paper: $(STAMP)
 		$(TRAIN) runs/mnist-paper-$$m mnist --preset paper --model $$m || exit 1; \
 	done
 
-# Table 2 of the paper: latent ODE vs the RNN baselines at n = 30, 50, 100 (about 40 CPU-minutes).
+# Table 2 of the paper: the latent ODE (seeds 0-2) and the RNN baselines at n = 30, 50, 100,
+# 20,000 iterations each, then the three on the Mauna Loa CO2 record; prints the tables
+# (benchmarks/latent_table.py). About 3 CPU-hours on one thread.
 latent: $(STAMP)
-	for n in 30 50 100; do for m in latent-ode rnn rnn-gaps; do \
-		$(TRAIN) runs/latent-$$m-$$n latent --preset paper --model $$m \
-			--observations $$n --quiet || exit 1; \
-	done; done
+	for n in 30 50 100; do \
+		for s in 0 1 2; do $(TRAIN) runs/latent-latent-ode-$$n-s$$s latent --preset paper \
+			--observations $$n --seed $$s --quiet || exit 1; done; \
+		for m in rnn rnn-gaps; do $(TRAIN) runs/latent-$$m-$$n latent --preset paper \
+			--model $$m --observations $$n --quiet || exit 1; done; \
+	done
+	for m in latent-ode rnn rnn-gaps; do \
+		$(TRAIN) runs/latent-co2-$$m latent --preset paper --data co2 --model $$m --quiet || exit 1; \
+	done
+	$(PYTHON) benchmarks/latent_table.py runs/latent-*
 
 # Section 4.1 (CNF vs planar NF) and FFJORD's toy sets, 1000 iterations each (about 2 CPU-hours).
 density: $(STAMP)

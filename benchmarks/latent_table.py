@@ -1,5 +1,7 @@
 """Table 2 of the paper from latent run folders, and the test RMSE of runs against iterations.
 
+Also the runs on the Mauna Loa CO2 record (``--data co2``), in a table of their own.
+
 Reads each run's ``config.json`` (model, observations, seed) and its final metrics
 (``evaluation.json`` when ``neuralode evaluate`` wrote one, else ``metrics.json``), groups the
 runs by model and n, and prints a Markdown table of the extrapolation RMSE over all test series
@@ -81,6 +83,28 @@ def table(runs: list[Path]) -> str:
     return "\n".join(lines)
 
 
+def co2_table(runs: list[Path]) -> str:
+    """The Mauna Loa CO2 runs: test RMSE (ppm) of the 26 weeks after each window and of the
+    window itself, by model (one line per run)."""
+    lines = [
+        "| CO2, ppm | n | iterations | seed | extrapolation RMSE | interpolation RMSE |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for run in runs:
+        config = json.loads((run / "config.json").read_text())
+        if config.get("experiment") != "latent" or config.get("data") != "co2":
+            continue
+        m = final_metrics(run)
+        interp = m.get("test_interp_rmse")
+        lines.append(
+            f"| {NAMES[config['model']]} | {config['observations']} | {config['iterations']} | "
+            f"{config['seed']} | {m['test_extrap_rmse']:.3f} | "
+            + ("-" if interp is None else f"{interp:.3f}")
+            + " |"
+        )
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def figure(path: Path, curves: list[tuple[str, Path]]) -> None:
     import matplotlib
 
@@ -120,7 +144,11 @@ def main() -> None:
         "--curves", nargs="*", default=[], help="LABEL=RUN: runs to draw against iterations"
     )
     args = parser.parse_args()
-    print(table([r for r in args.runs if (r / "config.json").is_file()]))
+    runs = [r for r in args.runs if (r / "config.json").is_file()]
+    print(table(runs))
+    co2 = co2_table(runs)
+    if co2:
+        print("\n" + co2)
     if args.figure:
         figure(args.figure, [(c.rsplit("=", 1)[0], Path(c.rsplit("=", 1)[1])) for c in args.curves])
 

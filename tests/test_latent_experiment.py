@@ -315,3 +315,51 @@ def test_latent_ode_beats_the_rnn_baseline_on_held_out_spirals(tmp_path: Path) -
 def test_paper_numbers_are_table_2s(key: tuple[str, int]) -> None:
     model, n = key
     assert lat.PAPER_TABLE2[model][n] == TABLE2[key]
+
+
+def test_the_table_script_averages_seeds_and_keeps_budgets_apart(tmp_path: Path) -> None:
+    # benchmarks/latent_table.py prints the README's Table 2 from run folders: the mean and
+    # range over seeds per (model, n, iterations), evaluation.json over metrics.json.
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "latent_table.py"
+    spec = importlib.util.spec_from_file_location("latent_table", path)
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    def run(name: str, config: dict[str, object], rmse: float, seen: float | None) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        base = {"experiment": "latent", "data": "spirals", "seed": 0, "iterations": 20000}
+        (folder / "config.json").write_text(json.dumps({**base, **config}))
+        metrics = {"test_extrap_rmse": rmse, "test_interp_rmse": 0.1}
+        if seen is not None:
+            metrics["test_extrap_rmse_seen"] = seen
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+        return folder
+
+    ode = {"model": "latent-ode", "observations": 30}
+    runs = [
+        run("a", {**ode, "seed": 0}, 0.4, None),
+        run("b", {**ode, "seed": 1}, 0.2, 0.1),
+        run("c", {**ode, "iterations": 2000}, 0.7, 0.3),
+        run("d", {"model": "rnn-gaps", "observations": 50}, 1.5, 0.9),
+        run("e", {"model": "rnn", "observations": 30, "data": "co2"}, 2.5, None),
+    ]
+    (runs[0] / "evaluation.json").write_text(
+        json.dumps({"test_extrap_rmse": 0.5, "test_extrap_rmse_seen": 0.2})
+    )
+    lines = script.table(runs).splitlines()
+    assert lines[0] == "| extrapolation RMSE | n = 30 | n = 50 |"
+    assert "| Latent ODE (paper) | 0.1642 | 0.1502 |" in lines
+    assert (
+        "| Latent ODE, ours, 20000 it., all series (2 seeds) | 0.350 (0.200-0.500) | - |" in lines
+    )
+    assert (
+        "| Latent ODE, ours, 20000 it., seen series (2 seeds) | 0.150 (0.100-0.200) | - |" in lines
+    )
+    assert "| Latent ODE, ours, 2000 it., all series (1 seed) | 0.700 | - |" in lines
+    assert "| RNN with time gaps, ours, 20000 it., seen series (1 seed) | - | 0.900 |" in lines
+    co2 = script.co2_table(runs).splitlines()
+    assert co2[2] == "| RNN | 30 | 20000 | 0 | 2.500 | 0.100 |" and len(co2) == 3

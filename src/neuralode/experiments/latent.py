@@ -49,7 +49,7 @@ a checkpoint is written.  One process only (the model is small: use one CPU thre
 
 Recipes (``--preset NAME``, files in ``neuralode/experiments/presets/``):
 
-- ``paper``: the paper's sizes and data; 2000 iterations of 100 series, the
+- ``paper``: the paper's sizes and data; 20,000 iterations of 100 series, the
   learning rate decayed from 1e-2 to 1e-4 (cosine), dopri5 at rtol = atol = 1e-3 (on a trained
   model, measured: the test RMSE of 1e-5 to 3 digits at half the time per iteration);
 - ``quick``: the same for 1200 iterations, a few minutes on one thread.
