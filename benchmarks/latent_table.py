@@ -105,6 +105,35 @@ def co2_table(runs: list[Path]) -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
+def co2_naive(observations: int) -> dict[str, float]:
+    """Test extrapolation RMSE (ppm) of two predictors that learn nothing, on the CO2 windows
+    of ``observations`` weeks: each target week is the same week a year earlier, linearly
+    interpolated between the window's observations, as it is and plus the training windows'
+    mean rise over a year."""
+    import numpy as np
+
+    from neuralode.experiments import latent
+
+    train, test = latent.load_series(latent.LatentConfig(data="co2", observations=observations))
+    n = test.n_interp
+    horizon = len(test.grid) - n
+    rise = float((train.grid_values[:, n:, 0] - train.grid_values[:, :horizon, 0]).mean())
+    grid = test.grid.numpy()
+    year_ago = np.stack(
+        [
+            np.interp(grid[n:] - grid[n], test.times[b].numpy(), test.values[b, :, 0].numpy())
+            for b in range(len(test))
+        ]
+    )
+    target = test.grid_values[:, n:, 0].numpy()
+    return {
+        "the same week a year earlier": float(np.sqrt(((year_ago - target) ** 2).mean())),
+        "the same week a year earlier, plus the mean yearly rise": float(
+            np.sqrt(((year_ago + rise - target) ** 2).mean())
+        ),
+    }
+
+
 def figure(path: Path, curves: list[tuple[str, Path]]) -> None:
     import matplotlib
 
@@ -149,6 +178,14 @@ def main() -> None:
     co2 = co2_table(runs)
     if co2:
         print("\n" + co2)
+        observations = {
+            json.loads((r / "config.json").read_text())["observations"]
+            for r in runs
+            if json.loads((r / "config.json").read_text()).get("data") == "co2"
+        }
+        for n in sorted(observations):
+            for name, rmse in co2_naive(n).items():
+                print(f"| {name} | {n} | - | - | {rmse:.3f} | - |")
     if args.figure:
         figure(args.figure, [(c.rsplit("=", 1)[0], Path(c.rsplit("=", 1)[1])) for c in args.curves])
 

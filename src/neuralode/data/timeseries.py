@@ -732,8 +732,8 @@ def split_indices(
 # --------------------------------------------------------------------------------------------
 # A real irregularly sampled record: Mauna Loa's weekly CO2
 
-#: Weeks in a year (365.2425 / 7): the CO2 windows' time unit is the year.
 WEEKS_PER_YEAR = 365.2425 / 7
+"""Weeks in a year (365.2425 / 7): the CO2 windows' time unit is the year."""
 
 
 def load_co2() -> tuple[np.ndarray, np.ndarray]:
@@ -749,6 +749,12 @@ def load_co2() -> tuple[np.ndarray, np.ndarray]:
 
     Raises:
         ImportError: statsmodels is not installed (``pip install statsmodels``).
+
+    Examples:
+        >>> from neuralode.data.timeseries import load_co2
+        >>> years, ppm = load_co2()
+        >>> len(ppm), int(np.isnan(ppm).sum()), round(float(years[0]), 2), float(ppm[0])
+        (2284, 59, 1958.24, 316.1)
     """
     from statsmodels.datasets import co2
 
