@@ -19,7 +19,9 @@ Conventions (as in FFJORD's code):
   ``int 0.5 |f|^2 dt`` and Jacobian Frobenius norm ``int |eps^T df/dz|^2 dt`` (Hutchinson;
   with ``trace="exact"`` the exact ``int ||df/dz||_F^2 dt``, which the full Jacobian gives for
   free), each integrated as an extra state and reported per sample.  Both are integrated
-  over ``|dt|`` (positive in either direction).
+  over ``|dt|`` (positive in either direction), and neither enters the step-size control of
+  the forward solve (as in FFJORD's and RNODE's code): the error norm is the RMS over ``z``
+  and ``ell`` only, unless ``solve_options`` sets a ``norm`` of its own.
 
 The divergence is either exact (``trace="exact"``: one backward pass per dimension, for low
 dimension) or Hutchinson's estimator ``eps^T (df/dz) eps`` (``trace="hutchinson"``) with one
@@ -43,6 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..controllers import rms_norm
 from ..solution import Solution
 from ..solve import solve
 from .activations import activation as make_activation
@@ -295,6 +298,16 @@ class CNFOutput:
         return self._dynamics.calls
 
 
+class _LeadingRMS:
+    """The RMS error norm over the first ``n`` components of the flat state only."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __call__(self, x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+        return rms_norm(x[..., : self.n], dims)
+
+
 def _inverse_softplus(x: float) -> float:
     return x + math.log(-math.expm1(-x))
 
@@ -473,6 +486,12 @@ class CNF(nn.Module):
         opts = self.solver.kwargs()
         if self.solver.gradient in ("adjoint", "checkpoint") and "adjoint_params" not in opts:
             opts["adjoint_params"] = self._adjoint_params()
+        if len(y0) > 2 and "norm" not in opts:
+            # The regularisers' integrals do not feed back into the dynamics: like FFJORD's and
+            # RNODE's code (tolerance 1e20 on them), leave them out of the step-size control,
+            # so a regularised solve takes the steps an unregularised one of the same field
+            # would.  The flat state holds z and ell first (tuple order).
+            opts["norm"] = _LeadingRMS(x.numel() + b)
         sol = solve(dyn, y0, t, **opts)
         ends_y = [y[-1] for y in sol.ys]
         z, ell = ends_y[0], ends_y[1].squeeze(1)
