@@ -159,3 +159,46 @@ def test_identity_init_makes_every_planar_layer_the_identity() -> None:
     # u and w get gradients through u_hat (b only once u_hat moves off 0): training starts.
     grads = {n: p.grad for n, p in flow.named_parameters() if not n.endswith(".b")}
     assert all(g is not None and g.abs().sum() > 0 for g in grads.values())
+
+
+def _table_script() -> Any:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "density_table.py"
+    spec = importlib.util.spec_from_file_location("density_table", path)
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_the_table_script_reads_a_run_and_draws_its_curves(
+    ffjord_run: Path, tmp_path: Path
+) -> None:
+    # benchmarks/density_table.py prints the README's table from run folders.
+    script = _table_script()
+    epochs = _epochs(ffjord_run)
+    lines = script.table([ffjord_run, tmp_path]).splitlines()  # tmp_path: no run, skipped
+    assert len(lines) == 3
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert cells[:3] == ["8gaussians", "FFJORD (T = 0.5 learned)", "8"]
+    last, best = epochs[-1]["test_nll"], min(r["test_nll"] for r in epochs)
+    assert cells[3] == f"{last:.3f} ({best:.3f})"
+    assert cells[4] == f"{epochs[-1]['true_nll']:.3f}"
+    # rk4 with 4 steps: 16 evaluations forward in every logged iteration.
+    assert cells[6].startswith("16.0 / ")
+    # The best Gaussian of 8gaussians, by hand: each coordinate has variance
+    # (16 * 0.5 + 0.25) / 1.414^2 (centres on the axes and diagonals at radius 4, noise 0.5).
+    var = (16 * 0.5 + 0.25) / 1.414**2
+    assert float(cells[5]) == pytest.approx(math.log(2 * math.pi * math.e * var), abs=0.01)
+    out = tmp_path / "curves.png"
+    script.figure(out, [("quick", ffjord_run)], "title")
+    assert out.stat().st_size > 10_000
+
+
+def test_the_best_gaussian_of_rings_is_its_covariance() -> None:
+    # Rings: radii 3, 2.25, 1.5, 0.75 with uniform angles (variance r^2 / 2 per coordinate)
+    # plus N(0, 0.08^2) noise.
+    var = sum(r * r for r in (3, 2.25, 1.5, 0.75)) / 4 / 2 + 0.08**2
+    expected = math.log(2 * math.pi * math.e * var)
+    assert _table_script().gaussian_nll("rings") == pytest.approx(expected, abs=0.005)
