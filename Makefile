@@ -120,16 +120,28 @@ latent: $(STAMP)
 	done
 	$(PYTHON) benchmarks/latent_table.py runs/latent-*
 
-# Section 4.1 (CNF vs planar NF) and FFJORD's toy sets, 1000 iterations each (about 2 CPU-hours).
+# Section 4.1 (CNF vs planar NF) at 1000 iterations; FFJORD's toy recipe in full (10,000
+# iterations) on 8gaussians, checkerboard, rings and 2spirals and at 1000 on the others; RNODE
+# against FFJORD at the same fixed T = 1 on 8gaussians; then the table and the RNODE figure
+# (benchmarks/density_table.py).  About 5 CPU-hours on one thread per run.
 density: $(STAMP)
 	for d in moons circles; do for m in cnf planar-nf; do \
 		$(TRAIN) runs/density-$$m-$$d density --preset $$m --data $$d \
 			--iterations 1000 --quiet || exit 1; \
 	done; done
-	for d in 8gaussians checkerboard moons circles rings 2spirals pinwheel swissroll; do \
+	for d in 8gaussians checkerboard rings 2spirals; do \
+		$(TRAIN) runs/density-ffjord-$$d density --preset ffjord --data $$d --quiet || exit 1; \
+	done
+	for d in moons circles pinwheel swissroll; do \
 		$(TRAIN) runs/density-ffjord-$$d density --preset ffjord --data $$d \
 			--iterations 1000 --quiet || exit 1; \
 	done
+	$(TRAIN) runs/density-ffjord-T1-8gaussians density --preset ffjord --data 8gaussians \
+		--T 1 --no-train-T --quiet
+	$(TRAIN) runs/density-rnode-8gaussians density --preset rnode --data 8gaussians --quiet
+	$(PYTHON) benchmarks/density_table.py runs/density-* --figure runs/density-rnode.png \
+		--title "8gaussians, T = 1 fixed: FFJORD against RNODE (kinetic 0.01, Jacobian 0.01)" \
+		--curves "FFJORD=runs/density-ffjord-T1-8gaussians" "RNODE=runs/density-rnode-8gaussians"
 
 # Mutation testing of the solver core ([tool.mutmut] in pyproject.toml): mutmut keeps its
 # results in mutants/ and re-tests only what changed; the report fails on a survivor that

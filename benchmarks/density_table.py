@@ -125,31 +125,33 @@ def table(runs: list[Path]) -> str:
 
 def figure(path: Path, curves: list[tuple[str, Path]], title: str = "") -> None:
     """Test NLL (left) and training NFE per iteration, forward + backward (right), of each
-    ``(label, run)`` against the iteration; the true NLL dashed where it is known."""
+    ``(label, run)`` against the iteration; the true NLL dashed where it is known (once per
+    value, in the colour of the first run that has it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
-    true_nll = None
+    drawn: set[float] = set()
     for i, (name, run) in enumerate(curves):
         lines = records(run)
         epochs = [r for r in lines if r.get("kind") == "epoch" and "test_nll" in r]
         train = [r for r in lines if r.get("kind") == "train" and "nfe_forward" in r]
-        left.plot(
-            [r["step"] for r in epochs], [r["test_nll"] for r in epochs], color=f"C{i}", label=name
-        )
-        true_nll = next((r["true_nll"] for r in epochs if r.get("true_nll") is not None), true_nll)
+        colour = f"C{i}"
+        steps = [r["step"] for r in epochs]
+        left.plot(steps, [r["test_nll"] for r in epochs], color=colour, label=name)
+        true_nll = next((r["true_nll"] for r in epochs if r.get("true_nll") is not None), None)
+        if true_nll is not None and true_nll not in drawn:
+            drawn.add(true_nll)
+            left.axhline(true_nll, color=colour, ls="--", lw=1, label=f"{name}: true density")
         right.plot(
             [r["step"] for r in train],
             [r["nfe_forward"] + r.get("nfe_backward", 0.0) for r in train],
-            color=f"C{i}",
+            color=colour,
             lw=0.8,
             label=name,
         )
-    if true_nll is not None:
-        left.axhline(true_nll, color="k", ls="--", lw=1, label="true density")
     left.set(
         xlabel="iteration", ylabel="test NLL (nats, exact trace)", title="negative log-likelihood"
     )

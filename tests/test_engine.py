@@ -370,7 +370,7 @@ def test_cli_run_commands_explain_bad_run_folders(tmp_path: Path, capsys: Any) -
 
 SHIPPED = {
     "mnist": ["paper", "quick"],
-    "density": ["cnf", "ffjord", "planar-nf", "quick"],
+    "density": ["cnf", "ffjord", "planar-nf", "quick", "rnode"],
     "latent": ["paper", "quick"],
     "spiral": [],
 }

@@ -93,6 +93,7 @@ __all__ = [
     "SeriesSet",
     "build",
     "build_model",
+    "extrapolation_seen",
     "figures",
     "load_series",
     "make_optimizer",
