@@ -121,8 +121,9 @@ latent: $(STAMP)
 	$(PYTHON) benchmarks/latent_table.py runs/latent-*
 
 # Section 4.1 (CNF vs planar NF) at 1000 iterations; FFJORD's toy recipe in full (10,000
-# iterations) on 8gaussians, checkerboard, rings and 2spirals and at 1000 on the others; RNODE
-# against FFJORD at the same fixed T = 1 on 8gaussians; then the table and the RNODE figure
+# iterations) on 8gaussians, checkerboard, rings and 2spirals (and on rings and 2spirals with
+# the exact trace, as FFJORD's script trains them) and at 1000 on the others; RNODE against
+# FFJORD at the same fixed T = 1 on 8gaussians; then the table and the RNODE figure
 # (benchmarks/density_table.py).  About 5 CPU-hours on one thread per run.
 density: $(STAMP)
 	for d in moons circles; do for m in cnf planar-nf; do \
@@ -131,6 +132,10 @@ density: $(STAMP)
 	done; done
 	for d in 8gaussians checkerboard rings 2spirals; do \
 		$(TRAIN) runs/density-ffjord-$$d density --preset ffjord --data $$d --quiet || exit 1; \
+	done
+	for d in rings 2spirals; do \
+		$(TRAIN) runs/density-ffjord-exact-$$d density --preset ffjord --data $$d \
+			--trace exact --quiet || exit 1; \
 	done
 	for d in moons circles pinwheel swissroll; do \
 		$(TRAIN) runs/density-ffjord-$$d density --preset ffjord --data $$d \

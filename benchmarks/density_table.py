@@ -41,8 +41,10 @@ def label(config: dict[str, Any]) -> str:
         return f"planar NF (K = {config.get('num_layers')})"
     name = {"ffjord": "FFJORD", "cnf": "planar CNF"}.get(model, model)
     parts = [f"T = {config.get('T')}{' learned' if config.get('train_T') else ' fixed'}"]
-    if config.get("trace") == "exact" and model == "ffjord":
-        parts.append("exact trace")
+    trace = config.get("trace", "auto")
+    if trace == "auto":  # what DensityConfig.resolved_trace picks
+        trace = "hutchinson" if model == "ffjord" else "exact"
+    parts.append("exact trace" if trace == "exact" else "Hutchinson")
     for key, short in (("kinetic_weight", "kinetic"), ("jacobian_weight", "Jacobian")):
         if config.get(key):
             parts.append(f"{short} {config[key]:g}")
@@ -144,7 +146,8 @@ def figure(path: Path, curves: list[tuple[str, Path]], title: str = "") -> None:
         true_nll = next((r["true_nll"] for r in epochs if r.get("true_nll") is not None), None)
         if true_nll is not None and true_nll not in drawn:
             drawn.add(true_nll)
-            left.axhline(true_nll, color=colour, ls="--", lw=1, label=f"{name}: true density")
+            data = json.loads((run / "config.json").read_text()).get("data")
+            left.axhline(true_nll, color=colour, ls="--", lw=1, label=f"true density of {data}")
         right.plot(
             [r["step"] for r in train],
             [r["nfe_forward"] + r.get("nfe_backward", 0.0) for r in train],

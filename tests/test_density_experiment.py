@@ -181,7 +181,7 @@ def test_the_table_script_reads_a_run_and_draws_its_curves(
     lines = script.table([ffjord_run, tmp_path]).splitlines()  # tmp_path: no run, skipped
     assert len(lines) == 3
     cells = [c.strip() for c in lines[2].strip("|").split("|")]
-    assert cells[:3] == ["8gaussians", "FFJORD (T = 0.5 learned)", "8"]
+    assert cells[:3] == ["8gaussians", "FFJORD (T = 0.5 learned, Hutchinson)", "8"]
     last, best = epochs[-1]["test_nll"], min(r["test_nll"] for r in epochs)
     assert cells[3] == f"{last:.3f} ({best:.3f})"
     assert cells[4] == f"{epochs[-1]['true_nll']:.3f}"
