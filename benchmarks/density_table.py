@@ -115,7 +115,7 @@ def table(runs: list[Path]) -> str:
             continue
         if r["data"] not in gaussian:
             gaussian[r["data"]] = gaussian_nll(r["data"])
-        its = f"{r['iterations']}" + ("" if r["finished"] else " (running)")
+        its = f"{r['iterations']}" + ("" if r["finished"] else " (unfinished)")
         lines.append(
             f"| {r['data']} | {r['model']} | {its} | {r['test_nll']:.3f} "
             f"({r['best_test_nll']:.3f}) | {_num(r['true_nll'], 3)} | {gaussian[r['data']]:.3f} | "
