@@ -16,7 +16,6 @@ panels side by side (the RNODE comparison of docs/experiments/density.md).
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 from pathlib import Path
@@ -174,19 +173,13 @@ def figure(path: Path, curves: list[tuple[str, Path]], title: str = "") -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="density run folders")
-    parser.add_argument("--figure", type=Path, help="draw the --curves runs into this PNG")
-    parser.add_argument(
-        "--curves", nargs="*", default=[], help="LABEL=RUN: runs to draw against iterations"
-    )
-    parser.add_argument("--title", default="", help="the figure's title")
-    args = parser.parse_args()
-    runs = [r for r in args.runs if (r / "config.json").is_file()]
+    from _tables import parse  # beside this script (on sys.path when it runs as one)
+
+    args = parse(__doc__, "density", title=True)
+    runs = args.runs
     print(table(runs))
     if args.figure:
-        curves = [(c.rsplit("=", 1)[0], Path(c.rsplit("=", 1)[1])) for c in args.curves]
-        figure(args.figure, curves, args.title)
+        figure(args.figure, args.curves, args.title)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ of the ``--curves`` runs against the iteration.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 from collections import defaultdict
@@ -166,14 +165,10 @@ def figure(path: Path, curves: list[tuple[str, Path]]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="latent run folders")
-    parser.add_argument("--figure", type=Path, help="draw the --curves runs into this PNG")
-    parser.add_argument(
-        "--curves", nargs="*", default=[], help="LABEL=RUN: runs to draw against iterations"
-    )
-    args = parser.parse_args()
-    runs = [r for r in args.runs if (r / "config.json").is_file()]
+    from _tables import parse  # beside this script (on sys.path when it runs as one)
+
+    args = parse(__doc__, "latent")
+    runs = args.runs
     print(table(runs))
     co2 = co2_table(runs)
     if co2:
@@ -187,7 +182,7 @@ def main() -> None:
             for name, rmse in co2_naive(n).items():
                 print(f"| {name} | {n} | - | - | {rmse:.3f} | - |")
     if args.figure:
-        figure(args.figure, [(c.rsplit("=", 1)[0], Path(c.rsplit("=", 1)[1])) for c in args.curves])
+        figure(args.figure, args.curves)
 
 
 if __name__ == "__main__":
