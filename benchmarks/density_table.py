@@ -21,16 +21,11 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from neuralode.experiments.density import DensityConfig
+from neuralode.experiments.engine import read_metrics
+
 #: Training iterations whose NFE the table averages (FFJORD's logs smooth over about as many).
 LAST = 100
-
-
-def records(run: Path) -> list[dict[str, Any]]:
-    """The run's metric lines (``metrics.jsonl``), in order."""
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def label(config: dict[str, Any]) -> str:
@@ -40,9 +35,7 @@ def label(config: dict[str, Any]) -> str:
         return f"planar NF (K = {config.get('num_layers')})"
     name = {"ffjord": "FFJORD", "cnf": "planar CNF"}.get(model, model)
     parts = [f"T = {config.get('T')}{' learned' if config.get('train_T') else ' fixed'}"]
-    trace = config.get("trace", "auto")
-    if trace == "auto":  # what DensityConfig.resolved_trace picks
-        trace = "hutchinson" if model == "ffjord" else "exact"
+    trace = DensityConfig(model=model, trace=config.get("trace", "auto")).resolved_trace
     parts.append("exact trace" if trace == "exact" else "Hutchinson")
     for key, short in (("kinetic_weight", "kinetic"), ("jacobian_weight", "Jacobian")):
         if config.get(key):
@@ -57,7 +50,7 @@ def row(run: Path) -> dict[str, Any] | None:
     config = json.loads((run / "config.json").read_text())
     if config.get("experiment") != "density":
         return None
-    lines = records(run)
+    lines = read_metrics(run)
     epochs = [r for r in lines if r.get("kind") == "epoch" and "test_nll" in r]
     if not epochs:
         return None
@@ -136,7 +129,7 @@ def figure(path: Path, curves: list[tuple[str, Path]], title: str = "") -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
     drawn: set[float] = set()
     for i, (name, run) in enumerate(curves):
-        lines = records(run)
+        lines = read_metrics(run)
         epochs = [r for r in lines if r.get("kind") == "epoch" and "test_nll" in r]
         train = [r for r in lines if r.get("kind") == "train" and "nfe_forward" in r]
         colour = f"C{i}"

@@ -23,6 +23,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from neuralode.experiments.engine import read_metrics
+
 # Chen et al. (2018), Table 2: predictive RMSE at n = 30, 50, 100 observed points.
 PAPER = {
     "rnn": {30: 0.3937, 50: 0.3202, 100: 0.1813},
@@ -141,7 +143,7 @@ def figure(path: Path, curves: list[tuple[str, Path]]) -> None:
 
     fig, ax = plt.subplots(figsize=(7.5, 4.4))
     for i, (label, run) in enumerate(curves):
-        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x]
+        rows = read_metrics(run)
         for key, style, what in (
             ("test_extrap_rmse", "-", "all test series"),
             ("test_extrap_rmse_seen", "--", "seen series"),
