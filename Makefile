@@ -7,7 +7,7 @@ PYTHON = $(VENV)/bin/python
 PIP = $(PYTHON) -m pip
 STAMP = $(VENV)/.ready
 
-.PHONY: all demo test test-slow docs lint mutate mutate-fast bench bench-quick bench-stiff bench-compiled bench-events clean distclean mnist-quick mnist-paper latent density
+.PHONY: all demo test test-slow docs lint mutate mutate-fast bench bench-quick bench-stiff bench-compiled bench-events clean distclean mnist-quick mnist-long mnist-paper latent density
 
 all: test
 
@@ -98,6 +98,15 @@ TRAIN = run() { if [ -f "$$1/metrics.json" ]; then echo "$$1: finished, kept"; \
 
 mnist-quick: $(STAMP)
 	$(TRAIN) runs/mnist-quick mnist --preset quick --model odenet
+
+# Toward Table 1 in a few CPU-hours: the ODE-Net and the ResNet under the same 6-epoch recipe
+# (Adam, one-cycle, the paper's crops and batch of 128); then the table and the curves
+# (benchmarks/mnist_table.py).  About 1.5 hours on one thread for both (docs/experiments/mnist.md).
+mnist-long: $(STAMP)
+	for m in odenet resnet; do $(TRAIN) runs/mnist-long-$$m mnist --preset long --model $$m \
+		--quiet || exit 1; done
+	$(PYTHON) benchmarks/mnist_table.py runs/mnist-long-* --figure runs/mnist-long.png \
+		--curves "ODE-Net=runs/mnist-long-odenet" "ResNet=runs/mnist-long-resnet"
 
 # Table 1 of the paper: 160 epochs each (days on a CPU; hours on one GPU).
 mnist-paper: $(STAMP)

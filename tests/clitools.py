@@ -53,6 +53,19 @@ def records(run: Path) -> list[dict[str, Any]]:
     return [{k: v for k, v in r.items() if "seconds" not in k} for r in engine.read_metrics(run)]
 
 
+def table_script(name: str) -> Any:
+    """``benchmarks/NAME.py`` imported as a module (the experiments' table scripts are not in
+    the package; their tests call ``table`` and ``figure`` directly)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
 def free_port() -> int:
     """A TCP port nobody listens on now (for torchrun's rendezvous)."""
     with socket.socket() as sock:

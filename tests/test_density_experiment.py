@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from clitools import neuralode, records
+from clitools import neuralode, records, table_script
 from conftest import EXPERIMENTS_EXTRA, requires
 
 from neuralode import cli
@@ -161,22 +161,11 @@ def test_identity_init_makes_every_planar_layer_the_identity() -> None:
     assert all(g is not None and g.abs().sum() > 0 for g in grads.values())
 
 
-def _table_script() -> Any:
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "density_table.py"
-    spec = importlib.util.spec_from_file_location("density_table", path)
-    assert spec is not None and spec.loader is not None
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
-
-
 def test_the_table_script_reads_a_run_and_draws_its_curves(
     ffjord_run: Path, tmp_path: Path
 ) -> None:
     # benchmarks/density_table.py prints the README's table from run folders.
-    script = _table_script()
+    script = table_script("density_table")
     epochs = _epochs(ffjord_run)
     lines = script.table([ffjord_run, tmp_path]).splitlines()  # tmp_path: no run, skipped
     assert len(lines) == 3
@@ -201,4 +190,4 @@ def test_the_best_gaussian_of_rings_is_its_covariance() -> None:
     # plus N(0, 0.08^2) noise.
     var = sum(r * r for r in (3, 2.25, 1.5, 0.75)) / 4 / 2 + 0.08**2
     expected = math.log(2 * math.pi * math.e * var)
-    assert _table_script().gaussian_nll("rings") == pytest.approx(expected, abs=0.005)
+    assert table_script("density_table").gaussian_nll("rings") == pytest.approx(expected, abs=0.005)

@@ -369,7 +369,7 @@ def test_cli_run_commands_explain_bad_run_folders(tmp_path: Path, capsys: Any) -
 
 
 SHIPPED = {
-    "mnist": ["paper", "quick"],
+    "mnist": ["long", "paper", "quick"],
     "density": ["cnf", "ffjord", "planar-nf", "quick", "rnode"],
     "latent": ["paper", "quick"],
     "spiral": [],
@@ -408,7 +408,7 @@ def test_a_preset_is_overridden_by_the_config_file_and_then_by_flags(tmp_path: P
     assert (config.epochs, config.optimizer, config.lr) == (2, "adam", 0.5)
     with pytest.raises(SystemExit):
         parser.parse_args(["--preset", "nope"])
-    with pytest.raises(ValueError, match="presets: paper, quick"):
+    with pytest.raises(ValueError, match="presets: long, paper, quick"):
         from neuralode.experiments.config import load_preset
 
         load_preset("mnist", "nope")

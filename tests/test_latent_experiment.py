@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from clitools import neuralode, records
+from clitools import neuralode, records, table_script
 from conftest import EXPERIMENTS_EXTRA, requires
 
 from neuralode import cli
@@ -320,13 +320,7 @@ def test_paper_numbers_are_table_2s(key: tuple[str, int]) -> None:
 def test_the_table_script_averages_seeds_and_keeps_budgets_apart(tmp_path: Path) -> None:
     # benchmarks/latent_table.py prints the README's Table 2 from run folders: the mean and
     # range over seeds per (model, n, iterations), evaluation.json over metrics.json.
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "latent_table.py"
-    spec = importlib.util.spec_from_file_location("latent_table", path)
-    assert spec is not None and spec.loader is not None
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = table_script("latent_table")
 
     def run(name: str, config: dict[str, object], rmse: float, seen: float | None) -> Path:
         folder = tmp_path / name

