@@ -126,6 +126,9 @@ def figure(path: Path, curves: list[tuple[str, Path]], title: str = "") -> None:
                 label=f"{name} backward (adjoint)",
             )
     left.set(xlabel="epoch", ylabel="test error (%)", yscale="log", title="test error")
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    left.yaxis.set_major_formatter(plain)
+    left.yaxis.set_minor_formatter(plain)
     right.set(xlabel="epoch", ylabel="function evaluations per batch", title="NFE of the ODE block")
     for ax in (left, right):
         ax.grid(alpha=0.3, which="both")
