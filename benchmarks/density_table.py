@@ -66,7 +66,10 @@ def row(run: Path) -> dict[str, Any] | None:
         "data": config["data"],
         "model": label(config),
         "iterations": last_step,
-        "finished": (run / "metrics.json").is_file(),
+        # A finished run that was extended (`neuralode resume --iterations N`) keeps its old
+        # metrics.json until the extension ends: count the iterations too.
+        "finished": (run / "metrics.json").is_file()
+        and last_step >= int(config.get("iterations", 0)),
         "test_nll": float(epochs[-1]["test_nll"]),
         "best_test_nll": min(float(r["test_nll"]) for r in epochs),
         "true_nll": epochs[-1].get("true_nll"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 from pathlib import Path
 from typing import Any
@@ -180,6 +181,15 @@ def test_the_table_script_reads_a_run_and_draws_its_curves(
     # (16 * 0.5 + 0.25) / 1.414^2 (centres on the axes and diagonals at radius 4, noise 0.5).
     var = (16 * 0.5 + 0.25) / 1.414**2
     assert float(cells[5]) == pytest.approx(math.log(2 * math.pi * math.e * var), abs=0.01)
+    # A finished run being trained on (`neuralode resume --iterations 16`) still holds its
+    # metrics.json: the table counts it unfinished until the iterations are done.
+    extended = tmp_path / "extended"
+    shutil.copytree(ffjord_run, extended)
+    config = json.loads((extended / "config.json").read_text())
+    (extended / "config.json").write_text(json.dumps({**config, "iterations": 16}))
+    assert (extended / "metrics.json").is_file()
+    again = script.table([extended]).splitlines()[2]
+    assert [c.strip() for c in again.strip("|").split("|")][2] == "8 (unfinished)"
     out = tmp_path / "curves.png"
     script.figure(out, [("quick", ffjord_run)], "title")
     assert out.stat().st_size > 10_000
