@@ -12,8 +12,10 @@ pytest session:
    fastest first, until one fails (killed), one runs past ``--timeout-factor`` times its clean
    time plus ``--timeout-extra`` seconds (timeout, counted as caught, as by mutmut), or all pass
    (survived);
-3. the verdicts go into mutmut's ``mutants/**/*.meta`` files, so ``mutmut results`` and
-   ``tests/mutation_report.py`` read them as they read ``mutmut run``'s.
+3. each verdict goes into mutmut's ``mutants/**/*.meta`` files as soon as it is known, so
+   ``mutmut results`` and ``tests/mutation_report.py`` read them as they read ``mutmut run``'s,
+   and a run that is stopped keeps what it finished (``--unchecked`` runs only the mutants
+   without a verdict: a long run goes on where it stopped).
 
 Usage (from the repository root; ``make mutate-fast MUTANTS=... MUTANT_TESTS=...`` wraps it)::
 
@@ -60,11 +62,14 @@ def generate() -> None:
     set_mutant_under_test("")
 
 
-def mutants_matching(patterns: list[str]) -> dict[str, Path]:
-    """Mutant name -> its ``.meta`` file, for the names matching any pattern."""
+def mutants_matching(patterns: list[str], unchecked: bool = False) -> dict[str, Path]:
+    """Mutant name -> its ``.meta`` file, for the names matching any pattern (with
+    ``unchecked``, only those without a verdict yet)."""
     out = {}
     for meta in sorted(Path("mutants").rglob("*.py.meta")):
-        for name in json.loads(meta.read_text())["exit_code_by_key"]:
+        for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
+            if unchecked and code is not None:
+                continue
             if any(fnmatch.fnmatchcase(name, p) for p in patterns):
                 out[name] = meta.resolve()
     return out
@@ -76,6 +81,17 @@ class Runner:
     def __init__(self, names: dict[str, Path], factor: float, extra: float) -> None:
         self.names, self.factor, self.extra = names, factor, extra
         self.verdicts: dict[str, int] = {}
+
+    def record(self, name: str, code: int) -> None:
+        """Keep one verdict, in its ``.meta`` file at once (written whole, then renamed): a run
+        that is stopped keeps what it finished, and ``--unchecked`` goes on from there."""
+        self.verdicts[name] = code
+        meta = self.names[name]
+        data = json.loads(meta.read_text())
+        data["exit_code_by_key"][name] = code
+        tmp = meta.with_suffix(".meta.tmp")
+        tmp.write_text(json.dumps(data, indent=4))
+        tmp.replace(meta)
 
     def _run(self, item: Any, limit: float | None) -> tuple[bool, float, bool]:
         """(passed, seconds, timed out) of one run of ``item``."""
@@ -128,7 +144,7 @@ class Runner:
         for i, name in enumerate(sorted(self.names)):
             tests = sorted(reached.get(mangled_name_from_mutant_name(name), []), key=clean.get)
             if not tests:
-                self.verdicts[name] = 33
+                self.record(name, 33)
                 continue
             set_mutant_under_test(name)
             verdict = 0
@@ -142,7 +158,7 @@ class Runner:
                     verdict = 1
                     break
             set_mutant_under_test("")
-            self.verdicts[name] = verdict
+            self.record(name, verdict)
             status = {0: "SURVIVED", 1: "killed", 36: "timeout"}[verdict]
             print(
                 f"[{i + 1}/{len(self.names)} {time.perf_counter() - t0:.0f} s] {status} {name}",
@@ -158,6 +174,11 @@ def main() -> int:
     ap.add_argument("--timeout-factor", type=float, default=10.0)
     ap.add_argument("--timeout-extra", type=float, default=10.0)
     ap.add_argument("--fresh", action="store_true", help="delete mutants/ and generate anew")
+    ap.add_argument(
+        "--unchecked",
+        action="store_true",
+        help="only mutants without a verdict (go on after a stop)",
+    )
     args = ap.parse_args()
     tests = [a for a in args.pytest_args if a != "--"]
     if not tests:
@@ -168,7 +189,7 @@ def main() -> int:
 
         shutil.rmtree("mutants")
     generate()
-    names = mutants_matching(args.mutants)
+    names = mutants_matching(args.mutants, args.unchecked)
     if not names:
         print(f"no mutant matches {args.mutants}")
         return 2
@@ -184,13 +205,6 @@ def main() -> int:
         ["-q", "-p", "no:randomly", "-p", "no:cacheprovider", "-p", "no:xdist", *tests],
         plugins=[runner],
     )
-    by_meta: dict[Path, dict[str, int]] = defaultdict(dict)
-    for name, code in runner.verdicts.items():
-        by_meta[names[name]][name] = code
-    for meta, codes in by_meta.items():
-        data = json.loads(meta.read_text())
-        data["exit_code_by_key"].update(codes)
-        meta.write_text(json.dumps(data, indent=4))
     survived = sorted(n for n, c in runner.verdicts.items() if c == 0)
     print(f"{len(runner.verdicts)} mutants: {len(survived)} survived")
     for name in survived:
