@@ -181,24 +181,30 @@ def case(
     return out
 
 
-def rk4_steps(steps: int, repeats: int) -> dict[str, Any]:
-    """Per-step time of rk4 on a trivial field (the solver's own overhead): eager, compiled,
-    and diffrax's (jit, compare.py's overhead problem) where it is installed."""
+def rk4_steps(steps: int, repeats: int, blocks: tuple[int, ...] = ()) -> dict[str, Any]:
+    """Per-step time of rk4 on a trivial field (the solver's own overhead): eager, compiled
+    (the default options, and each of ``blocks`` steps per loop iteration), and diffrax's (jit,
+    compare.py's overhead problem) where it is installed; one interleaved timing."""
     y0 = torch.randn(1, 8)
     t = torch.tensor([0.0, 1.0])
 
     def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return -y
 
-    def run(compile: bool) -> Callable[[], None]:
+    def run(compile: Any) -> Callable[[], None]:
         return lambda: (
             neuralode.solve(f, y0, t, method="rk4", step_size=1.0 / steps, compile=compile).ys
         )
 
-    t0 = time.perf_counter()
-    run(True)()
-    first = time.perf_counter() - t0
-    runners: dict[str, Callable[[], Any]] = {"eager": run(False), "compiled": run(True)}
+    firsts = {}
+    runners: dict[str, Callable[[], Any]] = {"eager": run(False)}
+    for name, opts in [("compiled", True)] + [
+        (f"compiled, block {k}", neuralode.CompileOptions(block=k, loop=True)) for k in blocks
+    ]:
+        t0 = time.perf_counter()
+        run(opts)()
+        firsts[name] = time.perf_counter() - t0
+        runners[name] = run(opts)
     p = peers.Problem("decay-dim8", f, y0, 0.0, 1.0, lambda t, y, a: -y)
     jax_run = peers.prepare("diffrax", p, "rk4", gradient=None, step_size=1.0 / steps)
     if not isinstance(jax_run, str):
@@ -207,9 +213,13 @@ def rk4_steps(steps: int, repeats: int) -> dict[str, Any]:
     ms = best_of(runners, repeats)
     us = {k: v * 1e3 / steps for k, v in ms.items()}
     print(f"rk4 {steps} steps: " + ", ".join(f"{k} {v:.2f} us/step" for k, v in us.items()))
-    out = {"steps": steps, "us_per_step": us, "first_call_s": first}
+    out = {"steps": steps, "us_per_step": us, "first_call_s": firsts["compiled"]}
+    out["first_call_s_by_variant"] = firsts
     if "diffrax" in us:
         out["compiled_over_diffrax"] = us["compiled"] / us["diffrax"]
+        out["over_diffrax_by_variant"] = {
+            k: v / us["diffrax"] for k, v in us.items() if k.startswith("compiled")
+        }
     return out
 
 
@@ -244,6 +254,11 @@ def table(res: dict[str, Any]) -> str:
         f"rk4, trivial field, {r['steps']} steps: eager {us['eager']:.1f} us/step, "
         f"compiled {us['compiled']:.2f} us/step{peer} (first call {r['first_call_s']:.1f} s)."
     )
+    for name, first in r.get("first_call_s_by_variant", {}).items():
+        if name != "compiled":
+            ratio = r.get("over_diffrax_by_variant", {}).get(name)
+            vs = "" if ratio is None else f" (/ diffrax {ratio:.1f})"
+            rows.append(f"{name}: {us[name]:.2f} us/step{vs}, first call {first:.1f} s.")
     return "\n".join(rows)
 
 
@@ -254,6 +269,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--tol", type=float, default=1e-6)
     ap.add_argument("--rk4-steps", type=int, default=10_000)
+    ap.add_argument(
+        "--rk4-blocks", type=int, nargs="*", default=[], help="also time these steps per iteration"
+    )
     ap.add_argument("--out", type=Path, default=Path("runs/bench/compiled"))
     ap.add_argument("--threads", type=int, default=1, help="torch threads (compare.py's: 1)")
     args = ap.parse_args()
@@ -266,7 +284,7 @@ def main() -> None:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }  # fmt: skip
     res["cases"] = [case(s, m, args.repeats, args.tol) for s in args.shapes for m in args.modes]
-    res["rk4"] = rk4_steps(args.rk4_steps, max(3, args.repeats // 5))
+    res["rk4"] = rk4_steps(args.rk4_steps, max(3, args.repeats // 5), tuple(args.rk4_blocks))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "compiled.json").write_text(json.dumps(res, indent=1))
     (args.out / "compiled.md").write_text(table(res) + "\n")
