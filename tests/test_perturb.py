@@ -132,3 +132,54 @@ def test_perturb_is_for_unbatched_fixed_steps() -> None:
     with pytest.warns(UserWarning, match="perturb"):
         ys = neuralode.odeint(f, y0, t, method="dopri5", options={"perturb": True})
     torch.testing.assert_close(ys, neuralode.odeint(f, y0, t, method="dopri5"))
+
+
+@pytest.mark.parametrize("method", ["rk4", "implicit_euler"])
+@pytest.mark.parametrize("side", ["<", "<="])
+def test_a_jump_at_a_grid_time_float32_cannot_hold(method: str, side: str) -> None:
+    """The step's ends are compared in the time's own dtype: 0.3 is not a float32 number, and a
+    jump there, whichever side owns the grid time itself, is still seen from each step's own
+    side (``t < 0.3`` checks the first step's end, ``t <= 0.3`` the second step's start)."""
+
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        before = t < 0.3 if side == "<" else t <= 0.3
+        return torch.where(before, 1.0, -1.0) * torch.ones_like(y)
+
+    y0 = torch.zeros(1, dtype=F64)
+    t = torch.tensor([0.0, 0.3, 0.6], dtype=F64)
+    ys = neuralode.odeint(f, y0, t, method=method, options={"perturb": True})
+    torch.testing.assert_close(ys[:, 0], torch.tensor([0.0, 0.3, 0.0], dtype=F64))
+
+
+@pytest.mark.parametrize("method", ["rk4", "midpoint", "radauIIA5"])
+def test_perturb_moves_only_the_stages_at_a_steps_ends(method: str) -> None:
+    """A smooth field gives the same solution perturbed or not, to round-off: only a stage at
+    a step's start or end moves (by one ulp), the interior stages keep their times."""
+
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.cos(3.0 * t) * y
+
+    y0 = torch.tensor([1.0, -2.0], dtype=F64)
+    t = torch.tensor([0.0, 0.7, 1.4], dtype=F64)
+    kw: dict[str, Any] = {"method": method, "options": {"step_size": 0.35}}
+    plain = neuralode.odeint(f, y0, t, **kw)
+    kw["options"] = {**kw["options"], "perturb": True}
+    moved = neuralode.odeint(f, y0, t, **kw)
+    torch.testing.assert_close(moved, plain, rtol=1e-13, atol=1e-13)
+
+
+def test_a_step_end_one_ulp_past_the_grid_time_is_still_its_end() -> None:
+    """``1.9 + (6.8 - 1.9)`` is one ulp above 6.8: the end stage is found by a tolerance that
+    scales with the times (a couple of ulps of the larger end), and seen from before the jump."""
+    t0, t1 = 1.9, 6.8
+    assert t0 + (t1 - t0) > t1
+
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.where(t < t1, 1.0, -1.0) * torch.ones_like(y)
+
+    y0 = torch.zeros(1, dtype=F64)
+    t = torch.tensor([t0, t1], dtype=F64)
+    ys = neuralode.odeint(f, y0, t, method="rk4", options={"perturb": True})
+    torch.testing.assert_close(ys[-1, 0], torch.tensor(t1 - t0, dtype=F64))
+    plain = neuralode.odeint(f, y0, t, method="rk4")  # its end stage sees the slope after
+    assert float(plain[-1, 0]) < t1 - t0 - 1
