@@ -350,6 +350,23 @@ def test_a_fixed_loop_takes_block_steps_per_iteration(n_steps):
     assert {k[-1] for k in _CACHE} == {3}
 
 
+@pytest.mark.parametrize(("n_steps", "block"), [(130, 16), (127, 8), (5, 5)])
+def test_a_fixed_loop_takes_16_steps_per_iteration_on_a_long_grid(n_steps, block):
+    """Without a ``block``, a fixed grid's loop takes 16 steps per iteration from 128 steps on
+    (130: padded with 14 steps of zero), 8 below, the grid's own count below 8: the outputs
+    and counters are the eager loop's."""
+    backend = _Counting()
+    y0 = torch.randn(2, 3, dtype=torch.float64)
+    t = torch.tensor([0.0, 0.37, 1.0], dtype=torch.float64)
+    with torch.no_grad():
+        kw = dict(batched=True, method="rk4", step_size=1.0 / n_steps)
+        ref = solve(lambda t, y: torch.sin(y) - y, y0, t, **kw)
+        sol = solve(lambda t, y: torch.sin(y) - y, y0, t, compile={"backend": backend}, **kw)
+    torch.testing.assert_close(sol.ys, ref.ys, rtol=1e-12, atol=1e-12)
+    assert torch.equal(sol.stats.n_steps, ref.stats.n_steps)
+    assert {k[0] for k in _CACHE} == {"_fixed_loop"} and {k[-1] for k in _CACHE} == {block}
+
+
 def test_a_loop_carries_each_value_exactly():
     """The loop packs its per-row vectors into one floating and one integer matrix and
     unpacks them into their own dtypes, exactly (float32 and float64 vectors share a float64

@@ -90,8 +90,9 @@ class CompileOptions:
             fixed-step solves take blocks of 8 steps (fewer if the grid has fewer).  A number
             compiles one graph of that size; more attempts per call mean fewer synchronisations
             (what pays on a GPU) but more attempts computed for rows already done.  In a
-            ``loop``, a fixed-step solve takes ``block`` steps per iteration (by default 8,
-            fewer if the grid has fewer): an iteration's own cost is shared by its steps.
+            ``loop``, a fixed-step solve takes ``block`` steps per iteration (by default 16 on
+            a grid of 128 steps or more, else 8, fewer if the grid has fewer): an iteration's
+            own cost is shared by its steps.
         max_outputs: output times one step may pass (each attempt evaluates its interpolant at
             that many); a step that would pass more ends on the last of them instead.
         loop: run a solve through which no gradient flows (under ``torch.no_grad``, a field
@@ -816,7 +817,7 @@ def drive(
             args = (c0, f, solver, ctrl, plan, out, floor, P, buf, start)
         else:
             assert grid is not None
-            k = opts.block or min(8, grid.n)
+            k = opts.block or _loop_block(grid.n)
             times, steps = _padded(grid, k)
             # (the grid's times may be a view of the outputs': a loop's inputs may not alias)
             base, kind = _fixed_loop, (*key, plan, k)
@@ -865,6 +866,15 @@ def drive(
     if batched:
         return ys, c.status, c.t, Stats(*counts), h_next
     return ys[0], c.status[0], c.t[0], Stats(*(x[0] for x in counts)), h_next
+
+
+def _loop_block(n: int) -> int:
+    """Steps per ``while_loop`` iteration of a fixed grid of ``n`` steps, by default: 16 on a
+    grid of 128 steps or more (an iteration's own cost, about 4.6 us here, shared by more
+    steps: rk4 on a trivial field at 1.36 us per step against 1.99 with 8, its first call 19 s
+    against 21, benchmarks/compiled.py --rk4-blocks), else 8 (fewer on a shorter grid), so that
+    the padding steps computed past the grid's end stay under an eighth of it."""
+    return 16 if n >= 128 else min(8, n)
 
 
 def _padded(grid: FixedGrid, k: int) -> tuple[torch.Tensor, torch.Tensor]:
