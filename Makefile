@@ -130,28 +130,32 @@ latent: $(STAMP)
 	$(PYTHON) benchmarks/latent_table.py runs/latent-*
 
 # Section 4.1 (CNF vs planar NF) at 1000 iterations; FFJORD's toy recipe in full (10,000
-# iterations) on 8gaussians, checkerboard, rings and 2spirals (and on rings and 2spirals with
-# the exact trace, as FFJORD's script trains them) and at 1000 on the others; RNODE against
-# FFJORD at the same fixed T = 1 on 8gaussians; then the table and the RNODE figure
-# (benchmarks/density_table.py).  About 5 CPU-hours on one thread per run.
+# iterations, the exact trace as FFJORD's script trains the toys) on 8gaussians, checkerboard
+# (20,000), rings and 2spirals, and with Hutchinson's estimator on the same four; at 1000, with
+# the estimator, on the others; RNODE against FFJORD at the same fixed T = 1 on 8gaussians (both with the estimator, as
+# in RNODE's scripts); then the table and the RNODE figure (benchmarks/density_table.py).  About
+# 7 CPU-hours on one thread per run.
 density: $(STAMP)
 	for d in moons circles; do for m in cnf planar-nf; do \
 		$(TRAIN) runs/density-$$m-$$d density --preset $$m --data $$d \
 			--iterations 1000 --quiet || exit 1; \
 	done; done
 	for d in 8gaussians checkerboard rings 2spirals; do \
-		$(TRAIN) runs/density-ffjord-$$d density --preset ffjord --data $$d --quiet || exit 1; \
+		$(TRAIN) runs/density-ffjord-$$d density --preset ffjord --data $$d \
+			--trace hutchinson --quiet || exit 1; \
 	done
-	for d in rings 2spirals; do \
+	for d in 8gaussians rings 2spirals; do \
 		$(TRAIN) runs/density-ffjord-exact-$$d density --preset ffjord --data $$d \
-			--trace exact --quiet || exit 1; \
+			--quiet || exit 1; \
 	done
+	$(TRAIN) runs/density-ffjord-exact-checkerboard density --preset ffjord --data checkerboard \
+		--iterations 20000 --quiet
 	for d in moons circles pinwheel swissroll; do \
 		$(TRAIN) runs/density-ffjord-$$d density --preset ffjord --data $$d \
-			--iterations 1000 --quiet || exit 1; \
+			--trace hutchinson --iterations 1000 --quiet || exit 1; \
 	done
 	$(TRAIN) runs/density-ffjord-T1-8gaussians density --preset ffjord --data 8gaussians \
-		--T 1 --no-train-T --quiet
+		--T 1 --no-train-T --trace hutchinson --quiet
 	$(TRAIN) runs/density-rnode-8gaussians density --preset rnode --data 8gaussians --quiet
 	$(PYTHON) benchmarks/density_table.py runs/density-* --figure runs/density-rnode.png \
 		--title "8gaussians, T = 1 fixed: FFJORD against RNODE (kinetic 0.01, Jacobian 0.01)" \

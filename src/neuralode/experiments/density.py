@@ -8,8 +8,9 @@ distribution (:mod:`neuralode.data.toy2d`) by maximum likelihood. Models (``--mo
   layers ``2-64-64-64-2`` with tanh, Hutchinson's trace estimator during training, dopri5 at
   ``rtol = atol = 1e-5`` and a learned integration time starting at ``T = 0.5`` (FFJORD's
   ``train_toy.py``: batch 100, Adam lr 1e-3 with weight decay 1e-5, 10000 iterations; its
-  script defaults to the exact trace in 2-D, ``--trace exact`` here, which on rings leaves the
-  near-Gaussian start about 2000 iterations sooner; the estimator is FFJORD's point);
+  script trains the toys with the exact trace, and so does ``--preset ffjord``: on rings it
+  leaves the near-Gaussian start about 2000 iterations sooner; the estimator is FFJORD's point,
+  for many dimensions);
 - ``cnf``: the paper's planar CNF (Eq. 10, :class:`neuralode.nn.cnf.PlanarField`), ``width`` M
   units whose parameters a hypernetwork of ``t`` gives, with the exact trace (torchdiffeq's
   ``examples/cnf.py``: M = 64, hypernetwork width 32, batch 512, Adam lr 1e-3, dopri5 at 1e-5);
