@@ -18,11 +18,15 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
 from neuralode.experiments.density import DensityConfig
 from neuralode.experiments.engine import read_metrics
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _tables.py, beside this script
+from _tables import parse, save_figure  # noqa: E402
 
 #: Training iterations whose NFE the table averages (FFJORD's logs smooth over about as many).
 LAST = 100
@@ -158,19 +162,10 @@ def figure(path: Path, curves: list[tuple[str, Path]], title: str = "") -> None:
         ylabel="NFE per training iteration (forward + backward)",
         title="function evaluations",
     )
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    print(f"wrote {path}")
+    save_figure(fig, (left, right), path, title)
 
 
 def main() -> None:
-    from _tables import parse  # beside this script (on sys.path when it runs as one)
-
     args = parse(__doc__, "density", title=True)
     runs = args.runs
     print(table(runs))

@@ -15,10 +15,14 @@ the NFE per batch of those that have an adaptive block (docs/experiments/mnist.m
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from neuralode.experiments.engine import read_metrics
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _tables.py, beside this script
+from _tables import parse, save_figure  # noqa: E402
 
 #: Test error of Table 1 of Chen et al. (2018), in percent.
 PAPER_TEST_ERROR = {"mlp": 1.60, "resnet": 0.41, "rknet": 0.47, "odenet": 0.42}
@@ -130,21 +134,10 @@ def figure(path: Path, curves: list[tuple[str, Path]], title: str = "") -> None:
     left.yaxis.set_major_formatter(plain)
     left.yaxis.set_minor_formatter(plain)
     right.set(xlabel="epoch", ylabel="function evaluations per batch", title="NFE of the ODE block")
-    for ax in (left, right):
-        ax.grid(alpha=0.3, which="both")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    print(f"wrote {path}")
+    save_figure(fig, (left, right), path, title)
 
 
 def main() -> None:
-    from _tables import parse  # beside this script (on sys.path when it runs as one)
-
     args = parse(__doc__, "MNIST", title=True)
     print(table(args.runs))
     if args.figure:
