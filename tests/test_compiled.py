@@ -40,6 +40,9 @@ def csolve(*args, compile, **kw):
 
 @pytest.fixture(autouse=True)
 def _fresh_graphs():
+    # Before each test too: another file's test in the same worker (the docs' examples run
+    # `compile=` solves) may have left blocks in the cache that these tests count.
+    reset()
     yield
     reset()
 
