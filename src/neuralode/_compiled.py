@@ -871,9 +871,10 @@ def drive(
 def _loop_block(n: int) -> int:
     """Steps per ``while_loop`` iteration of a fixed grid of ``n`` steps, by default: 16 on a
     grid of 128 steps or more (an iteration's own cost, about 4.6 us here, shared by more
-    steps: rk4 on a trivial field at 1.36 us per step against 1.99 with 8, its first call 19 s
-    against 21, benchmarks/compiled.py --rk4-blocks), else 8 (fewer on a shorter grid), so that
-    the padding steps computed past the grid's end stay under an eighth of it."""
+    steps: rk4 on a trivial field at 1.36-1.43 us per step against 1.61-1.99 with 8, for a
+    first call of 19-29 s against 11-21 s, benchmarks/compiled.py --rk4-blocks), else 8 (fewer
+    on a shorter grid), so that the padding steps computed past the grid's end stay under an
+    eighth of it."""
     return 16 if n >= 128 else min(8, n)
 
 
