@@ -331,6 +331,87 @@ def test_a_solve_without_gradient_is_one_loop_call(fixed):
     assert ("_fixed_block" if fixed else "_adaptive_block") in {k[0] for k in _CACHE}
 
 
+class _Syncs:
+    """Counts the host synchronisations a solve makes outside its compiled calls: reading a
+    tensor's value on the host (``bool``, ``int``, ``float``, ``item``, ``tolist``), which on a
+    GPU waits for its queue.  (Inside a compiled call the test backend, ``"eager"``, runs a
+    ``while_loop``'s condition in Python, reading it each iteration; inductor's C++ loop does
+    not.)"""
+
+    NAMES = ("__bool__", "__int__", "__float__", "item", "tolist")
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count, self.inside = 0, False
+        for name in self.NAMES:
+            monkeypatch.setattr(torch.Tensor, name, self._counted(getattr(torch.Tensor, name)))
+        call = neuralode._compiled._call
+
+        def uncounted(*args, **kw):
+            self.inside = True
+            try:
+                return call(*args, **kw)
+            finally:
+                self.inside = False
+
+        monkeypatch.setattr(neuralode._compiled, "_call", uncounted)
+
+    def _counted(self, read):
+        def counted(x, *args):
+            self.count += not self.inside
+            return read(x, *args)
+
+        return counted
+
+
+@pytest.mark.parametrize("batched", [False, True])
+@pytest.mark.parametrize("fixed", [None, 0.1])
+def test_a_solve_without_gradient_synchronises_twice(batched, fixed, monkeypatch):
+    """A compiled solve that needs no gradient reads values on the host twice: once for its
+    inputs' checks (finite state, times and first evaluation, monotonic times, which rows run
+    backwards), once for its outputs (finite, every row done); one more per block with a
+    gradient, and on a grid of ``step_size`` two more: its number of steps and the most outputs
+    in one step, which the graph is built on.  (Each check read its own value before: seven
+    reads, and the grid's steps were counted twice.)"""
+    f = MLP(3, dtype=torch.float64)
+    t = torch.tensor([0.0, 0.7, 2.0], dtype=torch.float64)
+    y0 = torch.randn(4, 3, dtype=torch.float64) if batched else torch.randn(3, dtype=torch.float64)
+    kw = {"method": "rk4", "step_size": fixed} if fixed else {"rtol": 1e-7, "atol": 1e-9}
+    reads = 2 + (2 if fixed else 0)
+    with torch.no_grad():
+        ref = solve(f, y0, t, batched=batched, compile=LOOP, **kw)  # traced before counting
+        syncs = _Syncs(monkeypatch)
+        sol = solve(f, y0, t, batched=batched, compile=LOOP, **kw)
+    assert syncs.count == reads
+    assert torch.equal(sol.ys, ref.ys)
+    solve(f, y0, t, batched=batched, compile=TRACE, **kw)  # blocks of 2 attempts, traced
+    syncs.count = 0
+    sol = solve(f, y0, t, batched=batched, compile=TRACE, **kw)
+    count, steps = syncs.count, int(sol.stats.n_steps.max())
+    assert sol.ys.requires_grad
+    assert steps > 2 and count == reads + (0 if fixed else math.ceil(steps / 2))
+    syncs.count = 0
+    with torch.no_grad():  # the fixed grid of the output times: nothing to read
+        sol = solve(f, y0, t, batched=batched, method="rk4", compile=LOOP)
+    assert syncs.count == 2 and int(sol.stats.n_steps.max()) == 2
+
+
+@pytest.mark.parametrize(
+    ("y0", "t", "match"),
+    [
+        ([math.nan, 1.0], [0.0, 1.0, 0.5], r"^y0 contains NaN"),  # the state first
+        ([1.0, 1.0], [0.0, math.inf, 0.5], r"^t contains NaN or Inf"),
+        ([1.0, 1.0], [0.0, 1.0, 0.5], r"^t must be strictly increasing or strictly decreasing;"),
+        ([1e38, 1e38], [0.0, 1.0], r"^func returned NaN or Inf at the initial time t=0 "),
+    ],
+)
+def test_the_inputs_values_are_checked_in_order_in_one_read(y0, t, match):
+    """The value checks read their flags together, then report the first failure in the order
+    the checks had one by one; a float32 sum that overflows (1e38 + 1e38) is not taken for an
+    infinite state (the state is finite: only func's ``y * 1e10`` is not)."""
+    with pytest.raises(ValueError, match=match):
+        solve(lambda t, y: y * 1e10, torch.tensor(y0), torch.tensor(t), compile=LOOP)
+
+
 @pytest.mark.parametrize("n_steps", [9, 10, 2])
 def test_a_fixed_loop_takes_block_steps_per_iteration(n_steps):
     """With ``loop`` and a ``block`` of 3, a fixed grid's loop runs 3 steps per iteration (a

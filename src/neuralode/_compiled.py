@@ -687,6 +687,7 @@ def drive(
     out_times: torch.Tensor,
     *,
     step_size: float | None,
+    grid_steps: int | None,
     first_step: torch.Tensor | float | None,
     t_floor: torch.Tensor,
     resolution: float,
@@ -695,7 +696,8 @@ def drive(
     opts: CompileOptions,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Stats, torch.Tensor | float | None]:
     """Run a solve (``T >= 2`` outputs) in compiled blocks; returns what the eager drivers
-    return: ``(ys, status, t_end, stats, h_next)`` in the solve's own layout."""
+    return: ``(ys, status, t_end, stats, h_next)`` in the solve's own layout.  ``grid_steps``:
+    a fixed-step solve's number of steps, as the loop's grid has it."""
     linear = isinstance(solver, _LinearlyImplicit)
     assert isinstance(solver, ExplicitRK) or linear
     if batched:
@@ -762,8 +764,9 @@ def drive(
         )
     grid = None
     if ctrl is None:
-        grid = FixedGrid(out, step_size)
-        m, inside = _outputs_per_step(grid, out)
+        grid = FixedGrid(out, step_size, grid_steps)
+        # (on the output grid each step ends at one output)
+        m, inside = _outputs_per_step(grid, out) if step_size is not None else (1, False)
     elif T == 2 or solver.lands_on_outputs or (extras and not extra_is_f1):
         # Every output is a step's end (dopri8's interpolant costs 3 f; the Rodas methods'
         # interpolants are not accurate enough in the stiff regime).

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 import torch
 
@@ -71,8 +71,10 @@ def _is_tensor_tuple(y0: object) -> bool:
     return isinstance(y0, (tuple, list))
 
 
-def check_state(y0: Any) -> tuple[torch.Tensor, ...]:
-    """``y0`` as a tuple of floating tensors on one device with one dtype."""
+def check_state(y0: Any, *, values: bool = True) -> tuple[torch.Tensor, ...]:
+    """``y0`` as a tuple of floating tensors on one device with one dtype (and finite, unless
+    ``values=False``: then the caller checks the values, as :func:`normalise` does in its one
+    host synchronisation)."""
     parts = tuple(y0) if _is_tensor_tuple(y0) else (y0,)
     if not parts:
         raise ValueError("y0 must be a tensor or a non-empty tuple of tensors, got an empty tuple")
@@ -92,15 +94,26 @@ def check_state(y0: Any) -> tuple[torch.Tensor, ...]:
             )
         if p.numel() == 0:
             raise ValueError(f"{name} is empty (shape {tuple(p.shape)}); the state needs elements")
-        if not all_finite(p):
-            raise ValueError(f"{name} contains NaN or Inf; the initial state must be finite")
+        if values and not all_finite(p):
+            _nonfinite_state(name)
     return parts
 
 
+def _nonfinite_state(name: str) -> NoReturn:
+    raise ValueError(f"{name} contains NaN or Inf; the initial state must be finite")
+
+
 def check_times(
-    t: object, *, allow_2d: bool, t_dtype: torch.dtype | None, device: torch.device
+    t: object,
+    *,
+    allow_2d: bool,
+    t_dtype: torch.dtype | None,
+    device: torch.device,
+    values: bool = True,
 ) -> torch.Tensor:
-    """``t`` as a floating tensor on ``device``, checked for shape, finiteness and monotonicity."""
+    """``t`` as a floating tensor on ``device``, checked for shape, finiteness and monotonicity
+    (the last two unless ``values=False``: then the caller checks them, as :func:`normalise`
+    does in its one host synchronisation)."""
     if not isinstance(t, torch.Tensor):
         try:
             t = torch.as_tensor(t, dtype=torch.float64)
@@ -122,21 +135,66 @@ def check_times(
     elif t.dtype in (torch.float16, torch.bfloat16, torch.float32):
         t = t.to(torch.float64)  # time stays float64 where the state is lower precision
     t = t.to(device)
-    tt = t.detach()
-    if not all_finite(tt):
-        raise ValueError("t contains NaN or Inf; output times must be finite")
-    if t.shape[-1] > 1:
-        d = tt.diff(dim=-1)
-        inc = (d > 0).all(dim=-1)
-        dec = (d < 0).all(dim=-1)
-        bad = ~(inc | dec)
-        if bool(bad.any()):
-            where = "" if t.ndim == 1 else f" (row {int(bad.nonzero()[0, 0])})"
-            raise ValueError(
-                f"t must be strictly increasing or strictly decreasing{where}; "
-                f"found repeated or out-of-order times"
-            )
+    if values:
+        tt = t.detach()
+        if not all_finite(tt):
+            _nonfinite_times()
+        if t.shape[-1] > 1 and not bool(_monotonic(tt).all()):
+            _not_monotonic(tt)
     return t
+
+
+def _monotonic(tt: torch.Tensor) -> torch.Tensor:
+    """Per row: whether the times are strictly increasing or strictly decreasing."""
+    d = tt.diff(dim=-1)
+    return (d > 0).all(dim=-1) | (d < 0).all(dim=-1)
+
+
+def _nonfinite_times() -> NoReturn:
+    raise ValueError("t contains NaN or Inf; output times must be finite")
+
+
+def _not_monotonic(tt: torch.Tensor) -> NoReturn:
+    where = "" if tt.ndim == 1 else f" (row {int((~_monotonic(tt)).nonzero()[0, 0])})"
+    raise ValueError(
+        f"t must be strictly increasing or strictly decreasing{where}; "
+        f"found repeated or out-of-order times"
+    )
+
+
+def _check_values(
+    parts: Sequence[torch.Tensor], is_tuple: bool, t: torch.Tensor, f0: torch.Tensor, t0: Any
+) -> bool:
+    """The value checks of a solve's inputs in one host synchronisation (a GPU's queue is
+    drained once, not once per check): ``y0`` and ``t`` finite, ``t`` monotonic in each row,
+    ``func(t0, y0)`` finite; the errors are raised in that order, each as its own check would.
+
+    Returns:
+        Whether any row's times decrease (those rows are then mirrored)."""
+    tt = t.detach()
+    flags = [torch.isfinite(p.detach().sum()) for p in parts]
+    flags.append(torch.isfinite(tt.sum()))
+    several = t.shape[-1] > 1
+    if several:
+        flags.append(_monotonic(tt).all())
+        flags.append((tt[..., 1] < tt[..., 0]).any())
+    flags.append(torch.isfinite(f0.detach().sum()))
+    ok = torch.stack(flags).tolist()
+    # (a sum that overflowed is not a non-finite value: the elementwise check decides)
+    for i, p in enumerate(parts):
+        if not ok[i] and not bool(torch.isfinite(p).all()):
+            _nonfinite_state(f"y0[{i}]" if is_tuple else "y0")
+    k = len(parts)
+    if not ok[k] and not bool(torch.isfinite(tt).all()):
+        _nonfinite_times()
+    if several and not ok[k + 1]:
+        _not_monotonic(tt)
+    if not ok[-1] and not bool(torch.isfinite(f0).all()):
+        raise ValueError(
+            f"func returned NaN or Inf at the initial time t={_fmt_time(t0)} and y0; "
+            f"the vector field must be finite at the initial state"
+        )
+    return several and bool(ok[k + 2])
 
 
 def check_tolerance(
@@ -239,10 +297,11 @@ def normalise(
         raise TypeError(f"func must be callable as func(t, y), got {type(func).__name__}")
     if jac is not None and not callable(jac):
         raise TypeError(f"jac must be callable as jac(t, y), got {type(jac).__name__}")
-    parts = check_state(y0)
+    # The values (finite, monotonic) are checked below, with func's first evaluation.
+    parts = check_state(y0, values=False)
     is_tuple = _is_tensor_tuple(y0)
     device, dtype = parts[0].device, parts[0].dtype
-    t = check_times(t, allow_2d=True, t_dtype=t_dtype, device=device)
+    t = check_times(t, allow_2d=True, t_dtype=t_dtype, device=device, values=False)
     if batched is None:
         batched = t.ndim == 2
     if t.ndim == 2 and not batched:
@@ -263,9 +322,6 @@ def normalise(
                 f"t has {t.shape[0]} rows (per-sample grids) but y0 has batch size "
                 f"{parts[0].shape[0]}; they must match"
             )
-    rtol_v = check_tolerance("rtol", rtol, parts, batched, positive=True)
-    atol_v = check_tolerance("atol", atol, parts, batched, positive=False)
-    _check_resolution(rtol_v, atol_v, dtype)
 
     # Flatten tuple states into one tensor (per sample when batched).
     if is_tuple:
@@ -312,22 +368,17 @@ def normalise(
     out0 = func(t0_user, y0 if not is_tuple else tuple(parts))
     _check_f_output(out0, parts, is_tuple)
     f0 = pack(out0, (parts[0].shape[0],) if batched else ())
-    if not all_finite(f0):
-        raise ValueError(
-            f"func returned NaN or Inf at the initial time t={_fmt_time(t0_user)} and y0; "
-            f"the vector field must be finite at the initial state"
-        )
+    decreasing = _check_values(parts, is_tuple, t, f0, t0_user)
+    rtol_v = check_tolerance("rtol", rtol, parts, batched, positive=True)
+    atol_v = check_tolerance("atol", atol, parts, batched, positive=False)
+    _check_resolution(rtol_v, atol_v, dtype)
 
     # Mirror decreasing rows into increasing ones: s = sign * t, g(s, y) = sign * f(sign * s, y).
-    tt = t.detach()
-    dec = (
-        tt[..., 1] < tt[..., 0]
-        if t.shape[-1] > 1
-        else torch.zeros(tt.shape[:-1], dtype=torch.bool, device=device)
-    )
     sign: torch.Tensor | float = 1.0
     s = t
-    if bool(dec.any()):
+    if decreasing:
+        tt = t.detach()
+        dec = tt[..., 1] < tt[..., 0]
         base, base_jac = g, jac_g
         # g(s, y) = sign f(sign s, y): dg/dy = sign df/dy, dg/ds = sign^2 df/dt = df/dt.
         if t.ndim == 1:

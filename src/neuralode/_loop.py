@@ -61,6 +61,9 @@ class LoopResult(NamedTuple):
         dense: the accepted steps' interpolants (``dense=True``), else ``None``.
         records: the accepted steps for replay (``record=True``), else ``None``.
         events: what the events found (a solve with events), else ``None``.
+        ok: whether every row succeeded or stopped at a terminal event, read in the same host
+            synchronisation as the outputs' finiteness; ``None`` when not known (then the
+            status says).
     """
 
     ys: torch.Tensor
@@ -71,6 +74,7 @@ class LoopResult(NamedTuple):
     dense: list[DenseRecord] | None
     records: list[StepRecord] | None
     events: EventLog | None = None
+    ok: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -297,13 +301,17 @@ class _Run:
             ys, status, t_end, stats, h_next = self._tensor_driver()
         else:
             ys, status, t_end, stats, h_next = self._float_driver()
-        if not all_finite(ys):
+        # One host synchronisation: the outputs' finiteness and every row's success.
+        done = (status == Status.SUCCESS) | (status == Status.EVENT)
+        finite, ok = torch.stack((torch.isfinite(ys.detach().sum()), done.all())).tolist()
+        if not finite and not all_finite(ys):  # (a sum that overflowed: the elements decide)
             status, t_end = self._flag_nonfinite(ys, status, t_end)
+            ok = None
         log = None
         if self.spec.events is not None:
             tracker = self._events or self.spec.events(self.out_times[:, 0], self.y0)
             log = tracker.log()
-        return LoopResult(ys, status, t_end, stats, h_next, self.dense, self.records, log)
+        return LoopResult(ys, status, t_end, stats, h_next, self.dense, self.records, log, ok)
 
     def _compiled_driver(self, opts: CompileOptions) -> tuple[Any, ...]:
         spec = self.spec
@@ -316,6 +324,7 @@ class _Run:
             self.f0,
             self.out_times,
             step_size=spec.step_size,
+            grid_steps=None if self.grid is None else self.grid.n,
             first_step=self.first_step,
             t_floor=self._t_floor,
             resolution=self._resolution,

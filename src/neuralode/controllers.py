@@ -240,14 +240,18 @@ class FixedGrid:
         n_steps: ``[*rows]`` steps each row takes.
     """
 
-    def __init__(self, s: torch.Tensor, step_size: float | None) -> None:
+    def __init__(self, s: torch.Tensor, step_size: float | None, n: int | None = None) -> None:
+        """``s``: output times ``[*rows, T]`` (internal); ``n``: the most steps of any row
+        where already known (a grid built again on the same times), which saves reading it
+        on the host."""
         t0, t1 = s[..., 0], s[..., -1]
         if step_size is None:
             grid = s
             n_row = torch.full(t0.shape, s.shape[-1] - 1, device=s.device)  # int64
         else:
             n_row = torch.ceil((t1 - t0) / step_size - 0.01).long().clamp_(min=1)
-            ks = torch.arange(int(n_row.max()) + 1, device=s.device, dtype=s.dtype)
+            n = int(n_row.max()) if n is None else n
+            ks = torch.arange(n + 1, device=s.device, dtype=s.dtype)
             grid = t0.unsqueeze(-1) + ks * step_size
             grid = torch.where(ks >= n_row.unsqueeze(-1), t1.unsqueeze(-1), grid)
         self.grid = grid.contiguous()  # [*rows, n + 1]

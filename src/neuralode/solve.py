@@ -506,7 +506,7 @@ def _finish(prob: Problem, t: Any, out: Outcome, dense: bool, throw: bool) -> So
         _interpolator=evaluate,
         _backward=out.backward,
     )
-    if throw and not sol.success:
+    if throw and not (sol.success if res.ok is None else res.ok):
         raise SolverError(_failure_message(res.status, t_end_user), sol)
     return sol
 
