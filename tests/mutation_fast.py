@@ -7,7 +7,9 @@ took half an hour.  This script uses mutmut's own mutant generation (``mutants/`
 pytest session:
 
 1. each selected test runs once with no mutant, recording which mutated functions it reaches
-   (mutmut's ``"stats"`` mode) and how long it takes (a test that fails here is left out);
+   (mutmut's ``"stats"`` mode, without its call stack, a ContextVar that torch.compile cannot
+   trace; what runs only inside a compiled trace is not recorded) and how long it takes (a
+   test that fails here is left out, and named);
 2. for each mutant whose name matches ``--mutants``, the tests that reach its function run,
    fastest first, until one fails (killed), one runs past ``--timeout-factor`` times its clean
    time plus ``--timeout-extra`` seconds (timeout, counted as caught, as by mutmut), or all pass
@@ -75,6 +77,22 @@ def mutants_matching(patterns: list[str], unchecked: bool = False) -> dict[str, 
     return out
 
 
+class _NoCallStack:
+    """Stands in for mutmut's ``MutmutCallStack`` (a ContextVar) in the clean pass."""
+
+    @staticmethod
+    def get() -> tuple[None, int]:
+        return None, 0
+
+    @staticmethod
+    def set(value: object) -> None:
+        return None
+
+    @staticmethod
+    def reset(token: object) -> None:
+        return None
+
+
 class Runner:
     """A pytest plugin that takes over the test loop."""
 
@@ -97,7 +115,11 @@ class Runner:
         """(passed, seconds, timed out) of one run of ``item``."""
         from _pytest.runner import runtestprotocol
 
+        fired = False
+
         def alarm(signum: int, frame: Any) -> None:
+            nonlocal fired
+            fired = True
             raise _Timeout
 
         old = signal.signal(signal.SIGALRM, alarm)
@@ -110,6 +132,13 @@ class Runner:
             passed = all(r.passed or r.skipped for r in reports)
         except _Timeout:
             passed, timed_out = False, True
+        except Exception:
+            # The alarm can land inside pytest's own code (formatting a failure's report: a
+            # SystemError out of ast.parse ended a run that way); after it fired, whatever
+            # it broke is the timeout.
+            if not fired:
+                raise
+            passed, timed_out = False, True
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, old)
@@ -117,11 +146,23 @@ class Runner:
 
     def pytest_runtestloop(self, session: Any) -> bool:
         import mutmut.mutation.trampoline as trampoline
+        import torch
         from mutmut.mutation.trampoline import set_mutant_under_test
         from mutmut.utils.format_utils import mangled_name_from_mutant_name
 
         hits: set[str] = set()
-        trampoline.record_trampoline_hit = lambda name, caller=None: hits.add(name)  # type: ignore[assignment]
+
+        def hit(name: str, caller: object = None) -> None:
+            # (not while torch.compile traces: a while_loop's body may not change Python
+            # state, and its trace would fail; such a test reaches what it runs eagerly)
+            if not torch.compiler.is_compiling():
+                hits.add(name)
+
+        trampoline.record_trampoline_hit = hit  # type: ignore[assignment]
+        # mutmut's trampolines keep their call stack in a ContextVar, which torch.compile
+        # cannot trace: every test that compiles a solve (fullgraph) failed the clean pass and
+        # was left out.  Which test reaches which function is all this runner needs.
+        trampoline.MutmutCallStack = _NoCallStack  # type: ignore[assignment,misc]
         reached: dict[str, list[Any]] = defaultdict(list)
         clean: dict[Any, float] = {}
         set_mutant_under_test("stats")

@@ -345,3 +345,23 @@ def test_evaluate_takes_query_times_in_any_dtype(batched: bool) -> None:
         assert got.dtype == DTYPE and torch.equal(got, want), dtype
     one = sol.evaluate(q[1])
     assert torch.equal(one, want[:, 1] if batched else want[1])
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_dense_output_past_a_failure_is_nan(batched):
+    """A solve that stops short (too many steps, ``throw=False``) has no solution past where
+    it stopped: ``evaluate`` there is NaN, as its outputs are, and before it the interpolant
+    of the steps it took (the same as an unhindered solve's, whose first steps are these)."""
+    f = lambda t, y: -y * torch.cos(10 * (t.unsqueeze(-1) if t.ndim else t))  # noqa: E731
+    y0 = torch.ones(1, 2, dtype=torch.float64) if batched else torch.ones(2, dtype=torch.float64)
+    t = torch.tensor([0.0, 5.0], dtype=torch.float64)
+    sol = neuralode.solve(f, y0, t, batched=batched, dense=True, throw=False, max_num_steps=5)
+    full = neuralode.solve(f, y0, t, batched=batched, dense=True)
+    end = float(sol.t_end.reshape(-1)[0])
+    assert not sol.success and 0.0 < end < 1.0
+    tq = torch.tensor([0.5 * end, end, 4.0], dtype=torch.float64)
+    got, ref = sol.evaluate(tq), full.evaluate(tq)
+    if batched:
+        got, ref = got[0], ref[0]
+    torch.testing.assert_close(got[:2], ref[:2], rtol=1e-12, atol=1e-14)
+    assert torch.isnan(got[2]).all()

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from fractions import Fraction as Fr
 from typing import NamedTuple
@@ -670,3 +671,27 @@ def test_precomputed_stage_times_take_the_nodes_in_the_time_dtype() -> None:
             batched=batched,
         )  # fmt: skip
         assert float(sol.ys[..., -1, 0]) == pytest.approx(y_ref, rel=0, abs=1e-14)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_solver_that_lands_per_row_lands_on_every_row_by_default(batched):
+    """``Solver.landing``'s default says every row lands: a solver that sets ``lands_per_row``
+    without its own ``landing`` takes the steps of one that lands on every output time (two
+    more steps here than dopri5 interpolating), in both drivers."""
+
+    def f(t, y):
+        s = torch.sin(3 * t)
+        return -y + (s.unsqueeze(-1) if s.ndim else s)
+
+    lands = copy.copy(neuralode.get_solver("dopri5"))
+    lands.name, lands.lands_on_outputs = "dopri5-lands", True
+    per_row = copy.copy(lands)
+    per_row.lands_per_row = True
+    t = torch.tensor([0.0, 0.3, 0.7, 1.0], dtype=torch.float64)
+    y0 = torch.ones(3, 2, dtype=torch.float64) if batched else torch.ones(2, dtype=torch.float64)
+    ref = neuralode.solve(f, y0, t, method=lands, batched=batched)
+    sol = neuralode.solve(f, y0, t, method=per_row, batched=batched)
+    interp = neuralode.solve(f, y0, t, method="dopri5", batched=batched)
+    assert torch.equal(sol.stats.n_steps, ref.stats.n_steps)
+    assert torch.equal(sol.ys, ref.ys)
+    assert bool((ref.stats.n_steps == interp.stats.n_steps + 2).all())
