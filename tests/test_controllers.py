@@ -134,10 +134,12 @@ def test_adjoint_norms_cover_the_right_channels() -> None:
 
 
 # -- the initial step against scipy's implementation of the same algorithm ---------------------
-def _scipy_initial_step(f, y0: np.ndarray, rtol: float, atol: float, order: int) -> float:
+def _scipy_initial_step(
+    f, y0: np.ndarray, rtol: float, atol: float, order: int, t0: float = 0.0
+) -> float:
     common = pytest.importorskip("scipy.integrate._ivp.common", reason="needs scipy (dev extra)")
-    f0 = f(0.0, y0)
-    return float(common.select_initial_step(f, 0.0, y0, 1e9, np.inf, f0, 1, order, rtol, atol))
+    f0 = f(t0, y0)
+    return float(common.select_initial_step(f, t0, y0, 1e9, np.inf, f0, 1, order, rtol, atol))
 
 
 INITIAL_CASES = {
@@ -184,6 +186,21 @@ def test_initial_step_is_hairers_as_scipy_computes_it(
     )
     assert rows.shape == (3,)
     torch.testing.assert_close(rows, got.expand(3), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("case", sorted(INITIAL_CASES))
+def test_initial_step_away_from_time_zero_is_scipys(case: str) -> None:
+    """From ``t0 = 2.5`` too (the step's floor of 100 ulps of ``t0``, 5.6e-14 there, is far
+    below every case's step)."""
+    f_np, y0 = INITIAL_CASES[case]
+    want = _scipy_initial_step(f_np, np.array(y0, dtype=np.float64), 1e-6, 1e-8, 4, t0=2.5)
+    ctrl = PIController(rtol=1e-6, atol=1e-8, norm=rms_norm, dims=(0,), error_order=4)
+
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(f_np(float(t), y.numpy()), dtype=F64)
+
+    y, t0 = torch.tensor(y0, dtype=F64), torch.tensor(2.5, dtype=F64)
+    assert float(ctrl.initial_step(f, t0, y, f(t0, y))) == pytest.approx(want, rel=1e-12)
 
 
 @pytest.mark.parametrize(
