@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import neuralode
-from neuralode import CompileOptions, Event, SolverError, Status, odeint, solve
-from neuralode._compiled import _CACHE, NO_LOOP, reset
+from neuralode import CompileOptions, Event, SolverError, Status, _compiled, odeint, solve
+from neuralode._compiled import _CACHE, NO_LOOP, _block_size, reset
 
 # One block size (one graph per kind of solve) keeps the tracing short.
 TRACE = {"backend": "eager", "block": 2}
@@ -558,8 +558,10 @@ def test_new_tolerances_and_values_reuse_the_graph():
     for rtol, seed in ((1e-5, 0), (1e-6, 1), (1e-4, 2)):
         torch.manual_seed(seed)
         solve(f, torch.randn(8, 3), t, rtol=rtol, atol=1e-6, compile={"backend": counting})
-    # Block sizes 4 and 1, once each (a graph per size, not per solve).
-    assert 1 <= len(graphs) <= 2
+    # A graph per kind of call (Hairer's first step, each block size: those of 1-4 attempts
+    # that the solves' step counts chose), once each: not a graph per solve.
+    assert len(graphs) == len(_CACHE) <= 5
+    assert {key[-1] for key in _CACHE if key[0] == "_adaptive_block"} <= {1, 2, 3, 4}
 
 
 @DRIVERS
@@ -623,6 +625,55 @@ def test_odeint_takes_compile_as_an_option():
     y0 = torch.randn(3)
     t = torch.linspace(0, 1, 4)
     torch.testing.assert_close(odeint(f, y0, t, options={"compile": TRACE}), odeint(f, y0, t))
+
+
+@pytest.mark.parametrize(
+    ("left", "expected", "done", "k"),
+    [
+        (math.inf, None, 0, 4),  # a first solve of its kind: blocks of 4
+        (2.5, None, 8, 1),  # then 1 once fewer than 4 steps remain
+        (math.inf, 3, 0, 3),  # the last solve took 3 attempts: one block of 3
+        (math.inf, 9, 4, 4),
+        (math.inf, 9, 8, 1),
+        (10.0, 3, 3, 4),  # past the last solve's end: as without it
+        (0.5, 3, 4, 1),
+    ],
+)
+def test_the_block_size_rule(left, expected, done, k):
+    assert _block_size(left, expected, done) == k
+
+
+def test_blocks_end_where_the_last_solve_of_the_kind_ended(monkeypatch):
+    """Without a ``block``, a solve's blocks end where the last solve of its kind ended: a
+    second solve of 3 attempts takes one block of 3 (the first took one of 4, its fourth
+    attempt computed and masked out); a longer one goes on past it in blocks of 4 and 1, a
+    shorter one masks the attempts it does not need; every one with the eager loop's
+    numbers."""
+    sizes: list[int] = []
+    real = _compiled._call
+
+    def spy(base, key, *args):
+        if base is _compiled._adaptive_block:
+            sizes.append(key[-1])
+        return real(base, key, *args)
+
+    monkeypatch.setattr(_compiled, "_call", spy)
+    f = MLP(3, dtype=torch.float64)
+    y0 = torch.randn(4, 3, dtype=torch.float64)
+    tol = {"rtol": 1e-5, "atol": 1e-7}
+    seen = []
+    for t1 in (0.6, 0.6, 4.0, 0.6):
+        t = torch.tensor([0.0, t1], dtype=torch.float64)
+        sizes.clear()
+        sol = solve(f, y0, t, batched=True, compile={"backend": "eager"}, **tol)
+        ref = solve(f, y0, t, batched=True, **tol)
+        torch.testing.assert_close(sol.ys, ref.ys, rtol=1e-10, atol=1e-12)
+        assert torch.equal(sol.stats.n_steps, ref.stats.n_steps)
+        seen.append((list(sizes), int(ref.stats.n_steps.max())))
+    (first, n), (second, n2), (longer, n_long), (shorter, _) = seen
+    assert n == n2 == 3 and first == [4] and second == [3]
+    assert n_long > 8 and longer[0] == 3 and longer[1] == 4 and sum(longer) >= n_long
+    assert shorter == [4]  # (the last solve went on past it)
 
 
 def test_blocks_of_one_size_and_the_cache():

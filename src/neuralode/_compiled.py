@@ -86,7 +86,10 @@ class CompileOptions:
             code's kernels are called from C++ rather than Python: measured 1.6x faster on
             small fields, benchmarks/compiled.py), nothing elsewhere.
         block: attempts per compiled call (per host synchronisation).  ``None`` chooses per
-            block: 4 while at least 4 steps remain on some row, else 1 (two graphs to compile);
+            block: where the last solve of the same kind (method, layout, field, plan) took n
+            attempts, the blocks end at n (a 3-step solve takes one block of 3, not 4 with one
+            masked out), then 4 while at least 4 steps remain on some row, else 1 (up to four
+            graphs to compile: blocks of 1-4);
             fixed-step solves take blocks of 8 steps (fewer if the grid has fewer).  A number
             compiles one graph of that size; more attempts per call mean fewer synchronisations
             (what pays on a GPU) but more attempts computed for rows already done.  In a
@@ -376,15 +379,16 @@ def _adaptive_block(
     k: int,
 ) -> tuple[_Carry, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``k`` attempts (unrolled when traced); their outputs stacked ``[k, rows, m, ...]``, and
-    what the host reads after the block: does a row run on, and the most steps a row has left
-    at its current step size."""
+    what the host reads after the block: does a row run on, the most steps a row has left at
+    its current step size, and the most attempts a row has made."""
     vals, idx = [], []
     for _ in range(k):
         c, v, i = _attempt_adaptive(c, f, solver, ctrl, plan, out, t_floor, P)
         vals.append(v)
         idx.append(i)
     steps_left = torch.where(c.running, (out[:, -1] - c.t) / c.h.clamp(min=1e-300), 0.0)
-    flags = torch.stack((c.running.any().to(steps_left.dtype), steps_left.amax()))
+    dt = steps_left.dtype
+    flags = torch.stack((c.running.any().to(dt), steps_left.amax(), c.n_steps.amax().to(dt)))
     return c, torch.stack(vals), torch.stack(idx), flags
 
 
@@ -659,6 +663,7 @@ NO_LOOP: set[tuple[Any, ...]] = set()
 def reset() -> None:
     """Forget every compiled block (and torch.compile's own caches)."""
     _CACHE.clear()
+    _ATTEMPTS.clear()
     UNTRACEABLE.clear()
     NO_LOOP.clear()
     torch._dynamo.reset()
@@ -837,19 +842,20 @@ def drive(
             h0 = _call(_initial_step, key, opts, y0.device, ctrl, f, t, Y0, F0)
             c = c._replace(nfe=c.nfe + 1)
         c = c._replace(h=h0)
-        left = math.inf
+        left, done, kind = math.inf, 0, (*key, plan)
         while True:
-            k = opts.block or (4 if left >= 4 else 1)
+            k = opts.block or _block_size(left, _ATTEMPTS.get(kind), done)
             adaptive_args = (c, f, solver, ctrl, plan, out, floor, P, k)
-            c, v, i, flags = _call(
-                _adaptive_block, (*key, k, plan), opts, y0.device, *adaptive_args
-            )
+            c, v, i, flags = _call(_adaptive_block, (*kind, k), opts, y0.device, *adaptive_args)
             vals.append(v)
             idx.append(i)
-            # The block's one synchronisation: does a row run on, and how many steps remain.
-            go_on, left = flags.tolist()
+            done += k
+            # The block's one synchronisation: does a row run on, how many steps remain, and
+            # how many attempts the busiest row has made.
+            go_on, left, made = flags.tolist()
             if not go_on:
                 break
+        _remember(kind, int(made))
     if ys is None and ctrl is None:
         assert grid is not None
         k = opts.block or min(8, grid.n)
@@ -869,6 +875,31 @@ def drive(
     if batched:
         return ys, c.status, c.t, Stats(*counts), h_next
     return ys[0], c.status[0], c.t[0], Stats(*(x[0] for x in counts)), h_next
+
+
+#: The attempts (of its busiest row) that the last solve of each kind took in blocks: the next
+#: solve of that kind sizes its blocks to end where it ended.
+_ATTEMPTS: dict[tuple[Any, ...], int] = {}
+
+
+def _remember(kind: tuple[Any, ...], attempts: int) -> None:
+    if len(_ATTEMPTS) >= 1024 and kind not in _ATTEMPTS:
+        _ATTEMPTS.clear()  # (kinds come and go with fields and shapes; a hint, not a record)
+    _ATTEMPTS[kind] = attempts
+
+
+def _block_size(left: float, expected: int | None, done: int) -> int:
+    """Attempts in the next block of an adaptive solve (1-4: four graphs at most per kind),
+    after ``done`` attempts, with ``left`` the most steps a row has left at its step size.
+
+    Where the last solve of this kind took ``expected`` attempts and more than ``done``, the
+    block ends where that solve ended (a solve of 3 steps takes one block of 3, not one of 4
+    whose last attempt is computed and masked out, forward and backward): solves of a training
+    loop repeat their step counts.  Past it (or without one), 4 while at least 4 steps remain,
+    else 1 (an estimate that ends a block early would cost a call more)."""
+    if expected is not None and expected > done:
+        return min(4, expected - done)
+    return 4 if left >= 4 else 1
 
 
 def _loop_block(n: int) -> int:
