@@ -392,25 +392,74 @@ def _adaptive_block(
     return c, torch.stack(vals), torch.stack(idx), flags
 
 
+def _start(
+    t: torch.Tensor, y: torch.Tensor, state: Any, h: torch.Tensor | None, nfe: int, linear: bool
+) -> _Carry:
+    """The driver's state before its first attempt: the clock ``t`` (``[rows]``), the state, the
+    first step's carried state and ``h`` (``None``: zero, Hairer's step to come); ``nfe``
+    evaluations already spent.  Every tensor its own (a compiled block is specialised on which
+    of its inputs alias)."""
+    zeros = torch.zeros_like(t, dtype=torch.long)
+    return _Carry(
+        t=t,
+        h=torch.zeros_like(t) if h is None else h,
+        y=y,
+        state=state,
+        prev_ratio=torch.ones_like(t),
+        rejected=torch.zeros_like(t, dtype=torch.bool),
+        running=torch.ones_like(t, dtype=torch.bool),
+        status=zeros.clone(),
+        nfe=zeros + nfe,
+        n_steps=zeros.clone(),
+        n_accepted=zeros.clone(),
+        njev=zeros + int(linear),
+        nlu=zeros.clone(),
+        next_out=zeros + 1,
+        h_end=torch.zeros_like(t),
+    )
+
+
+def _finish(
+    c: _Carry, y0: torch.Tensor, ys: torch.Tensor, batched: bool
+) -> tuple[torch.Tensor, ...]:
+    """A loop's results in the solve's own layout (one row taken out where it is unbatched):
+    ``(ys, status, t_end, nfe, n_steps, n_accepted, n_rejected, njev, nlu, n_events, h_end,
+    flags)``; ``flags``: whether every output is finite (a sum: an overflow is checked again
+    by its elements) and every row succeeded, read on the host together."""
+    T = ys.shape[1] - 1
+    ys = torch.cat([y0.unsqueeze(1), ys[:, 1:T]], dim=1)
+    done = (c.status == int(Status.SUCCESS)) | (c.status == int(Status.EVENT))
+    flags = torch.stack((torch.isfinite(ys.sum()), done.all()))
+    out = (ys, c.status, c.t, c.nfe, c.n_steps, c.n_accepted, c.n_steps - c.n_accepted, c.njev,
+           c.nlu, torch.zeros_like(c.nfe), c.h_end)  # fmt: skip
+    return (*(out if batched else (x[0] for x in out)), flags)
+
+
 def _adaptive_loop(
-    c: _Carry,
+    out: torch.Tensor,
+    y0: torch.Tensor,
+    state: Any,
+    h: torch.Tensor | None,
+    nfe: int,
     f: Func,
     solver: Solver,
     ctrl: PIController,
     plan: _Plan,
-    out: torch.Tensor,
     t_floor: torch.Tensor,
     P: torch.Tensor,
-    ys: torch.Tensor,
-    start: bool,
-) -> tuple[_Carry, torch.Tensor]:
-    """The whole solve in one call: Hairer's first step (``start``) and then attempts in a
-    ``while_loop`` until no row runs, each attempt's outputs written into ``ys`` (``[rows,
-    T + 1, *features]``; column ``T`` takes the values an attempt does not produce).  No
-    gradient flows through a ``while_loop``: for solves that need none."""
-    if start:
+    batched: bool,
+) -> tuple[torch.Tensor, ...]:
+    """The whole solve in one call, from ``y0`` (``[rows, ...]``) at ``out[:, 0]``: Hairer's
+    first step (``h`` None) and then attempts in a ``while_loop`` until no row runs, each
+    attempt's outputs written into a buffer of ``[rows, T + 1, *features]`` (column ``T`` takes
+    the values an attempt does not produce); the driver's state is built and the results
+    (:func:`_finish`) taken inside the graph too.  No gradient flows through a
+    ``while_loop``: for solves that need none."""
+    c = _start(out[:, 0].clone(), y0, state, h, nfe, plan.linear)
+    if h is None:
         f0 = c.state.f0 if plan.linear else c.state
         c = c._replace(h=ctrl.initial_step(f, c.t, c.y, f0), nfe=c.nfe + 1)
+    ys = y0.new_full((y0.shape[0], out.shape[1] + 1) + y0.shape[1:], math.nan)
     leaves, spec = torch.utils._pytree.tree_flatten((c, ys))
     packing = _Packed(leaves)
     rows = torch.arange(ys.shape[0], device=ys.device).unsqueeze(1).expand(-1, plan.m)
@@ -429,7 +478,7 @@ def _adaptive_loop(
         cond, body, tuple(packing.pack(leaves))
     )
     c, ys = torch.utils._pytree.tree_unflatten(packing.unpack(final), spec)
-    return c, ys
+    return _finish(c, y0, ys, batched)
 
 
 def _initial_step(
@@ -549,22 +598,26 @@ class _Packed:
 
 
 def _fixed_loop(
-    c: _Carry,
+    out: torch.Tensor,
+    y0: torch.Tensor,
+    state: Any,
+    nfe: int,
     f: Func,
     solver: Solver,
     plan: _Plan,
-    out: torch.Tensor,
     times: torch.Tensor,
     steps: torch.Tensor,
     P: torch.Tensor,
-    ys: torch.Tensor,
     k: int,
-) -> tuple[_Carry, torch.Tensor]:
+    batched: bool,
+) -> tuple[torch.Tensor, ...]:
     """Every step of the fixed grid (``times``/``steps``: ``[n + 1, rows]``/``[n, rows]``,
     ``n`` a multiple of ``k``: zero steps pad it) in one ``while_loop`` of ``k`` steps per
-    iteration, the outputs written into ``ys`` as :func:`_adaptive_loop` does.  An iteration's
+    iteration, from ``y0`` at ``out[:, 0]``, as :func:`_adaptive_loop` does.  An iteration's
     own cost (its carried tensors handed from one iteration to the next: about 4 us on a CPU)
     is shared by its ``k`` steps."""
+    c = _start(out[:, 0].clone(), y0, state, None, nfe, plan.linear)
+    ys = y0.new_full((y0.shape[0], out.shape[1] + 1) + y0.shape[1:], math.nan)
     n = torch.tensor(steps.shape[0] // k, device=steps.device)
     i0 = torch.zeros((), dtype=torch.long, device=steps.device)
     leaves, spec = torch.utils._pytree.tree_flatten((c, ys, i0))
@@ -589,7 +642,7 @@ def _fixed_loop(
         cond, body, tuple(packing.pack(leaves))
     )
     c, ys, _ = torch.utils._pytree.tree_unflatten(packing.unpack(final), spec)
-    return c, ys
+    return _finish(c, y0, ys, batched)
 
 
 # Compiled blocks, one per kind of solve.  torch.compile keeps its graphs, and its limit on
@@ -699,10 +752,12 @@ def drive(
     max_num_steps: int,
     carry_step: bool,
     opts: CompileOptions,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Stats, torch.Tensor | float | None]:
-    """Run a solve (``T >= 2`` outputs) in compiled blocks; returns what the eager drivers
-    return: ``(ys, status, t_end, stats, h_next)`` in the solve's own layout.  ``grid_steps``:
-    a fixed-step solve's number of steps, as the loop's grid has it."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Stats, Any, torch.Tensor | None]:
+    """Run a solve (``T >= 2`` outputs) in compiled blocks or one loop; returns what the eager
+    drivers return, ``(ys, status, t_end, stats, h_next)`` in the solve's own layout, and the
+    loop's ``flags`` (every output finite, every row succeeded: ``[2]``, computed in its graph;
+    ``None`` after blocks).  ``grid_steps``: a fixed-step solve's number of steps, as the loop's
+    grid has it."""
     linear = isinstance(solver, _LinearlyImplicit)
     assert isinstance(solver, ExplicitRK) or linear
     if batched:
@@ -714,7 +769,6 @@ def drive(
         F0 = None if f0 is None else f0.unsqueeze(0)
         floor = t_floor.reshape(1)
     B, T = out.shape
-    zeros = torch.zeros(B, dtype=torch.long, device=y0.device)
     # The carry's tensors are fresh and contiguous, as a block returns them (a graph is
     # specialised on its inputs' strides, even along dimensions of size one).
     Y0, out = _fresh(Y0), _fresh(out)
@@ -788,54 +842,42 @@ def drive(
         resolution=resolution,
         max_steps=max_num_steps,
     )
-    c = _Carry(
-        t=t,
-        h=torch.zeros_like(t),
-        y=Y0,
-        state=lin0 if lin0 is not None else F0,
-        prev_ratio=torch.ones_like(t),
-        rejected=torch.zeros_like(t, dtype=torch.bool),
-        running=torch.ones_like(t, dtype=torch.bool),
-        status=zeros.clone(),
-        # f0 (given, or evaluated above) and the first linearisation's forward pass
-        nfe=zeros + 1 + int(linear and f0 is not None),
-        n_steps=zeros.clone(),
-        n_accepted=zeros.clone(),
-        njev=zeros + int(linear),
-        nlu=zeros.clone(),
-        next_out=zeros + 1,
-        h_end=torch.zeros_like(t),
-    )
+    # f0 (given, or evaluated above) and the first linearisation's forward pass
+    nfe0 = 1 + int(linear and f0 is not None)
+    state0 = lin0 if lin0 is not None else F0
     vals: list[torch.Tensor] = []
     idx: list[torch.Tensor] = []
-    ys = None
+    h_next: torch.Tensor | float | None = None
     h_given = None  # first_step, per row
     if ctrl is not None and first_step is not None:
         h_given = _fresh(torch.as_tensor(first_step, dtype=t.dtype, device=t.device).expand(B))
     whole = opts.loop if opts.loop is not None else opts.block is None
-    if whole and _loops(f, key, Y0, F0, out, c.state):
-        buf = Y0.new_full((B, T + 1) + Y0.shape[1:], math.nan)
+    if whole and _loops(f, key, Y0, F0, out, state0):
+        # The whole solve in one call: the driver's state built, and the results taken, in it.
         base: Callable[..., Any]
         kind: tuple[Any, ...]
         args: tuple[Any, ...]
         if ctrl is not None:
-            start = h_given is None
-            c0 = c if h_given is None else c._replace(h=h_given)
-            base, kind = _adaptive_loop, (*key, plan, start)
-            args = (c0, f, solver, ctrl, plan, out, floor, P, buf, start)
+            base, kind = _adaptive_loop, (*key, plan, h_given is None)
+            args = (out, Y0, state0, h_given, nfe0, f, solver, ctrl, plan, floor, P, batched)
         else:
             assert grid is not None
             k = opts.block or _loop_block(grid.n)
             times, steps = _padded(grid, k)
             # (the grid's times may be a view of the outputs': a loop's inputs may not alias)
             base, kind = _fixed_loop, (*key, plan, k)
-            args = (c, f, solver, plan, out, _fresh(times), _fresh(steps), P, buf, k)
+            args = (out, Y0, state0, nfe0, f, solver, plan, _fresh(times), _fresh(steps), P, k,
+                    batched)  # fmt: skip
         try:
-            c, buf = _call(base, kind, opts, y0.device, *args)
-            ys = torch.cat([Y0.unsqueeze(1), buf[:, 1:T]], dim=1)
+            *res, h_end, flags = _call(base, kind, opts, y0.device, *args)
         except torch._dynamo.exc.TorchDynamoException:
             NO_LOOP.add(key)  # (a field torch.compile cannot trace in a loop: blocks instead)
-    if ys is None and ctrl is not None:
+        else:
+            if carry_step and ctrl is not None:
+                h_next = h_end if batched else float(h_end)
+            return res[0], res[1], res[2], Stats(*res[3:]), h_next, flags
+    c = _start(t, Y0, state0, None, nfe0, linear)
+    if ctrl is not None:
         if h_given is not None:
             h0 = h_given
         else:
@@ -856,7 +898,7 @@ def drive(
             if not go_on:
                 break
         _remember(kind, int(made))
-    if ys is None and ctrl is None:
+    else:
         assert grid is not None
         k = opts.block or min(8, grid.n)
         times, steps = _padded(grid, k)
@@ -866,15 +908,14 @@ def drive(
             c, v, i = _call(_fixed_block, (*key, k, plan), opts, y0.device, *fixed_args)
             vals.append(v)
             idx.append(i)
-    if ys is None:
-        ys = _assemble(Y0, T, torch.cat(vals), torch.cat(idx))
-    h_next: torch.Tensor | float | None = None
+    ys = _assemble(Y0, T, torch.cat(vals), torch.cat(idx))
     if carry_step and ctrl is not None:
         h_next = c.h_end if batched else float(c.h_end[0])
+    zeros = torch.zeros_like(c.nfe)
     counts = (c.nfe, c.n_steps, c.n_accepted, c.n_steps - c.n_accepted, c.njev, c.nlu, zeros)
     if batched:
-        return ys, c.status, c.t, Stats(*counts), h_next
-    return ys[0], c.status[0], c.t[0], Stats(*(x[0] for x in counts)), h_next
+        return ys, c.status, c.t, Stats(*counts), h_next, None
+    return ys[0], c.status[0], c.t[0], Stats(*(x[0] for x in counts)), h_next, None
 
 
 #: The attempts (of its busiest row) that the last solve of each kind took in blocks: the next

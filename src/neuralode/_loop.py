@@ -293,17 +293,20 @@ class _Run:
 
     # -- shared ---------------------------------------------------------------------------------
     def run(self) -> LoopResult:
+        flags = None  # (a compiled loop computes them in its graph)
         if self.T == 1:
             ys, status, t_end, stats, h_next = self._no_steps()
         elif self.spec.compile is not None and self.records is None:
-            ys, status, t_end, stats, h_next = self._compiled_driver(self.spec.compile)
+            ys, status, t_end, stats, h_next, flags = self._compiled_driver(self.spec.compile)
         elif self.batched:
             ys, status, t_end, stats, h_next = self._tensor_driver()
         else:
             ys, status, t_end, stats, h_next = self._float_driver()
         # One host synchronisation: the outputs' finiteness and every row's success.
-        done = (status == Status.SUCCESS) | (status == Status.EVENT)
-        finite, ok = torch.stack((torch.isfinite(ys.detach().sum()), done.all())).tolist()
+        if flags is None:
+            done = (status == Status.SUCCESS) | (status == Status.EVENT)
+            flags = torch.stack((torch.isfinite(ys.detach().sum()), done.all()))
+        finite, ok = flags.tolist()
         if not finite and not all_finite(ys):  # (a sum that overflowed: the elements decide)
             status, t_end = self._flag_nonfinite(ys, status, t_end)
             ok = None
