@@ -518,3 +518,23 @@ def test_each_row_of_a_batch_fails_for_its_own_reason() -> None:
         assert float(alone.t_end) == pytest.approx(float(sol.t_end[i]), rel=1e-9), i
     assert float(sol.t_end[0]) == 2.0 and float(sol.t_end[1]) < 0.5 + 1e-6
     assert float(sol.t_end[2]) == pytest.approx(1.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_valid_values_at_the_edges_of_the_entry_checks_are_accepted(batched):
+    """The entry checks every value in one sum and the times' order by the signs of their
+    gaps: a state whose sum overflows (each value finite), a field whose first value does, and
+    times 1e-25 apart in float32 (products of such gaps underflow to zero) are valid inputs."""
+    big = torch.full((2, 4) if batched else (4,), 1e38)  # (a sum of 4: 4e38 > 3.4e38)
+    sol = neuralode.solve(lambda t, y: 0.0 * y, big, torch.tensor([0.0, 1.0]), batched=batched)
+    assert torch.equal(sol.ys[..., -1, :] if batched else sol.ys[-1], big)
+    # (sums of -inf and inf: NaN, cleared by the elementwise checks too)
+    sol = neuralode.solve(lambda t, y: big, -big, torch.tensor([0.0, 1.0]), batched=batched)
+    end = sol.ys[..., -1, :] if batched else sol.ys[-1]
+    assert bool((end.abs() <= 1e-6 * big).all())  # -1e38 + 1e38, to float32's rounding
+    t = torch.tensor([0.0, 1e-25, 2e-25])
+    y0 = torch.ones(2, 2) if batched else torch.ones(2)
+    sol = neuralode.solve(lambda t, y: -y, y0, t, batched=batched)
+    assert torch.allclose(sol.ys, y0.unsqueeze(-2).expand_as(sol.ys))
+    back = neuralode.solve(lambda t, y: -y, y0, t.flip(0), batched=batched)  # decreasing
+    assert torch.allclose(back.ys, sol.ys)
