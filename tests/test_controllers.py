@@ -203,6 +203,24 @@ def test_initial_step_away_from_time_zero_is_scipys(case: str) -> None:
     assert float(ctrl.initial_step(f, t0, y, f(t0, y))) == pytest.approx(want, rel=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_initial_step_is_at_least_100_ulps_of_t0(dtype) -> None:
+    """Far from ``t = 0`` a step below the clock's resolution would fail at once: Hairer's
+    step (about 1e-13 for a field of rate 1e13) is raised to 100 eps |t0| exactly, 2.2e-11 at
+    ``t0 = 1000`` in float64 (1.2e-2 in float32); at ``t0 = 0`` it stays as it is."""
+    ctrl = PIController(rtol=1e-6, atol=1e-6, norm=rms_norm, dims=(0,), error_order=4)
+
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return -1e13 * y
+
+    y = torch.ones(2, dtype=dtype)
+    t0 = torch.tensor(1000.0, dtype=dtype)
+    floor = torch.tensor(100 * torch.finfo(dtype).eps, dtype=dtype) * 1000.0
+    assert float(ctrl.initial_step(f, t0, y, f(t0, y))) == float(floor)
+    at_zero = float(ctrl.initial_step(f, 0 * t0, y, f(0 * t0, y)))
+    assert 0 < at_zero < 1e-12
+
+
 @pytest.mark.parametrize(
     "case",
     [
