@@ -334,6 +334,24 @@ def test_max_step_bounds_every_step(batched: bool) -> None:
     assert one.stats.n_steps.tolist() == ([5] * 3 if batched else 5)
 
 
+@pytest.mark.parametrize(
+    ("min_step", "max_step"), [(0.5, float("inf")), (2.0, float("inf")), (0.0, 1e-5), (0.0, 1e3)]
+)
+def test_initial_step_is_clamped_to_min_and_max_step(min_step: float, max_step: float) -> None:
+    """Hairer's starting step (about 3e-3 here) is clamped into ``[min_step, max_step]``
+    whichever bound is set: a lower bound below 1 as well as above it."""
+    kw = {"rtol": 1e-6, "atol": 1e-6, "norm": rms_norm, "dims": (0,), "error_order": 4}
+
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return -y
+
+    y, t0 = torch.ones(2, dtype=F64), torch.tensor(0.0, dtype=F64)
+    plain = float(PIController(**kw).initial_step(f, t0, y, f(t0, y)))
+    assert 1e-4 < plain < 0.1
+    ctrl = PIController(**kw, min_step=min_step, max_step=max_step)
+    assert float(ctrl.initial_step(f, t0, y, f(t0, y))) == min(max(plain, min_step), max_step)
+
+
 @pytest.mark.parametrize("batched", [False, True])
 def test_min_step_accepts_a_step_whatever_its_error(batched: bool) -> None:
     # At rtol = atol = 1e-12 dopri5 wants ~100 steps over [0, 2]; min_step = 0.5 forces steps
