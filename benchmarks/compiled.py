@@ -9,6 +9,7 @@ the break-even is the number of solves after which compiling has paid for itself
 per-step time on a trivial field (10,000 steps), eager and compiled.
 
     python benchmarks/compiled.py --out runs/bench/compiled     # or: make bench-compiled
+    python benchmarks/compiled.py --parts    # where the tiny MLP's compiled forward goes
 
 Writes ``compiled.json`` and ``compiled.md`` (the table in docs/performance.md).
 """
@@ -185,6 +186,65 @@ def case(
     return out
 
 
+def parts(shape: str = "tiny-2-16-b16", solves: int = 2000, tol: float = 1e-6) -> dict[str, float]:
+    """Where a compiled forward solve's time goes (us per solve, the mean of ``solves`` after a
+    warm-up): the entry's checks and first evaluation (``normalise``), the driver's set-up
+    (``drive`` less its compiled call), the compiled call (``torch.compile``'s wrappers and the
+    generated code) and the rest of ``solve``; each part timed by wrapping its function."""
+    import sys as _sys
+
+    sizes, acts, batch, t1 = SHAPES[shape]
+    p = compare.mlp_problem(shape, sizes, acts, batch, t1)
+    f, y0, t = Field(p.f_torch.net), p.y0, torch.tensor([0.0, t1])
+    spent: dict[str, float] = {}
+    mods = {
+        "normalise": _sys.modules["neuralode.solve"],
+        "drive": _sys.modules["neuralode._loop"],
+        "call": _sys.modules["neuralode._compiled"],
+    }
+    names = {"normalise": "normalise", "drive": "drive", "call": "_call"}
+    real = {k: getattr(m, names[k]) for k, m in mods.items()}
+
+    def timed(key: str) -> Callable[..., Any]:
+        def run(*args: Any, **kw: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return real[key](*args, **kw)
+            finally:
+                spent[key] = spent.get(key, 0.0) + time.perf_counter() - t0
+
+        return run
+
+    def solve() -> None:
+        with torch.no_grad():
+            neuralode.solve(f, y0, t, rtol=tol, atol=tol, compile=True)
+
+    for key, m in mods.items():
+        setattr(m, names[key], timed(key))
+    try:
+        for _ in range(5):
+            solve()
+        spent.clear()
+        t0 = time.perf_counter()
+        for _ in range(solves):
+            solve()
+        total = time.perf_counter() - t0
+    finally:
+        for key, m in mods.items():
+            setattr(m, names[key], real[key])
+    us = {k: v * 1e6 / solves for k, v in spent.items()}
+    out = {
+        "total": total * 1e6 / solves,
+        "entry (normalise)": us["normalise"],
+        "driver set-up": us["drive"] - us["call"],
+        "compiled call": us["call"],
+    }
+    out["rest of solve"] = out["total"] - us["normalise"] - us["drive"]
+    print(f"{shape} compiled forward, us per solve: "
+          + ", ".join(f"{k} {v:.0f}" for k, v in out.items()))  # fmt: skip
+    return out
+
+
 def rk4_steps(steps: int, repeats: int, blocks: tuple[int, ...] = ()) -> dict[str, Any]:
     """Per-step time of rk4 on a trivial field (the solver's own overhead): eager, compiled
     (the default options, and each of ``blocks`` steps per loop iteration), and diffrax's (jit,
@@ -278,8 +338,14 @@ def main() -> None:
     )
     ap.add_argument("--out", type=Path, default=Path("runs/bench/compiled"))
     ap.add_argument("--threads", type=int, default=1, help="torch threads (compare.py's: 1)")
+    ap.add_argument(
+        "--parts", action="store_true", help="only: where the tiny MLP's compiled forward goes"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.parts:
+        parts()
+        return
     res: dict[str, Any] = {
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
