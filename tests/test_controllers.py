@@ -203,6 +203,22 @@ def test_initial_step_away_from_time_zero_is_scipys(case: str) -> None:
     assert float(ctrl.initial_step(f, t0, y, f(t0, y))) == pytest.approx(want, rel=1e-12)
 
 
+@pytest.mark.parametrize(("t_dtype", "y_dtype"), [(torch.float32, F64), (F64, torch.float32)])
+def test_initial_step_is_in_the_times_dtype(t_dtype, y_dtype) -> None:
+    """The step is in ``t0``'s dtype, whatever the state's (its norms are in the state's):
+    float64 times with a float32 state, and float32 times with a float64 state."""
+    ctrl = PIController(rtol=1e-3, atol=1e-3, norm=rms_norm, dims=(0,), error_order=4)
+
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(y)  # 100 h0 (1e-4) is below Hairer's second guess (0.1)
+
+    y = torch.full((2,), 1e-4, dtype=y_dtype)
+    t0 = torch.tensor(0.0, dtype=t_dtype)
+    h = ctrl.initial_step(f, t0, y, f(t0, y))
+    assert h.dtype == t_dtype
+    assert float(h) == pytest.approx(1e-4, rel=1e-6)  # 100 h0 = 100 * 0.01 d0 / d1 = |y0|
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 def test_initial_step_is_at_least_100_ulps_of_t0(dtype) -> None:
     """Far from ``t = 0`` a step below the clock's resolution would fail at once: Hairer's
