@@ -178,6 +178,26 @@ def test_backward_stats_count_the_replayed_steps(t: torch.Tensor) -> None:
     assert int(stats.n_accepted) == int(stats.n_steps) and int(stats.n_rejected) == 0
 
 
+@pytest.mark.parametrize("batched", [False, True])
+@pytest.mark.parametrize(("method", "stages"), [("rk4", 4), ("dopri5", 7), ("dopri8", 13)])
+def test_a_step_without_outputs_inside_replays_its_stages_only(batched, method, stages) -> None:
+    """Outputs only at the steps' ends (``T = 2``): each replayed step spends its tableau's
+    stages (from no carried state) and nothing for an interpolant, which rk4 (``f(t + h,
+    y1)``) and dopri8 (three stages) would pay."""
+    field = Counting()
+    y0 = torch.tensor([0.3, -0.8, 0.5], dtype=F64)
+    y0 = (y0.expand(2, 3) if batched else y0).clone().requires_grad_(True)
+    t = torch.tensor([0.0, 2.0], dtype=F64)
+    kw = {"step_size": 0.25} if method == "rk4" else {"rtol": 1e-5}
+    sol = neuralode.solve(field, y0, t, method=method, gradient="checkpoint", batched=batched,
+                          **kw)  # fmt: skip
+    before = field.calls
+    sol.ys.sum().backward()
+    steps = int(sol.stats.n_accepted.max())
+    assert steps == 8 or method != "rk4"
+    assert field.calls - before == stages * steps
+
+
 def test_backward_stats_count_the_interpolants_extra_stages_and_each_pass_alone() -> None:
     # dopri8's interpolant adds stages (3 per step with outputs inside it): the replay spends
     # them again, and a second backward pass (retain_graph) counts its own work only.
