@@ -33,6 +33,7 @@ What this proves:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -1202,3 +1203,24 @@ def test_the_backward_tolerances_given_or_taken_from_the_forward(
         backward_tolerances(adjoint_rtol=torch.tensor([1e-4, 1e-5]))
     with pytest.raises(ValueError, match="adjoint_rtol must be a finite positive number"):
         backward_tolerances(adjoint_rtol=0.0)
+
+
+@pytest.mark.parametrize(
+    ("options", "t1", "steps"),
+    [({"max_step": 0.01}, 1.0, 100), ({"min_step": 0.5}, 2.0, 4)],
+)
+def test_adjoint_options_bound_the_backward_steps(options, t1, steps):
+    """``adjoint_options`` ``min_step``/``max_step`` bound the backward solve's steps (and
+    not the forward's): y' = -y over [0, 1] with ``max_step = 0.01`` takes exactly 100
+    backward steps (8 without), and over [0, 2] at rtol = atol = 1e-12 (112 without)
+    ``min_step = 0.5`` takes 4; the gradient stays exp(-t1) (to 1e-3: steps of 0.5 accepted
+    whatever their error)."""
+    y0 = torch.ones(2, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, t1], dtype=torch.float64)
+    tol = {"rtol": 1e-12, "atol": 1e-12} if "min_step" in options else {}
+    sol = neuralode.solve(lambda t, y: -y, y0, t, gradient="adjoint", adjoint_params=(),
+                          adjoint_options=options, **tol)  # fmt: skip
+    sol.ys[-1].sum().backward()
+    assert int(sol.backward_stats.n_steps) == steps
+    assert int(sol.stats.n_steps) not in (steps, 100)  # the forward solve is free
+    torch.testing.assert_close(y0.grad, torch.full_like(y0, math.exp(-t1)), rtol=1e-3, atol=0)

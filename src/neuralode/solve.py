@@ -168,7 +168,8 @@ def solve(
             default; ``"max"``), ``unused`` (``"error"``, the default: a ``ValueError`` naming
             an ``adjoint_params`` entry that ``func`` never depends on; ``"zero"``: its gradient
             is zero, with a warning, as in torchdiffeq), ``step_size``, ``first_step``,
-            ``max_num_steps``, ``dtype``, ``safety``, ``beta``, ``ifactor``, ``dfactor``.  After
+            ``max_num_steps``, ``dtype``, ``safety``, ``beta``, ``ifactor``, ``dfactor``,
+            ``min_step``, ``max_step`` (the forward solve's are not inherited).  After
             ``backward()``,
             ``Solution.backward_stats`` holds the backward solve's work counters.
         compile: run the solver's attempts in blocks compiled by ``torch.compile`` with
