@@ -112,3 +112,30 @@ def test_scipy_solver_warns_that_it_calls_no_callback() -> None:
     with pytest.warns(UserWarning, match=r"Solver 'scipy_solver' does not support callbacks"):
         odeint(f, Y0, T, method="scipy_solver")
     assert not f.calls
+
+
+class AdjointRecorded(torch.nn.Module):
+    """The field of :class:`Recorded` with only the backward solve's callback."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.k = torch.nn.Parameter(torch.tensor(30.0, dtype=DTYPE))
+        self.steps: list[float] = []
+
+    def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return -self.k * (y - torch.sin(3.0 * t)) + torch.cos(t)
+
+    def callback_step_adjoint(self, t0, y0, dt):  # noqa: ANN001, D102
+        self.steps.append(float(t0))
+
+
+def test_adjoint_callbacks_run_when_the_forward_solve_is_compiled() -> None:
+    """A compiled forward solve compiles its backward solve too, but not one that calls
+    ``callback_*_adjoint`` (the compiled driver calls no callback): that one runs eager and
+    calls it at each of its steps."""
+    f = AdjointRecorded()
+    sol = neuralode.solve(f, Y0, T, gradient="adjoint", rtol=1e-6, atol=1e-8,
+                          compile={"backend": "eager"})  # fmt: skip
+    sol.ys.square().sum().backward()
+    assert sol.backward_stats is not None
+    assert len(f.steps) == int(sol.backward_stats.n_steps) > 0
