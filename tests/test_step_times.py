@@ -199,3 +199,20 @@ def test_the_adjoint_backward_solve_lands_on_jump_t_too() -> None:
     (g,) = torch.autograd.grad(ys[-1].sum(), (k,))
     # y(0) from y(2) = 1 backwards: exp(+k) (the same field, integrated the other way)
     assert abs(float(g - torch.exp(k.detach()))) < 1e-7
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_a_batched_adjoint_lands_on_jump_t_with_any_number_of_rows(rows: int) -> None:
+    """Batched, the backward solve reads the shared grid from the first row (a batch of one
+    has no other): the gradient is the rows' d/dk of y0 exp(-k), to 1e-7 each."""
+    k = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.where(t < 1.0, 1.0, -2.0).unsqueeze(-1) * k * y
+
+    y0 = torch.ones(rows, 1, dtype=torch.float64)
+    t = torch.tensor([0.0, 2.0], dtype=torch.float64)
+    sol = neuralode.solve(f, y0, t, batched=True, rtol=1e-8, atol=1e-10, jump_t=[1.0],
+                          gradient="adjoint", adjoint_params=(k,))  # fmt: skip
+    (g,) = torch.autograd.grad(sol.ys[:, -1].sum(), (k,))
+    assert abs(float(g) + rows * math.exp(-0.7)) < 1e-7 * rows
