@@ -522,9 +522,9 @@ def test_each_row_of_a_batch_fails_for_its_own_reason() -> None:
 
 @pytest.mark.parametrize("batched", [False, True])
 def test_valid_values_at_the_edges_of_the_entry_checks_are_accepted(batched):
-    """The entry checks every value in one sum and the times' order by the signs of their
-    gaps: a state whose sum overflows (each value finite), a field whose first value does, and
-    times 1e-25 apart in float32 (products of such gaps underflow to zero) are valid inputs."""
+    """The entry checks every value in one sum (a non-finite sum runs the elementwise checks):
+    a state whose sum overflows (each value finite), sums of inf and -inf, and times 1e-25
+    apart in float32, increasing and decreasing, are valid inputs."""
     big = torch.full((2, 4) if batched else (4,), 1e38)  # (a sum of 4: 4e38 > 3.4e38)
     sol = neuralode.solve(lambda t, y: 0.0 * y, big, torch.tensor([0.0, 1.0]), batched=batched)
     assert torch.equal(sol.ys[..., -1, :] if batched else sol.ys[-1], big)

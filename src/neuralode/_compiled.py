@@ -419,7 +419,7 @@ def _start(
     )
 
 
-def _finish(
+def _results(
     c: _Carry, y0: torch.Tensor, ys: torch.Tensor, batched: bool
 ) -> tuple[torch.Tensor, ...]:
     """A loop's results in the solve's own layout (one row taken out where it is unbatched):
@@ -453,7 +453,7 @@ def _adaptive_loop(
     first step (``h`` None) and then attempts in a ``while_loop`` until no row runs, each
     attempt's outputs written into a buffer of ``[rows, T + 1, *features]`` (column ``T`` takes
     the values an attempt does not produce); the driver's state is built and the results
-    (:func:`_finish`) taken inside the graph too.  No gradient flows through a
+    (:func:`_results`) taken inside the graph too.  No gradient flows through a
     ``while_loop``: for solves that need none."""
     c = _start(out[:, 0].clone(), y0, state, h, nfe, plan.linear)
     if h is None:
@@ -478,7 +478,7 @@ def _adaptive_loop(
         cond, body, tuple(packing.pack(leaves))
     )
     c, ys = torch.utils._pytree.tree_unflatten(packing.unpack(final), spec)
-    return _finish(c, y0, ys, batched)
+    return _results(c, y0, ys, batched)
 
 
 def _initial_step(
@@ -642,7 +642,7 @@ def _fixed_loop(
         cond, body, tuple(packing.pack(leaves))
     )
     c, ys, _ = torch.utils._pytree.tree_unflatten(packing.unpack(final), spec)
-    return _finish(c, y0, ys, batched)
+    return _results(c, y0, ys, batched)
 
 
 # Compiled blocks, one per kind of solve.  torch.compile keeps its graphs, and its limit on

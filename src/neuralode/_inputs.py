@@ -181,9 +181,8 @@ def _check_values(
     flags = [torch.isfinite(total)]
     several = t.shape[-1] > 1
     if several:
-        d = tt.diff(dim=-1).sign()  # (signs: a product of tiny gaps would underflow to 0)
-        flags.append((d * d[..., :1] > 0).all())  # every row strictly one way
-        flags.append((d[..., 0] < 0).any())
+        flags.append(_monotonic(tt).all())
+        flags.append((tt[..., 1] < tt[..., 0]).any())
     ok = torch.stack(flags).tolist()
     if not ok[0]:  # which one, in order: y0, t, t's order, func's value
         for i, p in enumerate(parts):
