@@ -419,6 +419,14 @@ def _start(
     )
 
 
+def outcome_flags(ys: torch.Tensor, status: torch.Tensor) -> torch.Tensor:
+    """What a solve's end reads on the host in one synchronisation (``[2]``): whether every
+    output is finite (a sum: one that overflowed is checked again by its elements) and whether
+    every row succeeded (``SUCCESS``, or ``EVENT`` for a terminal event)."""
+    done = (status == int(Status.SUCCESS)) | (status == int(Status.EVENT))
+    return torch.stack((torch.isfinite(ys.detach().sum()), done.all()))
+
+
 def _results(
     c: _Carry, y0: torch.Tensor, ys: torch.Tensor, batched: bool
 ) -> tuple[torch.Tensor, ...]:
@@ -428,8 +436,7 @@ def _results(
     by its elements) and every row succeeded, read on the host together."""
     T = ys.shape[1] - 1
     ys = torch.cat([y0.unsqueeze(1), ys[:, 1:T]], dim=1)
-    done = (c.status == int(Status.SUCCESS)) | (c.status == int(Status.EVENT))
-    flags = torch.stack((torch.isfinite(ys.sum()), done.all()))
+    flags = outcome_flags(ys, c.status)
     out = (ys, c.status, c.t, c.nfe, c.n_steps, c.n_accepted, c.n_steps - c.n_accepted, c.njev,
            c.nlu, torch.zeros_like(c.nfe), c.h_end)  # fmt: skip
     return (*(out if batched else (x[0] for x in out)), flags)

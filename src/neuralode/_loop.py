@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ._compiled import CompileOptions, drive
+from ._compiled import CompileOptions, drive, outcome_flags
 from ._inputs import Callbacks, all_finite
 from ._outputs import Outputs, StepRecord
 from ._rows import per_row
@@ -304,8 +304,7 @@ class _Run:
             ys, status, t_end, stats, h_next = self._float_driver()
         # One host synchronisation: the outputs' finiteness and every row's success.
         if flags is None:
-            done = (status == Status.SUCCESS) | (status == Status.EVENT)
-            flags = torch.stack((torch.isfinite(ys.detach().sum()), done.all()))
+            flags = outcome_flags(ys, status)
         finite, ok = flags.tolist()
         if not finite and not all_finite(ys):  # (a sum that overflowed: the elements decide)
             status, t_end = self._flag_nonfinite(ys, status, t_end)
