@@ -10,10 +10,16 @@ pytest session:
    (mutmut's ``"stats"`` mode, without its call stack, a ContextVar that torch.compile cannot
    trace; what runs only inside a compiled trace is not recorded) and how long it takes (a
    test that fails here is left out, and named);
-2. for each mutant whose name matches ``--mutants``, the tests that reach its function run,
-   fastest first, until one fails (killed), one runs past ``--timeout-factor`` times its clean
-   time plus ``--timeout-extra`` seconds (timeout, counted as caught, as by mutmut), or all pass
-   (survived);
+   and, with ``--lines`` (the default), which statements of the mutated functions it runs (a
+   line trace of the mutated files only);
+2. for each mutant whose name matches ``--mutants``, the tests that run the changed statement
+   (with ``--lines``; a test that never runs it cannot see the edit) or reach its function (with
+   ``--no-lines``, or where the edit is outside the body, in a signature), and the tests that
+   compiled something while reaching the function (what runs inside torch.compile's trace is
+   seen by neither record), run until one fails (killed), one runs past ``--timeout-factor``
+   times its clean time plus ``--timeout-extra`` seconds (timeout, counted as caught, as by
+   mutmut), or all pass (survived).  The tests that killed an earlier mutant of the same
+   function go first, then the rest fastest first;
 3. each verdict goes into mutmut's ``mutants/**/*.meta`` files as soon as it is known, so
    ``mutmut results`` and ``tests/mutation_report.py`` read them as they read ``mutmut run``'s,
    and a run that is stopped keeps what it finished (``--unchecked`` runs only the mutants
@@ -32,9 +38,12 @@ test), so a verdict here can differ from ``mutmut run``'s; a survivor is checked
 from __future__ import annotations
 
 import argparse
+import ast
+import difflib
 import fnmatch
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -77,6 +86,84 @@ def mutants_matching(patterns: list[str], unchecked: bool = False) -> dict[str, 
     return out
 
 
+def _statement_lines(tree: ast.AST) -> dict[int, tuple[int, int]]:
+    """Line -> the line range of the innermost statement holding it (a compound statement's
+    header only: its body's lines belong to the body's statements)."""
+    out: dict[int, tuple[int, int]] = {}
+
+    def visit(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.stmt):
+                end = child.end_lineno or child.lineno
+                inner = [
+                    c.lineno
+                    for f in ("body", "orelse", "finalbody", "handlers")
+                    for c in getattr(child, f, []) or []
+                    if isinstance(c, ast.AST)
+                ]
+                header_end = min(inner) - 1 if inner else end
+                for line in range(child.lineno, max(header_end, child.lineno) + 1):
+                    out[line] = (child.lineno, max(header_end, child.lineno))
+            visit(child)
+
+    visit(tree)
+    return out
+
+
+class ChangedStatements:
+    """Which statements of its function's original copy (``..._mutmut_orig`` in ``mutants/``)
+    a mutant changes, as ``(file, first line, last line)`` ranges; None where the edit is not
+    inside the body (a signature, a decorator)."""
+
+    def __init__(self) -> None:
+        self.files: dict[Path, tuple[dict[str, ast.AST], dict[int, tuple[int, int]], list[str]]]
+        self.files = {}
+
+    def _parse(
+        self, path: Path
+    ) -> tuple[dict[str, ast.AST], dict[int, tuple[int, int]], list[str]]:
+        if path not in self.files:
+            text = path.read_text()
+            tree = ast.parse(text)
+            defs = {
+                n.name: n
+                for n in ast.walk(tree)
+                if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)
+            }
+            self.files[path] = (defs, _statement_lines(tree), text.splitlines())
+        return self.files[path]
+
+    def __call__(self, name: str, source: Path) -> list[tuple[str, int, int]] | None:
+        defs, statements, lines = self._parse(source)
+        func = name.rpartition(".")[2]
+        orig = re.sub(r"__mutmut_\d+$", "__mutmut_orig", func)
+        if func not in defs or orig not in defs:
+            return None
+        a, b = defs[orig], defs[func]
+        body_a, body_b = a.body[0].lineno, b.body[0].lineno  # type: ignore[attr-defined]
+        if lines[a.lineno - 1 : body_a - 1] != [
+            x.replace(func, orig) for x in lines[b.lineno - 1 : body_b - 1]
+        ]:
+            return None  # the signature changed
+        old = lines[body_a - 1 : a.end_lineno]  # type: ignore[attr-defined]
+        new = lines[body_b - 1 : b.end_lineno]  # type: ignore[attr-defined]
+        changed: set[int] = set()
+        for tag, i1, i2, _, _ in difflib.SequenceMatcher(
+            None, old, new, autojunk=False
+        ).get_opcodes():
+            if tag == "equal":
+                continue
+            changed.update(range(body_a + i1, body_a + max(i2, i1 + 1)))
+        if not changed:
+            return None
+        out = set()
+        for line in changed:
+            if line not in statements:
+                return None
+            out.add((str(source), *statements[line]))
+        return sorted(out)
+
+
 class _NoCallStack:
     """Stands in for mutmut's ``MutmutCallStack`` (a ContextVar) in the clean pass."""
 
@@ -96,9 +183,13 @@ class _NoCallStack:
 class Runner:
     """A pytest plugin that takes over the test loop."""
 
-    def __init__(self, names: dict[str, Path], factor: float, extra: float) -> None:
-        self.names, self.factor, self.extra = names, factor, extra
+    def __init__(
+        self, names: dict[str, Path], factor: float, extra: float, lines: bool = True
+    ) -> None:
+        self.names, self.factor, self.extra, self.lines = names, factor, extra, lines
         self.verdicts: dict[str, int] = {}
+        # the mutated files (a mutant's .meta file beside its .py)
+        self.sources = {n: m.with_suffix("") for n, m in names.items()}
 
     def record(self, name: str, code: int) -> None:
         """Keep one verdict, in its ``.meta`` file at once (written whole, then renamed): a run
@@ -165,44 +256,96 @@ class Runner:
         trampoline.MutmutCallStack = _NoCallStack  # type: ignore[assignment,misc]
         reached: dict[str, list[Any]] = defaultdict(list)
         clean: dict[Any, float] = {}
+        # (file, line) -> the tests that ran it, in the mutated files' original copies
+        ran: dict[tuple[str, int], set[Any]] = defaultdict(set)
+        compiling: set[Any] = set()
+        files = {str(p.resolve()) for p in self.sources.values()}
+        lines_hit: set[tuple[str, int]] = set()
+
+        def local(frame: Any, event: str, arg: Any) -> Any:
+            if event == "line":
+                lines_hit.add((frame.f_code.co_filename, frame.f_lineno))
+            return local
+
+        def calls(frame: Any, event: str, arg: Any) -> Any:
+            # (every frame of a mutated file: a function nested in a mutated one has its own)
+            return local if frame.f_code.co_filename in files else None
+
+        from torch._dynamo.utils import counters
+
+        frames = counters["frames"]
         set_mutant_under_test("stats")
         t0 = time.perf_counter()
         for item in session.items:
             hits.clear()
-            passed, seconds, _ = self._run(item, None)
+            lines_hit.clear()
+            before = sum(frames.values())
+            if self.lines:
+                sys.settrace(calls)
+            try:
+                passed, seconds, _ = self._run(item, None)
+            finally:
+                sys.settrace(None)
             if not passed:
                 print(f"left out (fails without a mutant): {item.nodeid}", flush=True)
                 continue
             clean[item] = seconds
+            if sum(frames.values()) != before:
+                compiling.add(item)
             for name in hits:
                 reached[name].append(item)
+            for key in lines_hit:
+                ran[key].add(item)
         print(
             f"clean pass: {len(clean)} tests, {time.perf_counter() - t0:.0f} s; "
             f"{len(self.names)} mutants",
             flush=True,
         )
+        # A failure's report is not read, and pytest builds it by parsing the failing frames'
+        # files: mutmut's copy of _loop.py has 160,000 lines, 8 s per failure.
+        from _pytest.nodes import Node
+
+        Node._repr_failure_py = lambda self, excinfo, style=None: excinfo.exconly()[:500]  # type: ignore[method-assign,assignment,misc]
+        changed = ChangedStatements()
+        killers: dict[str, set[Any]] = defaultdict(set)  # function -> tests that killed
         t0 = time.perf_counter()
         for i, name in enumerate(sorted(self.names)):
-            tests = sorted(reached.get(mangled_name_from_mutant_name(name), []), key=clean.get)
+            function = mangled_name_from_mutant_name(name)
+            tests = reached.get(function, [])
+            where = changed(name, self.sources[name]) if self.lines else None
+            if where is not None:
+                # a test that never ran the changed statement cannot see the edit; one that
+                # compiled may have run it inside a trace, where neither record sees it
+                seen = set().union(
+                    *(ran.get((f, line), set()) for f, a, b in where for line in range(a, b + 1))
+                )
+                tests = [t for t in tests if t in seen or t in compiling]
+            tests = sorted(tests, key=lambda t: (t not in killers[function], clean[t]))
             if not tests:
                 self.record(name, 33)
+                print(f"[{i + 1}/{len(self.names)}] no tests {name}", flush=True)
                 continue
             set_mutant_under_test(name)
-            verdict = 0
+            verdict, by, tried = 0, "", 0
+            start = time.perf_counter()
             for item in tests:
                 limit = self.factor * clean[item] + self.extra
                 passed, _, timed_out = self._run(item, limit)
+                tried += 1
                 if timed_out:
                     verdict = 36
-                    break
-                if not passed:
+                elif not passed:
                     verdict = 1
+                    killers[function].add(item)
+                if verdict:
+                    by = f" by {item.nodeid}"
                     break
             set_mutant_under_test("")
             self.record(name, verdict)
             status = {0: "SURVIVED", 1: "killed", 36: "timeout"}[verdict]
             print(
-                f"[{i + 1}/{len(self.names)} {time.perf_counter() - t0:.0f} s] {status} {name}",
+                f"[{i + 1}/{len(self.names)} {time.perf_counter() - t0:.0f} s] {status} {name}"
+                f" ({tried}/{len(tests)} tests, {time.perf_counter() - start:.1f} s){by}",
                 flush=True,
             )
         return True
@@ -215,6 +358,13 @@ def main() -> int:
     ap.add_argument("--timeout-factor", type=float, default=10.0)
     ap.add_argument("--timeout-extra", type=float, default=10.0)
     ap.add_argument("--fresh", action="store_true", help="delete mutants/ and generate anew")
+    ap.add_argument(
+        "--lines",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run only the tests that ran the changed statement (default) or, with --no-lines,"
+        " every test that reached the changed function",
+    )
     ap.add_argument(
         "--unchecked",
         action="store_true",
@@ -241,7 +391,7 @@ def main() -> int:
     sys.path.insert(0, str(Path("tests").resolve()))
     import pytest
 
-    runner = Runner(names, args.timeout_factor, args.timeout_extra)
+    runner = Runner(names, args.timeout_factor, args.timeout_extra, args.lines)
     pytest.main(
         ["-q", "-p", "no:randomly", "-p", "no:cacheprovider", "-p", "no:xdist", *tests],
         plugins=[runner],

@@ -1,0 +1,62 @@
+"""The mutation runner's test selection (`tests/mutation_fast.py`): which statements a mutant
+changes.  A test that never runs the changed statement is not run against the mutant, so a
+range that misses the edit would turn a caught mutant into a survivor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mutation_fast import ChangedStatements
+
+# A function as mutmut writes it into mutants/: the original copy, then one copy per edit.
+ORIG = """\
+def x_f__mutmut_orig(a, k=2):
+    if a > 0:
+        b = (a +
+             1)
+    else:
+        b = helper(
+            "one "
+            "two",
+        )
+    def inner(c):
+        return c * k
+    return inner(b)
+"""
+
+
+def _mutants(tmp_path: Path, *edits: tuple[str, str]) -> Path:
+    """A mutants file: the original, then mutant i applying edits[i - 1] to its text."""
+    parts = [ORIG]
+    for i, (old, new) in enumerate(edits, 1):
+        assert old in ORIG
+        parts.append(ORIG.replace("__mutmut_orig", f"__mutmut_{i}").replace(old, new))
+    path = tmp_path / "mod.py"
+    path.write_text("\n".join(parts))
+    return path
+
+
+def test_a_mutant_maps_to_the_statement_it_changes(tmp_path: Path) -> None:
+    path = _mutants(
+        tmp_path,
+        ("1)", "2)"),  # the continuation line of an assignment: the whole statement
+        ("a > 0", "a >= 0"),  # the if's header, not its body
+        ('"two"', '"XXtwoXX"'),  # a string's second line: the call's whole statement
+        ("c * k", "c / k"),  # inside a nested function
+        ("k=2", "k=3"),  # the signature: no statement of the body
+        ("    return inner(b)", "    return None"),
+    )
+    changed = ChangedStatements()
+    where = {i: changed(f"pkg.mod.x_f__mutmut_{i}", path) for i in range(1, 7)}
+    f = str(path)
+    assert where[1] == [(f, 3, 4)]
+    assert where[2] == [(f, 2, 2)]
+    assert where[3] == [(f, 6, 9)]
+    assert where[4] == [(f, 11, 11)]
+    assert where[5] is None
+    assert where[6] == [(f, 12, 12)]
+
+
+def test_an_unknown_function_maps_to_none(tmp_path: Path) -> None:
+    path = _mutants(tmp_path, ("1)", "2)"))
+    assert ChangedStatements()("pkg.mod.x_g__mutmut_1", path) is None
