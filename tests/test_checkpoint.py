@@ -297,3 +297,44 @@ def test_time_gradients_cost_the_forward_solve_no_extra_evaluation() -> None:
         if needs:
             assert t.grad is not None and float(t.grad.abs().sum()) > 0
     assert nfe[0] == nfe[1]
+
+
+@pytest.mark.parametrize(
+    ("y0", "t", "start"),
+    [
+        # (a float start: 0.1, not its float32 rounding 0.10000000149011612)
+        ([1.0, 2.0], [0.1, 0.5, 1.0], "0.1"),
+        # per-sample grids: the message names the first row's start of the failed step
+        ([[1.0, 2.0], [0.5, 1.0]], [[0.25, 0.5, 1.0], [0.0, 0.5, 1.0]], "0.25"),
+    ],
+)
+def test_a_replay_whose_newton_iteration_fails_is_refused(y0, t, start) -> None:
+    # The field turns stiff and nonlinear between the passes: the forward solve's Newton
+    # iterations converged, the replay's cannot, and its step would not be the one taken.
+    class Changing(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.k = torch.nn.Parameter(torch.tensor(1.0, dtype=F64))
+            self.stiff = False
+
+        def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return -self.k * (1e6 * y**3 if self.stiff else y)
+
+    field = Changing()
+    y = torch.tensor(y0, dtype=F64, requires_grad=True)
+    sol = neuralode.solve(
+        field,
+        y,
+        torch.tensor(t, dtype=F64),
+        method="kvaerno5",
+        gradient="checkpoint",
+        rtol=1e-6,
+        atol=1e-6,
+    )
+    field.stiff = True
+    with pytest.raises(
+        neuralode.SolverError,
+        match=rf"replaying the step from t={start}, the "
+        "implicit method's Newton iteration failed where the forward pass converged",
+    ):
+        sol.ys.sum().backward()
