@@ -184,9 +184,15 @@ class Runner:
     """A pytest plugin that takes over the test loop."""
 
     def __init__(
-        self, names: dict[str, Path], factor: float, extra: float, lines: bool = True
+        self,
+        names: dict[str, Path],
+        factor: float,
+        extra: float,
+        lines: bool = True,
+        keep: bool = True,
     ) -> None:
         self.names, self.factor, self.extra, self.lines = names, factor, extra, lines
+        self.keep = keep
         self.verdicts: dict[str, int] = {}
         # the mutated files (a mutant's .meta file beside its .py)
         self.sources = {n: m.with_suffix("") for n, m in names.items()}
@@ -195,6 +201,8 @@ class Runner:
         """Keep one verdict, in its ``.meta`` file at once (written whole, then renamed): a run
         that is stopped keeps what it finished, and ``--unchecked`` goes on from there."""
         self.verdicts[name] = code
+        if not self.keep:
+            return
         meta = self.names[name]
         data = json.loads(meta.read_text())
         data["exit_code_by_key"][name] = code
@@ -366,6 +374,12 @@ def main() -> int:
         " every test that reached the changed function",
     )
     ap.add_argument(
+        "--no-record",
+        action="store_true",
+        help="print the verdicts only (a check of new tests beside a run that records the same"
+        " module's verdicts)",
+    )
+    ap.add_argument(
         "--unchecked",
         action="store_true",
         help="only mutants without a verdict (go on after a stop)",
@@ -391,7 +405,7 @@ def main() -> int:
     sys.path.insert(0, str(Path("tests").resolve()))
     import pytest
 
-    runner = Runner(names, args.timeout_factor, args.timeout_extra, args.lines)
+    runner = Runner(names, args.timeout_factor, args.timeout_extra, args.lines, not args.no_record)
     pytest.main(
         ["-q", "-p", "no:randomly", "-p", "no:cacheprovider", "-p", "no:xdist", *tests],
         plugins=[runner],

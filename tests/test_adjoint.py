@@ -611,6 +611,34 @@ def test_unused_parameter_is_named_at_backward() -> None:
         ys.sum().backward()
 
 
+@pytest.mark.parametrize("entry", ["solve", "odeint_adjoint"])
+def test_unused_parameter_with_zero_option_warns_at_the_users_line(entry: str) -> None:
+    """``adjoint_options={"unused": "zero"}`` (torchdiffeq's behaviour): zero gradients for the
+    parameters func never used, with one warning naming them, at the line that asked for the
+    gradients (not inside the backward pass)."""
+
+    class WithUnused(MLPField):
+        def __init__(self) -> None:
+            super().__init__(2, 4, seed=12)
+            self.unused = nn.Linear(2, 2, dtype=F64)
+
+    net = WithUnused()
+    y0 = Y0.clone().requires_grad_()
+    opts = {"unused": "zero"}
+    if entry == "solve":
+        ys = neuralode.solve(net, y0, T_INC, gradient="adjoint", adjoint_options=opts).ys
+    else:
+        ys = neuralode.odeint_adjoint(net, y0, T_INC)  # torchdiffeq's entry: zero by default
+    with pytest.warns(UserWarning, match=r"did not depend on \['unused.weight', 'unused.bias'\]: "
+                      "their gradients are zero") as caught:  # fmt: skip
+        grads = torch.autograd.grad(ys.sum(), (y0, *net.parameters()), allow_unused=True)
+    assert [w.filename for w in caught] == [__file__]
+    named = dict(zip(["y0", *(n for n, _ in net.named_parameters())], grads))
+    for name in ("unused.weight", "unused.bias"):
+        assert named[name] is None or not bool(named[name].any()), name
+    assert bool(named["y0"].abs().sum() > 0)
+
+
 def test_unused_explicit_parameter_raises_at_backward() -> None:
     params = _req(*_params())
     stray = torch.ones(3, dtype=F64, requires_grad=True)

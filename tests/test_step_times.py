@@ -216,3 +216,108 @@ def test_a_batched_adjoint_lands_on_jump_t_with_any_number_of_rows(rows: int) ->
                           gradient="adjoint", adjoint_params=(k,))  # fmt: skip
     (g,) = torch.autograd.grad(sol.ys[:, -1].sum(), (k,))
     assert abs(float(g) + rows * math.exp(-0.7)) < 1e-7 * rows
+
+
+def _kinked_adjoint(
+    t: torch.Tensor, step_t: list[float] | None, rows: int | None = None
+) -> tuple[float, torch.Tensor]:
+    """y' = -k |t - 1/2| y, its rate kinked at t = 1/2, by the adjoint: d/dk of the sum of the
+    last outputs, and the times the backward solve evaluated the field at."""
+    k = torch.tensor(0.7, dtype=DTYPE, requires_grad=True)
+    seen: list[torch.Tensor] | None = None
+
+    def f(tt: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if seen is not None:
+            seen.append(tt.detach().reshape(-1).clone())
+        rate = torch.abs(tt - 0.5)
+        return -k * (rate.unsqueeze(-1) if rows else rate) * y
+
+    y0 = torch.ones(rows, 1, dtype=DTYPE) if rows else torch.ones(1, dtype=DTYPE)
+    sol = neuralode.solve(f, y0, t, batched=rows is not None, rtol=1e-6, atol=1e-8,
+                          step_t=step_t, gradient="adjoint", adjoint_params=(k,))  # fmt: skip
+    seen = []
+    (g,) = torch.autograd.grad(sol.ys[..., -1, :].sum(), (k,))
+    return float(g), torch.cat(seen)
+
+
+def _integral_of_kink(a: float, b: float) -> float:
+    """The integral of |t - 1/2| from a to b."""
+
+    def antiderivative(x: float) -> float:
+        return (x - 0.5) * abs(x - 0.5) / 2
+
+    return antiderivative(b) - antiderivative(a)
+
+
+@pytest.mark.parametrize(
+    ("grid", "rows"),
+    [
+        ([0.0, 1.0, 2.0], None),
+        ([2.0, 1.0, 0.0], None),  # decreasing: mirrored step times
+        # per-sample grids, identical and decreasing: the step times mirrored per row, [3, 3]
+        ([[2.0, 1.0, 0.0]] * 3, 3),
+    ],
+)
+def test_the_adjoint_backward_solve_lands_on_step_t_too(grid, rows) -> None:
+    """With ``step_t`` at the kinks of the backward field, the backward solve ends a step on each
+    (the field is evaluated there exactly), in each interval of the output grid (a step time on
+    an output time, 1.0, changes nothing: the intervals end there anyway); it takes fewer
+    evaluations, and the gradient is closer to the exact one, d/dk of exp(-k * integral)
+    (measured, relative errors: increasing, 63 backward calls and 6e-8 against 105 calls and
+    3e-5; decreasing, 69 and 1.3e-6 against 111 and 6e-6)."""
+    t = torch.tensor(grid, dtype=DTYPE)
+    t0, t1 = float(t.reshape(-1)[0]), float(t.reshape(-1)[-1])
+    area = _integral_of_kink(t0, t1)
+    exact = (rows or 1) * -area * math.exp(-0.7 * area)
+    g_plain, seen_plain = _kinked_adjoint(t, None, rows)
+    g_land, seen_land = _kinked_adjoint(t, [0.5, 1.0, 1.5], rows)
+    for kink in (0.5, 1.5):
+        assert bool((seen_land == kink).any()), kink
+        assert not bool((seen_plain == kink).any()), kink
+    assert len(seen_land) < 0.8 * len(seen_plain)
+    assert abs(g_land - exact) < min(2e-6 * abs(exact), abs(g_plain - exact) / 4)
+
+
+def test_an_adjoint_over_rows_of_both_directions_with_step_t_is_exact() -> None:
+    """Rows integrated 0 -> 2 and 0 -> -2 share one backward clock; their mirrored step times
+    differ, so the backward solve takes no landing from them, and the gradient stays right."""
+    t = torch.tensor([[0.0, 1.0, 2.0], [0.0, -1.0, -2.0]], dtype=DTYPE)
+    g, _ = _kinked_adjoint(t, [0.5, 1.5], rows=2)
+    exact = sum(
+        -a * math.exp(-0.7 * a) for a in (_integral_of_kink(0.0, 2.0), _integral_of_kink(0.0, -2.0))
+    )
+    assert abs(g - exact) < 1e-5 * abs(exact)
+
+
+def test_a_fixed_step_backward_solve_keeps_its_grid_under_step_t() -> None:
+    """An adaptive forward solve with ``step_t`` and a fixed-step backward solve (rk4, h = 0.25,
+    whose grid holds the kinks): the backward steps stay on that grid, and the gradient is
+    within rk4's error of the exact one (measured: 6.6e-5 relative)."""
+    k = torch.tensor(0.7, dtype=DTYPE, requires_grad=True)
+
+    def f(tt: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return -k * torch.abs(tt - 0.5) * y
+
+    t = torch.tensor([0.0, 1.0, 2.0], dtype=DTYPE)
+    sol = neuralode.solve(f, torch.ones(1, dtype=DTYPE), t, step_t=[0.5, 1.5], rtol=1e-10,
+                          atol=1e-12, gradient="adjoint", adjoint_params=(k,),
+                          adjoint_method="rk4", adjoint_options={"step_size": 0.25})  # fmt: skip
+    (g,) = torch.autograd.grad(sol.ys[-1].sum(), (k,))
+    area = _integral_of_kink(0.0, 2.0)
+    exact = -area * math.exp(-0.7 * area)
+    assert sol.stats.n_steps > 0
+    assert abs(float(g) - exact) < 1e-4 * abs(exact)
+
+
+def test_identical_per_sample_grids_land_as_their_shared_grid() -> None:
+    """Three identical decreasing rows mirror ``step_t`` per row; the backward solve lands on the
+    times once each, evaluating the field where the one-row solve does (to round-off), row by
+    row."""
+    t = torch.tensor([2.0, 1.0, 0.0], dtype=DTYPE)
+    _, seen_one = _kinked_adjoint(t, [0.5, 1.5])
+    _, seen_rows = _kinked_adjoint(t.expand(3, 3), [0.5, 1.5], rows=3)
+    # (the same steps: per-sample grids reach the same times through other roundings)
+    assert seen_rows.shape == (3 * len(seen_one),)
+    assert torch.allclose(
+        seen_rows.view(-1, 3), seen_one.unsqueeze(1).expand(-1, 3), rtol=0, atol=1e-12
+    )

@@ -34,9 +34,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import Any
 
 import torch
@@ -313,11 +315,10 @@ class _AdjointRun:
                     f"adjoint_params (or freeze them with requires_grad_(False)), or pass "
                     f"adjoint_options={{'unused': 'zero'}}"
                 )
-            warnings.warn(
+            _warn(
                 f"gradient='adjoint': func's output did not depend on {unused}: their "
                 f"gradients are zero",
                 UserWarning,
-                stacklevel=2,
             )
         if grad_s is not None and T > 1:
             f_0 = func(self._out(s, 0).to(ys.dtype), self._out(ys, 0))
@@ -439,12 +440,11 @@ class _AdjointRun:
                     return spec.run(x0, f0, sigma, first_step=h, carry_step=True)
             except torch._dynamo.exc.Unsupported as err:
                 UNTRACEABLE.add(kind)
-                warnings.warn(
+                _warn(
                     f"gradient='adjoint' with compile: torch.compile cannot trace the backward "
                     f"solve's augmented field ({str(err).splitlines()[0]}); the backward "
                     f"solves of this field run eager",
                     RuntimeWarning,
-                    stacklevel=2,
                 )
         if spec.compile is not None:
             spec = dataclasses.replace(spec, compile=None)
@@ -744,6 +744,21 @@ class _Augmented:
             return out
 
         return custom
+
+
+def _warn(message: str, category: type[Warning]) -> None:
+    """Warn from the backward pass at the user's line: the first frame outside neuralode and
+    torch (the ``backward()`` or ``autograd.grad`` call; autograd runs a CPU backward pass on
+    the calling thread), or this module's caller where no such frame is on the stack (a
+    backward pass on a device's own thread)."""
+    frame: FrameType | None = sys._getframe(1)
+    level = 2
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in (
+        "neuralode",
+        "torch",
+    ):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level if frame is not None else 2)
 
 
 def _names(func: Any, params: Sequence[torch.Tensor]) -> list[str]:
