@@ -98,6 +98,9 @@ def test_adjoint_callbacks_run_in_the_backward_solve() -> None:
     ys.square().sum().backward()
     assert len(f.calls["step"]) == n_forward  # the forward callbacks are not called again
     assert len(f.calls["step_adjoint"]) > 0
+    # The backward state carries no graph from step to step (the adjoint's memory does not
+    # grow with its steps).
+    assert not any(y.requires_grad for _, y, _ in f.calls["step_adjoint"])
 
 
 def test_batched_solves_refuse_callbacks() -> None:

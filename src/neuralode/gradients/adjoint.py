@@ -504,7 +504,7 @@ class _AugmentedJacobian:
         """The stiffness the blocks carry: ``max(||S J||_inf, ||S J||_1)`` (the diagonal
         blocks' norms; the eigenvalues of ``J_aug`` are those of ``-S J``, ``S J^T`` and 0)."""
         A = (self.Jf * self.scale).abs()
-        return torch.maximum(A.sum(-1).amax(-1), A.sum(-2).amax(-1)).amax()
+        return torch.maximum(A.sum(-1).amax(), A.sum(-2).amax())
 
     def factored(self, hg: torch.Tensor | float) -> _AugmentedSolve:
         return _AugmentedSolve(self, hg)
