@@ -720,11 +720,14 @@ def _grads_both(
     return out[0], out[1]
 
 
-def test_single_output_time() -> None:
+@pytest.mark.parametrize("batched", [False, True])
+def test_single_output_time(batched: bool) -> None:
     net = MLPField(2, 4, seed=13)
     t = torch.tensor([0.5], dtype=F64)
-    bp, adj = _grads_both(net, Y0, t, lambda ys: (ys * torch.tensor([1.0, -2.0], dtype=F64)).sum())
-    torch.testing.assert_close(bp[0], torch.tensor([1.0, -2.0], dtype=F64))
+    y0 = torch.stack([Y0, 2 * Y0, -Y0]) if batched else Y0
+    weights = torch.tensor([1.0, -2.0], dtype=F64)
+    bp, adj = _grads_both(net, y0, t, lambda ys: (ys * weights).sum(), batched=batched)
+    torch.testing.assert_close(bp[0], weights.expand_as(y0))
     for a, b in zip(adj, bp):
         torch.testing.assert_close(a, b)
 
