@@ -995,6 +995,32 @@ def test_the_backward_norms_take_each_part_of_the_augmented_state_whole() -> Non
     assert norms(1, 1, 2, 2, 3, 3, 3) == pytest.approx([3, 2, 3])
 
 
+def test_a_callable_backward_norm_gets_torchdiffeqs_parts() -> None:
+    # A callable adjoint_options["norm"] is called as torchdiffeq calls its own, with
+    # (t, y, adj_y, *adj_params), each part in its own shape; in a compiled solve's layout of
+    # one row too; and with no parameters, with the first three only.
+    from neuralode.gradients.adjoint import _Augmented
+
+    seen: list[list[Any]] = []
+
+    def norm(parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        seen.append([p.tolist() for p in parts])
+        return torch.stack([p.abs().max() for p in parts[1:]]).max()
+
+    params = (torch.zeros(3, dtype=F64), torch.zeros(2, 2, dtype=F64))
+    y, s = torch.zeros(2, 2, dtype=F64), torch.zeros(2, dtype=F64)
+    custom = _Augmented(None, params, False, y, s, None).norm(norm)
+    v = torch.arange(1.0, 12.0, dtype=F64)  # [y (2), a (2), g (3 + 4)]
+    parts = [0.0, [1.0, 2.0], [3.0, 4.0], [5.0, 6.0, 7.0], [[8.0, 9.0], [10.0, 11.0]]]
+    assert float(custom(v, (0,))) == 11.0 and seen == [parts]
+    seen.clear()
+    row = custom(v.unsqueeze(0), (1,))
+    assert row.shape == (1,) and float(row[0]) == 11.0 and seen == [parts]
+    seen.clear()
+    custom = _Augmented(None, (), False, y, s, None).norm(norm)
+    assert float(custom(v[:4], (0,))) == 4.0 and seen == [parts[:3]]
+
+
 def test_a_field_of_time_alone_with_an_unused_parameter_is_named() -> None:
     # f depends on neither y nor the parameter: no vector-Jacobian product at all, and the
     # parameter is named as unused (not an IndexError from the missing products).

@@ -797,3 +797,25 @@ def test_batched_large_systems_on_two_threads(method: str) -> None:
         torch.testing.assert_close(sol.ys[:, -1], exact, rtol=1e-5, atol=1e-7)
     finally:
         torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("method", ["rodas5p", "kvaerno5"])
+def test_a_stiff_adjoint_shows_func_time_in_the_states_dtype(method: str) -> None:
+    """float32 state, float64 times: the stiff backward solve's linearisation (func's Jacobian
+    and its derivative in time) calls func with float32 times, as every other call does."""
+    seen: set[torch.dtype] = set()
+    A = torch.tensor([[-30.0, 1.0], [0.0, -1.0]])
+    k = torch.tensor(1.0, requires_grad=True)
+
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        seen.add(t.dtype)
+        return k * (y @ A.T) + torch.sin(t)
+
+    y0 = torch.tensor([1.0, 0.5], requires_grad=True)
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    sol = neuralode.solve(f, y0, t, method=method, gradient="adjoint", adjoint_params=(k,),
+                          rtol=1e-5, atol=1e-7)  # fmt: skip
+    seen.clear()
+    grads = torch.autograd.grad(sol.ys.sum(), (y0, k))
+    assert seen == {torch.float32}
+    assert all(g.dtype == torch.float32 for g in grads)
