@@ -15,7 +15,7 @@ pytest session:
 2. for each mutant whose name matches ``--mutants``, the tests that run the changed statement
    (with ``--lines``; a test that never runs it cannot see the edit) or reach its function (with
    ``--no-lines``, or where the edit is outside the body, in a signature), and the tests that
-   compiled something while reaching the function (what runs inside torch.compile's trace is
+   ran compiled code while reaching the function (what runs inside torch.compile's trace is
    seen by neither record), run until one fails (killed), one runs past ``--timeout-factor``
    times its clean time plus ``--timeout-extra`` seconds (timeout, counted as caught, as by
    mutmut), or all pass (survived).  The tests that killed an earlier mutant of the same
@@ -275,11 +275,20 @@ class Runner:
                 lines_hit.add((frame.f_code.co_filename, frame.f_lineno))
             return local
 
+        import torch._dynamo.eval_frame as eval_frame
+        from torch._dynamo.utils import counters
+
+        # A call into torch.compile's compiled code passes through eval_frame.py (a graph
+        # compiled by an earlier test and reused converts no new frame)
+        compiled_entry = eval_frame.__file__
+        entered: list[bool] = [False]
+
         def calls(frame: Any, event: str, arg: Any) -> Any:
             # (every frame of a mutated file: a function nested in a mutated one has its own)
-            return local if frame.f_code.co_filename in files else None
-
-        from torch._dynamo.utils import counters
+            name = frame.f_code.co_filename
+            if name == compiled_entry:
+                entered[0] = True
+            return local if name in files else None
 
         frames = counters["frames"]
         set_mutant_under_test("stats")
@@ -287,6 +296,7 @@ class Runner:
         for item in session.items:
             hits.clear()
             lines_hit.clear()
+            entered[0] = False
             before = sum(frames.values())
             if self.lines:
                 sys.settrace(calls)
@@ -298,14 +308,15 @@ class Runner:
                 print(f"left out (fails without a mutant): {item.nodeid}", flush=True)
                 continue
             clean[item] = seconds
-            if sum(frames.values()) != before:
+            if entered[0] or sum(frames.values()) != before:
                 compiling.add(item)
             for name in hits:
                 reached[name].append(item)
             for key in lines_hit:
                 ran[key].add(item)
         print(
-            f"clean pass: {len(clean)} tests, {time.perf_counter() - t0:.0f} s; "
+            f"clean pass: {len(clean)} tests ({len(compiling)} ran compiled code), "
+            f"{time.perf_counter() - t0:.0f} s; "
             f"{len(self.names)} mutants",
             flush=True,
         )
