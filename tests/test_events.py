@@ -801,3 +801,93 @@ def test_simultaneous_events_do_not_depend_on_the_list_order():
 def test_a_tensor_direction_is_refused_by_name():
     with pytest.raises(ValueError, match="direction"):
         Event(floor, direction=torch.tensor([1, -1]))
+
+
+_COUNTERS = ("nfe", "n_steps", "n_accepted", "n_rejected", "njev", "nlu", "n_newton")
+
+
+@pytest.mark.parametrize("method", ["rk4", "implicit_euler", "sdirk2"])
+def test_fixed_step_resets_count_each_rows_work_as_its_own_solve(method, monkeypatch):
+    # Three balls bounce at different times: after each reset a row takes a partial step back
+    # onto the grid, alone.  Each row's counters, status and bounce times are those of a solve
+    # of that row by itself, whose evaluations are the field's calls, for an explicit method
+    # and for implicit ones (whose Jacobian is evaluated afresh after each reset: njev 4).
+    # A row alone: its evaluations are the field's calls, and its Newton iterations the
+    # linear solves (one each), counted here.
+    t = torch.linspace(0, 4, 5, dtype=torch.float64)
+    ev = Event(floor, direction=-1, terminal=4, reset=bounce)
+    calls, solves = [0], [0]
+    ball = ball_field(9.81)
+    lu_solve = torch.linalg.lu_solve
+
+    def counted(tt, y):
+        calls[0] += 1
+        return ball(tt, y)
+
+    def counted_solve(*args, **kwargs):
+        solves[0] += 1
+        return lu_solve(*args, **kwargs)
+
+    with torch.no_grad():
+        batch = bsolve(ball, drop(H0), t, events=ev, method=method, step_size=0.05)
+        rows = []
+        monkeypatch.setattr(torch.linalg, "lu_solve", counted_solve)
+        for i in range(3):
+            calls[0] = solves[0] = 0
+            rows.append(solve(counted, drop(H0[i]), t, events=ev, method=method, step_size=0.05))
+            assert int(rows[-1].stats.nfe) == calls[0]
+            assert int(rows[-1].stats.n_newton) == solves[0]
+    for name in _COUNTERS:
+        assert getattr(batch.stats, name).tolist() == [int(getattr(r.stats, name)) for r in rows], (
+            name
+        )
+    assert batch.status.tolist() == [Status.EVENT] * 3 == [int(r.status) for r in rows]
+    torch.testing.assert_close(batch.event_t, torch.stack([r.event_t for r in rows]))
+    # fixed steps: every step accepted; an implicit one factors its matrix once
+    assert batch.stats.n_accepted.tolist() == batch.stats.n_steps.tolist()
+    if method != "rk4":
+        assert batch.stats.njev.tolist() == [4, 4, 4]
+        assert batch.stats.nlu.tolist() == batch.stats.n_steps.tolist()
+
+
+@pytest.mark.parametrize("method", ["implicit_euler", "sdirk2"])
+def test_a_fixed_step_whose_newton_iteration_fails_after_a_reset_stops_its_row_only(method):
+    # y0 decays at a row's own rate until it falls to 0.5; the reset then switches the field
+    # to y0' = 1e4 y0^2, for which the implicit step from 0.5 has no solution: the partial
+    # step back onto the grid fails, that row stops with the solver's failure status, and
+    # the row that never falls to 0.5 goes on.  Each row's counters (but njev: a batch's
+    # Jacobian, taken for every row at once, is counted for each) are those of its own solve.
+    rate = torch.tensor([1.0, 1.3, 0.2], dtype=torch.float64)
+
+    def f(t, y):
+        switched = y[..., 1]
+        k = rate if y.ndim > 1 else rate[which]
+        grow = switched * 1e4 * y[..., 0] ** 2 - (1 - switched) * k * y[..., 0]
+        return torch.stack([grow, torch.zeros_like(grow)], dim=-1)
+
+    def switch(t, y):
+        return torch.stack([y[..., 0], torch.ones_like(y[..., 1])], dim=-1)
+
+    ev = Event(lambda t, y: y[..., 0] - 0.5, direction=-1, terminal=False, reset=switch)
+    t = torch.tensor([0.0, 2.0], dtype=torch.float64)
+    y0 = torch.tensor([[1.0, 0.0]] * 3, dtype=torch.float64)
+    kw = {"events": ev, "method": method, "step_size": 0.1, "throw": False}
+    with torch.no_grad():
+        batch = bsolve(f, y0, t, **kw)
+        rows = []
+        for which in range(3):
+            rows.append(solve(f, y0[which], t, **kw))
+    assert batch.status.tolist() == [int(r.status) for r in rows]
+    assert batch.status.tolist() == [Status.NEWTON_FAILED] * 2 + [Status.SUCCESS]
+    # (the failed rows end where their field switched, before the grid's next time)
+    assert (batch.t_end[:2] < 1.0).all() and float(batch.t_end[2]) == 2.0
+    for name in _COUNTERS:
+        if name != "njev":
+            assert getattr(batch.stats, name).tolist() == [
+                int(getattr(r.stats, name)) for r in rows
+            ], name
+    assert torch.isfinite(batch.ys[2]).all()
+    # the failed step is counted, not accepted; the failed rows have no last output
+    steps = batch.stats.n_steps.tolist()
+    assert batch.stats.n_accepted.tolist() == [steps[0] - 1, steps[1] - 1, steps[2]]
+    assert torch.isnan(batch.ys[:2, -1]).all()
