@@ -891,3 +891,45 @@ def test_a_fixed_step_whose_newton_iteration_fails_after_a_reset_stops_its_row_o
     steps = batch.stats.n_steps.tolist()
     assert batch.stats.n_accepted.tolist() == [steps[0] - 1, steps[1] - 1, steps[2]]
     assert torch.isnan(batch.ys[:2, -1]).all()
+
+
+@pytest.mark.parametrize("method", ["dopri5", "bosh3", "rk4"])
+def test_resets_count_their_evaluations_and_show_time_in_the_states_dtype(method):
+    # A float32 ball with float64 times bounces four times: the restart after each reset
+    # evaluates the field afresh there, once (an FSAL method's carried evaluation from before
+    # the jump is stale; the next step's first stage is this one), and the counter holds
+    # every call; every call sees float32 time.
+    calls, dtypes, points = [0], set(), []
+    ball = ball_field(9.81)
+
+    def counted(tt, y):
+        calls[0] += 1
+        dtypes.add(tt.dtype)
+        points.append((float(tt), *y.tolist()))
+        return ball(tt, y)
+
+    t = torch.linspace(0, 4, 5, dtype=torch.float64)
+    ev = Event(floor, direction=-1, terminal=4, reset=bounce)
+    kw = {"step_size": 0.05} if method == "rk4" else {"rtol": 1e-6, "atol": 1e-8}
+    with torch.no_grad():
+        sol = solve(counted, drop(H0[1]).float(), t, events=ev, method=method, **kw)
+    assert sol.status == Status.EVENT and len(sol.event_log) == 4
+    assert int(sol.stats.nfe) == calls[0]
+    assert dtypes == {torch.float32}
+    # no point evaluated twice (the restart's evaluation is the next step's first stage;
+    # rk4, exact on the parabolas, meets its own last stage again at the next step's first)
+    if method != "rk4":
+        assert len(set(points)) == len(points)
+
+
+def test_a_solve_with_one_output_time_counts_its_one_evaluation_and_no_step():
+    # (the entry's evaluation of func at y0, which checks its output)
+    for batched in (False, True):
+        y0 = drop(H0) if batched else drop(H0[0])
+        sol = solve(ball_field(9.81), y0, torch.tensor([0.5]), batched=batched)
+        for name in _COUNTERS:
+            value = getattr(sol.stats, name)
+            assert isinstance(value, torch.Tensor), name
+            assert (
+                value.tolist() == ([1] * 3 if batched else 1) if name == "nfe" else not value.any()
+            )

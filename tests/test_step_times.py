@@ -321,3 +321,26 @@ def test_identical_per_sample_grids_land_as_their_shared_grid() -> None:
     assert torch.allclose(
         seen_rows.view(-1, 3), seen_one.unsqueeze(1).expand(-1, 3), rtol=0, atol=1e-12
     )
+
+
+@pytest.mark.parametrize("method", ["dopri5", "bosh3", "rodas5p"])
+def test_a_batch_jumps_as_each_row_alone(method: str) -> None:
+    """A switched field with ``jump_t``: every row of a batch (the tensor driver) takes the steps
+    a solve of that row alone takes (the unbatched driver), restarting its carried state one
+    ulp past the jump (an FSAL method's last evaluation, a Rosenbrock method's Jacobian, seen
+    from before the switch, would be wrong after it): the same values and counters.  (Not
+    for Newton-iterated methods: a batch's rows share its iterations and Jacobians.)"""
+
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        rate = torch.where(t < 1.0, 1.0, -2.0)
+        return (rate.unsqueeze(-1) if y.ndim > 1 else rate) * y + torch.sin(3 * y)
+
+    y0 = torch.tensor([[1.0, 0.5], [0.2, -0.3], [-1.0, 2.0]], dtype=DTYPE)
+    t = torch.tensor([0.0, 0.5, 2.0], dtype=DTYPE)
+    kw = {"method": method, "rtol": 1e-7, "atol": 1e-9, "jump_t": [1.0]}
+    batch = neuralode.solve(f, y0, t, batched=True, **kw)
+    for i in range(3):
+        row = neuralode.solve(f, y0[i], t, **kw)
+        torch.testing.assert_close(batch.ys[i], row.ys, rtol=1e-12, atol=1e-12)
+        for name in ("nfe", "n_steps", "n_accepted", "n_rejected", "njev", "nlu"):
+            assert int(getattr(batch.stats, name)[i]) == int(getattr(row.stats, name)), name

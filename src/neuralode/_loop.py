@@ -344,7 +344,7 @@ class _Run:
             ys,
             zeros.clone(),
             self.out_times[..., 0].clone(),
-            Stats(nfe, zeros, zeros, zeros, zeros, zeros),
+            Stats(nfe, zeros, zeros, zeros, zeros, zeros, zeros),  # (no Newton iteration either)
             None,
         )
 
