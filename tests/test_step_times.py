@@ -332,12 +332,12 @@ def test_a_batch_jumps_as_each_row_alone(method: str) -> None:
     for Newton-iterated methods: a batch's rows share its iterations and Jacobians.)"""
 
     def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        rate = torch.where(t < 1.0, 1.0, -2.0)
+        rate = torch.where(t < 1.0, 1.0, torch.where(t < 1.5, -2.0, 0.5))
         return (rate.unsqueeze(-1) if y.ndim > 1 else rate) * y + torch.sin(3 * y)
 
     y0 = torch.tensor([[1.0, 0.5], [0.2, -0.3], [-1.0, 2.0]], dtype=DTYPE)
     t = torch.tensor([0.0, 0.5, 2.0], dtype=DTYPE)
-    kw = {"method": method, "rtol": 1e-7, "atol": 1e-9, "jump_t": [1.0]}
+    kw = {"method": method, "rtol": 1e-7, "atol": 1e-9, "jump_t": [1.0, 1.5]}
     batch = neuralode.solve(f, y0, t, batched=True, **kw)
     for i in range(3):
         row = neuralode.solve(f, y0[i], t, **kw)
