@@ -558,6 +558,9 @@ def test_block_solve_of_the_augmented_system_is_exact(per_row: bool) -> None:
     expected_norm = torch.maximum(Jy.sum(-1).amax(), Jy.sum(-2).amax())
     assert Jy.sum(-2).amax() > 1.2 * Jy.sum(-1).amax()
     torch.testing.assert_close(block.J.inf_norm(), expected_norm, rtol=1e-12, atol=0.0)
+    # the same with the row sums the larger (the blocks transposed: the estimate is symmetric)
+    block.J.Jf = block.J.Jf.transpose(-1, -2)
+    torch.testing.assert_close(block.J.inf_norm(), expected_norm, rtol=1e-12, atol=0.0)
 
 
 @pytest.mark.parametrize(
