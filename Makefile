@@ -170,9 +170,10 @@ mutate: $(STAMP)
 	$(PYTHON) tests/mutation_report.py --out runs/mutation/report.md
 
 # The same mutants switched on in one process (tests/mutation_fast.py: no per-mutant start-up),
-# for the functions matching MUTANTS against the tests in MUTANT_TESTS; the default is the
-# matrix-free Newton path (krylov.py, 693 mutants: hours, as every survivor runs each test that
-# reaches it, about 70 seconds of test_krylov.py).
+# for the functions matching MUTANTS against the tests in MUTANT_TESTS, each mutant against the
+# tests that ran its changed statement; the default is the matrix-free Newton path (krylov.py,
+# 693 mutants).  A clean pass with a line trace first (minutes: 13 for the loop's 18 files),
+# then seconds per mutant, minutes for a survivor whose statement every test runs.
 MUTANTS ?= neuralode.solvers.krylov.*
 MUTANT_TESTS ?= tests/test_krylov.py
 mutate-fast: $(STAMP)
