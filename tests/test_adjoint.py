@@ -602,12 +602,15 @@ def test_adjoint_param_must_require_grad() -> None:
         neuralode.odeint_adjoint(mlp(params), Y0, T_INC, adjoint_params=frozen)
 
 
-def test_unused_parameter_is_named_at_backward() -> None:
-    class WithUnused(MLPField):
-        def __init__(self) -> None:
-            super().__init__(2, 4, seed=12)
-            self.unused = nn.Linear(2, 2, dtype=F64)
+class WithUnused(MLPField):
+    """The MLP field with a layer it never calls."""
 
+    def __init__(self) -> None:
+        super().__init__(2, 4, seed=12)
+        self.unused = nn.Linear(2, 2, dtype=F64)
+
+
+def test_unused_parameter_is_named_at_backward() -> None:
     net = WithUnused()
     y0 = Y0.clone().requires_grad_()
     ys = neuralode.solve(net, y0, T_INC, gradient="adjoint").ys  # the forward cannot know yet
@@ -620,12 +623,6 @@ def test_unused_parameter_with_zero_option_warns_at_the_users_line(entry: str) -
     """``adjoint_options={"unused": "zero"}`` (torchdiffeq's behaviour): zero gradients for the
     parameters func never used, with one warning naming them, at the line that asked for the
     gradients (not inside the backward pass)."""
-
-    class WithUnused(MLPField):
-        def __init__(self) -> None:
-            super().__init__(2, 4, seed=12)
-            self.unused = nn.Linear(2, 2, dtype=F64)
-
     net = WithUnused()
     y0 = Y0.clone().requires_grad_()
     opts = {"unused": "zero"}
