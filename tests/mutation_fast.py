@@ -385,6 +385,12 @@ def main() -> int:
         " every test that reached the changed function",
     )
     ap.add_argument(
+        "--skip-listed",
+        action="store_true",
+        help="leave out the mutants tests/mutation_survivors.md lists as equivalent (a device"
+        " argument in a statement every test runs costs minutes to confirm)",
+    )
+    ap.add_argument(
         "--no-record",
         action="store_true",
         help="print the verdicts only (a check of new tests beside a run that records the same"
@@ -406,6 +412,13 @@ def main() -> int:
         shutil.rmtree("mutants")
     generate()
     names = mutants_matching(args.mutants, args.unchecked)
+    if args.skip_listed:
+        from mutation_report import listed
+
+        known = listed()
+        skipped = [n for n in names if n in known]
+        names = {n: m for n, m in names.items() if n not in skipped}
+        print(f"{len(skipped)} mutants listed as equivalent left out", flush=True)
     if not names:
         print(f"no mutant matches {args.mutants}")
         return 2
