@@ -11,7 +11,8 @@ pytest session:
    trace; what runs only inside a compiled trace is not recorded) and how long it takes (a
    test that fails here is left out, and named);
    and, with ``--lines`` (the default), which statements of the mutated functions it runs (a
-   line trace of the mutated files only);
+   line trace of the mutated files only); the pass is kept in ``mutants/.clean/`` and read back
+   by a later run of the same tests over the same code (``--no-cache`` runs it again);
 2. for each mutant whose name matches ``--mutants``, the tests that run the changed statement
    (with ``--lines``; a test that never runs it cannot see the edit) or reach its function (with
    ``--no-lines``, or where the edit is outside the body, in a signature), and the tests that
@@ -41,6 +42,8 @@ import argparse
 import ast
 import difflib
 import fnmatch
+import hashlib
+import itertools
 import json
 import os
 import re
@@ -133,6 +136,19 @@ class ChangedStatements:
             self.files[path] = (defs, _statement_lines(tree), text.splitlines())
         return self.files[path]
 
+    def bodies(self, name: str, source: Path) -> tuple[list[str], list[str]] | None:
+        """The original and the mutated function's source lines (``None``: not found)."""
+        defs, _, lines = self._parse(source)
+        func = name.rpartition(".")[2]
+        orig = re.sub(r"__mutmut_\d+$", "__mutmut_orig", func)
+        if func not in defs or orig not in defs:
+            return None
+        a, b = defs[orig], defs[func]
+        return (
+            [x.replace(orig, "") for x in lines[a.lineno - 1 : a.end_lineno]],  # type: ignore[attr-defined]
+            [x.replace(func, "") for x in lines[b.lineno - 1 : b.end_lineno]],  # type: ignore[attr-defined]
+        )
+
     def __call__(self, name: str, source: Path) -> list[tuple[str, int, int]] | None:
         defs, statements, lines = self._parse(source)
         func = name.rpartition(".")[2]
@@ -164,6 +180,31 @@ class ChangedStatements:
         return sorted(out)
 
 
+_DEVICE_ARG = re.compile(r"\s*,?\s*\bdevice\s*=\s*[\w.]+")
+
+
+def device_only(old: list[str], new: list[str]) -> bool:
+    """Whether a mutant's only change is a ``device=`` argument dropped or made ``None``: on a
+    CPU-only machine every tensor is on the default device, so no test can see it (each such
+    mutant in a statement every test runs cost minutes to confirm)."""
+    changed = [
+        (a, b)
+        for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(
+            None, old, new, autojunk=False
+        ).get_opcodes()
+        if tag != "equal"
+        for a, b in itertools.zip_longest(old[i1:i2], new[j1:j2], fillvalue="")
+    ]
+    if len(changed) != 1:
+        return False
+    a, b = changed[0]
+
+    def bare(line: str) -> str:
+        return re.sub(r",\s*\)", ")", _DEVICE_ARG.sub("", line)).replace(" ", "")
+
+    return "device" in a and a != b and bare(a) == bare(b)
+
+
 class _NoCallStack:
     """Stands in for mutmut's ``MutmutCallStack`` (a ContextVar) in the clean pass."""
 
@@ -190,12 +231,30 @@ class Runner:
         extra: float,
         lines: bool = True,
         keep: bool = True,
+        cache: bool = True,
+        skip_device: bool = False,
     ) -> None:
         self.names, self.factor, self.extra, self.lines = names, factor, extra, lines
-        self.keep = keep
+        self.keep, self.cache, self.skip_device = keep, cache, skip_device
         self.verdicts: dict[str, int] = {}
         # the mutated files (a mutant's .meta file beside its .py)
         self.sources = {n: m.with_suffix("") for n, m in names.items()}
+
+    def _clean_cache(self, items: list[Any]) -> Path:
+        """Where the clean pass of these tests over these mutated files is kept: its name is a
+        hash of the test ids, the mutated files, ``--lines`` and every file under ``mutants/``'s
+        ``src`` and ``tests`` (a change of code or tests, or a regeneration, makes a new one)."""
+        digest = hashlib.sha256()
+        for nodeid in sorted(item.nodeid for item in items):
+            digest.update(nodeid.encode() + b"\0")
+        for source in sorted({str(p) for p in self.sources.values()}):
+            digest.update(source.encode() + b"\0")
+        digest.update(b"lines" if self.lines else b"nolines")
+        here = Path.cwd()
+        for top in ("src", "tests", "examples"):
+            for path in sorted((here / top).rglob("*.py")):
+                digest.update(str(path.relative_to(here)).encode() + b"\0" + path.read_bytes())
+        return here / ".clean" / f"{digest.hexdigest()[:20]}.json"
 
     def record(self, name: str, code: int) -> None:
         """Keep one verdict, in its ``.meta`` file at once (written whole, then renamed): a run
@@ -291,29 +350,58 @@ class Runner:
             return local if name in files else None
 
         frames = counters["frames"]
-        set_mutant_under_test("stats")
+        cache = self._clean_cache(session.items) if self.cache else None
+        by_id = {item.nodeid: item for item in session.items}
+        saved = json.loads(cache.read_text()) if cache is not None and cache.exists() else None
         t0 = time.perf_counter()
-        for item in session.items:
-            hits.clear()
-            lines_hit.clear()
-            entered[0] = False
-            before = sum(frames.values())
-            if self.lines:
-                sys.settrace(calls)
-            try:
-                passed, seconds, _ = self._run(item, None)
-            finally:
-                sys.settrace(None)
-            if not passed:
-                print(f"left out (fails without a mutant): {item.nodeid}", flush=True)
-                continue
-            clean[item] = seconds
-            if entered[0] or sum(frames.values()) != before:
-                compiling.add(item)
-            for name in hits:
-                reached[name].append(item)
-            for key in lines_hit:
-                ran[key].add(item)
+        if saved is not None:
+            clean = {by_id[k]: v for k, v in saved["clean"].items()}
+            compiling = {by_id[k] for k in saved["compiling"]}
+            for name, ids in saved["reached"].items():
+                reached[name] = [by_id[k] for k in ids]
+            for nodeid, by_file in saved["lines"].items():
+                for f, lines in by_file.items():
+                    for line in lines:
+                        ran[(f, line)].add(by_id[nodeid])
+            print(f"clean pass read from {cache}", flush=True)
+        else:
+            lines_of: dict[str, dict[str, list[int]]] = {}
+            set_mutant_under_test("stats")
+            for item in session.items:
+                hits.clear()
+                lines_hit.clear()
+                entered[0] = False
+                before = sum(frames.values())
+                if self.lines:
+                    sys.settrace(calls)
+                try:
+                    passed, seconds, _ = self._run(item, None)
+                finally:
+                    sys.settrace(None)
+                if not passed:
+                    print(f"left out (fails without a mutant): {item.nodeid}", flush=True)
+                    continue
+                clean[item] = seconds
+                if entered[0] or sum(frames.values()) != before:
+                    compiling.add(item)
+                for name in hits:
+                    reached[name].append(item)
+                by_file: dict[str, list[int]] = defaultdict(list)
+                for key in lines_hit:
+                    ran[key].add(item)
+                    by_file[key[0]].append(key[1])
+                lines_of[item.nodeid] = {f: sorted(v) for f, v in by_file.items()}
+            if cache is not None:
+                cache.parent.mkdir(exist_ok=True)
+                data = {
+                    "clean": {item.nodeid: s for item, s in clean.items()},
+                    "compiling": [item.nodeid for item in compiling],
+                    "reached": {n: [item.nodeid for item in v] for n, v in reached.items()},
+                    "lines": lines_of,
+                }
+                tmp = cache.with_suffix(".tmp")
+                tmp.write_text(json.dumps(data))
+                tmp.replace(cache)
         print(
             f"clean pass: {len(clean)} tests ({len(compiling)} ran compiled code), "
             f"{time.perf_counter() - t0:.0f} s; "
@@ -340,6 +428,12 @@ class Runner:
                 )
                 tests = [t for t in tests if t in seen or t in compiling]
             tests = sorted(tests, key=lambda t: (t not in killers[function], clean[t]))
+            if self.skip_device:
+                bodies = changed.bodies(name, self.sources[name])
+                if bodies is not None and device_only(*bodies):
+                    self.record(name, 34)
+                    print(f"[{i + 1}/{len(self.names)}] skipped (device only) {name}", flush=True)
+                    continue
             if not tests:
                 self.record(name, 33)
                 print(f"[{i + 1}/{len(self.names)}] no tests {name}", flush=True)
@@ -397,6 +491,20 @@ def main() -> int:
         " module's verdicts)",
     )
     ap.add_argument(
+        "--cache",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep the clean pass in mutants/.clean/ and read it back when the code, tests and"
+        " selection are the same (the pass takes 10-17 minutes for a large selection)",
+    )
+    ap.add_argument(
+        "--skip-device",
+        action="store_true",
+        help="record a mutant whose only change is a device= argument dropped or made None as"
+        " skipped (mutmut's code 34) without running it: no test on a CPU-only machine sees"
+        " it; tests/mutation_survivors.md must still list it (class device)",
+    )
+    ap.add_argument(
         "--unchecked",
         action="store_true",
         help="only mutants without a verdict (go on after a stop)",
@@ -429,7 +537,15 @@ def main() -> int:
     sys.path.insert(0, str(Path("tests").resolve()))
     import pytest
 
-    runner = Runner(names, args.timeout_factor, args.timeout_extra, args.lines, not args.no_record)
+    runner = Runner(
+        names,
+        args.timeout_factor,
+        args.timeout_extra,
+        args.lines,
+        not args.no_record,
+        args.cache,
+        args.skip_device,
+    )
     pytest.main(
         ["-q", "-p", "no:randomly", "-p", "no:cacheprovider", "-p", "no:xdist", *tests],
         plugins=[runner],

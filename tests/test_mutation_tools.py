@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mutation_fast import ChangedStatements
+from mutation_fast import ChangedStatements, device_only
 
 # A function as mutmut writes it into mutants/: the original copy, then one copy per edit.
 ORIG = """\
@@ -60,3 +60,23 @@ def test_a_mutant_maps_to_the_statement_it_changes(tmp_path: Path) -> None:
 def test_an_unknown_function_maps_to_none(tmp_path: Path) -> None:
     path = _mutants(tmp_path, ("1)", "2)"))
     assert ChangedStatements()("pkg.mod.x_g__mutmut_1", path) is None
+
+
+def test_device_only_edits_are_told_apart() -> None:
+    """``--skip-device`` leaves out a mutant that only drops a ``device=`` argument or makes it
+    ``None`` (invisible on a CPU-only machine), and nothing else."""
+    line = "    x = torch.zeros(n, dtype=torch.bool, device=y.device)"
+    assert device_only([line], [line.replace("device=y.device", "device=None")])
+    assert device_only([line], [line.replace("device=y.device", "")])
+    assert device_only([line], [line.replace(", device=y.device", "")])
+    first = "    eye = torch.eye(N, device=y.device, dtype=y.dtype)"
+    assert device_only([first], [first.replace("device=y.device, ", "")])
+    assert not device_only([line], [line.replace("torch.bool", "None")])
+    assert not device_only(
+        [line], [line.replace("device=y.device", "device=None").replace("n", "m")]
+    )
+    assert not device_only(
+        [line, "    return x"], [line.replace("y.device", "None"), "    return None"]
+    )
+    assert not device_only(["    x = 1"], ["    x = 2"])
+    assert not device_only([line], [line])
