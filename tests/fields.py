@@ -29,3 +29,29 @@ def mlp(params: Sequence[torch.Tensor]) -> Callable[[torch.Tensor, torch.Tensor]
         return torch.tanh(y @ w1.T + b1 + tt) @ w2.T + b2
 
     return f
+
+
+class _OldStyleIdentity(torch.autograd.Function):
+    """The identity as an old-style autograd.Function (``ctx`` in ``forward``, no
+    ``setup_context``): ``torch.func`` refuses to transform it, autograd differentiates it
+    (twice: its backward is the identity too)."""
+
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return grad
+
+
+def opaque(f: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``f`` with its output passed through an old-style autograd.Function: the same values
+    and derivatives, but ``torch.func`` cannot transform it, so the stiff solvers' Jacobians
+    (``newton.jacobian``) and time derivatives take their ``torch.autograd.grad`` fallback.
+    (A ``.item()`` on a detached tensor does not do this: ``torch.func.vjp`` runs it.)"""
+
+    def g(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return _OldStyleIdentity.apply(f(t, y))
+
+    return g

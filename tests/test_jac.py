@@ -83,8 +83,16 @@ def _forced():
 @pytest.mark.parametrize("direction", ["forward", "backward", "per-sample"])
 def test_time_derivative_and_reversed_time(with_dt: bool, direction: str) -> None:
     """``df/dt`` by forward mode or given; time reversal flips ``df/dy`` and keeps ``df/dt``
-    (a wrong sign on either changes the steps and the values)."""
-    f, jac, jac_t = _forced()
+    (a wrong sign on either changes the steps and the values).  Forward mode must not fall
+    back to reverse mode (the same values, twice the work) for a field it can transform: the
+    fallback's calls are those with a time that requires gradients."""
+    plain, jac, jac_t = _forced()
+    fallback_calls = []
+
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        fallback_calls.append(t.requires_grad)
+        return plain(t, y)
+
     ts = torch.linspace(0.0, 3.0, 7, dtype=DTYPE)
     y0 = torch.tensor([1.0, 2.0], dtype=DTYPE)
     kw: dict = dict(method="rodas5p", rtol=1e-7, atol=1e-10)
@@ -93,38 +101,40 @@ def test_time_derivative_and_reversed_time(with_dt: bool, direction: str) -> Non
     if direction == "per-sample":
         ts = torch.stack([ts, ts.flip(0)])
         y0 = y0.expand(2, 2)
-    want = neuralode.solve(f, y0, ts, **kw)
+    want = neuralode.solve(plain, y0, ts, **kw)
     got = neuralode.solve(f, y0, ts, jac=jac_t if with_dt else jac, **kw)
     assert torch.equal(got.stats.n_steps, want.stats.n_steps)
     torch.testing.assert_close(got.ys, want.ys, rtol=1e-10, atol=1e-12)
+    assert fallback_calls and not any(fallback_calls)
 
 
 def test_time_derivative_for_a_field_torch_func_cannot_transform() -> None:
     """Without ``df/dt`` from the user and without ``torch.func``, ``df/dt`` comes from two
-    reverse-mode products; the same steps and values."""
+    reverse-mode products; the same steps and values.  (The field must defeat ``torch.func``:
+    an earlier version of this test used a ``.item()`` of the detached state, which
+    ``torch.func.jvp`` in ``t`` runs, and never reached the fallback.)"""
+    from fields import opaque
+
+    from neuralode.solvers.newton import _AUTOGRAD_ONLY
+
     f, jac, _ = _forced()
-
-    def untraceable(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        scale = 1.0 + 0.0 * float(y.detach().sum().item())  # torch.func cannot trace .item()
-        return f(t, y) * scale
-
+    untraceable = opaque(f)
     ts = torch.linspace(0.0, 3.0, 7, dtype=DTYPE)
     y0 = torch.tensor([1.0, 2.0], dtype=DTYPE)
     kw: dict = dict(method="rodas5p", rtol=1e-7, atol=1e-10)
     want = neuralode.solve(f, y0, ts, **kw)
     got = neuralode.solve(untraceable, y0, ts, jac=jac, **kw)
+    assert untraceable in _AUTOGRAD_ONLY
     assert torch.equal(got.stats.n_steps, want.stats.n_steps)
     torch.testing.assert_close(got.ys, want.ys, rtol=1e-10, atol=1e-12)
     # an autonomous field (no graph to t at all) has df/dt = 0
     k = torch.tensor(K_ROBERTSON, dtype=DTYPE)
-
-    def rob(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return robertson(k)(t, y) * (1.0 + 0.0 * float(y.detach().sum().item()))
-
+    rob = opaque(robertson(k))
     got = neuralode.solve(
         rob, Y0, TS, method="rodas5p", rtol=1e-6, atol=1e-10, jac=robertson_jac(k)
     )
     want = neuralode.solve(robertson(k), Y0, TS, method="rodas5p", rtol=1e-6, atol=1e-10)
+    assert rob in _AUTOGRAD_ONLY
     torch.testing.assert_close(got.ys, want.ys, rtol=1e-9, atol=1e-13)
 
 
@@ -170,15 +180,55 @@ def test_gradients_flow_through_the_users_jacobian(gradient: str) -> None:
 
 
 def test_bad_jacobians_are_refused() -> None:
+    """Each message names the expected layout and what came instead (a shape, or the type of
+    what is not a tensor), for an unbatched and a batched solve."""
+    import re
+
     k = torch.tensor(K_ROBERTSON, dtype=DTYPE)
-    with pytest.raises(ValueError, match=r"jac\(t, y\) must return df/dy of shape \[3, 3\]"):
-        neuralode.solve(robertson(k), Y0, TS, method="rodas5p", jac=lambda t, y: torch.eye(2))
-    with pytest.raises(ValueError, match=r"df/dt must have the state's shape \[3\]"):
-        neuralode.solve(
-            robertson(k), Y0, TS, method="rodas5p",
-            jac=lambda t, y: (robertson_jac(k)(t, y), torch.zeros(2)),
-        )  # fmt: skip
+    jac_ok = robertson_jac(k)
+    shape = (
+        "jac(t, y) must return df/dy of shape {} ({} with N = 3 state components per "
+        "sample), or a pair (df/dy, df/dt); got {}"
+    )
+    dt = "jac(t, y)'s df/dt must have the state's shape {}, got {}"
+    cases = [
+        (lambda t, y: torch.eye(2), False, shape.format("[3, 3]", "[N, N]", "(2, 2)")),
+        (lambda t, y: [[0.0] * 3] * 3, False, shape.format("[3, 3]", "[N, N]", "list")),
+        (lambda t, y: torch.eye(3), True, shape.format("[2, 3, 3]", "[batch, N, N]", "(3, 3)")),
+        (lambda t, y: (jac_ok(t, y), torch.zeros(2)), False, dt.format("[3]", "(2,)")),
+        (lambda t, y: (jac_ok(t, y), 0.0), False, dt.format("[3]", "float")),
+        (lambda t, y: (jac_ok(t, y), torch.zeros(3)), True, dt.format("[2, 3]", "(3,)")),
+    ]  # fmt: skip
+    for jac, batched, message in cases:
+        y0 = Y0.expand(2, 3) if batched else Y0
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            neuralode.solve(robertson(k), y0, TS, method="rodas5p", jac=jac, batched=batched)
     with pytest.raises(ValueError, match="'dopri5' takes no Jacobian"):
         neuralode.solve(robertson(k), Y0, TS, method="dopri5", jac=robertson_jac(k))
     with pytest.raises(TypeError, match="jac must be callable"):
         neuralode.solve(robertson(k), Y0, TS, method="rodas5p", jac=torch.eye(3))
+
+
+@pytest.mark.parametrize("method", ["rodas5p", "rosenbrock23", "kvaerno5"])
+def test_a_jacobian_in_another_dtype_is_used_in_the_states(method: str) -> None:
+    """A ``jac`` that returns ``df/dy`` and ``df/dt`` in float32 for a float64 state: both are
+    used in float64 (exactly the values it returned, cast), so the solve is the one with the
+    same values given in float64, step for step."""
+    f, jac, jac_t = _forced()
+
+    def in_float32(t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        J, ft = jac_t(t, y)
+        return J.float(), ft.float()
+
+    def cast_back(t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        J, ft = in_float32(t, y)
+        return J.double(), ft.double()
+
+    ts = torch.linspace(0.0, 3.0, 7, dtype=DTYPE)
+    y0 = torch.tensor([1.0, 2.0], dtype=DTYPE)
+    kw: dict = dict(method=method, rtol=1e-10, atol=1e-12)
+    want = neuralode.solve(f, y0, ts, jac=cast_back, **kw)
+    got = neuralode.solve(f, y0, ts, jac=in_float32, **kw)
+    assert got.ys.dtype == DTYPE
+    assert torch.equal(got.stats.n_steps, want.stats.n_steps)
+    torch.testing.assert_close(got.ys, want.ys, rtol=1e-15, atol=1e-15)

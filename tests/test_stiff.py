@@ -32,6 +32,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
+from fields import opaque
 from stiff_problems import K_ROBERTSON, PROBLEMS, robertson, van_der_pol
 from trees import Tree, assert_sharp_orders, residuals
 
@@ -715,21 +716,20 @@ def _mlp_field():
     return f
 
 
-def _item_field(f):
-    def g(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        scale = 1.0 + 0.0 * float(y.detach().sum().item())  # torch.func cannot trace .item()
-        return f(t, y) * scale
-
-    return g
-
-
 @pytest.mark.parametrize("fallback", [False, True])
 def test_jacobian_matches_autograd(fallback: bool) -> None:
+    """``f(t, y)``, ``df/dy`` and ``df/dt`` per row, batched and unbatched, by ``torch.func``
+    and by the ``torch.autograd.grad`` fallback for a field it cannot transform (which must be
+    the path taken: an earlier version of this test wrapped the field in a ``.item()`` that
+    ``torch.func`` runs, and never reached the fallback)."""
+    from neuralode.solvers.newton import _AUTOGRAD_ONLY
+
     f = _mlp_field()
-    f = _item_field(f) if fallback else f
+    f = opaque(f) if fallback else f
     y = torch.randn(5, 3, dtype=DTYPE)
     t = torch.rand(5, dtype=DTYPE)
     lin = jacobian(f, t, y)
+    assert (f in _AUTOGRAD_ONLY) == fallback
     torch.testing.assert_close(lin.f0, f(t, y))
     for b in range(5):
         tb, yb = t[b : b + 1], y[b : b + 1]
@@ -740,6 +740,73 @@ def test_jacobian_matches_autograd(fallback: bool) -> None:
     one = jacobian(f, t[0], y[0])  # unbatched
     torch.testing.assert_close(one.J, lin.J[0])
     torch.testing.assert_close(one.ft, lin.ft[0])
+
+
+@pytest.mark.parametrize("fallback", [False, True])
+def test_jacobian_of_a_field_free_of_y_or_of_t(fallback: bool) -> None:
+    """A field that does not depend on ``y`` has ``df/dy = 0``; one that does not depend on
+    ``t`` has ``df/dt = 0`` (autograd's gradient is then ``None``, not zeros), batched and not."""
+    A = torch.tensor([[-2.0, 1.0], [0.5, -3.0]], dtype=DTYPE)
+    c = torch.tensor([1.0, -2.0], dtype=DTYPE)
+
+    def free_of_y(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.cos(t).unsqueeze(-1) * c if t.ndim else torch.cos(t) * c
+
+    def free_of_t(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return y @ A.T
+
+    wrap = opaque if fallback else (lambda g: g)
+    for batched in (False, True):
+        y = torch.tensor([[0.3, -0.7], [1.1, 0.2]], dtype=DTYPE)
+        t = torch.tensor([0.4, 1.3], dtype=DTYPE)
+        if not batched:
+            y, t = y[0], t[0]
+        lin = jacobian(wrap(free_of_y), t, y)
+        assert torch.equal(lin.J, torch.zeros(*y.shape, 2, dtype=DTYPE))
+        want = -torch.sin(t).unsqueeze(-1) * c if batched else -torch.sin(t) * c
+        torch.testing.assert_close(lin.ft, want, rtol=1e-15, atol=0)
+        lin = jacobian(wrap(free_of_t), t, y)
+        torch.testing.assert_close(lin.J, A.expand(*y.shape[:-1], 2, 2), rtol=0, atol=0)
+        assert torch.equal(lin.ft, torch.zeros_like(y))
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_the_autograd_fallback_differentiates_its_jacobian(batched: bool) -> None:
+    """Backprop through a Rosenbrock solve differentiates its matrix ``I - h gamma J`` too: the
+    fallback's Jacobian, for a field ``torch.func`` cannot transform, must carry the graph to
+    the state, the times and the parameters as ``torch.func``'s does; the same steps, values
+    and gradients."""
+    from fields import _params, mlp
+
+    results = []
+    for wrap in (lambda g: g, opaque):
+        ts = torch.tensor([0.0, 0.5, 1.5], dtype=DTYPE, requires_grad=True)
+        params = [p.clone().requires_grad_() for p in _params(dim=2, hidden=4, seed=3)]
+        y0 = torch.tensor([0.5, -0.3], dtype=DTYPE)
+        if batched:
+            y0 = torch.stack([y0, -2 * y0])
+        y0.requires_grad_()
+        sol = neuralode.solve(wrap(mlp(params)), y0, ts, method="rodas5p", rtol=1e-6, atol=1e-8)
+        grads = torch.autograd.grad(sol.ys.square().sum(), [y0, ts, *params])
+        results.append((sol, grads))
+    (want, want_grads), (got, got_grads) = results
+    assert torch.equal(got.stats.n_steps, want.stats.n_steps)
+    torch.testing.assert_close(got.ys, want.ys, rtol=1e-13, atol=1e-15)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    # jacobian() itself, at a time and state that require gradients (a user's call): the
+    # linearisation's derivatives in both, as torch.func's
+    f = mlp(_params(dim=2, hidden=4, seed=3))
+    derivatives = []
+    for g in (f, opaque(f)):
+        t = torch.tensor([0.3, 0.8] if batched else 0.3, dtype=DTYPE, requires_grad=True)
+        y = torch.tensor([[0.5, -0.3], [0.1, 0.9]] if batched else [0.5, -0.3], dtype=DTYPE)
+        y.requires_grad_()
+        lin = jacobian(g, t, y)
+        w = torch.arange(1.0, 1.0 + lin.J.numel(), dtype=DTYPE).reshape(lin.J.shape)
+        derivatives.append(torch.autograd.grad((lin.J * w).sum() + lin.ft.square().sum(), [t, y]))
+    for a, b in zip(*derivatives):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5])
