@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import math
 from fractions import Fraction
+from typing import Any
 
 import pytest
 import torch
@@ -74,7 +75,7 @@ def test_tableau_checks_its_data() -> None:
         EsdirkTableau(**{**fields, "pred": bad_pred})
     with pytest.raises(ValueError, match="stiffly accurate"):
         EsdirkTableau(**{**fields, "b": (*KVAERNO3.b[:2], KVAERNO3.b[2] + 1, KVAERNO3.b[3] - 1)})
-    with pytest.raises(TypeError, match="EsdirkTableau"):
+    with pytest.raises(TypeError, match="^Esdirk needs an EsdirkTableau, got ButcherTableau$"):
         Esdirk(neuralode.get_tableau("dopri5"))  # type: ignore[arg-type]
     # A two-stage pair whose rows are consistent but whose last stage sits at 3/4 of the step
     # (so sum(b) == 3/4): it was accepted.
@@ -361,3 +362,42 @@ def test_batched_rows_across_a_jump_are_their_own_solves(method: str) -> None:
         for name in ("n_steps", "n_rejected", "nfe", "njev", "nlu", "n_newton"):
             got, want = int(getattr(batch.stats, name)[i]), int(getattr(one.stats, name))
             assert got == want, (i, name, got, want)
+
+
+@pytest.mark.parametrize("own_tolerances", [False, True])
+@pytest.mark.parametrize("method", ESDIRK)
+def test_a_batch_of_scalar_states_iterates_each_row_alone(
+    method: str, own_tolerances: bool
+) -> None:
+    """A batch of one-component states (``y0`` ``[batch]``, ``batched=True``), with the solve's
+    norm or with Newton tolerances of its own (then a root mean square of its own, which has
+    no feature dimension to reduce here: a mean over ``dim=()`` would reduce the whole batch):
+    each row takes its own solve's steps, iterations and values."""
+    lam = torch.tensor([-1e3, -5.0, -50.0], dtype=DTYPE)
+    y0 = torch.tensor([1.0, 2.0, 0.5], dtype=DTYPE)
+    ts = torch.linspace(0.0, 1.0, 3, dtype=DTYPE)
+    solver: Any = method
+    if own_tolerances:
+        solver = Esdirk(ESDIRK_TABLEAUS[method], NewtonSettings(rtol=1e-9, atol=1e-12))
+    kw = dict(method=solver, rtol=1e-6, atol=1e-8)
+
+    def field(t: torch.Tensor, y: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        return lam * (y - torch.cos(t)) - y**3
+
+    batch = neuralode.solve(lambda t, y: field(t, y, lam), y0, ts, batched=True, **kw)
+    assert batch.ys.shape == (3, 3)
+    for i in range(3):
+        one = neuralode.solve(functools.partial(field, lam=lam[i]), y0[i], ts, **kw)
+        torch.testing.assert_close(batch.ys[i], one.ys, rtol=1e-12, atol=1e-13)
+        for name in ("n_steps", "n_rejected", "nfe", "n_newton"):
+            got, want = int(getattr(batch.stats, name)[i]), int(getattr(one.stats, name))
+            assert got == want, (i, name, got, want)
+
+
+def test_a_solver_built_from_a_tableau_is_named_by_it() -> None:
+    """``Esdirk(tableau)`` takes the tableau's name, which messages about the solve show."""
+    solver = Esdirk(ESDIRK_TABLEAUS["kvaerno3"], NewtonSettings(max_iters=5))
+    assert solver.name == "kvaerno3"
+    with pytest.raises(ValueError, match="^step_size applies to fixed-step methods; 'kvaerno3' is"):
+        neuralode.solve(lambda t, y: -y, torch.ones(2), torch.tensor([0.0, 1.0]), method=solver,
+                        step_size=0.1)  # fmt: skip
