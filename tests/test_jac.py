@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from stiff_problems import K_ROBERTSON, robertson
@@ -232,3 +234,96 @@ def test_a_jacobian_in_another_dtype_is_used_in_the_states(method: str) -> None:
     assert got.ys.dtype == DTYPE
     assert torch.equal(got.stats.n_steps, want.stats.n_steps)
     torch.testing.assert_close(got.ys, want.ys, rtol=1e-15, atol=1e-15)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_the_reverse_mode_time_derivative_is_differentiable(batched: bool) -> None:
+    """For a field ``torch.func`` cannot transform, ``df/dt`` (not given by ``jac``) comes from
+    two reverse-mode products; backprop through a ``rodas5p`` solve differentiates it as it
+    does forward mode's: the same values and gradients, with one time per row or not, for a
+    field of ``t`` and an autonomous one (whose ``df/dt`` is zero while ``y`` requires
+    gradients).  ``jacobian()`` called with a time that requires gradients keeps ``df/dt``'s
+    graph to it."""
+    from fields import opaque
+
+    from neuralode.solvers.newton import _AUTOGRAD_ONLY, JacobianField, jacobian
+
+    def field(theta: torch.Tensor, autonomous: bool):
+        def wave(t: torch.Tensor) -> torch.Tensor:
+            s = torch.zeros_like(t) if autonomous else torch.sin(t)
+            return s.unsqueeze(-1) if t.ndim else s
+
+        def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return -theta[0] * (y - 0.5 * wave(t)) - theta[1] * y**3 * (1 + 0.5 * wave(t))
+
+        def jac(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return torch.diag_embed(-theta[0] - 3 * theta[1] * y**2 * (1 + 0.5 * wave(t)))
+
+        return f, jac
+
+    ts = torch.tensor([0.0, 0.25, 1.0], dtype=DTYPE)
+    if batched:
+        ts = torch.stack([ts, 0.5 * ts])
+    for autonomous in (False, True):
+        results = []
+        for wrap in (lambda g: g, opaque):
+            theta = torch.tensor([30.0, 2.0], dtype=DTYPE, requires_grad=True)
+            y0 = torch.tensor([[0.5, -0.3], [0.2, 0.7]], dtype=DTYPE)
+            y0 = (y0 if batched else y0[0]).requires_grad_()
+            f, jac = field(theta, autonomous)
+            g = wrap(f)
+            sol = neuralode.solve(g, y0, ts, method="rodas5p", rtol=1e-8, atol=1e-10, jac=jac)
+            assert (g in _AUTOGRAD_ONLY) == (wrap is opaque)
+            grads = torch.autograd.grad(sol.ys.square().sum(), [y0, theta])
+            t = ts[:, 1].clone() if batched else ts[1].clone()
+            t.requires_grad_()
+            lin = jacobian(JacobianField(g, jac), t, y0.detach())
+            if autonomous:
+                assert not lin.ft.requires_grad or float(lin.ft.abs().max()) == 0.0
+                d_t = torch.zeros_like(t)
+            else:
+                (d_t,) = torch.autograd.grad(lin.ft.square().sum(), t)
+            results.append((sol.ys, grads, d_t))
+        (want, want_grads, want_dt), (got, got_grads, got_dt) = results
+        torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-15)
+        for a, b in zip(got_grads, want_grads):
+            torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13)
+        torch.testing.assert_close(got_dt, want_dt, rtol=1e-13, atol=1e-15)
+        assert autonomous or float(want_dt.abs().min()) > 0
+
+
+def test_the_time_derivative_keeps_the_fields_warnings_and_hides_torchs() -> None:
+    """Forward mode in ``t`` (``jac`` without ``df/dt``) hides torch 2.13's own deprecation
+    warning about it (raised by its first use in a process), and nothing else: every warning
+    the field raises reaches the user, one per call."""
+    f, jac, _ = _forced()
+    calls = []
+
+    def warns(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        warnings.warn("from the field", UserWarning, stacklevel=1)
+        return f(t, y)
+
+    ts = torch.linspace(0.0, 3.0, 7, dtype=DTYPE)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        neuralode.solve(warns, torch.tensor([1.0, 2.0], dtype=DTYPE), ts, method="rodas5p",
+                        jac=jac)  # fmt: skip
+    messages = [str(w.message) for w in caught]
+    assert messages == ["from the field"] * len(calls), set(messages)
+    # torch warns on its first forward-mode product in a process only: a fresh one, in which
+    # any warning is an error
+    import subprocess
+    import sys
+
+    script = (
+        "import torch, neuralode\n"
+        "A = torch.tensor([[-50.0, 1.0], [0.5, -2.0]], dtype=torch.float64)\n"
+        "sol = neuralode.solve(lambda t, y: A @ y + torch.sin(t), torch.ones(2, dtype=A.dtype),\n"
+        "    torch.tensor([0.0, 1.0], dtype=A.dtype), method='rodas5p', jac=lambda t, y: A)\n"
+        "assert sol.success\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-W", "error", "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr[-2000:]

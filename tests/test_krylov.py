@@ -400,6 +400,37 @@ def test_inexact_newton_on_the_brusselator() -> None:
     assert int(krylov.stats.nfe) > int(krylov.stats.n_steps) + 2 * int(krylov.stats.n_newton)
 
 
+def test_gmres_steps_count_every_evaluation_and_take_no_jacobian(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A matrix-free step takes ``f(t, y)`` alone at its start (no Jacobian: its forward pass
+    and products would be wasted), and ``nfe`` is every call of the field, the
+    finite-difference products included, with rejected steps."""
+    import neuralode.solvers.rosenbrock as rosenbrock
+
+    taken: list[int] = []
+    real = rosenbrock.jacobian
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        taken.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rosenbrock, "jacobian", counting)
+    f, _, y0 = brusselator(5)
+    calls = [0]
+
+    def counted(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        return f(t, y)
+
+    ts = torch.tensor([0.0, 10.0], dtype=DTYPE)
+    sol = neuralode.solve(counted, torch.tensor(y0, dtype=DTYPE), ts, method=_solver("gmres", 10),
+                          rtol=1e-6, atol=1e-8)  # fmt: skip
+    assert sol.success and int(sol.stats.n_rejected) > 0
+    assert int(sol.stats.nfe) == calls[0]
+    assert not taken and int(sol.stats.njev) == 0
+
+
 def test_preconditioned_gmres_on_the_brusselator() -> None:
     """BRUSS on 50 points (100 components, stiffness 4 alpha (M + 1)^2 = 208): unpreconditioned,
     each Newton system fills its Krylov space; with the diffusion solved exactly as the
@@ -527,10 +558,11 @@ def test_events_with_gmres() -> None:
     assert found[1] == pytest.approx(np.log(2), abs=1e-7)
 
 
-def test_adjoint_with_a_preconditioner() -> None:
+@pytest.mark.parametrize("linear", ["auto", "gmres"])
+def test_adjoint_with_a_preconditioner(linear: str) -> None:
     """The preconditioner knows the forward system only: the adjoint's backward solve (the
-    augmented system, ``2 N`` components here) does not call it, and the gradient is
-    backprop's."""
+    augmented system, ``2 N`` components here; by GMRES too with ``linear="gmres"``) does not
+    call it, and the gradient is backprop's."""
     M = 5
     f, _, y0_np = brusselator(M)
     pc = brusselator_preconditioner(M)
@@ -540,7 +572,8 @@ def test_adjoint_with_a_preconditioner() -> None:
         seen.append(tuple(r.shape))
         return pc(t, y, hg, r)
 
-    method = Esdirk(ESDIRK_TABLEAUS["kvaerno5"], NewtonSettings(preconditioner=recording))
+    settings = NewtonSettings(linear=linear, preconditioner=recording)
+    method = Esdirk(ESDIRK_TABLEAUS["kvaerno5"], settings)
     ts = torch.tensor([0.0, 0.5, 1.0], dtype=DTYPE)
     grads = []
     for gradient in ("backprop", "adjoint"):

@@ -742,6 +742,24 @@ def test_jacobian_matches_autograd(fallback: bool) -> None:
     torch.testing.assert_close(one.ft, lin.ft[0])
 
 
+def test_inf_norm_is_each_samples_largest_absolute_row_sum() -> None:
+    """``newton.inf_norm`` (the automatic switch's stiffness estimate): per sample, over rows
+    whose sums differ from the columns' (a column sum or a batch-wide maximum would pass a
+    symmetric test), and a structured Jacobian's own estimate."""
+    from neuralode.solvers.newton import inf_norm
+
+    J = torch.tensor([[[1.0, -2.0], [0.5, 0.25]], [[-3.0, 0.0], [4.0, 1.0]]], dtype=DTYPE)
+    # row sums 3, 0.75 and 3, 5; column sums 1.5, 2.25 and 7, 1
+    assert torch.equal(inf_norm(J), torch.tensor([3.0, 5.0], dtype=DTYPE))
+    assert torch.equal(inf_norm(J[1]), torch.tensor(5.0, dtype=DTYPE))
+
+    class Structured:
+        def inf_norm(self) -> torch.Tensor:
+            return torch.tensor(7.5, dtype=DTYPE)
+
+    assert torch.equal(inf_norm(Structured()), torch.tensor(7.5, dtype=DTYPE))
+
+
 @pytest.mark.parametrize("fallback", [False, True])
 def test_jacobian_of_a_field_free_of_y_or_of_t(fallback: bool) -> None:
     """A field that does not depend on ``y`` has ``df/dy = 0``; one that does not depend on
