@@ -401,3 +401,33 @@ def test_a_solver_built_from_a_tableau_is_named_by_it() -> None:
     with pytest.raises(ValueError, match="^step_size applies to fixed-step methods; 'kvaerno3' is"):
         neuralode.solve(lambda t, y: -y, torch.ones(2), torch.tensor([0.0, 1.0]), method=solver,
                         step_size=0.1)  # fmt: skip
+
+
+@pytest.mark.parametrize("norm", ["rms", "max"])
+def test_the_newton_iteration_takes_the_solves_tolerances_and_norm(norm: str) -> None:
+    """Without tolerances of its own, the stage iteration stops by the solve's ``rtol``,
+    ``atol`` and ``norm``: the same solve as Newton settings that give those explicitly,
+    iteration for iteration; other settings change the iterations (so the comparison can
+    fail)."""
+    from neuralode.controllers import max_norm, rms_norm
+
+    norm_fn = {"rms": rms_norm, "max": max_norm}[norm]
+    mu = 50.0
+
+    def vdp(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.stack([y[1], mu * (1 - y[0] ** 2) * y[1] - y[0]])
+
+    y0 = torch.tensor([2.0, 0.0], dtype=DTYPE)
+    ts = torch.tensor([0.0, 5.0], dtype=DTYPE)
+    tol = dict(rtol=1e-4, atol=1e-2)
+    kw: dict = dict(norm=norm, **tol)
+    default = neuralode.solve(vdp, y0, ts, method="kvaerno5", **kw)
+    own = Esdirk(ESDIRK_TABLEAUS["kvaerno5"], NewtonSettings(norm=norm_fn, **tol))
+    explicit = neuralode.solve(vdp, y0, ts, method=own, **kw)
+    assert int(default.stats.n_newton) == int(explicit.stats.n_newton)
+    torch.testing.assert_close(default.ys, explicit.ys, rtol=0, atol=0)
+    other_norm = {"rms": max_norm, "max": rms_norm}[norm]
+    for settings in (dict(norm=norm_fn, rtol=1e-4, atol=1e-8), dict(norm=other_norm, **tol)):
+        other = Esdirk(ESDIRK_TABLEAUS["kvaerno5"], NewtonSettings(**settings))
+        changed = neuralode.solve(vdp, y0, ts, method=other, **kw)
+        assert int(changed.stats.n_newton) != int(default.stats.n_newton), settings
