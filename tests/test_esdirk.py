@@ -291,6 +291,16 @@ def test_a_stale_jacobian_that_fails_is_replaced_within_the_step() -> None:
         assert res.njev.tolist() == [1, 0]  # type: ignore[union-attr]
         assert res.nlu.tolist() == [2, 1]  # type: ignore[union-attr]
         torch.testing.assert_close(res.y1, fresh.y1, rtol=1e-9, atol=1e-12)
+        # Row 1 iterates as the fresh step did; row 0 spends its failed iterations and then
+        # the fresh Jacobian's (at least one per stage), and its forward pass.
+        newton, nfe = res.n_newton.tolist(), res.nfe.tolist()  # type: ignore[union-attr]
+        assert newton[1] == int(fresh.n_newton[1])  # type: ignore[index]
+        assert newton[0] >= int(fresh.n_newton[0]) + 1  # type: ignore[index]
+        assert nfe[0] - newton[0] == nfe[1] - newton[1] + 1
+        # Row 0's Jacobian is now its step's own: a retry of this step (had the loop rejected
+        # it for its error) that fails is rejected rather than given another; row 1's is
+        # still the carried one.
+        assert res.retry_state.j_current.tolist() == [True, False]
         # The same wrong Jacobian as the step's own: no second try, the step fails.
         failed = solver.step(f, t, h, y, _stale_state(y, J, current=True))
         assert failed.status is not None

@@ -659,20 +659,39 @@ def test_backprop_with_a_transposed_preconditioner() -> None:
 def test_auto_picks_gmres_by_size(monkeypatch: pytest.MonkeyPatch) -> None:
     f, _, y0 = brusselator(5)
     y0_t, ts = torch.tensor(y0, dtype=DTYPE), torch.tensor([0.0, 1.0], dtype=DTYPE)
-    # 10 components: 100 entries for one system (KRYLOV_MIN_ENTRIES_ONE), 300 for a batch of 3.
-    monkeypatch.setattr(esdirk, "KRYLOV_MIN_ENTRIES", 301)
+    # 10 components: 100 entries for one system (KRYLOV_MIN_ENTRIES_ONE), 200 for a batch of 2
+    # (the smallest batch, which KRYLOV_MIN_ENTRIES governs).
+    monkeypatch.setattr(esdirk, "KRYLOV_MIN_ENTRIES", 201)
     for entries, jev in ((101, True), (100, False)):
         monkeypatch.setattr(esdirk, "KRYLOV_MIN_ENTRIES_ONE", entries)
         sol = neuralode.solve(f, y0_t, ts, method="kvaerno5", rtol=1e-5, atol=1e-7)
         assert (int(sol.stats.njev) > 0) == jev, entries
     monkeypatch.setattr(esdirk, "KRYLOV_MIN_ENTRIES_ONE", 10**9)
-    for entries, jev in ((301, True), (300, False)):
+    for entries, jev in ((201, True), (200, False)):
         monkeypatch.setattr(esdirk, "KRYLOV_MIN_ENTRIES", entries)
         batch = neuralode.solve(
-            f, y0_t.expand(3, 10), ts, method="kvaerno5", rtol=1e-5, atol=1e-7, batched=True
+            f, y0_t.expand(2, 10), ts, method="kvaerno5", rtol=1e-5, atol=1e-7, batched=True
         )
         assert (int(batch.stats.njev.sum()) > 0) == jev, entries
-    # A Jacobian of the user's own: dense whatever the size.
+    # A Jacobian of the user's own, and the adjoint's augmented field (its own block
+    # Jacobian): dense whatever the size.
+    monkeypatch.setattr(esdirk, "KRYLOV_MIN_ENTRIES_ONE", 1)
+    monkeypatch.setattr(esdirk, "KRYLOV_MIN_ENTRIES", 1)
+    matrix_free: list[bool] = []
+    real = esdirk.Esdirk._step_krylov
+
+    def recording(self, f, *args):  # type: ignore[no-untyped-def]
+        matrix_free.append(esdirk._structured(f))
+        return real(self, f, *args)
+
+    monkeypatch.setattr(esdirk.Esdirk, "_step_krylov", recording)
+    y0_g = y0_t.clone().requires_grad_()
+    sol = neuralode.solve(
+        f, y0_g, ts, method="kvaerno5", rtol=1e-5, atol=1e-7, gradient="adjoint",
+        adjoint_params=(),
+    )  # fmt: skip
+    sol.ys[-1].sum().backward()
+    assert matrix_free and not any(matrix_free)  # the forward solve only, by GMRES
     J = torch.autograd.functional.jacobian(lambda y: f(ts[0], y), y0_t)
     sol = neuralode.solve(
         f, y0_t, ts, method="kvaerno5", rtol=1e-5, atol=1e-7,
