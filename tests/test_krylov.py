@@ -739,3 +739,15 @@ def test_bad_settings_are_named(kwargs: dict, error: type, message: str) -> None
 
     with pytest.raises(error, match=f"^NewtonSettings: {re.escape(message)}$"):
         NewtonSettings(**kwargs)
+
+
+def test_the_smallest_settings_are_taken() -> None:
+    """One Newton iteration per stage and a Krylov space of one vector are allowed (the
+    refusals above start below them), and a solve runs with them."""
+    settings = NewtonSettings(max_iters=1, krylov_dim=1, linear="gmres")
+    assert (settings.max_iters, settings.krylov_dim) == (1, 1)
+    sol = neuralode.solve(
+        lambda t, y: -y, torch.ones(2, dtype=DTYPE), torch.tensor([0.0, 1.0], dtype=DTYPE),
+        method=Esdirk(ESDIRK_TABLEAUS["kvaerno3"], settings), rtol=1e-4, atol=1e-6,
+    )  # fmt: skip
+    assert sol.success
