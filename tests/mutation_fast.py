@@ -136,33 +136,40 @@ class ChangedStatements:
             self.files[path] = (defs, _statement_lines(tree), text.splitlines())
         return self.files[path]
 
-    def bodies(self, name: str, source: Path) -> tuple[list[str], list[str]] | None:
-        """The original and the mutated function's source lines (``None``: not found)."""
-        defs, _, lines = self._parse(source)
+    def _pair(self, name: str, source: Path) -> tuple[Any, Any, str, str] | None:
+        """The original's and the mutant's definitions and names (``None``: not found)."""
+        defs = self._parse(source)[0]
         func = name.rpartition(".")[2]
         orig = re.sub(r"__mutmut_\d+$", "__mutmut_orig", func)
         if func not in defs or orig not in defs:
             return None
-        a, b = defs[orig], defs[func]
+        return defs[orig], defs[func], orig, func
+
+    def bodies(self, name: str, source: Path) -> tuple[list[str], list[str]] | None:
+        """The original and the mutated function's source lines (``None``: not found)."""
+        pair = self._pair(name, source)
+        if pair is None:
+            return None
+        a, b, orig, func = pair
+        lines = self._parse(source)[2]
         return (
-            [x.replace(orig, "") for x in lines[a.lineno - 1 : a.end_lineno]],  # type: ignore[attr-defined]
-            [x.replace(func, "") for x in lines[b.lineno - 1 : b.end_lineno]],  # type: ignore[attr-defined]
+            [x.replace(orig, "") for x in lines[a.lineno - 1 : a.end_lineno]],
+            [x.replace(func, "") for x in lines[b.lineno - 1 : b.end_lineno]],
         )
 
     def __call__(self, name: str, source: Path) -> list[tuple[str, int, int]] | None:
-        defs, statements, lines = self._parse(source)
-        func = name.rpartition(".")[2]
-        orig = re.sub(r"__mutmut_\d+$", "__mutmut_orig", func)
-        if func not in defs or orig not in defs:
+        pair = self._pair(name, source)
+        if pair is None:
             return None
-        a, b = defs[orig], defs[func]
-        body_a, body_b = a.body[0].lineno, b.body[0].lineno  # type: ignore[attr-defined]
+        a, b, orig, func = pair
+        _, statements, lines = self._parse(source)
+        body_a, body_b = a.body[0].lineno, b.body[0].lineno
         if lines[a.lineno - 1 : body_a - 1] != [
             x.replace(func, orig) for x in lines[b.lineno - 1 : body_b - 1]
         ]:
             return None  # the signature changed
-        old = lines[body_a - 1 : a.end_lineno]  # type: ignore[attr-defined]
-        new = lines[body_b - 1 : b.end_lineno]  # type: ignore[attr-defined]
+        old = lines[body_a - 1 : a.end_lineno]
+        new = lines[body_b - 1 : b.end_lineno]
         changed: set[int] = set()
         for tag, i1, i2, _, _ in difflib.SequenceMatcher(
             None, old, new, autojunk=False
