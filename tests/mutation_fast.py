@@ -424,6 +424,12 @@ class Runner:
         killers: dict[str, set[Any]] = defaultdict(set)  # function -> tests that killed
         t0 = time.perf_counter()
         for i, name in enumerate(sorted(self.names)):
+            if self.skip_device:
+                bodies = changed.bodies(name, self.sources[name])
+                if bodies is not None and device_only(*bodies):
+                    self.record(name, 34)
+                    print(f"[{i + 1}/{len(self.names)}] skipped (device only) {name}", flush=True)
+                    continue
             function = mangled_name_from_mutant_name(name)
             tests = reached.get(function, [])
             where = changed(name, self.sources[name]) if self.lines else None
@@ -435,12 +441,6 @@ class Runner:
                 )
                 tests = [t for t in tests if t in seen or t in compiling]
             tests = sorted(tests, key=lambda t: (t not in killers[function], clean[t]))
-            if self.skip_device:
-                bodies = changed.bodies(name, self.sources[name])
-                if bodies is not None and device_only(*bodies):
-                    self.record(name, 34)
-                    print(f"[{i + 1}/{len(self.names)}] skipped (device only) {name}", flush=True)
-                    continue
             if not tests:
                 self.record(name, 33)
                 print(f"[{i + 1}/{len(self.names)}] no tests {name}", flush=True)
