@@ -22,6 +22,7 @@ What this proves:
 from __future__ import annotations
 
 import math
+import re
 from fractions import Fraction
 
 import numpy as np
@@ -123,15 +124,37 @@ def _slope(hs: list[float], errs: list[float]) -> float:
 @pytest.mark.parametrize("method", list(CLASSES))
 def test_convergence_order(method: str, k: int, grid: str) -> None:
     make = _uniform if grid == "uniform" else _nonuniform
+    solver = CLASSES[method](max_order=k)
     errs, hs = [], []
     for m in (4, 8, 16, 32):
         t = make(m)
-        ys = neuralode.odeint(_field, Y0, t, method=CLASSES[method](max_order=k))
+        ys = neuralode.odeint(_field, Y0, t, method=solver)
         errs.append(float((ys - _exact(t)).abs().max()))
         hs.append(float(t.diff().max()))
     slope = _slope(hs, errs)
     print(f"{method} k={k} {grid}: slope {slope:.2f}, errors {[f'{e:.1e}' for e in errs]}")
+    assert solver.order == k  # the order the solver reports is the one measured
     assert abs(slope - k) <= 0.3, f"{method} order {k} on a {grid} grid: slope {slope:.2f}"
+
+
+@pytest.mark.parametrize("method", list(CLASSES))
+def test_dense_output_converges_at_the_reported_order(method: str) -> None:
+    """The cubic Hermite interpolant (``dense_order`` 3: local error ``O(h^4)``) between steps
+    of order 6: outputs halfway through each step converge at order 4 (measured 4.06 explicit,
+    4.00 implicit), the limit of the interpolant, not of the steps."""
+    solver = CLASSES[method](max_order=6)
+    assert solver.dense_order == 3
+    errs, hs = [], []
+    for n in (160, 320, 640, 1280):
+        h = T_END / n
+        mid = (torch.arange(n, dtype=F64) + 0.5) * h
+        t = torch.cat((torch.zeros(1, dtype=F64), mid))
+        sol = neuralode.solve(_field, Y0, t, method=solver, step_size=h)
+        errs.append(float((sol.ys[1:] - _exact(mid)).abs().max()))
+        hs.append(h)
+    slope = _slope(hs, errs)
+    print(f"{method}: dense slope {slope:.2f}, errors {[f'{e:.1e}' for e in errs]}")
+    assert abs(slope - (solver.dense_order + 1)) <= 0.3, (slope, errs)
 
 
 def test_nonuniform_grid_keeps_the_order_constant_coefficients_lose() -> None:
@@ -227,13 +250,110 @@ def test_max_iters_is_checked(bad: object) -> None:
         AdamsBashforthMoulton(max_iters=bad)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("k", [1, MAX_ORDER])
+def test_the_orders_at_the_ends_are_taken(k: int) -> None:
+    for cls in CLASSES.values():
+        assert cls(max_order=k).max_order == k
+
+
 def test_corrector_tolerances_are_checked() -> None:
-    with pytest.raises(ValueError, match="rtol must be a non-negative finite number"):
-        AdamsBashforthMoulton(rtol=-1e-3)
-    with pytest.raises(ValueError, match="atol must be"):
-        AdamsBashforthMoulton(atol=math.nan)
-    with pytest.raises(ValueError, match="cannot both be 0"):
+    for name in ("rtol", "atol"):
+        for bad in (-1e-3, math.nan, math.inf, True, "1e-3", None):
+            want = f"{name} must be a non-negative finite number, got {bad!r}"
+            with pytest.raises(ValueError, match=f"^{re.escape(want)}$"):
+                AdamsBashforthMoulton(**{name: bad})  # type: ignore[arg-type]
+    with pytest.raises(
+        ValueError, match=r"^rtol and atol cannot both be 0 \(the corrector could never stop\)$"
+    ):
         AdamsBashforthMoulton(rtol=0.0, atol=0.0)
+    # either alone may be 0, and an int is a number
+    assert AdamsBashforthMoulton(rtol=0.0, atol=1e-9).rtol == 0.0
+    assert AdamsBashforthMoulton(rtol=1e-6, atol=0).atol == 0.0
+
+
+def test_names_and_defaults() -> None:
+    """The names a configured instance goes by in messages, and the documented defaults
+    (torchdiffeq's: order 4 here, 4 iterations, ``odeint``'s rtol 1e-7 and atol 1e-9)."""
+    assert repr(AdamsBashforth()) == "AdamsBashforth(max_order=4)"
+    assert repr(AdamsBashforthMoulton()) == (
+        "AdamsBashforthMoulton(max_order=4, max_iters=4, rtol=1e-07, atol=1e-09)"
+    )
+    y0 = GY0.clone().requires_grad_()
+    for cls, name in (
+        (AdamsBashforth, "explicit_adams"),
+        (AdamsBashforthMoulton, "implicit_adams"),
+    ):
+        with pytest.raises(ValueError, match=f"'{name}' is a multistep method"):
+            neuralode.solve(
+                _param_field(W), y0, GT, method=cls(2), gradient="checkpoint", adjoint_params=()
+            )
+
+
+def _corrector_by_hand(
+    lam: list[float], y: list[float], h: float, gap: float, rtol: float, atol: float, iters: int
+) -> tuple[list[float], list[float]]:
+    """Order 2 on ``y' = lam y`` (componentwise), written out: Adams-Bashforth's prediction from
+    ``f`` at ``t`` and at ``t - gap`` (there ``0.9 lam y``, a made-up history), then the
+    trapezoidal rule by functional iteration, stopping once every component's change is within
+    ``atol + rtol |new|``.  Returns the corrected state and the ratio of each iteration."""
+    x = -gap / h  # the earlier node in step units
+    w0, w1 = (0.5 - x) / -x, 1 / (2 * x)  # int_0^1 of the two Lagrange polynomials
+    f0 = [a * b for a, b in zip(lam, y)]
+    y1 = [v + h * (w0 * a + w1 * 0.9 * a) for v, a in zip(y, f0)]
+    base = [v + 0.5 * h * a for v, a in zip(y, f0)]
+    ratios: list[float] = []
+    for _ in range(iters):
+        new = [b + 0.5 * h * a * v for b, a, v in zip(base, lam, y1)]
+        ratios.append(max(abs(n - o) / (abs(n) * rtol + atol) for n, o in zip(new, y1)))
+        y1 = new
+        if ratios[-1] <= 1:
+            break
+    return y1, ratios
+
+
+@pytest.mark.parametrize("max_iters", [8, 3])
+def test_corrector_iterates_as_written(max_iters: int) -> None:
+    """One corrector step of each driver (Python floats, 0-dim tensors, a batch), a vector and
+    a scalar state, against the iteration written out by hand: the same value and count per row
+    (and a row that does not converge in ``max_iters`` keeps its last iterate).  Some iteration
+    ratios (with 8 iterations) fall in (1, 2], so a looser stopping rule changes the counts."""
+    h, gap, rtol, atol = 0.1, 0.13, 2.3e-6, 1e-12
+    solver = AdamsBashforthMoulton(max_order=2, max_iters=max_iters, rtol=rtol, atol=atol)
+    cases = [  # (lam, y) per row
+        [([-2.0, -0.5], [1.0, 0.5])],
+        [([-2.0, -0.5], [1.0, 0.5]), ([-3.0, -3.0], [0.5, 0.5]), ([-0.7, -0.7], [0.0, -1.0])],
+        [([-2.0], [1.0])],  # a scalar state
+    ]
+    sensitive = False
+    for rows in cases:
+        want = [_corrector_by_hand(lam, y, h, gap, rtol, atol, max_iters) for lam, y in rows]
+        sensitive |= any(1 < r <= 2 for _, ratios in want for r in ratios)
+        lam = torch.tensor([r[0] for r in rows], dtype=F64)
+        y = torch.tensor([r[1] for r in rows], dtype=F64)
+        drivers = []
+        if len(rows) == 1:
+            lam, y = lam[0], y[0]
+            if y.shape == (1,):
+                lam, y = lam[0], y[0]  # 0-dim
+            drivers.append((0.3, h))  # the one-row driver's floats
+            drivers.append((torch.tensor(0.3, dtype=F64), torch.tensor(h, dtype=F64)))
+        else:
+            drivers.append((torch.full((3,), 0.3, dtype=F64), torch.full((3,), h, dtype=F64)))
+
+        def f(t: torch.Tensor, y: torch.Tensor, lam: torch.Tensor = lam) -> torch.Tensor:
+            return lam * y
+
+        for t, step in drivers:
+            state = AdamsState(None, (0.9 * lam * y,), (t - gap,))
+            res = solver.step(f, t, step, y, state)
+            counts = torch.as_tensor(res.n_newton).reshape(-1).tolist()
+            assert counts == [len(ratios) for _, ratios in want], (rows, t)
+            got = res.y1.reshape(len(rows), -1)
+            for i, (value, _) in enumerate(want):
+                torch.testing.assert_close(
+                    got[i], torch.tensor(value, dtype=F64), rtol=1e-14, atol=0
+                )
+    assert sensitive == (max_iters == 8)  # three iterations stop before any such ratio
 
 
 def test_compat_options() -> None:
@@ -353,18 +473,92 @@ def test_model_settings_refuse_checkpoint_at_construction() -> None:
 
 
 # --------------------------------------------------------------------------- batches
+# Rows over different spans with step_size 0.05: the shorter rows end early and take zero steps
+# while the others go on; row 1's output at 1.77 lies inside a step taken after the others
+# ended (the interpolant is built for every row, the ended ones at h = 0).
+BATCH_T = torch.tensor([[0.0, 0.5, 1.0], [0.2, 1.77, 2.0], [1.0, 1.5, 1.7]], dtype=F64)
+BATCH_Y0 = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, -1.0]], dtype=F64)
+
+
 def test_batched_rows_equal_their_single_solves() -> None:
-    """Rows over different spans with step_size: the shorter rows end early and take zero
-    steps while the others go on."""
-    t = torch.tensor([[0.0, 0.5, 1.0], [0.2, 1.0, 2.0], [1.0, 1.5, 1.7]], dtype=F64)
-    y0 = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, -1.0]], dtype=F64)
+    """Values, counts and gradients (finite: a row at ``h = 0`` divides by no zero step)."""
     for solver in (AdamsBashforth(3), AdamsBashforthMoulton(4)):
-        sol = neuralode.solve(_field, y0, t, method=solver, step_size=0.05)
+        y0 = BATCH_Y0.clone().requires_grad_()
+        sol = neuralode.solve(_field, y0, BATCH_T, method=solver, step_size=0.05)
+        (grad,) = torch.autograd.grad(sol.ys.square().sum(), y0)
         for i in range(3):
-            one = neuralode.solve(_field, y0[i], t[i], method=solver, step_size=0.05)
+            yi = BATCH_Y0[i].clone().requires_grad_()
+            one = neuralode.solve(_field, yi, BATCH_T[i], method=solver, step_size=0.05)
             torch.testing.assert_close(sol.ys[i], one.ys, rtol=1e-12, atol=1e-12)
             assert int(sol.stats.nfe[i]) == int(one.stats.nfe)
             assert int(sol.stats.n_steps[i]) == int(one.stats.n_steps)
+            assert int(sol.stats.n_newton[i]) == int(one.stats.n_newton)
+            (grad_i,) = torch.autograd.grad(one.ys.square().sum(), yi)
+            torch.testing.assert_close(grad[i], grad_i, rtol=1e-12, atol=1e-12)
+
+
+def test_float32_state_on_float64_times() -> None:
+    """The weights are computed in the time dtype and applied in the state's: a float32 batch
+    on float64 times stays float32 (steps, corrector and interpolant) and matches its rows
+    solved alone to float32 round-off."""
+    y0 = BATCH_Y0.float()
+    for solver in (AdamsBashforth(3), AdamsBashforthMoulton(4)):
+        sol = neuralode.solve(_field, y0, BATCH_T, method=solver, step_size=0.05)
+        assert sol.ys.dtype == torch.float32
+        assert sol.stats.nfe.dtype == sol.stats.n_newton.dtype == torch.int64
+        for i in range(3):
+            one = neuralode.solve(_field, y0[i], BATCH_T[i], method=solver, step_size=0.05)
+            torch.testing.assert_close(sol.ys[i], one.ys, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_weights_keep_the_nodes_dtype(dtype: torch.dtype) -> None:
+    x = torch.tensor([[1.0, 1.0], [0.0, 0.0], [-1.0, -1.3], [-2.0, -2.1]], dtype=dtype)
+    w = _weights_tensor(x)
+    assert w.dtype == dtype
+    for j in range(2):
+        want = _weights_float(tuple(float(v) for v in x[:, j].tolist()))
+        torch.testing.assert_close(w[:, j], torch.tensor(want, dtype=dtype))
+
+
+def test_merge_picks_each_rows_history() -> None:
+    """``merge`` (the solver protocol's per-row choice after a partly accepted step; the
+    fixed-step loop accepts every running row, so only a caller of the protocol reaches it):
+    per row, the new history where accepted, the old one elsewhere; ``f`` where both know it."""
+    solver = AdamsBashforth(3)
+    rows = 3
+    new = AdamsState(
+        torch.full((rows, 2), 1.0), (torch.full((rows, 2), 2.0), torch.full((rows, 2), 3.0)),
+        (torch.full((rows,), 0.5), torch.full((rows,), 0.4)),
+    )  # fmt: skip
+    old = AdamsState(
+        torch.full((rows, 2), -1.0), (torch.full((rows, 2), -2.0), torch.full((rows, 2), -3.0)),
+        (torch.full((rows,), 0.2), torch.full((rows,), 0.1)),
+    )  # fmt: skip
+    accept = torch.tensor([True, False, True])
+    got = solver.merge(accept, new, old)
+    sign = torch.tensor([1.0, -1.0, 1.0])
+    assert got.f is not None
+    torch.testing.assert_close(got.f, sign[:, None] * torch.ones(rows, 2), rtol=0, atol=0)
+    for j, value in enumerate((2.0, 3.0)):
+        torch.testing.assert_close(got.fs[j], value * sign[:, None] * torch.ones(rows, 2))
+    torch.testing.assert_close(got.ts[0], torch.tensor([0.5, 0.2, 0.5]), rtol=0, atol=0)
+    torch.testing.assert_close(got.ts[1], torch.tensor([0.4, 0.1, 0.4]), rtol=0, atol=0)
+    assert solver.merge(accept, new._replace(f=None), old).f is None
+    assert solver.merge(accept, new, old._replace(f=None)).f is None
+    # a batch of scalar states (rows only)
+    scalar = solver.merge(
+        accept, AdamsState(None, (torch.ones(rows),), new.ts[:1]),
+        AdamsState(None, (-torch.ones(rows),), old.ts[:1]),
+    )  # fmt: skip
+    torch.testing.assert_close(scalar.fs[0], sign, rtol=0, atol=0)
+    short = AdamsState(None, new.fs[:1], new.ts[:1])
+    want = (
+        "explicit_adams: rows hold histories of different lengths (1 and 2); Adams methods "
+        "advance every row in lockstep (fixed steps)"
+    )
+    with pytest.raises(RuntimeError, match=f"^{re.escape(want)}$"):
+        solver.merge(accept, short, old)
 
 
 @pytest.mark.parametrize("method", list(CLASSES))
@@ -410,16 +604,40 @@ def test_float_and_tensor_steps_agree() -> None:
 
 
 # --------------------------------------------------------------------------- counts
-@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("k", [1, 2, 4, 5, 6])
 def test_evaluation_counts(k: int) -> None:
-    """f0 at the entry, the start's k - 1 Runge-Kutta steps (3/8 rule: three more evaluations
-    on the first, four on the others), then one evaluation per explicit step, and one more per
-    corrector iteration for the implicit one."""
+    """f0 at the entry, the start's k - 1 Runge-Kutta steps (the 3/8 rule up to order 5, four
+    stages, dopri8 above, thirteen: one evaluation fewer on the first step, which takes f0),
+    then one evaluation per explicit step, and one more per corrector iteration for the
+    implicit one."""
     n = 20
     t = torch.linspace(0.0, 1.0, n + 1, dtype=F64)
-    start = 0 if k == 1 else 3 + 4 * (k - 2)
-    sol = neuralode.solve(_field, Y0, t, method=AdamsBashforth(k))
+    stages = 4 if k <= 5 else 13
+    start = 0 if k == 1 else stages - 1 + stages * (k - 2)
+    calls = 0
+
+    def field(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        return _field(t, y)
+
+    def solve(solver: AdamsBashforth, times: torch.Tensor) -> neuralode.Solution:
+        nonlocal calls
+        calls = 0
+        sol = neuralode.solve(field, Y0, times, method=solver, step_size=1 / n)
+        assert int(sol.stats.nfe) == calls  # every evaluation counted, no other
+        assert int(sol.stats.njev) == int(sol.stats.nlu) == 0
+        return sol
+
+    sol = solve(AdamsBashforth(k), t)
     assert int(sol.stats.nfe) == 1 + start + (n - (k - 1)) - (1 if k == 1 else 0)
-    imp = neuralode.solve(_field, Y0, t, method=AdamsBashforthMoulton(k))
+    imp = solve(AdamsBashforthMoulton(k), t)
     assert int(imp.stats.n_newton) >= n - (k - 1)
     assert int(imp.stats.nfe) == int(sol.stats.nfe) + int(imp.stats.n_newton)
+    # Outputs inside every step: the interpolant's f(t + h, y1) starts the next step, so the
+    # same steps cost one evaluation more (the last step's, which no step uses).
+    mid = torch.cat((t[:1], (t[:-1] + t[1:]) / 2, t[-1:]))
+    for grid, solver in ((sol, AdamsBashforth(k)), (imp, AdamsBashforthMoulton(k))):
+        inside = solve(solver, mid)
+        assert int(inside.stats.nfe) == int(grid.stats.nfe) + 1
+        assert int(inside.stats.n_newton) == int(grid.stats.n_newton)
