@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from fractions import Fraction
 from typing import Any
@@ -414,34 +415,39 @@ def _stage_iteration_by_hand(
 def test_the_stage_iteration_stops_and_gives_up_by_its_rules() -> None:
     """The iteration of one stage, ``z = base + hg f(z)`` with ``f = lam z`` and the identity
     for its matrix, so each correction is the last times ``theta = hg lam`` exactly, against
-    the rules written out by hand: for rates from 5e-4 to 1.5, first corrections from 1e-4
-    to 1e5 tolerance units, 4, 7 and 10 iterations allowed, a fresh and a stale Jacobian
-    (360 cases, which end converged after 1 to 10 corrections or abandoned after 3, slow or
-    not)."""
+    the rules written out by hand, with the threshold ``kappa`` the module documents: for
+    tolerances 1e-13, 1e-6 and 1e-2, rates from 5e-4 to 1.5, first corrections from 1.1e-4 to
+    1.7e5 tolerance units, 4, 7 and 10 iterations allowed, a fresh and a stale Jacobian (1,080
+    cases, which end converged after 1 to 10 corrections or abandoned after 3, slow or not)."""
     from neuralode.solvers.esdirk import NewtonSettings, _Newton
 
-    hg, tol = 0.5, 1e-6
+    hg, eps = 0.5, torch.finfo(DTYPE).eps
+    thetas = (5e-4, 0.005, 0.05, 0.2, 0.3, 0.45, 0.6, 0.9, 0.995, 1.5)
+    cases = itertools.product(
+        (1e-13, 1e-6, 1e-2),
+        thetas,
+        (1.1e-4, 0.7, 3.3, 1.1e2, 1.3e3, 1.7e5),
+        (4, 7, 10),
+        (False, True),
+    )
     outcomes = set()
-    for theta in (5e-4, 0.005, 0.05, 0.2, 0.3, 0.45, 0.6, 0.9, 0.995, 1.5):
-        for n0 in (1e-4, 0.6, 3.0, 1e2, 1e3, 1e5):
-            for max_iters in (4, 7, 10):
-                for stale in (False, True):
-                    y = torch.ones(1, dtype=DTYPE)
-                    newton = _Newton(NewtonSettings(max_iters=max_iters, rtol=tol, atol=tol),
-                                     y, hg, False)  # fmt: skip
-                    newton.linear = lambda r, t, z, fz, active: r
-                    if stale:
-                        newton.stale = torch.tensor(True)
-                    base = torch.ones(1, dtype=DTYPE)
-                    root = base / (1 - theta)
-                    start = root + n0 * 2 * tol / (1 - theta)  # first correction: n0 units
-                    lam = theta / hg
-                    _, ok, its, slow = newton.solve(
-                        lambda t, z, lam=lam: lam * z, torch.tensor(0.0, dtype=DTYPE), base, start
-                    )
-                    want = _stage_iteration_by_hand(theta, n0, max_iters, newton.kappa, stale)
-                    assert (bool(ok), int(its), bool(slow)) == want, (theta, n0, max_iters, stale)
-                    outcomes.add(want)
+    for tol, theta, n0, max_iters, stale in cases:
+        # scipy Radau's threshold: 0.022, 1e-3 and 0.03 for these tolerances
+        kappa = max(10 * eps / tol, min(0.03, math.sqrt(tol)))
+        y, base = torch.ones(1, dtype=DTYPE), torch.zeros(1, dtype=DTYPE)  # scale: 2 tol
+        newton = _Newton(NewtonSettings(max_iters=max_iters, rtol=tol, atol=tol), y, hg, False)
+        newton.linear = lambda r, t, z, fz, active: r
+        if stale:
+            newton.stale = torch.tensor(True)
+        # the root is 0, where the iterates theta^m z0 carry no round-off of a larger value
+        start = n0 * 2 * tol / (1 - theta) * torch.ones(1, dtype=DTYPE)  # first: n0 units
+        lam = theta / hg
+        _, ok, its, slow = newton.solve(
+            lambda t, z, lam=lam: lam * z, torch.tensor(0.0, dtype=DTYPE), base, start
+        )
+        want = _stage_iteration_by_hand(theta, n0, max_iters, kappa, stale)
+        assert (bool(ok), int(its), bool(slow)) == want, (tol, theta, n0, max_iters, stale)
+        outcomes.add(want)
     assert {(False, 3, True), (True, 1, False), (True, 2, False), (True, 3, False)} <= outcomes
     assert {(True, 3, True), (True, 10, True)} <= outcomes and len(outcomes) == 12
 
