@@ -379,9 +379,9 @@ def test_batched_rows_across_a_jump_are_their_own_solves(method: str) -> None:
 
 
 def _stage_iteration_by_hand(
-    theta: float, n0: float, max_iters: int, kappa: float, stale: bool
+    ns: list[float], max_iters: int, kappa: float, stale: bool
 ) -> tuple[bool, int, bool]:
-    """The stage iteration's rules written out for corrections ``n0 theta^m`` (scaled norms):
+    """The stage iteration's rules written out for the corrections ``ns`` (scaled norms):
     the rate ``theta`` estimated from successive corrections (from the third on, the geometric
     mean of the last two ratios, as Hairer's RADAU5), ``eta = theta / (1 - theta)``; converged
     once ``eta n <= kappa`` (``eta = 1`` before a rate is known); abandoned from the third
@@ -393,7 +393,7 @@ def _stage_iteration_by_hand(
     prev = ratio = None
     eta, last = 1.0, 0.0
     for m in range(max_iters):
-        n = n0 * theta**m
+        n = ns[m]
         diverged = False
         if prev is not None:
             new = n / prev
@@ -418,7 +418,7 @@ def test_the_stage_iteration_stops_and_gives_up_by_its_rules() -> None:
     the rules written out by hand, with the threshold ``kappa`` the module documents: for
     tolerances 1e-13, 1e-6 and 1e-2, rates from 5e-4 to 1.5, first corrections from 1.1e-4 to
     1.7e5 tolerance units, 4, 7 and 10 iterations allowed, a fresh and a stale Jacobian (1,080
-    cases, which end converged after 1 to 10 corrections or abandoned after 3, slow or not)."""
+    cases), and corrections whose rate changes from one to the next."""
     from neuralode.solvers.esdirk import NewtonSettings, _Newton
 
     hg, eps = 0.5, torch.finfo(DTYPE).eps
@@ -445,11 +445,42 @@ def test_the_stage_iteration_stops_and_gives_up_by_its_rules() -> None:
         _, ok, its, slow = newton.solve(
             lambda t, z, lam=lam: lam * z, torch.tensor(0.0, dtype=DTYPE), base, start
         )
-        want = _stage_iteration_by_hand(theta, n0, max_iters, kappa, stale)
+        ns = [n0 * theta**m for m in range(max_iters)]
+        want = _stage_iteration_by_hand(ns, max_iters, kappa, stale)
         assert (bool(ok), int(its), bool(slow)) == want, (tol, theta, n0, max_iters, stale)
         outcomes.add(want)
-    assert {(False, 3, True), (True, 1, False), (True, 2, False), (True, 3, False)} <= outcomes
-    assert {(True, 3, True), (True, 10, True)} <= outcomes and len(outcomes) == 12
+    # Rates that change from one correction to the next (the estimate is the geometric mean of
+    # the last two ratios): each correction scaled by s_m, so z_{m+1} = (1 - s_m (1 - theta)) z_m.
+    scales = (1.0, 1.0, 0.2, 1.4, 0.3, 1.2, 0.5, 1.0, 1.0, 1.0)
+    for n0, theta in itertools.product((0.9, 3.1, 47.0, 510.0), (0.05, 0.3, 0.6)):
+        tol, max_iters, calls = 1e-6, 10, [0]
+
+        def scaled(r: torch.Tensor, *_: Any, calls: list[int] = calls) -> torch.Tensor:
+            calls[0] += 1
+            return r * scales[calls[0] - 1]
+
+        newton = _Newton(
+            NewtonSettings(max_iters=max_iters, rtol=tol, atol=tol), torch.ones(1, dtype=DTYPE),
+            hg, False,
+        )  # fmt: skip
+        newton.linear = scaled
+        z0 = n0 * 2 * tol / (1 - theta)  # a first correction of n0 units
+        lam = theta / hg
+        _, ok, its, slow = newton.solve(
+            lambda t, z, lam=lam: lam * z, torch.tensor(0.0, dtype=DTYPE),
+            torch.zeros(1, dtype=DTYPE), torch.full((1,), z0, dtype=DTYPE),
+        )  # fmt: skip
+        ns, z = [], z0
+        for s in scales:
+            ns.append(abs(s * (1 - theta) * z) / (2 * tol))
+            z *= 1 - s * (1 - theta)
+        kappa = min(0.03, math.sqrt(tol))
+        want = _stage_iteration_by_hand(ns, max_iters, kappa, False)
+        assert (bool(ok), int(its), bool(slow)) == want, (n0, theta)
+        outcomes.add(want)
+    # converged after 1 to 10 corrections (slow or not), abandoned after 3 to 5
+    assert {(True, m, False) for m in (1, 2, 3)} | {(True, m, True) for m in (3, 10)} <= outcomes
+    assert {(False, m, True) for m in (3, 4, 5)} <= outcomes and len(outcomes) == 14
 
 
 @pytest.mark.parametrize("method", ESDIRK)
