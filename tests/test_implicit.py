@@ -299,3 +299,22 @@ def test_a_row_that_fails_stops_where_its_own_solve_stops() -> None:
         torch.testing.assert_close(batch.evaluate(q)[i], single.evaluate(q[i]), equal_nan=True)
         assert batch.stats.nfe[i] == single.stats.nfe
     assert not torch.isnan(batch.evaluate(q)[0]).any() and torch.isnan(batch.evaluate(q)[1]).all()
+
+
+@pytest.mark.parametrize("name", ["gl4", "radauIIA5"])
+def test_batched_rows_take_the_iterations_they_take_alone(name: str) -> None:
+    """Each step starts its stages from the last step's increments per unit step, carried per
+    row (stage-major inside the step, batch-first between steps): on Van der Pol, a batch of
+    as many rows as stages (a layout mixed up between the two keeps its shape), over grids of
+    their own, takes each row's values, iterations, evaluations and Jacobians alone."""
+    solver = ImplicitRK(IMPLICIT_TABLEAUS[name])
+    rows = len(solver.c)
+    y0 = torch.tensor([[2.0, 0.0], [1.0, 0.5], [-1.5, 1.0]][:rows], dtype=F64)
+    T = torch.stack([torch.linspace(0.0, 1.0 + 0.3 * i, 13, dtype=F64) for i in range(rows)])
+    with torch.no_grad():
+        batch = neuralode.solve(_vdp(2.0), y0, T, batched=True, method=solver)
+        for i in range(rows):
+            one = neuralode.solve(_vdp(2.0), y0[i], T[i], method=solver)
+            torch.testing.assert_close(batch.ys[i], one.ys, rtol=1e-12, atol=1e-12)
+            for stat in ("n_newton", "nfe", "njev"):
+                assert int(getattr(batch.stats, stat)[i]) == int(getattr(one.stats, stat)), stat

@@ -151,9 +151,9 @@ class ImplicitRK(Solver):
             # The prediction: the last step's stage increments per unit step, times this step
             # (O(h^2) off on a smooth solution, where starting from zero is O(h) off).
             slope = state.slope if isinstance(state, _Carried) else None
-            w0 = None if slope is None else _rows_first(slope, batched, back=True) * h_y
+            w0 = None if slope is None else _swap_rows(slope, batched) * h_y
             w_star, ok, iters, njev, nlu, stale = newton.solve(J0, w0)
-            slope = _rows_first(w_star / _safe_h(h_y), batched)
+            slope = _swap_rows(w_star / _safe_h(h_y), batched)
         carried = _Carried(J0, stale | ~ok, slope)
         # f(t, y) where it was needed, r per iteration, one per refreshed Jacobian (its forward
         # pass).
@@ -254,12 +254,11 @@ class _Carried(NamedTuple):
     slope: torch.Tensor
 
 
-def _rows_first(w: torch.Tensor, batched: bool, back: bool = False) -> torch.Tensor:
+def _swap_rows(w: torch.Tensor, batched: bool) -> torch.Tensor:
     """Stage-major ``[r, batch, ...]`` as ``[batch, r, ...]`` (so that the loop's per-row merge
-    sees the batch first), or back; unbatched, unchanged."""
-    if not batched:
-        return w
-    return w.movedim(1, 0) if back else w.movedim(0, 1)
+    sees the batch first), and back (a swap of the first two dimensions is its own inverse);
+    unbatched, unchanged."""
+    return w.transpose(0, 1) if batched else w
 
 
 def _safe_h(h: torch.Tensor | float) -> torch.Tensor | float:
