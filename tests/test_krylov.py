@@ -23,6 +23,9 @@
 
 from __future__ import annotations
 
+import re
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -326,14 +329,24 @@ def test_transposed_solve_warns_when_it_does_not_converge() -> None:
     f, _, y0 = brusselator(25)
     z, t = torch.tensor(y0, dtype=DTYPE), torch.tensor(0.0, dtype=DTYPE)
     solve_t = KrylovTransposedSolve(f, t, z, 0.1, max_dim=1)
-    with pytest.warns(RuntimeWarning, match="did not converge"):
+    want = (
+        "the gradient's linear solve (I - h gamma J)^T u = v of an ESDIRK stage did not converge "
+        "in 21 GMRES iterations; the gradient is approximate (give "
+        "NewtonSettings.preconditioner_transposed, raise NewtonSettings.krylov_dim, or use "
+        "linear='dense')"
+    )
+    with pytest.warns(RuntimeWarning, match=f"^{re.escape(want)}$") as caught:
         solve_t(torch.ones_like(z))
+    assert len(caught) == 1 and caught[0].filename == __file__  # the caller's line
     exact = torch.linalg.solve(
         torch.eye(50, dtype=DTYPE)
         - 0.1 * torch.autograd.functional.jacobian(lambda y: f(t, y), z).T,
         torch.ones_like(z),
     )
-    torch.testing.assert_close(KrylovTransposedSolve(f, t, z, 0.1, 30)(torch.ones_like(z)), exact)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a solve that converges says nothing
+        got = KrylovTransposedSolve(f, t, z, 0.1, 30)(torch.ones_like(z))
+    torch.testing.assert_close(got, exact)
 
 
 # -- ESDIRK with GMRES -----------------------------------------------------------------------------
@@ -465,6 +478,47 @@ def test_batched_rows_keep_their_own_steps_with_gmres() -> None:
         one = neuralode.solve(brusselator(M, a)[0], y0, ts, **kw)
         torch.testing.assert_close(batch.ys[i], one.ys, rtol=1e-7, atol=1e-9)
         assert int(batch.stats.n_steps[i]) == int(one.stats.n_steps)
+        assert int(batch.stats.nfe[i]) == int(one.stats.nfe)
+
+
+def test_batched_rows_with_preconditioners_get_their_own_arguments() -> None:
+    """A batch's preconditioners (forward, and transposed for backprop's gradient) get each
+    call's stage time per row ``[batch]``, the stage iterate and the right-hand side shaped as
+    the batch's state, and hand back the batch; with the identity for
+    both, each row's values, counts and gradient are its solve alone (the same preconditioners
+    get a 0-dim time there)."""
+    M, ts = 6, torch.tensor([0.0, 0.2, 0.4], dtype=DTYPE)
+    alphas = (0.01, 0.05)
+    batch_f, _, y0_np = brusselator(M, torch.tensor(alphas, dtype=DTYPE).unsqueeze(1))  # type: ignore[arg-type]
+    seen: list[tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = []
+
+    def identity(name: str):  # type: ignore[no-untyped-def]
+        def solve(t, y, hg, r):  # type: ignore[no-untyped-def]
+            seen.append((name, tuple(t.shape), tuple(y.shape), tuple(r.shape)))
+            assert bool(torch.isfinite(y).all())
+            return r.clone()
+
+        return solve
+
+    settings = NewtonSettings(
+        preconditioner=identity("forward"), preconditioner_transposed=identity("transposed")
+    )
+    method = Esdirk(ESDIRK_TABLEAUS["kvaerno3"], settings)
+    kw = {"method": method, "rtol": 1e-7, "atol": 1e-9}
+    y0 = torch.tensor(y0_np, dtype=DTYPE).expand(2, -1).clone().requires_grad_()
+    batch = neuralode.solve(batch_f, y0, ts, batched=True, **kw)
+    (grad,) = torch.autograd.grad(batch.ys.square().sum(), y0)
+    assert {s[0] for s in seen} == {"forward", "transposed"}
+    assert {s[1:] for s in seen} == {((2,), (2, 2 * M), (2, 2 * M))}
+    for i, a in enumerate(alphas):
+        seen.clear()
+        yi = torch.tensor(y0_np, dtype=DTYPE, requires_grad=True)
+        one = neuralode.solve(brusselator(M, a)[0], yi, ts, **kw)
+        (grad_i,) = torch.autograd.grad(one.ys.square().sum(), yi)
+        assert {s[1:] for s in seen} == {((), (2 * M,), (2 * M,))}
+        assert one.stats.nfe.shape == ()
+        torch.testing.assert_close(batch.ys[i], one.ys, rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(grad[i], grad_i, rtol=1e-7, atol=1e-9)
         assert int(batch.stats.nfe[i]) == int(one.stats.nfe)
 
 
