@@ -318,3 +318,29 @@ def test_batched_rows_take_the_iterations_they_take_alone(name: str) -> None:
             torch.testing.assert_close(batch.ys[i], one.ys, rtol=1e-12, atol=1e-12)
             for stat in ("n_newton", "nfe", "njev"):
                 assert int(getattr(batch.stats, stat)[i]) == int(getattr(one.stats, stat)), stat
+
+
+def test_an_explicit_first_stage_of_a_tableau_not_stiffly_accurate() -> None:
+    """A user's tableau whose first stage is explicit and whose weights are not its last row
+    (``c = (0, 1/2)``, ``A = ((0, 0), (1/3, 1/6))``, ``b = (0, 1)``: order 2): the step works on
+    the stage increments, so ``f(t, y)``'s own part of the result (``e0``: zero for the
+    registered methods, whose two with an explicit first stage, ``trapezoid`` and ``trbdf2``,
+    are stiffly accurate) and of the stage (``A[:, 0]``) must both come in; the step is the one written out by hand, its stage solved by fixed point."""
+    tableau = ImplicitTableau(
+        "explicit_first", 2, (Fraction(0), Fraction(1, 2)),
+        ((Fraction(0), Fraction(0)), (Fraction(1, 3), Fraction(1, 6))), (Fraction(0), Fraction(1)),
+    )  # fmt: skip
+    solver = ImplicitRK(tableau)
+
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return -2 * y + torch.cos(t) * y**2
+
+    t, h, y = 0.2, 0.1, torch.tensor([0.7], dtype=F64)
+    k1, t_half = f(torch.tensor(t, dtype=F64), y), torch.tensor(t + h / 2, dtype=F64)
+    z = y.clone()
+    for _ in range(200):  # contraction h / 6 |df/dy|, about 0.03: converged long before
+        z = y + h * (k1 / 3 + f(t_half, z) / 6)
+    want = y + h * f(t_half, z)
+    with torch.no_grad():
+        res = solver.step(f, torch.tensor(t, dtype=F64), torch.tensor(h, dtype=F64), y, None)
+    torch.testing.assert_close(res.y1, want, rtol=1e-13, atol=1e-14)
