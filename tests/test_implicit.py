@@ -325,7 +325,8 @@ def test_an_explicit_first_stage_of_a_tableau_not_stiffly_accurate() -> None:
     (``c = (0, 1/2)``, ``A = ((0, 0), (1/3, 1/6))``, ``b = (0, 1)``: order 2): the step works on
     the stage increments, so ``f(t, y)``'s own part of the result (``e0``: zero for the
     registered methods, whose two with an explicit first stage, ``trapezoid`` and ``trbdf2``,
-    are stiffly accurate) and of the stage (``A[:, 0]``) must both come in; the step is the one written out by hand, its stage solved by fixed point."""
+    are stiffly accurate) and of the stage (``A[:, 0]``) must both come in; the step is the
+    one written out by hand, its stage solved by fixed point."""
     tableau = ImplicitTableau(
         "explicit_first", 2, (Fraction(0), Fraction(1, 2)),
         ((Fraction(0), Fraction(0)), (Fraction(1, 3), Fraction(1, 6))), (Fraction(0), Fraction(1)),
@@ -344,3 +345,44 @@ def test_an_explicit_first_stage_of_a_tableau_not_stiffly_accurate() -> None:
     with torch.no_grad():
         res = solver.step(f, torch.tensor(t, dtype=F64), torch.tensor(h, dtype=F64), y, None)
     torch.testing.assert_close(res.y1, want, rtol=1e-13, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["trapezoid", "radauIIA5", "gl4"])
+def test_built_now_float32_under_a_float64_default_and_every_evaluation_counted(
+    name: str,
+) -> None:
+    """An ``ImplicitRK`` built now holds what the registry's (built at import) holds; a float32
+    batch on float64 times under ``torch.set_default_dtype(torch.float64)`` is solved in
+    float32 (the iteration matrix's identity, the step sizes and the coefficients in the
+    state's dtype: float64 factors beside float32 stages are refused by ``lu_solve``); with
+    gradients enabled and outputs inside the steps, ``nfe`` is the field's calls."""
+    fresh, registered = ImplicitRK(IMPLICIT_TABLEAUS[name]), get_solver(name)
+    ignore = {"_cache", "A_rr", "a_col"}  # tensors, compared below
+    assert {k: v for k, v in vars(fresh).items() if k not in ignore} == {
+        k: v for k, v in vars(registered).items() if k not in ignore
+    }
+    for key in ("A_rr", "a_col"):
+        assert torch.equal(getattr(fresh, key), getattr(registered, key)), key
+    T = torch.tensor([[0.0, 0.35, 1.0], [0.0, 0.55, 1.3]], dtype=F64)
+    y0 = torch.tensor([[2.0, 0.0], [1.0, 0.5]], dtype=F64)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with torch.no_grad():
+            sol = neuralode.solve(_vdp(2.0), y0.float(), T, method=fresh, step_size=0.1)
+    finally:
+        torch.set_default_dtype(before)
+    assert sol.ys.dtype == torch.float32 and bool((sol.status == 0).all())
+    ref = neuralode.solve(_vdp(2.0), y0, T, method=fresh, step_size=0.1)
+    torch.testing.assert_close(sol.ys.double(), ref.ys, rtol=1e-4, atol=1e-5)
+    calls = 0
+
+    def counted(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        return _vdp(2.0)(t, y)
+
+    y = y0[0].clone().requires_grad_()
+    one = neuralode.solve(counted, y, T[0], method=fresh, step_size=0.1)
+    assert int(one.stats.nfe) == calls
+    torch.autograd.grad(one.ys.sum(), y)
