@@ -363,6 +363,9 @@ def test_built_now_float32_under_a_float64_default_and_every_evaluation_counted(
     }
     for key in ("A_rr", "a_col"):
         assert torch.equal(getattr(fresh, key), getattr(registered, key)), key
+    # the signature's default iterations; the interpolant, cubic Hermite, caps the dense order
+    assert fresh.max_iters == 50
+    assert fresh.dense_order == min(3, IMPLICIT_TABLEAUS[name].order)
     T = torch.tensor([[0.0, 0.35, 1.0], [0.0, 0.55, 1.3]], dtype=F64)
     y0 = torch.tensor([[2.0, 0.0], [1.0, 0.5]], dtype=F64)
     before = torch.get_default_dtype()
