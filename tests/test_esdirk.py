@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 import torch
+from stiff_problems import van_der_pol
 from trees import Tree, assert_sharp_orders, residuals
 
 import neuralode
@@ -490,9 +491,7 @@ def test_a_step_alone_solves_its_stages_to_round_off(method: str) -> None:
     step whose stage equations are solved by full Newton to the last bit (measured: 2.7e-15
     ``kvaerno3``, 1.3e-15 ``kvaerno5``, Van der Pol at mu = 5, h = 0.05 and 0.2)."""
 
-    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return torch.stack([y[..., 1], 5 * (1 - y[..., 0] ** 2) * y[..., 1] - y[..., 0]], -1)
-
+    f = van_der_pol(5.0)
     tableau = ESDIRK_TABLEAUS[method]
     A, b, c = ([[float(x) for x in row] for row in tableau.A], [float(x) for x in tableau.b],
                [float(x) for x in tableau.c])  # fmt: skip

@@ -14,6 +14,7 @@ from fractions import Fraction
 
 import pytest
 import torch
+from conftest import default_dtype
 
 import neuralode
 from neuralode.solvers import get_solver
@@ -368,13 +369,8 @@ def test_built_now_float32_under_a_float64_default_and_every_evaluation_counted(
     assert fresh.dense_order == min(3, IMPLICIT_TABLEAUS[name].order)
     T = torch.tensor([[0.0, 0.35, 1.0], [0.0, 0.55, 1.3]], dtype=F64)
     y0 = torch.tensor([[2.0, 0.0], [1.0, 0.5]], dtype=F64)
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        with torch.no_grad():
-            sol = neuralode.solve(_vdp(2.0), y0.float(), T, method=fresh, step_size=0.1)
-    finally:
-        torch.set_default_dtype(before)
+    with default_dtype(torch.float64), torch.no_grad():
+        sol = neuralode.solve(_vdp(2.0), y0.float(), T, method=fresh, step_size=0.1)
     assert sol.ys.dtype == torch.float32 and bool((sol.status == 0).all())
     ref = neuralode.solve(_vdp(2.0), y0, T, method=fresh, step_size=0.1)
     torch.testing.assert_close(sol.ys.double(), ref.ys, rtol=1e-4, atol=1e-5)

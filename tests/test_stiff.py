@@ -32,6 +32,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
+from conftest import default_dtype
 from fields import opaque
 from stiff_problems import K_ROBERTSON, PROBLEMS, robertson, van_der_pol
 from trees import Tree, assert_sharp_orders, residuals
@@ -162,12 +163,8 @@ def test_a_float32_state_under_a_float64_default_dtype(method: str) -> None:
     stages)."""
     t = torch.tensor([0.0, 1.0, 10.0], dtype=DTYPE)
     y0 = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float32)
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
+    with default_dtype(torch.float64):
         sol = neuralode.solve(robertson(), y0, t, method=method, rtol=1e-4, atol=1e-7)
-    finally:
-        torch.set_default_dtype(before)
     assert sol.ys.dtype == torch.float32 and sol.success
 
 
