@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import math
+import types
 
 import pytest
 import torch
@@ -93,12 +94,20 @@ def test_a_tight_tolerance_switches_early() -> None:
     """At rtol 1e-8 on Robertson the two-stage estimate said 0.3-0.8 of tsit5's stability limit
     where ``h |lambda|`` was about 0.95 of it: the switch came after 2,639 explicit steps (t =
     3.6).  A Jacobian probe (spectral radius by power iteration) when the estimate passes 0.3
-    switches at step 75 (t = 0.053): 302 steps in all."""
+    switches at step 75 (t = 0.053): 302 steps in all.  Every evaluation is counted, the
+    probes' included (933 here, 62 Jacobians for 59 factorisations)."""
     from stiff_problems import robertson
 
     y0 = torch.tensor([1.0, 0.0, 0.0], dtype=DTYPE)
     ts = torch.tensor([0.0, 0.4, 4.0, 40.0], dtype=DTYPE)
-    sol = neuralode.solve(robertson(), y0, ts, method="auto", rtol=1e-8, atol=1e-12)
+    calls, field = [0], robertson()
+
+    def counted(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        return field(t, y)
+
+    sol = neuralode.solve(counted, y0, ts, method="auto", rtol=1e-8, atol=1e-12)
+    assert int(sol.stats.nfe) == calls[0]
     rodas = neuralode.solve(robertson(), y0, ts, method="rodas5p", rtol=1e-8, atol=1e-12)
     print(f"auto {int(sol.stats.n_steps)} steps, rodas5p {int(rodas.stats.n_steps)}")
     assert int(sol.stats.n_steps) < 2 * int(rodas.stats.n_steps)
@@ -231,3 +240,165 @@ def test_bad_compositions_are_refused() -> None:
     )  # fmt: skip
     assert 0 < int(sol.stats.nlu) < int(sol.stats.n_steps)
     assert float(sol.ys[-1, 0]) == pytest.approx(math.cos(5.0), abs=1e-3)
+
+
+# -- the switching rules, step by step -------------------------------------------------------------
+class _Rules:
+    """The module docstring's switching rules written out for one row, as a history of the row's
+    accepted steps since its last switch (not the solver's counters).  A step's ratio is
+    ``h rho / S``: on an explicit step ``rho`` is the two-stage estimate, on a stiff step and
+    in a probe the field's largest rate.  A verdict is the largest ratio of the last ``window``
+    steps (explicit) or this step's (stiff) against ``tol``.  A row turns stiff after
+    ``stiff_steps`` stiff verdicts with no run of ``calm_reset`` non-stiff ones between them, or
+    when a probe's ratio passes ``tol``; a probe is due on an explicit step when ``probe_every``
+    steps passed since the last probe (or the switch) and one of the last ``window`` ratios
+    passed ``probe_level``.  A row turns explicit after more than ``max_nonstiff_steps``
+    consecutive non-stiff verdicts."""
+
+    def __init__(self, p: dict) -> None:
+        self.p, self.stiff, self.history, self.last_probe = p, False, [], -1
+
+    def due(self) -> bool:
+        p, hist = self.p, self.history
+        since = len(hist) - self.last_probe - 1
+        recent = [r for r, _ in hist[-p["window"] :]]
+        return (
+            not self.stiff
+            and since >= p["probe_every"]
+            and max(recent, default=0) > p["probe_level"]
+        )
+
+    def accept(self, stage_ratio: float, largest_ratio: float) -> None:
+        p, hist = self.p, self.history
+        due = self.due()
+        if self.stiff:
+            ratio = largest_ratio
+            verdict = ratio > p["tol"]
+        else:
+            ratio = stage_ratio
+            verdict = max(([r for r, _ in hist] + [ratio])[-p["window"] :]) > p["tol"]
+        hist.append((ratio, verdict))
+        if due:
+            self.last_probe = len(hist) - 1
+        calm_run = 0  # the current run of non-stiff verdicts
+        counted = 0  # stiff verdicts since the last run of calm_reset non-stiff ones
+        for _, v in hist:
+            calm_run = 0 if v else calm_run + 1
+            counted = 0 if calm_run >= p["calm_reset"] else counted + v
+        if self.stiff:
+            switch = calm_run > p["max_nonstiff_steps"]
+        else:
+            switch = counted >= p["stiff_steps"] or (due and largest_ratio > p["tol"])
+        if switch:
+            self.stiff, self.history, self.last_probe = not self.stiff, [], -1
+
+
+_RULE_SETS = [
+    dict(stiff_steps=15, calm_reset=6, window=6, probe_every=10, probe_level=0.3,
+         max_nonstiff_steps=3, tol=0.9),
+    dict(stiff_steps=3, calm_reset=2, window=2, probe_every=3, probe_level=0.6,
+         max_nonstiff_steps=1, tol=0.8),
+    dict(stiff_steps=4, calm_reset=3, window=1, probe_every=2, probe_level=0.45,
+         max_nonstiff_steps=0, tol=0.75),
+    dict(stiff_steps=1, calm_reset=1, window=3, probe_every=1, probe_level=2.0,
+         max_nonstiff_steps=2, tol=0.65),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("rules", range(len(_RULE_SETS)))
+def test_switching_follows_its_rules_step_by_step(rules: int) -> None:
+    """``y' = -diag(c lam, lam) y`` from ``y = (0, 1)``: the fast component stays 0, so the
+    two-stage estimate is ``lam`` and ``|J|_inf`` and the probe's spectral radius are ``c lam``
+    (to round-off; power iteration to 1e-6 at ``c = 2.2``), and a step of ``h = q S / lam`` has
+    the stage ratio ``q`` and the largest ratio ``c q``.  Four rows of a batch (``c`` = 1 or
+    2.2, where a probe sees more than the stages) draw their ratios (kept away from the
+    thresholds) in runs and their rejections at random for 80 attempts; each attempt's modes
+    and Jacobians (a stiff step's and the probes') must be the rules' (:class:`_Rules`), each
+    probe costs one evaluation, and every row's work is its work alone (the same attempts
+    driven on the row by itself)."""
+    p = _RULE_SETS[rules]
+    g = torch.Generator().manual_seed(rules)
+    qs = torch.tensor([0.05, 0.25, 0.4, 0.55, 0.7, 0.85, 0.95, 1.05], dtype=DTYPE)
+    lam = torch.tensor([3.0, 40.0, 500.0, 7e3], dtype=DTYPE)
+    c = torch.tensor([1.0, 2.2, 1.0, 2.2], dtype=DTYPE)
+    rates = torch.stack([c * lam, lam], -1)  # [row, component]
+    n_rows, n_attempts = 4, 80
+    q = torch.empty(n_attempts, n_rows, dtype=DTYPE)  # each row keeps a ratio 1-6 attempts
+    for i in range(n_rows):
+        k = 0
+        while k < n_attempts:
+            run = int(torch.randint(1, 7, (), generator=g))
+            q[k : k + run, i] = qs[int(torch.randint(len(qs), (), generator=g))]
+            k += run
+    accept = torch.rand(n_attempts, n_rows, generator=g) > 0.2
+    solver = AutoSwitch(get_solver("tsit5"), get_solver("rodas5p"), **p)
+    # rodas5p's work on a fresh step and on a retry from a rejected step's linearisation
+    rodas, one = get_solver("rodas5p"), torch.ones(1, dtype=DTYPE)
+    first = rodas.step(lambda t, y: -y, 0.0, 0.1, one, rodas.init(lambda t, y: -y, 0.0, one, None))
+    rodas_nfe = int(first.nfe)
+    rodas_retry_nfe = int(rodas.step(lambda t, y: -y, 0.0, 0.05, one, first.retry_state).nfe)
+
+    def drive(rate: torch.Tensor, t: torch.Tensor, rows: slice) -> list[list[list[int]]]:
+        def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return -rate * y
+
+        y = torch.tensor([0.0, 1.0], dtype=DTYPE).expand(*t.shape, 2)
+        state = solver.init(f, t, y, None)
+        seen: list[list[list[int]]] = [[], [], []]  # modes, Jacobians, evaluations per attempt
+        for k in range(n_attempts):
+            h = (q[k, rows] * solver.limit / lam[rows]).reshape(t.shape)
+            res = solver.step(f, t, h, y, state)
+            for out, v in zip(seen, (state.stiff, res.njev, res.nfe)):
+                out.append(torch.as_tensor(v).expand(t.shape).reshape(-1).tolist())
+            acc = accept[k, rows].reshape(t.shape)
+            kept = state if res.retry_state is None else res.retry_state
+            state = solver.merge(acc, res.state, kept)
+            y = torch.where(acc.unsqueeze(-1), res.y1, y)
+            t = torch.where(acc, t + h, t)
+        return seen
+
+    batch = drive(rates, torch.zeros(n_rows, dtype=DTYPE), slice(None))
+    for i in range(n_rows):
+        alone = drive(rates[i], torch.zeros((), dtype=DTYPE), slice(i, i + 1))
+        rules_i, switched, retry = _Rules(p), 0, False
+        for k in range(n_attempts):
+            stiff, due = rules_i.stiff, rules_i.due()
+            assert batch[0][k][i] == alone[0][k][0] == stiff, (i, k)
+            # A stiff step takes a Jacobian but where it retries a rejected stiff step from the
+            # same start (rodas5p keeps the rejected step's linearisation).
+            fresh_jacobian = stiff and not retry
+            assert batch[1][k][i] == alone[1][k][0] == int(fresh_jacobian or due), (i, k)
+            assert batch[2][k][i] == alone[2][k][0], (i, k)
+            if stiff:
+                assert batch[2][k][i] == (rodas_nfe if fresh_jacobian else rodas_retry_nfe)
+            else:  # tsit5: 6 evaluations, 7 where f(t, y) is not known yet; +1 for a probe
+                assert batch[2][k][i] - due in (6, 7), (i, k)
+            retry = stiff and not bool(accept[k, i])
+            if bool(accept[k, i]):
+                before = rules_i.stiff
+                rules_i.accept(float(q[k, i]), float(c[i] * q[k, i]))
+                switched += rules_i.stiff != before
+        assert switched >= 2, (i, switched)  # each row switched both ways
+
+
+def test_a_pair_reports_its_weaker_part_and_keeps_its_rules_when_configured() -> None:
+    """``dopri5`` with ``kvaerno5``: order 5 (both), error order 4, dense output order 3
+    (kvaerno5's interpolant, behind its steps), landing on outputs per row (its stiff steps).
+    The solve configures kvaerno5's Newton iteration with its tolerances (a new pair): every
+    rule and the name carry over; with fixed steps (no controller) the pair is itself."""
+    rules = dict(stiff_steps=3, calm_reset=2, window=4, probe_every=5, probe_level=0.5,
+                 max_nonstiff_steps=1, tol=0.7)  # fmt: skip
+    pair = AutoSwitch(get_solver("dopri5"), get_solver("kvaerno5"), name="mine", **rules)
+    got = (pair.order, pair.error_order, pair.dense_order, pair.lands_on_outputs)
+    assert got == (5, 4, 3, True)
+    assert pair.lands_per_row and pair.uses_jacobian and pair.name == "mine"
+    auto = get_solver("auto")
+    assert (auto.order, auto.error_order, auto.dense_order, auto.name) == (5, 4, 4, "auto")
+    assert pair.configured(None) is pair
+    controller = types.SimpleNamespace(rtol=1e-5, atol=1e-7, norm=None, dims=None)
+    solve_pair = pair.configured(controller)
+    assert isinstance(solve_pair, AutoSwitch) and solve_pair is not pair
+    assert solve_pair.stiff.settings.rtol == 1e-5 and solve_pair.stiff.settings.atol == 1e-7
+    assert solve_pair.explicit is pair.explicit and solve_pair.name == "mine"
+    assert {k: getattr(solve_pair, k) for k in rules} == rules
+    assert solve_pair.limit == pair.limit == pytest.approx(3.3066, abs=1e-4)
