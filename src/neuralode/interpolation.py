@@ -71,6 +71,16 @@ class DenseRecord(NamedTuple):
     P: torch.Tensor
 
 
+def _pad_dim(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """``x`` with zeros appended along ``dim`` up to ``size``."""
+    missing = size - x.shape[dim]
+    if missing == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x, x.new_zeros(shape)], dim=dim)
+
+
 def recorded_evaluator(
     records: list[DenseRecord], y0: torch.Tensor, batched: bool
 ) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -84,6 +94,24 @@ def recorded_evaluator(
             else y0.expand((sq.shape[0],) + y0.shape)  # sq: [M]
         )
     P = records[0].P
+    # A solver whose steps differ in their interpolants (method="auto": the explicit method's,
+    # the stiff one's, or both side by side in a step where rows differ) gives each record its
+    # own coefficients: every record is padded to the most vectors and the highest degree
+    # (zero vectors, zero coefficients: the same polynomial), and each query uses its step's.
+    shared = all(r.P.shape == P.shape and torch.equal(r.P, P) for r in records[1:])
+    Ps: torch.Tensor | None = None
+    if not shared:
+        n_k = max(r.P.shape[0] for r in records)
+        degree = max(r.P.shape[1] for r in records)
+        k_dim = 1 if batched else 0
+        records = [
+            r._replace(
+                K=_pad_dim(r.K, k_dim, n_k),
+                P=torch.nn.functional.pad(r.P, (0, degree - r.P.shape[1], 0, n_k - r.P.shape[0])),
+            )
+            for r in records
+        ]
+        Ps = torch.stack([r.P for r in records])  # [n, n_k, degree]
     ts = torch.stack([r.t for r in records])  # [n, *rows]
     hs = torch.stack([r.h for r in records])
     ys = torch.stack([r.y0 for r in records])  # [n, *state]
@@ -103,7 +131,12 @@ def recorded_evaluator(
         b = torch.arange(i.shape[0], device=i.device).unsqueeze(1)
         tt, hh, yy, KK = ts[i, b], hs[i, b], ys[i, b], Ks[i, b]  # [B, M, ...]
         theta = ((sqb - tt) / hh.clamp(min=1e-300)).clamp(0, 1)
-        w = weights(theta, P, dtype)  # [B, M, n_k]
+        if Ps is None:
+            w = weights(theta, P, dtype)  # [B, M, n_k]
+        else:  # each query's own step's coefficients, in float64 as `weights`
+            PP = Ps[i]  # [B, M, n_k, degree]
+            powers = theta.to(torch.float64).unsqueeze(-1).pow(_powers(PP.shape[-1], PP.device))
+            w = (PP @ powers.unsqueeze(-1)).squeeze(-1).to(dtype)
         dy = (w.unsqueeze(2) @ KK.flatten(3)).view(yy.shape)  # [B, M, 1, n_k] @ [B, M, n_k, N]
         out = yy + per_row(hh.to(dtype), yy.ndim) * dy
         # At a step's start return its state itself: a non-finite slope there (the field may
