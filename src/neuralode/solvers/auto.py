@@ -116,7 +116,8 @@ def stability_limit(solver: ExplicitRK) -> float:
 
 
 def spectral_radius(J: torch.Tensor, iters: int = 24) -> torch.Tensor:
-    """The largest eigenvalue magnitude of each ``[..., N, N]`` matrix, by power iteration: the
+    """The largest eigenvalue magnitude of each ``[..., N, N]`` matrix, by power iteration from
+    ``v_k = 1 + sin(k) / 2`` (no symmetry of ``J`` makes it orthogonal to an eigenvector): the
     geometric mean of the iterates' growth over the last two thirds of ``iters`` (a complex
     pair's iterates rotate, and their growth per step swings; its mean does not).  Unlike
     ``|J|_inf`` it does not grow with a badly scaled state: ``[[0, 1], [-100, 0]]`` has
