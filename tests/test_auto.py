@@ -569,3 +569,7 @@ def test_a_dense_solution_over_both_methods_steps() -> None:
     for i in range(2):
         one = neuralode.solve(_relaxing(lam[i]), y0[i], ts, **kw)
         torch.testing.assert_close(one.evaluate(q)[:, 0], got[i], rtol=1e-7, atol=1e-9)
+    # a float32 state: the per-step weights (formed in float64) applied in float32
+    single = neuralode.solve(_relaxing(lam.float()), y0.float(), ts, batched=True, **kw)
+    assert single.evaluate(q).dtype == torch.float32
+    torch.testing.assert_close(single.evaluate(q)[..., 0].double(), got, rtol=1e-4, atol=1e-5)

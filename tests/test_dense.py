@@ -365,3 +365,43 @@ def test_dense_output_past_a_failure_is_nan(batched):
         got, ref = got[0], ref[0]
     torch.testing.assert_close(got[:2], ref[:2], rtol=1e-12, atol=1e-14)
     assert torch.isnan(got[2]).all()
+
+
+class _SwitchingInterpolant(neuralode.solvers.Solver):
+    """Explicit Euler on a fixed grid whose second step writes its (linear) interpolant in
+    another layout, ``ks = [0, k]`` with ``P = [[0], [1]]`` instead of ``[k, 0]`` with
+    ``[[1], [0]]``: the same shape, other coefficients, as a solver that switches methods
+    (``method="auto"``) writes its steps' interpolants."""
+
+    name, order, dense_order = "switching_euler", 1, 1
+
+    def init(self, f, t, y, f0):  # type: ignore[no-untyped-def]
+        return 0
+
+    def step(self, f, t, h, y, state, times=None):  # type: ignore[no-untyped-def]
+        k = f(torch.as_tensor(t, dtype=y.dtype), y)
+        res = neuralode.solvers.StepResult(y + h * k, None, (k, state), state + 1, 1)
+        return res
+
+    def dense(self, f, t, h, y, result):  # type: ignore[no-untyped-def]
+        k, index = result.dense_info
+        ks, P = [k, torch.zeros_like(k)], [[1.0], [0.0]]
+        if index == 1:
+            ks, P = ks[::-1], P[::-1]
+        return neuralode.solvers.DenseStep(y, h, ks, torch.tensor(P, dtype=DTYPE)), 0, None
+
+
+def test_each_step_is_evaluated_with_its_own_coefficients() -> None:
+    """Steps whose interpolants have the same shape but other coefficients: each query uses its
+    own step's (Euler's steps are straight lines between the grid's states)."""
+    ts = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=DTYPE)
+    f = lambda t, y: -2.0 * y + t  # noqa: E731
+    sol = neuralode.solve(
+        f, torch.tensor([1.0], dtype=DTYPE), ts, method=_SwitchingInterpolant(), step_size=0.25,
+        dense=True,
+    )  # fmt: skip
+    q = torch.tensor([0.1, 0.3, 0.4, 0.6, 0.9], dtype=DTYPE)
+    i = (q / 0.25).floor().long()
+    theta = (q - ts[i]) / 0.25
+    want = sol.ys[i, 0] + theta * (sol.ys[i + 1, 0] - sol.ys[i, 0])
+    torch.testing.assert_close(sol.evaluate(q)[:, 0], want, rtol=1e-14, atol=1e-14)

@@ -135,7 +135,7 @@ def recorded_evaluator(
             w = weights(theta, P, dtype)  # [B, M, n_k]
         else:  # each query's own step's coefficients, in float64 as `weights`
             PP = Ps[i]  # [B, M, n_k, degree]
-            powers = theta.to(torch.float64).unsqueeze(-1).pow(_powers(PP.shape[-1], PP.device))
+            powers = theta.unsqueeze(-1).pow(_powers(PP.shape[-1], PP.device))
             w = (PP @ powers.unsqueeze(-1)).squeeze(-1).to(dtype)
         dy = (w.unsqueeze(2) @ KK.flatten(3)).view(yy.shape)  # [B, M, 1, n_k] @ [B, M, n_k, N]
         out = yy + per_row(hh.to(dtype), yy.ndim) * dy
