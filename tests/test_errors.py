@@ -169,6 +169,17 @@ def test_func_nan_mid_solve_adaptive(method: str) -> None:
     assert torch.isnan(sol.ys[2]).all()
 
 
+def test_a_failed_solve_of_a_wide_state_keeps_every_output_row() -> None:
+    """A state of more components (8) than output times (3), unbatched: the outputs after the
+    failure are rows of NaN, and there are still 3 of them."""
+    y0 = torch.ones(8, dtype=F64)
+    t = torch.tensor([0.0, 0.3, 1.0], dtype=F64)
+    sol = neuralode.solve(nan_from_half, y0, t, throw=False)
+    assert sol.ys.shape == (3, 8) and int(sol.status) == Status.NONFINITE
+    torch.testing.assert_close(sol.ys[1], torch.exp(-t[1]).expand(8), rtol=1e-5, atol=1e-7)
+    assert torch.isnan(sol.ys[2]).all()
+
+
 @pytest.mark.parametrize("method", FIXED)
 def test_func_nan_mid_solve_fixed(method: str) -> None:
     # Fixed-step methods have no error estimate; the NaN is caught in the outputs and reported
