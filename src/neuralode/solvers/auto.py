@@ -117,9 +117,10 @@ def stability_limit(solver: ExplicitRK) -> float:
 
 def spectral_radius(J: torch.Tensor, iters: int = 24) -> torch.Tensor:
     """The largest eigenvalue magnitude of each ``[..., N, N]`` matrix, by power iteration from
-    ``v_k = 1 + sin(k) / 2`` (no symmetry of ``J`` makes it orthogonal to an eigenvector): the
-    geometric mean of the iterates' growth over the last two thirds of ``iters`` (a complex
-    pair's iterates rotate, and their growth per step swings; its mean does not).  Unlike
+    ``v_k = 1 + sin(k) / 2`` (not symmetric: a constant start is orthogonal to every
+    antisymmetric eigenvector, as a discretised field's often are): the geometric mean of the
+    iterates' growth over the last two thirds of ``iters`` (a complex pair's iterates rotate,
+    and their growth per step swings; its mean does not).  Unlike
     ``|J|_inf`` it does not grow with a badly scaled state: ``[[0, 1], [-100, 0]]`` has
     ``|J|_inf = 100`` and spectral radius 10."""
     N = J.shape[-1]
