@@ -368,37 +368,55 @@ def test_dense_output_past_a_failure_is_nan(batched):
 
 
 class _SwitchingInterpolant(neuralode.solvers.Solver):
-    """Explicit Euler on a fixed grid whose second step writes its (linear) interpolant in
-    another layout, ``ks = [0, k]`` with ``P = [[0], [1]]`` instead of ``[k, 0]`` with
-    ``[[1], [0]]``: the same shape, other coefficients, as a solver that switches methods
-    (``method="auto"``) writes its steps' interpolants."""
+    """Explicit Euler on a fixed grid whose steps write their (linear) interpolant in one of
+    two layouts, as a solver that switches methods (``method="auto"``) writes its steps'
+    interpolants: ``ks = [k, 0]`` with ``P = [[1], [0]]``, or on the steps in ``other`` a
+    second layout, ``[0, k]`` with ``[[0], [1]]`` (``"reordered"``: the same shape, other
+    coefficients) or ``[k, 0, 0]`` with ``[[1], [0], [0]]`` (``"wider"``).  Each layout's
+    coefficients are one tensor, kept as a solver keeps its constants."""
 
     name, order, dense_order = "switching_euler", 1, 1
+    _P = torch.tensor([[1.0], [0.0]], dtype=DTYPE)
+    _OTHER = {
+        "reordered": torch.tensor([[0.0], [1.0]], dtype=DTYPE),
+        "wider": torch.tensor([[1.0], [0.0], [0.0]], dtype=DTYPE),
+    }
+
+    def __init__(self, layout: str, other: tuple[int, ...]) -> None:
+        self.layout, self.other = layout, other
 
     def init(self, f, t, y, f0):  # type: ignore[no-untyped-def]
         return 0
 
     def step(self, f, t, h, y, state, times=None):  # type: ignore[no-untyped-def]
         k = f(torch.as_tensor(t, dtype=y.dtype), y)
-        res = neuralode.solvers.StepResult(y + h * k, None, (k, state), state + 1, 1)
-        return res
+        return neuralode.solvers.StepResult(y + h * k, None, (k, state), state + 1, 1)
 
     def dense(self, f, t, h, y, result):  # type: ignore[no-untyped-def]
         k, index = result.dense_info
-        ks, P = [k, torch.zeros_like(k)], [[1.0], [0.0]]
-        if index == 1:
-            ks, P = ks[::-1], P[::-1]
-        return neuralode.solvers.DenseStep(y, h, ks, torch.tensor(P, dtype=DTYPE)), 0, None
+        zero = torch.zeros_like(k)
+        if index not in self.other:
+            ks, P = [k, zero], self._P
+        elif self.layout == "reordered":
+            ks, P = [zero, k], self._OTHER["reordered"]
+        else:
+            ks, P = [k, zero, zero], self._OTHER["wider"]
+        return neuralode.solvers.DenseStep(y, h, ks, P), 0, None
 
 
-def test_each_step_is_evaluated_with_its_own_coefficients() -> None:
-    """Steps whose interpolants have the same shape but other coefficients: each query uses its
-    own step's (Euler's steps are straight lines between the grid's states)."""
+@pytest.mark.parametrize("layout", ["reordered", "wider"])
+@pytest.mark.parametrize("other", [(1,), (0,), (1, 3)])
+def test_each_step_is_evaluated_with_its_own_coefficients(
+    layout: str, other: tuple[int, ...]
+) -> None:
+    """Steps whose interpolants differ (in their coefficients, or in their number of vectors),
+    the other layout on the second step only, the first only, or two: each query uses its own
+    step's (Euler's steps are straight lines between the grid's states)."""
     ts = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=DTYPE)
     f = lambda t, y: -2.0 * y + t  # noqa: E731
     sol = neuralode.solve(
-        f, torch.tensor([1.0], dtype=DTYPE), ts, method=_SwitchingInterpolant(), step_size=0.25,
-        dense=True,
+        f, torch.tensor([1.0], dtype=DTYPE), ts, method=_SwitchingInterpolant(layout, other),
+        step_size=0.25, dense=True,
     )  # fmt: skip
     q = torch.tensor([0.1, 0.3, 0.4, 0.6, 0.9], dtype=DTYPE)
     i = (q / 0.25).floor().long()
