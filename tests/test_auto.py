@@ -526,19 +526,11 @@ def test_an_implicit_partner_counts_its_iterations_and_keeps_its_jacobian() -> N
     assert batch.stats.n_newton.dtype == batch.stats.njev.dtype == torch.int64
 
 
-def test_an_implicit_partners_newton_failure_rejects_the_step(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+@pytest.mark.usefixtures("newton_never_converges")
+def test_an_implicit_partners_newton_failure_rejects_the_step() -> None:
     """kvaerno5's iterations made never to converge: every stiff step reports its failure and is
     rejected, so the stiff row ends in ``NEWTON_FAILED`` (alone, and in a batch whose other row
     stays explicit and finishes), never accepting an unconverged step."""
-    from neuralode.solvers import esdirk
-
-    def never(self, f, t, base, z):  # type: ignore[no-untyped-def]
-        rows = torch.zeros(self.rows, dtype=torch.bool)
-        return z, rows, rows.long() + 1, rows
-
-    monkeypatch.setattr(esdirk._Newton, "solve", never)
     lam = torch.tensor([[1.0], [1e4]], dtype=DTYPE)
     failed, done = int(neuralode.Status.NEWTON_FAILED), int(neuralode.Status.SUCCESS)
     assert _pair_run(lam, True).status.tolist() == [done, failed]

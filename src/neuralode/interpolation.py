@@ -33,10 +33,14 @@ def _powers(degree: int, device: torch.device) -> torch.Tensor:
 
 
 def weights(theta: torch.Tensor, P: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``B_j(theta)`` for every ``j``: ``theta`` ``[...]`` -> ``[..., len(P)]`` in ``dtype``,
-    computed in float64."""
+    """``B_j(theta)`` for every ``j``: ``theta`` ``[...]`` -> ``[..., n_k]`` in ``dtype``,
+    computed in float64; ``P`` is one step's ``[n_k, degree]``, or ``[..., n_k, degree]``, each
+    ``theta``'s own step's."""
     th = theta.unsqueeze(-1)  # a float32 theta is promoted by the float64 powers, exactly
-    return (th.pow(_powers(P.shape[1], P.device)) @ P.T).to(dtype)
+    powers = th.pow(_powers(P.shape[-1], P.device))
+    if P.ndim == 2:
+        return (powers @ P.T).to(dtype)
+    return (P @ powers.unsqueeze(-1)).squeeze(-1).to(dtype)
 
 
 def evaluate(step: DenseStep, theta: torch.Tensor, batched: bool) -> torch.Tensor:
@@ -71,16 +75,6 @@ class DenseRecord(NamedTuple):
     P: torch.Tensor
 
 
-def _pad_dim(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
-    """``x`` with zeros appended along ``dim`` up to ``size``."""
-    missing = size - x.shape[dim]
-    if missing == 0:
-        return x
-    shape = list(x.shape)
-    shape[dim] = missing
-    return torch.cat([x, x.new_zeros(shape)], dim=dim)
-
-
 def recorded_evaluator(
     records: list[DenseRecord], y0: torch.Tensor, batched: bool
 ) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -106,11 +100,11 @@ def recorded_evaluator(
     if not shared:
         n_k = max(r.P.shape[0] for r in records)
         degree = max(r.P.shape[1] for r in records)
-        k_dim = 1 if batched else 0
+        pad = torch.nn.functional.pad
         records = [
-            r._replace(
-                K=_pad_dim(r.K, k_dim, n_k),
-                P=torch.nn.functional.pad(r.P, (0, degree - r.P.shape[1], 0, n_k - r.P.shape[0])),
+            r._replace(  # K: [(B,) n_k, *features], padded along n_k
+                K=pad(r.K, (0, 0) * (r.K.ndim - batched - 1) + (0, n_k - r.P.shape[0])),
+                P=pad(r.P, (0, degree - r.P.shape[1], 0, n_k - r.P.shape[0])),
             )
             for r in records
         ]
@@ -134,12 +128,7 @@ def recorded_evaluator(
         b = torch.arange(i.shape[0], device=i.device).unsqueeze(1)
         tt, hh, yy, KK = ts[i, b], hs[i, b], ys[i, b], Ks[i, b]  # [B, M, ...]
         theta = ((sqb - tt) / hh.clamp(min=1e-300)).clamp(0, 1)
-        if Ps is None:
-            w = weights(theta, P, dtype)  # [B, M, n_k]
-        else:  # each query's own step's coefficients, in float64 as `weights`
-            PP = Ps[i]  # [B, M, n_k, degree]
-            powers = theta.unsqueeze(-1).pow(_powers(PP.shape[-1], PP.device))
-            w = (PP @ powers.unsqueeze(-1)).squeeze(-1).to(dtype)
+        w = weights(theta, P if Ps is None else Ps[i], dtype)  # [B, M, n_k]
         dy = (w.unsqueeze(2) @ KK.flatten(3)).view(yy.shape)  # [B, M, 1, n_k] @ [B, M, n_k, N]
         out = yy + per_row(hh.to(dtype), yy.ndim) * dy
         # At a step's start return its state itself: a non-finite slope there (the field may
