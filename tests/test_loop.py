@@ -547,6 +547,27 @@ def test_a_fixed_step_row_that_turns_nan_fails_at_its_first_nan_output(batched: 
         assert sol.t_end.shape == () and float(sol.t_end) == 2.0
 
 
+def test_the_loop_refuses_events_on_one_row() -> None:
+    """Events are found by the batched driver only; ``solve`` runs an unbatched solve with
+    events as a batch of one, and the loop refuses any other way in, saying so."""
+    from neuralode._loop import LoopSpec
+    from neuralode.controllers import PIController, rms_norm
+    from neuralode.events import EventTracker
+
+    def never(t0: torch.Tensor, y0: torch.Tensor) -> EventTracker:
+        raise AssertionError("an unbatched loop must not build the event tracker")
+
+    controller = PIController(1e-6, 1e-8, rms_norm, (0,), 4)
+    spec = LoopSpec(
+        lambda t, y: -y, neuralode.get_solver("dopri5"), controller, False, events=never
+    )
+    times = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    with pytest.raises(
+        ValueError, match=r"^events are checked by the batched \(tensor\) driver only$"
+    ):
+        spec.run(torch.ones(3, dtype=torch.float64), None, times, first_step=0.1)
+
+
 @pytest.mark.parametrize("batched", [False, True])
 def test_the_loop_needs_f0_or_a_first_step(batched: bool) -> None:
     from neuralode._loop import LoopSpec

@@ -344,3 +344,55 @@ def test_a_batch_jumps_as_each_row_alone(method: str) -> None:
         torch.testing.assert_close(batch.ys[i], row.ys, rtol=1e-12, atol=1e-12)
         for name in ("nfe", "n_steps", "n_accepted", "n_rejected", "njev", "nlu"):
             assert int(getattr(batch.stats, name)[i]) == int(getattr(row.stats, name)), name
+
+
+def test_auto_in_a_batch_lands_on_step_t_and_on_its_stiff_rows_outputs() -> None:
+    """``method="auto"`` lands on the outputs on its stiff rows only (a Rosenbrock interpolant
+    is not error-controlled in the stiff regime), and on ``step_t`` on every row: the batch's
+    two lists of targets, with and without the outputs.  Each row of a batch with one stiff row
+    gives what it gives alone, landing where that solve lands."""
+    lam = torch.tensor([1.0, 1e4], dtype=DTYPE)
+
+    def field(rate: torch.Tensor):  # type: ignore[no-untyped-def]
+        def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            tt = t.unsqueeze(-1) if y.ndim > 1 and t.ndim == 1 else t
+            return -rate * (y - torch.cos(tt)) + 0.1 * y
+
+        return f
+
+    y0 = torch.tensor([[1.0, 0.5], [0.2, -0.3]], dtype=DTYPE)
+    t = torch.tensor([0.0, 0.5, 1.0, 2.0], dtype=DTYPE)
+    step_t = [0.75, 1.3]
+    kw = {"method": "auto", "rtol": 1e-6, "atol": 1e-8, "step_t": step_t}
+    batch = neuralode.solve(field(lam.unsqueeze(-1)), y0, t, batched=True, **kw)
+    assert batch.success
+    for i in range(2):
+        rec = Recorder(field(lam[i]))
+        row = neuralode.solve(rec, y0[i], t, **kw)
+        for s in step_t:
+            assert min(abs(x - s) for x in rec.times) < 1e-15, (i, s)
+        # the stiff row's steps end on the outputs, the other row's do not
+        on_outputs = [min(abs(x - s) for x in rec.times) < 1e-15 for s in (0.5, 1.0)]
+        assert on_outputs == [i == 1, i == 1], (i, on_outputs)
+        torch.testing.assert_close(batch.ys[i], row.ys, rtol=1e-12, atol=1e-12)
+        for name in ("nfe", "n_steps", "n_rejected", "njev", "nlu"):
+            assert int(getattr(batch.stats, name)[i]) == int(getattr(row.stats, name)), name
+    assert int(batch.stats.njev[0]) == 0 < int(batch.stats.njev[1])
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_step_t_does_not_make_the_outputs_step_times(batched: bool) -> None:
+    """A solver that does not land on the outputs keeps not landing on them when ``step_t`` is
+    given: ``step_t`` at (or past) the end changes no step, and an interior one adds one step's
+    end, not one per output."""
+    t = torch.linspace(0.0, 3.0, 61, dtype=DTYPE)
+    y0 = torch.stack([Y0, 2 * Y0]) if batched else Y0
+    kw = {"method": "dopri5", "rtol": 1e-6, "atol": 1e-8}
+    plain = neuralode.solve(rotation, y0, t, **kw)
+    for step_t in ([3.0], [7.0]):
+        same = neuralode.solve(rotation, y0, t, step_t=step_t, **kw)
+        torch.testing.assert_close(same.ys, plain.ys, rtol=0, atol=0)
+        assert torch.equal(same.stats.n_steps, plain.stats.n_steps)
+    inner = neuralode.solve(rotation, y0, t, step_t=[1.1], **kw)
+    assert (inner.stats.n_steps - plain.stats.n_steps).abs().max() <= 1
+    assert int(plain.stats.n_steps.max()) < 30  # fewer steps than the outputs' 60 intervals
