@@ -249,6 +249,43 @@ def test_step_size_underflow_of_some_rows_with_any_state_shape(shape: tuple[int,
     torch.testing.assert_close(sol.ys[1, -1].reshape(()), torch.tensor(0.5, dtype=F64))
 
 
+@pytest.mark.parametrize("batched", [False, True])
+def test_the_smallest_step_is_ten_ulps_of_the_clock(batched: bool) -> None:
+    """A step, or the next one proposed, of 10 ulps of ``t`` or less makes no progress: a
+    ``max_step`` of 9.5 ulps stops at the first step, one of 10.5 ulps goes on to the end (the
+    float driver and the batched one)."""
+    eps = torch.finfo(F64).eps
+    y0 = torch.ones(2, 2, dtype=F64) if batched else torch.ones(2, dtype=F64)
+    t = torch.tensor([1.0, 1.0 + 2000 * eps], dtype=F64)
+    kw = {"method": "dopri5", "throw": False, "batched": batched}
+    small = neuralode.solve(decay, y0, t, max_step=9.5 * eps, **kw)
+    assert (small.status == Status.STEP_SIZE_UNDERFLOW).all()
+    assert (small.stats.n_steps == 1).all()
+    enough = neuralode.solve(decay, y0, t, max_step=10.5 * eps, **kw)
+    assert (enough.status == Status.SUCCESS).all()
+    assert (enough.stats.n_steps == 200).all()  # 2000 ulps of t = 1 in steps of 10.5 of them
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_row_that_fails_at_t_zero_stops_at_eps_squared_of_its_span(batched: bool) -> None:
+    """Near ``t = 0`` the smallest step is not 10 ulps of ``t`` (which is zero there) but 10 ulps
+    of a floor, ``eps`` times the span ``|t1 - t0|``: a row that lands on 0 (``step_t``) where
+    the field turns to 1e40 rejects its steps down to ~1e-30 and stops there, at ``t = 0``,
+    rather than shrinking its step to 1e-48 and going on.  (A floor from ``|t1 + t0|``, zero
+    on ``[-1, 1]``, went on.)"""
+
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        tt = t.unsqueeze(-1) if y.ndim > 1 and t.ndim == 1 else t
+        return torch.where(tt <= 0, -y, 1e40 * torch.ones_like(y))
+
+    y0 = torch.ones(2, 2, dtype=F64) if batched else torch.ones(2, dtype=F64)
+    t = torch.tensor([-1.0, 1.0], dtype=F64)
+    sol = neuralode.solve(f, y0, t, method="dopri5", step_t=[0.0], throw=False, batched=batched)
+    assert (sol.status == Status.STEP_SIZE_UNDERFLOW).all()
+    assert (sol.t_end == 0.0).all()
+    assert (sol.stats.n_steps < 60).all()
+
+
 def test_max_num_steps_says_how_to_raise_it() -> None:
     with pytest.raises(SolverError, match=r"max_num_steps") as info:
         neuralode.odeint(

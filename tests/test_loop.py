@@ -317,6 +317,10 @@ def test_zero_vector_field_takes_few_steps(method: str) -> None:
     many = neuralode.solve(lambda t, y: torch.zeros_like(y), Y0, t, method=method, dense=True)
     # (a method that ends steps on outputs takes one more step per interior output)
     assert int(many.stats.n_steps) == n + (4 if solver.lands_on_outputs else 0)
+    # (one interior output is landed on too)
+    t3 = torch.tensor([0.0, 5.0, 10.0], dtype=DTYPE)
+    three = neuralode.solve(lambda t, y: torch.zeros_like(y), Y0, t3, method=method)
+    assert int(three.stats.n_steps) == n + (1 if solver.lands_on_outputs else 0)
     assert torch.equal(many.ys, Y0.expand(6, 3))
     assert torch.equal(many.evaluate(torch.tensor([0.3, 7.77], dtype=DTYPE)), Y0.expand(2, 3))
 
