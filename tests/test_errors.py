@@ -252,8 +252,8 @@ def test_step_size_underflow_of_some_rows_with_any_state_shape(shape: tuple[int,
 @pytest.mark.parametrize("batched", [False, True])
 def test_the_smallest_step_is_ten_ulps_of_the_clock(batched: bool) -> None:
     """A step, or the next one proposed, of 10 ulps of ``t`` or less makes no progress: a
-    ``max_step`` of 9.5 ulps stops at the first step, one of 10.5 ulps goes on to the end (the
-    float driver and the batched one)."""
+    ``max_step`` of 9.5 ulps stops at the first step, one of 10.5 ulps goes on to the end, and
+    so does a first step of 10.5 ulps, not one of 10 (the float driver and the batched one)."""
     eps = torch.finfo(F64).eps
     y0 = torch.ones(2, 2, dtype=F64) if batched else torch.ones(2, dtype=F64)
     t = torch.tensor([1.0, 1.0 + 2000 * eps], dtype=F64)
@@ -264,6 +264,12 @@ def test_the_smallest_step_is_ten_ulps_of_the_clock(batched: bool) -> None:
     enough = neuralode.solve(decay, y0, t, max_step=10.5 * eps, **kw)
     assert (enough.status == Status.SUCCESS).all()
     assert (enough.stats.n_steps == 200).all()  # 2000 ulps of t = 1 in steps of 10.5 of them
+    # A first step of exactly 10 ulps is the limit: it stops, though the next would be larger.
+    first = neuralode.solve(decay, y0, t, first_step=10 * eps, **kw)
+    assert (first.status == Status.STEP_SIZE_UNDERFLOW).all()
+    assert (first.stats.n_steps == 1).all()
+    more = neuralode.solve(decay, y0, t, first_step=10.5 * eps, **kw)
+    assert (more.status == Status.SUCCESS).all()
 
 
 @pytest.mark.parametrize("batched", [False, True])

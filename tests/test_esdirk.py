@@ -257,6 +257,38 @@ def test_a_fixed_step_that_fails_stops_its_row() -> None:
     assert int(sol.stats.n_accepted) == 2 and int(sol.stats.n_steps) == 3
 
 
+class _RowFailsOnThirdStep(_FailsOnThirdStep):
+    """Per-row explicit Euler whose first row reports a failed iteration on its third step;
+    records the step each call hands each row."""
+
+    def __init__(self) -> None:
+        self.steps: list[list[float]] = []
+
+    def step(self, f, t, h, y, state, times=None):  # type: ignore[no-untyped-def]
+        self.steps.append(torch.as_tensor(h).tolist())
+        ts = torch.as_tensor(t, dtype=y.dtype)
+        y1 = y + torch.as_tensor(h, dtype=y.dtype).unsqueeze(-1) * f(ts, y)
+        failed = torch.zeros(y.shape[0], dtype=torch.long)
+        failed[0] = int(neuralode.Status.NEWTON_FAILED) if state == 2 else 0
+        return StepResult(y1, None, None, state + 1, 1, failed)
+
+
+def test_a_batch_row_whose_fixed_step_fails_is_handed_no_more_steps() -> None:
+    """A row whose fixed step failed stops there; the loop hands it a step of zero from then on
+    (the protocol's masked row: a solver need not step a row that has stopped), while the
+    other row runs on to the end as it does alone."""
+    ts = torch.linspace(0, 1, 6, dtype=DTYPE)
+    solver = _RowFailsOnThirdStep()
+    y0 = torch.tensor([[1.0], [2.0]], dtype=DTYPE)
+    sol = neuralode.solve(lambda t, y: -y, y0, ts, method=solver, batched=True, throw=False)
+    assert sol.status.tolist() == [int(neuralode.Status.NEWTON_FAILED), 0]
+    assert sol.t_end.tolist() == pytest.approx([0.4, 1.0])
+    assert sol.stats.n_accepted.tolist() == [2, 5] and sol.stats.n_steps.tolist() == [3, 5]
+    assert [row[0] for row in solver.steps] == pytest.approx([0.2, 0.2, 0.2, 0.0, 0.0])
+    assert [row[1] for row in solver.steps] == pytest.approx([0.2] * 5)
+    torch.testing.assert_close(sol.ys[1, :, 0], 2 * 0.8 ** torch.arange(6, dtype=DTYPE))
+
+
 # -- Jacobian reuse ------------------------------------------------------------------------------
 def _stale_state(y: torch.Tensor, J: torch.Tensor, current: bool) -> object:
     """A carried state whose Jacobian ``J`` is a previous step's (``current=False``), or the
