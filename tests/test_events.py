@@ -234,6 +234,54 @@ def test_fixed_step_terminal_stops_rows_and_outputs():
         assert torch.isnan(sol.ys[i, after]).all() and not torch.isnan(sol.ys[i, ~after]).any()
 
 
+def test_fixed_step_resets_on_a_grid_time_take_no_partial_step():
+    """A sawtooth (``y' = -1``, ``y -> y + 1`` at ``y = 0.5``) on a grid of 0.25, which rk4
+    solves exactly: a row that resets on a grid time is on the grid already (its 8 steps are
+    the grid's), a row that resets inside a step takes a partial step back to the grid (two
+    more), and a row whose reset falls on its last time ends there with the state before it
+    (no step after it)."""
+    ev = Event(lambda t, y: y[:, 0] - 0.5, terminal=False, reset=lambda t, y: y + 1.0, direction=-1)
+    y0 = torch.tensor([[1.0], [1.2], [1.5]], dtype=torch.float64)
+    t = torch.tensor([0.0, 2.0], dtype=torch.float64)
+    with torch.no_grad():
+        sol = bsolve(
+            lambda t, y: -torch.ones_like(y), y0, t, events=ev, method="rk4", step_size=0.25
+        )
+    assert sol.status.tolist() == [Status.SUCCESS] * 3
+    times = [e[0] for log in sol.event_log for e in log]
+    assert times == pytest.approx([0.5, 1.5, 0.7, 1.7, 1.0, 2.0], abs=1e-12)
+    assert sol.stats.n_steps.tolist() == [8, 10, 8]
+    assert sol.stats.n_accepted.tolist() == [8, 10, 8]
+    torch.testing.assert_close(sol.ys[:, -1, 0], torch.tensor([1.0, 1.2, 0.5], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("method", ["radauIIA5", "explicit_adams"])
+def test_a_fixed_step_row_stopped_by_an_event_is_handed_no_more_steps(method):
+    """After a terminal event stops one row of a fixed-step batch, the loop hands that row
+    steps of zero (the protocol's masked row): a method that takes its stage times from the
+    step (not a Runge-Kutta grid's precomputed ones) evaluates that row's field at its stop
+    time from then on, never past the step that crossed the event, while the other row runs
+    on to the end."""
+    ev = Event(lambda t, y: y[:, 0] - 0.5)
+    a = torch.tensor([[1.0], [0.4]], dtype=torch.float64)  # the second row never crosses
+    t = torch.linspace(0, 2, 11, dtype=torch.float64)
+    seen = []
+
+    def f(t, y):
+        seen.append(t.detach().clone())
+        return -y
+
+    with torch.no_grad():
+        sol = bsolve(f, a, t, events=ev, method=method, throw=False)
+    assert sol.status.tolist() == [Status.EVENT, Status.SUCCESS]
+    stop = float(sol.event_t[0])
+    assert stop == pytest.approx(math.log(2.0), abs=1e-4)
+    rows = torch.stack([s for s in seen if s.shape == (2,)])  # the steps' stages, per row
+    # (the step that crossed the event, from 0.6 to 0.8, evaluated up to its end; none after)
+    assert float(rows[:, 0].max()) == pytest.approx(0.8, abs=1e-12)
+    assert float(rows[:, 1].max()) >= 1.8 - 1e-12  # (Adams evaluates its steps' starts)
+
+
 @pytest.mark.parametrize("gradient", ["backprop", "adjoint"])
 def test_fixed_step_resets_step_back_onto_the_grid(gradient):
     # rk4 and its cubic Hermite interpolant are exact on the ball's parabolas: after each bounce

@@ -551,6 +551,41 @@ def test_a_fixed_step_row_that_turns_nan_fails_at_its_first_nan_output(batched: 
         assert sol.t_end.shape == () and float(sol.t_end) == 2.0
 
 
+def test_a_batch_that_rejects_on_some_rows_keeps_the_interpolants_end_evaluation() -> None:
+    """``adaptive_heun``'s interpolant evaluates ``f(t + h, y1)``, which starts the next step of
+    each row that accepted; when another row rejects in the same step, the accepted rows keep
+    it (merged per row) and the rejecting row its own state: every row's work and values are
+    its solve alone's (dropping the merged evaluation cost the accepted rows one each)."""
+    rates = torch.tensor([1.0, 7.0, 30.0], dtype=torch.float64)
+
+    def field(r: torch.Tensor):  # type: ignore[no-untyped-def]
+        return lambda t, y: torch.stack([-r * y[..., 1], r * y[..., 0]], -1) + 0.1 * torch.sin(y)
+
+    y0 = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 2.0]], dtype=torch.float64)
+    t = torch.linspace(0, 3, 601, dtype=torch.float64)  # outputs inside the steps
+    kw = {"method": "adaptive_heun", "rtol": 1e-3, "atol": 1e-5}
+    batch = neuralode.solve(field(rates), y0, t, batched=True, **kw)
+    assert int(batch.stats.n_rejected.sum()) > 0
+    for i in range(3):
+        alone = neuralode.solve(field(rates[i]), y0[i], t, **kw)
+        for name in ("nfe", "n_steps", "n_rejected"):
+            assert int(getattr(batch.stats, name)[i]) == int(getattr(alone.stats, name)), name
+        torch.testing.assert_close(batch.ys[i], alone.ys, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_step_within_one_percent_of_the_end_lands_on_it(batched: bool) -> None:
+    """A step is stretched to the end when ``1.01 h`` reaches it, exactly at the boundary too:
+    a first step of 1 on ``[0, 1.01]`` (``1.0 * 1.01 == 1.01`` in floating point) is one step,
+    not a step and a sliver; a first step of 0.99 takes two."""
+    y0 = torch.ones(2, 2, dtype=torch.float64) if batched else torch.ones(2, dtype=torch.float64)
+    t = torch.tensor([0.0, 1.01], dtype=torch.float64)
+    zero = lambda t, y: torch.zeros_like(y)  # noqa: E731
+    for first, steps in ((1.0, 1), (0.99, 2)):
+        sol = neuralode.solve(zero, y0, t, method="dopri5", first_step=first, batched=batched)
+        assert (sol.stats.n_steps == steps).all(), (first, sol.stats.n_steps)
+
+
 def test_the_loop_refuses_events_on_one_row() -> None:
     """Events are found by the batched driver only; ``solve`` runs an unbatched solve with
     events as a batch of one, and the loop refuses any other way in, saying so."""
