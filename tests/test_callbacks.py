@@ -64,6 +64,10 @@ def test_adaptive_callbacks_count_the_steps(method: str) -> None:
     # the state at each accepted step's start is the state the solve had there
     t0, y0, _ = acc[0]
     assert torch.equal(y0, Y0)
+    # an accepted or rejected step is reported with the state the step started from
+    started = {(t, dt): y for t, y, dt in f.calls["step"]}
+    for t, y, dt in f.calls["accept"] + f.calls["reject"]:
+        assert isinstance(y, torch.Tensor) and torch.equal(y, started[(t, dt)])
 
 
 def test_fixed_step_methods_call_callback_step_and_warn_about_the_others() -> None:

@@ -272,24 +272,46 @@ def test_the_smallest_step_is_ten_ulps_of_the_clock(batched: bool) -> None:
     assert (more.status == Status.SUCCESS).all()
 
 
-@pytest.mark.parametrize("batched", [False, True])
-def test_a_row_that_fails_at_t_zero_stops_at_eps_squared_of_its_span(batched: bool) -> None:
-    """Near ``t = 0`` the smallest step is not 10 ulps of ``t`` (which is zero there) but 10 ulps
-    of a floor, ``eps`` times the span ``|t1 - t0|``: a row that lands on 0 (``step_t``) where
-    the field turns to 1e40 rejects its steps down to ~1e-30 and stops there, at ``t = 0``,
-    rather than shrinking its step to 1e-48 and going on.  (A floor from ``|t1 + t0|``, zero
-    on ``[-1, 1]``, went on.)"""
+class _TurnsAtZero(torch.nn.Module):
+    """``y' = -y`` up to ``t = 0``, then 1e40: a step across 0 fails its error test at any size
+    a float64 clock can take; records the steps it rejected."""
 
-    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def __init__(self) -> None:
+        super().__init__()
+        self.rejected: list[float] = []
+
+    def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         tt = t.unsqueeze(-1) if y.ndim > 1 and t.ndim == 1 else t
         return torch.where(tt <= 0, -y, 1e40 * torch.ones_like(y))
 
-    y0 = torch.ones(2, 2, dtype=F64) if batched else torch.ones(2, dtype=F64)
-    t = torch.tensor([-1.0, 1.0], dtype=F64)
-    sol = neuralode.solve(f, y0, t, method="dopri5", step_t=[0.0], throw=False, batched=batched)
-    assert (sol.status == Status.STEP_SIZE_UNDERFLOW).all()
-    assert (sol.t_end == 0.0).all()
-    assert (sol.stats.n_steps < 60).all()
+    def callback_reject_step(self, t0: torch.Tensor, y0: torch.Tensor, dt: torch.Tensor) -> None:
+        self.rejected.append(float(dt))
+
+
+@pytest.mark.parametrize("t1", [1.0, 1e6])
+def test_a_row_that_fails_at_t_zero_stops_at_eps_squared_of_its_span(t1: float) -> None:
+    """Near ``t = 0`` the smallest step is not 10 ulps of ``t`` (which is zero there) but 10 ulps
+    of a floor, ``eps`` times the span ``|t1 - t0|``: a row that lands on 0 (``step_t``) where
+    the field turns to 1e40 rejects its steps down to ``10 eps^2 |t1 - t0|`` and stops there,
+    at ``t = 0`` (its last rejected step above that, within the controller's factor of it),
+    rather than shrinking its step to 1e-48 and going on.  The batched driver takes the same
+    steps.  (A floor from ``|t1 + t0|``, zero on ``[-1, 1]``, went on; one of ``eps / span``
+    stopped a million times too late on the longer span.)"""
+    eps = torch.finfo(F64).eps
+    t = torch.tensor([-1.0, t1], dtype=F64)
+    f = _TurnsAtZero()
+    sol = neuralode.solve(
+        f, torch.ones(2, dtype=F64), t, method="dopri5", step_t=[0.0], throw=False
+    )
+    assert int(sol.status) == Status.STEP_SIZE_UNDERFLOW and float(sol.t_end) == 0.0
+    limit = 10 * eps * eps * (t1 + 1.0)
+    assert limit < min(f.rejected) < 10 * limit
+    rows = neuralode.solve(
+        f.forward, torch.ones(2, 2, dtype=F64), t, method="dopri5", step_t=[0.0], throw=False,
+        batched=True,
+    )  # fmt: skip
+    assert (rows.status == Status.STEP_SIZE_UNDERFLOW).all() and (rows.t_end == 0.0).all()
+    assert rows.stats.n_steps.tolist() == [int(sol.stats.n_steps)] * 2
 
 
 def test_max_num_steps_says_how_to_raise_it() -> None:

@@ -323,13 +323,14 @@ def test_identical_per_sample_grids_land_as_their_shared_grid() -> None:
     )
 
 
-@pytest.mark.parametrize("method", ["dopri5", "bosh3", "rodas5p"])
+@pytest.mark.parametrize("method", ["dopri5", "bosh3", "rodas5p", "auto"])
 def test_a_batch_jumps_as_each_row_alone(method: str) -> None:
     """A switched field with ``jump_t``: every row of a batch (the tensor driver) takes the steps
     a solve of that row alone takes (the unbatched driver), restarting its carried state one
     ulp past the jump (an FSAL method's last evaluation, a Rosenbrock method's Jacobian, seen
-    from before the switch, would be wrong after it): the same values and counters.  (Not
-    for Newton-iterated methods: a batch's rows share its iterations and Jacobians.)"""
+    from before the switch, would be wrong after it; ``auto``'s switching state starts
+    afresh): the same values and counters.  (Not for Newton-iterated methods: a batch's rows
+    share its iterations and Jacobians.)"""
 
     def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         rate = torch.where(t < 1.0, 1.0, torch.where(t < 1.5, -2.0, 0.5))
