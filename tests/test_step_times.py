@@ -379,6 +379,11 @@ def test_auto_in_a_batch_lands_on_step_t_and_on_its_stiff_rows_outputs() -> None
         for name in ("nfe", "n_steps", "n_rejected", "njev", "nlu"):
             assert int(getattr(batch.stats, name)[i]) == int(getattr(row.stats, name)), name
     assert int(batch.stats.njev[0]) == 0 < int(batch.stats.njev[1])
+    # The first step too: a non-stiff start aims past the outputs (a first step of 0.6 ends
+    # at 0.6, not on the output at 0.5).
+    rec = Recorder(field(lam[0]))
+    neuralode.solve(rec, y0[0], t, first_step=0.6, **kw)
+    assert 0.6 in rec.times and min(abs(x - 0.5) for x in rec.times) > 1e-9
 
 
 @pytest.mark.parametrize("batched", [False, True])
