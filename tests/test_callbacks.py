@@ -73,9 +73,12 @@ def test_adaptive_callbacks_count_the_steps(method: str) -> None:
 def test_fixed_step_methods_call_callback_step_and_warn_about_the_others() -> None:
     f = Recorded()
     with pytest.warns(UserWarning, match=r"Solver 'rk4' does not support callbacks"):
-        odeint(f, Y0, T, method="rk4", options={"step_size": 0.25})
+        ys = odeint(f, Y0, T, method="rk4", options={"step_size": 0.25})
     assert len(f.calls["step"]) == 12 and "accept" not in f.calls
     assert [c[2] for c in f.calls["step"]] == [0.25] * 12
+    # each step is reported with the state it starts from: Y0 first, the output at t = 1
+    states = {t: y for t, y, _ in f.calls["step"]}
+    assert torch.equal(states[0.0], Y0) and torch.equal(states[1.0], ys[1].detach())
 
 
 def test_reversed_time_and_tuple_states_are_the_users() -> None:

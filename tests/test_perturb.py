@@ -74,6 +74,18 @@ def test_a_jump_on_the_grid_is_seen_from_each_step(method: str) -> None:
     assert float((plain[1, 0] - 0.5).abs()) > 1e-3
 
 
+@pytest.mark.parametrize("method", ["euler", "midpoint", "rk4"])
+def test_outputs_inside_a_step_see_the_jump_from_inside_it(method: str) -> None:
+    """The interpolant's evaluation at a step's end (``f(t + h, y1)``, its Hermite slope) is
+    perturbed as the step's stages are: outputs inside the steps of 0.5 around a jump at 0.5
+    are exact (the end slope from the right side of the jump put 0.375 at t = 0.25)."""
+    y0 = torch.zeros(1, dtype=F64)
+    t = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=F64)
+    ys = neuralode.odeint(_step, y0, t, method=method, options={"perturb": True, "step_size": 0.5})
+    exact = torch.tensor([0.0, 0.25, 0.5, 0.25, 0.0], dtype=F64)
+    torch.testing.assert_close(ys[:, 0], exact, rtol=0, atol=1e-15)
+
+
 @pytest.mark.parametrize("gradient", ["backprop", "checkpoint", "adjoint"])
 def test_gradients_of_a_perturbed_solve(gradient: str) -> None:
     """The checkpoint's replay sees the field as the recorded steps did (gradcheck), and the
