@@ -384,6 +384,11 @@ def test_auto_in_a_batch_lands_on_step_t_and_on_its_stiff_rows_outputs() -> None
     rec = Recorder(field(lam[0]))
     neuralode.solve(rec, y0[0], t, first_step=0.6, **kw)
     assert 0.6 in rec.times and min(abs(x - 0.5) for x in rec.times) > 1e-9
+    # A step time at the start (or before it) is no target: the same solve.
+    for i in range(2):
+        alone = neuralode.solve(field(lam[i]), y0[i], t, **kw)
+        more = neuralode.solve(field(lam[i]), y0[i], t, **{**kw, "step_t": [-1.0, 0.0, *step_t]})
+        assert torch.equal(more.ys, alone.ys) and torch.equal(more.stats.nfe, alone.stats.nfe)
 
 
 @pytest.mark.parametrize("batched", [False, True])
