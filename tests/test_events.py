@@ -234,6 +234,21 @@ def test_fixed_step_terminal_stops_rows_and_outputs():
         assert torch.isnan(sol.ys[i, after]).all() and not torch.isnan(sol.ys[i, ~after]).any()
 
 
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_one_time_solve_with_events_finds_none(batched):
+    """A solve of one time takes no step: it returns ``y0``, and its events (even one whose
+    function is zero at the start) an empty log and NaN times, in the solve's own layout."""
+    ev = Event(lambda t, y: y[..., 0] - 1.0)  # zero at the start of the first row
+    y0 = torch.tensor([[1.0], [2.0]], dtype=torch.float64)
+    y0 = y0 if batched else y0[0]
+    sol = solve(lambda t, y: -y, y0, torch.tensor([0.0], dtype=torch.float64), events=ev,
+                batched=batched)  # fmt: skip
+    assert torch.equal(sol.ys, y0.unsqueeze(-2))
+    assert sol.event_log == ([[], []] if batched else [])
+    assert sol.event_t.shape == ((2,) if batched else ()) and torch.isnan(sol.event_t).all()
+    assert (sol.status == Status.SUCCESS).all()
+
+
 def test_fixed_step_resets_on_a_grid_time_take_no_partial_step():
     """A sawtooth (``y' = -1``, ``y -> y + 1`` at ``y = 0.5``) on a grid of 0.25, which rk4
     solves exactly: a row that resets on a grid time is on the grid already (its 8 steps are
